@@ -1,0 +1,39 @@
+"""The `tensorwasm` console command: one subcommand per module in this package.
+
+Each command module exposes `register(subparsers)` which adds its parser and sets
+`handler=<callable(args) -> int>`. Command modules import their heavy dependencies
+lazily so `tensorwasm --help` stays fast and works with only the base install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# Order here is the order in `tensorwasm --help`.
+COMMAND_MODULES = (
+    "tensorwasm.cli.dev",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tensorwasm",
+        description="Run many tenants' WebAssembly functions on shared GPUs, on Kubernetes.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.handler(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

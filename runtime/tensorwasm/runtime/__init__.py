@@ -1,0 +1,1 @@
+"""TensorWasm runtime shard: hosts many tenants' wasm functions in one process."""
