@@ -1,0 +1,1 @@
+"""Tenant sources: where a shard learns which tenants it serves (local YAML file or Kubernetes)."""

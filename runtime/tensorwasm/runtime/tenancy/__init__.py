@@ -1,0 +1,1 @@
+"""Tenancy: per-tenant configuration, GPU byte caps and bounded invoke queues (pure where possible)."""
