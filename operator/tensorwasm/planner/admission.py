@@ -1,0 +1,192 @@
+"""Shard admission: does one more tenant fit on a runtime shard, and if not, which resource binds.
+
+Owns the pure fit test the operator's placement uses (and the planner's per-shard view of the
+capacity model). Must not import kopf, kubernetes, tensorwasm.runtime or anything that does I/O.
+
+Rules (seeds' capacity model, applied to one shard's slice):
+- gpuMemory: the tenants' GPU caps carry the 1.5x fragmentation headroom of the GPU-memory
+  formula: ``1.5 * (used + demand) <= slice``. The slice is the MPS pinned device-memory limit the
+  driver enforces on the shard process, so the headroom must sit inside it. Tenants share the
+  shard's one CUDA context (MPS client), so no per-tenant context overhead is added here; a cap of
+  0 (accounting only) reserves nothing.
+- smPercent: plain sum of the tenants' MPS active-thread shares, ``used + demand <= slice``.
+- hostMemory: ``used + demand <= slice`` where a tenant's demand is its linear memory times its
+  max concurrency (one warm instance per concurrent invoke) plus a modeled Wasmtime per-instance
+  overhead. The slice is the memory the shard gives to tenant instances; the host-level 2x
+  multiplier, snapshot buffer and runtime budget are applied when the planner derives it.
+- tenants: ``used + 1 <= max_tenants``.
+Resources are checked in that order (``RESOURCE_ORDER``); the first one exceeded is reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Fragmentation headroom of the GPU-memory formula: CUDA allocators fragment under tenant churn.
+GPU_FRAGMENTATION_HEADROOM = 1.5
+# Wasmtime store + instance metadata + guard bookkeeping per warm instance (modeled, not measured).
+INSTANCE_OVERHEAD_BYTES = 2 << 20
+
+RESOURCE_ORDER: tuple[str, ...] = ("gpuMemory", "smPercent", "hostMemory", "tenants")
+
+
+def _require_non_negative(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+def _require_percent(name: str, value: int) -> None:
+    _require_non_negative(name, value)
+    if value > 100:
+        raise ValueError(f"{name} must be between 0 and 100, got {value}")
+
+
+@dataclass(frozen=True)
+class ShardCapacity:
+    """One runtime shard's slice of a GPU node."""
+
+    gpu_memory_bytes: int
+    sm_percent: int
+    host_memory_bytes: int
+    max_tenants: int
+
+    def __post_init__(self) -> None:
+        _require_non_negative("gpuMemory", self.gpu_memory_bytes)
+        _require_percent("smPercent", self.sm_percent)
+        _require_non_negative("hostMemory", self.host_memory_bytes)
+        _require_non_negative("maxTenants", self.max_tenants)
+
+
+@dataclass(frozen=True)
+class TenantDemand:
+    """What one tenant reserves on the shard it is placed on."""
+
+    gpu_memory_bytes: int
+    sm_percent: int
+    host_memory_bytes: int
+
+    def __post_init__(self) -> None:
+        _require_non_negative("gpuMemory", self.gpu_memory_bytes)
+        _require_percent("smPercent", self.sm_percent)
+        _require_non_negative("hostMemory", self.host_memory_bytes)
+
+
+@dataclass(frozen=True)
+class ShardUsage:
+    """Sum of the demands already placed on a shard."""
+
+    gpu_memory_bytes: int = 0
+    sm_percent: int = 0
+    host_memory_bytes: int = 0
+    tenants: int = 0
+
+    def plus(self, demand: TenantDemand) -> ShardUsage:
+        return ShardUsage(
+            gpu_memory_bytes=self.gpu_memory_bytes + demand.gpu_memory_bytes,
+            sm_percent=self.sm_percent + demand.sm_percent,
+            host_memory_bytes=self.host_memory_bytes + demand.host_memory_bytes,
+            tenants=self.tenants + 1,
+        )
+
+
+def tenant_demand(
+    gpu_cap_bytes: int, sm_percent: int, linear_memory_bytes: int, max_concurrency: int
+) -> TenantDemand:
+    """A tenant's reservation from its spec (gpuMemory, gpu.smPercent, linearMemory, maxConcurrency)."""
+    _require_non_negative("gpuMemory", gpu_cap_bytes)
+    _require_non_negative("linearMemory", linear_memory_bytes)
+    _require_non_negative("maxConcurrency", max_concurrency)
+    if max_concurrency == 0:
+        raise ValueError("maxConcurrency must be >= 1, got 0")
+    host = max_concurrency * (linear_memory_bytes + INSTANCE_OVERHEAD_BYTES)
+    return TenantDemand(gpu_memory_bytes=gpu_cap_bytes, sm_percent=sm_percent, host_memory_bytes=host)
+
+
+def gpu_bytes_needed(gpu_cap_sum: int) -> int:
+    """GPU memory a set of caps needs with fragmentation headroom (rounded up to a byte)."""
+    # Integer maths: 1.5x == 3/2, rounded up so a tenant never fits by a rounding accident.
+    return (3 * gpu_cap_sum + 1) // 2
+
+
+def _needed_and_available(
+    capacity: ShardCapacity, used: ShardUsage, demand: TenantDemand
+) -> dict[str, tuple[int, int]]:
+    after = used.plus(demand)
+    return {
+        "gpuMemory": (gpu_bytes_needed(after.gpu_memory_bytes), capacity.gpu_memory_bytes),
+        "smPercent": (after.sm_percent, capacity.sm_percent),
+        "hostMemory": (after.host_memory_bytes, capacity.host_memory_bytes),
+        "tenants": (after.tenants, capacity.max_tenants),
+    }
+
+
+def binding_resource(capacity: ShardCapacity, used: ShardUsage, demand: TenantDemand) -> str | None:
+    """None when the demand fits next to `used`; else the first exceeded resource in RESOURCE_ORDER."""
+    checks = _needed_and_available(capacity, used, demand)
+    for resource in RESOURCE_ORDER:
+        needed, available = checks[resource]
+        # A tenant asking for none of a resource never binds on it (accounting-only GPU, no SM share).
+        if resource == "gpuMemory" and demand.gpu_memory_bytes == 0:
+            continue
+        if resource == "smPercent" and demand.sm_percent == 0:
+            continue
+        if needed > available:
+            return resource
+    return None
+
+
+def _fmt(resource: str, value: int) -> str:
+    if resource in ("gpuMemory", "hostMemory"):
+        return format_bytes(value)
+    if resource == "smPercent":
+        return f"{value}%"
+    return str(value)
+
+
+def format_bytes(value: int) -> str:
+    """Binary units, one decimal where it is not whole: 1536 MiB -> '1.5Gi'."""
+    for unit, shift in (("Ti", 40), ("Gi", 30), ("Mi", 20), ("Ki", 10)):
+        if value >= 1 << shift:
+            scaled = value / (1 << shift)
+            return f"{scaled:.0f}{unit}" if scaled == int(scaled) else f"{scaled:.1f}{unit}"
+    return f"{value}B"
+
+
+def insufficient_capacity_message(
+    capacity: ShardCapacity, used: ShardUsage, demand: TenantDemand, resource: str
+) -> str:
+    """A human message naming the binding resource with needed vs available figures."""
+    if resource not in RESOURCE_ORDER:
+        raise ValueError(f"resource must be one of {', '.join(RESOURCE_ORDER)}, got {resource!r}")
+    needed, available = _needed_and_available(capacity, used, demand)[resource]
+    if resource == "gpuMemory":
+        detail = (
+            f"needs {_fmt(resource, needed)} (1.5x fragmentation headroom on "
+            f"{_fmt(resource, used.gpu_memory_bytes)} placed + {_fmt(resource, demand.gpu_memory_bytes)} cap)"
+        )
+    elif resource == "tenants":
+        detail = f"would be tenant {needed}"
+    else:
+        detail = f"needs {_fmt(resource, needed)} ({_fmt(resource, used_value(used, resource))} placed + "
+        detail += f"{_fmt(resource, demand_value(demand, resource))} requested)"
+    return f"insufficient {resource}: {detail}, shard has {_fmt(resource, available)}"
+
+
+def used_value(used: ShardUsage, resource: str) -> int:
+    return {
+        "gpuMemory": used.gpu_memory_bytes,
+        "smPercent": used.sm_percent,
+        "hostMemory": used.host_memory_bytes,
+        "tenants": used.tenants,
+    }[resource]
+
+
+def demand_value(demand: TenantDemand, resource: str) -> int:
+    return {
+        "gpuMemory": demand.gpu_memory_bytes,
+        "smPercent": demand.sm_percent,
+        "hostMemory": demand.host_memory_bytes,
+        "tenants": 1,
+    }[resource]

@@ -1,0 +1,115 @@
+"""Shard admission: the fit test, the binding resource and its message."""
+
+from __future__ import annotations
+
+import pytest
+
+from tensorwasm.planner.admission import (
+    INSTANCE_OVERHEAD_BYTES,
+    RESOURCE_ORDER,
+    ShardCapacity,
+    ShardUsage,
+    TenantDemand,
+    binding_resource,
+    insufficient_capacity_message,
+    tenant_demand,
+)
+
+MI = 1 << 20
+GI = 1 << 30
+
+SHARD = ShardCapacity(gpu_memory_bytes=3 * GI, sm_percent=100, host_memory_bytes=4 * GI, max_tenants=8)
+
+
+def test_tenant_demand_counts_one_instance_per_concurrent_invoke() -> None:
+    demand = tenant_demand(
+        gpu_cap_bytes=256 * MI, sm_percent=25, linear_memory_bytes=64 * MI, max_concurrency=4
+    )
+    assert demand == TenantDemand(256 * MI, 25, 4 * (64 * MI + INSTANCE_OVERHEAD_BYTES))
+
+
+def test_gpu_memory_has_fragmentation_headroom() -> None:
+    # 3 GiB slice / 1.5 = 2 GiB of caps: exactly 2 GiB fits, a byte more does not.
+    demand = TenantDemand(gpu_memory_bytes=1 * GI, sm_percent=0, host_memory_bytes=0)
+    assert binding_resource(SHARD, ShardUsage(gpu_memory_bytes=1 * GI, tenants=1), demand) is None
+    over = TenantDemand(gpu_memory_bytes=1 * GI + 1, sm_percent=0, host_memory_bytes=0)
+    assert binding_resource(SHARD, ShardUsage(gpu_memory_bytes=1 * GI, tenants=1), over) == "gpuMemory"
+
+
+def test_accounting_only_tenant_never_binds_on_gpu() -> None:
+    full = ShardUsage(gpu_memory_bytes=2 * GI, sm_percent=100, tenants=1)
+    demand = TenantDemand(gpu_memory_bytes=0, sm_percent=0, host_memory_bytes=MI)
+    assert binding_resource(SHARD, full, demand) is None
+
+
+def test_sm_percent_sums() -> None:
+    used = ShardUsage(sm_percent=80, tenants=1)
+    assert binding_resource(SHARD, used, TenantDemand(0, 20, 0)) is None
+    assert binding_resource(SHARD, used, TenantDemand(0, 21, 0)) == "smPercent"
+
+
+def test_host_memory_and_tenant_count() -> None:
+    used = ShardUsage(host_memory_bytes=3 * GI, tenants=7)
+    assert binding_resource(SHARD, used, TenantDemand(0, 0, GI)) is None
+    assert binding_resource(SHARD, used, TenantDemand(0, 0, GI + 1)) == "hostMemory"
+    assert binding_resource(SHARD, ShardUsage(tenants=8), TenantDemand(0, 0, 0)) == "tenants"
+
+
+def test_first_exceeded_resource_in_documented_order() -> None:
+    assert RESOURCE_ORDER == ("gpuMemory", "smPercent", "hostMemory", "tenants")
+    used = ShardUsage(gpu_memory_bytes=2 * GI, sm_percent=100, host_memory_bytes=4 * GI, tenants=8)
+    assert binding_resource(SHARD, used, TenantDemand(MI, 1, MI)) == "gpuMemory"
+    assert binding_resource(SHARD, used, TenantDemand(0, 1, MI)) == "smPercent"
+    assert binding_resource(SHARD, used, TenantDemand(0, 0, MI)) == "hostMemory"
+
+
+def test_usage_plus_accumulates() -> None:
+    demand = TenantDemand(MI, 10, 2 * MI)
+    assert ShardUsage().plus(demand).plus(demand) == ShardUsage(2 * MI, 20, 4 * MI, 2)
+
+
+def test_message_names_resource_and_figures() -> None:
+    used = ShardUsage(gpu_memory_bytes=GI + 512 * MI, tenants=1)
+    demand = TenantDemand(gpu_memory_bytes=GI, sm_percent=0, host_memory_bytes=0)
+    resource = binding_resource(SHARD, used, demand)
+    assert resource == "gpuMemory"
+    message = insufficient_capacity_message(SHARD, used, demand, resource)
+    assert message.startswith("insufficient gpuMemory")
+    assert "3.8Gi" in message and "3Gi" in message and "1.5x" in message
+    tenants = insufficient_capacity_message(SHARD, ShardUsage(tenants=8), TenantDemand(0, 0, 0), "tenants")
+    assert "tenants" in tenants and "9" in tenants and "8" in tenants
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        (
+            {"gpu_cap_bytes": -1, "sm_percent": 0, "linear_memory_bytes": MI, "max_concurrency": 1},
+            "gpuMemory",
+        ),
+        (
+            {"gpu_cap_bytes": 0, "sm_percent": 101, "linear_memory_bytes": MI, "max_concurrency": 1},
+            "smPercent",
+        ),
+        (
+            {"gpu_cap_bytes": 0, "sm_percent": 0, "linear_memory_bytes": -5, "max_concurrency": 1},
+            "linearMemory",
+        ),
+        (
+            {"gpu_cap_bytes": 0, "sm_percent": 0, "linear_memory_bytes": MI, "max_concurrency": 0},
+            "maxConcurrency",
+        ),
+    ],
+)
+def test_bad_demand_names_the_field(args: tuple[int, int, int, int], field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        tenant_demand(*args)
+
+
+def test_bad_capacity_and_resource_name() -> None:
+    with pytest.raises(ValueError, match="smPercent"):
+        ShardCapacity(GI, 150, GI, 1)
+    with pytest.raises(ValueError, match="maxTenants"):
+        ShardCapacity(GI, 100, GI, -1)
+    with pytest.raises(ValueError, match="resource"):
+        insufficient_capacity_message(SHARD, ShardUsage(), TenantDemand(0, 0, 0), "cpu")
