@@ -83,22 +83,10 @@ def test_message_names_resource_and_figures() -> None:
 @pytest.mark.parametrize(
     ("args", "field"),
     [
-        (
-            {"gpu_cap_bytes": -1, "sm_percent": 0, "linear_memory_bytes": MI, "max_concurrency": 1},
-            "gpuMemory",
-        ),
-        (
-            {"gpu_cap_bytes": 0, "sm_percent": 101, "linear_memory_bytes": MI, "max_concurrency": 1},
-            "smPercent",
-        ),
-        (
-            {"gpu_cap_bytes": 0, "sm_percent": 0, "linear_memory_bytes": -5, "max_concurrency": 1},
-            "linearMemory",
-        ),
-        (
-            {"gpu_cap_bytes": 0, "sm_percent": 0, "linear_memory_bytes": MI, "max_concurrency": 0},
-            "maxConcurrency",
-        ),
+        ((-1, 0, MI, 1), "gpuMemory"),
+        ((0, 101, MI, 1), "smPercent"),
+        ((0, 0, -5, 1), "linearMemory"),
+        ((0, 0, MI, 0), "maxConcurrency"),
     ],
 )
 def test_bad_demand_names_the_field(args: tuple[int, int, int, int], field: str) -> None:
