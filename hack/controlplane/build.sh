@@ -47,6 +47,7 @@ install() {  # install NAME MODULE@VERSION
 build etcd go.etcd.io/etcd/server/v3
 build kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver
 build kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager
+build kube-scheduler k8s.io/kubernetes/cmd/kube-scheduler
 build kubectl k8s.io/kubernetes/cmd/kubectl
 install kwok "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
 install helm "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"

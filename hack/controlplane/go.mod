@@ -1,4 +1,4 @@
-// Builds the local control plane (etcd, kube-apiserver, kube-controller-manager, kubectl)
+// Builds the local control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl)
 // from Kubernetes' own Go modules at one pinned release. See hack/controlplane/build.sh.
 module tensorwasm.io/hack/controlplane
 
@@ -8,6 +8,7 @@ tool (
 	go.etcd.io/etcd/server/v3
 	k8s.io/kubernetes/cmd/kube-apiserver
 	k8s.io/kubernetes/cmd/kube-controller-manager
+	k8s.io/kubernetes/cmd/kube-scheduler
 	k8s.io/kubernetes/cmd/kubectl
 )
 

@@ -1,0 +1,78 @@
+# TensorWasm — `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+PYTEST_ARGS ?=
+
+##@ Getting started
+
+.PHONY: help
+help: ## Show this help
+	@awk 'BEGIN {FS = ":.*##"; printf "Usage: make \033[36m<target>\033[0m\n"} \
+	  /^[a-zA-Z_-]+:.*?##/ { printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2 } \
+	  /^##@/ { printf "\n\033[1m%s\033[0m\n", substr($$0, 5) }' $(MAKEFILE_LIST)
+
+.PHONY: demo
+demo: install controlplane ## Bring up a local control plane and run the whole flow on it
+	$(PY) -m tensorwasm.dev.demo
+
+.PHONY: test
+test: install controlplane ## Run every test (unit + real control plane; GPU tests skip without a GPU)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+##@ Development
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[operator,runtime,planner,test]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+.PHONY: install
+install: $(STAMP) ## Create .venv and install the project with its extras
+
+.PHONY: controlplane
+controlplane: ## Build (once, cached by version outside the repo) the control plane binaries
+	@bash hack/controlplane/build.sh >/dev/null
+
+.PHONY: test-unit
+test-unit: install ## Run only the tests that need no control plane
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+.PHONY: lint
+lint: install ## ruff, mypy (strict) and import-linter contracts
+	$(VENV)/bin/ruff check operator runtime tests bench
+	$(VENV)/bin/ruff format --check operator runtime tests bench
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+.PHONY: fmt
+fmt: install ## Format the code with ruff
+	$(VENV)/bin/ruff format operator runtime tests bench
+	$(VENV)/bin/ruff check --fix operator runtime tests bench
+
+.PHONY: bench
+bench: install controlplane ## Run the benchmarks; results in bench/results, table in docs/performance.md
+	$(PY) bench/run.py
+
+##@ Local cluster
+
+.PHONY: cluster-up
+cluster-up: install controlplane ## Start the local control plane (prints the KUBECONFIG export)
+	$(VENV)/bin/tensorwasm dev cluster up
+
+.PHONY: cluster-down
+cluster-down: install ## Stop the local control plane and remove its state
+	$(VENV)/bin/tensorwasm dev cluster down
+
+.PHONY: cluster-status
+cluster-status: install ## Show the local control plane's processes and readiness
+	$(VENV)/bin/tensorwasm dev cluster status
+
+.PHONY: clean
+clean: ## Remove the virtualenv and caches in the repo (the Go build cache stays)
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

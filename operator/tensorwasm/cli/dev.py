@@ -1,0 +1,62 @@
+"""`tensorwasm dev cluster up|down|status`: the local control plane for development and tests.
+
+Must not import kopf or the runtime; the work is in tensorwasm.dev.cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    dev = subparsers.add_parser("dev", help="development tools (local control plane)")
+    dev_sub = dev.add_subparsers(dest="dev_command", metavar="TOOL", required=True)
+    cluster = dev_sub.add_parser(
+        "cluster",
+        help="a real local control plane on 127.0.0.1 (etcd, apiserver, controllers, scheduler, kwok)",
+    )
+    cluster.add_argument("action", choices=("up", "down", "status", "kubeconfig"))
+    cluster.add_argument(
+        "--dir", type=Path, default=None, help="state directory (default ~/.cache/tensorwasm/dev-cluster)"
+    )
+    cluster.add_argument("--nodes", type=int, default=2, help="fake kwok nodes to create (default 2)")
+    cluster.add_argument("--gpus-per-node", type=int, default=1, help="nvidia.com/gpu per fake node")
+    cluster.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for readiness")
+    cluster.set_defaults(handler=run_cluster)
+
+
+def run_cluster(args: argparse.Namespace) -> int:
+    from tensorwasm.dev.cluster import ClusterError, LocalControlPlane
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr)
+
+    plane = LocalControlPlane(args.dir, log=log)
+    try:
+        if args.action == "up":
+            if args.nodes < 1:
+                raise ClusterError(f"--nodes must be at least 1, got {args.nodes}")
+            state = plane.up(nodes=args.nodes, gpus_per_node=args.gpus_per_node, timeout_s=args.timeout)
+            print(f"export KUBECONFIG={state.kubeconfig}")
+            return 0
+        if args.action == "down":
+            if not plane.down():
+                log(f"No cluster recorded in {plane.state_dir}; nothing to stop")
+            return 0
+        if args.action == "kubeconfig":
+            recorded = plane.state()
+            if recorded is None:
+                raise ClusterError(f"no cluster recorded in {plane.state_dir}")
+            print(recorded.kubeconfig)
+            return 0
+        status = plane.status()
+        for name, alive in status.running.items():
+            print(f"{name:26} {'running' if alive else 'stopped'}")
+        print(f"{'readyz':26} {'ok' if status.ready else 'not ready'} ({status.detail.splitlines()[0]})")
+        return 0 if status.all_running and status.ready else 1
+    except ClusterError as exc:
+        log(f"error: {exc}")
+        return 1

@@ -1,0 +1,110 @@
+"""Shared fixtures: one per real component the tests need.
+
+- `kube`: the local control plane for the whole session (started, or reused when one is healthy),
+  with every CRD in crds/ applied and Established.
+- `namespace`: a fresh namespace per test, deleted afterwards.
+Tests under tests/cluster, tests/gpu and tests/e2e get their marker from their folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tensorwasm.dev.cluster import LocalControlPlane, default_state_dir
+
+REPO = Path(__file__).resolve().parents[1]
+FOLDER_MARKERS = {"cluster": "cluster", "gpu": "gpu", "e2e": "e2e"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        parts = Path(str(item.fspath)).relative_to(REPO / "tests").parts
+        marker = FOLDER_MARKERS.get(parts[0]) if len(parts) > 1 else None
+        if marker:
+            item.add_marker(getattr(pytest.mark, marker))
+
+
+@dataclass
+class Kube:
+    """Handle on the running control plane."""
+
+    kubeconfig: Path
+    server: str
+    token: str
+    bin_dir: Path
+
+    def kubectl(self, *args: str, input_text: str | None = None, check: bool = True) -> str:
+        proc = subprocess.run(
+            [str(self.bin_dir / "kubectl"), f"--kubeconfig={self.kubeconfig}", *args],
+            input=input_text,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=120,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
+        return proc.stdout + (proc.stderr if not check else "")
+
+    def run_kubectl(self, *args: str, input_text: str | None = None) -> subprocess.CompletedProcess[str]:
+        """kubectl with the exit code and both streams, for tests that expect a refusal."""
+        return subprocess.run(
+            [str(self.bin_dir / "kubectl"), f"--kubeconfig={self.kubeconfig}", *args],
+            input=input_text,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=120,
+        )
+
+    def api_client(self) -> Any:
+        from kubernetes import client, config
+
+        return config.new_client_from_config(config_file=str(self.kubeconfig))
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["KUBECONFIG"] = str(self.kubeconfig)
+        env["PATH"] = f"{self.bin_dir}{os.pathsep}{env.get('PATH', '')}"
+        return env
+
+
+def apply_crds(kube: Kube) -> None:
+    crds = sorted((REPO / "crds").glob("*.yaml"))
+    if not crds:
+        return
+    args = [arg for crd in crds for arg in ("-f", str(crd))]
+    kube.kubectl("apply", "--server-side", "--force-conflicts", *args)
+    kube.kubectl("wait", "--for=condition=Established", "--timeout=60s", *args)
+
+
+@pytest.fixture(scope="session")
+def kube() -> Iterator[Kube]:
+    state_dir = Path(os.environ.get("TENSORWASM_TEST_CLUSTER_DIR", default_state_dir().parent / "test-cluster"))
+    plane = LocalControlPlane(state_dir, log=lambda msg: print(msg, flush=True))
+    reused = plane.state() is not None and plane.status().ready
+    state = plane.up(nodes=3, gpus_per_node=1, timeout_s=180)
+    handle = Kube(Path(state.kubeconfig), state.server, state.token, Path(state.bin_dir))
+    apply_crds(handle)
+    yield handle
+    if not reused and os.environ.get("TENSORWASM_KEEP_CLUSTER") != "1":
+        plane.down()
+
+
+@pytest.fixture
+def namespace(kube: Kube, request: pytest.FixtureRequest) -> Iterator[str]:
+    digest = hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:8]
+    name = f"t-{request.node.name[:40].lower().replace('_', '-').strip('-')}-{digest}"
+    name = "".join(c if c.isalnum() or c == "-" else "-" for c in name)
+    kube.kubectl("create", "namespace", name)
+    yield name
+    kube.kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found")
