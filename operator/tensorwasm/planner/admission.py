@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tensorwasm.planner.units import format_bytes
+
 # Fragmentation headroom of the GPU-memory formula: CUDA allocators fragment under tenant churn.
 GPU_FRAGMENTATION_HEADROOM = 1.5
 # Wasmtime store + instance metadata + guard bookkeeping per warm instance (modeled, not measured).
@@ -143,15 +145,6 @@ def _fmt(resource: str, value: int) -> str:
     if resource == "smPercent":
         return f"{value}%"
     return str(value)
-
-
-def format_bytes(value: int) -> str:
-    """Binary units, one decimal where it is not whole: 1536 MiB -> '1.5Gi'."""
-    for unit, shift in (("Ti", 40), ("Gi", 30), ("Mi", 20), ("Ki", 10)):
-        if value >= 1 << shift:
-            scaled = value / (1 << shift)
-            return f"{scaled:.0f}{unit}" if scaled == int(scaled) else f"{scaled:.1f}{unit}"
-    return f"{value}B"
 
 
 def insufficient_capacity_message(
