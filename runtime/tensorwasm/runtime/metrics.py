@@ -80,3 +80,30 @@ REGISTRY.register(TENANT_LOAD)
 # --- GPU backend (accelerator, caps, NVML, MPS) ---
 
 # --- snapshots ---
+
+_SNAPSHOT_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+SNAPSHOT_RESTORE_PHASE_SECONDS = Histogram(
+    "tensorwasm_snapshot_restore_phase_seconds",
+    "Snapshot restore time per phase: read, verify, decompress, upload, instantiate, total.",
+    ["phase"],
+    buckets=_SNAPSHOT_BUCKETS,
+    registry=REGISTRY,
+)
+SNAPSHOT_CAPTURE_PHASE_SECONDS = Histogram(
+    "tensorwasm_snapshot_capture_phase_seconds",
+    "Snapshot capture time per phase: barrier (tenant paused), encode, commit (fsync + rename), total.",
+    ["phase"],
+    buckets=_SNAPSHOT_BUCKETS,
+    registry=REGISTRY,
+)
+SNAPSHOT_BYTES = Counter(
+    "tensorwasm_snapshot_bytes_total",
+    "Bytes through snapshots by direction (capture/restore) and form (raw = tenant state, stored = blob).",
+    ["direction", "form"],
+    registry=REGISTRY,
+)
+SNAPSHOT_REJECTED = Counter(
+    "tensorwasm_snapshot_rejected_total",
+    "Snapshot restores refused before any tenant state changed.",
+    registry=REGISTRY,
+)
