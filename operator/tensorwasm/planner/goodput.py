@@ -62,7 +62,7 @@ def _point(field: str, raw: dict[str, Any]) -> CurvePoint:
 
 
 def parse_curve(text: str, source: str) -> tuple[CurvePoint, ...]:
-    """A curve from CSV, or JSON: a list of points, or a bench result with "curve" or load_<N>_p95_ms figures."""
+    """A curve from CSV or JSON (a list of points, or a bench result: "curve" or load_<N>_p95_ms figures)."""
     stripped = text.lstrip()
     points: list[CurvePoint] = []
     if stripped.startswith(("{", "[")):
