@@ -15,6 +15,7 @@ from collections.abc import Sequence
 # Order here is the order in `tensorwasm --help`.
 COMMAND_MODULES = (
     "tensorwasm.cli.dev",
+    "tensorwasm.cli.operator",
     "tensorwasm.cli.runtime",
 )
 

@@ -1,0 +1,53 @@
+"""Operator start-up, login and clean-up handlers.
+
+Owns kopf's own settings for this operator and the Reconciler's creation (kept in kopf's memo).
+Must not build objects or decide placement.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from tensorwasm.operator.kube import connect
+from tensorwasm.operator.reconciler import Reconciler
+from tensorwasm.operator.settings import API_GROUP, FINALIZER, OperatorSettings
+
+log = logging.getLogger("tensorwasm.operator")
+
+
+def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> None:
+    @kopf.on.login(registry=registry, id="operator-login")
+    def operator_login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        # The same order as kube.connect(), so the watch and our writes use one identity.
+        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+    @kopf.on.startup(registry=registry, id="operator-startup")
+    async def operator_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+        configure_kopf(settings)
+        reconciler = Reconciler(operator_settings, await connect())
+        await reconciler.start()
+        memo["reconciler"] = reconciler
+
+    @kopf.on.cleanup(registry=registry, id="operator-cleanup")
+    async def operator_cleanup(memo: kopf.Memo, **_: Any) -> None:
+        reconciler: Reconciler | None = memo.get("reconciler")
+        if reconciler is not None:
+            await reconciler.api.close()
+            log.info("Stopped writes=%s", dict(reconciler.api.writes))
+
+    operator_settings = settings
+
+
+def configure_kopf(settings: kopf.OperatorSettings) -> None:
+    # Our Events are posted by the reconciler on phase changes; kopf's per-handler ones are noise.
+    settings.posting.enabled = False
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=API_GROUP)
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.networking.request_timeout = 30
+    settings.scanning.disabled = True

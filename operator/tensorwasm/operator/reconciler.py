@@ -1,0 +1,350 @@
+"""Level-triggered reconciliation of Tenants and of the shard set, shared by every kopf handler.
+
+Owns the operator's in-memory view (latest Tenant bodies, owned Services/Secrets as last seen,
+the placement Ledger) and the reconcile loop: finalizer -> spec check -> placement -> token
+Secret -> Service -> status. Each step compares the desired state with what is known and writes
+only differences, so reconciling an unchanged Tenant makes no API call that writes. Failures are
+retried with backoff; a restarted operator re-lists and converges (placements persist in
+status.shard, owned objects carry ownerReferences). Must not import kopf (handlers/ adapt it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import secrets
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import aiohttp
+
+from tensorwasm.operator.conditions import (
+    INSUFFICIENT_CAPACITY,
+    NO_SHARDS,
+    Placement,
+    desired_status,
+    status_patch,
+)
+from tensorwasm.operator.desired.meta import (
+    MANAGED_SELECTOR,
+    shard_ordinal,
+    shard_pod_name,
+    tenant_service_name,
+    token_secret_name,
+)
+from tensorwasm.operator.desired.shards import build_shard_service, build_shard_statefulset
+from tensorwasm.operator.desired.tenant import build_tenant_service, build_token_secret, tenant_endpoint
+from tensorwasm.operator.kube import KubeApi, KubeError, resource_path
+from tensorwasm.operator.models import Tenant, parse_tenant
+from tensorwasm.operator.moves import DirectMove, MoveStrategy
+from tensorwasm.operator.placement import Ledger
+from tensorwasm.operator.settings import FINALIZER, OperatorSettings
+from tensorwasm.planner.admission import TenantDemand, tenant_demand
+
+log = logging.getLogger("tensorwasm.operator")
+
+JSON = dict[str, Any]
+TENANTS = ("tensorwasm.io/v1alpha1", "tenants")
+TRANSIENT = (KubeError, aiohttp.ClientError, asyncio.TimeoutError, ConnectionError)
+MAX_BACKOFF_S = 60.0
+SELECTOR = ",".join(f"{k}={v}" for k, v in MANAGED_SELECTOR.items())
+
+
+def utcnow() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def is_subset(desired: Any, live: Any) -> bool:
+    """True when every field we set already has our value (server defaults may add more)."""
+    if isinstance(desired, Mapping):
+        return isinstance(live, Mapping) and all(is_subset(v, live.get(k)) for k, v in desired.items())
+    if isinstance(desired, list):
+        return (
+            isinstance(live, list)
+            and len(desired) == len(live)
+            and all(is_subset(d, x) for d, x in zip(desired, live, strict=True))
+        )
+    return bool(desired == live)
+
+
+def demand_of(tenant: Tenant) -> TenantDemand:
+    assert tenant.spec is not None
+    limits = tenant.spec.limits
+    return tenant_demand(
+        gpu_cap_bytes=limits.gpu_memory_bytes or 0,
+        sm_percent=tenant.spec.sm_percent,
+        linear_memory_bytes=limits.linear_memory_bytes,
+        max_concurrency=limits.max_concurrency,
+    )
+
+
+class Reconciler:
+    """One per operator process; all methods run on the operator's event loop."""
+
+    def __init__(
+        self,
+        settings: OperatorSettings,
+        api: KubeApi,
+        mover: MoveStrategy | None = None,
+        clock: Callable[[], str] = utcnow,
+    ) -> None:
+        self.settings = settings
+        self.api = api
+        self.mover: MoveStrategy = mover or DirectMove()
+        self.clock = clock
+        self.ledger = Ledger(settings.shard_capacity, 0)
+        self.tenants: dict[str, JSON] = {}
+        self.services: dict[str, JSON] = {}
+        self.secrets: dict[str, JSON] = {}
+        self.pending: set[str] = set()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._backoff: dict[str, float] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- start-up ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Ensure the shard set exists, then learn every placement before any handler runs."""
+        replicas = await self.ensure_shards()
+        self.ledger = Ledger(self.settings.shard_capacity, replicas)
+        ns = self.settings.namespace
+        for svc in await self.api.list(resource_path("v1", "services", ns), SELECTOR):
+            self.services[svc["metadata"]["name"]] = svc
+        for sec in await self.api.list(resource_path("v1", "secrets", ns), SELECTOR):
+            self.secrets[sec["metadata"]["name"]] = sec
+        bodies = await self.api.list(resource_path(*TENANTS, ns))
+        bodies.sort(key=lambda b: (b["metadata"].get("creationTimestamp", ""), b["metadata"]["name"]))
+        for body in bodies:
+            self.tenants[body["metadata"]["name"]] = body
+            tenant = parse_tenant(body)
+            ordinal = shard_ordinal(self.settings.shard_name, tenant.shard)
+            valid = tenant.spec is not None and not tenant.deleting
+            if valid and ordinal is not None and ordinal < replicas:
+                self.ledger.assign(tenant.name, ordinal, demand_of(tenant))
+        log.info(
+            "Started namespace=%s shards=%d tenants=%d placed=%d",
+            ns,
+            replicas,
+            len(bodies),
+            len(self.ledger.tenants()),
+        )
+
+    async def ensure_shards(self) -> int:
+        """Apply the shard StatefulSet and headless Service when they differ; return the replicas."""
+        s = self.settings
+        path = resource_path("apps/v1", "statefulsets", s.namespace, s.shard_name)
+        live = await self.api.get(path)
+        replicas = int((live or {}).get("spec", {}).get("replicas", s.shards)) if live else s.shards
+        desired = build_shard_statefulset(s, replicas)
+        if live is None or not is_subset(desired, live):
+            await self.api.apply(desired)
+            log.info("Applied StatefulSet %s/%s replicas=%d", s.namespace, s.shard_name, replicas)
+        service = build_shard_service(s)
+        live_svc = await self.api.get(resource_path("v1", "services", s.namespace, s.shard_name))
+        if live_svc is None or not is_subset(service, live_svc):
+            await self.api.apply(service)
+            log.info("Applied Service %s/%s (headless, shards)", s.namespace, s.shard_name)
+        return replicas
+
+    # -- watch events --------------------------------------------------------------------------
+    def observe_owned(self, kind: str, event_type: str | None, body: Mapping[str, Any]) -> None:
+        cache = self.services if kind == "Service" else self.secrets
+        name = body["metadata"]["name"]
+        if event_type == "DELETED":
+            cache.pop(name, None)
+            tenant = body["metadata"].get("labels", {}).get("tensorwasm.io/tenant")
+            if tenant in self.tenants:  # someone deleted what we own: put it back
+                self.spawn(tenant)
+        else:
+            cache[name] = dict(body)
+
+    async def on_tenant(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        name = body["metadata"]["name"]
+        if event_type == "DELETED":
+            self.forget(name)
+            return
+        self.tenants[name] = dict(body)
+        await self.reconcile(name)
+
+    async def on_statefulset(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        if body["metadata"]["name"] != self.settings.shard_name:
+            return
+        if event_type == "DELETED":
+            await self.ensure_shards()
+            return
+        replicas = int(body.get("spec", {}).get("replicas", 0))
+        if replicas != self.ledger.shards:
+            await self.resize(replicas)
+
+    # -- shard set changes ---------------------------------------------------------------------
+    async def resize(self, replicas: int) -> None:
+        old = self.ledger.shards
+        moves = self.ledger.resize(replicas)
+        moved = [m for m in moves if m.target is not None]
+        log.info(
+            "Resized shards from=%d to=%d moved=%d unplaced=%d",
+            old,
+            replicas,
+            len(moved),
+            len(moves) - len(moved),
+        )
+        for move in moves:
+            if move.target is None:
+                self.pending.add(move.tenant)
+            self.spawn(move.tenant)
+        self.wake_pending()
+
+    # -- reconcile -----------------------------------------------------------------------------
+    def spawn(self, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(self.reconcile(name))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def wake_pending(self) -> None:
+        for name in sorted(self.pending):
+            self.spawn(name)
+
+    def forget(self, name: str) -> None:
+        self.tenants.pop(name, None)
+        self.pending.discard(name)
+        if self.ledger.release(name) is not None:
+            self.wake_pending()
+
+    async def reconcile(self, name: str) -> None:
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            body = self.tenants.get(name)
+            if body is None:
+                return
+            before = self.api.total_writes
+            try:
+                phase = await self._reconcile(body)
+            except TRANSIENT as exc:
+                if isinstance(exc, KubeError) and exc.status == 404:
+                    return  # the Tenant is gone; the DELETED event cleans up
+                delay = min(self._backoff.get(name, self.settings.reconcile_retry_s / 2) * 2, MAX_BACKOFF_S)
+                self._backoff[name] = delay
+                log.warning("Failed to reconcile Tenant %s, retrying in %.0fs: %s", name, delay, exc)
+                asyncio.get_running_loop().call_later(delay, self.spawn, name)
+                return
+            self._backoff.pop(name, None)
+            writes = self.api.total_writes - before
+            level = logging.INFO if writes else logging.DEBUG
+            log.log(level, "Reconciled Tenant %s/%s phase=%s writes=%d", body["metadata"].get("namespace"),
+                    name, phase, writes)  # fmt: skip
+
+    async def _reconcile(self, body: JSON) -> str:
+        tenant = parse_tenant(body)
+        path = resource_path(*TENANTS, tenant.namespace, tenant.name)
+        if tenant.deleting:
+            if FINALIZER in tenant.finalizers:
+                self.forget(tenant.name)
+                self.tenants[tenant.name] = body  # keep it until the DELETED event arrives
+                await self._set_finalizers(path, body, [f for f in tenant.finalizers if f != FINALIZER])
+                log.info("Released Tenant %s/%s from its shard", tenant.namespace, tenant.name)
+            return "Deleting"
+        if FINALIZER not in tenant.finalizers:
+            body = await self._set_finalizers(path, body, [*tenant.finalizers, FINALIZER])
+            self.tenants[tenant.name] = body
+            tenant = parse_tenant(body)
+
+        token_secret: str | None = None
+        if tenant.spec is None:
+            self.ledger.release(tenant.name)
+            self.pending.discard(tenant.name)
+            placement = Placement(None)
+        else:
+            placement = await self._place(tenant)
+            token_secret = await self._ensure_secret(tenant)
+            if placement.shard is not None:
+                await self._ensure_service(tenant, placement.shard)
+
+        desired = desired_status(
+            tenant, placement, tenant_endpoint(tenant, self.settings), token_secret, self.clock()
+        )
+        patch = status_patch(tenant.status, desired)
+        if patch:
+            updated = await self.api.merge_patch(path + "/status", {"status": patch})
+            if updated:
+                self.tenants[tenant.name] = updated
+            if "phase" in patch or "shard" in patch:
+                await self._post_phase_event(body, desired)
+        return str(desired["phase"])
+
+    async def _set_finalizers(self, path: str, body: JSON, finalizers: list[str]) -> JSON:
+        # resourceVersion makes this a compare-and-swap: a concurrent edit gives 409 and a retry.
+        patch = {
+            "metadata": {"finalizers": finalizers, "resourceVersion": body["metadata"]["resourceVersion"]}
+        }
+        return await self.api.merge_patch(path, patch)
+
+    async def _place(self, tenant: Tenant) -> Placement:
+        name, demand = tenant.name, demand_of(tenant)
+        shard_name = self.settings.shard_name
+        current = self.ledger.shard_of(name)
+        if current is None:
+            ordinal = shard_ordinal(shard_name, tenant.shard)
+            if ordinal is not None and ordinal < self.ledger.shards:
+                self.ledger.assign(name, ordinal, demand)  # sticky: adopt what status says
+                current = ordinal
+        if current is None:
+            preferred = tenant.spec.preferred_shard if tenant.spec else None
+            decision = self.ledger.place(name, demand, preferred)
+            if decision.shard is None:
+                self.pending.add(name)
+                reason = NO_SHARDS if decision.resource == "shards" else INSUFFICIENT_CAPACITY
+                return Placement(None, reason, decision.message)
+            current = decision.shard
+        elif self.ledger.demand_of(name) != demand:
+            # Sticky even when a grown demand overfills the shard: moving is the snapshot issue's call.
+            self.ledger.assign(name, current, demand)
+        self.pending.discard(name)
+        target = shard_pod_name(shard_name, current)
+        source = tenant.shard
+        source_ordinal = shard_ordinal(shard_name, source)
+        if (
+            source is not None
+            and source != target
+            and source_ordinal is not None
+            and source_ordinal < self.ledger.shards
+            and not await self.mover.ready_to_move(tenant, source, target)
+        ):
+            asyncio.get_running_loop().call_later(self.settings.reconcile_retry_s, self.spawn, name)
+            return Placement(source)
+        return Placement(target)
+
+    async def _ensure_secret(self, tenant: Tenant) -> str:
+        name = token_secret_name(tenant)
+        if name in self.secrets:
+            return name
+        path = resource_path("v1", "secrets", tenant.namespace)
+        # A user-named Secret may exist without our labels (so not in the cache): read it.
+        user_named = tenant.spec is not None and tenant.spec.auth_secret_name
+        if user_named and await self.api.get(f"{path}/{name}") is not None:
+            return name
+        created = await self.api.create(path, build_token_secret(tenant, secrets.token_urlsafe(32)))
+        if created is not None:
+            self.secrets[name] = created
+        return name
+
+    async def _ensure_service(self, tenant: Tenant, shard_pod: str) -> None:
+        desired = build_tenant_service(tenant, shard_pod, self.settings)
+        name = tenant_service_name(tenant.name)
+        if is_subset(desired, self.services.get(name)):
+            return
+        self.services[name] = await self.api.apply(desired)
+
+    async def _post_phase_event(self, body: JSON, status: Mapping[str, Any]) -> None:
+        phase = str(status["phase"])
+        ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+        warn = phase in ("Pending", "Degraded", "Failed")
+        message = f"shard={status.get('shard') or '-'}: {ready['message']}"
+        reason = ready["reason"] if warn else phase
+        await self.api.post_event(
+            body, "Warning" if warn else "Normal", reason, message, "tensorwasm-operator"
+        )
+
+    async def drain(self) -> None:
+        """Wait for spawned reconciles (tests and shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)

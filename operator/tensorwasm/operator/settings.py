@@ -1,0 +1,145 @@
+"""The operator's one settings object, read from TENSORWASM_OPERATOR_* variables at start.
+
+Owns configuration parsing and its error messages (fail fast, name the variable).
+Must not import kopf or kube/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from tensorwasm.operator.models.quantity import parse_bytes
+from tensorwasm.planner.admission import ShardCapacity
+
+PREFIX = "TENSORWASM_OPERATOR_"
+API_GROUP = "tensorwasm.io"
+FINALIZER = f"{API_GROUP}/finalizer"
+FIELD_MANAGER = "tensorwasm-operator"
+
+
+class SettingsError(ValueError):
+    """A TENSORWASM_OPERATOR_* variable has a value the operator cannot use."""
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    namespace: str = "default"
+    shards: int = 2  # initial StatefulSet replicas; afterwards the StatefulSet's replicas rule
+    shard_name: str = "tensorwasm-shard"
+    shard_capacity: ShardCapacity = field(
+        default_factory=lambda: ShardCapacity(
+            gpu_memory_bytes=16 << 30, sm_percent=100, host_memory_bytes=32 << 30, max_tenants=64
+        )
+    )
+    image: str = "ghcr.io/tensorwasm/tensorwasm:0.1.0"
+    image_pull_policy: str = "IfNotPresent"
+    runtime_port: int = 8080
+    service_port: int = 80
+    shard_node_selector: Mapping[str, str] = field(default_factory=dict)
+    shard_tolerations: tuple[Mapping[str, Any], ...] = ()
+    shard_gpus: int = 0  # nvidia.com/gpu requested per shard pod (0 on CPU shards)
+    shard_service_account: str = ""  # "" = the namespace's default ServiceAccount
+    standalone: bool = True
+    peering_name: str = "tensorwasm"
+    log_level: str = "INFO"
+    reconcile_retry_s: float = 2.0
+
+
+def _get(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(PREFIX + name)
+    return value if value not in (None, "") else None
+
+
+def _int(
+    env: Mapping[str, str], name: str, default: int, minimum: int = 0, maximum: int | None = None
+) -> int:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{PREFIX}{name} must be an integer, got {raw!r}") from None
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+        raise SettingsError(f"{PREFIX}{name} must be {bound}, got {value}")
+    return value
+
+
+def _bytes(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    try:
+        return parse_bytes(PREFIX + name, raw)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{PREFIX}{name} must be true or false, got {raw!r}")
+
+
+def _json(env: Mapping[str, str], name: str, kind: type) -> Any:
+    raw = _get(env, name)
+    if raw is None:
+        return kind()
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise SettingsError(f"{PREFIX}{name} must be JSON: {exc}") from None
+    if not isinstance(value, kind):
+        raise SettingsError(f"{PREFIX}{name} must be a JSON {kind.__name__}, got {raw!r}")
+    return value
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> OperatorSettings:
+    """Settings from the environment (os.environ by default); raises SettingsError on bad values."""
+    env = os.environ if env is None else env
+    defaults = OperatorSettings()
+    cap = defaults.shard_capacity
+    namespace = _get(env, "NAMESPACE") or env.get("POD_NAMESPACE") or defaults.namespace
+    log_level = (_get(env, "LOG_LEVEL") or defaults.log_level).upper()
+    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise SettingsError(f"{PREFIX}LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+    try:
+        capacity = ShardCapacity(
+            gpu_memory_bytes=_bytes(env, "SHARD_GPU_MEMORY", cap.gpu_memory_bytes),
+            sm_percent=_int(env, "SHARD_SM_PERCENT", cap.sm_percent, 1, 100),
+            host_memory_bytes=_bytes(env, "SHARD_HOST_MEMORY", cap.host_memory_bytes),
+            max_tenants=_int(env, "SHARD_MAX_TENANTS", cap.max_tenants, 1),
+        )
+    except ValueError as exc:
+        raise SettingsError(f"shard capacity: {exc}") from None
+    shard_name = _get(env, "SHARD_NAME") or defaults.shard_name
+    if len(shard_name) > 52:  # leaves room for "-<ordinal>" and the controller-revision label
+        raise SettingsError(f"{PREFIX}SHARD_NAME must be at most 52 characters, got {shard_name!r}")
+    tolerations = _json(env, "SHARD_TOLERATIONS", list)
+    return OperatorSettings(
+        namespace=namespace,
+        shards=_int(env, "SHARDS", defaults.shards, 1, 1000),
+        shard_name=shard_name,
+        shard_capacity=capacity,
+        image=_get(env, "IMAGE") or defaults.image,
+        image_pull_policy=_get(env, "IMAGE_PULL_POLICY") or defaults.image_pull_policy,
+        runtime_port=_int(env, "RUNTIME_PORT", defaults.runtime_port, 1, 65535),
+        service_port=_int(env, "SERVICE_PORT", defaults.service_port, 1, 65535),
+        shard_node_selector={str(k): str(v) for k, v in _json(env, "SHARD_NODE_SELECTOR", dict).items()},
+        shard_tolerations=tuple(tolerations),
+        shard_gpus=_int(env, "SHARD_GPUS", defaults.shard_gpus, 0, 16),
+        shard_service_account=_get(env, "SHARD_SERVICE_ACCOUNT") or "",
+        standalone=_bool(env, "STANDALONE", defaults.standalone),
+        peering_name=_get(env, "PEERING_NAME") or defaults.peering_name,
+        log_level=log_level,
+    )
