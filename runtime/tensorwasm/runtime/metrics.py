@@ -77,7 +77,136 @@ REGISTRY.register(TENANT_LOAD)
 
 # --- engine (compile, instances) ---
 
+INSTANCE_SPAWNS = Counter(
+    "tensorwasm_instance_spawns_total",
+    "Wasm instances created per tenant: the warm pool at load, plus replacements after traps.",
+    ["tenant"],
+    registry=REGISTRY,
+)
+MODULE_COMPILE_SECONDS = Histogram(
+    "tensorwasm_module_compile_seconds",
+    "Time to validate and compile a module (cache=miss) or load it from the disk cache (cache=hit).",
+    ["cache"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY,
+)
+
 # --- GPU backend (accelerator, caps, NVML, MPS) ---
+
+GPU_ALLOC_REFUSED = Counter(
+    "tensorwasm_gpu_alloc_refused_total",
+    "GPU allocations refused, by tenant and layer (host = the byte counter, driver = the tenant pool).",
+    ["tenant", "layer"],
+    registry=REGISTRY,
+)
+
+
+def count_gpu_refusal(tenant: str, layer: str) -> None:
+    """Refusals are rare (cold path): a .labels() lookup here costs nothing on successful allocations."""
+    GPU_ALLOC_REFUSED.labels(tenant, layer).inc()
+
+
+@dataclass(frozen=True)
+class GpuDeviceSample:
+    """One GPU as NVML reports it."""
+
+    index: int
+    name: str
+    memory_total_bytes: int
+    memory_used_bytes: int
+    utilization_ratio: float
+    temperature_celsius: float
+
+
+@dataclass(frozen=True)
+class GpuBackendSample:
+    """The accelerator's state at scrape time. tenants: (tenant, bytes in use, cap, pool reserved)."""
+
+    backend: str
+    requested: str
+    device: str
+    fallback_reason: str
+    healthy: bool
+    health_reason: str
+    mps: str
+    tenants: tuple[tuple[str, int, int | None, int | None], ...] = ()
+    devices: tuple[GpuDeviceSample, ...] = ()
+
+
+class GpuBackendCollector(Collector):
+    """Reads the accelerator, per-tenant GPU bytes and NVML lazily, so no allocation updates a gauge."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], GpuBackendSample | None] = lambda: None
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.source()
+        if s is None:
+            return
+        info = GaugeMetricFamily(
+            "tensorwasm_accelerator_info",
+            "Accelerator in use (value 1): backend, the mode asked for, device, and why auto fell back.",
+            labels=["backend", "requested", "device", "fallback_reason"],
+        )
+        info.add_metric([s.backend, s.requested, s.device, s.fallback_reason], 1.0)
+        healthy = GaugeMetricFamily(
+            "tensorwasm_accelerator_healthy", "0 once a sticky CUDA error poisoned the context, else 1."
+        )
+        healthy.add_metric([], 1.0 if s.healthy else 0.0)
+        mps_info = GaugeMetricFamily(
+            "tensorwasm_mps_info", "MPS state (value 1): off, client or daemon.", labels=["mode"]
+        )
+        mps_info.add_metric([s.mps], 1.0)
+        used = GaugeMetricFamily(
+            "tensorwasm_tenant_gpu_memory_bytes",
+            "GPU bytes reserved by the tenant, counted at the pool's granularity.",
+            labels=["tenant"],
+        )
+        cap = GaugeMetricFamily(
+            "tensorwasm_tenant_gpu_memory_limit_bytes",
+            "The tenant's GPU memory cap (absent: accounting only).",
+            labels=["tenant"],
+        )
+        reserved = GaugeMetricFamily(
+            "tensorwasm_tenant_gpu_pool_reserved_bytes",
+            "Device memory the tenant's CUDA pool holds mapped, as the driver reports it.",
+            labels=["tenant"],
+        )
+        for tenant, in_use, limit, pool in s.tenants:
+            used.add_metric([tenant], float(in_use))
+            if limit is not None:
+                cap.add_metric([tenant], float(limit))
+            if pool is not None:
+                reserved.add_metric([tenant], float(pool))
+        yield from (info, healthy, mps_info, used, cap, reserved)
+        if not s.devices:
+            return  # no GPU / no NVML: no device metrics at all
+        total = GaugeMetricFamily(
+            "tensorwasm_gpu_memory_total_bytes", "Device memory (NVML).", labels=["gpu", "name"]
+        )
+        dev_used = GaugeMetricFamily(
+            "tensorwasm_gpu_memory_used_bytes", "Device memory in use (NVML).", labels=["gpu"]
+        )
+        util = GaugeMetricFamily(
+            "tensorwasm_gpu_utilization_ratio", "GPU busy fraction, 0..1 (NVML).", labels=["gpu"]
+        )
+        temp = GaugeMetricFamily(
+            "tensorwasm_gpu_temperature_celsius", "GPU temperature (NVML).", labels=["gpu"]
+        )
+        for d in s.devices:
+            gpu = str(d.index)
+            total.add_metric([gpu, d.name], float(d.memory_total_bytes))
+            dev_used.add_metric([gpu], float(d.memory_used_bytes))
+            util.add_metric([gpu], d.utilization_ratio)
+            temp.add_metric([gpu], d.temperature_celsius)
+        yield from (total, dev_used, util, temp)
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # unchecked collector: nothing is collected at registration
+
+
+GPU_BACKEND = GpuBackendCollector()
+REGISTRY.register(GPU_BACKEND)
 
 # --- snapshots ---
 

@@ -1,0 +1,235 @@
+"""Host side of guest ABI v1: the `tensorwasm.*` imports a guest can call.
+
+Owns the host functions (log, last error, GPU buffers by opaque handle, kernel launch, sync) and the
+per-instance `GuestContext` they act on. Host calls never trap: a failure returns a negative code,
+sets the instance's last error, and keeps the structured fault so that `invoke` can raise it when
+the guest then gives up. The accelerator is reached only through the `TenantDevice` protocol.
+Must not import the HTTP layer; imports accel lazily (only its pure `base` module).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import wasmtime
+
+from tensorwasm.runtime.engine import abi, lowlevel
+from tensorwasm.runtime.errors import (
+    AcceleratorFailed,
+    BadRequest,
+    GpuMemoryExhausted,
+    GuestTrap,
+    InvalidKernelLaunch,
+    NotFound,
+    RuntimeFault,
+)
+
+log = logging.getLogger("tensorwasm.guest")
+
+_CODES: tuple[tuple[type[RuntimeFault], int], ...] = (
+    (GpuMemoryExhausted, abi.E_GPU_MEMORY),
+    (InvalidKernelLaunch, abi.E_LAUNCH),
+    (AcceleratorFailed, abi.E_ACCELERATOR),
+    (NotFound, abi.E_NOT_FOUND),
+    (BadRequest, abi.E_INVALID),
+    (GuestTrap, abi.E_INVALID),
+)
+_LOG_LEVELS = {0: logging.DEBUG, 1: logging.INFO, 2: logging.WARNING, 3: logging.ERROR}
+_U32 = 0xFFFF_FFFF
+
+
+class GuestContext:
+    """What host calls of one instance need: its store, memory, device and error state."""
+
+    __slots__ = ("base", "ctx", "device", "fault", "last_error", "mem", "tenant_id")
+
+    def __init__(self, ctx: int, mem: int, base: int, device: Any, tenant_id: str) -> None:
+        self.ctx, self.mem, self.base = ctx, mem, base
+        self.device, self.tenant_id = device, tenant_id
+        self.last_error = ""
+        self.fault: RuntimeFault | None = None
+
+    def view(self, ptr: int, nbytes: int) -> memoryview:
+        """A zero-copy view of guest memory [ptr, ptr + nbytes), bounds-checked."""
+        size = lowlevel.memory_data_size(self.ctx, self.mem)
+        if ptr < 0 or nbytes < 0 or ptr + nbytes > size:
+            raise GuestTrap(f"guest range ptr={ptr} len={nbytes} is outside linear memory of {size} bytes")
+        return memoryview((ctypes.c_char * nbytes).from_address(self.base + ptr)).cast("B")
+
+    def fail(self, fault: RuntimeFault) -> int:
+        self.fault = fault
+        self.last_error = f"{fault.kind}: {fault.message}"
+        for cls, code in _CODES:
+            if isinstance(fault, cls):
+                return code
+        return abi.E_INTERNAL
+
+    def require_device(self) -> Any:
+        if self.device is None:
+            raise _NoDevice(f"tenant {self.tenant_id!r} has no GPU access")
+        return self.device
+
+
+class _NoDevice(BadRequest):
+    """The pool was created without a TenantDevice."""
+
+
+# Store context address -> GuestContext, so one linker serves every store of the engine.
+_CONTEXTS: dict[int, GuestContext] = {}
+
+
+def register(g: GuestContext) -> None:
+    _CONTEXTS[g.ctx] = g
+
+
+def unregister(g: GuestContext) -> None:
+    _CONTEXTS.pop(g.ctx, None)
+
+
+# --- the host functions: (GuestContext, raw slots) -> result or None ---
+# Slot i of `v` is param i (int64 view of a 16-byte ValRaw); the result goes into slot 0.
+
+
+def _log(g: GuestContext, v: Any) -> None:
+    level = _LOG_LEVELS.get(v[0] & _U32, logging.INFO)
+    n = min(v[4] & _U32, abi.MAX_LOG_BYTES)
+    text = bytes(g.view(v[2] & _U32, n)).decode("utf-8", "replace")
+    log.log(level, "Guest logged tenant=%s message=%r", g.tenant_id, text)
+
+
+def _last_error(g: GuestContext, v: Any) -> int:
+    msg = g.last_error.encode()
+    cap = v[2] & _U32
+    if cap:
+        n = min(cap, len(msg))
+        g.view(v[0] & _U32, n)[:] = msg[:n]
+    return len(msg)
+
+
+def _gpu_alloc(g: GuestContext, v: Any) -> int:
+    return int(g.require_device().alloc(int(v[0])))
+
+
+def _gpu_free(g: GuestContext, v: Any) -> int:
+    g.require_device().free(int(v[0]))
+    return abi.OK
+
+
+def _gpu_write(g: GuestContext, v: Any) -> int:
+    dev = g.require_device()
+    dev.write(int(v[0]), int(v[2]), g.view(v[4] & _U32, v[6] & _U32))
+    return abi.OK
+
+
+def _gpu_read(g: GuestContext, v: Any) -> int:
+    dev = g.require_device()
+    dev.read_into(int(v[0]), int(v[2]), g.view(v[4] & _U32, v[6] & _U32))
+    return abi.OK
+
+
+def _gpu_launch(g: GuestContext, v: Any) -> int:
+    from tensorwasm.runtime.accel.base import KernelArg
+
+    dev = g.require_device()
+    name_len, nargs = v[2] & _U32, v[8] & _U32
+    if name_len > abi.MAX_KERNEL_NAME:
+        raise InvalidKernelLaunch(f"kernel name of {name_len} bytes is over {abi.MAX_KERNEL_NAME}")
+    if nargs > abi.MAX_KERNEL_ARGS:
+        raise InvalidKernelLaunch(f"{nargs} kernel arguments is over the limit of {abi.MAX_KERNEL_ARGS}")
+    try:
+        name = bytes(g.view(v[0] & _U32, name_len)).decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidKernelLaunch("kernel name is not valid UTF-8") from None
+    dims = struct.unpack("<6I", g.view(v[4] & _U32, 24))
+    args = []
+    for i, (kind, _pad, raw) in enumerate(
+        struct.iter_unpack("<II8s", g.view(v[6] & _U32, nargs * abi.ARG_RECORD_BYTES))
+    ):
+        kname = abi.ARG_KINDS.get(kind)
+        if kname is None:
+            raise InvalidKernelLaunch(f"kernel argument {i} has unknown kind code {kind}")
+        args.append(KernelArg(kname, _decode_arg(kname, raw)))  # type: ignore[arg-type]
+    dev.launch(name, dims[:3], dims[3:], args, v[10] & _U32)
+    return abi.OK
+
+
+def _decode_arg(kind: str, raw: bytes) -> int | float:
+    if kind == "f32":
+        return float(struct.unpack_from("<f", raw)[0])
+    if kind == "f64":
+        return float(struct.unpack_from("<d", raw)[0])
+    fmt = {"buffer": "<q", "i32": "<i", "u32": "<I", "i64": "<q", "u64": "<Q"}[kind]
+    return int(struct.unpack_from(fmt, raw)[0])
+
+
+def _gpu_sync(g: GuestContext, v: Any) -> int:
+    g.require_device().sync()
+    return abi.OK
+
+
+_IMPLS: dict[str, Callable[[GuestContext, Any], int | None]] = {
+    "log": _log,
+    "last_error": _last_error,
+    "gpu_alloc": _gpu_alloc,
+    "gpu_free": _gpu_free,
+    "gpu_write": _gpu_write,
+    "gpu_read": _gpu_read,
+    "gpu_launch": _gpu_launch,
+    "gpu_sync": _gpu_sync,
+}
+assert set(_IMPLS) == set(abi.HOST_FUNCTIONS)
+
+_CALLBACK = ctypes.CFUNCTYPE(
+    ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t
+)
+_KEEP_ALIVE: list[Any] = []  # ctypes callbacks must outlive every linker that references them
+
+
+def _trampoline(name: str, impl: Callable[[GuestContext, Any], int | None]) -> Any:
+    def call(_env: int, caller: int, slots: int, nslots: int) -> int:
+        g = _CONTEXTS.get(lowlevel.caller_context(caller))
+        if g is None:  # cannot happen for stores we created; trap rather than guess
+            msg = b"tensorwasm host call from an unknown store"
+            return int(lowlevel.trap_new(msg, len(msg)))
+        v = (ctypes.c_int64 * (2 * max(nslots, 1))).from_address(slots)
+        try:
+            result = impl(g, v)
+        except RuntimeFault as fault:
+            result = g.fail(fault)
+        except Exception as exc:  # a host bug must not unwind through wasm frames
+            log.exception("Host call failed tenant=%s call=%s", g.tenant_id, name)
+            result = g.fail(GuestTrap(f"host call {name} failed: {type(exc).__name__}: {exc}"))
+        if result is not None and abi.HOST_FUNCTIONS[name][1]:
+            v[0] = result
+        return 0
+
+    return _CALLBACK(call)
+
+
+def define_all(linker: wasmtime.Linker) -> None:
+    """Define every ABI v1 host function on `linker` (once per engine)."""
+    mod = abi.HOST_MODULE.encode()
+    for name, (params, results) in abi.HOST_FUNCTIONS.items():
+        ty = wasmtime.FuncType(
+            [getattr(wasmtime.ValType, p)() for p in params],
+            [getattr(wasmtime.ValType, r)() for r in results],
+        )
+        cb = _trampoline(name, _IMPLS[name])
+        _KEEP_ALIVE.extend((cb, ty))
+        err = lowlevel.linker_define_func_unchecked(
+            lowlevel.pointer_value(linker.ptr()),
+            mod,
+            len(mod),
+            name.encode(),
+            len(name),
+            lowlevel.pointer_value(ty.ptr()),
+            ctypes.cast(cb, ctypes.c_void_p).value,
+            None,
+            None,
+        )
+        if err:
+            raise RuntimeError(f"could not define host function {name}: {lowlevel.take_error(err)}")

@@ -1,0 +1,248 @@
+"""One warm wasm instance: its own Store, a preallocated call path, and reset to a baseline.
+
+Owns the hot path of an invoke (`call`) and the reset between invokes (`reset`). An instance is
+used by one thread at a time (the pool guarantees it): wasmtime Stores are not thread-safe.
+Must not import the accelerator or the HTTP layer.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import wasmtime
+
+from tensorwasm.runtime.engine import abi, hostcalls, lowlevel
+from tensorwasm.runtime.engine.compiler import CompiledModule
+from tensorwasm.runtime.engine.limits import WASM_PAGE
+from tensorwasm.runtime.errors import (
+    DeadlineExceeded,
+    GuestMemoryExceeded,
+    GuestTrap,
+    RuntimeFault,
+)
+
+_memmove = ctypes.memmove
+_string_at = ctypes.string_at
+_U32 = 0xFFFF_FFFF
+_TRAP_STACK_OVERFLOW = 0
+_TRAP_INTERRUPT = 10
+_VALKIND = {"i32": 0, "i64": 1, "f32": 2, "f64": 3}
+
+
+@dataclass
+class Baseline:
+    """What every invoke starts from: memory bytes and mutable global values (export name order)."""
+
+    memory: bytes
+    globals: list[tuple[str, str, int | float]]
+
+
+class WarmInstance:
+    """An instantiated module in its own store; not thread-safe by design."""
+
+    def __init__(
+        self,
+        wt_engine: wasmtime.Engine,
+        module: CompiledModule,
+        memory_limit: int,
+        device: Any,
+        tenant_id: str,
+    ) -> None:
+        self.memory_limit = memory_limit
+        self._store = store = wasmtime.Store(wt_engine)
+        store.set_limits(memory_size=memory_limit, instances=1, memories=1)
+        self.ctx = ctx = lowlevel.pointer_value(store._context())
+        lowlevel.set_epoch_deadline(ctx, 1 << 62)  # start functions must not be cut short
+        try:
+            instance = module.pre.instantiate(store)
+        except wasmtime.Trap as trap:
+            raise GuestTrap(f"module start function trapped: {trap.message}") from None
+        except wasmtime.WasmtimeError as exc:
+            raise GuestTrap(f"module could not be instantiated: {exc}") from None
+        exports = instance.exports(store)
+        self._keep = exports  # the Func/Memory/Global objects own the structs we point into
+        memory = exports[abi.MEMORY_EXPORT]
+        self.mem = lowlevel.address(memory._memory)
+        self.base = lowlevel.memory_data(ctx, self.mem)
+        self.size = lowlevel.memory_data_size(ctx, self.mem)
+        self.funcs = {name: lowlevel.address(exports[name]._func) for name in module.functions}
+        self.alloc = lowlevel.address(exports[abi.ALLOC_EXPORT]._func)
+        self.init = lowlevel.address(exports[abi.INIT_EXPORT]._func) if module.has_init else 0
+        self.globals = [
+            (name, vt, lowlevel.address(exports[name]._global)) for name, vt in module.mutable_globals
+        ]
+        self._slots = (lowlevel.ValRaw * 2)()
+        self._slots_addr = ctypes.addressof(self._slots)
+        self._q = memoryview(self._slots).cast("B").cast("q")  # slot i = index 2*i
+        self._trap = ctypes.c_void_p()
+        self._trap_addr = ctypes.addressof(self._trap)
+        self._reset_vals: list[tuple[int, Any]] = []  # (global addr, wasmtime_val_t)
+        self._baseline: bytes = b""
+        self.host = hostcalls.GuestContext(ctx, self.mem, self.base, device, tenant_id)
+        hostcalls.register(self.host)
+
+    def close(self) -> None:
+        hostcalls.unregister(self.host)
+        self._keep = None
+
+    # --- hot path ---
+
+    def call(self, func: int, payload: bytes, ticks: int) -> bytes:
+        """Copy `payload` in through tw_alloc, run `func`, copy the output out. Raises RuntimeFault."""
+        ctx, q, slots = self.ctx, self._q, self._slots_addr
+        self.host.fault = None
+        lowlevel.set_epoch_deadline(ctx, ticks)
+        n = len(payload)
+        q[0] = n
+        err = lowlevel.func_call_unchecked(ctx, self.alloc, slots, 2, self._trap_addr)
+        if err or self._trap.value:
+            raise self._failure(err)
+        ptr = q[0] & _U32
+        if n:
+            if ptr == 0:
+                raise self._alloc_failed(n)
+            self._check(ptr, n, "tw_alloc returned")
+            _memmove(self.base + ptr, payload, n)
+        q[0] = ptr
+        q[2] = n
+        err = lowlevel.func_call_unchecked(ctx, func, slots, 2, self._trap_addr)
+        if err or self._trap.value:
+            raise self._failure(err)
+        packed = q[0] & 0xFFFF_FFFF_FFFF_FFFF
+        if packed == abi.FAILED:
+            raise self._guest_gave_up()
+        out_ptr, out_len = packed >> 32, packed & _U32
+        if not out_len:
+            return b""
+        self._check(out_ptr, out_len, "function returned")
+        return _string_at(self.base + out_ptr, out_len)
+
+    def _check(self, ptr: int, n: int, what: str) -> None:
+        if ptr + n > self.size:  # memory only grows: re-read the size before refusing
+            self.size = lowlevel.memory_data_size(self.ctx, self.mem)
+            if ptr + n > self.size:
+                raise GuestTrap(f"{what} range ptr={ptr} len={n} outside linear memory of {self.size} bytes")
+
+    def reset(self) -> bool:
+        """Put memory and globals back to the baseline; False if the instance must be replaced."""
+        ctx = self.ctx
+        for addr, val in self._reset_vals:
+            if lowlevel.global_set(ctx, addr, ctypes.addressof(val)):
+                return False
+        self.size = lowlevel.memory_data_size(ctx, self.mem)
+        if self.size != len(self._baseline):
+            return False  # memory cannot shrink: a fresh instance is the only honest reset
+        _memmove(self.base, self._baseline, self.size)
+        return True
+
+    # --- baseline (pool setup, snapshots) ---
+
+    def run_init(self, ticks: int) -> None:
+        if not self.init:
+            return
+        self.host.fault = None
+        lowlevel.set_epoch_deadline(self.ctx, ticks)
+        err = lowlevel.func_call_unchecked(self.ctx, self.init, self._slots_addr, 1, self._trap_addr)
+        if err or self._trap.value:
+            raise self._failure(err)
+        rc = struct.unpack("<i", struct.pack("<q", self._q[0])[:4])[0]
+        if rc < 0:
+            raise self.host.fault or GuestTrap(f"tw_init failed with code {rc}")
+
+    def capture(self) -> Baseline:
+        self.size = lowlevel.memory_data_size(self.ctx, self.mem)
+        memory = _string_at(self.base, self.size)
+        values = []
+        raw = lowlevel.Val()
+        for name, vt, addr in self.globals:
+            lowlevel.global_get(self.ctx, addr, ctypes.addressof(raw))
+            values.append((name, vt, getattr(raw.of, vt)))
+        return Baseline(memory, values)
+
+    def adopt(self, baseline: Baseline, write: bool) -> bool:
+        """Make `baseline` what reset restores; with `write`, also load it now. False if too small."""
+        self.size = lowlevel.memory_data_size(self.ctx, self.mem)
+        want = len(baseline.memory)
+        if want < self.size:
+            return False
+        vals = []
+        for (name, vt, addr), (bname, bvt, value) in zip(self.globals, baseline.globals, strict=True):
+            assert (name, vt) == (bname, bvt)
+            val = lowlevel.Val()
+            val.kind = _VALKIND[vt]  # type: ignore[assignment]
+            setattr(val.of, vt, value)
+            vals.append((addr, val))
+        self._reset_vals = vals
+        self._baseline = baseline.memory
+        if write:
+            if want > self.size:
+                prev = ctypes.c_uint64()
+                err = lowlevel.memory_grow(
+                    self.ctx, self.mem, (want - self.size) // WASM_PAGE, ctypes.addressof(prev)
+                )
+                if err:
+                    raise GuestMemoryExceeded(
+                        f"restoring {want} bytes of linear memory failed: {lowlevel.take_error(err)}"
+                    )
+                self.size = lowlevel.memory_data_size(self.ctx, self.mem)
+            return self.reset()
+        return True
+
+    # --- failures ---
+
+    def _failure(self, err: int | None) -> RuntimeFault:
+        trap_addr = self._trap.value
+        self._trap.value = None
+        if err:
+            return self.host.fault or GuestTrap(f"guest call failed: {lowlevel.take_error(err)}")
+        assert trap_addr
+        message, code = lowlevel.take_trap(trap_addr)
+        if code == _TRAP_INTERRUPT:
+            return DeadlineExceeded("the invoke ran past its deadline and was interrupted")
+        if self.host.fault is not None:
+            return self.host.fault  # the guest trapped after a failed host call: that is the cause
+        if self._memory_at_cap():
+            return GuestMemoryExceeded(
+                f"guest trapped with linear memory at its {self.memory_limit} byte limit: {_reason(message)}",
+                limit=self.memory_limit,
+            )
+        if code == _TRAP_STACK_OVERFLOW:
+            return GuestTrap("guest trapped: call stack exhausted (stack overflow)", trap="stack_overflow")
+        return GuestTrap(f"guest trapped: {_reason(message)}")
+
+    def _memory_at_cap(self) -> bool:
+        # Store limits make memory.grow return -1 silently; a guest that then fails with its memory
+        # this close to the cap is reported as out of memory (heuristic, see docs/guest-abi.md).
+        self.size = int(lowlevel.memory_data_size(self.ctx, self.mem))
+        margin = max(WASM_PAGE, self.memory_limit // 8)
+        return self.size > self.memory_limit - margin
+
+    def _alloc_failed(self, n: int) -> RuntimeFault:
+        if self._memory_at_cap() or n > self.memory_limit:
+            return GuestMemoryExceeded(
+                f"guest could not allocate {n} input bytes within its {self.memory_limit} byte limit",
+                limit=self.memory_limit,
+            )
+        return GuestTrap(f"tw_alloc({n}) returned 0")
+
+    def _guest_gave_up(self) -> RuntimeFault:
+        if self.host.fault is not None:
+            return self.host.fault
+        if self._memory_at_cap():
+            return GuestMemoryExceeded(
+                f"guest failed with linear memory at its {self.memory_limit} byte limit",
+                limit=self.memory_limit,
+            )
+        return GuestTrap("guest function reported failure (returned -1)")
+
+
+def _reason(message: str) -> str:
+    """The cause line of a wasmtime trap message ("wasm trap: ..."), without the backtrace."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if ln.startswith("wasm trap:"):
+            return ln.removeprefix("wasm trap:").strip()
+    return lines[-1] if lines else "unknown trap"

@@ -1,0 +1,87 @@
+"""Direct ctypes entry points into libwasmtime for the hot path (pinned to wasmtime-py 50).
+
+Why: wasmtime-py's `Func.__call__` re-reads the function type over FFI and boxes every value
+(20-50 us a call). We load the same shared library a second time (same handle, separate ctypes
+function objects, so wasmtime-py's own argtypes stay untouched) and declare the few C functions we
+need with plain `c_void_p`/integer signatures. Calls through `CDLL` release the GIL, which lets
+the epoch ticker run while guest code spins.
+Only engine/ imports this module; it must not import the accelerator.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from ctypes import c_bool, c_size_t, c_uint64, c_void_p
+from typing import Any
+
+from wasmtime import Trap, WasmtimeError
+from wasmtime import _ffi as ffi
+
+_lib = ctypes.CDLL(ffi.dll._name)
+
+
+def _fn(name: str, restype: Any, *argtypes: Any) -> Any:
+    f = getattr(_lib, name)
+    f.restype = restype
+    f.argtypes = list(argtypes)
+    return f
+
+
+# (context, func*, args_and_results*, len, trap**) -> error*
+func_call_unchecked = _fn(
+    "wasmtime_func_call_unchecked", c_void_p, c_void_p, c_void_p, c_void_p, c_size_t, c_void_p
+)
+set_epoch_deadline = _fn("wasmtime_context_set_epoch_deadline", None, c_void_p, c_uint64)
+increment_epoch = _fn("wasmtime_engine_increment_epoch", None, c_void_p)
+memory_data = _fn("wasmtime_memory_data", c_void_p, c_void_p, c_void_p)
+memory_data_size = _fn("wasmtime_memory_data_size", c_size_t, c_void_p, c_void_p)
+# (context, memory*, delta pages, prev_size*) -> error*
+memory_grow = _fn("wasmtime_memory_grow", c_void_p, c_void_p, c_void_p, c_uint64, c_void_p)
+global_get = _fn("wasmtime_global_get", None, c_void_p, c_void_p, c_void_p)
+global_set = _fn("wasmtime_global_set", c_void_p, c_void_p, c_void_p, c_void_p)
+caller_context = _fn("wasmtime_caller_context", c_void_p, c_void_p)
+linker_define_func_unchecked = _fn(
+    "wasmtime_linker_define_func_unchecked",
+    c_void_p,
+    c_void_p,
+    ctypes.c_char_p,
+    c_size_t,
+    ctypes.c_char_p,
+    c_size_t,
+    c_void_p,
+    c_void_p,
+    c_void_p,
+    c_void_p,
+)
+trap_new = _fn("wasmtime_trap_new", c_void_p, ctypes.c_char_p, c_size_t)
+_ = c_bool  # keep the import list honest for future bool-returning calls
+
+ValRaw = ffi.wasmtime_val_raw_t  # 16-byte union
+Val = ffi.wasmtime_val_t  # {kind u8, union}
+HostCallback = ffi.wasmtime_func_unchecked_callback_t
+
+
+def address(obj: Any) -> int:
+    """Address of a ctypes structure (wasmtime_func_t, wasmtime_memory_t, ...)."""
+    return ctypes.addressof(obj)
+
+
+def pointer_value(ptr: Any) -> int:
+    """Integer value of a ctypes pointer (a store context)."""
+    value = ctypes.cast(ptr, c_void_p).value
+    if not value:
+        raise ValueError("null pointer")
+    return int(value)
+
+
+def take_trap(trap_addr: int) -> tuple[str, int | None]:
+    """Message and trap code of a trap returned by a call; frees it."""
+    trap = Trap._from_ptr(ctypes.cast(trap_addr, ctypes.POINTER(ffi.wasm_trap_t)))
+    code = trap.trap_code
+    return trap.message, (code.value if code is not None else None)
+
+
+def take_error(error_addr: int) -> str:
+    """Message of a wasmtime_error_t returned by a call; frees it."""
+    err = WasmtimeError._from_ptr(ctypes.cast(error_addr, ctypes.POINTER(ffi.wasmtime_error_t)))
+    return str(err)
