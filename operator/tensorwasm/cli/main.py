@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "tensorwasm.cli.dev",
     "tensorwasm.cli.operator",
     "tensorwasm.cli.runtime",
+    "tensorwasm.cli.plan",
 )
 
 

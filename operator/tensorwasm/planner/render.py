@@ -31,7 +31,7 @@ def show(value: float, unit: str) -> str:
         return format_seconds(value)
     if unit == "fraction":
         return f"{value:.0%}"
-    return f"{value:,.6g} {unit}".rstrip()
+    return f"{value:,.4g} {unit}".rstrip()
 
 
 def _fig(f: Figure) -> str:
