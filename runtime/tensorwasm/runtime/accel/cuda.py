@@ -1,0 +1,701 @@
+"""The CUDA backend: the only module importing cuda.bindings (driver and NVRTC).
+
+Owns `CudaAccelerator` (one per device) and `CudaTenantDevice` (one per tenant: a cuMemPool with
+maxSize = cap and release threshold = cap, a non-blocking stream, the tenant's PTX modules).
+
+Threading: one owner thread per device retains the primary context and performs every setup and
+teardown call (init, NVRTC, module loads, pool/stream create/destroy, pinned host memory, close).
+The hot path (alloc/free, copies, launch, sync) runs inline on the caller's thread with the primary
+context made current once per thread: a hop to the owner thread costs tens of microseconds of queue
+and wake-up, ten times a pool alloc+free (see docs/gpu-validation.md for the measurement). Every
+call a tenant makes is ordered on its own stream, so no cross-thread ordering is needed.
+
+Sticky errors (illegal address, launch failure, ...) poison the context: every later call raises
+AcceleratorFailed and `health()` reports not ok, so the shard fails readiness and is restarted.
+Must not import wasmtime, aiohttp or pynvml.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import itertools
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import numpy as np
+from cuda.bindings import driver as cu
+from cuda.bindings import nvrtc
+
+from tensorwasm.runtime import metrics
+from tensorwasm.runtime.accel import mps
+from tensorwasm.runtime.accel.base import AcceleratorHealth, KernelArg, TenantUsage
+from tensorwasm.runtime.accel.buffers import check_restore_sizes, check_span, closed, lookup
+from tensorwasm.runtime.accel.kernels import BUILTIN_SIGNATURES, CUDA_SOURCE, KernelSignature
+from tensorwasm.runtime.accel.launch import LaunchLimits, signature_from_ptx, validate_launch
+from tensorwasm.runtime.errors import (
+    AcceleratorFailed,
+    BadRequest,
+    GpuMemoryExhausted,
+    InvalidKernelLaunch,
+    ModuleRejected,
+)
+from tensorwasm.runtime.tenancy.gpucap import GpuCap
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_R = cu.CUresult
+_OOM = _R.CUDA_ERROR_OUT_OF_MEMORY
+_STICKY = frozenset(
+    getattr(_R, n)
+    for n in (
+        "CUDA_ERROR_ILLEGAL_ADDRESS",
+        "CUDA_ERROR_LAUNCH_FAILED",
+        "CUDA_ERROR_HARDWARE_STACK_ERROR",
+        "CUDA_ERROR_ILLEGAL_INSTRUCTION",
+        "CUDA_ERROR_MISALIGNED_ADDRESS",
+        "CUDA_ERROR_INVALID_ADDRESS_SPACE",
+        "CUDA_ERROR_INVALID_PC",
+        "CUDA_ERROR_ASSERT",
+        "CUDA_ERROR_ECC_UNCORRECTABLE",
+        "CUDA_ERROR_LAUNCH_TIMEOUT",
+        "CUDA_ERROR_CONTEXT_IS_DESTROYED",
+    )
+    if hasattr(_R, n)
+)
+_alloc_async = cu.cuMemAllocFromPoolAsync
+_free_async = cu.cuMemFreeAsync
+_htod_async = cu.cuMemcpyHtoDAsync
+_dtoh_async = cu.cuMemcpyDtoHAsync
+_stream_sync = cu.cuStreamSynchronize
+_launch_kernel = cu.cuLaunchKernel
+_CTYPES: dict[str, Any] = {
+    "buffer": ctypes.c_uint64,
+    "u64": ctypes.c_uint64,
+    "i64": ctypes.c_int64,
+    "u32": ctypes.c_uint32,
+    "i32": ctypes.c_int32,
+    "f32": ctypes.c_float,
+    "f64": ctypes.c_double,
+}
+_NVRTC_OPTIONS = (b"-default-device", b"-std=c++17", b"--use_fast_math")
+
+
+def error_name(err: Any) -> str:
+    return str(getattr(err, "name", err))
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("TENSORWASM_RUNTIME_KERNEL_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tensorwasm" / "kernels"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+class _Owner:
+    """The device's owner thread: runs submitted callables one at a time, with the context current."""
+
+    def __init__(self, name: str) -> None:
+        self._q: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while (item := self._q.get()) is not None:
+            fn, fut = item
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except BaseException as exc:
+                    fut.set_exception(exc)
+
+    def call(self, fn: Callable[[], T]) -> T:
+        if threading.current_thread() is self._thread:
+            return fn()
+        fut: Future[T] = Future()
+        self._q.put((fn, fut))
+        return fut.result()
+
+    def stop(self) -> None:
+        self._q.put(None)
+        self._thread.join(timeout=10)
+
+
+@dataclass(frozen=True)
+class _Kernel:
+    sig: KernelSignature
+    func: Any  # CUfunction
+    limits: LaunchLimits
+
+
+# A buffer: (CUdeviceptr, size, charged bytes, device address as int)
+_Buf = tuple[Any, int, int, int]
+
+
+class CudaTenantDevice:
+    """One tenant on the GPU: its own capped pool, stream, PTX kernels and handle table."""
+
+    def __init__(
+        self,
+        acc: CudaAccelerator,
+        tenant_id: str,
+        cap_bytes: int | None,
+        pool: Any,
+        stream: Any,
+        kernels: dict[str, _Kernel],
+        modules: list[Any],
+    ) -> None:
+        self.tenant_id = tenant_id
+        self.cap_bytes = cap_bytes
+        self._acc = acc
+        self._cap = GpuCap(cap_bytes, acc.granularity)
+        self._pool = pool
+        self._stream = stream
+        self._kernels = kernels
+        self._modules = modules
+        self._bufs: dict[int, _Buf] = {}
+        self._ids = itertools.count(1)
+        self._inflight: list[memoryview] = []  # sources of write_async kept alive until sync()
+        self._closed = False
+
+    # -- diagnostics used by tests, metrics and benchmarks --
+    @property
+    def pool(self) -> Any:
+        return self._pool
+
+    @property
+    def stream(self) -> Any:
+        return self._stream
+
+    @property
+    def cap(self) -> GpuCap:
+        return self._cap
+
+    def pool_usage(self) -> tuple[int, int]:
+        """(reserved, used) bytes of this tenant's pool as the driver reports them."""
+        self._acc.bind_thread()
+        attrs = cu.CUmemPool_attribute
+        err, reserved = cu.cuMemPoolGetAttribute(self._pool, attrs.CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)
+        err2, used = cu.cuMemPoolGetAttribute(self._pool, attrs.CU_MEMPOOL_ATTR_USED_MEM_CURRENT)
+        if err or err2:
+            self._acc.fail(err or err2, "cuMemPoolGetAttribute")
+        return int(reserved), int(used)
+
+    def usage(self) -> TenantUsage:
+        reserved: int | None = None
+        if not self._closed and self._acc.poison_reason == "":
+            try:
+                reserved = self.pool_usage()[0]
+            except AcceleratorFailed:
+                reserved = None
+        return TenantUsage(self.tenant_id, self._cap.current, self.cap_bytes, reserved)
+
+    def bytes_in_use(self) -> int:
+        return self._cap.current
+
+    # -- hot path --
+    def _enter(self) -> None:
+        acc = self._acc
+        if acc.poison_reason:
+            raise AcceleratorFailed(acc.poison_reason)
+        if self._closed:
+            raise closed(self.tenant_id)
+        if not getattr(acc.tls, "bound", False):
+            acc.bind_thread()
+
+    def alloc(self, nbytes: int) -> int:
+        self._enter()
+        try:
+            charged = self._cap.reserve(nbytes)
+        except GpuMemoryExhausted:
+            metrics.count_gpu_refusal(self.tenant_id, "host")
+            raise
+        err, dptr = _alloc_async(nbytes, self._pool, self._stream)
+        if err:
+            dptr = self._alloc_retry(nbytes, charged, err)
+        handle = next(self._ids)
+        self._bufs[handle] = (dptr, nbytes, charged, int(dptr))
+        return handle
+
+    def _alloc_retry(self, nbytes: int, charged: int, err: Any) -> Any:
+        """The driver refused although the host counter had room: fragmentation inside the pool.
+        Trim the pool's idle reservations and try once more before refusing."""
+        if err == _OOM:
+            _stream_sync(self._stream)
+            cu.cuMemPoolTrimTo(self._pool, 0)
+            err, dptr = _alloc_async(nbytes, self._pool, self._stream)
+            if not err:
+                return dptr
+        self._cap.release(charged)
+        if err == _OOM:
+            metrics.count_gpu_refusal(self.tenant_id, "driver")
+            limit = self.cap_bytes if self.cap_bytes is not None else self._acc.memory_info()[1]
+            raise GpuMemoryExhausted(requested=charged, limit=limit, current=self._cap.current)
+        self._acc.fail(err, "cuMemAllocFromPoolAsync")
+
+    def free(self, handle: int) -> None:
+        self._enter()
+        buf = self._bufs.pop(handle, None) if type(handle) is int else None
+        if buf is None:
+            lookup(self._bufs, handle, self.tenant_id)
+            return
+        (err,) = _free_async(buf[0], self._stream)
+        # Later allocations of this tenant are ordered after the free on the same stream: the bytes can
+        # be counted as returned now.
+        self._cap.release(buf[2])
+        if err:
+            self._acc.fail(err, "cuMemFreeAsync")
+
+    def _host_address(self, data: Any, writable: bool) -> tuple[int, int]:
+        try:
+            arr = np.frombuffer(data, dtype=np.uint8)
+        except (TypeError, ValueError) as exc:
+            raise BadRequest(f"host buffer must be a contiguous bytes-like object: {exc}") from None
+        if writable and not arr.flags.writeable:
+            raise BadRequest("read_into needs a writable buffer")
+        return int(arr.ctypes.data), int(arr.size)
+
+    def write(self, handle: int, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self.write_async(handle, offset, data)  # type: ignore[arg-type]
+        self.sync()
+
+    def write_async(self, handle: int, offset: int, src: memoryview) -> None:
+        self._enter()
+        buf = lookup(self._bufs, handle, self.tenant_id)
+        addr, n = self._host_address(src, writable=False)
+        check_span(handle, buf[1], offset, n)
+        if n == 0:
+            return
+        self._inflight.append(src)
+        (err,) = _htod_async(buf[3] + offset, addr, n, self._stream)
+        if err:
+            self._acc.fail(err, "cuMemcpyHtoDAsync")
+
+    def read(self, handle: int, offset: int, nbytes: int) -> bytes:
+        out = bytearray(nbytes) if type(nbytes) is int and nbytes >= 0 else None
+        if out is None:
+            raise BadRequest(f"read length must be a non-negative integer, got {nbytes!r}")
+        self.read_into(handle, offset, memoryview(out))
+        return bytes(out)
+
+    def read_into(self, handle: int, offset: int, out: memoryview) -> None:
+        self._enter()
+        buf = lookup(self._bufs, handle, self.tenant_id)
+        addr, n = self._host_address(out, writable=True)
+        check_span(handle, buf[1], offset, n)
+        if n == 0:
+            return
+        (err,) = _dtoh_async(addr, buf[3] + offset, n, self._stream)
+        if err:
+            self._acc.fail(err, "cuMemcpyDtoHAsync")
+        self.sync()
+
+    def launch(
+        self,
+        kernel: str,
+        grid: tuple[int, int, int],
+        block: tuple[int, int, int],
+        args: Sequence[KernelArg],
+        shared_mem_bytes: int = 0,
+    ) -> None:
+        self._enter()
+        k = self._kernels.get(kernel)
+        if k is None:
+            raise InvalidKernelLaunch(
+                f"unknown kernel {kernel!r}", kernel=kernel, known=sorted(self._kernels)
+            )
+        values = validate_launch(k.sig, grid, block, args, shared_mem_bytes, k.limits, self._bufs)
+        bufs = self._bufs
+        params = tuple(bufs[v][3] if a.kind == "buffer" else v for a, v in zip(args, values, strict=True))  # type: ignore[index]
+        types = tuple(_CTYPES[a.kind] for a in args)
+        (err,) = _launch_kernel(
+            k.func, grid[0], grid[1], grid[2], block[0], block[1], block[2],
+            shared_mem_bytes, self._stream, (params, types), 0,
+        )  # fmt: skip
+        if err:
+            if err in _STICKY:
+                self._acc.fail(err, f"launch of {kernel}")
+            raise InvalidKernelLaunch(
+                f"driver refused the launch of {kernel}: {error_name(err)}", kernel=kernel
+            )
+
+    def sync(self) -> None:
+        self._enter()
+        (err,) = _stream_sync(self._stream)
+        self._inflight.clear()
+        if err:
+            self._acc.fail(err, "cuStreamSynchronize")
+
+    def buffers(self) -> dict[int, int]:
+        return {h: b[1] for h, b in list(self._bufs.items())}
+
+    def restore_buffers(self, sizes: Mapping[int, int]) -> None:
+        """Free everything, then recreate exactly `sizes` (same handles) under the cap, all or nothing."""
+        wanted = check_restore_sizes(sizes)
+        GpuCap(self._cap.limit, self._cap.granularity).reserve_all(wanted.values())  # refuse before freeing
+        self._enter()
+        self._free_all()
+        charges = self._cap.reserve_all(wanted.values())
+        made: list[int] = []
+        try:
+            for (handle, size), charged in zip(wanted.items(), charges, strict=True):
+                err, dptr = _alloc_async(size, self._pool, self._stream)
+                if err:
+                    dptr = self._alloc_retry(size, 0, err)
+                self._bufs[handle] = (dptr, size, charged, int(dptr))
+                made.append(handle)
+        except BaseException:
+            for handle in made:
+                _free_async(self._bufs.pop(handle)[0], self._stream)
+            self._cap.release(sum(charges))
+            raise
+        self._ids = itertools.count(max(wanted, default=0) + 1)
+
+    def _free_all(self) -> None:
+        for handle in list(self._bufs):
+            buf = self._bufs.pop(handle, None)
+            if buf is not None:
+                _free_async(buf[0], self._stream)
+                self._cap.release(buf[2])
+
+    def teardown(self) -> None:
+        """Owner thread: free every buffer, destroy the stream, the pool and the tenant's modules."""
+        self._closed = True
+        if self._acc.poison_reason:  # the context is gone; the driver frees everything at process exit
+            self._bufs.clear()
+            return
+        _stream_sync(self._stream)
+        self._free_all()
+        _stream_sync(self._stream)
+        self._inflight.clear()
+        cu.cuStreamDestroy(self._stream)
+        cu.cuMemPoolDestroy(self._pool)
+        for module in self._modules:
+            cu.cuModuleUnload(module)
+
+
+class CudaAccelerator:
+    """One device: owner thread, primary context, built-in kernels, tenant pools."""
+
+    name = "cuda"
+
+    def __init__(self, device: int = 0, cache_dir: Path | None = None) -> None:
+        self.device = device
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.fallback_reason = ""
+        self.poison_reason = ""
+        self.tls = threading.local()
+        self._tenants: dict[str, CudaTenantDevice] = {}
+        self._lock = threading.Lock()
+        self._pinned: list[tuple[int, memoryview]] = []
+        self._owner = _Owner(f"tensorwasm-cuda-{device}")
+        try:
+            self._owner.call(self._init)
+        except BaseException:
+            self._owner.stop()
+            raise
+
+    # -- owner-thread setup --
+    def _check(self, err: Any, what: str) -> None:
+        if err:
+            self.fail(err, what)
+
+    def _init(self) -> None:
+        (err,) = cu.cuInit(0)
+        self._check(err, "cuInit")
+        err, count = cu.cuDeviceGetCount()
+        self._check(err, "cuDeviceGetCount")
+        if not 0 <= self.device < count:
+            raise AcceleratorFailed(f"CUDA device {self.device} does not exist ({count} visible)")
+        err, self._dev = cu.cuDeviceGet(self.device)
+        self._check(err, "cuDeviceGet")
+        err, self._ctx = cu.cuDevicePrimaryCtxRetain(self._dev)
+        self._check(err, "cuDevicePrimaryCtxRetain")
+        self.bind_thread()
+        a = cu.CUdevice_attribute
+        attr = self._attr
+        if not attr(a.CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED):
+            raise AcceleratorFailed(f"CUDA device {self.device} does not support memory pools")
+        self.compute_capability = (
+            attr(a.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR),
+            attr(a.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR),
+        )
+        self.device_limits = LaunchLimits(
+            max_grid=(
+                attr(a.CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_X),
+                attr(a.CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_Y),
+                attr(a.CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_Z),
+            ),
+            max_block=(
+                attr(a.CU_DEVICE_ATTRIBUTE_MAX_BLOCK_DIM_X),
+                attr(a.CU_DEVICE_ATTRIBUTE_MAX_BLOCK_DIM_Y),
+                attr(a.CU_DEVICE_ATTRIBUTE_MAX_BLOCK_DIM_Z),
+            ),
+            max_threads_per_block=attr(a.CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_BLOCK),
+            max_dynamic_shared=attr(a.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK),
+        )
+        err, name = cu.cuDeviceGetName(128, self._dev)
+        self.device_name = name.split(b"\0", 1)[0].decode() if not err else f"cuda:{self.device}"
+        err, self.driver_version = cu.cuDriverGetVersion()
+        prop = cu.CUmemAllocationProp()
+        prop.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+        prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        prop.location.id = self.device
+        err, gran = cu.cuMemGetAllocationGranularity(
+            prop, cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM
+        )
+        self._check(err, "cuMemGetAllocationGranularity")
+        self.granularity = int(gran)
+        err, self._probe_stream = cu.cuStreamCreate(cu.CUstream_flags.CU_STREAM_NON_BLOCKING)
+        self._check(err, "cuStreamCreate")
+        module = self._load_image(self._builtin_cubin(), "built-in kernels")
+        self._builtins = {name: self._kernel(module, sig) for name, sig in BUILTIN_SIGNATURES.items()}
+        log.info(
+            "Initialised CUDA accelerator device=%d name=%r cc=%s driver=%s granularity=%d",
+            self.device, self.device_name, self.compute_capability, self.driver_version, self.granularity,
+        )  # fmt: skip
+
+    def _attr(self, attribute: Any) -> int:
+        err, value = cu.cuDeviceGetAttribute(attribute, self._dev)
+        self._check(err, f"cuDeviceGetAttribute({error_name(attribute)})")
+        return int(value)
+
+    def _arch(self) -> str:
+        return f"sm_{self.compute_capability[0]}{self.compute_capability[1]}"
+
+    def _builtin_cubin(self) -> bytes:
+        """NVRTC-compile the built-in library once per (source, arch, NVRTC version); cached on disk."""
+        err, major, minor = nvrtc.nvrtcVersion()
+        opts = (f"--gpu-architecture={self._arch()}".encode(), *_NVRTC_OPTIONS)
+        key = hashlib.sha256(CUDA_SOURCE.encode() + repr((opts, major, minor)).encode()).hexdigest()[:32]
+        path = self.cache_dir / f"builtin-{key}.cubin"
+        if path.is_file():
+            return bytes(path.read_bytes())
+        err, prog = nvrtc.nvrtcCreateProgram(CUDA_SOURCE.encode(), b"tensorwasm_builtins.cu", 0, [], [])
+        if err:
+            raise AcceleratorFailed(f"nvrtcCreateProgram failed: {error_name(err)}")
+        try:
+            (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), list(opts))
+            if err:
+                _, size = nvrtc.nvrtcGetProgramLogSize(prog)
+                text = b" " * size
+                nvrtc.nvrtcGetProgramLog(prog, text)
+                raise AcceleratorFailed(
+                    f"NVRTC failed on the built-in kernels: {text.decode(errors='replace')}"
+                )
+            err, size = nvrtc.nvrtcGetCUBINSize(prog)
+            cubin: bytes = b" " * int(size)
+            (err,) = nvrtc.nvrtcGetCUBIN(prog, cubin)
+            if err:
+                raise AcceleratorFailed(f"nvrtcGetCUBIN failed: {error_name(err)}")
+        finally:
+            nvrtc.nvrtcDestroyProgram(prog)
+        _write_atomic(path, cubin)
+        log.info("Compiled built-in kernels arch=%s cache=%s", self._arch(), path)
+        return cubin
+
+    def _ptx_cubin(self, kernel: str, ptx: str) -> bytes:
+        """Link tenant PTX to a cubin once per (PTX, arch, driver); the JIT never runs on an invoke."""
+        data = ptx.encode()
+        key = hashlib.sha256(data + f"{self._arch()}:{self.driver_version}".encode()).hexdigest()
+        path = self.cache_dir / f"ptx-{key}.cubin"
+        if path.is_file():
+            return bytes(path.read_bytes())
+        err, state = cu.cuLinkCreate(0, [], [])
+        self._check(err, "cuLinkCreate")
+        try:
+            (err,) = cu.cuLinkAddData(
+                state, cu.CUjitInputType.CU_JIT_INPUT_PTX, data + b"\0", len(data) + 1,
+                f"{kernel}.ptx".encode(), 0, [], [],
+            )  # fmt: skip
+            if err:
+                raise ModuleRejected(
+                    f"PTX of kernel {kernel!r} does not compile: {error_name(err)}", kernel=kernel
+                )
+            err, image, size = cu.cuLinkComplete(state)
+            if err:
+                raise ModuleRejected(
+                    f"PTX of kernel {kernel!r} does not link: {error_name(err)}", kernel=kernel
+                )
+            cubin = ctypes.string_at(int(image), int(size))
+        finally:
+            cu.cuLinkDestroy(state)
+        _write_atomic(path, cubin)
+        return cubin
+
+    def _load_image(self, image: bytes, what: str) -> Any:
+        err, module = cu.cuModuleLoadData(image)
+        self._check(err, f"loading {what}")
+        return module
+
+    def _kernel(self, module: Any, sig: KernelSignature) -> _Kernel:
+        err, func = cu.cuModuleGetFunction(module, sig.name.encode())
+        if err:
+            raise ModuleRejected(f"kernel {sig.name!r} not found in its module: {error_name(err)}")
+        fa = cu.CUfunction_attribute
+        limits = self.device_limits
+        err, max_threads = cu.cuFuncGetAttribute(fa.CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK, func)
+        err2, static_smem = cu.cuFuncGetAttribute(fa.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, func)
+        err3, max_dynamic = cu.cuFuncGetAttribute(fa.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, func)
+        self._check(err or err2 or err3, "cuFuncGetAttribute")
+        fn_limits = LaunchLimits(
+            max_grid=limits.max_grid,
+            max_block=limits.max_block,
+            max_threads_per_block=min(int(max_threads), limits.max_threads_per_block),
+            max_dynamic_shared=max(0, min(int(max_dynamic), limits.max_dynamic_shared - int(static_smem))),
+        )
+        return _Kernel(sig, func, fn_limits)
+
+    # -- errors and health --
+    def bind_thread(self) -> None:
+        """Make the primary context current on the calling thread (once per thread)."""
+        (err,) = cu.cuCtxSetCurrent(self._ctx)
+        if err:
+            raise AcceleratorFailed(f"cuCtxSetCurrent failed: {error_name(err)}")
+        self.tls.bound = True
+
+    def fail(self, err: Any, what: str) -> NoReturn:
+        name = error_name(err)
+        if err in _STICKY:
+            if not self.poison_reason:
+                self.poison_reason = f"{name} during {what} (context poisoned)"
+                log.error("Poisoned CUDA context device=%d reason=%r", self.device, self.poison_reason)
+            raise AcceleratorFailed(self.poison_reason, cuda_error=name)
+        raise AcceleratorFailed(f"{what} failed: {name}", cuda_error=name)
+
+    def health(self) -> AcceleratorHealth:
+        mode = mps.current_mode()
+        if not self.poison_reason:
+            # A sticky error from an async kernel nobody synchronised yet shows on any stream query.
+            try:
+                if not getattr(self.tls, "bound", False):
+                    self.bind_thread()
+                (err,) = cu.cuStreamQuery(self._probe_stream)
+                if err in _STICKY:
+                    self.fail(err, "health probe")
+            except AcceleratorFailed:
+                pass
+        if self.poison_reason:
+            return AcceleratorHealth(ok=False, reason=self.poison_reason, mps=mode)
+        return AcceleratorHealth(ok=True, mps=mode)
+
+    # -- tenants --
+    def open_tenant(
+        self, tenant_id: str, cap_bytes: int | None, ptx_modules: Mapping[str, str] | None = None
+    ) -> CudaTenantDevice:
+        if not isinstance(tenant_id, str) or not tenant_id:
+            raise BadRequest(f"tenant id must be a non-empty string, got {tenant_id!r}")
+        if cap_bytes is not None and (type(cap_bytes) is not int or cap_bytes < 0):
+            raise BadRequest(f"GPU memory cap must be a non-negative integer, got {cap_bytes!r}")
+        sigs = {name: signature_from_ptx(name, src) for name, src in (ptx_modules or {}).items()}
+        clash = sorted(set(sigs) & set(BUILTIN_SIGNATURES))
+        if clash:
+            raise BadRequest(f"tenant kernels {clash} shadow built-in kernels", kernels=clash)
+        if self.poison_reason:
+            raise AcceleratorFailed(self.poison_reason)
+        with self._lock:
+            if tenant_id in self._tenants:
+                raise BadRequest(f"tenant {tenant_id!r} already has a device", tenant=tenant_id)
+            dev = self._owner.call(lambda: self._open(tenant_id, cap_bytes, ptx_modules or {}, sigs))
+            self._tenants[tenant_id] = dev
+        return dev
+
+    def _open(
+        self, tenant_id: str, cap: int | None, ptx: Mapping[str, str], sigs: Mapping[str, KernelSignature]
+    ) -> CudaTenantDevice:
+        kernels = dict(self._builtins)
+        modules = []
+        for name, sig in sigs.items():
+            module = self._load_image(self._ptx_cubin(name, ptx[name]), f"PTX kernel {name}")
+            modules.append(module)
+            kernels[name] = self._kernel(module, sig)
+        props = cu.CUmemPoolProps()
+        props.allocType = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+        props.handleTypes = cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_NONE
+        props.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        props.location.id = self.device
+        g = self.granularity
+        if cap is not None:
+            # maxSize 0 would mean "unbounded": a cap under one page still gets one page.
+            props.maxSize = max(g, -(-cap // g) * g)
+        err, pool = cu.cuMemPoolCreate(props)
+        self._check(err, "cuMemPoolCreate")
+        # Keep freed memory mapped up to the cap (no trim and re-map on every sync); accounting-only
+        # tenants keep up to the whole device.
+        threshold = cu.cuuint64_t(props.maxSize if cap is not None else self.memory_info()[1])
+        (err,) = cu.cuMemPoolSetAttribute(
+            pool, cu.CUmemPool_attribute.CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, threshold
+        )
+        self._check(err, "cuMemPoolSetAttribute")
+        err, stream = cu.cuStreamCreate(cu.CUstream_flags.CU_STREAM_NON_BLOCKING)
+        self._check(err, "cuStreamCreate")
+        log.info("Opened GPU tenant tenant=%s cap=%s kernels=%d", tenant_id, cap, len(sigs))
+        return CudaTenantDevice(self, tenant_id, cap, pool, stream, kernels, modules)
+
+    def close_tenant(self, tenant_id: str) -> None:
+        with self._lock:
+            dev = self._tenants.pop(tenant_id, None)
+        if dev is not None:
+            self._owner.call(dev.teardown)
+            log.info("Closed GPU tenant tenant=%s", tenant_id)
+
+    def usage(self) -> list[TenantUsage]:
+        with self._lock:
+            devices = list(self._tenants.values())
+        return [d.usage() for d in devices]
+
+    def memory_info(self) -> tuple[int, int]:
+        if not getattr(self.tls, "bound", False):
+            self.bind_thread()
+        err, free, total = cu.cuMemGetInfo()
+        self._check(err, "cuMemGetInfo")
+        return int(free), int(total)
+
+    def pinned_buffer(self, nbytes: int) -> memoryview:
+        """Page-locked staging, grown on demand and reused; earlier regions live until close()."""
+        if type(nbytes) is not int or nbytes < 0:
+            raise BadRequest(f"staging size must be a non-negative integer, got {nbytes!r}")
+        with self._lock:
+            if self._pinned and len(self._pinned[-1][1]) >= nbytes:
+                return self._pinned[-1][1][:nbytes]
+            size = max(nbytes, 2 * len(self._pinned[-1][1]) if self._pinned else 0, 1 << 20)
+
+            def alloc() -> tuple[int, memoryview]:
+                err, ptr = cu.cuMemHostAlloc(size, 0)
+                self._check(err, "cuMemHostAlloc")
+                view = memoryview((ctypes.c_ubyte * size).from_address(int(ptr))).cast("B")
+                return int(ptr), view
+
+            self._pinned.append(self._owner.call(alloc))
+            return self._pinned[-1][1][:nbytes]
+
+    def close(self) -> None:
+        with self._lock:
+            ids = list(self._tenants)
+        for tenant_id in ids:
+            self.close_tenant(tenant_id)
+
+        def release() -> None:
+            if not self.poison_reason:
+                for ptr, _ in self._pinned:
+                    cu.cuMemFreeHost(ptr)
+            self._pinned.clear()
+            cu.cuDevicePrimaryCtxRelease(self._dev)
+
+        self._owner.call(release)
+        self._owner.stop()
