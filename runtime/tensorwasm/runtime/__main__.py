@@ -1,0 +1,168 @@
+"""`python -m tensorwasm.runtime` (= `tensorwasm runtime`): one runtime shard process.
+
+Owns process wiring only: settings -> MPS client setup -> accelerator -> engine -> shard -> HTTP
+server -> tenant source, then waits for SIGTERM/SIGINT. Exit codes: 0 on a signal, 2 for bad
+settings or an unusable tenants file, 3 when the accelerator is poisoned (Kubernetes restarts the
+pod: a sticky CUDA error cannot be cleared in-process), 1 when the tenant source failed.
+Must not import wasmtime or cuda directly (engine/ and accel/ do).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from tensorwasm.runtime.settings import RuntimeSettings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from tensorwasm.runtime.accel.base import Accelerator
+    from tensorwasm.runtime.shard import Shard
+    from tensorwasm.runtime.sources.kube import KubeSource
+    from tensorwasm.runtime.sources.localfile import LocalFileSource
+
+log = logging.getLogger("tensorwasm.runtime")
+
+EXIT_OK, EXIT_SOURCE, EXIT_SETTINGS, EXIT_ACCELERATOR = 0, 1, 2, 3
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        settings = load_settings(argv)
+    except SettingsError as exc:
+        print(f"tensorwasm runtime: {exc}", file=sys.stderr)
+        return EXIT_SETTINGS
+    return run_settings(settings)
+
+
+def run_settings(settings: RuntimeSettings) -> int:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return runner.run(_run(settings))
+    except SettingsError as exc:
+        print(f"tensorwasm runtime: {exc}", file=sys.stderr)
+        return EXIT_SETTINGS
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when installed (measured faster, see bench/bench_http.py), else the stdlib loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+async def _run(settings: RuntimeSettings) -> int:
+    from tensorwasm.runtime import metrics
+    from tensorwasm.runtime.api.app import build_app
+    from tensorwasm.runtime.api.server import serve
+    from tensorwasm.runtime.engine import Engine
+    from tensorwasm.runtime.modules import ModuleLoader
+    from tensorwasm.runtime.shard import Shard
+
+    source = _build_source(settings)
+    accelerator = _open_accelerator(settings)
+    engine = Engine(
+        cache_dir=settings.cache_dir,
+        epoch_tick_s=settings.epoch_tick_ms / 1000,
+        max_module_bytes=settings.max_module_bytes,
+    )
+    shard = Shard(
+        engine, accelerator, ModuleLoader(engine, settings.max_module_bytes, settings.fetch_timeout_s)
+    )
+    metrics.TENANT_LOAD.source = shard.load_report
+    runner, port = await serve(build_app(shard), settings.host, settings.port)
+    log.info(
+        "Runtime listening addr=%s:%d source=%s accelerator=%s",
+        settings.host,
+        port,
+        settings.source,
+        getattr(accelerator, "name", "none"),
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    tasks = {
+        "source": asyncio.create_task(source.run(shard)),
+        "health": asyncio.create_task(_watch_health(shard, settings.health_interval_s)),
+        "stop": asyncio.create_task(stop.wait()),
+    }
+    done, _ = await asyncio.wait(tasks.values(), return_when=asyncio.FIRST_COMPLETED)
+    code = EXIT_OK
+    if tasks["health"] in done:
+        code = EXIT_ACCELERATOR
+    elif tasks["source"] in done:
+        failure = tasks["source"].exception()
+        log.error("Stopped: the tenant source failed: %s", failure, exc_info=failure)
+        code = EXIT_SOURCE
+    for task in tasks.values():
+        task.cancel()
+    await runner.cleanup()
+    await shard.close()
+    engine.close()
+    accelerator.close()
+    metrics.TENANT_LOAD.source = lambda: ()
+    log.info("Runtime stopped exit_code=%d", code)
+    return code
+
+
+async def _watch_health(shard: Shard, interval_s: float) -> None:
+    """Returns (ending the process) once the accelerator reports a poisoned context."""
+    while True:
+        health = shard.health()
+        if health is not None and not health.ok:
+            log.error("Accelerator poisoned, exiting so the pod restarts: %s", health.reason)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(shard.health_poke.wait(), interval_s)
+        shard.health_poke.clear()
+
+
+def _open_accelerator(settings: RuntimeSettings) -> Accelerator:
+    from tensorwasm.runtime.accel import select_accelerator
+
+    if settings.mps_pipe_dir is not None:
+        from tensorwasm.runtime.accel import mps
+
+        if settings.mps_start:
+            mps.MpsDaemon(settings.mps_pipe_dir).start()
+        mps.apply_client_env(mps.build_client_env(settings.mps_pipe_dir, device=settings.device))
+    elif settings.mps_start:
+        raise SettingsError("--mps-start needs --mps-pipe-dir")
+    try:
+        accelerator: Accelerator = select_accelerator(settings.accelerator, settings.device)
+        return accelerator
+    except Exception as exc:  # no driver, no device, bad ordinal: refuse to start, say why
+        raise SettingsError(f"--accelerator {settings.accelerator}: {exc}") from exc
+
+
+def _build_source(settings: RuntimeSettings) -> LocalFileSource | KubeSource:
+    """The tenant source; a tenants file that cannot be used at all is a settings error."""
+    if settings.tenants_file is not None:
+        from tensorwasm.runtime.sources.localfile import LocalFileSource, TenantsFileError
+
+        source = LocalFileSource(settings.tenants_file, poll_s=min(settings.resync_s, 2.0))
+        try:
+            source.first_read()
+        except TenantsFileError as exc:
+            raise SettingsError(str(exc)) from exc
+        return source
+    from tensorwasm.runtime.sources.kube import KubeSource
+
+    return KubeSource(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""The runtime shard's one validated settings object, from flags and TENSORWASM_RUNTIME_* variables.
+
+Owns `RuntimeSettings`, the argparse flags (shared with `tensorwasm runtime`, which registers the
+same arguments on its subparser) and `load_settings`, which fails fast with a `SettingsError` that
+names the flag and its environment variable. A flag beats its variable; a variable beats the default.
+Stdlib only, so the CLI can import it cheaply: must not import aiohttp, wasmtime, cuda or kubernetes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "TENSORWASM_RUNTIME_"
+ACCELERATORS = ("auto", "cuda", "cpu")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
+
+
+class SettingsError(ValueError):
+    """A setting is missing or invalid; the message says which flag and variable to fix."""
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """Everything the shard process is configured with, validated."""
+
+    host: str = "0.0.0.0"
+    port: int = 8080
+    tenants_file: Path | None = None  # set: standalone mode; unset: the Kubernetes source
+    kubeconfig: Path | None = None  # unset: in-cluster config, then the default kubeconfig
+    namespace: str = "default"
+    shard_name: str = ""
+    accelerator: str = "auto"
+    device: int = 0
+    mps_pipe_dir: Path | None = None
+    mps_start: bool = False
+    cache_dir: Path | None = None
+    snapshot_dir: Path | None = None
+    max_module_bytes: int = 64 << 20
+    fetch_timeout_s: float = 30.0
+    resync_s: float = 30.0
+    health_interval_s: float = 1.0
+    epoch_tick_ms: float = 1.0
+    log_level: str = "info"
+
+    @property
+    def source(self) -> str:
+        return "file" if self.tenants_file is not None else "kube"
+
+
+# (flag, dest, help, metavar or None for booleans)
+_FLAGS: tuple[tuple[str, str, str, str | None], ...] = (
+    ("--listen", "listen", "address to serve the HTTP API on, HOST:PORT (port 0 picks one)", "HOST:PORT"),
+    ("--tenants-file", "tenants_file", "standalone mode: serve the tenants in this YAML file", "PATH"),
+    ("--kubeconfig", "kubeconfig", "Kubernetes source: kubeconfig (default: in-cluster)", "PATH"),
+    ("--namespace", "namespace", "Kubernetes source: namespace of the Tenants (default: default)", "NS"),
+    ("--shard-name", "shard_name", "Kubernetes source: this shard's name (default: $HOSTNAME)", "NAME"),
+    ("--accelerator", "accelerator", "GPU backend: auto, cuda or cpu (default: auto)", "MODE"),
+    ("--device", "device", "CUDA device ordinal (default: 0)", "N"),
+    ("--mps-pipe-dir", "mps_pipe_dir", "CUDA MPS pipe directory to join as a client", "DIR"),
+    ("--mps-start", "mps_start", "start an MPS control daemon if none is running", None),
+    ("--cache-dir", "cache_dir", "compiled-module disk cache (default: none)", "DIR"),
+    ("--snapshot-dir", "snapshot_dir", "snapshot store directory (default: none)", "DIR"),
+    ("--max-module-bytes", "max_module_bytes", "largest module accepted, bytes (default: 64Mi)", "N"),
+    ("--fetch-timeout", "fetch_timeout_s", "module URL fetch timeout, seconds (default: 30)", "S"),
+    ("--resync", "resync_s", "full re-list period of the tenant source, seconds (default: 30)", "S"),
+    ("--health-interval", "health_interval_s", "accelerator health check period, s (default: 1)", "S"),
+    ("--epoch-tick-ms", "epoch_tick_ms", "deadline ticker resolution, ms (default: 1)", "MS"),
+    ("--log-level", "log_level", "debug, info, warning or error (default: info)", "LEVEL"),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the runtime flags; defaults stay None so environment variables can fill them."""
+    for flag, dest, text, metavar in _FLAGS:
+        env = ENV_PREFIX + dest.upper().removesuffix("_S")
+        if metavar is None:
+            parser.add_argument(flag, dest=dest, action="store_const", const="1", help=f"{text} [{env}]")
+        else:
+            parser.add_argument(flag, dest=dest, metavar=metavar, help=f"{text} [{env}]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tensorwasm runtime",
+        description="Run a TensorWasm runtime shard: many tenants' wasm functions behind one HTTP API.",
+    )
+    add_arguments(parser)
+    return parser
+
+
+def load_settings(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> RuntimeSettings:
+    """Parse flags (argparse exits on unknown flags) and validate; raises SettingsError."""
+    return settings_from_namespace(
+        build_parser().parse_args(argv), os.environ if environ is None else environ
+    )
+
+
+def settings_from_namespace(ns: argparse.Namespace, environ: Mapping[str, str]) -> RuntimeSettings:
+    raw: dict[str, tuple[str, str]] = {}  # dest -> (value, where it came from)
+    for flag, dest, _, _ in _FLAGS:
+        env = ENV_PREFIX + dest.upper().removesuffix("_S")
+        value = getattr(ns, dest, None)
+        if value is not None:
+            raw[dest] = (str(value), flag)
+        elif env in environ:
+            raw[dest] = (environ[env], env)
+    d = RuntimeSettings()
+    out: dict[str, Any] = {}
+    if "listen" in raw:
+        out["host"], out["port"] = _listen(*raw["listen"])
+    for dest in ("tenants_file", "kubeconfig", "mps_pipe_dir", "cache_dir", "snapshot_dir"):
+        if dest in raw and raw[dest][0]:
+            out[dest] = Path(raw[dest][0]).expanduser()
+    for dest in ("namespace", "shard_name"):
+        if dest in raw:
+            out[dest] = raw[dest][0].strip()
+    if "accelerator" in raw:
+        out["accelerator"] = _choice(*raw["accelerator"], ACCELERATORS)
+    if "log_level" in raw:
+        out["log_level"] = _choice(*raw["log_level"], LOG_LEVELS)
+    if "mps_start" in raw:
+        out["mps_start"] = _bool(*raw["mps_start"])
+    if "device" in raw:
+        out["device"] = int(_number(*raw["device"], 0, 64, integer=True))
+    if "max_module_bytes" in raw:
+        out["max_module_bytes"] = int(_number(*raw["max_module_bytes"], 1024, 1 << 32, integer=True))
+    for dest, lo, hi in (
+        ("fetch_timeout_s", 0.1, 3600),
+        ("resync_s", 0.1, 86400),
+        ("health_interval_s", 0.05, 3600),
+        ("epoch_tick_ms", 0.1, 1000),
+    ):
+        if dest in raw:
+            out[dest] = _number(*raw[dest], lo, hi)
+    settings = RuntimeSettings(**{**d.__dict__, **out})
+    return _check_source(settings, environ)
+
+
+def _check_source(s: RuntimeSettings, environ: Mapping[str, str]) -> RuntimeSettings:
+    if s.tenants_file is not None:
+        if not s.tenants_file.is_file():
+            raise SettingsError(f"--tenants-file: {s.tenants_file} is not a readable file")
+        return s
+    if not s.shard_name:
+        hostname = environ.get("HOSTNAME", "")
+        if not hostname:
+            raise SettingsError(
+                "no tenant source: pass --tenants-file PATH for standalone mode, or --shard-name NAME "
+                f"({ENV_PREFIX}SHARD_NAME, default $HOSTNAME) for the Kubernetes source"
+            )
+        s = RuntimeSettings(**{**s.__dict__, "shard_name": hostname})
+    if s.kubeconfig is not None and not s.kubeconfig.is_file():
+        raise SettingsError(f"--kubeconfig: {s.kubeconfig} is not a readable file")
+    if not s.namespace:
+        raise SettingsError("--namespace: must not be empty")
+    return s
+
+
+def _listen(value: str, where: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise SettingsError(f"{where}: expected HOST:PORT (e.g. 0.0.0.0:8080), got {value!r}")
+    return (host.strip("[]") or "0.0.0.0"), int(port)
+
+
+def _choice(value: str, where: str, choices: tuple[str, ...]) -> str:
+    if value.lower() not in choices:
+        raise SettingsError(f"{where}: expected one of {', '.join(choices)}, got {value!r}")
+    return value.lower()
+
+
+def _bool(value: str, where: str) -> bool:
+    v = value.strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise SettingsError(f"{where}: expected true or false, got {value!r}")
+
+
+def _number(value: str, where: str, lo: float, hi: float, *, integer: bool = False) -> float:
+    try:
+        n = int(value) if integer else float(value)
+    except ValueError:
+        kind = "an integer" if integer else "a number"
+        raise SettingsError(f"{where}: expected {kind}, got {value!r}") from None
+    if not lo <= n <= hi:
+        raise SettingsError(f"{where}: {n} is outside [{lo}, {hi}]")
+    return n

@@ -1,0 +1,318 @@
+"""The shard's tenant registry: the one path through which tenants are loaded, updated and unloaded.
+
+Owns `Shard` and `ServedTenant`. Both tenant sources hand `TenantConfig`s to `Shard.sync` (the
+desired set, level-triggered) or report a tenant they could not even parse with `Shard.report`.
+Each tenant loads on its own: a bad module, a token clash or a failed GPU pool gives that tenant a
+status reason and leaves every other tenant untouched; an update that fails keeps the previous
+version serving. Tokens map to tenants through one precomputed dict keyed by the full
+Authorization header value, so the hot path does a single lookup and a token only ever reaches
+its own tenant.
+Must not import aiohttp, wasmtime or cuda (engine/ and accel/ own those).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from tensorwasm.runtime import metrics
+from tensorwasm.runtime.errors import ModuleRejected, RuntimeFault
+from tensorwasm.runtime.modules import ModuleLoader
+from tensorwasm.runtime.tenancy.config import TenantConfig
+from tensorwasm.runtime.tenancy.queue import TenantQueue
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics import Counter, Histogram
+
+    from tensorwasm.runtime.accel.base import Accelerator, AcceleratorHealth, TenantDevice
+    from tensorwasm.runtime.engine import CompiledModule, Engine, TenantInstancePool
+
+log = logging.getLogger(__name__)
+
+# Status reasons (CamelCase, as in status.runtime.reason).
+LOADED = "ModuleLoaded"
+LOADING = "Loading"
+TOKEN_CONFLICT = "TokenConflict"
+MISSING_FUNCTION = "MissingFunction"
+LOAD_FAILED = "LoadFailed"
+
+
+@dataclass(frozen=True)
+class TenantStatus:
+    """What the shard reports for one assigned tenant (status.runtime in Kubernetes)."""
+
+    loaded: bool
+    reason: str
+    message: str = ""
+    generation: int = 0
+    gpu_bytes_in_use: int = 0
+
+
+class ServedTenant:
+    """A loaded tenant: everything the invoke hot path needs, precomputed."""
+
+    def __init__(
+        self,
+        config: TenantConfig,
+        pool: TenantInstancePool,
+        device: TenantDevice | None,
+        queue: TenantQueue,
+        functions: frozenset[str],
+    ) -> None:
+        self.name = config.name
+        self.config = config
+        self.pool = pool
+        self.device = device
+        self.queue = queue
+        self.functions = functions
+        self.max_body_bytes = config.limits.max_body_bytes
+        self.invoke = pool.invoke  # bound once: the worker calls invoke(function, payload)
+        self._counters: dict[tuple[str, str], Counter] = {}
+        self._latency: dict[str, Histogram] = {}
+
+    def counter(self, function: str, outcome: str) -> Counter:
+        """Cached labelled child of tensorwasm_invocations_total."""
+        key = (function, outcome)
+        child = self._counters.get(key)
+        if child is None:
+            child = self._counters[key] = metrics.INVOCATIONS.labels(self.name, function, outcome)
+        return child
+
+    def latency(self, function: str) -> Histogram:
+        child = self._latency.get(function)
+        if child is None:
+            child = self._latency[function] = metrics.INVOKE_SECONDS.labels(self.name, function)
+        return child
+
+    def gpu_bytes_in_use(self) -> int:
+        return self.device.bytes_in_use() if self.device is not None else 0
+
+
+@dataclass
+class Shard:
+    """Tenant registry of one shard process (event-loop side; blocking work goes to threads)."""
+
+    engine: Engine
+    accelerator: Accelerator | None
+    loader: ModuleLoader
+    served: dict[str, ServedTenant] = field(default_factory=dict)
+    by_auth: dict[str, ServedTenant] = field(default_factory=dict)  # "Bearer <token>" -> tenant
+    waiting_auth: dict[str, str] = field(default_factory=dict)  # "Bearer <token>" -> unserved tenant
+    statuses: dict[str, TenantStatus] = field(default_factory=dict)  # every assigned tenant
+    assigned: dict[str, TenantConfig] = field(default_factory=dict)  # last config seen per tenant
+    synced: bool = False  # the source delivered its first full list
+    health_poke: asyncio.Event = field(default_factory=asyncio.Event)  # an invoke saw AcceleratorFailed
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    # --- what the sources call ---
+
+    async def sync(
+        self, configs: Sequence[TenantConfig], failed: Mapping[str, TenantStatus] | None = None
+    ) -> None:
+        """Make the served set equal to `configs`; `failed` are assigned tenants a source could not parse."""
+        failed = failed or {}
+        async with self._lock:
+            wanted = {c.name: c for c in configs}
+            self.assigned = dict(wanted)
+            for name in [n for n in self.statuses if n not in wanted and n not in failed]:
+                await self._unload(name)
+                del self.statuses[name]
+            for name, status in failed.items():
+                # A deleted Secret must revoke access: a refused tenant stops serving.
+                await self._unload(name)
+                self.statuses[name] = status
+                log.warning(
+                    "Refused Tenant name=%s reason=%s message=%s", name, status.reason, status.message
+                )
+            results = await asyncio.gather(*(self._apply(c) for c in wanted.values()), return_exceptions=True)
+            for config, result in zip(wanted.values(), results, strict=True):
+                if isinstance(result, BaseException):  # a bug in one tenant's load path stays there
+                    log.error("Failed loading Tenant name=%s", config.name, exc_info=result)
+                    self.statuses[config.name] = TenantStatus(
+                        False, LOAD_FAILED, f"{type(result).__name__}: {result}", config.generation
+                    )
+            self._rebuild_auth()
+            self.synced = True
+
+    def status(self, name: str) -> TenantStatus | None:
+        """The current report for a tenant, with live GPU bytes."""
+        status = self.statuses.get(name)
+        tenant = self.served.get(name)
+        if status is None or tenant is None:
+            return status
+        return TenantStatus(
+            status.loaded, status.reason, status.message, status.generation, tenant.gpu_bytes_in_use()
+        )
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Ready once the first list is applied, nothing is still loading, and the accelerator is ok.
+
+        A tenant whose module was refused counts as settled: failing readiness for it would take
+        every other tenant on this shard out of its Service.
+        """
+        loading = sorted(n for n, s in self.statuses.items() if s.reason == LOADING)
+        failed = {n: s.reason for n, s in self.statuses.items() if not s.loaded and s.reason != LOADING}
+        health = self.health()
+        ready = self.synced and not loading and (health is None or health.ok)
+        detail: dict[str, Any] = {
+            "ready": ready,
+            "synced": self.synced,
+            "loaded": sorted(self.served),
+            "loading": loading,
+            "failed": failed,
+        }
+        if health is not None:
+            detail["accelerator"] = {"ok": health.ok, "reason": health.reason, "mps": health.mps}
+        return ready, detail
+
+    def health(self) -> AcceleratorHealth | None:
+        return self.accelerator.health() if self.accelerator is not None else None
+
+    def load_report(self) -> Iterator[metrics.TenantLoad]:
+        for name, status in self.statuses.items():
+            t = self.served.get(name)
+            yield metrics.TenantLoad(
+                name, t.queue.depth if t else 0, t.queue.in_flight if t else 0, status.loaded
+            )
+
+    async def close(self) -> None:
+        async with self._lock:
+            for name in list(self.served):
+                await self._unload(name)
+            self.statuses.clear()
+
+    # --- the one load path ---
+
+    async def _apply(self, config: TenantConfig) -> None:
+        name = config.name
+        old = self.served.get(name)
+        if old is not None and old.config == config:
+            return
+        clash = self._token_owner(config)
+        if clash is not None:
+            self._fail(config, TOKEN_CONFLICT, f"the token is already used by tenant {clash}", keep=old)
+            return
+        if old is not None and old.config.same_code(config):
+            missing = _missing(config.functions, old.pool.functions())
+            if missing:
+                self._fail(config, MISSING_FUNCTION, missing, keep=old)
+                return
+            self._install(config, old.pool, old.device, old.queue)
+            return
+        if old is None:
+            self.statuses[name] = TenantStatus(False, LOADING, "fetching module", config.generation)
+        try:
+            module = await self.loader.load(config.module)
+        except ModuleRejected as exc:
+            self._fail(config, str(exc.details.get("reason", "ModuleRejected")), exc.message, keep=old)
+            return
+        if old is not None:
+            await self._unload(name)  # GPU buffers and pool of the old version go before the new opens
+        try:
+            pool, device = await asyncio.to_thread(self._open, config, module)
+        except RuntimeFault as exc:
+            self._fail(config, _reason_of(exc), exc.message, keep=None)
+            return
+        missing = _missing(config.functions, pool.functions())
+        if missing:
+            await asyncio.to_thread(self._close_parts, name, pool, device)
+            self._fail(config, MISSING_FUNCTION, missing, keep=None)
+            return
+        loop = asyncio.get_running_loop()
+        lim = config.limits
+        self._install(config, pool, device, TenantQueue(name, lim.max_concurrency, lim.queue_length, loop))
+
+    def _install(
+        self, config: TenantConfig, pool: TenantInstancePool, device: TenantDevice | None, queue: TenantQueue
+    ) -> None:
+        exported = frozenset(config.functions or pool.functions())
+        tenant = ServedTenant(config, pool, device, queue, exported)
+        self.served[config.name] = tenant
+        self._rebuild_auth()
+        self.statuses[config.name] = TenantStatus(
+            True, LOADED, f"serving {len(exported)} function(s)", config.generation
+        )
+        log.info(
+            "Loaded Tenant name=%s generation=%d sha256=%s",
+            config.name,
+            config.generation,
+            config.module.sha256[:12],
+        )
+
+    def _open(
+        self, config: TenantConfig, module: CompiledModule
+    ) -> tuple[TenantInstancePool, TenantDevice | None]:
+        from tensorwasm.runtime.engine import GuestLimits, TenantInstancePool
+
+        lim = config.limits
+        device = None
+        if self.accelerator is not None:
+            device = self.accelerator.open_tenant(
+                config.name, lim.gpu_memory_bytes, dict(config.kernels) or None
+            )
+        limits = GuestLimits(
+            memory_bytes=lim.linear_memory_bytes,
+            timeout_s=lim.timeout_ms / 1000,
+            max_instances=lim.max_concurrency,
+        )
+        try:
+            return TenantInstancePool(self.engine, module, limits, device, config.name), device
+        except BaseException:
+            if self.accelerator is not None:
+                self.accelerator.close_tenant(config.name)
+            raise
+
+    async def _unload(self, name: str) -> None:
+        tenant = self.served.pop(name, None)
+        if tenant is None:
+            return
+        self._rebuild_auth()  # no new request reaches it from here on
+        tenant.queue.close()
+        await tenant.queue.drain()
+        await asyncio.to_thread(self._close_parts, name, tenant.pool, tenant.device)
+        log.info("Unloaded Tenant name=%s", name)
+
+    def _close_parts(self, name: str, pool: TenantInstancePool, device: TenantDevice | None) -> None:
+        pool.close()
+        if device is not None and self.accelerator is not None:
+            self.accelerator.close_tenant(name)
+
+    def _fail(self, config: TenantConfig, reason: str, message: str, keep: ServedTenant | None) -> None:
+        if keep is not None:
+            message = f"{message}; still serving generation {keep.config.generation}"
+        self.statuses[config.name] = TenantStatus(
+            keep is not None, reason, message, keep.config.generation if keep else config.generation
+        )
+        log.warning("Refused Tenant name=%s reason=%s message=%s", config.name, reason, message)
+
+    def _token_owner(self, config: TenantConfig) -> str | None:
+        for other in self.served.values():
+            if other.name != config.name and other.config.token == config.token:
+                return other.name
+        return None
+
+    def _rebuild_auth(self) -> None:
+        # Replaced wholesale, never mutated: a request reading the old dict sees a consistent view.
+        self.by_auth = {f"Bearer {t.config.token}": t for t in self.served.values()}
+        self.waiting_auth = {
+            f"Bearer {c.token}": c.name
+            for c in self.assigned.values()
+            if c.name not in self.served and f"Bearer {c.token}" not in self.by_auth
+        }
+
+
+def _missing(wanted: Iterable[str], exported: Iterable[str]) -> str:
+    missing = sorted(set(wanted) - set(exported))
+    if not missing:
+        return ""
+    return f"function(s) {', '.join(missing)} not exported by the module (it exports {sorted(exported)})"
+
+
+def _reason_of(exc: RuntimeFault) -> str:
+    reason = exc.details.get("reason")
+    if isinstance(reason, str):
+        return reason
+    return "".join(part.capitalize() for part in exc.kind.split("_"))

@@ -1,0 +1,147 @@
+"""Per-tenant admission: max concurrency, a bounded queue, and the worker threads that run invokes.
+
+Owns `TenantQueue`. One tenant's invokes run on that tenant's own worker threads (at most
+`max_concurrency` of them), so a runaway guest can only ever hold its own tenant's slots; at most
+`queue_length` more wait, and anything beyond is refused at once with `QueueFull(retry_after_s)`.
+This is also the thread hop that keeps blocking wasm/CUDA work off the event loop: one SimpleQueue
+put and one `call_soon_threadsafe` per invoke, no concurrent.futures machinery.
+`submit` and every counter are touched on the event-loop thread only; workers hand results back.
+Must not import wasmtime, cuda or aiohttp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import queue
+import threading
+from collections.abc import Callable
+from time import perf_counter
+from typing import Any
+
+from tensorwasm.runtime.errors import QueueFull
+
+# Start the service-time estimate at 10 ms so the first Retry-After is not zero.
+_INITIAL_SERVICE_S = 0.010
+_EWMA_WEIGHT = 0.1
+
+Job = tuple[Callable[[Any, Any], Any], Any, Any, "asyncio.Future[Any]"]
+
+
+class TenantQueue:
+    """Bounded admission plus a private worker pool for one tenant (event-loop side API)."""
+
+    def __init__(
+        self,
+        tenant: str,
+        max_concurrency: int,
+        queue_length: int,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        if max_concurrency < 1 or queue_length < 0:
+            raise ValueError("max_concurrency must be >= 1 and queue_length >= 0")
+        self.tenant = tenant
+        self.max_concurrency = max_concurrency
+        self.queue_length = queue_length
+        self._capacity = max_concurrency + queue_length
+        self._loop = loop
+        self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._workers: list[threading.Thread] = []
+        self._outstanding = 0  # admitted and not yet finished (running + waiting)
+        self._service_s = _INITIAL_SERVICE_S
+        self._idle: asyncio.Future[None] | None = None
+        self._closed = False
+        self.rejected = 0
+
+    @property
+    def outstanding(self) -> int:
+        return self._outstanding
+
+    @property
+    def in_flight(self) -> int:
+        return min(self._outstanding, self.max_concurrency)
+
+    @property
+    def depth(self) -> int:
+        """Invokes admitted but waiting for a worker."""
+        return max(0, self._outstanding - self.max_concurrency)
+
+    def retry_after_s(self) -> float:
+        """When a slot is likely free again: the queue ahead drained at the observed service rate."""
+        return (self.depth + 1) * self._service_s / self.max_concurrency
+
+    def submit(self, fn: Callable[[Any, Any], Any], a: Any, b: Any) -> asyncio.Future[Any]:
+        """Run `fn(a, b)` on a worker thread; raises QueueFull when the tenant is at capacity."""
+        if self._outstanding >= self._capacity or self._closed:
+            self.rejected += 1
+            retry = self.retry_after_s()
+            raise QueueFull(
+                f"tenant {self.tenant} has {self.in_flight} invokes running and {self.depth} queued",
+                retry_after_s=round(max(retry, 0.001), 3),
+                max_concurrency=self.max_concurrency,
+                queue_length=self.queue_length,
+            )
+        self._outstanding += 1
+        if len(self._workers) < self._outstanding and len(self._workers) < self.max_concurrency:
+            self._spawn()
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        self._jobs.put((fn, a, b, fut))
+        return fut
+
+    async def drain(self) -> None:
+        """Wait until every admitted invoke has finished (new ones may still be admitted)."""
+        while self._outstanding:
+            if self._idle is None:
+                self._idle = self._loop.create_future()
+            await asyncio.shield(self._idle)
+
+    def close(self) -> None:
+        """Refuse new work and let the workers exit once the queue ahead of them is done."""
+        self._closed = True
+        for _ in self._workers:
+            self._jobs.put(None)
+        self._workers.clear()
+
+    def _spawn(self) -> None:
+        t = threading.Thread(
+            target=self._work, name=f"invoke-{self.tenant}-{len(self._workers)}", daemon=True
+        )
+        self._workers.append(t)
+        t.start()
+
+    def _work(self) -> None:
+        get, hand_back = self._jobs.get, self._loop.call_soon_threadsafe
+        done = self._done
+        while True:
+            job = get()
+            if job is None:
+                return
+            fn, a, b, fut = job
+            error: BaseException | None = None
+            start = perf_counter()
+            try:
+                # A request cancelled while queued (client gone) does not get run.
+                result = None if fut.cancelled() else fn(a, b)
+            except BaseException as exc:  # handed to the awaiting request, never lost
+                result, error = None, exc
+            try:
+                hand_back(done, fut, result, error, perf_counter() - start)
+            except RuntimeError:  # the loop is closed: the process is shutting down
+                return
+
+    def _done(self, fut: asyncio.Future[Any], result: Any, error: BaseException | None, took: float) -> None:
+        self._outstanding -= 1
+        self._service_s += _EWMA_WEIGHT * (took - self._service_s)
+        if not fut.done():  # a client that went away cancelled it; the slot is freed all the same
+            if error is None:
+                fut.set_result(result)
+            else:
+                fut.set_exception(error)
+        if not self._outstanding and self._idle is not None:
+            self._idle.set_result(None)
+            self._idle = None
+
+
+def retry_after_header(seconds: float) -> str:
+    """Retry-After carries whole seconds; never advertise 0 (clients would hammer)."""
+    return str(max(1, math.ceil(seconds)))
