@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,26 +106,29 @@ def capture_snapshot(
             watch.lap("barrier")
         # The tenant runs again from here; encoding reads only the staged copies.
         gpu = {h: stage[off : off + n] for (h, n), off in zip(sizes.items(), offsets, strict=False)}
-        result = _encode_and_commit(
-            store, watch, tenant_uid=tenant_uid, module_sha256=module_sha256, generation=generation,
+        result = write_snapshot(
+            store,
+            watch, tenant_uid=tenant_uid, module_sha256=module_sha256, generation=generation,
             memory=memory, globals_=globals_, gpu=gpu, tenant=tenant, chunk_size=chunk_size,
         )  # fmt: skip
     return result
 
 
-def _encode_and_commit(
+def write_snapshot(
     store: SnapshotStore,
-    watch: Stopwatch,
+    watch: Stopwatch | None = None,
     *,
     tenant_uid: str,
     module_sha256: str,
     generation: int,
     memory: bytes | memoryview,
     globals_: list[codec.GlobalValue],
-    gpu: dict[int, memoryview],
-    tenant: str,
-    chunk_size: int,
+    gpu: Mapping[int, bytes | bytearray | memoryview],
+    tenant: str = "",
+    chunk_size: int = codec.DEFAULT_CHUNK_SIZE,
 ) -> CaptureResult:
+    """Encode host copies of a tenant's state on the worker threads and commit them atomically."""
+    watch = watch or Stopwatch()
     regions = codec.plan_regions(memory, globals_, gpu)
     with store.begin(tenant_uid) as pending:
         writer = _ChunkWriter(pending)
