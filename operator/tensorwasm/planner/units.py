@@ -23,7 +23,7 @@ _BYTE_UNITS: dict[str, float] = {
 _SECOND_UNITS: dict[str, float] = {
     "ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0,
 }  # fmt: skip
-_NUMBER_UNIT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-zµ/]*)\s*$")
+_NUMBER_UNIT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-zµ/%]*)\s*$")
 
 
 def _split(field: str, text: str | int | float) -> tuple[float, str]:
@@ -123,5 +123,5 @@ def format_bytes(value: float) -> str:
 def format_seconds(value: float) -> str:
     for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
         if value >= scale:
-            return f"{value / scale:g}{unit}"
-    return f"{value / 1e-9:g}ns"
+            return f"{value / scale:.4g}{unit}"
+    return f"{value / 1e-9:.4g}ns"
