@@ -161,8 +161,10 @@ class Engine:
         if not path.is_file():
             return None, False
         try:
-            return wasmtime.Module.deserialize_file(self._wt, str(path)), True
-        except wasmtime.WasmtimeError as exc:
+            # Read into memory rather than mmap the file: a cache file truncated underneath a loaded
+            # module would otherwise crash the shard with SIGBUS.
+            return wasmtime.Module.deserialize(self._wt, path.read_bytes()), True
+        except (wasmtime.WasmtimeError, OSError) as exc:
             # A torn or foreign artifact is not fatal: drop it and compile again.
             log.warning("Discarded cached module path=%s reason=%s", path, _first_line(exc))
             path.unlink(missing_ok=True)

@@ -67,7 +67,7 @@ class WarmInstance:
         memory = exports[abi.MEMORY_EXPORT]
         self.mem = lowlevel.address(memory._memory)
         self.base = lowlevel.memory_data(ctx, self.mem)
-        self.size = lowlevel.memory_data_size(ctx, self.mem)
+        self.size: int = lowlevel.memory_data_size(ctx, self.mem)
         self.funcs = {name: lowlevel.address(exports[name]._func) for name in module.functions}
         self.alloc = lowlevel.address(exports[abi.ALLOC_EXPORT]._func)
         self.init = lowlevel.address(exports[abi.INIT_EXPORT]._func) if module.has_init else 0

@@ -82,7 +82,9 @@ class TenantInstancePool:
     def functions(self) -> list[str]:
         return list(self.module.functions)
 
-    def invoke(self, function: str, payload: bytes, timeout_s: float | None = None) -> bytes:
+    def invoke(
+        self, function: str, payload: bytes | bytearray | memoryview, timeout_s: float | None = None
+    ) -> bytes:
         """Run `function(payload)` on a warm instance. Blocking; raises RuntimeFault subclasses."""
         if function not in self._functions:
             raise NotFound(

@@ -1,0 +1,48 @@
+"""Helpers shared by the engine tests: compile a fixture or inline WAT and build a pool."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tensorwasm.runtime.engine import CompiledModule, Engine, GuestLimits, TenantInstancePool
+from tensorwasm.runtime.errors import RuntimeFault
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+
+# Minimal ABI v1 prelude for inline test guests: memory + a constant allocator.
+PRELUDE = '(memory (export "memory") 1) (func (export "tw_alloc") (param i32) (result i32) (i32.const 1024))'
+
+
+def compile_bytes(engine: Engine, data: bytes) -> CompiledModule:
+    return engine.compile(data, hashlib.sha256(data).hexdigest())
+
+
+def fixture(engine: Engine, name: str) -> CompiledModule:
+    return compile_bytes(engine, (FIXTURES / f"{name}.wat").read_bytes())
+
+
+def inline(engine: Engine, body: str, imports: str = "") -> CompiledModule:
+    return compile_bytes(engine, f"(module {imports} {PRELUDE} {body})".encode())
+
+
+def in_thread(fn: Callable[[], object], done: list[str], tag: str) -> threading.Thread:
+    """Start `fn` in a thread; append `tag` (and the error kind, if any) to `done` when it ends."""
+
+    def run() -> None:
+        try:
+            fn()
+            done.append(tag)
+        except RuntimeFault as exc:
+            done.append(f"{tag}:{exc.kind}")
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def pool(engine: Engine, module: CompiledModule, device: Any = None, **limits: Any) -> TenantInstancePool:
+    return TenantInstancePool(engine, module, GuestLimits(**limits), device=device, tenant_id="test")
