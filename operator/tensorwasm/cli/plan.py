@@ -43,6 +43,7 @@ _WORKLOAD_FLAGS: tuple[tuple[str, str], ...] = (
 def register(subparsers: Any) -> None:
     plan = subparsers.add_parser(
         "plan",
+        allow_abbrev=False,  # "plan llm --gpu" must not read as an abbreviation of "plan --gpu-time-..."
         help="size hosts for tenants (SKU advice, curves), LLM KV-cache budgets, goodput",
         description="Size a host for N tenants against the capacity model. Sizes and times need units.",
     )
@@ -67,7 +68,9 @@ def register(subparsers: Any) -> None:
     sub = plan.add_subparsers(dest="plan_command", metavar="MODE")
 
     llm = sub.add_parser(
-        "llm", help="KV-cache budget, blocks, max concurrency and decode roofline for an LLM"
+        "llm",
+        allow_abbrev=False,
+        help="KV-cache budget, blocks, max concurrency and decode roofline for an LLM",
     )
     llm.add_argument(
         "--model", help="preset: Llama-2-7B, Llama-2-70B, Llama-3-8B, Llama-3-70B, Mistral-7B, Qwen2-7B"
@@ -98,7 +101,9 @@ def register(subparsers: Any) -> None:
     llm.add_argument("--json", action="store_true", help="print JSON instead of tables")
     llm.set_defaults(handler=run_llm)
 
-    good = sub.add_parser("goodput", help="highest load meeting p95/p99 targets, and replicas with reserve")
+    good = sub.add_parser(
+        "goodput", allow_abbrev=False, help="highest load meeting p95/p99 targets, and replicas with reserve"
+    )
     good.add_argument("--curve", type=Path, help="latency-vs-load curve: CSV or JSON (see docs)")
     good.add_argument(
         "--bench-results", type=Path, help="use the first results file in DIR that holds a curve"
