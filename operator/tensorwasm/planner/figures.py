@@ -73,7 +73,7 @@ class Formula:
             "required": self.required.to_json(),
             "available": self.available.to_json(),
             "headroom": self.headroom,
-            "utilisation": round(self.utilisation, 4),
+            "utilisation": round(self.utilisation, 4) if self.utilisation != math_inf() else None,
             "fits": self.fits,
             "notes": list(self.notes),
         }

@@ -31,7 +31,8 @@ def show(value: float, unit: str) -> str:
         return format_seconds(value)
     if unit == "fraction":
         return f"{value:.0%}"
-    return f"{value:,.4g} {unit}".rstrip()
+    text = f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+    return f"{text} {unit}".rstrip()
 
 
 def _fig(f: Figure) -> str:
