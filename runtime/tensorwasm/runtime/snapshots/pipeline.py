@@ -66,36 +66,35 @@ def parallel_copy(dst: memoryview, src: bytes | memoryview, piece: int = 4 << 20
 
 
 class StagingCache:
-    """One reusable staging buffer per accelerator (or for no accelerator); busy → a temporary one."""
+    """One staging buffer per accelerator, used by one capture/restore at a time.
+
+    `Accelerator.pinned_buffer` hands every caller the same grown-on-demand region, so users of one
+    accelerator must take turns; the lock is per accelerator, so other devices do not wait.
+    Lock order everywhere: the tenant's quiesce barrier first, then staging (no cycle).
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._free: dict[int, tuple[object, memoryview]] = {}
+        self._turns: dict[int, threading.Lock] = {}
+        self._host: dict[int, memoryview] = {}
 
     @contextlib.contextmanager
     def acquire(self, accelerator: Accelerator | None, nbytes: int) -> Iterator[memoryview]:
         key = id(accelerator)
         with self._lock:
-            held = self._free.pop(key, None)
-        buf = _allocate(accelerator, nbytes) if held is None or len(held[1]) < nbytes else held[1]
-        try:
+            turn = self._turns.setdefault(key, threading.Lock())
+        with turn:
+            if accelerator is not None:
+                yield accelerator.pinned_buffer(max(nbytes, 1)).cast("B")[:nbytes]
+                return
+            buf = self._host.get(key)
+            if buf is None or len(buf) < nbytes:
+                buf = self._host[key] = memoryview(bytearray(max(nbytes, 1)))
             yield buf[:nbytes]
-        finally:
-            with self._lock:
-                current = self._free.get(key)
-                if current is None or len(current[1]) < len(buf):
-                    self._free[key] = (accelerator, buf)  # keep the accelerator alive with its buffer
 
     def clear(self) -> None:
         with self._lock:
-            self._free.clear()
-
-
-def _allocate(accelerator: Accelerator | None, nbytes: int) -> memoryview:
-    size = max(nbytes, 1)
-    if accelerator is not None:
-        return accelerator.pinned_buffer(size).cast("B")
-    return memoryview(bytearray(size))
+            self._host.clear()
 
 
 STAGING = StagingCache()

@@ -77,6 +77,24 @@ def check_binding(
         )
 
 
+def check_pool(pool: SnapshotPool, memory_bytes: int, globals_: list[codec.GlobalValue]) -> None:
+    """What the engine would refuse in restore_state, checked before the GPU side changes anything."""
+    limit = getattr(getattr(pool, "limits", None), "memory_bytes", None)
+    if isinstance(limit, int) and memory_bytes > limit:
+        raise SnapshotRejected(
+            f"snapshot wasm memory is {memory_bytes} bytes, over the tenant's linear memory limit {limit}",
+            reason="OverCap",
+        )
+    floor = getattr(getattr(pool, "module", None), "min_memory_bytes", None)
+    if isinstance(floor, int) and memory_bytes < floor:
+        raise SnapshotRejected(f"snapshot wasm memory of {memory_bytes} bytes is below the module's {floor}")
+    current = pool.capture_state()  # the baseline; reentrant inside the barrier
+    want = sorted((name, vt) for name, vt, _ in current.globals)
+    got = sorted((name, vt) for name, vt, _ in globals_)
+    if want != got:
+        raise SnapshotRejected(f"snapshot globals {got} do not match the module's mutable globals {want}")
+
+
 def restore_snapshot(
     path: Path,
     *,
@@ -137,7 +155,8 @@ def _load(
     memory_region = m.region("wasm_memory")
     targets = [*gpu_regions, memory_region]
     offsets = layout([r.size for r in targets])
-    with STAGING.acquire(accelerator, offsets[-1]) as stage, pool.quiesce():
+    with pool.quiesce(), STAGING.acquire(accelerator, offsets[-1]) as stage:
+        check_pool(pool, memory_region.size, globals_)
         if device is not None:
             try:
                 device.restore_buffers(m.gpu_buffers())  # all-or-nothing: the first state change
