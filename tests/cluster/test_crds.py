@@ -1,0 +1,96 @@
+"""The Tenant and Snapshot CRDs as the real API server enforces and prints them (no operator)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from .conftest import SHA, tenant_manifest
+
+
+def apply(kube: Any, namespace: str, manifest: dict[str, Any]) -> tuple[int, str]:
+    proc = kube.run_kubectl("apply", "-n", namespace, "-f", "-", input_text=json.dumps(manifest))
+    return proc.returncode, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"module": {"sha256": SHA}}, "exactly one of module.configMapRef or module.url must be set"),
+        (
+            {"module": {"url": "https://x/m.wasm", "configMapRef": {"name": "m"}, "sha256": SHA}},
+            "exactly one of module.configMapRef or module.url must be set",
+        ),
+        (
+            {"module": {"url": "https://x/m.wasm", "sha256": "ABC"}},
+            "must be exactly 64 lowercase hexadecimal",
+        ),
+        ({"module": {"url": "ftp://x/m.wasm", "sha256": SHA}}, "module.url must be an absolute http"),
+        ({"module": {"url": "https://x/m.wasm"}}, "spec.module.sha256: Required value"),
+        ({"functions": []}, "spec.functions: Invalid value"),
+        ({"limits": {"gpuMemory": "lots"}}, "spec.limits.gpuMemory"),
+        ({"limits": {"timeoutMs": 0}}, "spec.limits.timeoutMs"),
+        ({"gpu": {"smPercent": 150}}, "spec.gpu.smPercent"),
+        (
+            {"snapshot": {"policy": "Periodic"}},
+            "intervalSeconds is required when snapshot.policy is Periodic",
+        ),
+        ({"snapshot": {"policy": "Sometimes"}}, 'supported values: "Manual", "OnMove", "Periodic"'),
+    ],
+)
+def test_invalid_tenants_are_refused_with_readable_messages(
+    kube: Any, namespace: str, spec: dict[str, Any], message: str
+) -> None:
+    rc, err = apply(kube, namespace, tenant_manifest("bad", **spec))
+    assert rc != 0
+    assert message in err, err
+
+
+def test_tenant_name_must_fit_a_service_name(kube: Any, namespace: str) -> None:
+    rc, err = apply(kube, namespace, tenant_manifest("x" * 61))
+    assert rc != 0 and "at most 60 characters" in err
+
+
+def test_defaults_are_filled_and_columns_print(kube: Any, namespace: str) -> None:
+    rc, err = apply(kube, namespace, tenant_manifest("alpha", limits={"gpuMemory": "256Mi"}))
+    assert rc == 0, err
+    got = json.loads(kube.kubectl("get", "twt", "alpha", "-n", namespace, "-o", "json"))
+    assert got["spec"]["limits"] == {
+        "gpuMemory": "256Mi",
+        "linearMemory": "64Mi",
+        "timeoutMs": 1000,
+        "maxConcurrency": 4,
+        "queueLength": 64,
+        "maxBodyBytes": "1Mi",
+    }
+    header = kube.kubectl("get", "tenants", "-n", namespace).splitlines()[0].split()
+    assert header == ["NAME", "PHASE", "SHARD", "GPU-CAP", "GPU-USED", "READY", "AGE"]
+    row = kube.kubectl("get", "tenants", "-n", namespace).splitlines()[1].split()
+    assert row[0] == "alpha" and "256Mi" in row
+
+
+def test_snapshot_columns_and_immutable_tenant(kube: Any, namespace: str) -> None:
+    snap = {"apiVersion": "tensorwasm.io/v1alpha1", "kind": "Snapshot", "metadata": {"name": "s1"},
+            "spec": {"tenant": "alpha"}}  # fmt: skip
+    assert apply(kube, namespace, snap)[0] == 0
+    header = kube.kubectl("get", "tws", "-n", namespace).splitlines()[0].split()
+    assert header == ["NAME", "TENANT", "PHASE", "SIZE", "STORED", "AGE"]
+    snap["spec"] = {"tenant": "beta"}
+    rc, err = apply(kube, namespace, snap)
+    assert rc != 0 and "spec.tenant is immutable" in err
+
+
+def test_samples_are_accepted(kube: Any, namespace: str) -> None:
+    from pathlib import Path
+
+    samples = sorted((Path(__file__).resolve().parents[2] / "crds" / "samples").glob("*.yaml"))
+    assert samples
+    for sample in samples:
+        kube.kubectl("apply", "--dry-run=server", "-n", namespace, "-f", str(sample))
+
+
+def test_explain_has_descriptions(kube: Any) -> None:
+    out = kube.kubectl("explain", "tenants.spec.limits.gpuMemory")
+    assert "accounting only" in out
