@@ -28,7 +28,7 @@ FIGURE_NAMES: dict[str, tuple[str, ...]] = {
     "invoke_p95": ("invoke_p95", "http_invoke_p95"),
     "invoke_p99": ("invoke_p99", "http_invoke_p99"),
     "gpu_invoke_p95": ("gpu_invoke_p95", "invoke_gpu_p95"),
-    "gpu_time_per_request": ("gpu_time_per_request", "launch_plus_sync_p50"),
+    "gpu_time_per_request": ("gpu_time_per_request", "launch_sync_p50", "launch_plus_sync_p50"),
     "context_overhead": ("cuda_context", "context_overhead"),
     "mps_client_overhead": ("mps_client_overhead", "mps_context"),
     "memory_bandwidth": ("memory_bandwidth", "membw", "hbm_bandwidth"),
