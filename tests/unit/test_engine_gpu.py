@@ -86,6 +86,9 @@ def test_host_errors_are_negative_codes_with_a_readable_last_error(
     code = struct.unpack_from("<i", out)[0]
     assert code == -3
     assert out[4:].decode().startswith("gpu_memory_exhausted: GPU allocation of 4294967296 bytes refused")
+    out = pool(engine, m, device=None).invoke("try_alloc", b"")
+    assert struct.unpack_from("<i", out)[0] == -6
+    assert out[4:].decode() == "bad_request: tenant 'test' has no GPU access"
 
 
 def test_unknown_kernel_is_an_invalid_launch(engine: Engine, accel: CpuAccelerator) -> None:

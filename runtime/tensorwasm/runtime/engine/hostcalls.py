@@ -30,7 +30,13 @@ from tensorwasm.runtime.errors import (
 
 log = logging.getLogger("tensorwasm.guest")
 
+
+class _NoDevice(BadRequest):
+    """The pool was created without a TenantDevice."""
+
+
 _CODES: tuple[tuple[type[RuntimeFault], int], ...] = (
+    (_NoDevice, abi.E_NO_DEVICE),
     (GpuMemoryExhausted, abi.E_GPU_MEMORY),
     (InvalidKernelLaunch, abi.E_LAUNCH),
     (AcceleratorFailed, abi.E_ACCELERATOR),
@@ -72,10 +78,6 @@ class GuestContext:
         if self.device is None:
             raise _NoDevice(f"tenant {self.tenant_id!r} has no GPU access")
         return self.device
-
-
-class _NoDevice(BadRequest):
-    """The pool was created without a TenantDevice."""
 
 
 # Store context address -> GuestContext, so one linker serves every store of the engine.

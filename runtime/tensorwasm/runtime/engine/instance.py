@@ -25,6 +25,8 @@ from tensorwasm.runtime.errors import (
 )
 
 _memmove = ctypes.memmove
+_copy = lowlevel.memmove_quick
+_QUICK = lowlevel.QUICK_COPY_BYTES
 _string_at = ctypes.string_at
 _U32 = 0xFFFF_FFFF
 _TRAP_STACK_OVERFLOW = 0
@@ -96,16 +98,17 @@ class WarmInstance:
         self.host.fault = None
         lowlevel.set_epoch_deadline(ctx, ticks)
         n = len(payload)
-        q[0] = n
-        err = lowlevel.func_call_unchecked(ctx, self.alloc, slots, 2, self._trap_addr)
-        if err or self._trap.value:
-            raise self._failure(err)
-        ptr = q[0] & _U32
-        if n:
+        ptr = 0
+        if n:  # empty input: the guest gets (0, 0) and tw_alloc is not called
+            q[0] = n
+            err = lowlevel.func_call_unchecked(ctx, self.alloc, slots, 2, self._trap_addr)
+            if err or self._trap.value:
+                raise self._failure(err)
+            ptr = q[0] & _U32
             if ptr == 0:
                 raise self._alloc_failed(n)
             self._check(ptr, n, "tw_alloc returned")
-            _memmove(self.base + ptr, payload, n)
+            (_copy if n <= _QUICK else _memmove)(self.base + ptr, payload, n)
         q[0] = ptr
         q[2] = n
         err = lowlevel.func_call_unchecked(ctx, func, slots, 2, self._trap_addr)
@@ -135,7 +138,7 @@ class WarmInstance:
         self.size = lowlevel.memory_data_size(ctx, self.mem)
         if self.size != len(self._baseline):
             return False  # memory cannot shrink: a fresh instance is the only honest reset
-        _memmove(self.base, self._baseline, self.size)
+        (_copy if self.size <= _QUICK else _memmove)(self.base, self._baseline, self.size)
         return True
 
     # --- baseline (pool setup, snapshots) ---

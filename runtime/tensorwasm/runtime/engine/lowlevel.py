@@ -11,17 +11,20 @@ Only engine/ imports this module; it must not import the accelerator.
 from __future__ import annotations
 
 import ctypes
-from ctypes import c_bool, c_size_t, c_uint64, c_void_p
+from ctypes import c_size_t, c_uint64, c_void_p
 from typing import Any
 
 from wasmtime import Trap, WasmtimeError
 from wasmtime import _ffi as ffi
 
-_lib = ctypes.CDLL(ffi.dll._name)
+_lib = ctypes.CDLL(ffi.dll._name)  # releases the GIL: for calls that run guest code
+# Holds the GIL: for tiny accessors, so a hot-path call does not hand the GIL to another thread
+# (the epoch ticker, other invokes) and wait to get it back. Never for anything that runs wasm.
+_quick = ctypes.PyDLL(ffi.dll._name)
 
 
-def _fn(name: str, restype: Any, *argtypes: Any) -> Any:
-    f = getattr(_lib, name)
+def _fn(name: str, restype: Any, *argtypes: Any, lib: Any = _lib) -> Any:
+    f = getattr(lib, name)
     f.restype = restype
     f.argtypes = list(argtypes)
     return f
@@ -31,15 +34,15 @@ def _fn(name: str, restype: Any, *argtypes: Any) -> Any:
 func_call_unchecked = _fn(
     "wasmtime_func_call_unchecked", c_void_p, c_void_p, c_void_p, c_void_p, c_size_t, c_void_p
 )
-set_epoch_deadline = _fn("wasmtime_context_set_epoch_deadline", None, c_void_p, c_uint64)
-increment_epoch = _fn("wasmtime_engine_increment_epoch", None, c_void_p)
-memory_data = _fn("wasmtime_memory_data", c_void_p, c_void_p, c_void_p)
-memory_data_size = _fn("wasmtime_memory_data_size", c_size_t, c_void_p, c_void_p)
+set_epoch_deadline = _fn("wasmtime_context_set_epoch_deadline", None, c_void_p, c_uint64, lib=_quick)
+increment_epoch = _fn("wasmtime_engine_increment_epoch", None, c_void_p, lib=_quick)
+memory_data = _fn("wasmtime_memory_data", c_void_p, c_void_p, c_void_p, lib=_quick)
+memory_data_size = _fn("wasmtime_memory_data_size", c_size_t, c_void_p, c_void_p, lib=_quick)
 # (context, memory*, delta pages, prev_size*) -> error*
 memory_grow = _fn("wasmtime_memory_grow", c_void_p, c_void_p, c_void_p, c_uint64, c_void_p)
-global_get = _fn("wasmtime_global_get", None, c_void_p, c_void_p, c_void_p)
-global_set = _fn("wasmtime_global_set", c_void_p, c_void_p, c_void_p, c_void_p)
-caller_context = _fn("wasmtime_caller_context", c_void_p, c_void_p)
+global_get = _fn("wasmtime_global_get", None, c_void_p, c_void_p, c_void_p, lib=_quick)
+global_set = _fn("wasmtime_global_set", c_void_p, c_void_p, c_void_p, c_void_p, lib=_quick)
+caller_context = _fn("wasmtime_caller_context", c_void_p, c_void_p, lib=_quick)
 linker_define_func_unchecked = _fn(
     "wasmtime_linker_define_func_unchecked",
     c_void_p,
@@ -54,7 +57,11 @@ linker_define_func_unchecked = _fn(
     c_void_p,
 )
 trap_new = _fn("wasmtime_trap_new", c_void_p, ctypes.c_char_p, c_size_t)
-_ = c_bool  # keep the import list honest for future bool-returning calls
+# libc memmove without releasing the GIL, for copies small enough that a GIL hand-off costs more.
+memmove_quick = ctypes.PYFUNCTYPE(c_void_p, c_void_p, c_void_p, c_size_t)(
+    int(ctypes.cast(ctypes.memmove, c_void_p).value or 0)
+)
+QUICK_COPY_BYTES = 256 << 10
 
 ValRaw = ffi.wasmtime_val_raw_t  # 16-byte union
 Val = ffi.wasmtime_val_t  # {kind u8, union}

@@ -95,9 +95,12 @@ class TenantInstancePool:
         else:
             ticks, wait = self.engine.ticks_for(timeout_s), timeout_s
         try:
-            inst = self._idle.get(timeout=wait)
+            inst = self._idle.get_nowait()
         except queue.Empty:
-            raise DeadlineExceeded(f"no warm instance became free within {wait} s") from None
+            try:
+                inst = self._idle.get(timeout=wait)
+            except queue.Empty:
+                raise DeadlineExceeded(f"no warm instance became free within {wait} s") from None
         if inst is None:
             self._idle.put(None)  # wake the next waiter too
             raise TenantNotReady("the tenant's instance pool is closed")
