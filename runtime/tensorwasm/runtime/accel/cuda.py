@@ -77,10 +77,13 @@ _htod_async = cu.cuMemcpyHtoDAsync
 _dtoh_async = cu.cuMemcpyDtoHAsync
 _stream_sync = cu.cuStreamSynchronize
 _launch_kernel = cu.cuLaunchKernel
+# ctypes per parameter class; ctypes wraps an i32/i64 value into a b32/b64 slot bit for bit.
 _CTYPES: dict[str, Any] = {
-    "buffer": ctypes.c_uint64,
+    "ptr": ctypes.c_uint64,
+    "b64": ctypes.c_uint64,
     "u64": ctypes.c_uint64,
     "i64": ctypes.c_int64,
+    "b32": ctypes.c_uint32,
     "u32": ctypes.c_uint32,
     "i32": ctypes.c_int32,
     "f32": ctypes.c_float,
@@ -141,10 +144,11 @@ class _Kernel:
     sig: KernelSignature
     func: Any  # CUfunction
     limits: LaunchLimits
+    ctypes: tuple[Any, ...]
 
 
-# A buffer: (CUdeviceptr, size, charged bytes, device address as int)
-_Buf = tuple[Any, int, int, int]
+# A buffer: (CUdeviceptr, size asked for, charged bytes = bytes taken from the pool)
+_Buf = tuple[Any, int, int]
 
 
 class CudaTenantDevice:
@@ -163,6 +167,8 @@ class CudaTenantDevice:
         self.tenant_id = tenant_id
         self.cap_bytes = cap_bytes
         self._acc = acc
+        self._tls = acc.tls
+        self._ready = True  # False once closed or once the context is poisoned: one check per call
         self._cap = GpuCap(cap_bytes, acc.granularity)
         self._pool = pool
         self._stream = stream
@@ -208,40 +214,51 @@ class CudaTenantDevice:
     def bytes_in_use(self) -> int:
         return self._cap.current
 
-    # -- hot path --
+    # -- hot path: every line here is paid on each call (see bench/bench_gpu.py) --
+    def _not_ready(self) -> NoReturn:
+        if self._acc.poison_reason:
+            raise AcceleratorFailed(self._acc.poison_reason)
+        raise closed(self.tenant_id)
+
     def _enter(self) -> None:
-        acc = self._acc
-        if acc.poison_reason:
-            raise AcceleratorFailed(acc.poison_reason)
-        if self._closed:
-            raise closed(self.tenant_id)
-        if not getattr(acc.tls, "bound", False):
-            acc.bind_thread()
+        if not self._ready:
+            self._not_ready()
+        try:
+            self._tls.bound  # noqa: B018 - set once per thread by bind_thread()
+        except AttributeError:
+            self._acc.bind_thread()
 
     def alloc(self, nbytes: int) -> int:
-        self._enter()
+        if not self._ready:
+            self._not_ready()
+        try:
+            self._tls.bound  # noqa: B018
+        except AttributeError:
+            self._acc.bind_thread()
         try:
             charged = self._cap.reserve(nbytes)
         except GpuMemoryExhausted:
             metrics.count_gpu_refusal(self.tenant_id, "host")
             raise
-        err, dptr = _alloc_async(nbytes, self._pool, self._stream)
+        # Ask the pool for whole pages: the driver's used bytes then equal the host counter exactly.
+        err, dptr = _alloc_async(charged, self._pool, self._stream)
         if err:
-            dptr = self._alloc_retry(nbytes, charged, err)
+            dptr = self._alloc_retry(charged, err)
         handle = next(self._ids)
-        self._bufs[handle] = (dptr, nbytes, charged, int(dptr))
+        self._bufs[handle] = (dptr, nbytes, charged)
         return handle
 
-    def _alloc_retry(self, nbytes: int, charged: int, err: Any) -> Any:
+    def _alloc_retry(self, charged: int, err: Any, release: bool = True) -> Any:
         """The driver refused although the host counter had room: fragmentation inside the pool.
         Trim the pool's idle reservations and try once more before refusing."""
         if err == _OOM:
             _stream_sync(self._stream)
             cu.cuMemPoolTrimTo(self._pool, 0)
-            err, dptr = _alloc_async(nbytes, self._pool, self._stream)
+            err, dptr = _alloc_async(charged, self._pool, self._stream)
             if not err:
                 return dptr
-        self._cap.release(charged)
+        if release:
+            self._cap.release(charged)
         if err == _OOM:
             metrics.count_gpu_refusal(self.tenant_id, "driver")
             limit = self.cap_bytes if self.cap_bytes is not None else self._acc.memory_info()[1]
@@ -249,11 +266,17 @@ class CudaTenantDevice:
         self._acc.fail(err, "cuMemAllocFromPoolAsync")
 
     def free(self, handle: int) -> None:
-        self._enter()
-        buf = self._bufs.pop(handle, None) if type(handle) is int else None
-        if buf is None:
-            lookup(self._bufs, handle, self.tenant_id)
-            return
+        if not self._ready:
+            self._not_ready()
+        try:
+            self._tls.bound  # noqa: B018
+        except AttributeError:
+            self._acc.bind_thread()
+        try:
+            buf = self._bufs.pop(handle)
+        except (KeyError, TypeError):
+            lookup(self._bufs, handle, self.tenant_id)  # raises the clear error
+            raise
         (err,) = _free_async(buf[0], self._stream)
         # Later allocations of this tenant are ordered after the free on the same stream: the bytes can
         # be counted as returned now.
@@ -282,7 +305,7 @@ class CudaTenantDevice:
         if n == 0:
             return
         self._inflight.append(src)
-        (err,) = _htod_async(buf[3] + offset, addr, n, self._stream)
+        (err,) = _htod_async(int(buf[0]) + offset, addr, n, self._stream)
         if err:
             self._acc.fail(err, "cuMemcpyHtoDAsync")
 
@@ -300,7 +323,7 @@ class CudaTenantDevice:
         check_span(handle, buf[1], offset, n)
         if n == 0:
             return
-        (err,) = _dtoh_async(addr, buf[3] + offset, n, self._stream)
+        (err,) = _dtoh_async(addr, int(buf[0]) + offset, n, self._stream)
         if err:
             self._acc.fail(err, "cuMemcpyDtoHAsync")
         self.sync()
@@ -319,13 +342,13 @@ class CudaTenantDevice:
             raise InvalidKernelLaunch(
                 f"unknown kernel {kernel!r}", kernel=kernel, known=sorted(self._kernels)
             )
-        values = validate_launch(k.sig, grid, block, args, shared_mem_bytes, k.limits, self._bufs)
         bufs = self._bufs
-        params = tuple(bufs[v][3] if a.kind == "buffer" else v for a, v in zip(args, values, strict=True))  # type: ignore[index]
-        types = tuple(_CTYPES[a.kind] for a in args)
+        values = validate_launch(k.sig, grid, block, args, shared_mem_bytes, k.limits, bufs)
+        # lengths were checked by validate_launch
+        params = tuple([int(bufs[v][0]) if a.kind == "buffer" else v for a, v in zip(args, values, strict=False)])  # type: ignore[index]  # noqa: E501
         (err,) = _launch_kernel(
             k.func, grid[0], grid[1], grid[2], block[0], block[1], block[2],
-            shared_mem_bytes, self._stream, (params, types), 0,
+            shared_mem_bytes, self._stream, (params, k.ctypes), 0,
         )  # fmt: skip
         if err:
             if err in _STICKY:
@@ -354,10 +377,10 @@ class CudaTenantDevice:
         made: list[int] = []
         try:
             for (handle, size), charged in zip(wanted.items(), charges, strict=True):
-                err, dptr = _alloc_async(size, self._pool, self._stream)
+                err, dptr = _alloc_async(charged, self._pool, self._stream)
                 if err:
-                    dptr = self._alloc_retry(size, 0, err)
-                self._bufs[handle] = (dptr, size, charged, int(dptr))
+                    dptr = self._alloc_retry(charged, err, release=False)
+                self._bufs[handle] = (dptr, size, charged)
                 made.append(handle)
         except BaseException:
             for handle in made:
@@ -376,6 +399,7 @@ class CudaTenantDevice:
     def teardown(self) -> None:
         """Owner thread: free every buffer, destroy the stream, the pool and the tenant's modules."""
         self._closed = True
+        self._ready = False
         if self._acc.poison_reason:  # the context is gone; the driver frees everything at process exit
             self._bufs.clear()
             return
@@ -559,7 +583,7 @@ class CudaAccelerator:
             max_threads_per_block=min(int(max_threads), limits.max_threads_per_block),
             max_dynamic_shared=max(0, min(int(max_dynamic), limits.max_dynamic_shared - int(static_smem))),
         )
-        return _Kernel(sig, func, fn_limits)
+        return _Kernel(sig, func, fn_limits, tuple(_CTYPES[p] for p in sig.params))
 
     # -- errors and health --
     def bind_thread(self) -> None:
@@ -574,6 +598,8 @@ class CudaAccelerator:
         if err in _STICKY:
             if not self.poison_reason:
                 self.poison_reason = f"{name} during {what} (context poisoned)"
+                for dev in list(self._tenants.values()):
+                    dev._ready = False
                 log.error("Poisoned CUDA context device=%d reason=%r", self.device, self.poison_reason)
             raise AcceleratorFailed(self.poison_reason, cuda_error=name)
         raise AcceleratorFailed(f"{what} failed: {name}", cuda_error=name)

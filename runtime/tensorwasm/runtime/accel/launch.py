@@ -51,14 +51,42 @@ _F32_MAX = 3.4028234663852886e38
 
 
 def _dims(what: str, dims: Any, maxima: tuple[int, int, int], kernel: str) -> int:
-    if not isinstance(dims, tuple | list) or len(dims) != 3:
-        raise InvalidKernelLaunch(f"{what} must be three integers (x, y, z), got {dims!r}", kernel=kernel)
-    for axis, value, top in zip("xyz", dims, maxima, strict=True):
+    try:
+        x, y, z = dims
+    except (TypeError, ValueError):
+        raise InvalidKernelLaunch(
+            f"{what} must be three integers (x, y, z), got {dims!r}", kernel=kernel
+        ) from None
+    if (
+        x.__class__ is int and y.__class__ is int and z.__class__ is int
+        and 0 < x <= maxima[0] and 0 < y <= maxima[1] and 0 < z <= maxima[2]
+    ):  # fmt: skip
+        return int(x * y * z)
+    for axis, value, top in zip("xyz", (x, y, z), maxima, strict=True):
         if type(value) is not int or not 1 <= value <= top:
             raise InvalidKernelLaunch(
                 f"{what}.{axis} must be an integer in 1..{top}, got {value!r}", kernel=kernel
             )
-    return int(dims[0]) * int(dims[1]) * int(dims[2])
+    raise AssertionError("unreachable")
+
+
+def _bad_arg(name: str, i: int, param: str, arg: Any, buffers: Mapping[int, Any]) -> InvalidKernelLaunch:
+    """The precise reason argument `i` was refused (slow path, only on refusal)."""
+    kind, value = getattr(arg, "kind", None), getattr(arg, "value", None)
+    if not isinstance(arg, KernelArg):
+        return InvalidKernelLaunch(f"argument {i} of {name} is not a KernelArg: {arg!r}", kernel=name)
+    if kind not in _ACCEPTS[param]:
+        return InvalidKernelLaunch(
+            f"argument {i} of {name} must be one of {sorted(_ACCEPTS[param])}, got {kind!r}", kernel=name
+        )
+    if kind == "buffer":
+        return InvalidKernelLaunch(f"argument {i} of {name}: unknown buffer handle {value!r}", kernel=name)
+    if kind in _RANGES:
+        low, high = _RANGES[kind]
+        return InvalidKernelLaunch(
+            f"argument {i} of {name} must be a {kind} integer in {low}..{high}, got {value!r}", kernel=name
+        )
+    return InvalidKernelLaunch(f"argument {i} of {name} must be a finite {kind}, got {value!r}", kernel=name)
 
 
 def validate_launch(
@@ -72,57 +100,46 @@ def validate_launch(
 ) -> list[int | float]:
     """Check one launch; returns the argument values (buffers still as handles) in parameter order.
 
-    `buffers` maps the tenant's handles to (backend object, size, charged bytes).
+    `buffers` maps the tenant's handles to (backend object, size, ...).
     """
     name = sig.name
     _dims("grid", grid, limits.max_grid, name)
     threads = _dims("block", block, limits.max_block, name)
     if threads > limits.max_threads_per_block:
         raise InvalidKernelLaunch(
-            f"block has {threads} threads; {name} allows at most {limits.max_threads_per_block}",
-            kernel=name,
+            f"block has {threads} threads; {name} allows at most {limits.max_threads_per_block}", kernel=name
         )
-    if type(shared_mem_bytes) is not int or not 0 <= shared_mem_bytes <= limits.max_dynamic_shared:
+    if shared_mem_bytes.__class__ is not int or not 0 <= shared_mem_bytes <= limits.max_dynamic_shared:
         raise InvalidKernelLaunch(
             f"dynamic shared memory must be 0..{limits.max_dynamic_shared} bytes, got {shared_mem_bytes!r}",
             kernel=name,
         )
-    if len(args) != len(sig.params):
+    params = sig.params
+    if len(args) != len(params):
         raise InvalidKernelLaunch(
-            f"{name} takes {len(sig.params)} arguments, got {len(args)}",
-            kernel=name,
-            expected=list(sig.params),
+            f"{name} takes {len(params)} arguments, got {len(args)}", kernel=name, expected=list(params)
         )
     values: list[int | float] = []
-    for i, (param, arg) in enumerate(zip(sig.params, args, strict=True)):
-        if not isinstance(arg, KernelArg):
-            raise InvalidKernelLaunch(f"argument {i} of {name} is not a KernelArg: {arg!r}", kernel=name)
-        kind, value = arg.kind, arg.value
+    for i, param in enumerate(params):
+        arg = args[i]
+        kind = getattr(arg, "kind", None)
+        value = getattr(arg, "value", None)
         if kind not in _ACCEPTS[param]:
-            raise InvalidKernelLaunch(
-                f"argument {i} of {name} must be one of {sorted(_ACCEPTS[param])}, got {kind!r}", kernel=name
-            )
+            raise _bad_arg(name, i, param, arg, buffers)
         if kind == "buffer":
-            if type(value) is not int or value not in buffers:
-                raise InvalidKernelLaunch(
-                    f"argument {i} of {name}: unknown buffer handle {value!r}", kernel=name
-                )
+            if value.__class__ is not int or value not in buffers:
+                raise _bad_arg(name, i, param, arg, buffers)
         elif kind in _RANGES:
             low, high = _RANGES[kind]
-            if type(value) is not int or not low <= value <= high:
-                raise InvalidKernelLaunch(
-                    f"argument {i} of {name} must be a {kind} integer in {low}..{high}, got {value!r}",
-                    kernel=name,
-                )
+            if value.__class__ is not int or not low <= value <= high:  # type: ignore[operator]
+                raise _bad_arg(name, i, param, arg, buffers)
         else:
-            if type(value) not in (int, float) or not math.isfinite(value):
-                raise InvalidKernelLaunch(
-                    f"argument {i} of {name} must be a finite {kind}, got {value!r}", kernel=name
-                )
-            if kind == "f32" and abs(value) > _F32_MAX:
+            if value.__class__ not in (int, float) or not math.isfinite(value):  # type: ignore[arg-type]
+                raise _bad_arg(name, i, param, arg, buffers)
+            if kind == "f32" and abs(value) > _F32_MAX:  # type: ignore[arg-type]
                 raise InvalidKernelLaunch(f"argument {i} of {name} overflows f32: {value!r}", kernel=name)
-            value = float(value)
-        values.append(value)
+            value = float(value)  # type: ignore[arg-type]
+        values.append(value)  # type: ignore[arg-type]
     if sig.extents is not None:
         for index, need in sig.extents(values):
             size = buffers[int(values[index])][1]

@@ -18,7 +18,7 @@ from tensorwasm.runtime.errors import BadRequest, GpuMemoryExhausted
 class GpuCap:
     """Thread-safe byte counter with an optional hard limit, charged in `granularity` steps."""
 
-    __slots__ = ("_current", "_granularity", "_limit", "_lock", "_peak")
+    __slots__ = ("_current", "_granularity", "_limit", "_lock", "_max", "_peak")
 
     def __init__(self, limit: int | None, granularity: int = 1) -> None:
         if limit is not None and (type(limit) is not int or limit < 0):
@@ -26,6 +26,8 @@ class GpuCap:
         if type(granularity) is not int or granularity <= 0:
             raise BadRequest(f"allocation granularity must be a positive integer, got {granularity!r}")
         self._limit = limit
+        # One integer compare on the hot path: "no cap" is a limit nothing can reach.
+        self._max = limit if limit is not None else 1 << 80
         self._granularity = granularity
         self._current = 0
         self._peak = 0
@@ -56,17 +58,22 @@ class GpuCap:
         return -(-nbytes // g) * g
 
     def reserve(self, nbytes: int) -> int:
-        """Charge an allocation of `nbytes`; returns the charged bytes or raises GpuMemoryExhausted."""
-        charged = self.charge_for(nbytes)
+        """Charge an allocation of `nbytes`; returns the charged bytes or raises GpuMemoryExhausted.
+
+        Inlined rather than calling `charge_for`: this runs before every device allocation."""
+        if nbytes.__class__ is not int or nbytes <= 0:
+            self.charge_for(nbytes)  # raises the clear error
+        g = self._granularity
+        charged = -(-nbytes // g) * g
         with self._lock:
             current = self._current
             new = current + charged
-            if self._limit is None or new <= self._limit:
+            if new <= self._max:
                 self._current = new
                 if new > self._peak:
                     self._peak = new
                 return charged
-        raise GpuMemoryExhausted(requested=charged, limit=self._limit, current=current)
+        raise GpuMemoryExhausted(requested=charged, limit=self._max, current=current)
 
     def reserve_all(self, sizes: Iterable[int]) -> list[int]:
         """All-or-nothing charge of several allocations (snapshot restore); returns each charge."""
@@ -74,18 +81,18 @@ class GpuCap:
         total = sum(charges)
         with self._lock:
             current = self._current
-            if self._limit is None or current + total <= self._limit:
+            if current + total <= self._max:
                 self._current = current + total
                 if self._current > self._peak:
                     self._peak = self._current
                 return charges
-        raise GpuMemoryExhausted(requested=total, limit=self._limit, current=current)
+        raise GpuMemoryExhausted(requested=total, limit=self._max, current=current)
 
     def release(self, charged: int) -> None:
         """Return bytes charged by `reserve`; returning more than is held is a bug, never clamped."""
-        if type(charged) is not int or charged < 0:
-            raise BadRequest(f"released bytes must be a non-negative integer, got {charged!r}")
         with self._lock:
-            if charged > self._current:
-                raise BadRequest(f"released {charged} bytes but only {self._current} are reserved")
-            self._current -= charged
+            current = self._current
+            if charged.__class__ is int and 0 <= charged <= current:
+                self._current = current - charged
+                return
+        raise BadRequest(f"cannot release {charged!r} bytes: {current} are reserved")
