@@ -194,3 +194,40 @@ def test_invoke_is_thread_safe_across_a_shared_pool(engine: Engine) -> None:
     for t in threads:
         t.join()
     assert errors == []
+
+
+@pytest.mark.parametrize(("pages", "drops_pages"), [(1, False), (8, True)])
+def test_reset_restores_data_globals_and_scribbled_pages(
+    engine: Engine, pages: int, drops_pages: bool
+) -> None:
+    data_at, word_at = pages * 65536 - 5000, pages * 65536 - 10000
+    m = compile_bytes(
+        engine,
+        f"""(module (memory (export "memory") {pages})
+        (func (export "tw_alloc") (param i32) (result i32) (i32.const 4096))
+        (data (i32.const {data_at}) "pristine")
+        (global $g (mut i32) (i32.const 5))
+        (func (export "scribble") (param i32 i32) (result i64)
+          (i64.store (i32.const 1024) (i64.load (i32.const {data_at})))
+          (i32.store (i32.const 1032) (global.get $g))
+          (i32.store (i32.const 1036) (i32.load (i32.const {word_at})))
+          (i64.store (i32.const {data_at}) (i64.const -1))
+          (i32.store (i32.const {word_at}) (i32.const 77))
+          (i32.store (i32.const 2000) (i32.const 1))
+          (global.set $g (i32.const 9))
+          (i64.const 0x0000_0400_0000_0010)))""".encode(),
+    )
+    p = pool(engine, m, max_instances=2)
+    # Small memories are copied back; large pristine ones drop their dirty pages (one madvise).
+    assert p._zap is drops_pages
+    expected = b"pristine" + struct.pack("<2i", 5, 0)
+    for _ in range(10):
+        assert p.invoke("scribble", b"input") == expected
+    # After a restore the baseline is no longer the module image: resets copy it back instead.
+    state = p.capture_state()
+    memory = bytearray(state.memory)
+    memory[data_at : data_at + 8] = b"restored"
+    p.restore_state(type(state)(memory=bytes(memory), globals=[(n, vt, 6) for n, vt, _ in state.globals]))
+    assert p._zap is False
+    for _ in range(4):
+        assert p.invoke("scribble", b"") == b"restored" + struct.pack("<2i", 6, 0)

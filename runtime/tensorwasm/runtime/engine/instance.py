@@ -83,6 +83,7 @@ class WarmInstance:
         self._trap_addr = ctypes.addressof(self._trap)
         self._reset_vals: list[tuple[int, Any]] = []  # (global addr, wasmtime_val_t)
         self._baseline: bytes = b""
+        self._zap = False  # reset by dropping dirty pages instead of copying (see can_zap)
         self.host = hostcalls.GuestContext(ctx, self.mem, self.base, device, tenant_id)
         hostcalls.register(self.host)
 
@@ -138,8 +139,28 @@ class WarmInstance:
         self.size = lowlevel.memory_data_size(ctx, self.mem)
         if self.size != len(self._baseline):
             return False  # memory cannot shrink: a fresh instance is the only honest reset
+        if self._zap:
+            return lowlevel.discard_pages(self.base, self.size)
         (_copy if self.size <= _QUICK else _memmove)(self.base, self._baseline, self.size)
         return True
+
+    def can_zap(self, baseline: Baseline) -> bool:
+        """Whether dropping dirty pages restores `baseline` exactly, proven on this instance.
+
+        wasmtime maps linear memory copy-on-write from the module's initial image (or zero pages), so
+        madvise(DONTNEED) puts back the *module's* initial contents at the cost of one syscall plus a
+        page fault per page the next invoke touches, instead of copying all of memory. Only valid while
+        the baseline is that initial state; we check it by scribbling over memory and comparing.
+        """
+        n = len(baseline.memory)
+        ctypes.memset(self.base, 0xA5, n)
+        ok = lowlevel.discard_pages(self.base, n) and _string_at(self.base, n) == baseline.memory
+        if not ok:
+            _memmove(self.base, baseline.memory, n)
+        return ok
+
+    def use_zap(self, enabled: bool) -> None:
+        self._zap = enabled
 
     # --- baseline (pool setup, snapshots) ---
 

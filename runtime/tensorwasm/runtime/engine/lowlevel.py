@@ -63,6 +63,17 @@ memmove_quick = ctypes.PYFUNCTYPE(c_void_p, c_void_p, c_void_p, c_size_t)(
 )
 QUICK_COPY_BYTES = 256 << 10
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.madvise.argtypes = [c_void_p, c_size_t, ctypes.c_int]
+_libc.madvise.restype = ctypes.c_int
+MADV_DONTNEED = 4
+
+
+def discard_pages(addr: int, nbytes: int) -> bool:
+    """madvise(DONTNEED): private pages go back to what the mapping started with. True on success."""
+    return int(_libc.madvise(addr, nbytes, MADV_DONTNEED)) == 0
+
+
 ValRaw = ffi.wasmtime_val_raw_t  # 16-byte union
 Val = ffi.wasmtime_val_t  # {kind u8, union}
 HostCallback = ffi.wasmtime_func_unchecked_callback_t
