@@ -23,7 +23,16 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
 PAGE = ROOT.parent / "docs" / "performance.md"
-PACKAGES = ("wasmtime", "aiohttp", "kopf", "zstandard", "numpy", "cuda-bindings", "nvidia-ml-py", "tensorwasm")
+PACKAGES = (
+    "wasmtime",
+    "aiohttp",
+    "kopf",
+    "zstandard",
+    "numpy",
+    "cuda-bindings",
+    "nvidia-ml-py",
+    "tensorwasm",
+)
 
 
 def hardware() -> dict[str, Any]:

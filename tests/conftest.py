@@ -66,7 +66,7 @@ class Kube:
         )
 
     def api_client(self) -> Any:
-        from kubernetes import client, config
+        from kubernetes import config
 
         return config.new_client_from_config(config_file=str(self.kubeconfig))
 
@@ -89,7 +89,9 @@ def apply_crds(kube: Kube) -> None:
 
 @pytest.fixture(scope="session")
 def kube() -> Iterator[Kube]:
-    state_dir = Path(os.environ.get("TENSORWASM_TEST_CLUSTER_DIR", default_state_dir().parent / "test-cluster"))
+    state_dir = Path(
+        os.environ.get("TENSORWASM_TEST_CLUSTER_DIR", default_state_dir().parent / "test-cluster")
+    )
     plane = LocalControlPlane(state_dir, log=lambda msg: print(msg, flush=True))
     reused = plane.state() is not None and plane.status().ready
     state = plane.up(nodes=3, gpus_per_node=1, timeout_s=180)

@@ -180,9 +180,7 @@ class LocalControlPlane:
         state = self.state()
         if state is None:
             return ClusterStatus(running={}, ready=False, detail=f"no cluster recorded in {self.state_dir}")
-        running = {
-            name: pid_alive(pid, str(Path(state.bin_dir) / name)) for name, pid in state.pids.items()
-        }
+        running = {name: pid_alive(pid, str(Path(state.bin_dir) / name)) for name, pid in state.pids.items()}
         ready, detail = self._probe_readyz(state)
         return ClusterStatus(running=running, ready=ready, detail=detail)
 
@@ -249,9 +247,7 @@ class LocalControlPlane:
         pki = sd / "pki"
         pki.mkdir(exist_ok=True)
         sa_key = pki / "sa.key"
-        subprocess.run(
-            ["openssl", "genrsa", "-out", str(sa_key), "2048"], check=True, capture_output=True
-        )
+        subprocess.run(["openssl", "genrsa", "-out", str(sa_key), "2048"], check=True, capture_output=True)
         (pki / "tokens.csv").write_text(f"{state.token},admin,admin,system:masters\n")
         sa_key.chmod(0o600)
 
