@@ -6,6 +6,14 @@ Owns `TenantQueue`. One tenant's invokes run on that tenant's own worker threads
 This is also the thread hop that keeps blocking wasm/CUDA work off the event loop: one SimpleQueue
 put and one `call_soon_threadsafe` per invoke, no concurrent.futures machinery.
 `submit` and every counter are touched on the event-loop thread only; workers hand results back.
+
+CPU isolation: a worker whose guest misbehaved (deadline, trap, memory limit) moves itself to the
+SCHED_IDLE policy (per thread on Linux), so a runaway tenant burning a core yields at once to its
+neighbours and to the event loop; the next clean call restores it (or, where raising priority is
+not permitted, the demoted thread retires and a fresh one is started at normal priority). It also
+backs off before its next job (doubling per consecutive failure, capped): a guest that traps in
+a tight loop costs the process page faults and instance rebuilds, and it should pay that in its
+own throughput, never in its neighbours' latency.
 Must not import wasmtime, cuda or aiohttp.
 """
 
@@ -13,17 +21,22 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from time import perf_counter
 from typing import Any
 
-from tensorwasm.runtime.errors import QueueFull
+from tensorwasm.runtime.errors import DeadlineExceeded, GuestMemoryExceeded, GuestTrap, QueueFull
 
 # Start the service-time estimate at 10 ms so the first Retry-After is not zero.
 _INITIAL_SERVICE_S = 0.010
 _EWMA_WEIGHT = 0.1
+
+_MISBEHAVED = (DeadlineExceeded, GuestTrap, GuestMemoryExceeded)
+_BACKOFF_FIRST_S, _BACKOFF_MAX_S = 0.005, 0.25
 
 Job = tuple[Callable[[Any, Any], Any], Any, Any, "asyncio.Future[Any]"]
 
@@ -112,6 +125,8 @@ class TenantQueue:
     def _work(self) -> None:
         get, hand_back = self._jobs.get, self._loop.call_soon_threadsafe
         done = self._done
+        demoted = False
+        backoff = 0.0
         while True:
             job = get()
             if job is None:
@@ -124,13 +139,33 @@ class TenantQueue:
                 result = None if fut.cancelled() else fn(a, b)
             except BaseException as exc:  # handed to the awaiting request, never lost
                 result, error = None, exc
+            took = perf_counter() - start
+            retire = False
+            if isinstance(error, _MISBEHAVED):
+                demoted = demoted or _set_demoted(True)
+                backoff = min(max(2 * backoff, _BACKOFF_FIRST_S), _BACKOFF_MAX_S)
+            elif error is None:
+                backoff = 0.0
+                if demoted:
+                    demoted = not _set_demoted(False)
+                    retire = demoted  # could not raise it back: hand the slot to a fresh thread
             try:
-                hand_back(done, fut, result, error, perf_counter() - start)
+                hand_back(done, fut, result, error, took, retire)
             except RuntimeError:  # the loop is closed: the process is shutting down
                 return
+            if retire:
+                return
+            if backoff:
+                time.sleep(backoff)
 
-    def _done(self, fut: asyncio.Future[Any], result: Any, error: BaseException | None, took: float) -> None:
+    def _done(
+        self, fut: asyncio.Future[Any], result: Any, error: BaseException | None, took: float, retired: bool
+    ) -> None:
         self._outstanding -= 1
+        if retired and not self._closed:
+            self._workers.pop()  # any one: workers are interchangeable, the count is what matters
+            if len(self._workers) < min(self._outstanding, self.max_concurrency):
+                self._spawn()
         self._service_s += _EWMA_WEIGHT * (took - self._service_s)
         if not fut.done():  # a client that went away cancelled it; the slot is freed all the same
             if error is None:
@@ -140,6 +175,19 @@ class TenantQueue:
         if not self._outstanding and self._idle is not None:
             self._idle.set_result(None)
             self._idle = None
+
+
+def _set_demoted(demote: bool) -> bool:
+    """Move this thread to SCHED_IDLE (runs only on otherwise idle CPU) or back to SCHED_OTHER.
+
+    Linux applies scheduling policy per thread; False where not permitted or not supported.
+    """
+    try:
+        policy = os.SCHED_IDLE if demote else os.SCHED_OTHER
+        os.sched_setscheduler(threading.get_native_id(), policy, os.sched_param(0))
+    except (OSError, AttributeError):
+        return False
+    return True
 
 
 def retry_after_header(seconds: float) -> str:
