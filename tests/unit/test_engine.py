@@ -231,3 +231,20 @@ def test_reset_restores_data_globals_and_scribbled_pages(
     assert p._zap is False
     for _ in range(4):
         assert p.invoke("scribble", b"") == b"restored" + struct.pack("<2i", 6, 0)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("(start $boom) (func $boom unreachable)", "module failed to start: .*unreachable"),
+        ('(func (export "tw_init") (result i32) (i32.const -1))', "tw_init failed: guest_trap: .*code -1"),
+        (
+            '(func (export "tw_init") (result i32) (loop $l (br $l)) (i32.const 0))',
+            "tw_init failed: deadline",
+        ),
+    ],
+)
+def test_modules_that_fail_to_start_are_rejected(engine: Engine, body: str, message: str) -> None:
+    m = inline(engine, body)
+    with pytest.raises(ModuleRejected, match=message):
+        pool(engine, m, timeout_s=0.05)

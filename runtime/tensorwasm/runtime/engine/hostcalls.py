@@ -89,7 +89,8 @@ def register(g: GuestContext) -> None:
 
 
 def unregister(g: GuestContext) -> None:
-    _CONTEXTS.pop(g.ctx, None)
+    if _CONTEXTS.get(g.ctx) is g:
+        del _CONTEXTS[g.ctx]
 
 
 # --- the host functions: (GuestContext, raw slots) -> result or None ---

@@ -61,7 +61,7 @@ class WarmInstance:
         try:
             instance = module.pre.instantiate(store)
         except wasmtime.Trap as trap:
-            raise GuestTrap(f"module start function trapped: {trap.message}") from None
+            raise GuestTrap(f"module start function trapped: {_reason(trap.message)}") from None
         except wasmtime.WasmtimeError as exc:
             raise GuestTrap(f"module could not be instantiated: {exc}") from None
         exports = instance.exports(store)

@@ -63,12 +63,17 @@ class TenantInstancePool:
         self._held: list[WarmInstance] = []
         self._closed = False
         self._count = 0
-        first = self._spawn()
+        try:
+            first = self._spawn()
+        except RuntimeFault as fault:
+            raise ModuleRejected(f"module failed to start: {fault.message}") from fault
         try:
             first.run_init(self._ticks)
-        except RuntimeFault:
+        except RuntimeFault as fault:
             first.close()
-            raise
+            raise ModuleRejected(
+                f"tw_init failed: {fault.kind}: {fault.message}", cause=fault.kind
+            ) from fault
         self._baseline: Baseline = first.capture()
         self._custom = module.has_init  # instances must be loaded with the baseline, not just reset to it
         first.adopt(self._baseline, write=False)
