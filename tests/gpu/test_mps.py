@@ -21,6 +21,7 @@ from tensorwasm.runtime.errors import GpuMemoryExhausted
 acc = CudaAccelerator(0, cache_dir=Path(sys.argv[1]))
 dev = acc.open_tenant("shard-tenant", None)
 print("mode", mps.current_mode(), acc.health().mps, flush=True)
+print("memory_info", acc.memory_info(), file=sys.stderr, flush=True)
 for size in [int(s) for s in sys.argv[2].split(",")]:
     try:
         dev.alloc(size << 20)
@@ -42,11 +43,11 @@ def test_second_client_cannot_pass_its_pinned_limit(tmp_path: Path, kernel_cache
     try:
         env = {
             **__import__("os").environ,
-            **mps.build_client_env(tmp_path / "pipe", 50, 1024 * MiB, log_dir=tmp_path / "log"),
+            **mps.build_client_env(tmp_path / "pipe", 50, 2048 * MiB, log_dir=tmp_path / "log"),
         }
         print("client env:", {k: v for k, v in env.items() if k.startswith("CUDA_MPS")})
         holder = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(kernel_cache), "768", "hold"],
+            [sys.executable, "-c", CHILD, str(kernel_cache), "1024", "hold"],
             env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         assert holder.stdout is not None
@@ -54,17 +55,17 @@ def test_second_client_cannot_pass_its_pinned_limit(tmp_path: Path, kernel_cache
         while (line := holder.stdout.readline()) and not line.startswith("READY"):
             lines.append(line.strip())
         print("first client:", lines)
-        assert any("alloc 768 ok" in line for line in lines)
+        assert any("alloc 1024 ok" in line for line in lines)
         second = subprocess.run(
-            [sys.executable, "-c", CHILD, str(kernel_cache), "768,512,2048"],
+            [sys.executable, "-c", CHILD, str(kernel_cache), "1024,1536,4096"],
             env=env, capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         print("second client:", second.stdout, second.stderr[-2000:])
         assert second.returncode == 0
         out = second.stdout.splitlines()
         assert out[0] == "mode client client"
-        assert "alloc 768 ok" in out[1]
-        assert "refused" in out[2] and "refused" in out[3]  # 768 + 512 > 1024 MiB pinned limit
+        assert "alloc 1024 ok" in out[1]
+        assert "refused" in out[2] and "refused" in out[3]  # 1024 + 1536 > 2048 MiB pinned limit
         print("server list:", daemon.command("get_server_list").strip())
     finally:
         if holder is not None:

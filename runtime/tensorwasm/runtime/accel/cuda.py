@@ -54,6 +54,7 @@ T = TypeVar("T")
 
 _R = cu.CUresult
 _OOM = _R.CUDA_ERROR_OUT_OF_MEMORY
+_NO_CONTEXT = _R.CUDA_ERROR_INVALID_CONTEXT
 _STICKY = frozenset(
     getattr(_R, n)
     for n in (
@@ -229,12 +230,10 @@ class CudaTenantDevice:
             self._acc.bind_thread()
 
     def alloc(self, nbytes: int) -> int:
+        # No per-call context check: a thread without the context current gets INVALID_CONTEXT from the
+        # driver once, binds, and retries (in _alloc_retry / _free_retry).
         if not self._ready:
             self._not_ready()
-        try:
-            self._tls.bound  # noqa: B018
-        except AttributeError:
-            self._acc.bind_thread()
         try:
             charged = self._cap.reserve(nbytes)
         except GpuMemoryExhausted:
@@ -251,6 +250,11 @@ class CudaTenantDevice:
     def _alloc_retry(self, charged: int, err: Any, release: bool = True) -> Any:
         """The driver refused although the host counter had room: fragmentation inside the pool.
         Trim the pool's idle reservations and try once more before refusing."""
+        if err == _NO_CONTEXT:
+            self._acc.bind_thread()
+            err, dptr = _alloc_async(charged, self._pool, self._stream)
+            if not err:
+                return dptr
         if err == _OOM:
             _stream_sync(self._stream)
             cu.cuMemPoolTrimTo(self._pool, 0)
@@ -269,10 +273,6 @@ class CudaTenantDevice:
         if not self._ready:
             self._not_ready()
         try:
-            self._tls.bound  # noqa: B018
-        except AttributeError:
-            self._acc.bind_thread()
-        try:
             buf = self._bufs.pop(handle)
         except (KeyError, TypeError):
             lookup(self._bufs, handle, self.tenant_id)  # raises the clear error
@@ -280,6 +280,9 @@ class CudaTenantDevice:
         (err,) = _free_async(buf[0], self._stream)
         # Later allocations of this tenant are ordered after the free on the same stream: the bytes can
         # be counted as returned now.
+        if err == _NO_CONTEXT:
+            self._acc.bind_thread()
+            (err,) = _free_async(buf[0], self._stream)
         self._cap.release(buf[2])
         if err:
             self._acc.fail(err, "cuMemFreeAsync")
@@ -344,11 +347,13 @@ class CudaTenantDevice:
             )
         bufs = self._bufs
         values = validate_launch(k.sig, grid, block, args, shared_mem_bytes, k.limits, bufs)
-        # lengths were checked by validate_launch
-        params = tuple([int(bufs[v][0]) if a.kind == "buffer" else v for a, v in zip(args, values, strict=False)])  # type: ignore[index]  # noqa: E501
+        params = values  # a fresh list: buffer handles become device addresses in place
+        for i, arg in enumerate(args):
+            if arg.kind == "buffer":
+                params[i] = int(bufs[params[i]][0])  # type: ignore[index]
         (err,) = _launch_kernel(
             k.func, grid[0], grid[1], grid[2], block[0], block[1], block[2],
-            shared_mem_bytes, self._stream, (params, k.ctypes), 0,
+            shared_mem_bytes, self._stream, (tuple(params), k.ctypes), 0,
         )  # fmt: skip
         if err:
             if err in _STICKY:
