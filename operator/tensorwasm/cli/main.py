@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "tensorwasm.cli.operator",
     "tensorwasm.cli.runtime",
     "tensorwasm.cli.plan",
+    "tensorwasm.cli.snapshot",
 )
 
 
