@@ -16,12 +16,13 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import numpy.typing as npt
 
+from tensorwasm.runtime import metrics
 from tensorwasm.runtime.accel import mps
 from tensorwasm.runtime.accel.base import DEFAULT_GRANULARITY, AcceleratorHealth, KernelArg, TenantUsage
 from tensorwasm.runtime.accel.buffers import check_restore_sizes, check_span, closed, lookup
 from tensorwasm.runtime.accel.kernels import BUILTIN_SIGNATURES, NUMPY_TWINS, KernelSignature
 from tensorwasm.runtime.accel.launch import LaunchLimits, signature_from_ptx, validate_launch
-from tensorwasm.runtime.errors import BadRequest, InvalidKernelLaunch
+from tensorwasm.runtime.errors import BadRequest, GpuMemoryExhausted, InvalidKernelLaunch
 from tensorwasm.runtime.tenancy.gpucap import GpuCap
 
 _Buf = tuple["npt.NDArray[np.uint8]", int, int]  # (bytes, size, charged)
@@ -52,7 +53,11 @@ class CpuTenantDevice:
     def alloc(self, nbytes: int) -> int:
         if self._closed:
             raise closed(self.tenant_id)
-        charged = self._cap.reserve(nbytes)
+        try:
+            charged = self._cap.reserve(nbytes)
+        except GpuMemoryExhausted:
+            metrics.count_gpu_refusal(self.tenant_id, "host")
+            raise
         handle = next(self._ids)
         self._bufs[handle] = (np.zeros(nbytes, dtype=np.uint8), nbytes, charged)
         return handle

@@ -171,6 +171,7 @@ class CudaTenantDevice:
         self._tls = acc.tls
         self._ready = True  # False once closed or once the context is poisoned: one check per call
         self._cap = GpuCap(cap_bytes, acc.granularity)
+        self._reserve, self._release = self._cap.reserve, self._cap.release  # bound once: hot path
         self._pool = pool
         self._stream = stream
         self._kernels = kernels
@@ -235,7 +236,7 @@ class CudaTenantDevice:
         if not self._ready:
             self._not_ready()
         try:
-            charged = self._cap.reserve(nbytes)
+            charged = self._reserve(nbytes)
         except GpuMemoryExhausted:
             metrics.count_gpu_refusal(self.tenant_id, "host")
             raise
@@ -280,12 +281,13 @@ class CudaTenantDevice:
         (err,) = _free_async(buf[0], self._stream)
         # Later allocations of this tenant are ordered after the free on the same stream: the bytes can
         # be counted as returned now.
-        if err == _NO_CONTEXT:
-            self._acc.bind_thread()
-            (err,) = _free_async(buf[0], self._stream)
-        self._cap.release(buf[2])
+        self._release(buf[2])
         if err:
-            self._acc.fail(err, "cuMemFreeAsync")
+            if err == _NO_CONTEXT:
+                self._acc.bind_thread()
+                (err,) = _free_async(buf[0], self._stream)
+            if err:
+                self._acc.fail(err, "cuMemFreeAsync")
 
     def _host_address(self, data: Any, writable: bool) -> tuple[int, int]:
         try:
