@@ -87,8 +87,12 @@ def operator_runner(kube: Any, namespace: str, tmp_path: Path) -> Iterator[Calla
     kube.kubectl("delete", "tenants", "--all", "-n", namespace, "--wait=false", check=False)
     for runner in runners:
         if runner.proc is not None and runner.proc.poll() is None:
-            wait_for(lambda: not kube_json(kube, "get", "tenants", "-n", namespace)["items"], 30, "tenants gone",
-                     raise_on_timeout=False)  # fmt: skip
+            wait_for(
+                lambda: not kube_json(kube, "get", "tenants", "-n", namespace)["items"],
+                30,
+                "tenants gone",
+                raise_on_timeout=False,
+            )
         runner.stop()
 
 
@@ -168,14 +172,37 @@ class TenantOps:
         result: dict[str, Any] = wait_for(ready, timeout, f"{len(names)} tenants in phase {want}")
         return result
 
-    def report(self, name: str, shard: str, loaded: bool = True, reason: str = "ModuleLoaded",
-               message: str = "", gpu: int = 0) -> None:  # fmt: skip
+    def report(
+        self,
+        name: str,
+        shard: str,
+        loaded: bool = True,
+        reason: str = "ModuleLoaded",
+        message: str = "",
+        gpu: int = 0,
+    ) -> None:
         """Write status.runtime the way a shard does (the contract's other party, through the API)."""
         gen = kube_json(self.kube, "get", "tenant", name, "-n", self.ns)["metadata"]["generation"]
-        runtime = {"shard": shard, "observedGeneration": gen, "loaded": loaded, "reason": reason,
-                   "message": message, "gpuBytesInUse": gpu, "reportedAt": "2026-01-01T00:00:00Z"}  # fmt: skip
-        self.kube.kubectl("patch", "tenant", name, "-n", self.ns, "--subresource=status", "--type=merge",
-                          "-p", json.dumps({"status": {"runtime": runtime}}))  # fmt: skip
+        runtime = {
+            "shard": shard,
+            "observedGeneration": gen,
+            "loaded": loaded,
+            "reason": reason,
+            "message": message,
+            "gpuBytesInUse": gpu,
+            "reportedAt": "2026-01-01T00:00:00Z",
+        }
+        self.kube.kubectl(
+            "patch",
+            "tenant",
+            name,
+            "-n",
+            self.ns,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            json.dumps({"status": {"runtime": runtime}}),
+        )
 
     def owned(self, kind: str) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = kube_json(

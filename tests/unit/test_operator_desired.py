@@ -127,8 +127,12 @@ def test_unchanged_status_gives_an_empty_patch() -> None:
     want = desired_status(t, Placement("shard-0"), "http://tw-alpha.tw.svc:80", "tw-alpha-token", "T1")
     assert want["gpuBytesInUse"] == 5 and want["phase"] == "Ready"
     live = {**want, "runtime": report}
-    assert status_patch(live, desired_status(tenant(live), Placement("shard-0"), want["endpoint"],
-                                             "tw-alpha-token", "T9")) == {}  # fmt: skip
+    assert (
+        status_patch(
+            live, desired_status(tenant(live), Placement("shard-0"), want["endpoint"], "tw-alpha-token", "T9")
+        )
+        == {}
+    )
     moved = desired_status(tenant(live), Placement("shard-1"), want["endpoint"], "tw-alpha-token", "T9")
     assert set(status_patch(live, moved)) == {"shard", "phase", "conditions", "gpuBytesInUse"}
 

@@ -58,8 +58,10 @@ def test_invalid_spec_becomes_spec_error(spec: dict[str, object], message: str) 
 
 def test_runtime_report_is_parsed() -> None:
     b = body()
-    b["status"] = {"shard": "s-1", "runtime": {"shard": "s-1", "observedGeneration": 2, "loaded": True,
-                                                "gpuBytesInUse": 10}}  # fmt: skip
+    b["status"] = {
+        "shard": "s-1",
+        "runtime": {"shard": "s-1", "observedGeneration": 2, "loaded": True, "gpuBytesInUse": 10},
+    }
     tenant = parse_tenant(b)
     assert tenant.shard == "s-1"
     assert tenant.runtime is not None and tenant.runtime.loaded and tenant.runtime.gpu_bytes_in_use == 10

@@ -32,7 +32,8 @@ def run(
         kopf.operator(
             registry=build_registry(settings),
             standalone=settings.standalone,
-            peering_name=settings.peering_name,
+            # Naming a peering makes it mandatory in kopf: only when we really peer.
+            peering_name=None if settings.standalone else settings.peering_name,
             namespaces=[settings.namespace],
             memo=kopf.Memo(),
             ready_flag=ready_flag,

@@ -68,6 +68,20 @@ def is_subset(desired: Any, live: Any) -> bool:
     return bool(desired == live)
 
 
+def is_older(body: Mapping[str, Any], known: Mapping[str, Any] | None) -> bool:
+    """True when `body` is an older version than `known` (say, an event trailing our own write)."""
+    if known is None or known["metadata"].get("uid") != body["metadata"].get("uid"):
+        return False
+    new, old = body["metadata"].get("resourceVersion", ""), known["metadata"].get("resourceVersion", "")
+    # resourceVersions are opaque; etcd's are integers, and only then do we compare them.
+    return bool(new.isdigit() and old.isdigit() and int(new) < int(old))
+
+
+def unchanged(desired: Mapping[str, Any], live: Mapping[str, Any] | None) -> bool:
+    """Our metadata and spec are already live (list items carry no apiVersion/kind to compare)."""
+    return live is not None and all(is_subset(desired.get(k), live.get(k)) for k in ("metadata", "spec"))
+
+
 def demand_of(tenant: Tenant) -> TenantDemand:
     assert tenant.spec is not None
     limits = tenant.spec.limits
@@ -136,12 +150,12 @@ class Reconciler:
         live = await self.api.get(path)
         replicas = int((live or {}).get("spec", {}).get("replicas", s.shards)) if live else s.shards
         desired = build_shard_statefulset(s, replicas)
-        if live is None or not is_subset(desired, live):
+        if not unchanged(desired, live):
             await self.api.apply(desired)
             log.info("Applied StatefulSet %s/%s replicas=%d", s.namespace, s.shard_name, replicas)
         service = build_shard_service(s)
         live_svc = await self.api.get(resource_path("v1", "services", s.namespace, s.shard_name))
-        if live_svc is None or not is_subset(service, live_svc):
+        if not unchanged(service, live_svc):
             await self.api.apply(service)
             log.info("Applied Service %s/%s (headless, shards)", s.namespace, s.shard_name)
         return replicas
@@ -163,7 +177,8 @@ class Reconciler:
         if event_type == "DELETED":
             self.forget(name)
             return
-        self.tenants[name] = dict(body)
+        if not is_older(body, self.tenants.get(name)):
+            self.tenants[name] = dict(body)
         await self.reconcile(name)
 
     async def on_statefulset(self, event_type: str | None, body: Mapping[str, Any]) -> None:
@@ -330,7 +345,7 @@ class Reconciler:
     async def _ensure_service(self, tenant: Tenant, shard_pod: str) -> None:
         desired = build_tenant_service(tenant, shard_pod, self.settings)
         name = tenant_service_name(tenant.name)
-        if is_subset(desired, self.services.get(name)):
+        if unchanged(desired, self.services.get(name)):
             return
         self.services[name] = await self.api.apply(desired)
 

@@ -44,7 +44,9 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
 def configure_kopf(settings: kopf.OperatorSettings) -> None:
     # Our Events are posted by the reconciler on phase changes; kopf's per-handler ones are noise.
     settings.posting.enabled = False
-    settings.persistence.finalizer = FINALIZER
+    # Our finalizer (FINALIZER) is managed by the reconciler; kopf removes its own marker whenever
+    # no kopf handler needs it, so the two must never share a name.
+    assert settings.persistence.finalizer != FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=API_GROUP)
     settings.watching.server_timeout = 300
