@@ -9,7 +9,6 @@ Must not import wasmtime or cuda; reaches the engine and accelerator through the
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 from collections.abc import Mapping
@@ -85,7 +84,7 @@ def capture_snapshot(
 ) -> CaptureResult:
     """Capture, encode and durably store one snapshot; returns where it is and its digest."""
     watch = Stopwatch()
-    with contextlib.ExitStack() as held:
+    with STAGING.turn(accelerator) as staging:
         with pool.quiesce():
             state = pool.capture_state()
             sizes = dict(sorted(device.buffers().items())) if device is not None else {}
@@ -93,7 +92,7 @@ def capture_snapshot(
             # bytes are already a private copy; a view of live memory must be copied before release.
             copy_memory = not isinstance(memory, bytes)
             offsets = layout([*sizes.values(), len(memory) if copy_memory else 0])
-            stage = held.enter_context(STAGING.acquire(accelerator, offsets[-1]))
+            stage = staging.view(offsets[-1])
             if device is not None:
                 device.sync()
                 for (handle, size), off in zip(sizes.items(), offsets, strict=False):

@@ -20,7 +20,7 @@ import json
 import math
 import re
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
@@ -240,8 +240,12 @@ def checksum(data: bytes | memoryview) -> int:
 
 
 def decode_chunk_into(blob: memoryview, chunk: Chunk, out: memoryview) -> None:
-    """Decode one verified chunk straight into `out` (len == chunk.size); no intermediate buffer."""
-    stored = blob[chunk.offset : chunk.offset + chunk.stored]
+    """Decode one verified chunk of `blob` straight into `out` (len == chunk.size)."""
+    decode_stored_into(blob[chunk.offset : chunk.offset + chunk.stored], chunk, out)
+
+
+def decode_stored_into(stored: memoryview, chunk: Chunk, out: memoryview) -> None:
+    """Decode a chunk's verified stored bytes into `out`; no intermediate buffer."""
     if chunk.codec == "raw":
         # numpy's copy releases the GIL (a memoryview slice assignment does not), so raw chunks
         # copy in parallel on the worker threads.
@@ -372,12 +376,17 @@ def plan_regions(
 def parse(blob: bytes | memoryview) -> Parsed:
     """Check header, root digest and manifest structure; chunk payloads are checked by verify_chunk."""
     view = memoryview(blob)
-    n = len(view)
+    return parse_parts(lambda offset, n: bytes(view[offset : offset + n]), len(view))
+
+
+def parse_parts(read: Callable[[int, int], bytes], n: int) -> Parsed:
+    """`parse` over a reader (offset, length) -> bytes: touches only the header and the manifest."""
     if n < HEADER_SIZE:
         raise SnapshotRejected(
             f"snapshot is truncated: {n} bytes, shorter than the {HEADER_SIZE}-byte header"
         )
-    magic, version, header_len, flags, m_off, m_len, file_len, reserved, root = _HEADER.unpack_from(view, 0)
+    head = read(0, HEADER_SIZE)
+    magic, version, header_len, flags, m_off, m_len, file_len, reserved, root = _HEADER.unpack_from(head, 0)
     if magic != MAGIC:
         raise SnapshotRejected("not a TensorWasm snapshot (bad magic)")
     if version != VERSION:
@@ -393,24 +402,30 @@ def parse(blob: bytes | memoryview) -> Parsed:
         raise SnapshotRejected(f"snapshot is {what}: {n} bytes, header says {file_len}")
     if m_len > MAX_MANIFEST_BYTES or m_off < HEADER_SIZE or m_off + m_len != n:
         raise SnapshotRejected("snapshot header is corrupt (manifest location out of range)")
-    body = view[m_off : m_off + m_len]
-    if _root(bytes(view[:48]), body) != root:
+    body = read(m_off, m_len)
+    if len(body) != m_len or _root(head[:48], body) != root:
         raise SnapshotRejected("snapshot manifest or header is corrupt (root checksum mismatch)")
     try:
-        manifest = _manifest_from_json(json.loads(bytes(body)))
+        manifest = _manifest_from_json(json.loads(body))
     except (ValueError, TypeError, KeyError) as exc:
         raise SnapshotRejected(f"snapshot manifest is malformed: {exc}") from exc
     _check_manifest(manifest, chunks_end=m_off)
     return Parsed(manifest, root.hex(), n)
 
 
-def verify_chunk(blob: memoryview, manifest: Manifest, index: int) -> None:
+def check_stored(stored: bytes | memoryview, manifest: Manifest, index: int) -> None:
+    """The stored bytes of chunk `index` match its checksum (and length)."""
     c = manifest.chunks[index]
-    if checksum(blob[c.offset : c.offset + c.stored]) != c.checksum:
+    if len(stored) != c.stored or checksum(stored) != c.checksum:
         raise SnapshotRejected(
             f"snapshot chunk {index} ({_region_of(manifest, index)}) is corrupt (checksum mismatch)",
             chunk=index,
         )
+
+
+def verify_chunk(blob: memoryview, manifest: Manifest, index: int) -> None:
+    c = manifest.chunks[index]
+    check_stored(blob[c.offset : c.offset + c.stored], manifest, index)
 
 
 def verify_all(blob: bytes | memoryview) -> Parsed:

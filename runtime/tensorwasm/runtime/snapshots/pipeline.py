@@ -65,39 +65,49 @@ def parallel_copy(dst: memoryview, src: bytes | memoryview, piece: int = 4 << 20
     list(workers().map(one, range(0, len(s), piece)))
 
 
+class Staging:
+    """Host staging during one turn: `view(n)` returns n bytes, grown on demand, stable for the turn."""
+
+    def __init__(self, cache: StagingCache, accelerator: Accelerator | None) -> None:
+        self._cache, self._accelerator = cache, accelerator
+
+    def view(self, nbytes: int) -> memoryview:
+        if self._accelerator is not None:
+            return self._accelerator.pinned_buffer(max(nbytes, 1)).cast("B")[:nbytes]
+        key = id(self._accelerator)
+        buf = self._cache.host.get(key)
+        if buf is None or len(buf) < nbytes:
+            buf = self._cache.host[key] = memoryview(bytearray(max(nbytes, 1)))
+        return buf[:nbytes]
+
+
 class StagingCache:
-    """One staging buffer per accelerator, used by one capture/restore at a time.
+    """One staging area per accelerator, used by one capture/restore at a time.
 
     `Accelerator.pinned_buffer` hands every caller the same grown-on-demand region, so users of one
-    accelerator must take turns; the lock is per accelerator, so other devices do not wait.
-    Lock order everywhere: the tenant's quiesce barrier first, then staging (no cycle).
+    accelerator take turns; the lock is per accelerator, so other devices do not wait.
+    Lock order everywhere: a staging turn first, then the tenant's quiesce barrier (no cycle).
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._turns: dict[int, threading.Lock] = {}
-        self._host: dict[int, memoryview] = {}
+        self.host: dict[int, memoryview] = {}
 
     @contextlib.contextmanager
-    def acquire(self, accelerator: Accelerator | None, nbytes: int) -> Iterator[memoryview]:
-        key = id(accelerator)
+    def turn(self, accelerator: Accelerator | None) -> Iterator[Staging]:
         with self._lock:
-            turn = self._turns.setdefault(key, threading.Lock())
-        with turn:
-            if accelerator is not None:
-                yield accelerator.pinned_buffer(max(nbytes, 1)).cast("B")[:nbytes]
-                return
-            buf = self._host.get(key)
-            if buf is None or len(buf) < nbytes:
-                buf = self._host[key] = memoryview(bytearray(max(nbytes, 1)))
-            yield buf[:nbytes]
+            lock = self._turns.setdefault(id(accelerator), threading.Lock())
+        with lock:
+            yield Staging(self, accelerator)
 
     def clear(self) -> None:
         with self._lock:
-            self._host.clear()
+            self.host.clear()
 
 
-STAGING = StagingCache()
+STAGING = StagingCache()  # decoded state (pinned for CUDA)
+PACKED = StagingCache()  # compressed chunks read ahead of decoding (plain host memory)
 
 
 class Stopwatch:

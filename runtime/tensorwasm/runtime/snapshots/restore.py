@@ -1,11 +1,14 @@
 """Restore a tenant from a snapshot blob: verify everything first, then a pipelined load.
 
 Owns the restore pipeline and its refusal rules. Phases (each a histogram sample):
-  read        mmap the blob, parse header + manifest, check the root checksum
-  verify      bind to tenant uid + module digest, check caps, xxh3 of every chunk on the workers
-  decompress  decode chunks in parallel straight into (pinned) staging
-  upload      GPU: restore_buffers, then an async H2D per chunk as soon as it is decoded (overlapped
-              with the remaining decompression); this phase is the tail until the stream is synced
+  read        pread header + manifest, check the root checksum and structure
+  verify      bind to tenant uid + module digest, check caps; then on the worker threads pread every
+              chunk (raw chunks straight to their final place in pinned staging, compressed ones into
+              a read-ahead area) and check its xxh3; pread copies from the page cache with the GIL
+              released and no page faults, where an mmap costs one fault per page on first touch
+  decompress  restore_buffers, async H2D of every raw GPU chunk at once, zstd chunks decoded in
+              parallel into staging and each uploaded as soon as it is decoded (overlapped)
+  upload      the tail until the tenant's stream is synced
   instantiate wasm memory + globals written into the pool's instances
 Nothing of the tenant changes until `read` and `verify` pass: a refused blob leaves state untouched.
 Must not import wasmtime or cuda; reaches the engine and accelerator through their protocols.
@@ -14,6 +17,7 @@ Must not import wasmtime or cuda; reaches the engine and accelerator through the
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +27,7 @@ from tensorwasm.runtime import metrics
 from tensorwasm.runtime.accel.base import Accelerator, TenantDevice
 from tensorwasm.runtime.errors import GpuMemoryExhausted, SnapshotRejected
 from tensorwasm.runtime.snapshots import codec
-from tensorwasm.runtime.snapshots.pipeline import STAGING, SnapshotPool, Stopwatch, layout, workers
-from tensorwasm.runtime.snapshots.store import open_blob
+from tensorwasm.runtime.snapshots.pipeline import PACKED, STAGING, SnapshotPool, Stopwatch, layout, workers
 
 WASM_PAGE = 65536
 
@@ -109,19 +112,33 @@ def restore_snapshot(
     """Verify `path` completely, then load it into `pool` and `device`; SnapshotRejected if refused."""
     watch = Stopwatch()
     try:
-        with open_blob(path) as blob:
-            parsed = codec.parse(blob)
-            m = parsed.manifest
-            watch.lap("read")
-            check_binding(m, tenant_uid=tenant_uid, module_sha256=module_sha256, device=device,
-                          memory_limit=memory_limit)  # fmt: skip
-            _verify_chunks(blob, m)
-            globals_ = codec.decode_globals(codec.decode_region(blob, m, m.region("globals")))
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SnapshotRejected(f"snapshot {path} cannot be read: {exc.strerror or exc}") from exc
+    try:
+        parsed = codec.parse_parts(lambda offset, n: os.pread(fd, n, offset), os.fstat(fd).st_size)
+        m = parsed.manifest
+        watch.lap("read")
+        check_binding(m, tenant_uid=tenant_uid, module_sha256=module_sha256, device=device,
+                      memory_limit=memory_limit)  # fmt: skip
+        plan = _Plan(m)
+        with STAGING.turn(accelerator) as staging, PACKED.turn(None) as packed:
+            stage = staging.view(plan.stage_bytes)
+            ahead = packed.view(plan.packed_bytes)
+            plan.fetch_all(fd, stage, ahead)
+            globals_ = codec.decode_globals(plan.region_view(stage, m.region("globals")))
             watch.lap("verify")
-            _load(blob, m, watch, pool, device, accelerator, globals_, make_state or _wasm_state)
+            with pool.quiesce():
+                check_pool(pool, m.region("wasm_memory").size, globals_)
+                plan.load(stage, ahead, device, watch)
+                memory = plan.region_view(stage, m.region("wasm_memory"))
+                pool.restore_state((make_state or _wasm_state)(memory, globals_))
+                watch.lap("instantiate")
     except SnapshotRejected:
         metrics.SNAPSHOT_REJECTED.inc()
         raise
+    finally:
+        os.close(fd)
     timings = watch.total()
     for phase, seconds in timings.items():
         metrics.SNAPSHOT_RESTORE_PHASE_SECONDS.labels(phase).observe(seconds)
@@ -130,33 +147,62 @@ def restore_snapshot(
     return RestoreResult(parsed.digest, m, timings)
 
 
-def _verify_chunks(blob: memoryview, m: codec.Manifest) -> None:
-    # Small blobs: thread hand-off costs more than hashing a few MiB at ~16 GB/s.
-    if m.stored_bytes <= 8 << 20:
-        for i in range(len(m.chunks)):
-            codec.verify_chunk(blob, m, i)
-        return
-    futures = [workers().submit(codec.verify_chunk, blob, m, i) for i in range(len(m.chunks))]
-    for f in futures:
-        f.result()
+# Below this many stored bytes, thread hand-offs cost more than they save (hashing runs ~16 GB/s).
+_SERIAL_BYTES = 4 << 20
 
 
-def _load(
-    blob: memoryview,
-    m: codec.Manifest,
-    watch: Stopwatch,
-    pool: SnapshotPool,
-    device: TenantDevice | None,
-    accelerator: Accelerator | None,
-    globals_: list[codec.GlobalValue],
-    make_state: Callable[[memoryview, list[codec.GlobalValue]], Any],
-) -> None:
-    gpu_regions = list(codec.iter_gpu_regions(m))
-    memory_region = m.region("wasm_memory")
-    targets = [*gpu_regions, memory_region]
-    offsets = layout([r.size for r in targets])
-    with pool.quiesce(), STAGING.acquire(accelerator, offsets[-1]) as stage:
-        check_pool(pool, memory_region.size, globals_)
+class _Plan:
+    """Where every chunk lands: decoded regions in staging (page-aligned), zstd chunks in read-ahead."""
+
+    def __init__(self, m: codec.Manifest) -> None:
+        self.m = m
+        self.regions = [*codec.iter_gpu_regions(m), m.region("wasm_memory"), m.region("globals")]
+        offsets = layout([r.size for r in self.regions])
+        self.stage_bytes = offsets[-1]
+        self.base = {r: off for r, off in zip(self.regions, offsets, strict=False)}
+        # chunk index -> (region, start within region, offset in staging, offset in read-ahead or -1)
+        self.chunks: list[tuple[codec.Region, int, int, int]] = [None] * len(m.chunks)  # type: ignore[list-item]
+        packed = 0
+        for r in self.regions:
+            for j in range(r.chunk_count):
+                i, start = r.first_chunk + j, j * m.chunk_size
+                c = m.chunks[i]
+                ahead = -1
+                if c.codec == "zstd":
+                    ahead, packed = packed, packed + c.stored
+                self.chunks[i] = (r, start, self.base[r] + start, ahead)
+        self.packed_bytes = packed
+        self.serial = m.stored_bytes <= _SERIAL_BYTES
+
+    def region_view(self, stage: memoryview, r: codec.Region) -> memoryview:
+        return stage[self.base[r] : self.base[r] + r.size]
+
+    def _map(self, fn: Callable[[int], None], indices: list[int]) -> list[cf.Future[None]] | None:
+        if self.serial:
+            for i in indices:
+                fn(i)
+            return None
+        return [workers().submit(fn, i) for i in indices]
+
+    def fetch_all(self, fd: int, stage: memoryview, ahead: memoryview) -> None:
+        """pread + checksum every chunk; raises SnapshotRejected before anything of the tenant changes."""
+
+        def fetch(i: int) -> None:
+            c = self.m.chunks[i]
+            _, _, at, slot = self.chunks[i]
+            dst = stage[at : at + c.size] if slot < 0 else ahead[slot : slot + c.stored]
+            _pread_into(fd, dst, c.offset)
+            codec.check_stored(dst, self.m, i)
+
+        futures = self._map(fetch, list(range(len(self.m.chunks))))
+        for f in futures or ():
+            f.result()
+
+    def load(
+        self, stage: memoryview, ahead: memoryview, device: TenantDevice | None, watch: Stopwatch
+    ) -> None:
+        """GPU buffers recreated, raw chunks uploaded at once, zstd chunks decoded then uploaded."""
+        m = self.m
         if device is not None:
             try:
                 device.restore_buffers(m.gpu_buffers())  # all-or-nothing: the first state change
@@ -164,25 +210,48 @@ def _load(
                 raise SnapshotRejected(
                     f"snapshot GPU buffers do not fit the tenant's cap: {exc.message}", reason="OverCap"
                 ) from exc
-        jobs: dict[cf.Future[None], tuple[codec.Region, int, memoryview]] = {}
-        for region, base in zip(targets, offsets, strict=False):
-            for j in range(region.chunk_count):
-                c = m.chunks[region.first_chunk + j]
-                start = j * m.chunk_size
-                dst = stage[base + start : base + start + c.size]
-                jobs[workers().submit(codec.decode_chunk_into, blob, c, dst)] = (region, start, dst)
-        for fut in cf.as_completed(jobs):
-            fut.result()
-            region, start, dst = jobs[fut]
-            if region.handle is not None and device is not None:
-                device.write_async(region.handle, start, dst)  # H2D overlaps the chunks still decoding
+        packed = [i for i, (_, _, _, slot) in enumerate(self.chunks) if slot >= 0]
+        if device is not None:
+            for i, (r, start, at, slot) in enumerate(self.chunks):
+                if slot < 0 and r.handle is not None:
+                    device.write_async(r.handle, start, stage[at : at + m.chunks[i].size])
+
+        def decode(i: int) -> None:
+            c = m.chunks[i]
+            _, _, at, slot = self.chunks[i]
+            codec.decode_stored_into(ahead[slot : slot + c.stored], c, stage[at : at + c.size])
+
+        futures = self._map(decode, packed)
+        if futures is None:
+            done: list[int] = packed
+        else:
+            index = {f: i for f, i in zip(futures, packed, strict=True)}
+            done = []
+            for f in cf.as_completed(futures):
+                f.result()
+                done.append(index[f])
+                self._upload(device, stage, index[f])  # H2D overlaps the chunks still decoding
+        if futures is None:
+            for i in done:
+                self._upload(device, stage, i)
         watch.lap("decompress")
         if device is not None:
             device.sync()
         watch.lap("upload")
-        base = offsets[len(gpu_regions)]
-        pool.restore_state(make_state(stage[base : base + memory_region.size], globals_))
-        watch.lap("instantiate")
+
+    def _upload(self, device: TenantDevice | None, stage: memoryview, i: int) -> None:
+        r, start, at, _ = self.chunks[i]
+        if device is not None and r.handle is not None:
+            device.write_async(r.handle, start, stage[at : at + self.m.chunks[i].size])
+
+
+def _pread_into(fd: int, dst: memoryview, offset: int) -> None:
+    got = 0
+    while got < len(dst):
+        n = os.preadv(fd, [dst[got:]], offset + got)
+        if n <= 0:
+            raise SnapshotRejected("snapshot file shrank while it was being read")
+        got += n
 
 
 def _wasm_state(memory: memoryview, globals_: list[codec.GlobalValue]) -> Any:
