@@ -43,6 +43,23 @@ controlplane: ## Build (once, cached by version outside the repo) the control pl
 test-unit: install ## Run only the tests that need no control plane
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
+CHART := helm/tensorwasm
+# The cached control-plane build holds helm too (build.sh prints its bin dir last, and is instant once built).
+HELM = "$$(bash hack/controlplane/build.sh 2>/dev/null | tail -1)/helm"
+
+.PHONY: helm-sync
+helm-sync: ## Copy crds/ into the Helm chart (a chart cannot read files outside itself)
+	@mkdir -p $(CHART)/files/crds
+	rm -f $(CHART)/files/crds/*.yaml
+	cp crds/tensorwasm.io_*.yaml $(CHART)/files/crds/
+
+.PHONY: helm-lint
+helm-lint: controlplane ## helm lint --strict the chart (defaults, every feature on); fails if CRDs are out of sync
+	@diff -r -x '.*' crds $(CHART)/files/crds --exclude=samples >/dev/null || \
+	  { echo "$(CHART)/files/crds differs from crds/: run make helm-sync"; exit 1; }
+	$(HELM) lint --strict $(CHART)
+	$(HELM) lint --strict $(CHART) --set mps.enabled=true,autoscaling.enabled=true,monitoring.force=true
+
 .PHONY: lint
 lint: install ## ruff, mypy (strict) and import-linter contracts
 	$(VENV)/bin/ruff check operator runtime tests bench
