@@ -4,7 +4,7 @@ Owns the restore pipeline and its refusal rules. Phases (each a histogram sample
   read        pread header + manifest, check the root checksum and structure
   verify      bind to tenant uid + module digest, check caps; then on the worker threads pread every
               chunk (raw chunks straight to their final place in pinned staging, compressed ones into
-              a read-ahead area) and check its xxh3; pread copies from the page cache with the GIL
+              a read-ahead area) and check its CRC-32; pread copies from the page cache with the GIL
               released and no page faults, where an mmap costs one fault per page on first touch
   decompress  restore_buffers, async H2D of every raw GPU chunk at once, zstd chunks decoded in
               parallel into staging and each uploaded as soon as it is decoded (overlapped)
@@ -147,8 +147,8 @@ def restore_snapshot(
     return RestoreResult(parsed.digest, m, timings)
 
 
-# Below this many stored bytes, thread hand-offs cost more than they save (hashing runs ~16 GB/s).
-_SERIAL_BYTES = 4 << 20
+# Below this many stored bytes, thread hand-offs cost more than they save (CRC-32 runs ~2.5 GB/s).
+_SERIAL_BYTES = 1 << 20
 
 
 class _Plan:
