@@ -131,6 +131,7 @@ def start_runtime_server(configs: Sequence[TenantConfig] = ()) -> Iterator[Runti
         shard = Shard(engine, accelerator, ModuleLoader(engine, 64 << 20, 10.0))
         shard_box.append(shard)
         metrics.TENANT_LOAD.source = shard.load_report
+        metrics.INVOKES.source = shard.invoke_report
         await shard.sync(list(configs))
         return await serve(build_app(shard), "127.0.0.1", 0)
 
@@ -146,6 +147,7 @@ def start_runtime_server(configs: Sequence[TenantConfig] = ()) -> Iterator[Runti
 
         asyncio.run_coroutine_threadsafe(stop(), loop).result(60)
         metrics.TENANT_LOAD.source = lambda: ()
+        metrics.INVOKES.source = lambda: ()
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()

@@ -82,6 +82,7 @@ async def _run(settings: RuntimeSettings) -> int:
         engine, accelerator, ModuleLoader(engine, settings.max_module_bytes, settings.fetch_timeout_s)
     )
     metrics.TENANT_LOAD.source = shard.load_report
+    metrics.INVOKES.source = shard.invoke_report
     runner, port = await serve(build_app(shard), settings.host, settings.port)
     log.info(
         "Runtime listening addr=%s:%d source=%s accelerator=%s",
@@ -114,6 +115,7 @@ async def _run(settings: RuntimeSettings) -> int:
     engine.close()
     accelerator.close()
     metrics.TENANT_LOAD.source = lambda: ()
+    metrics.INVOKES.source = lambda: ()
     log.info("Runtime stopped exit_code=%d", code)
     return code
 

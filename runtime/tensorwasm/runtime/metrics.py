@@ -2,36 +2,90 @@
 
 Names follow Prometheus conventions: tensorwasm_<noun>_<unit> with _total/_seconds/_bytes suffixes.
 Every metric registers in `REGISTRY` (what /metrics serves). Each part of the runtime owns one section
-below; hot paths cache labelled children once instead of calling `.labels()` per event.
+below; hot paths cache labelled children once instead of calling `.labels()` per event, or keep
+plain numbers that a collector reads at scrape time.
 Must not import wasmtime, cuda or aiohttp.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 # --- invoke path (runtime server) ---
 
-INVOCATIONS = Counter(
-    "tensorwasm_invocations_total",
-    "Invocations by tenant, function and outcome (ok or the error kind).",
-    ["tenant", "function", "outcome"],
-    registry=REGISTRY,
-)
-INVOKE_SECONDS = Histogram(
-    "tensorwasm_invoke_duration_seconds",
-    "Invoke latency as the HTTP layer sees it: queue wait + thread hop + guest run.",
-    ["tenant", "function"],
-    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-    registry=REGISTRY,
-)
+INVOKE_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
+)  # fmt: skip
+
+
+class InvokeStats:
+    """Counters and latency buckets of one (tenant, function), kept as plain numbers.
+
+    Only the event-loop thread updates them and /metrics reads them on that same thread, so the
+    invoke path takes no lock (prometheus_client's Counter/Histogram take one per update).
+    """
+
+    __slots__ = ("buckets", "outcomes", "total_s")
+
+    def __init__(self) -> None:
+        self.outcomes: dict[str, int] = {}
+        self.buckets = [0] * (len(INVOKE_BUCKETS) + 1)  # last one is +Inf
+        self.total_s = 0.0
+
+    def record(self, outcome: str, seconds: float | None) -> None:
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+        if seconds is not None:
+            self.buckets[bisect_left(INVOKE_BUCKETS, seconds)] += 1
+            self.total_s += seconds
+
+
+class InvokeCollector(Collector):
+    """tensorwasm_invocations_total{tenant,function,outcome} and tensorwasm_invoke_duration_seconds."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], Iterable[tuple[str, str, InvokeStats]]] = lambda: ()
+
+    def collect(self) -> Iterator[Metric]:
+        calls = CounterMetricFamily(
+            "tensorwasm_invocations",
+            "Invocations by tenant, function and outcome (ok or the error kind).",
+            labels=["tenant", "function", "outcome"],
+        )
+        latency = HistogramMetricFamily(
+            "tensorwasm_invoke_duration_seconds",
+            "Invoke latency as the HTTP layer sees it: queue wait + thread hop + guest run.",
+            labels=["tenant", "function"],
+        )
+        for tenant, function, stats in self.source():
+            for outcome, n in stats.outcomes.items():
+                calls.add_metric([tenant, function, outcome], n)
+            cumulative, buckets = 0, []
+            for le, n in zip((*INVOKE_BUCKETS, float("inf")), stats.buckets, strict=True):
+                cumulative += n
+                buckets.append((_go_float(le), cumulative))
+            if cumulative:
+                latency.add_metric([tenant, function], buckets, stats.total_s)
+        yield from (calls, latency)
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
+def _go_float(value: float) -> str:
+    """Bucket bound as Prometheus writes it ("+Inf", "0.005", "1.0")."""
+    return "+Inf" if value == float("inf") else repr(float(value))
+
+
+INVOKES = InvokeCollector()
+REGISTRY.register(INVOKES)
 
 
 @dataclass(frozen=True)

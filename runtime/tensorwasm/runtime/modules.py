@@ -89,7 +89,6 @@ class ModuleLoader:
             raise
         except Exception as exc:  # the engine's own validation errors, worded by wasmtime
             raise rejected(REJECTED, f"module from {source.describe()} failed to compile: {exc}") from exc
-        log.info("Compiled module sha256=%s took_ms=%.1f", source.sha256[:12], (perf_counter() - start) * 1e3)
         return module
 
     async def fetch(self, source: ModuleSource) -> bytes:

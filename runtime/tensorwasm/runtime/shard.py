@@ -25,8 +25,6 @@ from tensorwasm.runtime.tenancy.config import TenantConfig
 from tensorwasm.runtime.tenancy.queue import TenantQueue
 
 if TYPE_CHECKING:
-    from prometheus_client.metrics import Counter, Histogram
-
     from tensorwasm.runtime.accel.base import Accelerator, AcceleratorHealth, TenantDevice
     from tensorwasm.runtime.engine import CompiledModule, Engine, TenantInstancePool
 
@@ -61,6 +59,7 @@ class ServedTenant:
         device: TenantDevice | None,
         queue: TenantQueue,
         functions: frozenset[str],
+        stats: dict[str, metrics.InvokeStats],
     ) -> None:
         self.name = config.name
         self.config = config
@@ -70,22 +69,14 @@ class ServedTenant:
         self.functions = functions
         self.max_body_bytes = config.limits.max_body_bytes
         self.invoke = pool.invoke  # bound once: the worker calls invoke(function, payload)
-        self._counters: dict[tuple[str, str], Counter] = {}
-        self._latency: dict[str, Histogram] = {}
+        self.stats = stats  # (function) -> counters; survives reloads of the same tenant
 
-    def counter(self, function: str, outcome: str) -> Counter:
-        """Cached labelled child of tensorwasm_invocations_total."""
-        key = (function, outcome)
-        child = self._counters.get(key)
-        if child is None:
-            child = self._counters[key] = metrics.INVOCATIONS.labels(self.name, function, outcome)
-        return child
-
-    def latency(self, function: str) -> Histogram:
-        child = self._latency.get(function)
-        if child is None:
-            child = self._latency[function] = metrics.INVOKE_SECONDS.labels(self.name, function)
-        return child
+    def record(self, function: str, outcome: str, seconds: float | None) -> None:
+        """Count one invoke (event-loop thread only); `seconds` is None when it never ran."""
+        entry = self.stats.get(function)
+        if entry is None:
+            entry = self.stats[function] = metrics.InvokeStats()
+        entry.record(outcome, seconds)
 
     def gpu_bytes_in_use(self) -> int:
         return self.device.bytes_in_use() if self.device is not None else 0
@@ -103,6 +94,7 @@ class Shard:
     waiting_auth: dict[str, str] = field(default_factory=dict)  # "Bearer <token>" -> unserved tenant
     statuses: dict[str, TenantStatus] = field(default_factory=dict)  # every assigned tenant
     assigned: dict[str, TenantConfig] = field(default_factory=dict)  # last config seen per tenant
+    stats: dict[str, dict[str, metrics.InvokeStats]] = field(default_factory=dict)  # tenant -> function
     synced: bool = False  # the source delivered its first full list
     health_poke: asyncio.Event = field(default_factory=asyncio.Event)  # an invoke saw AcceleratorFailed
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -120,6 +112,7 @@ class Shard:
             for name in [n for n in self.statuses if n not in wanted and n not in failed]:
                 await self._unload(name)
                 del self.statuses[name]
+                self.stats.pop(name, None)
             for name, status in failed.items():
                 # A deleted Secret must revoke access: a refused tenant stops serving.
                 await self._unload(name)
@@ -170,6 +163,11 @@ class Shard:
 
     def health(self) -> AcceleratorHealth | None:
         return self.accelerator.health() if self.accelerator is not None else None
+
+    def invoke_report(self) -> Iterator[tuple[str, str, metrics.InvokeStats]]:
+        for tenant, functions in self.stats.items():
+            for function, stats in functions.items():
+                yield tenant, function, stats
 
     def load_report(self) -> Iterator[metrics.TenantLoad]:
         for name, status in self.statuses.items():
@@ -229,7 +227,8 @@ class Shard:
         self, config: TenantConfig, pool: TenantInstancePool, device: TenantDevice | None, queue: TenantQueue
     ) -> None:
         exported = frozenset(config.functions or pool.functions())
-        tenant = ServedTenant(config, pool, device, queue, exported)
+        stats = self.stats.setdefault(config.name, {})
+        tenant = ServedTenant(config, pool, device, queue, exported, stats)
         self.served[config.name] = tenant
         self._rebuild_auth()
         self.statuses[config.name] = TenantStatus(

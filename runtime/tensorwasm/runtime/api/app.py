@@ -38,6 +38,7 @@ SHARD_KEY = web.AppKey("shard", Shard)
 # aiohttp's own cap; per-tenant limits are enforced before reading (see _read_body).
 CLIENT_MAX_SIZE = 1 << 30
 OCTET = "application/octet-stream"
+_OCTET_HEADERS = {"Content-Type": OCTET}  # copied by Response; cheaper than content_type= parsing
 _UNKNOWN_FUNCTION = "<unknown>"  # metric label for names a tenant does not export (bounded cardinality)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -92,28 +93,32 @@ class _Api:
 
     async def _invoke(self, request: web.Request, tenant: ServedTenant, function: str) -> web.StreamResponse:
         if function not in tenant.functions:
-            tenant.counter(_UNKNOWN_FUNCTION, NotFound.kind).inc()
+            tenant.record(_UNKNOWN_FUNCTION, NotFound.kind, None)
             return fault_response(
                 NotFound(
                     f"tenant {tenant.name} has no function {function!r}", functions=sorted(tenant.functions)
                 )
             )
-        start = perf_counter()
         try:
             body = await _read_body(request, tenant.max_body_bytes)
-            output = await tenant.queue.submit(tenant.invoke, function, body)
+            fut = tenant.queue.submit(tenant.invoke, function, body)
+        except RuntimeFault as exc:  # refused before running: 413 or 429
+            tenant.record(function, exc.kind, None)
+            return fault_response(exc)
+        start = perf_counter()
+        try:
+            output = await fut
         except RuntimeFault as exc:
-            tenant.counter(function, exc.kind).inc()
+            tenant.record(function, exc.kind, perf_counter() - start)
             if isinstance(exc, AcceleratorFailed):
                 self.shard.health_poke.set()
             return fault_response(exc)
         except Exception as exc:  # a bug, not the guest's fault: say so without leaking internals
             log.exception("Failed invoke tenant=%s function=%s", tenant.name, function)
-            tenant.counter(function, RuntimeFault.kind).inc()
+            tenant.record(function, RuntimeFault.kind, perf_counter() - start)
             return fault_response(RuntimeFault(f"internal error ({type(exc).__name__})"))
-        tenant.latency(function).observe(perf_counter() - start)
-        tenant.counter(function, "ok").inc()
-        return web.Response(body=output, content_type=OCTET)
+        tenant.record(function, "ok", perf_counter() - start)
+        return web.Response(body=output, headers=_OCTET_HEADERS)
 
     def _no_tenant(self, request: web.Request) -> web.Response:
         header = request.headers.get("Authorization")
