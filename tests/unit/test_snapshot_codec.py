@@ -220,3 +220,11 @@ def test_golden_blobs_stay_readable(name: str) -> None:
     assert codec.decode_globals(codec.decode_region(blob, m, m.region("globals"))) == [
         tuple(g) for g in expected["globals"]
     ]
+
+
+@pytest.mark.parametrize(
+    ("total", "expected"),
+    [(0, 256 << 10), (1 << 20, 256 << 10), (16 << 20, 1 << 20), (40 << 20, 4 << 20), (512 << 20, 4 << 20)],
+)
+def test_chunk_size_spreads_small_snapshots_and_caps_at_4_mib(total: int, expected: int) -> None:
+    assert codec.choose_chunk_size(total) == expected

@@ -80,7 +80,7 @@ def capture_snapshot(
     device: TenantDevice | None = None,
     accelerator: Accelerator | None = None,
     tenant: str = "",
-    chunk_size: int = codec.DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
 ) -> CaptureResult:
     """Capture, encode and durably store one snapshot; returns where it is and its digest."""
     watch = Stopwatch()
@@ -124,11 +124,12 @@ def write_snapshot(
     globals_: list[codec.GlobalValue],
     gpu: Mapping[int, bytes | bytearray | memoryview],
     tenant: str = "",
-    chunk_size: int = codec.DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
 ) -> CaptureResult:
     """Encode host copies of a tenant's state on the worker threads and commit them atomically."""
     watch = watch or Stopwatch()
     regions = codec.plan_regions(memory, globals_, gpu)
+    chunk_size = chunk_size or codec.choose_chunk_size(sum(len(r.data) for r in regions))
     with store.begin(tenant_uid) as pending:
         writer = _ChunkWriter(pending)
         jobs = [

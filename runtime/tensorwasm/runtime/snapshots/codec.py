@@ -207,6 +207,19 @@ def decode_globals(data: bytes | bytearray | memoryview) -> list[GlobalValue]:
 # --- chunk encoding ------------------------------------------------------------------------------
 
 
+MIN_CHUNK_SIZE: Final = 256 << 10
+TARGET_CHUNKS: Final = 16
+
+
+def choose_chunk_size(total_bytes: int) -> int:
+    """A power of two in [256 KiB, 4 MiB] giving about 16 chunks, so small snapshots also spread
+    their checksum/decode work over every core while large ones keep 4 MiB chunks."""
+    size = MIN_CHUNK_SIZE
+    while size < DEFAULT_CHUNK_SIZE and size * TARGET_CHUNKS < total_bytes:
+        size *= 2
+    return size
+
+
 def split(size: int, chunk_size: int) -> list[tuple[int, int]]:
     """(start, length) of each chunk of a region of `size` bytes; empty regions have none."""
     return [(s, min(chunk_size, size - s)) for s in range(0, size, chunk_size)]

@@ -148,7 +148,7 @@ def restore_snapshot(
 
 
 # Below this many stored bytes, thread hand-offs cost more than they save (CRC-32 runs ~2.5 GB/s).
-_SERIAL_BYTES = 1 << 20
+_SERIAL_BYTES = 256 << 10
 
 
 class _Plan:
