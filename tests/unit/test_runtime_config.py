@@ -1,0 +1,122 @@
+"""TenantConfig parsing from both sources: quantities, defaults, and a clear error for every bad field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tensorwasm.runtime.tenancy.config import (
+    TenantConfigError,
+    TenantLimits,
+    parse_kube_tenant,
+    parse_local_tenant,
+    parse_quantity,
+)
+
+SHA = "a" * 64
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [(1048576, 1 << 20), ("64Mi", 64 << 20), ("1Gi", 1 << 30), ("500k", 500_000), ("1.5Gi", 3 << 29),
+     ("2M", 2_000_000), ("0", 0), ("64Ki", 65536)],
+)  # fmt: skip
+def test_quantities(text: object, expected: int) -> None:
+    assert parse_quantity(text, "x") == expected
+
+
+@pytest.mark.parametrize("bad", ["64MB", "-1", "1.5", "Mi", "", "0.1Ki", True, 1.5, None, "64 Mi x"])
+def test_bad_quantities_name_the_field(bad: object) -> None:
+    with pytest.raises(TenantConfigError, match=r"^limits\.linearMemory: "):
+        parse_quantity(bad, "limits.linearMemory")
+
+
+def local(**over: object) -> dict[str, object]:
+    entry: dict[str, object] = {
+        "name": "alpha",
+        "token": "s3cret-alpha",
+        "module": {"path": "echo.wat", "sha256": SHA},
+        "functions": ["echo"],
+    }
+    entry.update(over)
+    return entry
+
+
+def test_local_entry_with_defaults_and_relative_path(tmp_path: Path) -> None:
+    cfg = parse_local_tenant(local(), "tenants[0]", tmp_path)
+    assert cfg.name == "alpha" and cfg.functions == ("echo",)
+    assert cfg.module.path == tmp_path / "echo.wat" and cfg.module.sha256 == SHA
+    assert cfg.limits == TenantLimits()
+    assert cfg.limits.linear_memory_bytes == 64 << 20 and cfg.limits.max_body_bytes == 1 << 20
+
+
+def test_local_limits_and_token_file(tmp_path: Path) -> None:
+    (tmp_path / "tok").write_text("from-a-file-123\n")
+    entry = local(
+        tokenFile="tok",
+        limits={"gpuMemory": "64Mi", "linearMemory": "16Mi", "timeoutMs": 500, "maxConcurrency": 2,
+                "queueLength": 8, "maxBodyBytes": "64Ki"},
+    )  # fmt: skip
+    del entry["token"]
+    cfg = parse_local_tenant(entry, "tenants[0]", tmp_path)
+    assert cfg.token == "from-a-file-123"
+    assert cfg.limits == TenantLimits(64 << 20, 16 << 20, 500, 2, 8, 64 << 10)
+
+
+@pytest.mark.parametrize(
+    ("over", "message"),
+    [
+        ({"name": "Alpha_1"}, r"tenants\[0\]\.name: 'Alpha_1' must be a DNS label"),
+        ({"token": "short"}, r"tenants\[0\]: a token needs at least 8 characters"),
+        ({"tokenFile": "x"}, r"tenants\[0\]: set exactly one of token or tokenFile"),
+        ({"module": {"sha256": SHA}}, r"tenants\[0\]\.module: set exactly one of path or url"),
+        (
+            {"module": {"path": "a", "sha256": "ABC"}},
+            r"tenants\[0\]\.module\.sha256: expected 64 lowercase hex",
+        ),
+        ({"module": {"url": "ftp://x/m.wasm", "sha256": SHA}}, r"module\.url: only http:// and https://"),
+        ({"functions": ["echo", "echo"]}, r"tenants\[0\]\.functions: lists a function twice"),
+        ({"functions": "echo"}, r"tenants\[0\]\.functions: expected a list"),
+        ({"limits": {"timeoutMs": 0}}, r"limits\.timeoutMs: 0 is outside \[1, 3600000\]"),
+        ({"limits": {"maxConcurrency": "4"}}, r"limits\.maxConcurrency: expected an integer"),
+        ({"limits": {"linearMemory": "1Ki"}}, r"limits\.linearMemory: '1Ki' is outside"),
+        ({"limits": {"gpuMemory": 0}}, r"limits\.gpuMemory: must be positive"),
+        ({"limits": {"cpu": 1}}, r"limits: unknown field\(s\) cpu"),
+        ({"colour": "blue"}, r"tenants\[0\]: unknown field\(s\) colour"),
+    ],
+)
+def test_local_errors_name_the_field(tmp_path: Path, over: dict[str, object], message: str) -> None:
+    with pytest.raises(TenantConfigError, match=message):
+        parse_local_tenant(local(**over), "tenants[0]", tmp_path)
+
+
+def test_unreadable_token_file(tmp_path: Path) -> None:
+    entry = {k: v for k, v in local(tokenFile="missing").items() if k != "token"}
+    with pytest.raises(TenantConfigError, match=r"tenants\[0\]\.tokenFile: cannot read"):
+        parse_local_tenant(entry, "tenants[0]", tmp_path)
+
+
+def kube(spec: dict[str, object]) -> dict[str, object]:
+    return {"metadata": {"name": "alpha", "namespace": "team-a", "generation": 3}, "spec": spec}
+
+
+def test_kube_tenant_with_resolved_configmap() -> None:
+    obj = kube({"module": {"configMapRef": {"name": "m", "key": "module.wasm"}, "sha256": SHA},
+                "functions": ["echo"], "limits": {"gpuMemory": "256Mi", "maxBodyBytes": "2Mi"},
+                "gpu": {"smPercent": 25}})  # fmt: skip
+    cfg = parse_kube_tenant(obj, token="tok-123456", module_data=b"\0asm", module_origin="ConfigMap team-a/m")
+    assert cfg.module.data == b"\0asm" and cfg.module.describe() == "ConfigMap team-a/m"
+    assert cfg.generation == 3 and cfg.namespace == "team-a" and cfg.sm_percent == 25
+    assert cfg.limits.gpu_memory_bytes == 256 << 20 and cfg.limits.max_body_bytes == 2 << 20
+
+
+def test_kube_tenant_errors() -> None:
+    with pytest.raises(TenantConfigError, match=r"spec\.module: set exactly one of configMapRef or url"):
+        parse_kube_tenant(kube({"module": {"sha256": SHA}}), token="t" * 10, module_data=None)
+    with pytest.raises(TenantConfigError, match=r"spec\.module\.sha256"):
+        parse_kube_tenant(
+            kube({"module": {"url": "https://x/m", "sha256": "z"}}), token="t" * 10, module_data=None
+        )
+    with pytest.raises(TenantConfigError, match=r"empty 'token'"):
+        parse_kube_tenant(kube({"module": {"url": "https://x/m", "sha256": SHA}}), token="", module_data=None)
