@@ -1,0 +1,193 @@
+"""The runtime shard's Kubernetes source against a real API server (no operator: the test places Tenants).
+
+A real `tensorwasm runtime --shard-name shard-0` process watches the namespace. The test plays the
+operator's part by writing status.shard through the status subresource, and checks what a user
+would notice: the shard serves exactly the Tenants placed on it, reports status.runtime (only when
+it changes), follows Secret rotation, refuses a bad module for that tenant alone, lets go of a
+Tenant moved elsewhere, and converges again after a restart (level-triggered re-list).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+ECHO = (REPO / "tests" / "fixtures" / "echo.wat").read_bytes()
+ECHO_SHA = hashlib.sha256(ECHO).hexdigest()
+
+
+class Shard:
+    """One runtime shard process (the pod stand-in)."""
+
+    def __init__(self, kube: Any, namespace: str, name: str, log_path: Path) -> None:
+        self.kube, self.namespace, self.name, self.log_path = kube, namespace, name, log_path
+        self.proc: subprocess.Popen[str] | None = None
+        self.port = 0
+
+    def start(self) -> Shard:
+        cmd = [sys.executable, "-m", "tensorwasm.runtime", "--kubeconfig", str(self.kube.kubeconfig),
+               "--namespace", self.namespace, "--shard-name", self.name, "--listen", "127.0.0.1:0",
+               "--accelerator", "cpu", "--resync", "5"]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=REPO)
+        assert self.proc.stderr is not None
+        deadline = time.monotonic() + 60
+        with self.log_path.open("a") as log:
+            while time.monotonic() < deadline:
+                line = self.proc.stderr.readline()
+                log.write(line)
+                m = re.search(r"Runtime listening addr=127\.0\.0\.1:(\d+)", line)
+                if m:
+                    self.port = int(m.group(1))
+                    break
+                if not line and self.proc.poll() is not None:
+                    raise AssertionError(f"shard exited early: see {self.log_path}")
+        assert self.port, "shard did not start"
+        threading.Thread(target=self._drain, daemon=True).start()  # the pipe must never fill
+        return self
+
+    def _drain(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        with self.log_path.open("a") as log:
+            for line in self.proc.stderr:
+                log.write(line)
+                log.flush()
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(20)
+
+    def invoke(self, token: str, function: str, body: bytes) -> tuple[int, bytes]:
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}/v1/functions/{function}/invoke", data=body,
+            headers={"Authorization": f"Bearer {token}"},
+        )  # fmt: skip
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+
+@pytest.fixture
+def shard(kube: Any, namespace: str, tmp_path: Path) -> Iterator[Callable[[], Shard]]:
+    started: list[Shard] = []
+
+    def make() -> Shard:
+        s = Shard(kube, namespace, "shard-0", tmp_path / "shard.log").start()
+        started.append(s)
+        return s
+
+    yield make
+    for s in started:
+        if s.proc is not None and s.proc.poll() is None:
+            s.proc.kill()
+            s.proc.wait()
+
+
+def apply(kube: Any, namespace: str, obj: dict[str, Any]) -> None:
+    kube.kubectl("apply", "-n", namespace, "-f", "-", input_text=json.dumps(obj))
+
+
+def place(kube: Any, namespace: str, tenant: str, shard_name: str) -> None:
+    patch = json.dumps({"status": {"shard": shard_name}})
+    kube.kubectl(
+        "patch", "tenant", tenant, "-n", namespace, "--subresource=status", "--type=merge", "-p", patch
+    )
+
+
+def tenant_obj(name: str, sha: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "tensorwasm.io/v1alpha1",
+        "kind": "Tenant",
+        "metadata": {"name": name},
+        "spec": {
+            "module": {"configMapRef": {"name": "echo-module", "key": "module.wasm"}, "sha256": sha},
+            "functions": ["echo"],
+            "limits": {"linearMemory": "16Mi", "timeoutMs": 500, "maxConcurrency": 2},
+            "authSecretRef": {"name": f"{name}-token"},
+        },
+    }
+
+
+def secret(name: str, token: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name},
+            "data": {"token": base64.b64encode(token.encode()).decode()}}  # fmt: skip
+
+
+def runtime_status(kube: Any, namespace: str, tenant: str) -> dict[str, Any]:
+    obj = json.loads(kube.kubectl("get", "tenant", tenant, "-n", namespace, "-o", "json"))
+    return dict((obj.get("status") or {}).get("runtime") or {})
+
+
+def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 30) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_shard_serves_reports_and_converges(kube: Any, namespace: str, shard: Callable[[], Shard]) -> None:
+    apply(kube, namespace, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "echo-module"},
+                            "binaryData": {"module.wasm": base64.b64encode(ECHO).decode()}})  # fmt: skip
+    apply(kube, namespace, secret("alpha-token", "alpha-token-0001"))
+    apply(kube, namespace, secret("beta-token", "beta-token-00001"))
+    apply(kube, namespace, tenant_obj("alpha", ECHO_SHA))
+    apply(kube, namespace, tenant_obj("beta", "0" * 64))  # wrong digest: refused, alone
+    apply(kube, namespace, tenant_obj("gamma", ECHO_SHA))  # never placed here: not served
+    place(kube, namespace, "alpha", "shard-0")
+    place(kube, namespace, "beta", "shard-0")
+    place(kube, namespace, "gamma", "shard-7")
+
+    s = shard()
+    report = wait_for(lambda: runtime_status(kube, namespace, "alpha").get("loaded"), "alpha loaded")
+    assert report is True
+    alpha = runtime_status(kube, namespace, "alpha")
+    assert (
+        alpha["shard"] == "shard-0" and alpha["reason"] == "ModuleLoaded" and alpha["observedGeneration"] == 1
+    )
+    beta = wait_for(lambda: runtime_status(kube, namespace, "beta") or None, "beta report")
+    assert beta["loaded"] is False and beta["reason"] == "DigestMismatch"
+    assert runtime_status(kube, namespace, "gamma") == {}
+    assert s.invoke("alpha-token-0001", "echo", b"hi") == (200, b"hi")
+    assert s.invoke("beta-token-00001", "echo", b"hi")[0] == 503
+
+    # Quiet when nothing changes: a resync does not rewrite status.
+    reported_at = alpha["reportedAt"]
+    time.sleep(6)
+    assert runtime_status(kube, namespace, "alpha")["reportedAt"] == reported_at
+
+    # Secret rotation reaches the shard; the old token stops working.
+    apply(kube, namespace, secret("alpha-token", "alpha-token-0002"))
+    wait_for(lambda: s.invoke("alpha-token-0002", "echo", b"x")[0] == 200, "rotated token")
+    assert s.invoke("alpha-token-0001", "echo", b"x")[0] == 401
+
+    # Moved to another shard: this one lets go.
+    place(kube, namespace, "alpha", "shard-1")
+    wait_for(lambda: s.invoke("alpha-token-0002", "echo", b"x")[0] == 401, "alpha released")
+
+    # Restart: a fresh process re-lists and converges (alpha back on shard-0).
+    assert s.stop() == 0
+    place(kube, namespace, "alpha", "shard-0")
+    s2 = shard()
+    wait_for(lambda: s2.invoke("alpha-token-0002", "echo", b"again")[0] == 200, "served after restart")
+    ready = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{s2.port}/readyz", timeout=5).read())
+    assert ready["loaded"] == ["alpha"] and ready["failed"] == {"beta": "DigestMismatch"}
