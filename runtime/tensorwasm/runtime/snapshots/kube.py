@@ -1,0 +1,223 @@
+"""The Kubernetes side of snapshots on a shard: Snapshot resources in, captures and restores out.
+
+Owns the pure status builders and restore choice for `Snapshot` (tensorwasm.io/v1alpha1) and
+`SnapshotAgent`, which the shard's Kubernetes source calls (blocking: from a worker thread) for
+every Snapshot whose `spec.tenant` is served here, and once when a Tenant starts on this shard:
+- a new Snapshot: add the finalizer, status Capturing, capture, then status Ready (sizeBytes,
+  storedBytes, checksum, location, durations) or Failed with the reason;
+- a deleted Snapshot: delete its blob, then drop the finalizer (the API server then removes it);
+- a Tenant starting: restore `spec.restoreFrom`, else its newest Ready Snapshot, when the blob is here.
+Level-triggered: a Ready or Failed Snapshot is never captured again, so a re-list changes nothing.
+Must not import wasmtime or cuda; talks to the API only through the `CustomObjects` protocol
+(the `kubernetes` client's CustomObjectsApi).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from tensorwasm.runtime.accel.base import Accelerator, TenantDevice
+from tensorwasm.runtime.errors import NotFound, RuntimeFault, SnapshotRejected
+from tensorwasm.runtime.snapshots.capture import CaptureResult, capture_snapshot
+from tensorwasm.runtime.snapshots.pipeline import SnapshotPool
+from tensorwasm.runtime.snapshots.restore import RestoreResult, restore_snapshot
+from tensorwasm.runtime.snapshots.store import SnapshotStore
+
+log = logging.getLogger(__name__)
+
+GROUP, VERSION, PLURAL = "tensorwasm.io", "v1alpha1", "snapshots"
+FINALIZER = "tensorwasm.io/snapshot-blob"
+MERGE_PATCH = "application/merge-patch+json"
+# Condition reasons (CamelCase constants, as the operator uses them).
+CAPTURED, CAPTURE_FAILED, CAPTURING = "Captured", "CaptureFailed", "Capturing"
+
+
+class CustomObjects(Protocol):
+    """The two calls of kubernetes.client.CustomObjectsApi the agent makes."""
+
+    def patch_namespaced_custom_object(self, *args: Any, **kwargs: Any) -> Any: ...
+    def patch_namespaced_custom_object_status(self, *args: Any, **kwargs: Any) -> Any: ...
+
+
+@dataclass(frozen=True)
+class TenantHandle:
+    """What the agent needs of a tenant served on this shard."""
+
+    name: str
+    uid: str  # the Tenant's metadata.uid: blobs bind to it, so a re-created Tenant starts fresh
+    module_sha256: str
+    generation: int
+    pool: SnapshotPool
+    device: TenantDevice | None = None
+
+
+# --- pure ----------------------------------------------------------------------------------------
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _condition(ok: bool, reason: str, message: str, generation: int) -> dict[str, Any]:
+    return {
+        "type": "Ready",
+        "status": "True" if ok else "False",
+        "reason": reason,
+        "message": message[:1024],
+        "observedGeneration": generation,
+        "lastTransitionTime": _now(),
+    }
+
+
+def build_capturing_status(shard: str, generation: int) -> dict[str, Any]:
+    return {
+        "phase": "Capturing",
+        "shard": shard,
+        "conditions": [_condition(False, CAPTURING, "capture in progress", generation)],
+    }
+
+
+def build_ready_status(result: CaptureResult, shard: str, generation: int) -> dict[str, Any]:
+    return {
+        "phase": "Ready",
+        "shard": shard,
+        "sizeBytes": result.manifest.raw_bytes,
+        "storedBytes": result.size_bytes,
+        "checksum": result.digest,
+        "location": str(result.path),
+        "message": "",
+        "durations": {phase: round(seconds, 6) for phase, seconds in result.timings.items()},
+        "conditions": [_condition(True, CAPTURED, f"captured {result.manifest.raw_bytes} bytes", generation)],
+    }
+
+
+def build_failed_status(shard: str, message: str, generation: int) -> dict[str, Any]:
+    return {
+        "phase": "Failed",
+        "shard": shard,
+        "message": message[:1024],
+        "conditions": [_condition(False, CAPTURE_FAILED, message, generation)],
+    }
+
+
+def needs_capture(snapshot: Mapping[str, Any]) -> bool:
+    """Not being deleted and never finished (Ready/Failed are final: a re-list captures nothing)."""
+    meta = snapshot.get("metadata") or {}
+    phase = (snapshot.get("status") or {}).get("phase")
+    return not meta.get("deletionTimestamp") and phase not in ("Ready", "Failed")
+
+
+def pick_restore(
+    tenant: Mapping[str, Any], snapshots: Sequence[Mapping[str, Any]]
+) -> tuple[Mapping[str, Any] | None, str]:
+    """The Snapshot a starting Tenant restores: spec.restoreFrom if Ready, else its newest Ready one."""
+    name = (tenant.get("metadata") or {}).get("name")
+    mine = [
+        s
+        for s in snapshots
+        if (s.get("spec") or {}).get("tenant") == name
+        and (s.get("status") or {}).get("phase") == "Ready"
+        and not (s.get("metadata") or {}).get("deletionTimestamp")
+    ]
+    wanted = (tenant.get("spec") or {}).get("restoreFrom")
+    if wanted:
+        chosen = next((s for s in mine if s["metadata"]["name"] == wanted), None)
+        return (
+            chosen,
+            "" if chosen else f"restoreFrom names Snapshot {wanted!r}, which is not a Ready snapshot",
+        )
+    if not mine:
+        return None, "no Ready snapshot"
+    newest = max(mine, key=lambda s: (s["metadata"].get("creationTimestamp") or "", s["metadata"]["name"]))
+    return newest, ""
+
+
+# --- I/O -----------------------------------------------------------------------------------------
+
+
+class SnapshotAgent:
+    """Runs captures, blob deletions and restores for the Snapshots of tenants served on one shard."""
+
+    def __init__(
+        self,
+        api: CustomObjects,
+        store: SnapshotStore,
+        shard_name: str,
+        accelerator: Accelerator | None = None,
+    ) -> None:
+        self.api, self.store, self.shard_name, self.accelerator = api, store, shard_name, accelerator
+
+    def reconcile(self, snapshot: Mapping[str, Any], tenant: TenantHandle | None) -> str:
+        """Act on one Snapshot; returns what it did ("captured", "failed", "deleted", "none")."""
+        meta = snapshot.get("metadata") or {}
+        ns, name = meta.get("namespace", ""), meta.get("name", "")
+        finalizers = list(meta.get("finalizers") or [])
+        if meta.get("deletionTimestamp"):
+            owner = (snapshot.get("status") or {}).get("shard")
+            if FINALIZER not in finalizers or (owner and owner != self.shard_name):
+                return "none"  # the blob lives on the shard that captured it
+            digest = (snapshot.get("status") or {}).get("checksum")
+            uid = (snapshot.get("status") or {}).get("tenantUid") or (tenant.uid if tenant else "")
+            if digest and uid:
+                self.store.delete(uid, digest)
+            self._patch(ns, name, {"metadata": {"finalizers": [f for f in finalizers if f != FINALIZER],
+                                                "resourceVersion": meta.get("resourceVersion")}})  # fmt: skip
+            log.info("Deleted Snapshot blob name=%s digest=%s", name, digest)
+            return "deleted"
+        if tenant is None or not needs_capture(snapshot):
+            return "none"
+        generation = int(meta.get("generation") or 0)
+        if FINALIZER not in finalizers:
+            self._patch(ns, name, {"metadata": {"finalizers": [*finalizers, FINALIZER]}})
+        self._status(ns, name, build_capturing_status(self.shard_name, generation))
+        try:
+            result = capture_snapshot(
+                self.store, tenant_uid=tenant.uid, module_sha256=tenant.module_sha256,
+                generation=tenant.generation, pool=tenant.pool, device=tenant.device,
+                accelerator=self.accelerator, tenant=tenant.name,
+            )  # fmt: skip
+        except (RuntimeFault, OSError) as exc:
+            message = exc.message if isinstance(exc, RuntimeFault) else f"{type(exc).__name__}: {exc}"
+            self._status(ns, name, build_failed_status(self.shard_name, message, generation))
+            log.warning("Failed capturing Snapshot name=%s tenant=%s message=%s", name, tenant.name, message)
+            return "failed"
+        status = build_ready_status(result, self.shard_name, generation)
+        status["tenantUid"] = tenant.uid
+        self._status(ns, name, status)
+        log.info("Captured Snapshot name=%s tenant=%s bytes=%d", name, tenant.name, result.manifest.raw_bytes)
+        return "captured"
+
+    def restore_on_start(
+        self, tenant: TenantHandle, tenant_obj: Mapping[str, Any], snapshots: Sequence[Mapping[str, Any]]
+    ) -> tuple[RestoreResult | None, str]:
+        """Restore the chosen Snapshot when its blob is in this shard's store; (None, why) otherwise."""
+        chosen, why = pick_restore(tenant_obj, snapshots)
+        if chosen is None:
+            return None, why
+        digest = (chosen.get("status") or {}).get("checksum", "")
+        try:
+            path = self.store.path_of(tenant.uid, digest)
+            result = restore_snapshot(
+                path, tenant_uid=tenant.uid, module_sha256=tenant.module_sha256, pool=tenant.pool,
+                device=tenant.device, accelerator=self.accelerator,
+            )  # fmt: skip
+        except (NotFound, SnapshotRejected) as exc:
+            log.warning("Skipped restoring Tenant name=%s snapshot=%s message=%s", tenant.name,
+                        chosen["metadata"]["name"], exc.message)  # fmt: skip
+            return None, exc.message
+        log.info("Restored Tenant name=%s snapshot=%s", tenant.name, chosen["metadata"]["name"])
+        return result, f"restored from Snapshot {chosen['metadata']['name']}"
+
+    def _patch(self, ns: str, name: str, body: dict[str, Any]) -> None:
+        self.api.patch_namespaced_custom_object(
+            GROUP, VERSION, ns, PLURAL, name, body, _content_type=MERGE_PATCH
+        )
+
+    def _status(self, ns: str, name: str, status: dict[str, Any]) -> None:
+        self.api.patch_namespaced_custom_object_status(
+            GROUP, VERSION, ns, PLURAL, name, {"status": status}, _content_type=MERGE_PATCH
+        )
