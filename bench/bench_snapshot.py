@@ -269,7 +269,7 @@ def run() -> dict[str, Any]:
         "table": table,
         "notes": (
             f"Accelerator: {acc.name}. Floor = {floor_name}. Naive = one zstd-3 frame, read(), one-thread "
-            "decompress, pageable writes. Restore is to ready: blob verified (every chunk's xxh3), GPU "
+            "decompress, pageable writes. Restore is to ready: blob verified (every chunk's CRC-32), GPU "
             "buffers recreated and uploaded, wasm memory + globals in every warm instance (4). Page "
             "cache warm. Capture includes the barrier (pool quiesce + D2H), parallel encode and fsync. "
             "'upload' is the H2D tail after the last chunk decoded (the rest overlaps decompression). "

@@ -15,7 +15,7 @@ GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "snapshots" / "v1-mi
 def test_inspect_prints_the_manifest_of_a_good_blob(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["snapshot", "inspect", str(GOLDEN)]) == 0
     out = capsys.readouterr().out
-    assert "6b6f1e32bdbf8cd3a04c6990ee87b098" in out
+    assert "7f7b0f2db44a3ef543397d286cc42b68" in out
     assert "verified: header, manifest and 12 chunks" in out
     assert "gpu_buffer 2" in out and "generation   3" in out
 

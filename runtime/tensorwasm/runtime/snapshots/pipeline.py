@@ -1,6 +1,6 @@
 """Shared machinery of capture and restore: the worker threads, reusable host staging, the pool protocol.
 
-Owns one process-wide thread pool (zstd, xxhash, numpy copies and pwrite all release the GIL, so
+Owns one process-wide thread pool (zstd, zlib.crc32, numpy copies, pread and pwrite all release the GIL, so
 threads scale across cores) and a cache of host staging buffers per accelerator: page-locked for
 CUDA via `Accelerator.pinned_buffer`, plain memory otherwise. Reusing staging matters twice: pinned
 allocation costs tens of ms, and first-touch page faults of fresh memory cost more than the copy.
