@@ -16,7 +16,7 @@ from tensorwasm.runtime.engine import CompiledModule, Engine, GuestLimits, Tenan
 from tensorwasm.runtime.errors import SnapshotRejected
 from tensorwasm.runtime.snapshots import codec
 from tensorwasm.runtime.snapshots.capture import capture_snapshot
-from tensorwasm.runtime.snapshots.restore import restore_snapshot
+from tensorwasm.runtime.snapshots.restore import restore_latest, restore_snapshot
 from tensorwasm.runtime.snapshots.store import SnapshotStore
 from tests.unit.engine_helpers import FIXTURES, compile_bytes
 
@@ -255,3 +255,24 @@ def test_latest_good_snapshot_restores_after_an_interrupted_capture(
     restore(latest.path, dst)
     assert snapshot_of(dst) == expected
     assert codec.parse(latest.path.read_bytes()).digest == latest.digest
+
+
+def test_restore_latest_skips_a_blob_it_must_refuse_and_restores_the_older_good_one(
+    engine: Engine, module: CompiledModule, accel: CpuAccelerator, tmp_path: Path
+) -> None:
+    store = SnapshotStore(tmp_path)
+    src = make_tenant(engine, module, accel, "src")
+    randomize(src, random.Random(41))
+    capture(store, src, generation=1)
+    expected = snapshot_of(src)
+    newer = capture(store, src, generation=2)
+    data = bytearray(newer.read_bytes())
+    data[100] ^= 0xFF  # the newest blob is damaged on disk
+    newer.write_bytes(bytes(data))
+    dst = make_tenant(engine, module, accel, "dst")
+    result = restore_latest(
+        store, tenant_uid=UID, module_sha256=module.sha256, pool=dst.pool, device=dst.device
+    )
+    assert result is not None and result.manifest.generation == 1
+    assert snapshot_of(dst) == expected
+    assert restore_latest(store, tenant_uid="nobody", module_sha256=module.sha256, pool=dst.pool) is None

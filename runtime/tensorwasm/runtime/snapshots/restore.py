@@ -17,6 +17,7 @@ Must not import wasmtime or cuda; reaches the engine and accelerator through the
 from __future__ import annotations
 
 import concurrent.futures as cf
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +29,9 @@ from tensorwasm.runtime.accel.base import Accelerator, TenantDevice
 from tensorwasm.runtime.errors import GpuMemoryExhausted, SnapshotRejected
 from tensorwasm.runtime.snapshots import codec
 from tensorwasm.runtime.snapshots.pipeline import PACKED, STAGING, SnapshotPool, Stopwatch, layout, workers
+from tensorwasm.runtime.snapshots.store import SnapshotStore
+
+log = logging.getLogger(__name__)
 
 WASM_PAGE = 65536
 
@@ -259,3 +263,30 @@ def _wasm_state(memory: memoryview, globals_: list[codec.GlobalValue]) -> Any:
     from tensorwasm.runtime.engine import WasmState
 
     return WasmState(memory=memory, globals=globals_)
+
+
+def restore_latest(
+    store: SnapshotStore,
+    *,
+    tenant_uid: str,
+    module_sha256: str,
+    pool: SnapshotPool,
+    device: TenantDevice | None = None,
+    accelerator: Accelerator | None = None,
+) -> RestoreResult | None:
+    """Restore the newest blob of `tenant_uid` that verifies and binds; None when there is none.
+
+    A blob refused for this tenant (another module digest after an upgrade, over a lowered cap, damaged)
+    is skipped for the next older one: a tenant starts fresh rather than not at all.
+    """
+    for stored in store.list(tenant_uid):
+        try:
+            return restore_snapshot(
+                stored.path, tenant_uid=tenant_uid, module_sha256=module_sha256, pool=pool, device=device,
+                accelerator=accelerator,
+            )  # fmt: skip
+        except SnapshotRejected as exc:
+            log.warning(
+                "Skipped snapshot tenant_uid=%s digest=%s message=%s", tenant_uid, stored.digest, exc.message
+            )
+    return None
