@@ -43,11 +43,12 @@ root, uid, module = sys.argv[1:4]
 print("ready", flush=True)
 for line in sys.stdin:
     g = int(line)
+    zygote = os.getpid()
     pid = os.fork()
     if pid == 0:
         try:
             store = SnapshotStore(root, retain=3)
-            while True:
+            while os.getppid() == zygote:  # never outlive a failed test
                 memory, globals_, gpu = state_for(g)
                 write_snapshot(store, tenant_uid=uid, module_sha256=module, generation=g, memory=memory,
                                globals_=globals_, gpu=gpu, chunk_size=256 << 10)
