@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -91,6 +92,8 @@ async def _run(settings: RuntimeSettings) -> int:
         settings.source,
         getattr(accelerator, "name", "none"),
     )
+    # Startup objects (modules, engine, imports) never die: keep them out of every GC pass.
+    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -4,7 +4,8 @@ Owns `TenantQueue`. One tenant's invokes run on that tenant's own worker threads
 `max_concurrency` of them), so a runaway guest can only ever hold its own tenant's slots; at most
 `queue_length` more wait, and anything beyond is refused at once with `QueueFull(retry_after_s)`.
 This is also the thread hop that keeps blocking wasm/CUDA work off the event loop: one SimpleQueue
-put and one `call_soon_threadsafe` per invoke, no concurrent.futures machinery.
+put per invoke, no concurrent.futures machinery, and results come back through a deque that the
+loop drains in one callback, so under load many results share one loop wake-up.
 `submit` and every counter are touched on the event-loop thread only; workers hand results back.
 
 CPU isolation: a worker whose guest misbehaved (deadline, trap, memory limit) moves itself to the
@@ -20,6 +21,7 @@ Must not import wasmtime, cuda or aiohttp.
 from __future__ import annotations
 
 import asyncio
+import collections
 import math
 import os
 import queue
@@ -39,6 +41,7 @@ _MISBEHAVED = (DeadlineExceeded, GuestTrap, GuestMemoryExceeded)
 _BACKOFF_FIRST_S, _BACKOFF_MAX_S = 0.005, 0.25
 
 Job = tuple[Callable[[Any, Any], Any], Any, Any, "asyncio.Future[Any]"]
+Finished = tuple["asyncio.Future[Any]", Any, BaseException | None, float, bool]
 
 
 class TenantQueue:
@@ -63,6 +66,8 @@ class TenantQueue:
         self._outstanding = 0  # admitted and not yet finished (running + waiting)
         self._service_s = _INITIAL_SERVICE_S
         self._idle: asyncio.Future[None] | None = None
+        self._finished: collections.deque[Finished] = collections.deque()
+        self._drain_scheduled = False
         self._closed = False
         self.rejected = 0
 
@@ -123,8 +128,8 @@ class TenantQueue:
         t.start()
 
     def _work(self) -> None:
-        get, hand_back = self._jobs.get, self._loop.call_soon_threadsafe
-        done = self._done
+        get, finished, wake = self._jobs.get, self._finished.append, self._loop.call_soon_threadsafe
+        collect = self._collect
         demoted = False
         backoff = 0.0
         while True:
@@ -149,14 +154,24 @@ class TenantQueue:
                 if demoted:
                     demoted = not _set_demoted(False)
                     retire = demoted  # could not raise it back: hand the slot to a fresh thread
-            try:
-                hand_back(done, fut, result, error, took, retire)
-            except RuntimeError:  # the loop is closed: the process is shutting down
-                return
+            finished((fut, result, error, took, retire))
+            if not self._drain_scheduled:  # one wake-up for however many results pile up meanwhile
+                self._drain_scheduled = True
+                try:
+                    wake(collect)
+                except RuntimeError:  # the loop is closed: the process is shutting down
+                    return
             if retire:
                 return
             if backoff:
                 time.sleep(backoff)
+
+    def _collect(self) -> None:
+        # Clear the flag before draining: a result appended after this point schedules a new drain.
+        self._drain_scheduled = False
+        finished, done = self._finished, self._done
+        while finished:
+            done(*finished.popleft())
 
     def _done(
         self, fut: asyncio.Future[Any], result: Any, error: BaseException | None, took: float, retired: bool
