@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -79,7 +78,6 @@ class ModuleLoader:
                 del self._compiled[digest]
 
     def _compile(self, data: bytes, source: ModuleSource) -> CompiledModule:
-        start = perf_counter()
         try:
             module = self._engine.compile(data, source.sha256)
         except ModuleRejected as exc:
