@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import pytest
 
 from tensorwasm.runtime import metrics
-from tensorwasm.runtime.accel.cpu import CpuAccelerator
+from tensorwasm.runtime.accel import select_accelerator
 from tensorwasm.runtime.api.app import build_app
 from tensorwasm.runtime.api.server import serve
 from tensorwasm.runtime.engine import Engine
@@ -123,7 +123,7 @@ def start_runtime_server(configs: Sequence[TenantConfig] = ()) -> Iterator[Runti
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="runtime-server", daemon=True)
     thread.start()
-    accelerator = CpuAccelerator()
+    accelerator = select_accelerator("cpu")
     engine = Engine(epoch_tick_s=0.001)
     shard_box: list[Shard] = []
 

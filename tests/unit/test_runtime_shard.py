@@ -92,3 +92,12 @@ def test_tenants_file_entries_fail_alone(tmp_path: Path) -> None:
     assert [c.name for c in parsed.configs] == ["good"]
     assert parsed.failed["bad"].reason == "InvalidSpec"
     assert "tenants[1].module.sha256" in parsed.failed["bad"].message
+
+
+def test_two_new_tenants_loading_at_once_cannot_share_a_token(runtime_server) -> None:  # noqa: F811
+    server = runtime_server([])
+    twin = replace(BETA, token=ALPHA.token)
+    server.sync([ALPHA, twin])  # both load concurrently
+    statuses = [server.shard.status(n) for n in ("alpha", "beta")]
+    assert sorted(s.reason for s in statuses if s is not None) == ["ModuleLoaded", "TokenConflict"]
+    assert len(server.shard.by_auth) == 1

@@ -147,7 +147,9 @@ def _open_accelerator(settings: RuntimeSettings) -> Accelerator:
     elif settings.mps_start:
         raise SettingsError("--mps-start needs --mps-pipe-dir")
     try:
-        accelerator: Accelerator = select_accelerator(settings.accelerator, settings.device)
+        accelerator: Accelerator = select_accelerator(
+            settings.accelerator, settings.device, settings.cache_dir
+        )
         return accelerator
     except Exception as exc:  # no driver, no device, bad ordinal: refuse to start, say why
         raise SettingsError(f"--accelerator {settings.accelerator}: {exc}") from exc

@@ -219,6 +219,11 @@ class Shard:
             await asyncio.to_thread(self._close_parts, name, pool, device)
             self._fail(config, MISSING_FUNCTION, missing, keep=None)
             return
+        clash = self._token_owner(config)  # another tenant may have taken the token while we loaded
+        if clash is not None:
+            await asyncio.to_thread(self._close_parts, name, pool, device)
+            self._fail(config, TOKEN_CONFLICT, f"the token is already used by tenant {clash}", keep=None)
+            return
         loop = asyncio.get_running_loop()
         lim = config.limits
         self._install(config, pool, device, TenantQueue(name, lim.max_concurrency, lim.queue_length, loop))
@@ -226,6 +231,7 @@ class Shard:
     def _install(
         self, config: TenantConfig, pool: TenantInstancePool, device: TenantDevice | None, queue: TenantQueue
     ) -> None:
+        # No await between the token check and this point: two loads cannot both claim one token.
         exported = frozenset(config.functions or pool.functions())
         stats = self.stats.setdefault(config.name, {})
         tenant = ServedTenant(config, pool, device, queue, exported, stats)
