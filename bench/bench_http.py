@@ -225,6 +225,20 @@ def _priority_note() -> str:
         return "default priority"
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all threads) from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_pressure() -> float:
+    """Share of the last 10 s in which some task waited for a CPU (Linux PSI), in percent."""
+    try:
+        return float(Path("/proc/pressure/cpu").read_text().split()[1].split("=")[1])
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
 def _load(port: int, path: str, token: str, rate: float = 0, seconds: float = MAX_S) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--load", "--port", str(port), "--path", path, "--token", token]
     cmd += ["--seconds", str(seconds), "--connections", str(CONNECTIONS)]
@@ -317,13 +331,22 @@ def _thread_hop_us() -> dict[str, float]:
         return runner.run(measure())
 
 
+def _load_cpu(pid: int, port: int, path: str, token: str) -> tuple[dict[str, Any], float]:
+    """Closed-loop maximum plus the server's CPU microseconds per request over the whole run."""
+    before = _cpu_seconds(pid)
+    result = _load(port, path, token)
+    requests = result["rps"] * (MAX_S + WARMUP_S)  # warm-up runs at about the same rate
+    return result, (_cpu_seconds(pid) - before) / requests * 1e6
+
+
 def run() -> dict[str, Any]:
     hop = _thread_hop_us()
+    pressure_before = _cpu_pressure()
     runtime, rport = _start_runtime()
     hello, hport = _start_hello()
     try:
-        invoke_max = _load(rport, "/v1/functions/echo/invoke", TOKEN)
-        hello_max = _load(hport, "/hello", "unused")
+        invoke_max, invoke_cpu_us = _load_cpu(runtime.pid, rport, "/v1/functions/echo/invoke", TOKEN)
+        hello_max, hello_cpu_us = _load_cpu(hello.pid, hport, "/hello", "unused")
         invoke_half = _load(rport, "/v1/functions/echo/invoke", TOKEN, rate=REQUIRED_RPS / 2, seconds=RATE_S)
         hello_half = _load(hport, "/hello", "unused", rate=REQUIRED_RPS / 2, seconds=RATE_S)
     finally:
@@ -343,8 +366,11 @@ def run() -> dict[str, Any]:
         "invoke_p50_ms_at_2500rps": invoke_half["p50_ms"],
         "hello_p99_ms_at_2500rps": hello_half["p99_ms"],
         "invoke_p99_ms_at_max": invoke_max["p99_ms"],
+        "invoke_server_cpu_us": round(invoke_cpu_us, 1),
+        "hello_server_cpu_us": round(hello_cpu_us, 1),
         "thread_hop_p50_us": round(hop["thread_hop_p50_us"], 1),
         "inline_call_p50_us": round(hop["inline_call_p50_us"], 2),
+        "cpu_pressure_pct": round(max(pressure_before, _cpu_pressure()), 1),
     }
     table = (
         "| endpoint | max rps (32 conns) | P50 / P99 at max (ms) | P50 / P99 at 2,500 rps (ms) |\n"
@@ -366,7 +392,9 @@ def run() -> dict[str, Any]:
             "at 2,500 req/s; a request that has to wait for a free connection is timed from its "
             "scheduled send time (no coordinated omission). The invoke path includes auth, the "
             "per-tenant queue, the thread hop to the tenant's worker, the wasm call on a warm instance "
-            "and metrics."
+            "and metrics. *_server_cpu_us: the server process's CPU time per request at the maximum. "
+            "cpu_pressure_pct: Linux PSI 'some' avg10 (time anything waited for a CPU), the noise "
+            "from other work on the machine; tail latencies are only meaningful when it is low."
         ),
     }
 
