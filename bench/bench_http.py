@@ -30,7 +30,7 @@ TENANTS = ROOT / "examples" / "tenants.yaml"
 TOKEN = "demo-token-alpha-0001"
 BODY = b"hello world 1234"
 CONNECTIONS = 32
-WARMUP_S, MAX_S, RATE_S = 1.0, 4.0, 4.0
+WARMUP_S, MAX_S, RATE_S, RATE_RUNS = 1.0, 4.0, 3.0, 5
 REQUIRED_RPS = 5000
 
 
@@ -331,6 +331,11 @@ def _thread_hop_us() -> dict[str, float]:
         return runner.run(measure())
 
 
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    ordered = sorted(runs, key=lambda r: float(r["p99_ms"]))
+    return {**ordered[len(ordered) // 2], "p99_ms_runs": [r["p99_ms"] for r in runs]}
+
+
 def _load_cpu(pid: int, port: int, path: str, token: str) -> tuple[dict[str, Any], float]:
     """Closed-loop maximum plus the server's CPU microseconds per request over the whole run."""
     before = _cpu_seconds(pid)
@@ -347,13 +352,18 @@ def run() -> dict[str, Any]:
     try:
         invoke_max, invoke_cpu_us = _load_cpu(runtime.pid, rport, "/v1/functions/echo/invoke", TOKEN)
         hello_max, hello_cpu_us = _load_cpu(hello.pid, hport, "/hello", "unused")
-        invoke_half = _load(rport, "/v1/functions/echo/invoke", TOKEN, rate=REQUIRED_RPS / 2, seconds=RATE_S)
-        hello_half = _load(hport, "/hello", "unused", rate=REQUIRED_RPS / 2, seconds=RATE_S)
+        # Tail latency is at the mercy of other work on a shared machine: alternate the two servers
+        # over several short runs and report the median run (and the spread).
+        invoke_runs, hello_runs = [], []
+        for _ in range(RATE_RUNS):
+            invoke_runs.append(_load(rport, "/v1/functions/echo/invoke", TOKEN, REQUIRED_RPS / 2, RATE_S))
+            hello_runs.append(_load(hport, "/hello", "unused", REQUIRED_RPS / 2, RATE_S))
+        invoke_half, hello_half = _median_run(invoke_runs), _median_run(hello_runs)
     finally:
         for proc in (runtime, hello):
             proc.terminate()
             proc.wait(10)
-    for r in (invoke_max, hello_max, invoke_half, hello_half):
+    for r in (invoke_max, hello_max, *invoke_runs, *hello_runs):
         if set(r["statuses"]) != {"200"}:
             raise RuntimeError(f"non-200 answers during the benchmark: {r}")
     loop = "uvloop" if _loop_factory() else "asyncio"
@@ -366,6 +376,8 @@ def run() -> dict[str, Any]:
         "invoke_p50_ms_at_2500rps": invoke_half["p50_ms"],
         "hello_p99_ms_at_2500rps": hello_half["p99_ms"],
         "invoke_p99_ms_at_max": invoke_max["p99_ms"],
+        "invoke_p99_ms_at_2500rps_worst_run": max(invoke_half["p99_ms_runs"]),
+        "hello_p99_ms_at_2500rps_worst_run": max(hello_half["p99_ms_runs"]),
         "invoke_server_cpu_us": round(invoke_cpu_us, 1),
         "hello_server_cpu_us": round(hello_cpu_us, 1),
         "thread_hop_p50_us": round(hop["thread_hop_p50_us"], 1),
@@ -389,8 +401,10 @@ def run() -> dict[str, Any]:
             f"Loopback, {loop} event loop in server and load generator ({priority}: the 2 cores are "
             f"shared with other work), load generator in a separate process ({CONNECTIONS} keep-alive "
             f"connections, no pipelining, {len(BODY)}-byte body). Max: closed loop. Latency: open loop "
-            "at 2,500 req/s; a request that has to wait for a free connection is timed from its "
-            "scheduled send time (no coordinated omission). The invoke path includes auth, the "
+            f"at 2,500 req/s, {RATE_RUNS} runs of {RATE_S:g} s alternating with the hello server, the "
+            "median run reported (worst run beside it); a request that has to wait for a free "
+            "connection is timed from its scheduled send time (no coordinated omission). The invoke "
+            "path includes auth, the "
             "per-tenant queue, the thread hop to the tenant's worker, the wasm call on a warm instance "
             "and metrics. *_server_cpu_us: the server process's CPU time per request at the maximum. "
             "cpu_pressure_pct: Linux PSI 'some' avg10 (time anything waited for a CPU), the noise "
