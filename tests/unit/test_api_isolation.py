@@ -2,7 +2,9 @@
 
 Real shard on an ephemeral port, real guests. The attackers are separate client processes hammering
 their own tenants (as remote clients would); the neighbour is measured from this process in
-alternating quiet and attacked windows, so machine noise lands on both sides of the comparison.
+alternating quiet and attacked windows, so machine noise lands on both sides of the comparison, and
+the P99 compared is each side's median window: one window spoiled by other work on a shared machine
+is outvoted, while an attack that really hurts the neighbour shows in every attacked window.
 Attackers are held by their own maxConcurrency slots, stopped by the epoch deadline and the store
 limit, and their misbehaving worker threads are demoted by the scheduler (tenancy/queue.py).
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -22,7 +25,7 @@ SPIN = tenant("spin", "runaway.wat", ["spin"], max_concurrency=1, queue_length=2
 BOMB = tenant(
     "bomb", "memory_bomb.wat", ["bomb"], max_concurrency=1, queue_length=2, linear_memory_bytes=8 << 20
 )
-WINDOWS, PER_WINDOW = 8, 150
+WINDOWS, PER_WINDOW = 10, 150
 
 ATTACKER = """
 import http.client, sys
@@ -67,17 +70,17 @@ def test_neighbours_p99_survives_runaway_and_memory_bomb(runtime_server) -> None
         subprocess.Popen([sys.executable, "-c", ATTACKER, str(server.port), cfg.token, fn])
         for cfg, fn in ((SPIN, "spin"), (BOMB, "bomb"))
     ]
-    quiet: list[float] = []
+    quiet: list[float] = []  # P99 of each window
     attacked: list[float] = []
     try:
         time.sleep(0.5)  # the attackers' interpreters have started
         for _ in range(WINDOWS):
             _signal(attackers, signal.SIGSTOP)
             time.sleep(0.15)  # the last runaway reaches its deadline
-            quiet += window(server)
+            quiet.append(p99(window(server)))
             _signal(attackers, signal.SIGCONT)
             time.sleep(0.05)  # both attackers have guests running again
-            attacked += window(server)
+            attacked.append(p99(window(server)))
     finally:
         for proc in attackers:
             proc.kill()
@@ -88,6 +91,5 @@ def test_neighbours_p99_survives_runaway_and_memory_bomb(runtime_server) -> None
     assert counted(metrics, "spin", "ok") == 0
     assert counted(metrics, "bomb", "guest_memory_exceeded") + counted(metrics, "bomb", "guest_trap") > 0
     assert counted(metrics, "victim", "ok") == (WINDOWS * 2 + 1) * PER_WINDOW
-    assert len(quiet) == len(attacked) == WINDOWS * PER_WINDOW
-    baseline, under_attack = p99(quiet) * 1e3, p99(attacked) * 1e3
+    baseline, under_attack = statistics.median(quiet) * 1e3, statistics.median(attacked) * 1e3
     assert under_attack <= 2 * baseline, f"victim P99 {under_attack:.2f} ms vs baseline {baseline:.2f} ms"
