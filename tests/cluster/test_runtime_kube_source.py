@@ -34,15 +34,18 @@ ECHO_SHA = hashlib.sha256(ECHO).hexdigest()
 class Shard:
     """One runtime shard process (the pod stand-in)."""
 
-    def __init__(self, kube: Any, namespace: str, name: str, log_path: Path) -> None:
+    def __init__(
+        self, kube: Any, namespace: str, name: str, log_path: Path, extra: tuple[str, ...] = ()
+    ) -> None:
         self.kube, self.namespace, self.name, self.log_path = kube, namespace, name, log_path
+        self.extra = extra
         self.proc: subprocess.Popen[str] | None = None
         self.port = 0
 
     def start(self) -> Shard:
         cmd = [sys.executable, "-m", "tensorwasm.runtime", "--kubeconfig", str(self.kube.kubeconfig),
                "--namespace", self.namespace, "--shard-name", self.name, "--listen", "127.0.0.1:0",
-               "--accelerator", "cpu", "--resync", "5"]  # fmt: skip
+               "--accelerator", "cpu", "--resync", "5", *self.extra]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=REPO)
         assert self.proc.stderr is not None
         deadline = time.monotonic() + 60
@@ -85,11 +88,11 @@ class Shard:
 
 
 @pytest.fixture
-def shard(kube: Any, namespace: str, tmp_path: Path) -> Iterator[Callable[[], Shard]]:
+def shard(kube: Any, namespace: str, tmp_path: Path) -> Iterator[Callable[..., Shard]]:
     started: list[Shard] = []
 
-    def make() -> Shard:
-        s = Shard(kube, namespace, "shard-0", tmp_path / "shard.log").start()
+    def make(*extra: str) -> Shard:
+        s = Shard(kube, namespace, "shard-0", tmp_path / "shard.log", extra).start()
         started.append(s)
         return s
 
@@ -145,9 +148,13 @@ def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 30) -> An
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_shard_serves_reports_and_converges(kube: Any, namespace: str, shard: Callable[[], Shard]) -> None:
-    apply(kube, namespace, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "echo-module"},
-                            "binaryData": {"module.wasm": base64.b64encode(ECHO).decode()}})  # fmt: skip
+def module_configmap() -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "echo-module"},
+            "binaryData": {"module.wasm": base64.b64encode(ECHO).decode()}}  # fmt: skip
+
+
+def test_shard_serves_reports_and_converges(kube: Any, namespace: str, shard: Callable[..., Shard]) -> None:
+    apply(kube, namespace, module_configmap())
     apply(kube, namespace, secret("alpha-token", "alpha-token-0001"))
     apply(kube, namespace, secret("beta-token", "beta-token-00001"))
     apply(kube, namespace, tenant_obj("alpha", ECHO_SHA))
@@ -191,3 +198,44 @@ def test_shard_serves_reports_and_converges(kube: Any, namespace: str, shard: Ca
     wait_for(lambda: s2.invoke("alpha-token-0002", "echo", b"again")[0] == 200, "served after restart")
     ready = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{s2.port}/readyz", timeout=5).read())
     assert ready["loaded"] == ["alpha"] and ready["failed"] == {"beta": "DigestMismatch"}
+
+
+def test_snapshots_of_served_tenants_are_captured_and_restored_on_start(
+    kube: Any, namespace: str, shard: Callable[..., Shard], tmp_path: Path
+) -> None:
+    apply(kube, namespace, module_configmap())
+    apply(kube, namespace, secret("alpha-token", "alpha-token-0001"))
+    apply(kube, namespace, tenant_obj("alpha", ECHO_SHA))
+    place(kube, namespace, "alpha", "shard-0")
+    store = tmp_path / "snapshots"
+    s = shard("--snapshot-dir", str(store))
+    wait_for(lambda: runtime_status(kube, namespace, "alpha").get("loaded"), "alpha loaded")
+    assert "restored" not in runtime_status(kube, namespace, "alpha")["message"]  # nothing to restore yet
+
+    apply(kube, namespace, {"apiVersion": "tensorwasm.io/v1alpha1", "kind": "Snapshot",
+                            "metadata": {"name": "alpha-1"}, "spec": {"tenant": "alpha"}})  # fmt: skip
+
+    def snapshot_status() -> dict[str, Any]:
+        obj = json.loads(kube.kubectl("get", "snapshot", "alpha-1", "-n", namespace, "-o", "json"))
+        return dict(obj.get("status") or {})
+
+    ready = wait_for(
+        lambda: snapshot_status() if snapshot_status().get("phase") == "Ready" else None, "capture"
+    )
+    assert ready["shard"] == "shard-0"
+    assert any(store.rglob("*")), "no blob in the shard's snapshot store"
+
+    # A fresh process restores the newest Ready snapshot before alpha serves.
+    assert s.stop() == 0
+    s2 = shard("--snapshot-dir", str(store))
+    restored = "restored from Snapshot alpha-1"
+    wait_for(
+        lambda: restored in runtime_status(kube, namespace, "alpha").get("message", ""), "restore on start"
+    )
+    assert s2.invoke("alpha-token-0001", "echo", b"after restore") == (200, b"after restore")
+
+    # Deleting the Snapshot removes its blob, then the finalizer lets it go.
+    kube.kubectl("delete", "snapshot", "alpha-1", "-n", namespace, "--wait=false")
+    wait_for(lambda: "NotFound" in kube.kubectl("get", "snapshot", "alpha-1", "-n", namespace, check=False),
+             "snapshot deleted")  # fmt: skip
+    assert not [p for p in store.rglob("*") if p.is_file()], "the blob outlived its Snapshot"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +36,11 @@ LOADING = "Loading"
 TOKEN_CONFLICT = "TokenConflict"
 MISSING_FUNCTION = "MissingFunction"
 LOAD_FAILED = "LoadFailed"
+
+
+# Runs on a freshly opened tenant before it serves (e.g. a snapshot restore); returns a note for the
+# status message. Failures inside it are the hook's to report: the tenant serves either way.
+Prepare = Callable[[TenantConfig, "TenantInstancePool", "TenantDevice | None"], Awaitable[str]]
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,7 @@ class Shard:
     stats: dict[str, dict[str, metrics.InvokeStats]] = field(default_factory=dict)  # tenant -> function
     synced: bool = False  # the source delivered its first full list
     health_poke: asyncio.Event = field(default_factory=asyncio.Event)  # an invoke saw AcceleratorFailed
+    prepare: Prepare | None = None  # set by a source that restores snapshots
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     # --- what the sources call ---
@@ -219,6 +225,7 @@ class Shard:
             await asyncio.to_thread(self._close_parts, name, pool, device)
             self._fail(config, MISSING_FUNCTION, missing, keep=None)
             return
+        note = await self._prepare(config, pool, device)
         clash = self._token_owner(config)  # another tenant may have taken the token while we loaded
         if clash is not None:
             await asyncio.to_thread(self._close_parts, name, pool, device)
@@ -226,10 +233,27 @@ class Shard:
             return
         loop = asyncio.get_running_loop()
         lim = config.limits
-        self._install(config, pool, device, TenantQueue(name, lim.max_concurrency, lim.queue_length, loop))
+        queue = TenantQueue(name, lim.max_concurrency, lim.queue_length, loop)
+        self._install(config, pool, device, queue, note)
+
+    async def _prepare(
+        self, config: TenantConfig, pool: TenantInstancePool, device: TenantDevice | None
+    ) -> str:
+        if self.prepare is None:
+            return ""
+        try:
+            return await self.prepare(config, pool, device)
+        except Exception as exc:  # a restore problem must not keep the tenant down
+            log.warning("Skipped preparing Tenant name=%s: %s", config.name, exc, exc_info=exc)
+            return f"not restored: {exc}"
 
     def _install(
-        self, config: TenantConfig, pool: TenantInstancePool, device: TenantDevice | None, queue: TenantQueue
+        self,
+        config: TenantConfig,
+        pool: TenantInstancePool,
+        device: TenantDevice | None,
+        queue: TenantQueue,
+        note: str = "",
     ) -> None:
         # No await between the token check and this point: two loads cannot both claim one token.
         exported = frozenset(config.functions or pool.functions())
@@ -237,9 +261,8 @@ class Shard:
         tenant = ServedTenant(config, pool, device, queue, exported, stats)
         self.served[config.name] = tenant
         self._rebuild_auth()
-        self.statuses[config.name] = TenantStatus(
-            True, LOADED, f"serving {len(exported)} function(s)", config.generation
-        )
+        message = f"serving {len(exported)} function(s)" + (f"; {note}" if note else "")
+        self.statuses[config.name] = TenantStatus(True, LOADED, message, config.generation)
         log.info(
             "Loaded Tenant name=%s generation=%d sha256=%s",
             config.name,

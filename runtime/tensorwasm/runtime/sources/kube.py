@@ -7,6 +7,9 @@ hands the desired set to `Shard.sync`, and writes `status.runtime` through the s
 for each Tenant whose report changed (a merge patch of that key only: the operator owns the rest).
 A restart re-lists and converges; nothing depends on seeing an event exactly once. A periodic
 re-list (--resync) also refreshes gpuBytesInUse.
+With --snapshot-dir it also drives the snapshot agent (snapshots/kube.py): a Tenant that starts
+here restores its chosen Snapshot before it serves (through `Shard.prepare`), and every Snapshot
+of a tenant served here is captured or, when deleted, has its blob removed.
 The `kubernetes` client is blocking: every call runs in a worker thread, never on the event loop.
 Must not import wasmtime, cuda or aiohttp.
 """
@@ -21,15 +24,21 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tensorwasm.runtime.settings import RuntimeSettings
-from tensorwasm.runtime.shard import Shard, TenantStatus
+from tensorwasm.runtime.shard import ServedTenant, Shard, TenantStatus
 from tensorwasm.runtime.tenancy.config import TenantConfig, TenantConfigError, parse_kube_tenant
+
+if TYPE_CHECKING:
+    from tensorwasm.runtime.accel.base import TenantDevice
+    from tensorwasm.runtime.engine import TenantInstancePool
+    from tensorwasm.runtime.snapshots.kube import SnapshotAgent, TenantHandle
 
 log = logging.getLogger(__name__)
 
 GROUP, VERSION, PLURAL = "tensorwasm.io", "v1alpha1", "tenants"
+SNAPSHOTS = "snapshots"
 SECRET_MISSING = "SecretMissing"
 CONFIGMAP_MISSING = "ConfigMapMissing"
 _WATCH_TIMEOUT_S = 300
@@ -43,6 +52,7 @@ class ClusterView:
     tenants: list[dict[str, Any]]
     configmaps: dict[str, dict[str, bytes]] = field(default_factory=dict)  # name -> key -> bytes
     secrets: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    snapshots: list[dict[str, Any]] = field(default_factory=list)  # only with a snapshot agent
 
 
 def referenced(tenant: Mapping[str, Any]) -> tuple[set[str], set[str]]:
@@ -140,6 +150,9 @@ class KubeSource:
         self.shard_name = settings.shard_name
         self.kubeconfig = settings.kubeconfig
         self.resync_s = settings.resync_s
+        self.snapshot_dir = settings.snapshot_dir
+        self._agent: SnapshotAgent | None = None
+        self._view = ClusterView([])
         self._refs: tuple[set[str], set[str]] = (set(), set())
         self._ours: set[str] = set()
         self._stop = threading.Event()
@@ -148,12 +161,21 @@ class KubeSource:
 
     async def run(self, shard: Shard) -> None:
         await asyncio.to_thread(self._connect)
+        kinds = ["tenants", "configmaps", "secrets"]
+        if self.snapshot_dir is not None:
+            from tensorwasm.runtime.snapshots.kube import SnapshotAgent
+            from tensorwasm.runtime.snapshots.store import SnapshotStore
+
+            store = SnapshotStore(self.snapshot_dir)
+            self._agent = SnapshotAgent(self._custom, store, self.shard_name, shard.accelerator)
+            shard.prepare = self._restore
+            kinds.append(SNAPSHOTS)
         loop = asyncio.get_running_loop()
         dirty = asyncio.Event()
         dirty.set()  # the first pass is a full list
         threads = [
             threading.Thread(target=self._watch, args=(kind, loop, dirty), name=f"watch-{kind}", daemon=True)
-            for kind in ("tenants", "configmaps", "secrets")
+            for kind in kinds
         ]
         for t in threads:
             t.start()
@@ -173,7 +195,7 @@ class KubeSource:
             self._stop.set()
 
     async def reconcile(self, shard: Shard) -> None:
-        view = await asyncio.to_thread(self._list)
+        view = self._view = await asyncio.to_thread(self._list)
         configs, failed = resolve_tenants(view)
         await shard.sync(configs, failed)
         reports = {}
@@ -183,6 +205,40 @@ class KubeSource:
             if status is not None:
                 reports[name] = (obj, build_runtime_status(self.shard_name, status))
         await asyncio.to_thread(self._write_statuses, reports)
+        if self._agent is not None:
+            jobs = [(snap, self._handle(shard.served.get(_snapshot_tenant(snap)))) for snap in view.snapshots]
+            await asyncio.to_thread(self._reconcile_snapshots, jobs)
+
+    async def _restore(
+        self, config: TenantConfig, pool: TenantInstancePool, device: TenantDevice | None
+    ) -> str:
+        """Shard.prepare: restore a starting tenant's Snapshot before it serves; a note for its status."""
+        obj = next((t for t in self._view.tenants if t["metadata"]["name"] == config.name), None)
+        if self._agent is None or obj is None or not config.uid:
+            return ""
+        from tensorwasm.runtime.snapshots.kube import TenantHandle
+
+        handle = TenantHandle(config.name, config.uid, config.module.sha256, config.generation, pool, device)
+        result, why = await asyncio.to_thread(self._agent.restore_on_start, handle, obj, self._view.snapshots)
+        if result is not None:
+            return why
+        return "" if why == "no Ready snapshot" else f"not restored: {why}"
+
+    def _handle(self, tenant: ServedTenant | None) -> TenantHandle | None:
+        if tenant is None or not tenant.config.uid:
+            return None
+        from tensorwasm.runtime.snapshots.kube import TenantHandle
+
+        cfg = tenant.config
+        return TenantHandle(cfg.name, cfg.uid, cfg.module.sha256, cfg.generation, tenant.pool, tenant.device)
+
+    def _reconcile_snapshots(self, jobs: list[tuple[dict[str, Any], TenantHandle | None]]) -> None:
+        assert self._agent is not None
+        for snapshot, handle in jobs:
+            try:
+                self._agent.reconcile(snapshot, handle)
+            except Exception as exc:  # one Snapshot's trouble (API conflict, disk) must not stop the rest
+                log.warning("Failed reconciling Snapshot name=%s: %s", snapshot["metadata"].get("name"), exc)
 
     # --- blocking API calls (worker threads) ---
 
@@ -215,6 +271,10 @@ class KubeSource:
             cms |= c
             secrets |= s
         self._refs, self._ours = (cms, secrets), {t["metadata"]["name"] for t in ours}
+        if self._agent is not None:
+            snaps = self._custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, SNAPSHOTS)
+            view.snapshots = [s for s in snaps.get("items", []) if _snapshot_tenant(s) in self._ours
+                              or (s.get("metadata") or {}).get("deletionTimestamp")]  # fmt: skip
         for name in cms:
             try:
                 cm = self._core.read_namespaced_config_map(name, self.namespace)
@@ -295,6 +355,8 @@ class KubeSource:
                 loop.call_soon_threadsafe(dirty.set)
 
     def _concerns_us(self, kind: str, obj: Any) -> bool:
+        if kind == SNAPSHOTS:
+            return not isinstance(obj, dict) or _snapshot_tenant(obj) in self._ours
         if kind == "tenants":
             if not isinstance(obj, dict):
                 return True
@@ -303,3 +365,7 @@ class KubeSource:
         name = getattr(getattr(obj, "metadata", None), "name", None)
         cms, secrets = self._refs
         return name in (cms if kind == "configmaps" else secrets)
+
+
+def _snapshot_tenant(snapshot: Mapping[str, Any]) -> str:
+    return str((snapshot.get("spec") or {}).get("tenant", ""))

@@ -90,11 +90,13 @@ class TenantConfig:
     kernels: tuple[tuple[str, str], ...] = ()  # (kernel name, PTX text)
     namespace: str = ""
     generation: int = 0
+    uid: str = ""  # Kubernetes metadata.uid: a re-created Tenant is a new tenant (fresh state, own snapshots)
 
     def same_code(self, other: TenantConfig) -> bool:
         """True when only the token or the function list differ, so no reload is needed."""
         return (
-            self.module == other.module
+            self.uid == other.uid
+            and self.module == other.module
             and self.limits == other.limits
             and self.sm_percent == other.sm_percent
             and self.kernels == other.kernels
@@ -209,6 +211,7 @@ def parse_kube_tenant(
         kernels=kernels,
         namespace=str(meta.get("namespace", "")),
         generation=generation if isinstance(generation, int) else 0,
+        uid=str(meta.get("uid", "")),
     )
 
 
