@@ -4,7 +4,8 @@ Owns `build_app` and every handler. HTTP <-> domain only: a handler resolves the
 bearer token (one dict lookup, see Shard.by_auth), checks the function and the body size, submits
 the blocking invoke to the tenant's queue (its worker threads; never the event loop), and renders
 either the guest's output bytes or `RuntimeFault.to_json()` with the fault's status (plus
-Retry-After on 429). Must not import wasmtime or cuda.
+Retry-After on 429). Bodies are raw bytes both ways; a request sent as application/json gets its
+answer labelled application/json (the bytes are the guest's either way). Must not import wasmtime or cuda.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ SHARD_KEY = web.AppKey("shard", Shard)
 CLIENT_MAX_SIZE = 1 << 30
 OCTET = "application/octet-stream"
 _OCTET_HEADERS = {"Content-Type": OCTET}  # copied by Response; cheaper than content_type= parsing
+_JSON_HEADERS = {"Content-Type": "application/json"}  # JSON in, JSON out: the guest speaks it
 _UNKNOWN_FUNCTION = "<unknown>"  # metric label for names a tenant does not export (bounded cardinality)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -127,7 +129,8 @@ class _Api:
             tenant.record(function, RuntimeFault.kind, perf_counter() - start)
             return fault_response(RuntimeFault(f"internal error ({type(exc).__name__})"))
         tenant.record(function, "ok", perf_counter() - start)
-        return web.Response(body=output, headers=_OCTET_HEADERS)
+        json_in = request.headers.get("Content-Type", "").startswith("application/json")
+        return web.Response(body=output, headers=_JSON_HEADERS if json_in else _OCTET_HEADERS)
 
     def _no_tenant(self, request: web.Request) -> web.Response:
         header = request.headers.get("Authorization")
