@@ -8,8 +8,8 @@ put per invoke, no concurrent.futures machinery, and results come back through a
 loop drains in one callback, so under load many results share one loop wake-up.
 `submit` and every counter are touched on the event-loop thread only; workers hand results back.
 
-CPU isolation: a worker whose guest misbehaved (deadline, trap, memory limit) moves itself to the
-SCHED_IDLE policy (per thread on Linux), so a runaway tenant burning a core yields at once to its
+CPU isolation: a worker whose guest misbehaved (deadline, trap, memory limit) lowers its own CPU
+weight (nice +10, per thread on Linux), so a runaway tenant burning a core yields to its
 neighbours and to the event loop; the next clean call restores it (or, where raising priority is
 not permitted, the demoted thread retires and a fresh one is started at normal priority). It also
 backs off before its next job (doubling per consecutive failure, capped): a guest that traps in
@@ -39,6 +39,7 @@ _EWMA_WEIGHT = 0.1
 
 _MISBEHAVED = (DeadlineExceeded, GuestTrap, GuestMemoryExceeded)
 _BACKOFF_FIRST_S, _BACKOFF_MAX_S = 0.005, 0.25
+DEMOTED_NICE = 10
 
 Job = tuple[Callable[[Any, Any], Any], Any, Any, "asyncio.Future[Any]"]
 Finished = tuple["asyncio.Future[Any]", Any, BaseException | None, float, bool]
@@ -193,13 +194,15 @@ class TenantQueue:
 
 
 def _set_demoted(demote: bool) -> bool:
-    """Move this thread to SCHED_IDLE (runs only on otherwise idle CPU) or back to SCHED_OTHER.
+    """Lower this thread's CPU weight (nice +10, about a tenth of a normal thread's share) or restore it.
 
-    Linux applies scheduling policy per thread; False where not permitted or not supported.
+    Linux applies nice per thread. Not SCHED_IDLE: a worker holds the GIL for a few microseconds
+    around each guest call, and a thread that can be starved outright while holding it would stall
+    the event loop (priority inversion); a tenth of a share keeps that wait short.
+    False where not permitted or not supported.
     """
     try:
-        policy = os.SCHED_IDLE if demote else os.SCHED_OTHER
-        os.sched_setscheduler(threading.get_native_id(), policy, os.sched_param(0))
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), DEMOTED_NICE if demote else 0)
     except (OSError, AttributeError):
         return False
     return True
