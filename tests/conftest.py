@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,7 +105,8 @@ def kube() -> Iterator[Kube]:
 
 @pytest.fixture
 def namespace(kube: Kube, request: pytest.FixtureRequest) -> Iterator[str]:
-    digest = hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:8]
+    # Unique per run: a namespace of an earlier run may still be terminating.
+    digest = hashlib.sha1(f"{request.node.nodeid}{time.time_ns()}".encode()).hexdigest()[:8]
     name = f"t-{request.node.name[:40].lower().replace('_', '-').strip('-')}-{digest}"
     name = "".join(c if c.isalnum() or c == "-" else "-" for c in name)
     kube.kubectl("create", "namespace", name)

@@ -55,3 +55,14 @@ def test_references_and_status_shape() -> None:
     report = build_runtime_status("shard-0", TenantStatus(True, "ModuleLoaded", "serving", 4, 2 << 20))
     assert report == {"shard": "shard-0", "observedGeneration": 4, "loaded": True, "reason": "ModuleLoaded",
                       "message": "serving", "gpuBytesInUse": 2 << 20}  # fmt: skip
+
+
+def test_without_auth_secret_ref_the_operator_created_secret_is_used() -> None:
+    obj = tenant_obj("plain")
+    obj["spec"].pop("authSecretRef")  # type: ignore[attr-defined]
+    view = ClusterView(
+        [obj], {"plain-module": {"module.wasm": b"\0asm"}}, {"tw-plain-token": {"token": b"t-plain-1"}}
+    )
+    configs, failed = resolve_tenants(view)
+    assert failed == {} and [c.token for c in configs] == ["t-plain-1"]
+    assert referenced(obj) == ({"plain-module"}, {"tw-plain-token"})

@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 GROUP, VERSION, PLURAL = "tensorwasm.io", "v1alpha1", "tenants"
 SNAPSHOTS = "snapshots"
 SECRET_MISSING = "SecretMissing"
+
+
+def token_secret_name(tenant_name: str, spec: Mapping[str, Any]) -> str:
+    """spec.authSecretRef.name, else the Secret the operator creates: part of the Tenant API."""
+    return str((spec.get("authSecretRef") or {}).get("name") or f"tw-{tenant_name}-token")
 CONFIGMAP_MISSING = "ConfigMapMissing"
 _WATCH_TIMEOUT_S = 300
 _DEBOUNCE_S = 0.05
@@ -66,8 +71,8 @@ def referenced(tenant: Mapping[str, Any]) -> tuple[set[str], set[str]]:
         ref = (kernel or {}).get("configMapRef") or {}
         if ref.get("name"):
             cms.add(ref["name"])
-    secret = (spec.get("authSecretRef") or {}).get("name")
-    return cms, {secret} if secret else set()
+    name = str((tenant.get("metadata") or {}).get("name", ""))
+    return cms, {token_secret_name(name, spec)}
 
 
 def resolve_tenants(view: ClusterView) -> tuple[list[TenantConfig], dict[str, TenantStatus]]:
@@ -95,9 +100,7 @@ class _Unresolved(Exception):
 def _resolve_one(obj: Mapping[str, Any], view: ClusterView) -> TenantConfig:
     spec = obj.get("spec") or {}
     ns = (obj.get("metadata") or {}).get("namespace", "")
-    secret_name = (spec.get("authSecretRef") or {}).get("name")
-    if not secret_name:
-        raise _Unresolved(SECRET_MISSING, "spec.authSecretRef.name is not set (yet)")
+    secret_name = token_secret_name(str((obj.get("metadata") or {}).get("name", "")), spec)
     secret = view.secrets.get(secret_name)
     if secret is None:
         raise _Unresolved(SECRET_MISSING, f"Secret {ns}/{secret_name} not found")
