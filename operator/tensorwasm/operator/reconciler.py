@@ -14,6 +14,7 @@ import asyncio
 import datetime
 import logging
 import secrets
+from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -36,6 +37,7 @@ from tensorwasm.operator.desired.meta import (
 from tensorwasm.operator.desired.shards import build_shard_service, build_shard_statefulset
 from tensorwasm.operator.desired.tenant import build_tenant_service, build_token_secret, tenant_endpoint
 from tensorwasm.operator.kube import KubeApi, KubeError, resource_path
+from tensorwasm.operator.kube.client import task_writes
 from tensorwasm.operator.models import Tenant, parse_tenant
 from tensorwasm.operator.moves import DirectMove, MoveStrategy
 from tensorwasm.operator.placement import Ledger
@@ -231,7 +233,8 @@ class Reconciler:
             body = self.tenants.get(name)
             if body is None:
                 return
-            before = self.api.total_writes
+            writes: Counter[str] = Counter()
+            task_writes.set(writes)  # this task's own writes, not those of concurrent reconciles
             try:
                 phase = await self._reconcile(body)
             except TRANSIENT as exc:
@@ -243,10 +246,9 @@ class Reconciler:
                 asyncio.get_running_loop().call_later(delay, self.spawn, name)
                 return
             self._backoff.pop(name, None)
-            writes = self.api.total_writes - before
             level = logging.INFO if writes else logging.DEBUG
             log.log(level, "Reconciled Tenant %s/%s phase=%s writes=%d", body["metadata"].get("namespace"),
-                    name, phase, writes)  # fmt: skip
+                    name, phase, sum(writes.values()))  # fmt: skip
 
     async def _reconcile(self, body: JSON) -> str:
         tenant = parse_tenant(body)

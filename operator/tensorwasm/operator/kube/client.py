@@ -10,6 +10,7 @@ Must not import handlers/, placement or desired/.
 from __future__ import annotations
 
 import base64
+import contextvars
 import datetime
 import json
 import logging
@@ -26,6 +27,9 @@ import kopf
 from tensorwasm.operator.settings import FIELD_MANAGER
 
 log = logging.getLogger("tensorwasm.operator.kube")
+
+# Writes made by the current asyncio task (one reconcile), when the caller set a counter.
+task_writes: contextvars.ContextVar[Counter[str] | None] = contextvars.ContextVar("task_writes", default=None)
 
 JSON = dict[str, Any]
 
@@ -137,6 +141,9 @@ class KubeApi:
         else:
             what = parts[-2]
         self.writes[f"{verb} {what}"] += 1
+        mine = task_writes.get()
+        if mine is not None:
+            mine[f"{verb} {what}"] += 1
 
     # -- reads ---------------------------------------------------------------------------------
     async def get(self, path: str) -> JSON | None:
