@@ -24,7 +24,7 @@ _SUFFIXES: dict[str, tuple[str, float]] = {
 # Planner input -> accepted figure base names, first match wins. Benchmarks that want to back a
 # planner figure should use one of these names (see docs/capacity-planning.md).
 FIGURE_NAMES: dict[str, tuple[str, ...]] = {
-    "cpu_per_request": ("invoke_cpu", "cpu_per_request", "invoke_cpu_per_request"),
+    "cpu_per_request": ("invoke_cpu", "cpu_per_request", "invoke_cpu_per_request", "invoke_server_cpu"),
     "invoke_p95": ("invoke_p95", "http_invoke_p95"),
     "invoke_p99": ("invoke_p99", "http_invoke_p99"),
     "gpu_invoke_p95": ("gpu_invoke_p95", "invoke_gpu_p95"),
