@@ -16,7 +16,7 @@ from tensorwasm.operator.desired.shards import build_shard_service, build_shard_
 from tensorwasm.operator.desired.tenant import build_tenant_service, build_token_secret
 from tensorwasm.operator.models import parse_tenant
 from tensorwasm.operator.reconciler import is_subset
-from tensorwasm.operator.settings import OperatorSettings
+from tensorwasm.operator.settings import OperatorSettings, load_settings
 
 SETTINGS = OperatorSettings(namespace="tw", shard_name="shard")
 OWNER = {
@@ -87,6 +87,26 @@ def test_shard_statefulset_and_headless_service() -> None:
     pod = gpu["spec"]["template"]["spec"]
     assert pod["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "1"}
     assert pod["nodeSelector"] == {"gpu": "yes"}
+
+
+def test_shard_statefulset_joins_mps_with_the_shard_slice() -> None:
+    plain = build_shard_statefulset(SETTINGS, 1)["spec"]["template"]["spec"]
+    assert "hostIPC" not in plain and "volumes" not in plain
+    settings = load_settings({
+        "TENSORWASM_OPERATOR_SHARD_MPS_PIPE_DIR": "/var/run/mps",
+        "TENSORWASM_OPERATOR_SHARD_SM_PERCENT": "25",
+        "TENSORWASM_OPERATOR_SHARD_GPU_MEMORY": "20Gi",
+    })  # fmt: skip
+    pod = build_shard_statefulset(settings, 1)["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert pod["hostIPC"] is True
+    assert pod["volumes"] == [{"name": "mps-pipe", "hostPath": {"path": "/var/run/mps", "type": "Directory"}}]
+    assert container["volumeMounts"] == [{"name": "mps-pipe", "mountPath": "/var/run/mps"}]
+    assert container["env"][2:] == [
+        {"name": "TENSORWASM_RUNTIME_MPS_PIPE_DIR", "value": "/var/run/mps"},
+        {"name": "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "value": "25"},
+        {"name": "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", "value": "0=20480M"},
+    ]
 
 
 def test_shard_ordinal() -> None:

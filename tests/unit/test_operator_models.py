@@ -89,6 +89,7 @@ def test_settings_from_env() -> None:
         ({"TENSORWASM_OPERATOR_STANDALONE": "maybe"}, "STANDALONE must be true or false"),
         ({"TENSORWASM_OPERATOR_SHARD_NODE_SELECTOR": "[1]"}, "must be a JSON dict"),
         ({"TENSORWASM_OPERATOR_LOG_LEVEL": "loud"}, "LOG_LEVEL must be"),
+        ({"TENSORWASM_OPERATOR_SHARD_MPS_PIPE_DIR": "mps"}, "SHARD_MPS_PIPE_DIR must be an absolute path"),
     ],
 )
 def test_bad_settings_fail_fast(env: dict[str, str], message: str) -> None:

@@ -43,6 +43,7 @@ class OperatorSettings:
     shard_tolerations: tuple[Mapping[str, Any], ...] = ()
     shard_gpus: int = 0  # nvidia.com/gpu requested per shard pod (0 on CPU shards)
     shard_service_account: str = ""  # "" = the namespace's default ServiceAccount
+    shard_mps_pipe_dir: str = ""  # "" = no MPS; else the host's MPS pipe directory (absolute)
     standalone: bool = True
     peering_name: str = "tensorwasm"
     log_level: str = "INFO"
@@ -126,6 +127,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> OperatorSettings:
     if len(shard_name) > 52:  # leaves room for "-<ordinal>" and the controller-revision label
         raise SettingsError(f"{PREFIX}SHARD_NAME must be at most 52 characters, got {shard_name!r}")
     tolerations = _json(env, "SHARD_TOLERATIONS", list)
+    mps_pipe_dir = _get(env, "SHARD_MPS_PIPE_DIR") or ""
+    if mps_pipe_dir and not mps_pipe_dir.startswith("/"):
+        raise SettingsError(f"{PREFIX}SHARD_MPS_PIPE_DIR must be an absolute path, got {mps_pipe_dir!r}")
     return OperatorSettings(
         namespace=namespace,
         shards=_int(env, "SHARDS", defaults.shards, 1, 1000),
@@ -139,6 +143,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> OperatorSettings:
         shard_tolerations=tuple(tolerations),
         shard_gpus=_int(env, "SHARD_GPUS", defaults.shard_gpus, 0, 16),
         shard_service_account=_get(env, "SHARD_SERVICE_ACCOUNT") or "",
+        shard_mps_pipe_dir=mps_pipe_dir,
         standalone=_bool(env, "STANDALONE", defaults.standalone),
         peering_name=_get(env, "PEERING_NAME") or defaults.peering_name,
         log_level=log_level,

@@ -59,6 +59,8 @@ def build_shard_statefulset(settings: OperatorSettings, replicas: int) -> dict[s
             }
         ],
     }
+    if settings.shard_mps_pipe_dir:
+        add_mps_client(pod_spec, settings)
     if settings.shard_service_account:  # created with its RBAC by the Helm chart
         pod_spec["serviceAccountName"] = settings.shard_service_account
     if settings.shard_node_selector:
@@ -78,3 +80,25 @@ def build_shard_statefulset(settings: OperatorSettings, replicas: int) -> dict[s
             "template": {"metadata": {"labels": labels}, "spec": pod_spec},
         },
     }
+
+
+MPS_VOLUME = "mps-pipe"
+
+
+def add_mps_client(pod_spec: dict[str, Any], settings: OperatorSettings) -> None:
+    """Join the node's MPS control daemon (the chart's DaemonSet) with this shard's own slice.
+
+    MPS clients reach the server through the pipe directory and shared memory (host IPC); the
+    active thread % and the pinned device memory limit bound the whole shard to its capacity.
+    """
+    pipe_dir = settings.shard_mps_pipe_dir
+    capacity = settings.shard_capacity
+    container = pod_spec["containers"][0]
+    container["env"] += [
+        {"name": "TENSORWASM_RUNTIME_MPS_PIPE_DIR", "value": pipe_dir},
+        {"name": "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "value": str(capacity.sm_percent)},
+        {"name": "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", "value": f"0={capacity.gpu_memory_bytes >> 20}M"},
+    ]
+    container["volumeMounts"] = [{"name": MPS_VOLUME, "mountPath": pipe_dir}]
+    pod_spec["hostIPC"] = True
+    pod_spec["volumes"] = [{"name": MPS_VOLUME, "hostPath": {"path": pipe_dir, "type": "Directory"}}]
