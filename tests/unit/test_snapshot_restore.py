@@ -276,3 +276,52 @@ def test_restore_latest_skips_a_blob_it_must_refuse_and_restores_the_older_good_
     assert result is not None and result.manifest.generation == 1
     assert snapshot_of(dst) == expected
     assert restore_latest(store, tenant_uid="nobody", module_sha256=module.sha256, pool=dst.pool) is None
+
+
+_BIG_WAT = b"""(module
+  (memory (export "memory") 8)
+  (global $calls (export "calls") (mut i32) (i32.const 0))
+  (func (export "tw_alloc") (param i32) (result i32) (i32.const 1024))
+  (func (export "bump") (param i32 i32) (result i64)
+    (global.set $calls (i32.add (global.get $calls) (i32.const 1)))
+    (i32.store (i32.const 64) (i32.add (i32.load (i32.const 64)) (i32.const 1)))
+    (i32.store (i32.const 2048) (global.get $calls))
+    (i32.store (i32.const 2052) (i32.load (i32.const 64)))
+    (i64.const 0x0000_0800_0000_0008)))"""
+
+
+def _spawns(tenant: str) -> float:
+    return metrics.INSTANCE_SPAWNS.labels(tenant=tenant)._value.get()
+
+
+def _big_state(pages: int, counter: int, calls: int) -> WasmState:
+    memory = bytearray(pages * PAGE)
+    memory[64:68] = struct.pack("<i", counter)
+    memory[-8:] = b"tail-end"
+    return WasmState(memory=bytes(memory), globals=[("calls", "i32", calls)])
+
+
+def test_restore_loads_held_instances_in_place_and_replaces_only_those_that_cannot_shrink(
+    engine: Engine,
+) -> None:
+    # 8 pristine pages: the pool resets by dropping pages (back to the module's zeros), which the
+    # restored baseline must switch off, or the next invoke would see zeros instead of the snapshot.
+    module = compile_bytes(engine, _BIG_WAT)
+    tenant = "in-place"
+    pool = TenantInstancePool(engine, module, GuestLimits(memory_bytes=MEMORY_LIMIT, max_instances=3),
+                              tenant_id=tenant)  # fmt: skip
+    try:
+        assert struct.unpack("<2i", pool.invoke("bump", b"")) == (1, 1)
+        before = _spawns(tenant)
+        for pages, counter in ((8, 40), (12, 50)):  # same size, then grown: no instance is spawned
+            pool.restore_state(_big_state(pages, counter, calls=counter))
+            assert _spawns(tenant) == before
+            for _ in range(6):  # every instance, after reset, starts from the restored state
+                assert struct.unpack("<2i", pool.invoke("bump", b"")) == (counter + 1, counter + 1)
+            assert bytes(pool.capture_state().memory) == _big_state(pages, counter, counter).memory
+        pool.restore_state(_big_state(8, 60, calls=60))  # memory cannot shrink: fresh instances
+        assert _spawns(tenant) == before + 3
+        for _ in range(6):
+            assert struct.unpack("<2i", pool.invoke("bump", b"")) == (61, 61)
+    finally:
+        pool.close()
