@@ -23,6 +23,7 @@ import json
 import math
 import re
 import struct
+import threading
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -260,6 +261,17 @@ def decode_chunk_into(blob: memoryview, chunk: Chunk, out: memoryview) -> None:
     decode_stored_into(blob[chunk.offset : chunk.offset + chunk.stored], chunk, out)
 
 
+_tls = threading.local()
+
+
+def _dctx() -> zstandard.ZstdDecompressor:
+    """One decompressor per thread: creating one allocates its context (~100 KiB) every chunk."""
+    d: zstandard.ZstdDecompressor | None = getattr(_tls, "dctx", None)
+    if d is None:
+        d = _tls.dctx = zstandard.ZstdDecompressor()
+    return d
+
+
 def decode_stored_into(stored: memoryview, chunk: Chunk, out: memoryview) -> None:
     """Decode a chunk's verified stored bytes into `out`; no intermediate buffer."""
     if chunk.codec == "raw":
@@ -270,7 +282,7 @@ def decode_stored_into(stored: memoryview, chunk: Chunk, out: memoryview) -> Non
     # stream_reader.readinto decompresses into our buffer (GIL released); decompress() would
     # allocate and page-fault a fresh buffer per chunk, ~7x slower measured here.
     try:
-        with zstandard.ZstdDecompressor().stream_reader(stored, read_across_frames=False) as reader:
+        with _dctx().stream_reader(stored, read_across_frames=False) as reader:
             filled = 0
             while filled < chunk.size:
                 got = reader.readinto(out[filled:])
