@@ -39,15 +39,29 @@ from tensorwasm.operator.desired.tenant import build_tenant_service, build_token
 from tensorwasm.operator.kube import KubeApi, KubeError, resource_path
 from tensorwasm.operator.kube.client import task_writes
 from tensorwasm.operator.models import Tenant, parse_tenant
-from tensorwasm.operator.moves import DirectMove, MoveStrategy
+from tensorwasm.operator.moves import MoveStrategy, SnapshotMove
 from tensorwasm.operator.placement import Ledger
 from tensorwasm.operator.settings import FINALIZER, OperatorSettings
+from tensorwasm.operator.snapshots import (
+    PERIODIC,
+    build_snapshot,
+    deleting,
+    last_snapshot,
+    periodic_wait_s,
+    phase_of,
+    retention_victims,
+    short_id,
+    snapshot_name,
+    tenant_not_found_status,
+    tenant_of,
+)
 from tensorwasm.planner.admission import TenantDemand, tenant_demand
 
 log = logging.getLogger("tensorwasm.operator")
 
 JSON = dict[str, Any]
 TENANTS = ("tensorwasm.io/v1alpha1", "tenants")
+SNAPSHOTS = ("tensorwasm.io/v1alpha1", "snapshots")
 TRANSIENT = (KubeError, aiohttp.ClientError, asyncio.TimeoutError, ConnectionError)
 MAX_BACKOFF_S = 60.0
 SELECTOR = ",".join(f"{k}={v}" for k, v in MANAGED_SELECTOR.items())
@@ -107,8 +121,11 @@ class Reconciler:
     ) -> None:
         self.settings = settings
         self.api = api
-        self.mover: MoveStrategy = mover or DirectMove()
         self.clock = clock
+        self.snapshots: dict[str, JSON] = {}
+        self.mover: MoveStrategy = mover or SnapshotMove(
+            api, self.snapshots, clock, settings.move_snapshot_timeout_s
+        )
         self.ledger = Ledger(settings.shard_capacity, 0)
         self.tenants: dict[str, JSON] = {}
         self.services: dict[str, JSON] = {}
@@ -117,6 +134,9 @@ class Reconciler:
         self._locks: dict[str, asyncio.Lock] = {}
         self._backoff: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._timers: dict[str, asyncio.TimerHandle] = {}  # Periodic snapshots
+        self._periodic: dict[str, str] = {}  # tenant -> when this process last created one
+        self._deleted: set[str] = set()  # Snapshots deleted by retention, until their DELETED event
 
     # -- start-up ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -128,6 +148,8 @@ class Reconciler:
             self.services[svc["metadata"]["name"]] = svc
         for sec in await self.api.list(resource_path("v1", "secrets", ns), SELECTOR):
             self.secrets[sec["metadata"]["name"]] = sec
+        for snap in await self.api.list(resource_path(*SNAPSHOTS, ns)):
+            self.snapshots[snap["metadata"]["name"]] = snap
         bodies = await self.api.list(resource_path(*TENANTS, ns))
         bodies.sort(key=lambda b: (b["metadata"].get("creationTimestamp", ""), b["metadata"]["name"]))
         for body in bodies:
@@ -183,6 +205,35 @@ class Reconciler:
             self.tenants[name] = dict(body)
         await self.reconcile(name)
 
+    async def on_snapshot(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        name, tenant = body["metadata"]["name"], tenant_of(body)
+        old = self.snapshots.get(name)
+        if event_type == "DELETED":
+            self.snapshots.pop(name, None)
+            self._deleted.discard(name)
+        elif not is_older(body, old):
+            self.snapshots[name] = dict(body)
+        if tenant in self.tenants:
+            if old is None or event_type == "DELETED" or phase_of(old) != phase_of(body):
+                self.spawn(tenant)  # a move may proceed; lastSnapshot and retention may change
+        elif event_type != "DELETED" and not phase_of(body) and not deleting(body):
+            await self._fail_orphan(body)
+
+    async def _fail_orphan(self, body: Mapping[str, Any]) -> None:
+        """A Snapshot naming no Tenant: say so (a Tenant created a moment ago is looked up first)."""
+        meta, tenant = body["metadata"], tenant_of(body)
+        ns = meta.get("namespace") or self.settings.namespace
+        try:
+            if await self.api.get(resource_path(*TENANTS, ns, tenant)) is not None:
+                return
+            status = tenant_not_found_status(tenant, int(meta.get("generation") or 0), self.clock())
+            await self.api.merge_patch(
+                resource_path(*SNAPSHOTS, ns, meta["name"], "status"), {"status": status}
+            )
+            log.info("Failed Snapshot %s/%s: Tenant %s not found", ns, meta["name"], tenant)
+        except TRANSIENT as exc:
+            log.warning("Failed marking Snapshot %s (Tenant %s not found): %s", meta["name"], tenant, exc)
+
     async def on_statefulset(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         if body["metadata"]["name"] != self.settings.shard_name:
             return
@@ -223,6 +274,9 @@ class Reconciler:
 
     def forget(self, name: str) -> None:
         self.tenants.pop(name, None)
+        timer = self._timers.pop(name, None)
+        if timer is not None:
+            timer.cancel()
         self.pending.discard(name)
         if self.ledger.release(name) is not None:
             self.wake_pending()
@@ -266,19 +320,23 @@ class Reconciler:
             tenant = parse_tenant(body)
 
         token_secret: str | None = None
+        move: Mapping[str, Any] | None = None
         if tenant.spec is None:
             self.ledger.release(tenant.name)
             self.pending.discard(tenant.name)
             placement = Placement(None)
         else:
-            placement = await self._place(tenant)
+            placement, move = await self._place(tenant)
             token_secret = await self._ensure_secret(tenant)
             if placement.shard is not None:
                 await self._ensure_service(tenant, placement.shard)
+                await self._snapshot_housekeeping(tenant)
 
         desired = desired_status(
             tenant, placement, tenant_endpoint(tenant, self.settings), token_secret, self.clock()
         )
+        desired["move"] = move
+        desired["lastSnapshot"] = last_snapshot(tenant.name, self.snapshots.values())
         patch = status_patch(tenant.status, desired)
         if patch:
             updated = await self.api.merge_patch(path + "/status", {"status": patch})
@@ -295,7 +353,37 @@ class Reconciler:
         }
         return await self.api.merge_patch(path, patch)
 
-    async def _place(self, tenant: Tenant) -> Placement:
+    async def _snapshot_housekeeping(self, tenant: Tenant) -> None:
+        """Retention (keep the newest `retain` Ready Snapshots) and the Periodic policy's Snapshots."""
+        assert tenant.spec is not None
+        spec, ns = tenant.spec, tenant.namespace
+        for victim in retention_victims(tenant.name, self.snapshots.values(), spec.snapshot_retain,
+                                        spec.restore_from):  # fmt: skip
+            if victim not in self._deleted:
+                self._deleted.add(victim)
+                await self.api.delete(resource_path(*SNAPSHOTS, ns, victim))
+                log.info("Deleted Snapshot %s/%s (retain=%d)", ns, victim, spec.snapshot_retain)
+        if spec.snapshot_policy != "Periodic" or not spec.snapshot_interval_s:
+            return
+        now = self.clock()
+        known = list(self.snapshots.values())
+        if tenant.name in self._periodic:  # created by us, maybe not yet seen by the watch
+            known.append({"spec": {"tenant": tenant.name},
+                          "metadata": {"creationTimestamp": self._periodic[tenant.name]}})  # fmt: skip
+        since = str(self.tenants.get(tenant.name, {}).get("metadata", {}).get("creationTimestamp") or now)
+        wait = periodic_wait_s(tenant.name, known, spec.snapshot_interval_s, since, now)
+        if wait <= 0:
+            name = snapshot_name(tenant.name, PERIODIC, short_id(tenant.uid, now))
+            await self.api.create(resource_path(*SNAPSHOTS, ns), build_snapshot(tenant, name, PERIODIC))
+            self._periodic[tenant.name] = now
+            log.info("Created Snapshot %s/%s (Periodic every %ds)", ns, name, spec.snapshot_interval_s)
+            wait = spec.snapshot_interval_s
+        timer = self._timers.pop(tenant.name, None)
+        if timer is not None:
+            timer.cancel()
+        self._timers[tenant.name] = asyncio.get_running_loop().call_later(wait + 1, self.spawn, tenant.name)
+
+    async def _place(self, tenant: Tenant) -> tuple[Placement, Mapping[str, Any] | None]:
         name, demand = tenant.name, demand_of(tenant)
         shard_name = self.settings.shard_name
         current = self.ledger.shard_of(name)
@@ -310,7 +398,7 @@ class Reconciler:
             if decision.shard is None:
                 self.pending.add(name)
                 reason = NO_SHARDS if decision.resource == "shards" else INSUFFICIENT_CAPACITY
-                return Placement(None, reason, decision.message)
+                return Placement(None, reason, decision.message), None
             current = decision.shard
         elif self.ledger.demand_of(name) != demand:
             # Sticky even when a grown demand overfills the shard: moving is the snapshot issue's call.
@@ -319,16 +407,13 @@ class Reconciler:
         target = shard_pod_name(shard_name, current)
         source = tenant.shard
         source_ordinal = shard_ordinal(shard_name, source)
-        if (
-            source is not None
-            and source != target
-            and source_ordinal is not None
-            and source_ordinal < self.ledger.shards
-            and not await self.mover.ready_to_move(tenant, source, target)
-        ):
-            asyncio.get_running_loop().call_later(self.settings.reconcile_retry_s, self.spawn, name)
-            return Placement(source)
-        return Placement(target)
+        source_runs = source_ordinal is not None and source_ordinal < self.ledger.shards
+        if source is not None and source != target and source_runs:
+            step = await self.mover.ready_to_move(tenant, source, target)
+            if not step.ready:  # ask again soon; a Snapshot reaching Ready or Failed wakes us sooner
+                asyncio.get_running_loop().call_later(self.settings.reconcile_retry_s, self.spawn, name)
+                return Placement(source), step.record
+        return Placement(target), None
 
     async def _ensure_secret(self, tenant: Tenant) -> str:
         name = token_secret_name(tenant)

@@ -48,6 +48,7 @@ class OperatorSettings:
     peering_name: str = "tensorwasm"
     log_level: str = "INFO"
     reconcile_retry_s: float = 2.0
+    move_snapshot_timeout_s: int = 120  # a move waits this long for its Snapshot, then goes anyway
 
 
 def _get(env: Mapping[str, str], name: str) -> str | None:
@@ -147,4 +148,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> OperatorSettings:
         standalone=_bool(env, "STANDALONE", defaults.standalone),
         peering_name=_get(env, "PEERING_NAME") or defaults.peering_name,
         log_level=log_level,
+        move_snapshot_timeout_s=_int(env, "MOVE_SNAPSHOT_TIMEOUT", defaults.move_snapshot_timeout_s, 1, 3600),
     )

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import kopf
 
-from tensorwasm.operator.handlers import lifecycle, owned, shards, tenant
+from tensorwasm.operator.handlers import lifecycle, owned, shards, snapshots, tenant
 from tensorwasm.operator.settings import OperatorSettings
 
 
 def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
     """A fresh registry with every handler of the operator (no module-level decorators)."""
     registry = kopf.OperatorRegistry()
-    for module in (lifecycle, tenant, shards, owned):
+    for module in (lifecycle, tenant, shards, owned, snapshots):
         module.register(registry, settings)
     return registry

@@ -187,6 +187,15 @@ class KubeApi:
         params = {"fieldManager": self.field_manager}
         return await self._call("PATCH", path, list(ops), "application/json-patch+json", params)
 
+    async def delete(self, path: str) -> None:
+        """Delete (background propagation); an object already gone is fine."""
+        self._count("delete", path)
+        try:
+            await self._call("DELETE", path)
+        except KubeError as exc:
+            if exc.status != 404:
+                raise
+
     async def post_event(
         self, involved: Mapping[str, Any], type_: str, reason: str, message: str, component: str
     ) -> None:

@@ -47,6 +47,8 @@ class TenantSpec:
     limits: Limits = Limits()
     sm_percent: int = 0  # 0: no SM share requested
     snapshot_policy: str = "OnMove"
+    snapshot_interval_s: int | None = None  # Periodic only
+    snapshot_retain: int = 3  # Ready Snapshots kept
     restore_from: str | None = None
     auth_secret_name: str | None = None
     preferred_shard: int | None = None
@@ -146,6 +148,12 @@ def parse_spec(spec: Mapping[str, Any]) -> TenantSpec:
         limits=limits,
         sm_percent=_int(gpu_share, "smPercent", 0, "spec.gpu.smPercent"),
         snapshot_policy=str(snapshot.get("policy", "OnMove")),
+        snapshot_interval_s=(
+            None
+            if snapshot.get("intervalSeconds") is None
+            else _int(snapshot, "intervalSeconds", 0, "spec.snapshot.intervalSeconds")
+        ),
+        snapshot_retain=_int(snapshot, "retain", 3, "spec.snapshot.retain"),
         restore_from=spec.get("restoreFrom"),
         auth_secret_name=auth.get("name"),
         preferred_shard=None if preferred is None else _int(placement, "preferredShard", 0, "preferredShard"),
