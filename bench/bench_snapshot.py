@@ -236,12 +236,18 @@ def run() -> dict[str, Any]:
                 figures[f"speedup_vs_naive_{key}"] = round(naive_ms / ours_ms, 2)
                 figures[f"capture_p50_ms_{key}"] = round(capture_ms, 2)
                 figures[f"capture_barrier_p50_ms_{key}"] = round(barrier_ms, 2)
+                # Reported apart: how long the tenant is paused (quiesce .. D2H staged .. resume) and how
+                # long until the blob is durable (== capture_p50; bounded below by the disk floor).
+                figures[f"capture_paused_p50_ms_{key}"] = round(barrier_ms, 2)
+                figures[f"capture_durable_p50_ms_{key}"] = round(capture_ms, 2)
+                figures[f"capture_durable_over_disk_floor_{key}"] = round(capture_ms / disk_ms, 2)
                 figures[f"capture_commit_p50_ms_{key}"] = round(commit_ms, 2)
                 figures[f"capture_disk_floor_p50_ms_{key}"] = round(disk_ms, 2)
                 if gpu and size in GPU_TARGETS_MS:
                     targets[f"restore_p50_ms_{key}"] = f"<= {GPU_TARGETS_MS[size]:g}"
                 if gpu and size == 512:
                     targets[f"capture_p50_ms_{key}"] = "<= 200"
+                    targets[f"capture_paused_p50_ms_{key}"] = "<= 200"
                 stored = blob.size_bytes / MiB
                 rows.append(
                     f"| {kind} | {size} | {ours_ms:.2f} | {naive_ms:.1f} | {floor_ms:.2f} | "
@@ -270,9 +276,11 @@ def run() -> dict[str, Any]:
         "notes": (
             f"Accelerator: {acc.name}. Floor = {floor_name}. Naive = one zstd-3 frame, read(), one-thread "
             "decompress, pageable writes. Restore is to ready: blob verified (every chunk's CRC-32), GPU "
-            "buffers recreated and uploaded, wasm memory + globals in every warm instance (4). Page "
+            "buffers recreated and uploaded, wasm memory + globals loaded in place into every warm instance "
+            "(4). Page "
             "cache warm. Capture includes the barrier (pool quiesce + D2H), parallel encode and fsync. "
             "'upload' is the H2D tail after the last chunk decoded (the rest overlaps decompression). "
-            "Disk floor = one write() of the blob's size + fsync: capture is durable, so it cannot beat it."
+            "Disk floor = one write() of the blob's size + fsync: capture is durable, so it cannot beat it. "
+            "capture_paused = the tenant's pause (barrier to resume); capture_durable = until fsynced."
         ),
     }

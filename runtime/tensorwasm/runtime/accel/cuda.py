@@ -171,7 +171,7 @@ class CudaTenantDevice:
         self._tls = acc.tls
         self._ready = True  # False once closed or once the context is poisoned: one check per call
         self._cap = GpuCap(cap_bytes, acc.granularity)
-        self._reserve, self._release = self._cap.reserve, self._cap.release  # bound once: hot path
+        self._cap_lock, self._granularity = self._cap._lock, acc.granularity  # hot path (alloc/free)
         self._pool = pool
         self._stream = stream
         self._kernels = kernels
@@ -235,11 +235,22 @@ class CudaTenantDevice:
         # driver once, binds, and retries (in _alloc_retry / _free_retry).
         if not self._ready:
             self._not_ready()
-        try:
-            charged = self._reserve(nbytes)
-        except GpuMemoryExhausted:
-            metrics.count_gpu_refusal(self.tenant_id, "host")
-            raise
+        # GpuCap.reserve inlined (same lock, same fields): one Python frame less on every call.
+        cap = self._cap
+        if nbytes.__class__ is not int or nbytes <= 0:
+            cap.charge_for(nbytes)  # raises the clear error
+        g = self._granularity
+        charged = -(-nbytes // g) * g
+        lock = self._cap_lock
+        lock.acquire()
+        new = cap._current + charged
+        if new > cap._max:
+            lock.release()
+            self._refuse_host(charged)
+        cap._current = new
+        if new > cap._peak:
+            cap._peak = new
+        lock.release()
         # Ask the pool for whole pages: the driver's used bytes then equal the host counter exactly.
         err, dptr = _alloc_async(charged, self._pool, self._stream)
         if err:
@@ -247,6 +258,10 @@ class CudaTenantDevice:
         handle = next(self._ids)
         self._bufs[handle] = (dptr, nbytes, charged)
         return handle
+
+    def _refuse_host(self, charged: int) -> NoReturn:
+        metrics.count_gpu_refusal(self.tenant_id, "host")
+        raise GpuMemoryExhausted(requested=charged, limit=self._cap._max, current=self._cap.current)
 
     def _alloc_retry(self, charged: int, err: Any, release: bool = True) -> Any:
         """The driver refused although the host counter had room: fragmentation inside the pool.
@@ -280,8 +295,11 @@ class CudaTenantDevice:
             raise
         (err,) = _free_async(buf[0], self._stream)
         # Later allocations of this tenant are ordered after the free on the same stream: the bytes can
-        # be counted as returned now.
-        self._release(buf[2])
+        # be counted as returned now. GpuCap.release inlined; a charge always came from this counter.
+        lock = self._cap_lock
+        lock.acquire()
+        self._cap._current -= buf[2]
+        lock.release()
         if err:
             if err == _NO_CONTEXT:
                 self._acc.bind_thread()
