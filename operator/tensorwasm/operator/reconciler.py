@@ -64,6 +64,7 @@ TENANTS = ("tensorwasm.io/v1alpha1", "tenants")
 SNAPSHOTS = ("tensorwasm.io/v1alpha1", "snapshots")
 TRANSIENT = (KubeError, aiohttp.ClientError, asyncio.TimeoutError, ConnectionError)
 MAX_BACKOFF_S = 60.0
+WARNING_PHASES = ("Pending", "Degraded", "Failed")
 SELECTOR = ",".join(f"{k}={v}" for k, v in MANAGED_SELECTOR.items())
 
 
@@ -342,7 +343,8 @@ class Reconciler:
             updated = await self.api.merge_patch(path + "/status", {"status": patch})
             if updated:
                 self.tenants[tenant.name] = updated
-            if "phase" in patch or "shard" in patch:
+            # Warnings only: a Normal event per phase change doubled the writes of a healthy tenant.
+            if ("phase" in patch or "shard" in patch) and desired["phase"] in WARNING_PHASES:
                 await self._post_phase_event(body, desired)
         return str(desired["phase"])
 
@@ -439,12 +441,9 @@ class Reconciler:
     async def _post_phase_event(self, body: JSON, status: Mapping[str, Any]) -> None:
         phase = str(status["phase"])
         ready = next(c for c in status["conditions"] if c["type"] == "Ready")
-        warn = phase in ("Pending", "Degraded", "Failed")
         message = f"shard={status.get('shard') or '-'}: {ready['message']}"
-        reason = ready["reason"] if warn else phase
-        await self.api.post_event(
-            body, "Warning" if warn else "Normal", reason, message, "tensorwasm-operator"
-        )
+        reason = ready["reason"] if phase in WARNING_PHASES else phase
+        await self.api.post_event(body, "Warning", reason, message, "tensorwasm-operator")
 
     async def drain(self) -> None:
         """Wait for spawned reconciles (tests and shutdown)."""
