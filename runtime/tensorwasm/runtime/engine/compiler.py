@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import tempfile
 import threading
@@ -84,7 +85,7 @@ class Engine:
         self._linker = wasmtime.Linker(self._wt)
         hostcalls.define_all(self._linker)
         self._engine_ptr = lowlevel.pointer_value(self._wt.ptr())
-        self._stop = threading.Event()
+        self._closed = False
         self._ticker = threading.Thread(target=self._tick, name="wasm-epoch-ticker", daemon=True)
         self._ticker.start()
         if cache_dir is not None:
@@ -95,17 +96,28 @@ class Engine:
         return self._wt
 
     def ticks_for(self, timeout_s: float) -> int:
-        """Epoch ticks for a deadline; +1 because the current tick may be nearly over."""
-        return max(1, round(timeout_s / self.epoch_tick_s)) + 1
+        """Epoch ticks for a deadline, never early: rounded up, +1 because the tick running when the
+        deadline is set may be nearly over. Ticks are at least `epoch_tick_s` apart, so a guest is
+        stopped no sooner than `timeout_s` and at most about two ticks later."""
+        return max(1, math.ceil(round(timeout_s / self.epoch_tick_s, 6))) + 1
 
     def _tick(self) -> None:
-        ptr, tick, stop = self._engine_ptr, self.epoch_tick_s, self._stop
-        while not stop.wait(tick):
-            lowlevel.increment_epoch(ptr)
+        # time.sleep, not Event.wait: per tick this thread takes the GIL for one flag test and one
+        # C call (Event.wait runs a Python Condition each time), so it seldom makes the event loop
+        # wait, and it seldom gets preempted while holding the GIL on a busy machine.
+        ptr, tick, sleep, increment = (
+            self._engine_ptr,
+            self.epoch_tick_s,
+            time.sleep,
+            lowlevel.increment_epoch,
+        )
+        while not self._closed:
+            sleep(tick)
+            increment(ptr)
 
     def close(self) -> None:
-        self._stop.set()
-        self._ticker.join(timeout=1)
+        self._closed = True
+        self._ticker.join(timeout=max(1.0, 2 * self.epoch_tick_s))
 
     def compile(self, wasm: bytes, sha256: str) -> CompiledModule:
         """Validate and compile `wasm` (binary or WAT text), using the disk cache when possible."""
