@@ -98,6 +98,18 @@ def run_one(name: str, path: Path, suffix: str | None) -> Path:
     return out
 
 
+def target_met(value: object, target: str) -> str:
+    """"yes"/"no" for targets written as "<= N" or ">= N"; "" when there is no such target."""
+    parts = target.split()
+    if len(parts) != 2 or parts[0] not in ("<=", ">=") or not isinstance(value, int | float):
+        return ""
+    try:
+        bound = float(parts[1])
+    except ValueError:
+        return ""
+    return "yes" if (value <= bound if parts[0] == "<=" else value >= bound) else "**no**"
+
+
 def render() -> str:
     lines = [
         "# Performance",
@@ -121,10 +133,11 @@ def render() -> str:
         figures = r.get("figures", {})
         if figures:
             targets = r.get("targets", {})
-            lines += ["| figure | value | target |", "|---|---|---|"]
+            lines += ["| figure | value | target | met |", "|---|---|---|---|"]
             for key, value in figures.items():
                 shown = f"{value:.4g}" if isinstance(value, float) else str(value)
-                lines.append(f"| {key} | {shown} | {targets.get(key, '')} |")
+                target = targets.get(key, "")
+                lines.append(f"| {key} | {shown} | {target} | {target_met(value, target)} |")
             lines.append("")
         vers = ", ".join(f"{k} {v}" for k, v in r.get("versions", {}).items())
         lines += [f"Versions: {vers}", ""]
