@@ -16,25 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tensorwasm.quantity import quantity_bytes
+
 KIB = 1024
 MIB = 1024 * KIB
 
-_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
-_FACTORS = {
-    None: 1,
-    "Ki": 1 << 10,
-    "Mi": 1 << 20,
-    "Gi": 1 << 30,
-    "Ti": 1 << 40,
-    "Pi": 1 << 50,
-    "Ei": 1 << 60,
-    "k": 10**3,
-    "M": 10**6,
-    "G": 10**9,
-    "T": 10**12,
-    "P": 10**15,
-    "E": 10**18,
-}
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # Tenant names appear in URLs and metric labels: DNS-1123 labels, like Kubernetes object names.
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -105,33 +91,10 @@ class TenantConfig:
 
 def parse_quantity(value: object, where: str) -> int:
     """Parse a byte quantity: an integer or a Kubernetes quantity string like "64Mi" or "1.5Gi"."""
-    if isinstance(value, bool):
-        raise TenantConfigError(f"{where}: expected a quantity like 64Mi, got {value!r}")
-    if isinstance(value, int):
-        result = value
-    elif isinstance(value, str):
-        match = _QUANTITY.match(value.strip())
-        if match is None:
-            raise TenantConfigError(
-                f"{where}: {value!r} is not a quantity (use e.g. 1048576, 64Mi, 1Gi, 500k)"
-            )
-        number, suffix = match.groups()
-        exact = _exact_product(number, _FACTORS[suffix])
-        if exact is None:
-            raise TenantConfigError(f"{where}: {value!r} is not a whole number of bytes")
-        result = exact
-    else:
-        raise TenantConfigError(f"{where}: expected a quantity like 64Mi, got {type(value).__name__}")
-    if result < 0:
-        raise TenantConfigError(f"{where}: must not be negative, got {value!r}")
-    return result
-
-
-def _exact_product(number: str, factor: int) -> int | None:
-    whole, _, frac = number.partition(".")
-    scale = 10 ** len(frac)
-    numerator = int(whole + frac) * factor
-    return numerator // scale if numerator % scale == 0 else None
+    try:
+        return quantity_bytes(value)
+    except ValueError as exc:
+        raise TenantConfigError(f"{where}: {exc}") from None
 
 
 def parse_local_tenant(entry: object, where: str, base_dir: Path) -> TenantConfig:
