@@ -10,26 +10,14 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
-
-import pytest
 
 from tensorwasm.dev.stack import LocalStack, invoke
 from tests.conftest import Kube
-from tests.e2e.test_full_flow import apply_module, get, wait_for
+from tests.e2e.conftest import apply_module, get, wait_for
 
 TENANTS = 10
 SHARD_0, SHARD_1, SHARD_2 = (f"tensorwasm-shard-{i}" for i in range(3))
-
-
-@pytest.fixture
-def stack(kube: Kube, namespace: str, tmp_path: Path) -> Iterator[LocalStack]:
-    running = LocalStack(kube.kubeconfig, namespace, tmp_path / "stack", shards=2).start()
-    yield running
-    kube.kubectl("delete", "tenants,snapshots", "--all", "-n", namespace, "--timeout=60s", check=False)
-    running.stop()
 
 
 def tenant(name: str, sha: str) -> dict[str, Any]:
