@@ -99,7 +99,7 @@ def run_one(name: str, path: Path, suffix: str | None) -> Path:
 
 
 def target_met(value: object, target: str) -> str:
-    """"yes"/"no" for targets written as "<= N" or ">= N"; "" when there is no such target."""
+    """Return "yes"/"no" for targets written as "<= N" or ">= N"; "" when there is no such target."""
     parts = target.split()
     if len(parts) != 2 or parts[0] not in ("<=", ">=") or not isinstance(value, int | float):
         return ""
