@@ -2,10 +2,13 @@
 
 Three processes on loopback: the runtime (`python -m tensorwasm.runtime --tenants-file
 examples/tenants.yaml`, tenant alpha's `echo`), a bare hello-world aiohttp app on the same event
-loop implementation (this file, `--hello`), and a load generator (this file, `--load`): raw asyncio
-sockets, HTTP/1.1 keep-alive, no pipelining. Closed loop with 32 connections gives the sustained
-maximum; open loop at a fixed rate gives the latency (a request that waits for a free connection is
-timed from its scheduled send time, so a stalled server cannot hide queueing).
+loop implementation (this file, `--hello`), and a load generator (this file, `--load`): plain
+non-blocking sockets and select(), HTTP/1.1 keep-alive, no pipelining, GC off. Closed loop with 32
+connections gives the sustained maximum; open loop at a fixed rate gives the latency, each request
+timed from its intended send time (no coordinated omission), with the generator's own lateness
+reported beside it. The 2 cores are shared with other work, so the latency runs are repeated three
+ways: as the machine is, isolated (servers and generator SCHED_RR where permitted: the headline),
+and isolated with server and generator pinned to different CPUs.
 Also measured in-process: the cost of the required thread hop (TenantQueue.submit + await) against
 calling the same function inline on the event loop.
 """
