@@ -447,6 +447,9 @@ def test_install_runs_the_operator_with_its_rbac_and_uninstall_removes_it(
     assert _can(kube, namespace, operator, "create", "events")
     assert _can(kube, namespace, operator, "watch", "customresourcedefinitions.apiextensions.k8s.io")
     assert not _can(kube, namespace, operator, "delete", "tenants.tensorwasm.io")
+    assert _can(kube, namespace, operator, "create", "snapshots.tensorwasm.io")  # moves, Periodic
+    assert _can(kube, namespace, operator, "delete", "snapshots.tensorwasm.io")  # retention
+    assert not _can(kube, namespace, operator, "delete", "secrets")
     assert not _can(kube, namespace, operator, "create", "pods")
     assert not _can(kube, "default", operator, "list", "secrets")  # its own namespace only
     assert _can(kube, namespace, shard, "watch", "tenants.tensorwasm.io")
@@ -454,7 +457,12 @@ def test_install_runs_the_operator_with_its_rbac_and_uninstall_removes_it(
     assert _can(kube, namespace, shard, "patch", "snapshots.tensorwasm.io", "--subresource=status")
     assert _can(kube, namespace, shard, "get", "configmaps")
     assert _can(kube, namespace, shard, "get", "secrets")
+    assert _can(kube, namespace, shard, "watch", "snapshots.tensorwasm.io")
+    assert _can(kube, namespace, shard, "patch", "snapshots.tensorwasm.io")  # the blob finalizer
+    assert _can(kube, namespace, shard, "list", "pods")  # which shards are live
     assert not _can(kube, namespace, shard, "patch", "tenants.tensorwasm.io")  # spec is the user's
+    assert not _can(kube, namespace, shard, "create", "snapshots.tensorwasm.io")  # the operator's
+    assert not _can(kube, namespace, shard, "delete", "snapshots.tensorwasm.io")
     assert not _can(kube, namespace, shard, "create", "secrets")
 
     names = {

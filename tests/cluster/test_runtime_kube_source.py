@@ -91,8 +91,8 @@ class Shard:
 def shard(kube: Any, namespace: str, tmp_path: Path) -> Iterator[Callable[..., Shard]]:
     started: list[Shard] = []
 
-    def make(*extra: str) -> Shard:
-        s = Shard(kube, namespace, "shard-0", tmp_path / "shard.log", extra).start()
+    def make(*extra: str, name: str = "shard-0") -> Shard:
+        s = Shard(kube, namespace, name, tmp_path / f"{name}.log", extra).start()
         started.append(s)
         return s
 
@@ -208,7 +208,8 @@ def test_snapshots_of_served_tenants_are_captured_and_restored_on_start(
     apply(kube, namespace, tenant_obj("alpha", ECHO_SHA))
     place(kube, namespace, "alpha", "shard-0")
     store = tmp_path / "snapshots"
-    s = shard("--snapshot-dir", str(store))
+    # A resync far beyond the waits below: the Snapshot watch alone must drive capture and deletion.
+    s = shard("--snapshot-dir", str(store), "--resync", "60")
     wait_for(lambda: runtime_status(kube, namespace, "alpha").get("loaded"), "alpha loaded")
     assert "restored" not in runtime_status(kube, namespace, "alpha")["message"]  # nothing to restore yet
 
@@ -220,14 +221,16 @@ def test_snapshots_of_served_tenants_are_captured_and_restored_on_start(
         return dict(obj.get("status") or {})
 
     ready = wait_for(
-        lambda: snapshot_status() if snapshot_status().get("phase") == "Ready" else None, "capture"
+        lambda: snapshot_status() if snapshot_status().get("phase") == "Ready" else None,
+        "capture driven by the Snapshot watch",
+        timeout=10,
     )
     assert ready["shard"] == "shard-0"
     assert any(store.rglob("*")), "no blob in the shard's snapshot store"
 
     # A fresh process restores the newest Ready snapshot before alpha serves.
     assert s.stop() == 0
-    s2 = shard("--snapshot-dir", str(store))
+    s2 = shard("--snapshot-dir", str(store), "--resync", "60")
     restored = "restored from Snapshot alpha-1"
     wait_for(
         lambda: restored in runtime_status(kube, namespace, "alpha").get("message", ""), "restore on start"
@@ -236,6 +239,46 @@ def test_snapshots_of_served_tenants_are_captured_and_restored_on_start(
 
     # Deleting the Snapshot removes its blob, then the finalizer lets it go.
     kube.kubectl("delete", "snapshot", "alpha-1", "-n", namespace, "--wait=false")
-    wait_for(lambda: "NotFound" in kube.kubectl("get", "snapshot", "alpha-1", "-n", namespace, check=False),
-             "snapshot deleted")  # fmt: skip
+    wait_for(lambda: snapshot_gone(kube, namespace, "alpha-1"), "snapshot deleted", timeout=10)
+    assert not [p for p in store.rglob("*") if p.is_file()], "the blob outlived its Snapshot"
+
+
+def snapshot_gone(kube: Any, namespace: str, name: str) -> bool:
+    proc = kube.run_kubectl("get", "snapshot", name, "-n", namespace, "-o", "name")
+    return proc.returncode != 0 and "NotFound" in proc.stderr
+
+
+def test_snapshot_of_a_removed_shard_is_deleted_by_a_live_one(
+    kube: Any, namespace: str, shard: Callable[..., Shard], tmp_path: Path
+) -> None:
+    apply(kube, namespace, module_configmap())
+    apply(kube, namespace, secret("alpha-token", "alpha-token-0001"))
+    apply(kube, namespace, tenant_obj("alpha", ECHO_SHA))
+    place(kube, namespace, "alpha", "shard-0")
+    store = tmp_path / "snapshots"  # shared, as one ReadWriteMany volume
+    s0 = shard("--snapshot-dir", str(store), name="shard-0")
+    shard("--snapshot-dir", str(store), "--resync", "1", name="shard-1")
+    wait_for(lambda: runtime_status(kube, namespace, "alpha").get("loaded"), "alpha loaded")
+    apply(kube, namespace, {"apiVersion": "tensorwasm.io/v1alpha1", "kind": "Snapshot",
+                            "metadata": {"name": "alpha-1"}, "spec": {"tenant": "alpha"}})  # fmt: skip
+
+    def phase() -> str:
+        obj = json.loads(kube.kubectl("get", "snapshot", "alpha-1", "-n", namespace, "-o", "json"))
+        return str((obj.get("status") or {}).get("phase", ""))
+
+    wait_for(lambda: phase() == "Ready", "capture on shard-0")
+    assert s0.stop() == 0
+    # shard-0's pod still exists (being replaced, say): it stays the Snapshot's deleter.
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "shard-0"},
+           "spec": {"containers": [{"name": "runtime", "image": "tensorwasm/runtime:test"}]}}  # fmt: skip
+    apply(kube, namespace, pod)
+    kube.kubectl("delete", "tenant", "alpha", "-n", namespace)
+    kube.kubectl("delete", "snapshot", "alpha-1", "-n", namespace, "--wait=false")
+    time.sleep(8)  # several shard-1 passes (resync 1 s, pod list cached 5 s)
+    assert not snapshot_gone(kube, namespace, "alpha-1"), "shard-1 acted while shard-0's pod exists"
+    assert [p for p in store.rglob("*") if p.is_file()]
+
+    # The pod goes: shard-1, the lowest live shard, removes the blob and lets the Snapshot go.
+    kube.kubectl("delete", "pod", "shard-0", "-n", namespace, "--grace-period=0", "--force")
+    wait_for(lambda: snapshot_gone(kube, namespace, "alpha-1"), "snapshot deleted by shard-1", timeout=20)
     assert not [p for p in store.rglob("*") if p.is_file()], "the blob outlived its Snapshot"

@@ -2,10 +2,13 @@
 
 Owns the pure status builders and restore choice for `Snapshot` (tensorwasm.io/v1alpha1) and
 `SnapshotAgent`, which the shard's Kubernetes source calls (blocking: from a worker thread) for
-every Snapshot whose `spec.tenant` is served here, and once when a Tenant starts on this shard:
+every Snapshot whose `spec.tenant` is served here, for every deleted Snapshot `blob_deleter`
+names this shard for, and once when a Tenant starts on this shard:
 - a new Snapshot: add the finalizer, status Capturing, capture, then status Ready (sizeBytes,
   storedBytes, checksum, location, durations) or Failed with the reason;
-- a deleted Snapshot: delete its blob, then drop the finalizer (the API server then removes it);
+- a deleted Snapshot: delete its blob, then drop the finalizer (the API server then removes it).
+  The store is shared by all shards (one ReadWriteMany volume), so any live shard can do this:
+  `blob_deleter` picks exactly one, also when the shard that captured it is gone;
 - a Tenant starting: restore `spec.restoreFrom`, else its newest Ready Snapshot, when the blob is here.
 Level-triggered: a Ready or Failed Snapshot is never captured again, so a re-list changes nothing.
 Must not import wasmtime or cuda; talks to the API only through the `CustomObjects` protocol
@@ -15,7 +18,7 @@ Must not import wasmtime or cuda; talks to the API only through the `CustomObjec
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -136,6 +139,27 @@ def pick_restore(
     return newest, ""
 
 
+def shard_ordinal(name: str) -> tuple[int, str]:
+    """Sort key of a shard (StatefulSet pod) name: its ordinal, names without one last."""
+    prefix, _, ordinal = name.rpartition("-")
+    return (int(ordinal), prefix) if prefix and ordinal.isdigit() else (1 << 62, name)
+
+
+def blob_deleter(snapshot: Mapping[str, Any], tenant_shard: str | None, live: Collection[str]) -> str | None:
+    """The one shard that removes a deleted Snapshot's blob and finalizer.
+
+    The shard serving its tenant (`tenant_shard`: the Tenant's status.shard, None when the Tenant
+    is gone or unplaced) when that shard is live; else the shard that captured it (status.shard)
+    when live; else the lowest-ordinal live shard. None: no live shard (nobody acts).
+    """
+    if tenant_shard and tenant_shard in live:
+        return tenant_shard
+    owner = (snapshot.get("status") or {}).get("shard")
+    if owner and owner in live:
+        return str(owner)
+    return min(live, key=shard_ordinal) if live else None
+
+
 # --- I/O -----------------------------------------------------------------------------------------
 
 
@@ -157,9 +181,9 @@ class SnapshotAgent:
         ns, name = meta.get("namespace", ""), meta.get("name", "")
         finalizers = list(meta.get("finalizers") or [])
         if meta.get("deletionTimestamp"):
-            owner = (snapshot.get("status") or {}).get("shard")
-            if FINALIZER not in finalizers or (owner and owner != self.shard_name):
-                return "none"  # the blob lives on the shard that captured it
+            # The caller passes a deleted Snapshot only when blob_deleter named this shard.
+            if FINALIZER not in finalizers:
+                return "none"
             digest = (snapshot.get("status") or {}).get("checksum")
             uid = (snapshot.get("status") or {}).get("tenantUid") or (tenant.uid if tenant else "")
             if digest and uid:

@@ -1,15 +1,19 @@
 """The Kubernetes tenant source: the Tenants placed on this shard, their Secrets and ConfigMaps.
 
-Owns `KubeSource` and the pure `resolve_tenants`. Level-triggered like a kubelet: any watch event
-that concerns this shard (a Tenant whose status.shard is ours or was ours, or a ConfigMap/Secret
-one of our Tenants references) only marks the state dirty; the reconcile then re-lists everything,
-hands the desired set to `Shard.sync`, and writes `status.runtime` through the status subresource
-for each Tenant whose report changed (a merge patch of that key only: the operator owns the rest).
-A restart re-lists and converges; nothing depends on seeing an event exactly once. A periodic
-re-list (--resync) also refreshes gpuBytesInUse.
+Owns `KubeSource` and the pure `resolve_tenants`. An informer (sources/informer.py) per kind keeps
+a cache of the namespace's Tenants, ConfigMaps, Secrets (and Snapshots with --snapshot-dir): one
+list, then watch events; a re-list only on 410 Gone or every few minutes. A watch event that
+concerns this shard (a Tenant whose status.shard is ours or was ours, a ConfigMap/Secret one of our
+Tenants references, a Snapshot of ours or being deleted) marks the state dirty; the reconcile then
+resolves everything from the caches (no API reads), hands the desired set to `Shard.sync`, and
+writes `status.runtime` through the status subresource for each Tenant whose report changed (a
+merge patch of that key only: the operator owns the rest). Level-triggered like a kubelet: a restart
+lists and converges; nothing depends on seeing an event exactly once. Every --resync seconds a pass
+runs anyway (it refreshes gpuBytesInUse).
 With --snapshot-dir it also drives the snapshot agent (snapshots/kube.py): a Tenant that starts
-here restores its chosen Snapshot before it serves (through `Shard.prepare`), and every Snapshot
-of a tenant served here is captured or, when deleted, has its blob removed.
+here restores its chosen Snapshot before it serves (through `Shard.prepare`), every Snapshot of a
+tenant served here is captured, and a deleted Snapshot has its blob removed by the one live shard
+`blob_deleter` names (live: its `<prefix>-<n>` pod exists), so a removed shard's Snapshots still go.
 The `kubernetes` client is blocking: every call runs in a worker thread, never on the event loop.
 Must not import wasmtime, cuda or aiohttp.
 """
@@ -19,8 +23,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import logging
+import re
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -28,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from tensorwasm.runtime.settings import RuntimeSettings
 from tensorwasm.runtime.shard import ServedTenant, Shard, TenantStatus
+from tensorwasm.runtime.sources.informer import Informer
 from tensorwasm.runtime.tenancy.config import TenantConfig, TenantConfigError, parse_kube_tenant
 
 if TYPE_CHECKING:
@@ -45,8 +53,12 @@ SECRET_MISSING = "SecretMissing"
 def token_secret_name(tenant_name: str, spec: Mapping[str, Any]) -> str:
     """spec.authSecretRef.name, else the Secret the operator creates: part of the Tenant API."""
     return str((spec.get("authSecretRef") or {}).get("name") or f"tw-{tenant_name}-token")
+
+
 CONFIGMAP_MISSING = "ConfigMapMissing"
-_WATCH_TIMEOUT_S = 300
+CONFIGMAPS, SECRETS = "configmaps", "secrets"
+_RELIST_S = 300  # informers re-list at most this often (and on 410 Gone); events fill the gaps
+_LIVE_TTL_S = 5.0
 _DEBOUNCE_S = 0.05
 
 
@@ -146,7 +158,7 @@ def build_runtime_status(shard_name: str, status: TenantStatus) -> dict[str, Any
 
 
 class KubeSource:
-    """Watches the API server and keeps the shard equal to the Tenants placed on it."""
+    """Keeps the shard equal to the Tenants placed on it, from informer caches of the namespace."""
 
     def __init__(self, settings: RuntimeSettings) -> None:
         self.namespace = settings.namespace
@@ -154,17 +166,23 @@ class KubeSource:
         self.kubeconfig = settings.kubeconfig
         self.resync_s = settings.resync_s
         self.snapshot_dir = settings.snapshot_dir
+        self.informers: dict[str, Informer] = {}
         self._agent: SnapshotAgent | None = None
         self._view = ClusterView([])
         self._refs: tuple[set[str], set[str]] = (set(), set())
         self._ours: set[str] = set()
+        self._decoded: dict[tuple[str, str, str], dict[str, bytes]] = {}  # (kind, name, rv) -> data
+        self._written: dict[str, tuple[str, dict[str, Any]]] = {}  # tenant -> (its rv, runtime sent)
+        self._acted: dict[str, str] = {}  # Snapshot uid -> resourceVersion already acted on
+        self._live: tuple[float, frozenset[str]] = (0.0, frozenset())
         self._stop = threading.Event()
         self._core: Any = None
         self._custom: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._dirty: asyncio.Event | None = None
 
     async def run(self, shard: Shard) -> None:
         await asyncio.to_thread(self._connect)
-        kinds = ["tenants", "configmaps", "secrets"]
         if self.snapshot_dir is not None:
             from tensorwasm.runtime.snapshots.kube import SnapshotAgent
             from tensorwasm.runtime.snapshots.store import SnapshotStore
@@ -172,33 +190,66 @@ class KubeSource:
             store = SnapshotStore(self.snapshot_dir)
             self._agent = SnapshotAgent(self._custom, store, self.shard_name, shard.accelerator)
             shard.prepare = self._restore
-            kinds.append(SNAPSHOTS)
-        loop = asyncio.get_running_loop()
-        dirty = asyncio.Event()
-        dirty.set()  # the first pass is a full list
-        threads = [
-            threading.Thread(target=self._watch, args=(kind, loop, dirty), name=f"watch-{kind}", daemon=True)
-            for kind in kinds
-        ]
-        for t in threads:
-            t.start()
+        self._loop, self._dirty = asyncio.get_running_loop(), asyncio.Event()
+        self.informers = self._informers()
+        for informer in self.informers.values():
+            name = f"watch-{informer.kind}"
+            threading.Thread(target=informer.run, name=name, daemon=True).start()
         try:
+            # Serve nothing until every cache holds a full list: a partial view would unload tenants.
+            while not all(i.synced.is_set() for i in self.informers.values()):
+                await asyncio.sleep(0.05)
             while True:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(dirty.wait(), self.resync_s)
+                    await asyncio.wait_for(self._dirty.wait(), self.resync_s)
                 await asyncio.sleep(_DEBOUNCE_S)  # let a burst of events settle into one pass
-                dirty.clear()
+                self._dirty.clear()
                 try:
                     await self.reconcile(shard)
                 except Exception as exc:  # API server away: keep serving what we have, retry
-                    log.warning("Failed re-listing Tenants, retrying: %s", exc)
+                    log.warning("Failed reconciling Tenants, retrying: %s", exc)
                     await asyncio.sleep(1.0)
-                    dirty.set()
+                    self._dirty.set()
         finally:
             self._stop.set()
 
+    def _informers(self) -> dict[str, Informer]:
+        ns = self.namespace
+        kinds: dict[str, tuple[Callable[..., Any], tuple[str, ...], dict[str, str]]] = {
+            PLURAL: (self._custom.list_namespaced_custom_object, (GROUP, VERSION, ns, PLURAL), {}),
+            CONFIGMAPS: (self._core.list_namespaced_config_map, (self.namespace,), {}),
+            # Helm release records are the largest Secrets in a chart's namespace and never a token.
+            SECRETS: (self._core.list_namespaced_secret, (self.namespace,),
+                      {"field_selector": "type!=helm.sh/release.v1"}),
+        }  # fmt: skip
+        if self._agent is not None:
+            kinds[SNAPSHOTS] = (
+                self._custom.list_namespaced_custom_object,
+                (GROUP, VERSION, self.namespace, SNAPSHOTS),
+                {},
+            )
+        relist_s = max(self.resync_s, _RELIST_S)
+        return {
+            kind: Informer(kind, fn, args, self._on_change(kind), self._stop, relist_s, selectors)
+            for kind, (fn, args, selectors) in kinds.items()
+        }
+
+    def _on_change(self, kind: str) -> Callable[[dict[str, Any] | None, dict[str, Any] | None], None]:
+        def changed(old: dict[str, Any] | None, new: dict[str, Any] | None) -> None:
+            relisted_or_gone = new is None and (old is None or (kind == PLURAL and self._agent is not None))
+            if relisted_or_gone or any(self._concerns_us(kind, o) for o in (old, new) if o):
+                self._mark_dirty()
+
+        return changed
+
+    def _mark_dirty(self) -> None:
+        loop, dirty = self._loop, self._dirty
+        if loop is not None and dirty is not None:
+            with contextlib.suppress(RuntimeError):  # loop closed at shutdown
+                loop.call_soon_threadsafe(dirty.set)
+
     async def reconcile(self, shard: Shard) -> None:
-        view = self._view = await asyncio.to_thread(self._list)
+        view = self._view = self._build_view()
         configs, failed = resolve_tenants(view)
         await shard.sync(configs, failed)
         reports = {}
@@ -207,10 +258,96 @@ class KubeSource:
             status = shard.status(name)
             if status is not None:
                 reports[name] = (obj, build_runtime_status(self.shard_name, status))
-        await asyncio.to_thread(self._write_statuses, reports)
+        if any(self._needs_write(obj, runtime) for obj, runtime in reports.values()):
+            await asyncio.to_thread(self._write_statuses, reports)
         if self._agent is not None:
-            jobs = [(snap, self._handle(shard.served.get(_snapshot_tenant(snap)))) for snap in view.snapshots]
-            await asyncio.to_thread(self._reconcile_snapshots, jobs)
+            await asyncio.to_thread(self._reconcile_snapshots, shard)
+
+    def _build_view(self) -> ClusterView:
+        """Our Tenants and what they reference, from the caches (no API call)."""
+        tenants = self.informers[PLURAL].items()
+        ours = [t for t in tenants.values() if (t.get("status") or {}).get("shard") == self.shard_name]
+        view = ClusterView(ours)
+        cms: set[str] = set()
+        secrets: set[str] = set()
+        for t in ours:
+            c, s = referenced(t)
+            cms |= c
+            secrets |= s
+        self._refs, self._ours = (cms, secrets), {t["metadata"]["name"] for t in ours}
+        view.configmaps = self._decode(CONFIGMAPS, cms)
+        view.secrets = self._decode(SECRETS, secrets)
+        if SNAPSHOTS in self.informers:
+            view.snapshots = list(self.informers[SNAPSHOTS].items().values())
+        return view
+
+    def _decode(self, kind: str, names: set[str]) -> dict[str, dict[str, bytes]]:
+        """name -> key -> bytes for the named objects present; decoded once per resourceVersion."""
+        out: dict[str, dict[str, bytes]] = {}
+        keep: set[tuple[str, str, str]] = set()
+        for name in names:
+            obj = self.informers[kind].get(name)
+            if obj is None:
+                continue
+            memo = (kind, name, str(obj["metadata"].get("resourceVersion", "")))
+            keep.add(memo)
+            data = self._decoded.get(memo)
+            if data is None:
+                if kind == CONFIGMAPS:
+                    data = {k: str(v).encode() for k, v in (obj.get("data") or {}).items()}
+                    data.update({k: base64.b64decode(v) for k, v in (obj.get("binaryData") or {}).items()})
+                else:
+                    data = {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
+                self._decoded[memo] = data
+            out[name] = data
+        for memo in [m for m in self._decoded if m[0] == kind and m not in keep]:
+            del self._decoded[memo]  # superseded versions and objects no Tenant here references
+        return out
+
+    def _snapshot_jobs(self, shard: Shard) -> list[tuple[dict[str, Any], TenantHandle | None]]:
+        """The Snapshots this shard acts on now: captures of tenants served here, and deletions."""
+        from tensorwasm.runtime.snapshots.kube import FINALIZER, blob_deleter, needs_capture
+
+        tenants = self.informers[PLURAL].items()
+        jobs: list[tuple[dict[str, Any], TenantHandle | None]] = []
+        for snap in self._view.snapshots:
+            meta = snap.get("metadata") or {}
+            if self._acted.get(str(meta.get("uid"))) == meta.get("resourceVersion"):
+                continue  # acted on this version already; its update is on the way through the watch
+            tenant = _snapshot_tenant(snap)
+            if meta.get("deletionTimestamp"):
+                if FINALIZER not in (meta.get("finalizers") or []):
+                    continue
+                placed = (tenants.get(tenant) or {}).get("status") or {}
+                if blob_deleter(snap, placed.get("shard"), self._live_shards()) == self.shard_name:
+                    jobs.append((snap, None))
+            elif tenant in self._ours and needs_capture(snap):
+                handle = self._handle(shard.served.get(tenant))
+                if handle is not None:
+                    jobs.append((snap, handle))
+        live = {str((s.get("metadata") or {}).get("uid")) for s in self._view.snapshots}
+        self._acted = {uid: rv for uid, rv in self._acted.items() if uid in live}
+        return jobs
+
+    def _live_shards(self) -> frozenset[str]:
+        """Shards whose pod (`<prefix>-<n>`, not being deleted) exists; always this one.
+
+        Listed only when a deleted Snapshot needs an arbiter, and then at most every few seconds.
+        """
+        at, live = self._live
+        if time.monotonic() - at < _LIVE_TTL_S:
+            return live
+        names = {self.shard_name}
+        prefix, _, ordinal = self.shard_name.rpartition("-")
+        if prefix and ordinal.isdigit():
+            pattern = re.compile(rf"{re.escape(prefix)}-\d+")
+            pods = json.loads(self._core.list_namespaced_pod(self.namespace, _preload_content=False).data)
+            for pod in pods.get("items") or []:
+                meta = pod.get("metadata") or {}
+                if pattern.fullmatch(str(meta.get("name", ""))) and not meta.get("deletionTimestamp"):
+                    names.add(str(meta["name"]))
+        self._live = (time.monotonic(), frozenset(names))
+        return self._live[1]
 
     async def _restore(
         self, config: TenantConfig, pool: TenantInstancePool, device: TenantDevice | None
@@ -235,13 +372,16 @@ class KubeSource:
         cfg = tenant.config
         return TenantHandle(cfg.name, cfg.uid, cfg.module.sha256, cfg.generation, tenant.pool, tenant.device)
 
-    def _reconcile_snapshots(self, jobs: list[tuple[dict[str, Any], TenantHandle | None]]) -> None:
+    def _reconcile_snapshots(self, shard: Shard) -> None:
         assert self._agent is not None
-        for snapshot, handle in jobs:
+        for snapshot, handle in self._snapshot_jobs(shard):
+            meta = snapshot["metadata"]
             try:
                 self._agent.reconcile(snapshot, handle)
             except Exception as exc:  # one Snapshot's trouble (API conflict, disk) must not stop the rest
-                log.warning("Failed reconciling Snapshot name=%s: %s", snapshot["metadata"].get("name"), exc)
+                log.warning("Failed reconciling Snapshot name=%s: %s", meta.get("name"), exc)
+                continue
+            self._acted[str(meta.get("uid"))] = str(meta.get("resourceVersion"))
 
     # --- blocking API calls (worker threads) ---
 
@@ -261,52 +401,24 @@ class KubeSource:
         self._core = client.CoreV1Api(api)
         self._custom = client.CustomObjectsApi(api)
 
-    def _list(self) -> ClusterView:
-        from kubernetes.client.exceptions import ApiException
-
-        listed = self._custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL)
-        ours = [t for t in listed.get("items", []) if (t.get("status") or {}).get("shard") == self.shard_name]
-        view = ClusterView(ours)
-        cms: set[str] = set()
-        secrets: set[str] = set()
-        for t in ours:
-            c, s = referenced(t)
-            cms |= c
-            secrets |= s
-        self._refs, self._ours = (cms, secrets), {t["metadata"]["name"] for t in ours}
-        if self._agent is not None:
-            snaps = self._custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, SNAPSHOTS)
-            view.snapshots = [s for s in snaps.get("items", []) if _snapshot_tenant(s) in self._ours
-                              or (s.get("metadata") or {}).get("deletionTimestamp")]  # fmt: skip
-        for name in cms:
-            try:
-                cm = self._core.read_namespaced_config_map(name, self.namespace)
-            except ApiException as exc:
-                if exc.status == 404:
-                    continue
-                raise
-            data = {k: v.encode() for k, v in (cm.data or {}).items()}
-            data.update({k: base64.b64decode(v) for k, v in (cm.binary_data or {}).items()})
-            view.configmaps[name] = data
-        for name in secrets:
-            try:
-                secret = self._core.read_namespaced_secret(name, self.namespace)
-            except ApiException as exc:
-                if exc.status == 404:
-                    continue
-                raise
-            view.secrets[name] = {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
-        return view
+    def _needs_write(self, obj: Mapping[str, Any], runtime: Mapping[str, Any]) -> bool:
+        """Level-triggered and quiet: write only a report that differs from the Tenant's, once per version."""
+        current = dict((obj.get("status") or {}).get("runtime") or {})
+        current.pop("reportedAt", None)
+        if current == runtime:
+            return False
+        version = str((obj.get("metadata") or {}).get("resourceVersion", ""))
+        return self._written.get(obj["metadata"]["name"]) != (version, runtime)
 
     def _write_statuses(self, reports: Mapping[str, tuple[dict[str, Any], dict[str, Any]]]) -> None:
         from kubernetes.client.exceptions import ApiException
 
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        for name in [n for n in self._written if n not in reports]:
+            del self._written[name]
         for name, (obj, runtime) in reports.items():
-            current = dict((obj.get("status") or {}).get("runtime") or {})
-            current.pop("reportedAt", None)
-            if current == runtime:
-                continue  # level-triggered, and quiet: no write when nothing changed
+            if not self._needs_write(obj, runtime):
+                continue
             body = {"status": {"runtime": {**runtime, "reportedAt": now}}}
             try:
                 self._custom.patch_namespaced_custom_object_status(
@@ -321,6 +433,8 @@ class KubeSource:
             except ApiException as exc:  # deleted or moved meanwhile: the next pass settles it
                 log.warning("Failed writing Tenant status name=%s status=%s", name, exc.status)
                 continue
+            # Until the watch brings the new version, the cache still shows the old report.
+            self._written[name] = (str(obj["metadata"].get("resourceVersion", "")), runtime)
             log.info(
                 "Reported Tenant status name=%s loaded=%s reason=%s",
                 name,
@@ -328,46 +442,16 @@ class KubeSource:
                 runtime["reason"],
             )
 
-    def _watch(self, kind: str, loop: asyncio.AbstractEventLoop, dirty: asyncio.Event) -> None:
-        from kubernetes import watch as untyped_watch
-
-        watch: Any = untyped_watch
-        list_fn: Callable[..., Any]
-        args: tuple[str, ...]
-        if kind == "tenants":
-            list_fn, args = (
-                self._custom.list_namespaced_custom_object,
-                (GROUP, VERSION, self.namespace, PLURAL),
-            )
-        elif kind == "configmaps":
-            list_fn, args = self._core.list_namespaced_config_map, (self.namespace,)
-        else:
-            list_fn, args = self._core.list_namespaced_secret, (self.namespace,)
-        while not self._stop.is_set():
-            try:
-                for event in watch.Watch().stream(list_fn, *args, timeout_seconds=_WATCH_TIMEOUT_S):
-                    if self._stop.is_set():
-                        return
-                    if self._concerns_us(kind, event.get("object")):
-                        loop.call_soon_threadsafe(dirty.set)
-            except Exception as exc:  # expired resourceVersion, dropped connection: re-watch
-                log.debug("Restarting %s watch: %s", kind, exc)
-                self._stop.wait(1.0)
-            # A watch (re)start is a fresh list: mark dirty so a missed change is picked up.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(dirty.set)
-
-    def _concerns_us(self, kind: str, obj: Any) -> bool:
+    def _concerns_us(self, kind: str, obj: Mapping[str, Any]) -> bool:
+        meta = obj.get("metadata") or {}
         if kind == SNAPSHOTS:
-            return not isinstance(obj, dict) or _snapshot_tenant(obj) in self._ours
-        if kind == "tenants":
-            if not isinstance(obj, dict):
-                return True
-            name = (obj.get("metadata") or {}).get("name")
-            return (obj.get("status") or {}).get("shard") == self.shard_name or name in self._ours
-        name = getattr(getattr(obj, "metadata", None), "name", None)
+            return _snapshot_tenant(obj) in self._ours or bool(meta.get("deletionTimestamp"))
+        if kind == PLURAL:
+            # A Tenant going away may hand a deleted Snapshot's blob to this shard (blob_deleter).
+            mine = (obj.get("status") or {}).get("shard") == self.shard_name or meta.get("name") in self._ours
+            return mine or (self._agent is not None and bool(meta.get("deletionTimestamp")))
         cms, secrets = self._refs
-        return name in (cms if kind == "configmaps" else secrets)
+        return meta.get("name") in (cms if kind == CONFIGMAPS else secrets)
 
 
 def _snapshot_tenant(snapshot: Mapping[str, Any]) -> str:
