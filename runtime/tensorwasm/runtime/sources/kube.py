@@ -199,17 +199,23 @@ class KubeSource:
             # Serve nothing until every cache holds a full list: a partial view would unload tenants.
             while not all(i.synced.is_set() for i in self.informers.values()):
                 await asyncio.sleep(0.05)
+            took = 0.0
             while True:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._dirty.wait(), self.resync_s)
-                await asyncio.sleep(_DEBOUNCE_S)  # let a burst of events settle into one pass
+                # Let a burst of events settle into one pass; under a long burst (500 Tenants
+                # placed at once) wait as long as the last pass took, so passes use at most about
+                # half a core and leave the rest to the API server and the operator.
+                await asyncio.sleep(max(_DEBOUNCE_S, took))
                 self._dirty.clear()
+                started = time.monotonic()
                 try:
                     await self.reconcile(shard)
                 except Exception as exc:  # API server away: keep serving what we have, retry
                     log.warning("Failed reconciling Tenants, retrying: %s", exc)
                     await asyncio.sleep(1.0)
                     self._dirty.set()
+                took = min(time.monotonic() - started, 1.0)
         finally:
             self._stop.set()
 
