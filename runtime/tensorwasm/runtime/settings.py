@@ -68,7 +68,7 @@ _FLAGS: tuple[tuple[str, str, str, str | None], ...] = (
     ("--snapshot-dir", "snapshot_dir", "snapshot store directory (default: none)", "DIR"),
     ("--max-module-bytes", "max_module_bytes", "largest module accepted, bytes (default: 64Mi)", "N"),
     ("--fetch-timeout", "fetch_timeout_s", "module URL fetch timeout, seconds (default: 30)", "S"),
-    ("--resync", "resync_s", "reconcile pass at least every S seconds; caches re-list every max(S, 300) s", "S"),
+    ("--resync", "resync_s", "a reconcile pass at least every S s; caches re-list every max(S, 300) s", "S"),
     ("--health-interval", "health_interval_s", "accelerator health check period, s (default: 1)", "S"),
     ("--epoch-tick-ms", "epoch_tick_ms", "deadline ticker resolution, ms (default: 1)", "MS"),
     ("--log-level", "log_level", "debug, info, warning or error (default: info)", "LEVEL"),
