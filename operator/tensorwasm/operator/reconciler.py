@@ -138,6 +138,9 @@ class Reconciler:
         self._timers: dict[str, asyncio.TimerHandle] = {}  # Periodic snapshots
         self._periodic: dict[str, str] = {}  # tenant -> when this process last created one
         self._deleted: set[str] = set()  # Snapshots deleted by retention, until their DELETED event
+        # Tenant -> the resourceVersion a reconcile last converged on: the watch echoes our own
+        # writes (finalizer, status) back, and reconciling a version we produced changes nothing.
+        self._settled: dict[str, str] = {}
 
     # -- start-up ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -201,6 +204,9 @@ class Reconciler:
         name = body["metadata"]["name"]
         if event_type == "DELETED":
             self.forget(name)
+            return
+        version = body["metadata"].get("resourceVersion")
+        if version is not None and version == self._settled.get(name):
             return
         if not is_older(body, self.tenants.get(name)):
             self.tenants[name] = dict(body)
@@ -275,6 +281,7 @@ class Reconciler:
 
     def forget(self, name: str) -> None:
         self.tenants.pop(name, None)
+        self._settled.pop(name, None)
         timer = self._timers.pop(name, None)
         if timer is not None:
             timer.cancel()
@@ -301,6 +308,9 @@ class Reconciler:
                 asyncio.get_running_loop().call_later(delay, self.spawn, name)
                 return
             self._backoff.pop(name, None)
+            final = self.tenants.get(name)
+            if final is not None and phase != "Deleting":
+                self._settled[name] = str(final["metadata"].get("resourceVersion"))
             level = logging.INFO if writes else logging.DEBUG
             log.log(level, "Reconciled Tenant %s/%s phase=%s writes=%d", body["metadata"].get("namespace"),
                     name, phase, sum(writes.values()))  # fmt: skip
@@ -434,8 +444,14 @@ class Reconciler:
     async def _ensure_service(self, tenant: Tenant, shard_pod: str) -> None:
         desired = build_tenant_service(tenant, shard_pod, self.settings)
         name = tenant_service_name(tenant.name)
-        if unchanged(desired, self.services.get(name)):
+        live = self.services.get(name)
+        if unchanged(desired, live):
             return
+        if live is None:  # a plain create costs the API server less than a server-side apply
+            created = await self.api.create(resource_path("v1", "services", tenant.namespace), desired)
+            if created is not None:
+                self.services[name] = created
+                return
         self.services[name] = await self.api.apply(desired)
 
     async def _post_phase_event(self, body: JSON, status: Mapping[str, Any]) -> None:

@@ -7,6 +7,7 @@ Must not build objects or decide placement.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import kopf
@@ -14,6 +15,8 @@ import kopf
 from tensorwasm.operator.kube import connect
 from tensorwasm.operator.reconciler import Reconciler
 from tensorwasm.operator.settings import API_GROUP, FINALIZER, OperatorSettings
+
+FieldSpec = str | tuple[str, ...] | list[str] | None
 
 log = logging.getLogger("tensorwasm.operator")
 
@@ -41,6 +44,20 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
     operator_settings = settings
 
 
+class NoDiffBase(kopf.DiffBaseStorage):
+    """No diff base: only on-change handlers use one, and kopf builds it (a deep copy of the
+    body) for every watch event; this operator has event handlers only."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Iterable[FieldSpec] | None = None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None
+
+
 def configure_kopf(settings: kopf.OperatorSettings) -> None:
     # Our Events are posted by the reconciler on phase changes; kopf's per-handler ones are noise.
     settings.posting.enabled = False
@@ -48,7 +65,7 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
     # no kopf handler needs it, so the two must never share a name.
     assert settings.persistence.finalizer != FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=API_GROUP)
+    settings.persistence.diffbase_storage = NoDiffBase()
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.networking.request_timeout = 30

@@ -1,5 +1,7 @@
 """Watches of the per-tenant Services and Secrets the operator owns, to keep its view current.
 
+Async handlers: kopf runs a sync handler in a thread pool, a thread hop per event.
+
 Must not write anything; the Reconciler repairs what was deleted under it.
 """
 
@@ -18,11 +20,11 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
     labels: dict[str, Any] = {**MANAGED_SELECTOR, "tensorwasm.io/tenant": kopf.PRESENT}
 
     @kopf.on.event("", "v1", "services", labels=labels, registry=registry, id="tenant-service-watch")
-    def tenant_service_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    async def tenant_service_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
         reconciler: Reconciler = memo["reconciler"]
         reconciler.observe_owned("Service", event.get("type"), event["object"])
 
     @kopf.on.event("", "v1", "secrets", labels=labels, registry=registry, id="tenant-secret-watch")
-    def tenant_secret_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    async def tenant_secret_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
         reconciler: Reconciler = memo["reconciler"]
         reconciler.observe_owned("Secret", event.get("type"), event["object"])

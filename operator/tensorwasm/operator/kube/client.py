@@ -161,10 +161,10 @@ class KubeApi:
 
     # -- writes --------------------------------------------------------------------------------
     async def create(self, path: str, obj: Mapping[str, Any]) -> JSON | None:
-        """Create; None when it already exists (409)."""
+        """Create as our field manager; None when it already exists (409)."""
         self._count("create", path, collection=True)
         try:
-            return await self._call("POST", path, obj)
+            return await self._call("POST", path, obj, params={"fieldManager": self.field_manager})
         except KubeError as exc:
             if exc.status == 409:
                 return None
