@@ -10,6 +10,7 @@ import argparse
 import base64
 import hashlib
 import json
+import shutil
 import struct
 import subprocess
 import sys
@@ -90,7 +91,7 @@ class Demo:
 
     def run_tenants(self, workdir: Path) -> None:
         banner(f"Start the operator and two runtime shards for namespace {NAMESPACE}")
-        self.kubectl("delete", "namespace", NAMESPACE, "--ignore-not-found", "--timeout=120s", show=False)
+        self._remove_previous_run(workdir)
         self.kubectl("create", "namespace", NAMESPACE)
         stack = LocalStack(Path(self.state.kubeconfig), NAMESPACE, workdir, shards=2)
         try:
@@ -101,8 +102,23 @@ class Demo:
             self._tenants_flow(stack)
         finally:
             banner("Stop the operator and the shards (the cluster keeps running)")
-            self.kubectl("delete", "tenants", "--all", "-n", NAMESPACE, "--timeout=60s", show=False)
+            # While the shards still run: they own the snapshot blobs' finalizers.
+            self.kubectl("delete", "snapshots,tenants", "--all", "-n", NAMESPACE, "--timeout=60s", show=False)
             stack.stop()
+
+    def _remove_previous_run(self, workdir: Path) -> None:
+        """A previous demo's namespace, even one whose stack was killed before it could clean up."""
+        exists = self.plane.kubectl(self.state, "get", "namespace", NAMESPACE, check=False)
+        if not exists.strip():
+            return
+        # Its operator and shards are gone: nobody is left to release their finalizers.
+        for kind in ("snapshots", "tenants"):
+            names = self.kubectl("get", kind, "-n", NAMESPACE, "-o", "name", show=False).split()
+            for name in names:
+                self.kubectl("patch", name, "-n", NAMESPACE, "--type=merge",
+                             "-p", '{"metadata":{"finalizers":null}}', show=False)  # fmt: skip
+        self.kubectl("delete", "namespace", NAMESPACE, "--timeout=120s", show=False)
+        shutil.rmtree(workdir, ignore_errors=True)
 
     def _tenants_flow(self, stack: LocalStack) -> None:
         banner("Tenant modules go into ConfigMaps (binaryData), pinned by sha256")

@@ -27,7 +27,7 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
         # The same order as kube.connect(), so the watch and our writes use one identity.
         return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
-    @kopf.on.startup(registry=registry, id="operator-startup")
+    @kopf.on.startup(registry=registry, id="operator-startup", backoff=2.0)
     async def operator_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
         configure_kopf(settings)
         reconciler = Reconciler(operator_settings, await connect())

@@ -9,6 +9,7 @@ Must not import handlers/, placement or desired/.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextvars
 import datetime
@@ -17,6 +18,7 @@ import logging
 import os
 import ssl
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -32,6 +34,17 @@ log = logging.getLogger("tensorwasm.operator.kube")
 task_writes: contextvars.ContextVar[Counter[str] | None] = contextvars.ContextVar("task_writes", default=None)
 
 JSON = dict[str, Any]
+
+
+THROTTLE_RETRY_S = 30.0  # how long one call keeps honouring 429 Retry-After before giving up
+
+
+def _retry_after(header: str | None) -> float:
+    """Seconds from a Retry-After header (delta-seconds form), clamped to [0.1, 5]."""
+    try:
+        return min(max(float(header or 1), 0.1), 5.0)
+    except ValueError:
+        return 1.0
 
 
 class KubeError(Exception):
@@ -122,14 +135,24 @@ class KubeApi:
     ) -> JSON:
         data = None if body is None else json.dumps(body)
         headers = {"Content-Type": content_type} if data is not None else {}
-        async with self._session.request(
-            method, self.server + path, data=data, headers=headers, params=params
-        ) as resp:
-            payload = await resp.json(content_type=None) if resp.content_length != 0 else {}
-            if resp.status >= 400:
+        deadline = time.monotonic() + THROTTLE_RETRY_S
+        while True:
+            async with self._session.request(
+                method, self.server + path, data=data, headers=headers, params=params
+            ) as resp:
+                payload = await resp.json(content_type=None) if resp.content_length != 0 else {}
+                if resp.status < 400:
+                    return payload if isinstance(payload, dict) else {}
                 payload = payload if isinstance(payload, dict) else {}
-                raise KubeError(resp.status, str(payload.get("reason", "")), str(payload.get("message", "")))
-            return payload if isinstance(payload, dict) else {}
+                error = KubeError(
+                    resp.status, str(payload.get("reason", "")), str(payload.get("message", ""))
+                )
+                # The API server sheds load (priority and fairness) or re-initialises a CRD's storage
+                # with 429 + Retry-After: honour it briefly rather than fail the whole reconcile.
+                delay = _retry_after(resp.headers.get("Retry-After"))
+                if resp.status != 429 or time.monotonic() + delay > deadline:
+                    raise error
+            await asyncio.sleep(delay)
 
     def _count(self, verb: str, path: str, collection: bool = False) -> None:
         """Tally one write as "<verb> <plural>[/status]" (path names an object unless `collection`)."""
