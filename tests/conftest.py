@@ -12,7 +12,7 @@ import hashlib
 import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,14 +43,7 @@ class Kube:
     bin_dir: Path
 
     def kubectl(self, *args: str, input_text: str | None = None, check: bool = True) -> str:
-        proc = subprocess.run(
-            [str(self.bin_dir / "kubectl"), f"--kubeconfig={self.kubeconfig}", *args],
-            input=input_text,
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=120,
-        )
+        proc = self.run_kubectl(*args, input_text=input_text)
         if check and proc.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
         return proc.stdout + (proc.stderr if not check else "")
@@ -77,6 +70,26 @@ class Kube:
         env["KUBECONFIG"] = str(self.kubeconfig)
         env["PATH"] = f"{self.bin_dir}{os.pathsep}{env.get('PATH', '')}"
         return env
+
+
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float,
+    what: str,
+    interval: float = 0.25,
+    raise_on_timeout: bool = True,
+) -> Any:
+    """Poll `predicate` until it returns something truthy, and return that; else fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    if raise_on_timeout:
+        raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+    return last
 
 
 def apply_crds(kube: Kube) -> None:

@@ -10,12 +10,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.conftest import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -98,25 +99,6 @@ def operator_runner(kube: Any, namespace: str, tmp_path: Path) -> Iterator[Calla
 
 def kube_json(kube: Any, *args: str) -> Any:
     return json.loads(kube.kubectl(*args, "-o", "json"))
-
-
-def wait_for(
-    predicate: Callable[[], Any],
-    timeout: float,
-    what: str,
-    interval: float = 0.25,
-    raise_on_timeout: bool = True,
-) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    if raise_on_timeout:
-        raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
-    return last
 
 
 @pytest.fixture(autouse=True)

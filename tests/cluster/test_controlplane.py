@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
-from tests.conftest import Kube
+from tests.conftest import Kube, wait_for
 
 PROOF_CRD = """
 apiVersion: apiextensions.k8s.io/v1
@@ -32,17 +31,6 @@ spec:
             properties:
               size: {type: integer, minimum: 1, maximum: 10}
 """
-
-
-def wait_for(predicate, timeout_s: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}; last value: {last!r}")
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,8 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import wait_for
+
 REPO = Path(__file__).resolve().parents[2]
 ECHO = (REPO / "tests" / "fixtures" / "echo.wat").read_bytes()
 ECHO_SHA = hashlib.sha256(ECHO).hexdigest()
@@ -138,16 +140,6 @@ def runtime_status(kube: Any, namespace: str, tenant: str) -> dict[str, Any]:
     return dict((obj.get("status") or {}).get("runtime") or {})
 
 
-def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def module_configmap() -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "echo-module"},
             "binaryData": {"module.wasm": base64.b64encode(ECHO).decode()}}  # fmt: skip
@@ -165,13 +157,13 @@ def test_shard_serves_reports_and_converges(kube: Any, namespace: str, shard: Ca
     place(kube, namespace, "gamma", "shard-7")
 
     s = shard()
-    report = wait_for(lambda: runtime_status(kube, namespace, "alpha").get("loaded"), "alpha loaded")
+    report = wait_for(lambda: runtime_status(kube, namespace, "alpha").get("loaded"), 30, "alpha loaded")
     assert report is True
     alpha = runtime_status(kube, namespace, "alpha")
     assert (
         alpha["shard"] == "shard-0" and alpha["reason"] == "ModuleLoaded" and alpha["observedGeneration"] == 1
     )
-    beta = wait_for(lambda: runtime_status(kube, namespace, "beta") or None, "beta report")
+    beta = wait_for(lambda: runtime_status(kube, namespace, "beta") or None, 30, "beta report")
     assert beta["loaded"] is False and beta["reason"] == "DigestMismatch"
     assert runtime_status(kube, namespace, "gamma") == {}
     assert s.invoke("alpha-token-0001", "echo", b"hi") == (200, b"hi")
@@ -184,18 +176,18 @@ def test_shard_serves_reports_and_converges(kube: Any, namespace: str, shard: Ca
 
     # Secret rotation reaches the shard; the old token stops working.
     apply(kube, namespace, secret("alpha-token", "alpha-token-0002"))
-    wait_for(lambda: s.invoke("alpha-token-0002", "echo", b"x")[0] == 200, "rotated token")
+    wait_for(lambda: s.invoke("alpha-token-0002", "echo", b"x")[0] == 200, 30, "rotated token")
     assert s.invoke("alpha-token-0001", "echo", b"x")[0] == 401
 
     # Moved to another shard: this one lets go.
     place(kube, namespace, "alpha", "shard-1")
-    wait_for(lambda: s.invoke("alpha-token-0002", "echo", b"x")[0] == 401, "alpha released")
+    wait_for(lambda: s.invoke("alpha-token-0002", "echo", b"x")[0] == 401, 30, "alpha released")
 
     # Restart: a fresh process re-lists and converges (alpha back on shard-0).
     assert s.stop() == 0
     place(kube, namespace, "alpha", "shard-0")
     s2 = shard()
-    wait_for(lambda: s2.invoke("alpha-token-0002", "echo", b"again")[0] == 200, "served after restart")
+    wait_for(lambda: s2.invoke("alpha-token-0002", "echo", b"again")[0] == 200, 30, "served after restart")
     ready = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{s2.port}/readyz", timeout=5).read())
     assert ready["loaded"] == ["alpha"] and ready["failed"] == {"beta": "DigestMismatch"}
 
@@ -210,7 +202,7 @@ def test_snapshots_of_served_tenants_are_captured_and_restored_on_start(
     store = tmp_path / "snapshots"
     # A resync far beyond the waits below: the Snapshot watch alone must drive capture and deletion.
     s = shard("--snapshot-dir", str(store), "--resync", "60")
-    wait_for(lambda: runtime_status(kube, namespace, "alpha").get("loaded"), "alpha loaded")
+    wait_for(lambda: runtime_status(kube, namespace, "alpha").get("loaded"), 30, "alpha loaded")
     assert "restored" not in runtime_status(kube, namespace, "alpha")["message"]  # nothing to restore yet
 
     apply(kube, namespace, {"apiVersion": "tensorwasm.io/v1alpha1", "kind": "Snapshot",
@@ -222,8 +214,8 @@ def test_snapshots_of_served_tenants_are_captured_and_restored_on_start(
 
     ready = wait_for(
         lambda: snapshot_status() if snapshot_status().get("phase") == "Ready" else None,
+        10,
         "capture driven by the Snapshot watch",
-        timeout=10,
     )
     assert ready["shard"] == "shard-0"
     assert any(store.rglob("*")), "no blob in the shard's snapshot store"
@@ -233,13 +225,15 @@ def test_snapshots_of_served_tenants_are_captured_and_restored_on_start(
     s2 = shard("--snapshot-dir", str(store), "--resync", "60")
     restored = "restored from Snapshot alpha-1"
     wait_for(
-        lambda: restored in runtime_status(kube, namespace, "alpha").get("message", ""), "restore on start"
+        lambda: restored in runtime_status(kube, namespace, "alpha").get("message", ""),
+        30,
+        "restore on start",
     )
     assert s2.invoke("alpha-token-0001", "echo", b"after restore") == (200, b"after restore")
 
     # Deleting the Snapshot removes its blob, then the finalizer lets it go.
     kube.kubectl("delete", "snapshot", "alpha-1", "-n", namespace, "--wait=false")
-    wait_for(lambda: snapshot_gone(kube, namespace, "alpha-1"), "snapshot deleted", timeout=10)
+    wait_for(lambda: snapshot_gone(kube, namespace, "alpha-1"), 10, "snapshot deleted")
     assert not [p for p in store.rglob("*") if p.is_file()], "the blob outlived its Snapshot"
 
 
@@ -258,7 +252,7 @@ def test_snapshot_of_a_removed_shard_is_deleted_by_a_live_one(
     store = tmp_path / "snapshots"  # shared, as one ReadWriteMany volume
     s0 = shard("--snapshot-dir", str(store), name="shard-0")
     shard("--snapshot-dir", str(store), "--resync", "1", name="shard-1")
-    wait_for(lambda: runtime_status(kube, namespace, "alpha").get("loaded"), "alpha loaded")
+    wait_for(lambda: runtime_status(kube, namespace, "alpha").get("loaded"), 30, "alpha loaded")
     apply(kube, namespace, {"apiVersion": "tensorwasm.io/v1alpha1", "kind": "Snapshot",
                             "metadata": {"name": "alpha-1"}, "spec": {"tenant": "alpha"}})  # fmt: skip
 
@@ -266,7 +260,7 @@ def test_snapshot_of_a_removed_shard_is_deleted_by_a_live_one(
         obj = json.loads(kube.kubectl("get", "snapshot", "alpha-1", "-n", namespace, "-o", "json"))
         return str((obj.get("status") or {}).get("phase", ""))
 
-    wait_for(lambda: phase() == "Ready", "capture on shard-0")
+    wait_for(lambda: phase() == "Ready", 30, "capture on shard-0")
     assert s0.stop() == 0
     # shard-0's pod still exists (being replaced, say): it stays the Snapshot's deleter.
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "shard-0"},
@@ -280,5 +274,5 @@ def test_snapshot_of_a_removed_shard_is_deleted_by_a_live_one(
 
     # The pod goes: shard-1, the lowest live shard, removes the blob and lets the Snapshot go.
     kube.kubectl("delete", "pod", "shard-0", "-n", namespace, "--grace-period=0", "--force")
-    wait_for(lambda: snapshot_gone(kube, namespace, "alpha-1"), "snapshot deleted by shard-1", timeout=20)
+    wait_for(lambda: snapshot_gone(kube, namespace, "alpha-1"), 20, "snapshot deleted by shard-1")
     assert not [p for p in store.rglob("*") if p.is_file()], "the blob outlived its Snapshot"

@@ -13,8 +13,8 @@ import subprocess
 import sys
 
 from tensorwasm.dev.stack import LocalStack, error_kind, invoke
-from tests.conftest import Kube
-from tests.e2e.conftest import apply_module, get, wait_for
+from tests.conftest import Kube, wait_for
+from tests.e2e.conftest import apply_module, get
 
 
 def tenant(name: str, module: str, sha: str, functions: list[str]) -> str:

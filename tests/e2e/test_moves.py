@@ -13,8 +13,8 @@ import time
 from typing import Any
 
 from tensorwasm.dev.stack import LocalStack, invoke
-from tests.conftest import Kube
-from tests.e2e.conftest import apply_module, get, wait_for
+from tests.conftest import Kube, wait_for
+from tests.e2e.conftest import apply_module, get
 
 TENANTS = 10
 SHARD_0, SHARD_1, SHARD_2 = (f"tensorwasm-shard-{i}" for i in range(3))
