@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +45,10 @@ class Demo:
     def get_json(self, *args: str) -> Any:
         return json.loads(self.kubectl("get", *args, "-n", NAMESPACE, "-o", "json", show=False))
 
-    def wait(self, what: str, predicate: object, timeout_s: float = 90.0) -> None:
+    def wait(self, what: str, predicate: Callable[[], bool], timeout_s: float = 90.0) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if callable(predicate) and predicate():
+            if predicate():
                 return
             time.sleep(0.5)
         raise ClusterError(f"timed out after {timeout_s:.0f}s waiting for {what}")
