@@ -135,9 +135,13 @@ def secret(name: str, token: str) -> dict[str, Any]:
             "data": {"token": base64.b64encode(token.encode()).decode()}}  # fmt: skip
 
 
-def runtime_status(kube: Any, namespace: str, tenant: str) -> dict[str, Any]:
+def tenant_status(kube: Any, namespace: str, tenant: str) -> dict[str, Any]:
     obj = json.loads(kube.kubectl("get", "tenant", tenant, "-n", namespace, "-o", "json"))
-    return dict((obj.get("status") or {}).get("runtime") or {})
+    return dict(obj.get("status") or {})
+
+
+def runtime_status(kube: Any, namespace: str, tenant: str) -> dict[str, Any]:
+    return dict(tenant_status(kube, namespace, tenant).get("runtime") or {})
 
 
 def module_configmap() -> dict[str, Any]:
@@ -166,6 +170,11 @@ def test_shard_serves_reports_and_converges(kube: Any, namespace: str, shard: Ca
     beta = wait_for(lambda: runtime_status(kube, namespace, "beta") or None, 30, "beta report")
     assert beta["loaded"] is False and beta["reason"] == "DigestMismatch"
     assert runtime_status(kube, namespace, "gamma") == {}
+    # Like a kubelet, the shard writes the readiness its report implies (no operator runs here).
+    assert tenant_status(kube, namespace, "alpha")["phase"] == "Ready"
+    assert tenant_status(kube, namespace, "beta")["phase"] == "Degraded"
+    conditions = {c["type"]: c for c in tenant_status(kube, namespace, "alpha")["conditions"]}
+    assert conditions["Ready"]["status"] == "True" and conditions["ModuleReady"]["reason"] == "ModuleLoaded"
     assert s.invoke("alpha-token-0001", "echo", b"hi") == (200, b"hi")
     assert s.invoke("beta-token-00001", "echo", b"hi")[0] == 503
 
@@ -190,6 +199,27 @@ def test_shard_serves_reports_and_converges(kube: Any, namespace: str, shard: Ca
     wait_for(lambda: s2.invoke("alpha-token-0002", "echo", b"again")[0] == 200, 30, "served after restart")
     ready = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{s2.port}/readyz", timeout=5).read())
     assert ready["loaded"] == ["alpha"] and ready["failed"] == {"beta": "DigestMismatch"}
+
+
+def test_a_secret_arriving_just_after_placement_costs_one_report(
+    kube: Any, namespace: str, shard: Callable[..., Shard]
+) -> None:
+    apply(kube, namespace, module_configmap())
+    s = shard()
+    apply(kube, namespace, tenant_obj("late", ECHO_SHA))
+    apply(kube, namespace, tenant_obj("never", ECHO_SHA))
+    place(kube, namespace, "late", "shard-0")
+    place(kube, namespace, "never", "shard-0")
+    time.sleep(0.5)  # the Secret comes after the placement, as a watch may deliver it
+    apply(kube, namespace, secret("late-token", "late-token-00001"))
+    wait_for(lambda: runtime_status(kube, namespace, "late").get("loaded"), 30, "late loaded")
+    # A Secret that stays missing is reported once the grace has passed.
+    never = wait_for(lambda: runtime_status(kube, namespace, "never") or None, 30, "never reported")
+    assert never["loaded"] is False and never["reason"] == "SecretMissing"
+    assert tenant_status(kube, namespace, "never")["phase"] == "Degraded"
+    assert s.invoke("late-token-00001", "echo", b"hi") == (200, b"hi")
+    log = s.log_path.read_text()
+    assert log.count("Reported Tenant status name=late ") == 1, log
 
 
 def test_snapshots_of_served_tenants_are_captured_and_restored_on_start(

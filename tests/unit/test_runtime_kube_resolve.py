@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
+
+from tensorwasm.operator.conditions import Placement, desired_status, status_patch
+from tensorwasm.operator.models import parse_tenant
 from tensorwasm.runtime.shard import TenantStatus
-from tensorwasm.runtime.sources.kube import ClusterView, build_runtime_status, referenced, resolve_tenants
+from tensorwasm.runtime.sources.kube import (
+    ClusterView,
+    build_runtime_status,
+    readiness_patch,
+    referenced,
+    resolve_tenants,
+)
 
 SHA = "b" * 64
 
@@ -66,3 +78,55 @@ def test_without_auth_secret_ref_the_operator_created_secret_is_used() -> None:
     configs, failed = resolve_tenants(view)
     assert failed == {} and [c.token for c in configs] == ["t-plain-1"]
     assert referenced(obj) == ({"plain-module"}, {"tw-plain-token"})
+
+
+def placed_by_operator(obj: dict[str, Any], now: str) -> dict[str, Any]:
+    """The Tenant as the operator leaves it after placing it on shard-0 (its status write applied)."""
+    tenant = parse_tenant(obj)
+    status = desired_status(tenant, Placement("shard-0"), "http://tw-k.ns.svc:80", "k-token", now)
+    return {**obj, "status": status}
+
+
+def operator_patch(obj: dict[str, Any], now: str) -> dict[str, Any]:
+    """What the operator would write when it reconciles `obj` at `now` (empty: nothing)."""
+    tenant = parse_tenant(obj)
+    live = obj["status"]
+    return status_patch(live, desired_status(tenant, Placement("shard-0"), live.get("endpoint"),
+                                             live.get("tokenSecretName"), now))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("report", "phase"),
+    [
+        (TenantStatus(True, "ModuleLoaded", "serving", 4, 2 << 20), "Ready"),
+        (TenantStatus(False, "DigestMismatch", "sha256 differs", 4), "Degraded"),
+    ],
+)
+def test_the_shards_readiness_is_what_the_operator_derives(report: TenantStatus, phase: str) -> None:
+    obj = placed_by_operator(tenant_obj("k"), "2026-11-23T10:00:00Z")
+    runtime = build_runtime_status("shard-0", report)
+    patch = readiness_patch(obj, runtime, "2026-11-23T10:00:05Z")
+    assert patch["phase"] == phase and set(patch) <= {"phase", "conditions", "gpuBytesInUse"}
+    written = {**obj, "status": {**obj["status"], **patch, "runtime": runtime}}
+    # The operator reconciling the shard's write a minute later finds nothing to change.
+    assert operator_patch(written, "2026-11-23T10:01:00Z") == {}
+    placed, module_ready, ready = written["status"]["conditions"]
+    assert placed["lastTransitionTime"] == "2026-11-23T10:00:00Z"  # unchanged: still placed
+    assert module_ready["lastTransitionTime"] == "2026-11-23T10:00:05Z"  # Unknown -> True/False
+    # Ready flips only to True; a Degraded tenant's Ready stays False since placement.
+    assert ready["lastTransitionTime"] == (
+        "2026-11-23T10:00:05Z" if report.loaded else "2026-11-23T10:00:00Z"
+    )
+    assert written["status"]["gpuBytesInUse"] == report.gpu_bytes_in_use
+
+
+def test_an_unchanged_readiness_adds_nothing_and_an_unplaced_tenant_gets_none() -> None:
+    obj = placed_by_operator(tenant_obj("k"), "2026-11-23T10:00:00Z")
+    runtime = build_runtime_status("shard-0", TenantStatus(True, "ModuleLoaded", "", 4, 0))
+    first = readiness_patch(obj, runtime, "2026-11-23T10:00:05Z")
+    written = {**obj, "status": {**obj["status"], **first, "runtime": runtime}}
+    more_gpu = build_runtime_status("shard-0", TenantStatus(True, "ModuleLoaded", "", 4, 4096))
+    assert readiness_patch(written, more_gpu, "2026-11-23T10:02:00Z") == {"gpuBytesInUse": 4096}
+    assert readiness_patch(written, runtime, "2026-11-23T10:02:00Z") == {}
+    unplaced = {**tenant_obj("k"), "status": {}}
+    assert readiness_patch(unplaced, runtime, "2026-11-23T10:02:00Z") == {}

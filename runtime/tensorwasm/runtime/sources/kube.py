@@ -6,9 +6,13 @@ list, then watch events; a re-list only on 410 Gone or every few minutes. A watc
 concerns this shard (a Tenant whose status.shard is ours or was ours, a ConfigMap/Secret one of our
 Tenants references, a Snapshot of ours or being deleted) marks the state dirty; the reconcile then
 resolves everything from the caches (no API reads), hands the desired set to `Shard.sync`, and
-writes `status.runtime` through the status subresource for each Tenant whose report changed (a
-merge patch of that key only: the operator owns the rest). Level-triggered like a kubelet: a restart
-lists and converges; nothing depends on seeing an event exactly once. Every --resync seconds a pass
+writes `status.runtime` through the status subresource for each Tenant whose report changed. Like a
+kubelet reporting Pod readiness, the same merge patch carries the phase, conditions and gpuBytesInUse
+that the report implies, computed by the operator's own status maths (tensorwasm.operator.conditions),
+so the operator, reconciling that version, finds nothing to write: one write per report instead of
+two. The operator stays the authority: where it would derive something else it writes its version.
+Level-triggered like a kubelet: a restart lists and converges; nothing depends on seeing an event
+exactly once. Every --resync seconds a pass
 runs anyway (it refreshes gpuBytesInUse).
 With --snapshot-dir it also drives the snapshot agent (snapshots/kube.py): a Tenant that starts
 here restores its chosen Snapshot before it serves (through `Shard.prepare`), every Snapshot of a
@@ -33,6 +37,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from tensorwasm.operator.conditions import Placement, desired_status
+from tensorwasm.operator.models import parse_tenant
 from tensorwasm.runtime.settings import RuntimeSettings
 from tensorwasm.runtime.shard import ServedTenant, Shard, TenantStatus
 from tensorwasm.runtime.sources.informer import Informer
@@ -60,6 +66,13 @@ CONFIGMAPS, SECRETS = "configmaps", "secrets"
 _RELIST_S = 300  # informers re-list at most this often (and on 410 Gone); events fill the gaps
 _LIVE_TTL_S = 5.0
 _DEBOUNCE_S = 0.05
+# The operator creates a tenant's Secret before it places the tenant, but the two reach this shard on
+# separate watches: a Secret or ConfigMap missing in the first moments after placement is most
+# likely still in flight. Reporting it would cost a write now and another once it arrives.
+_MISSING_GRACE_S = 2.0
+_MAYBE_IN_FLIGHT = (SECRET_MISSING, CONFIGMAP_MISSING)
+# Top-level status keys a shard report decides (the shard writes them with status.runtime).
+READINESS_KEYS = ("phase", "conditions", "gpuBytesInUse")
 
 
 @dataclass
@@ -145,6 +158,23 @@ def _configmap_key(view: ClusterView, ns: str, ref: Mapping[str, Any], where: st
     return cm[key]
 
 
+def readiness_patch(obj: Mapping[str, Any], runtime: Mapping[str, Any], now: str) -> dict[str, Any]:
+    """Pure: the phase/conditions/gpuBytesInUse the operator derives once `runtime` is reported.
+
+    Only the keys that change; the operator's own function, so both sides agree on every field
+    (lastTransitionTime included: it moves only when a condition's status flips).
+    """
+    live = dict(obj.get("status") or {})
+    status = {**live, "runtime": dict(runtime)}
+    tenant = parse_tenant({**obj, "status": status})
+    if tenant.shard is None:
+        return {}
+    desired = desired_status(
+        tenant, Placement(tenant.shard), live.get("endpoint"), live.get("tokenSecretName"), now
+    )
+    return {k: desired[k] for k in READINESS_KEYS if live.get(k) != desired[k]}
+
+
 def build_runtime_status(shard_name: str, status: TenantStatus) -> dict[str, Any]:
     """status.runtime without reportedAt (compared to decide whether to write)."""
     return {
@@ -171,6 +201,7 @@ class KubeSource:
         self._view = ClusterView([])
         self._refs: tuple[set[str], set[str]] = (set(), set())
         self._ours: set[str] = set()
+        self._ours_since: dict[str, float] = {}  # tenant -> monotonic time it was first ours
         self._decoded: dict[tuple[str, str, str], dict[str, bytes]] = {}  # (kind, name, rv) -> data
         self._written: dict[str, tuple[str, dict[str, Any]]] = {}  # tenant -> (its rv, runtime sent)
         self._acted: dict[str, str] = {}  # Snapshot uid -> resourceVersion already acted on
@@ -259,11 +290,18 @@ class KubeSource:
         configs, failed = resolve_tenants(view)
         await shard.sync(configs, failed)
         reports = {}
+        now, deferred = time.monotonic(), False
         for obj in view.tenants:
             name = obj["metadata"]["name"]
             status = shard.status(name)
-            if status is not None:
-                reports[name] = (obj, build_runtime_status(self.shard_name, status))
+            if status is None:
+                continue
+            if status.reason in _MAYBE_IN_FLIGHT and now - self._ours_since[name] < _MISSING_GRACE_S:
+                deferred = True
+                continue
+            reports[name] = (obj, build_runtime_status(self.shard_name, status))
+        if deferred and self._loop is not None:
+            self._loop.call_later(_MISSING_GRACE_S, self._mark_dirty)
         if any(self._needs_write(obj, runtime) for obj, runtime in reports.values()):
             await asyncio.to_thread(self._write_statuses, reports)
         if self._agent is not None:
@@ -281,6 +319,8 @@ class KubeSource:
             cms |= c
             secrets |= s
         self._refs, self._ours = (cms, secrets), {t["metadata"]["name"] for t in ours}
+        now = time.monotonic()
+        self._ours_since = {name: self._ours_since.get(name, now) for name in self._ours}
         view.configmaps = self._decode(CONFIGMAPS, cms)
         view.secrets = self._decode(SECRETS, secrets)
         if SNAPSHOTS in self.informers:
@@ -425,7 +465,8 @@ class KubeSource:
         for name, (obj, runtime) in reports.items():
             if not self._needs_write(obj, runtime):
                 continue
-            body = {"status": {"runtime": {**runtime, "reportedAt": now}}}
+            report = {**runtime, "reportedAt": now}
+            body = {"status": {"runtime": report, **readiness_patch(obj, report, now)}}
             try:
                 self._custom.patch_namespaced_custom_object_status(
                     GROUP,
