@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tensorwasm.operator.desired.admission import build_finalizer_binding, build_finalizer_policy
 from tensorwasm.operator.desired.shards import build_shard_service
 from tensorwasm.operator.settings import load_settings
 from tensorwasm.runtime import errors, metrics
@@ -35,6 +36,8 @@ EVERYTHING = [
     "str:shard.nodeSelector.nvidia\\.com/gpu\\.present=true",
 ]
 PROMETHEUS_OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}
+MAP_API = "admissionregistration.k8s.io/v1/MutatingAdmissionPolicy"
+FINALIZER_POLICY_KINDS = {"MutatingAdmissionPolicy", "MutatingAdmissionPolicyBinding"}
 # Rendered for an operator interface that is not read yet (see docs/helm.md, MPS).
 NOT_YET_READ_BY_OPERATOR: set[str] = set()
 
@@ -171,6 +174,7 @@ def test_helm_lint_strict_is_clean(kube: Any, sets: list[str]) -> None:
         ("monitoring.rules.errorRatio=2", "at '/monitoring/rules/errorRatio': maximum: got 2, want 1"),
         ("monitoring.serviceMonitor.interval=often", "at '/monitoring/serviceMonitor/interval'"),
         ("autoscaling.maxReplicas=0", "at '/autoscaling/maxReplicas': minimum: got 0, want 1"),
+        ("admission.finalizerPolicy=yes", "at '/admission/finalizerPolicy': got string, want boolean"),
     ],
 )
 def test_schema_refuses_bad_values_with_a_readable_message(kube: Any, value: str, message: str) -> None:
@@ -238,6 +242,31 @@ def test_monitoring_objects_follow_the_api_and_the_switches(kube: Any) -> None:
     off = kinds("monitoring.enabled=false", extra=("--api-versions", "monitoring.coreos.com/v1"))
     assert not off & (PROMETHEUS_OPERATOR_KINDS | {"ConfigMap"})
     assert not {"HorizontalPodAutoscaler", "DaemonSet"} & no_api  # off by default
+
+
+def _without_labels(obj: dict[str, Any]) -> dict[str, Any]:
+    return {**obj, "metadata": {k: v for k, v in obj["metadata"].items() if k != "labels"}}
+
+
+def test_finalizer_policy_is_what_the_operator_builder_builds(kube: Any) -> None:
+    docs = render(kube, namespace="prod", extra=("--api-versions", MAP_API))
+    rendered = {d["kind"]: d for d in docs if d["kind"] in FINALIZER_POLICY_KINDS}
+    built = {d["kind"]: d for d in (build_finalizer_policy("prod"), build_finalizer_binding("prod"))}
+    assert set(rendered) == FINALIZER_POLICY_KINDS
+    for kind, want in built.items():
+        got = rendered[kind]
+        # Modulo the chart's own labels (release, chart version): the builder's are a subset.
+        assert want["metadata"]["labels"].items() <= got["metadata"]["labels"].items(), kind
+        assert _without_labels(got) == _without_labels(want), f"{kind} differs from desired/admission.py"
+
+
+def test_finalizer_policy_follows_its_value_and_the_api(kube: Any) -> None:
+    def kinds(*sets: str, extra: tuple[str, ...] = ()) -> set[str]:
+        return {d["kind"] for d in render(kube, *sets, extra=extra)} & FINALIZER_POLICY_KINDS
+
+    assert kinds(extra=("--api-versions", MAP_API)) == FINALIZER_POLICY_KINDS  # on by default
+    assert not kinds("admission.finalizerPolicy=false", extra=("--api-versions", MAP_API))
+    assert not kinds()  # an API server that does not serve it: the operator adds the finalizer
 
 
 def test_operator_env_is_what_the_operator_settings_parser_reads(kube: Any) -> None:
@@ -368,7 +397,8 @@ def _served(kube: Any, group: str) -> bool:
 
 @pytest.mark.parametrize("sets", [[], EVERYTHING], ids=["defaults", "everything"])
 def test_rendered_objects_pass_server_side_dry_run(kube: Any, namespace: str, sets: list[str]) -> None:
-    docs = render(kube, *sets, namespace=namespace, extra=("--api-versions", "monitoring.coreos.com/v1"))
+    extra = ("--api-versions", "monitoring.coreos.com/v1", "--api-versions", MAP_API)
+    docs = render(kube, *sets, namespace=namespace, extra=extra)
     kinds = {d["kind"] for d in docs}
     assert {
         "Deployment",
@@ -379,6 +409,7 @@ def test_rendered_objects_pass_server_side_dry_run(kube: Any, namespace: str, se
         "ClusterRoleBinding",
     } <= kinds
     assert {"CustomResourceDefinition", "ConfigMap"} | PROMETHEUS_OPERATOR_KINDS <= kinds
+    assert kinds >= FINALIZER_POLICY_KINDS
     if sets:
         assert {"HorizontalPodAutoscaler", "DaemonSet"} <= kinds
     skipped: set[str] = set()
@@ -471,6 +502,9 @@ def test_install_runs_the_operator_with_its_rbac_and_uninstall_removes_it(
         "rolebinding": [operator, shard],
         "clusterrole": [cluster_name],
         "clusterrolebinding": [cluster_name],
+        # The API server serves MutatingAdmissionPolicy, so the release installs the policy.
+        "mutatingadmissionpolicy": [f"tensorwasm-tenant-finalizer-{namespace}"],
+        "mutatingadmissionpolicybinding": [f"tensorwasm-tenant-finalizer-{namespace}"],
     }
     for kind, objs in names.items():
         for name in objs:
