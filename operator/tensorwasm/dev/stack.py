@@ -4,11 +4,14 @@ processes, standing in for the operator Deployment and the shard StatefulSet's p
 Owns starting, finding and stopping those processes (the demo and the e2e tests share it).
 kwok makes the shard pods Running but runs no container: the shard processes here are the real
 runtime, named after the pods (`<shard-name>-<ordinal>`), watching the same namespace.
+Like the Helm chart, it also installs the namespace's finalizer MutatingAdmissionPolicy (and
+removes it on stop), so the operator meets new Tenants with their finalizer already there.
 Must not import the runtime or kopf in-process: everything runs as its own process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -23,6 +26,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+
+from tensorwasm.operator.desired.admission import build_finalizer_binding, build_finalizer_policy
+from tensorwasm.operator.desired.meta import TENANT_API_VERSION
+from tensorwasm.operator.settings import FINALIZER
 
 LISTENING = re.compile(r"Runtime listening addr=127\.0\.0\.1:(\d+)")
 
@@ -76,7 +83,12 @@ class LocalStack:
     shard_name: str = "tensorwasm-shard"
     accelerator: str = "cpu"
     operator_env: Mapping[str, str] = field(default_factory=dict)
+    # Install the finalizer MutatingAdmissionPolicy as the chart does (False: the operator adds
+    # the finalizer itself, one more write per Tenant).
+    finalizer_policy: bool = True
     processes: dict[str, ManagedProcess] = field(default_factory=dict)
+    # True once the policy is installed and seen to act (False where the API server lacks it).
+    finalizer_policy_active: bool = False
 
     @property
     def snapshot_dir(self) -> Path:
@@ -92,10 +104,78 @@ class LocalStack:
 
     def start(self, timeout_s: float = 60.0) -> LocalStack:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.finalizer_policy:
+            self.install_finalizer_policy(timeout_s=timeout_s)
         self.start_operator()
         for ordinal in range(self.shards):
             self.start_shard(ordinal, timeout_s=timeout_s)
         return self
+
+    def _api(self) -> Any:
+        from kubernetes import config as untyped_config
+
+        config: Any = untyped_config  # the client ships no type hints
+        return config.new_client_from_config(config_file=str(self.kubeconfig))
+
+    def install_finalizer_policy(self, timeout_s: float = 60.0) -> bool:
+        """Server-side apply the policy and its binding for this namespace, then wait until a
+        dry-run Tenant create comes back with the finalizer (a new policy takes a moment to reach
+        the admission chain). False, with nothing installed, where the API server does not serve
+        MutatingAdmissionPolicy: the operator adds the finalizer itself there."""
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        api = self._api()
+        admission = client.AdmissionregistrationV1Api(api)
+        policy, binding = build_finalizer_policy(self.namespace), build_finalizer_binding(self.namespace)
+        apply: dict[str, Any] = {"field_manager": "tensorwasm-dev-stack", "force": True,
+                 "_content_type": "application/apply-patch+yaml"}  # fmt: skip
+        try:
+            admission.patch_mutating_admission_policy(policy["metadata"]["name"], policy, **apply)
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        admission.patch_mutating_admission_policy_binding(binding["metadata"]["name"], binding, **apply)
+        group, version = TENANT_API_VERSION.split("/")
+        probe = {
+            "apiVersion": TENANT_API_VERSION,
+            "kind": "Tenant",
+            "metadata": {"generateName": "finalizer-probe-"},
+            "spec": {
+                "module": {"url": "https://modules.invalid/probe.wasm", "sha256": "0" * 64},
+                "functions": ["probe"],
+            },
+        }
+        custom = client.CustomObjectsApi(api)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            created: Any = custom.create_namespaced_custom_object(
+                group, version, self.namespace, "tenants", probe, dry_run="All"
+            )
+            if FINALIZER in (created.get("metadata", {}).get("finalizers") or []):
+                self.finalizer_policy_active = True
+                return True
+            if time.monotonic() > deadline:
+                raise StackError(
+                    f"the finalizer policy for namespace {self.namespace} did not take effect in {timeout_s}s"
+                )
+            time.sleep(0.2)
+
+    def remove_finalizer_policy(self) -> None:
+        """Best effort: a policy left behind only matches this namespace."""
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        admission = client.AdmissionregistrationV1Api(self._api())
+        name = build_finalizer_policy(self.namespace)["metadata"]["name"]
+        for delete in (
+            admission.delete_mutating_admission_policy_binding,
+            admission.delete_mutating_admission_policy,
+        ):
+            with contextlib.suppress(ApiException):
+                delete(name)
+        self.finalizer_policy_active = False
 
     def start_operator(self) -> ManagedProcess:
         env = self._env()
@@ -156,6 +236,8 @@ class LocalStack:
         # Shards first: the operator must still run to see the Tenants' final state.
         for name in sorted(self.processes, key=lambda n: n == "operator"):
             self.processes[name].stop()
+        if self.finalizer_policy:
+            self.remove_finalizer_policy()
 
     def check_alive(self) -> None:
         dead = [p for p in self.processes.values() if not p.alive()]
