@@ -14,6 +14,7 @@ import base64
 import hashlib
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -75,15 +76,46 @@ def settle_namespaces(k: Callable[..., str]) -> None:
         time.sleep(1.0)
 
 
-def time_plain_create(k: Callable[..., str], namespace: str, manifest: str) -> float:
-    """The baseline: seconds for one `kubectl apply` of the List with no operator running."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU seconds each named process (and the kubectl children we waited for) spent in a window."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.start_at: dict[str, float] = {}
+        self.spent: dict[str, float] = {}
+
+    def _now(self) -> dict[str, float]:
+        now = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        now["kubectl"] = children.ru_utime + children.ru_stime
+        return now
+
+    def start(self) -> None:
+        self.start_at = self._now()
+
+    def stop(self) -> None:
+        self.spent = {k: v - self.start_at[k] for k, v in self._now().items()}
+
+
+def time_plain_create(
+    k: Callable[..., str], namespace: str, manifest: str, meter: CpuMeter
+) -> tuple[float, dict[str, float]]:
+    """The baseline: seconds for one `kubectl apply` of the List with no operator running, and CPU."""
     k("create", "namespace", namespace)
+    meter.start()
     t0 = time.perf_counter()
     k("apply", "-n", namespace, "-f", "-", stdin=manifest)
     took = time.perf_counter() - t0
+    meter.stop()
     k("delete", "namespace", namespace, "--wait=false")
     settle_namespaces(k)
-    return took
+    return took, meter.spent
 
 
 WATCH_FORMAT = 'jsonpath={.metadata.name}{" "}{.status.phase}{"\\n"}'
@@ -93,7 +125,8 @@ PLACED, READY = ("Placed", "Ready"), ("Ready",)
 class TenantWatch:
     """Phases of the namespace's Tenants from one `kubectl get --watch`; stamps when all are Placed/Ready."""
 
-    def __init__(self, cmd: list[str]) -> None:
+    def __init__(self, cmd: list[str], on_all_ready: Callable[[], None]) -> None:
+        self.on_all_ready = on_all_ready
         self.phases: dict[str, str] = {}
         self.placed_at: float | None = None
         self.ready_at: float | None = None
@@ -115,6 +148,7 @@ class TenantWatch:
                 self.placed_at = time.perf_counter()
             if self.ready_at is None and self.count(READY) == N:
                 self.ready_at = time.perf_counter()
+                self.on_all_ready()
                 self.all_ready.set()
 
     def stop(self) -> None:
@@ -145,7 +179,11 @@ def run() -> dict[str, Any]:
     op_ns = f"bench-operator-{stamp}"
     module_cm, sha = _module()
     manifest = _manifest(sha)
-    creates = [time_plain_create(k, f"bench-create-{stamp}-{i}", manifest) for i in range(BASELINE_RUNS - 1)]
+    plane_meter = CpuMeter(dict(state.pids))
+    creates = [
+        time_plain_create(k, f"bench-create-{stamp}-{i}", manifest, plane_meter)
+        for i in range(BASELINE_RUNS - 1)
+    ]
     k("create", "namespace", op_ns)
     k("apply", "-n", op_ns, "-f", "-", stdin=module_cm)
 
@@ -167,8 +205,12 @@ def run() -> dict[str, Any]:
             time.sleep(0.1)
         # One watch stream (a single kubectl process) instead of polling: a poll every 0.2 s started
         # a kubectl process and listed 500 Tenants each time, CPU the baseline apply never paid.
-        watch = TenantWatch([*kubectl, "get", "tenants", "-n", op_ns, "--watch", "-o", WATCH_FORMAT])
+        stack_pids = {name: p.proc.pid for name, p in stack.processes.items()}
+        meter = CpuMeter({**state.pids, **stack_pids})
+        cmd = [*kubectl, "get", "tenants", "-n", op_ns, "--watch", "-o", WATCH_FORMAT]
+        watch = TenantWatch(cmd, on_all_ready=meter.stop)
         try:
+            meter.start()
             t0 = time.perf_counter()
             k("apply", "-n", op_ns, "-f", "-", stdin=manifest)
             applied_s = time.perf_counter() - t0
@@ -195,21 +237,35 @@ def run() -> dict[str, Any]:
     writes_line = [line for line in log_path.read_text().splitlines() if "Stopped writes=" in line]
     k("delete", "namespace", op_ns, "--wait=false")
     settle_namespaces(k)
-    creates.append(time_plain_create(k, f"bench-create-{stamp}-{BASELINE_RUNS - 1}", manifest))
-    create_s = statistics.median(creates)
+    creates.append(time_plain_create(k, f"bench-create-{stamp}-{BASELINE_RUNS - 1}", manifest, plane_meter))
+    create_s = statistics.median(took for took, _ in creates)
+    baseline_cpu = min(creates)[1]
+    cpu_ms = {name: round(1000 * spent / N, 1) for name, spent in meter.spent.items() if spent > 0.05}
+    shards_ms = sum(v for name, v in cpu_ms.items() if name.startswith("tensorwasm-shard"))
+    cpu_rows = "\n".join(
+        f"| {name} | {1000 * baseline_cpu.get(name, 0.0) / N:.1f} | {ms:.1f} |"
+        for name, ms in sorted(cpu_ms.items(), key=lambda item: -item[1])
+    )
     return {
         "title": "Operator: 500 Tenants applied at once until all Placed and Ready (2 CPU shards)",
         "figures": {
             "create_500_s": round(create_s, 2),
-            "create_500_s_min": round(min(creates), 2),
-            "create_500_s_max": round(max(creates), 2),
+            "create_500_s_min": round(min(took for took, _ in creates), 2),
+            "create_500_s_max": round(max(took for took, _ in creates), 2),
             "apply_with_operator_s": round(applied_s, 2),
             "all_placed_s": round(placed_s, 2),
             "placed_over_create": round(placed_s / create_s, 2),
             "all_ready_s": round(ready_s, 2),
             "ready_over_create": round(ready_s / create_s, 2),
             "operator_peak_rss_mib": round(rss_kib / 1024, 1),
+            "cpu_ms_per_tenant": round(sum(cpu_ms.values()), 1),
+            "cpu_ms_per_tenant_plain_create": round(1000 * sum(baseline_cpu.values()) / N, 1),
+            "operator_cpu_ms_per_tenant": cpu_ms.get("operator", 0.0),
+            "shards_cpu_ms_per_tenant": round(shards_ms, 1),
         },
+        "table": "CPU milliseconds per tenant, by process: the fastest plain create vs the operator run "
+        "(apply start to all Ready)\n\n| process | plain create | with operator |\n|---|---|---|\n"
+        + cpu_rows,
         "targets": {"ready_over_create": "<= 3"},
         "notes": (
             "Local control plane (etcd, kube-apiserver, kube-controller-manager, kwok) on the same machine; "
