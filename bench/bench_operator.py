@@ -14,12 +14,16 @@ import base64
 import hashlib
 import json
 import os
+import re
 import resource
+import ssl
 import statistics
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -82,13 +86,32 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-class CpuMeter:
-    """CPU seconds each named process (and the kubectl children we waited for) spent in a window."""
+def api_requests(server: str, token: str) -> Counter[str]:
+    """The API server's request counters (apiserver_request_total) as 'VERB resource[/sub]' -> count."""
+    req = urllib.request.Request(f"{server}/metrics", headers={"Authorization": f"Bearer {token}"})
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # our own 127.0.0.1 server
+    with urllib.request.urlopen(req, context=context, timeout=10) as resp:
+        text = resp.read().decode()
+    counts: Counter[str] = Counter()
+    for line in text.splitlines():
+        if line.startswith("apiserver_request_total{"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+            resource = "/".join(filter(None, (labels.get("resource"), labels.get("subresource"))))
+            counts[f"{labels.get('verb')} {resource}"] += int(float(line.rsplit(" ", 1)[1]))
+    return counts
 
-    def __init__(self, pids: dict[str, int]) -> None:
-        self.pids = pids
+
+class CpuMeter:
+    """CPU seconds each named process (and the kubectl children we waited for) spent in a window,
+    and the API requests served in it."""
+
+    def __init__(self, pids: dict[str, int], server: str, token: str) -> None:
+        self.pids, self.server, self.token = pids, server, token
         self.start_at: dict[str, float] = {}
         self.spent: dict[str, float] = {}
+        self.requests_at: Counter[str] = Counter()
+        self.requests: Counter[str] = Counter()
 
     def _now(self) -> dict[str, float]:
         now = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
@@ -97,16 +120,18 @@ class CpuMeter:
         return now
 
     def start(self) -> None:
+        self.requests_at = api_requests(self.server, self.token)
         self.start_at = self._now()
 
     def stop(self) -> None:
         self.spent = {k: v - self.start_at[k] for k, v in self._now().items()}
+        self.requests = api_requests(self.server, self.token) - self.requests_at
 
 
 def time_plain_create(
     k: Callable[..., str], namespace: str, manifest: str, meter: CpuMeter
-) -> tuple[float, dict[str, float]]:
-    """The baseline: seconds for one `kubectl apply` of the List with no operator running, and CPU."""
+) -> tuple[float, dict[str, float], Counter[str]]:
+    """The baseline: seconds for one `kubectl apply` of the List with no operator running; CPU; requests."""
     k("create", "namespace", namespace)
     meter.start()
     t0 = time.perf_counter()
@@ -115,7 +140,7 @@ def time_plain_create(
     meter.stop()
     k("delete", "namespace", namespace, "--wait=false")
     settle_namespaces(k)
-    return took, meter.spent
+    return took, meter.spent, meter.requests
 
 
 WATCH_FORMAT = 'jsonpath={.metadata.name}{" "}{.status.phase}{"\\n"}'
@@ -179,7 +204,7 @@ def run() -> dict[str, Any]:
     op_ns = f"bench-operator-{stamp}"
     module_cm, sha = _module()
     manifest = _manifest(sha)
-    plane_meter = CpuMeter(dict(state.pids))
+    plane_meter = CpuMeter(dict(state.pids), state.server, state.token)
     creates = [
         time_plain_create(k, f"bench-create-{stamp}-{i}", manifest, plane_meter)
         for i in range(BASELINE_RUNS - 1)
@@ -206,7 +231,7 @@ def run() -> dict[str, Any]:
         # One watch stream (a single kubectl process) instead of polling: a poll every 0.2 s started
         # a kubectl process and listed 500 Tenants each time, CPU the baseline apply never paid.
         stack_pids = {name: p.proc.pid for name, p in stack.processes.items()}
-        meter = CpuMeter({**state.pids, **stack_pids})
+        meter = CpuMeter({**state.pids, **stack_pids}, state.server, state.token)
         cmd = [*kubectl, "get", "tenants", "-n", op_ns, "--watch", "-o", WATCH_FORMAT]
         watch = TenantWatch(cmd, on_all_ready=meter.stop)
         try:
@@ -238,10 +263,15 @@ def run() -> dict[str, Any]:
     k("delete", "namespace", op_ns, "--wait=false")
     settle_namespaces(k)
     creates.append(time_plain_create(k, f"bench-create-{stamp}-{BASELINE_RUNS - 1}", manifest, plane_meter))
-    create_s = statistics.median(took for took, _ in creates)
-    baseline_cpu = min(creates)[1]
+    create_s = statistics.median(took for took, _, _ in creates)
+    _, baseline_cpu, baseline_requests = min(creates, key=lambda run: run[0])
     cpu_ms = {name: round(1000 * spent / N, 1) for name, spent in meter.spent.items() if spent > 0.05}
     shards_ms = sum(v for name, v in cpu_ms.items() if name.startswith("tensorwasm-shard"))
+    request_rows = "\n".join(
+        f"| {kind} | {baseline_requests.get(kind, 0) / N:.2f} | {count / N:.2f} |"
+        for kind, count in meter.requests.most_common()
+        if count >= N / 10
+    )
     cpu_rows = "\n".join(
         f"| {name} | {1000 * baseline_cpu.get(name, 0.0) / N:.1f} | {ms:.1f} |"
         for name, ms in sorted(cpu_ms.items(), key=lambda item: -item[1])
@@ -250,8 +280,8 @@ def run() -> dict[str, Any]:
         "title": "Operator: 500 Tenants applied at once until all Placed and Ready (2 CPU shards)",
         "figures": {
             "create_500_s": round(create_s, 2),
-            "create_500_s_min": round(min(took for took, _ in creates), 2),
-            "create_500_s_max": round(max(took for took, _ in creates), 2),
+            "create_500_s_min": round(min(took for took, _, _ in creates), 2),
+            "create_500_s_max": round(max(took for took, _, _ in creates), 2),
             "apply_with_operator_s": round(applied_s, 2),
             "all_placed_s": round(placed_s, 2),
             "placed_over_create": round(placed_s / create_s, 2),
@@ -265,7 +295,9 @@ def run() -> dict[str, Any]:
         },
         "table": "CPU milliseconds per tenant, by process: the fastest plain create vs the operator run "
         "(apply start to all Ready)\n\n| process | plain create | with operator |\n|---|---|---|\n"
-        + cpu_rows,
+        + cpu_rows
+        + "\n\nAPI requests per tenant in the same windows (kinds of at least 0.1 per tenant)\n\n"
+        "| request | plain create | with operator |\n|---|---|---|\n" + request_rows,
         "targets": {"ready_over_create": "<= 3"},
         "notes": (
             "Local control plane (etcd, kube-apiserver, kube-controller-manager, kwok) on the same machine; "

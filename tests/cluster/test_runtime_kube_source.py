@@ -177,6 +177,8 @@ def test_shard_serves_reports_and_converges(kube: Any, namespace: str, shard: Ca
     assert conditions["Ready"]["status"] == "True" and conditions["ModuleReady"]["reason"] == "ModuleLoaded"
     assert s.invoke("alpha-token-0001", "echo", b"hi") == (200, b"hi")
     assert s.invoke("beta-token-00001", "echo", b"hi")[0] == 503
+    # Both reports went out in one pass over one kept-alive connection, without a retry.
+    assert "Failed reconciling" not in s.log_path.read_text()
 
     # Quiet when nothing changes: a resync does not rewrite status.
     reported_at = alpha["reportedAt"]
@@ -220,6 +222,17 @@ def test_a_secret_arriving_just_after_placement_costs_one_report(
     assert s.invoke("late-token-00001", "echo", b"hi") == (200, b"hi")
     log = s.log_path.read_text()
     assert log.count("Reported Tenant status name=late ") == 1, log
+
+    # Deleting a Tenant (held here by someone's finalizer) stops it being served at once, with no
+    # further report (its deletion bumps the generation: no reload for that).
+    hold = json.dumps({"metadata": {"finalizers": ["example.com/hold"]}})
+    kube.kubectl("patch", "tenant", "late", "-n", namespace, "--type=merge", "-p", hold)
+    kube.kubectl("delete", "tenant", "late", "-n", namespace, "--wait=false")
+    wait_for(lambda: s.invoke("late-token-00001", "echo", b"x")[0] == 401, 30, "late unserved")
+    assert s.log_path.read_text().count("Reported Tenant status name=late ") == 1
+    kube.kubectl(
+        "patch", "tenant", "late", "-n", namespace, "--type=merge", "-p", '{"metadata":{"finalizers":null}}'
+    )
 
 
 def test_snapshots_of_served_tenants_are_captured_and_restored_on_start(

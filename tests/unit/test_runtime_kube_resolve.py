@@ -11,6 +11,7 @@ from tensorwasm.operator.models import parse_tenant
 from tensorwasm.runtime.shard import TenantStatus
 from tensorwasm.runtime.sources.kube import (
     ClusterView,
+    ResolveMemo,
     build_runtime_status,
     readiness_patch,
     referenced,
@@ -130,3 +131,26 @@ def test_an_unchanged_readiness_adds_nothing_and_an_unplaced_tenant_gets_none() 
     assert readiness_patch(written, runtime, "2026-11-23T10:02:00Z") == {}
     unplaced = {**tenant_obj("k"), "status": {}}
     assert readiness_patch(unplaced, runtime, "2026-11-23T10:02:00Z") == {}
+
+
+def test_a_tenant_is_parsed_again_only_when_it_or_what_it_references_changes() -> None:
+    view = ClusterView(
+        [tenant_obj("k"), tenant_obj("m")],
+        {"k-module": {"module.wasm": b"\0asm"}, "m-module": {"module.wasm": b"\0asm"}},
+        {"k-token": {"token": b"t-k-1"}},
+        versions={"configmaps/k-module": "5", "configmaps/m-module": "6", "secrets/k-token": "7"},
+    )
+    memo: ResolveMemo = {}
+    configs, failed = resolve_tenants(view, memo)
+    assert [c.token for c in configs] == ["t-k-1"] and failed["m"].reason == "SecretMissing"
+    again, failed_again = resolve_tenants(view, memo)
+    assert again[0] is configs[0] and failed_again["m"] is failed["m"]  # nothing re-parsed
+    # The Secret rotates (new version) and m's Secret arrives: both are resolved anew.
+    view.secrets = {"k-token": {"token": b"t-k-2"}, "m-token": {"token": b"t-m-1"}}
+    view.versions.update({"secrets/k-token": "8", "secrets/m-token": "9"})
+    rotated, none_failed = resolve_tenants(view, memo)
+    assert [c.token for c in rotated] == ["t-k-2", "t-m-1"] and none_failed == {}
+    # A tenant no longer listed leaves the memo.
+    view.tenants = view.tenants[:1]
+    resolve_tenants(view, memo)
+    assert set(memo) == {"k"}

@@ -126,8 +126,11 @@ class Shard:
                 log.warning(
                     "Refused Tenant name=%s reason=%s message=%s", name, status.reason, status.message
                 )
-            results = await asyncio.gather(*(self._apply(c) for c in wanted.values()), return_exceptions=True)
-            for config, result in zip(wanted.values(), results, strict=True):
+            # A tenant served with this very config needs nothing (the common case in a burst of
+            # placements elsewhere): no task for it.
+            changed = [c for c in wanted.values() if (t := self.served.get(c.name)) is None or t.config != c]
+            results = await asyncio.gather(*(self._apply(c) for c in changed), return_exceptions=True)
+            for config, result in zip(changed, results, strict=True):
                 if isinstance(result, BaseException):  # a bug in one tenant's load path stays there
                     log.error("Failed loading Tenant name=%s", config.name, exc_info=result)
                     self.statuses[config.name] = TenantStatus(

@@ -83,6 +83,12 @@ class ClusterView:
     configmaps: dict[str, dict[str, bytes]] = field(default_factory=dict)  # name -> key -> bytes
     secrets: dict[str, dict[str, bytes]] = field(default_factory=dict)
     snapshots: list[dict[str, Any]] = field(default_factory=list)  # only with a snapshot agent
+    versions: dict[str, str] = field(default_factory=dict)  # "kind/name" -> resourceVersion decoded
+
+
+Resolution = TenantConfig | TenantStatus
+# What a Tenant's resolution depends on: its own and its Secret's/ConfigMaps' resourceVersions.
+ResolveMemo = dict[str, tuple[tuple[str, ...], Resolution]]
 
 
 def referenced(tenant: Mapping[str, Any]) -> tuple[set[str], set[str]]:
@@ -100,20 +106,55 @@ def referenced(tenant: Mapping[str, Any]) -> tuple[set[str], set[str]]:
     return cms, {token_secret_name(name, spec)}
 
 
-def resolve_tenants(view: ClusterView) -> tuple[list[TenantConfig], dict[str, TenantStatus]]:
-    """Pure: turn a re-list into configs for the shard, and refusals for what cannot be resolved."""
+def resolve_tenants(
+    view: ClusterView, memo: ResolveMemo | None = None
+) -> tuple[list[TenantConfig], dict[str, TenantStatus]]:
+    """Turn a re-list into configs for the shard, and refusals for what cannot be resolved.
+
+    With `memo` (owned by the caller, updated here), a Tenant whose object and referenced Secret and
+    ConfigMaps kept their resourceVersions is not parsed again: during a burst of placements a
+    pass then costs what changed, not what is served.
+    """
     configs: list[TenantConfig] = []
     failed: dict[str, TenantStatus] = {}
+    fresh: ResolveMemo = {}
     for obj in view.tenants:
         meta = obj.get("metadata") or {}
-        name, generation = str(meta.get("name", "")), int(meta.get("generation") or 0)
-        try:
-            configs.append(_resolve_one(obj, view))
-        except _Unresolved as exc:
-            failed[name] = TenantStatus(False, exc.reason, exc.message, generation)
-        except TenantConfigError as exc:
-            failed[name] = TenantStatus(False, exc.reason, str(exc), generation)
+        name = str(meta.get("name", ""))
+        key = _fingerprint(obj, view)
+        known = (memo or {}).get(name)
+        result = known[1] if known is not None and known[0] == key else _resolve_or_refuse(obj, view)
+        fresh[name] = (key, result)
+        if isinstance(result, TenantStatus):
+            failed[name] = result
+        else:
+            configs.append(result)
+    if memo is not None:
+        memo.clear()
+        memo.update(fresh)
     return configs, failed
+
+
+def _fingerprint(obj: Mapping[str, Any], view: ClusterView) -> tuple[str, ...]:
+    meta = obj.get("metadata") or {}
+    cms, secrets = referenced(obj)
+    refs = [f"{CONFIGMAPS}/{n}" for n in sorted(cms)] + [f"{SECRETS}/{n}" for n in sorted(secrets)]
+    # An absent reference has no version: "" (its later arrival changes the key).
+    return (
+        str(meta.get("uid", "")),
+        str(meta.get("resourceVersion", "")),
+        *(view.versions.get(r, "") for r in refs),
+    )
+
+
+def _resolve_or_refuse(obj: Mapping[str, Any], view: ClusterView) -> Resolution:
+    generation = int((obj.get("metadata") or {}).get("generation") or 0)
+    try:
+        return _resolve_one(obj, view)
+    except _Unresolved as exc:
+        return TenantStatus(False, exc.reason, exc.message, generation)
+    except TenantConfigError as exc:
+        return TenantStatus(False, exc.reason, str(exc), generation)
 
 
 class _Unresolved(Exception):
@@ -203,6 +244,7 @@ class KubeSource:
         self._ours: set[str] = set()
         self._ours_since: dict[str, float] = {}  # tenant -> monotonic time it was first ours
         self._decoded: dict[tuple[str, str, str], dict[str, bytes]] = {}  # (kind, name, rv) -> data
+        self._resolved: ResolveMemo = {}
         self._written: dict[str, tuple[str, dict[str, Any]]] = {}  # tenant -> (its rv, runtime sent)
         self._acted: dict[str, str] = {}  # Snapshot uid -> resourceVersion already acted on
         self._live: tuple[float, frozenset[str]] = (0.0, frozenset())
@@ -287,7 +329,7 @@ class KubeSource:
 
     async def reconcile(self, shard: Shard) -> None:
         view = self._view = self._build_view()
-        configs, failed = resolve_tenants(view)
+        configs, failed = resolve_tenants(view, self._resolved)
         await shard.sync(configs, failed)
         reports = {}
         now, deferred = time.monotonic(), False
@@ -310,7 +352,14 @@ class KubeSource:
     def _build_view(self) -> ClusterView:
         """Our Tenants and what they reference, from the caches (no API call)."""
         tenants = self.informers[PLURAL].items()
-        ours = [t for t in tenants.values() if (t.get("status") or {}).get("shard") == self.shard_name]
+        # A Tenant being deleted is not served: it goes now, not once its finalizer is released
+        # (deletion bumps its generation, and reloading it for that would race the operator).
+        ours = [
+            t
+            for t in tenants.values()
+            if (t.get("status") or {}).get("shard") == self.shard_name
+            and not (t.get("metadata") or {}).get("deletionTimestamp")
+        ]
         view = ClusterView(ours)
         cms: set[str] = set()
         secrets: set[str] = set()
@@ -321,14 +370,16 @@ class KubeSource:
         self._refs, self._ours = (cms, secrets), {t["metadata"]["name"] for t in ours}
         now = time.monotonic()
         self._ours_since = {name: self._ours_since.get(name, now) for name in self._ours}
-        view.configmaps = self._decode(CONFIGMAPS, cms)
-        view.secrets = self._decode(SECRETS, secrets)
+        view.configmaps = self._decode(CONFIGMAPS, cms, view.versions)
+        view.secrets = self._decode(SECRETS, secrets, view.versions)
         if SNAPSHOTS in self.informers:
             view.snapshots = list(self.informers[SNAPSHOTS].items().values())
         return view
 
-    def _decode(self, kind: str, names: set[str]) -> dict[str, dict[str, bytes]]:
-        """name -> key -> bytes for the named objects present; decoded once per resourceVersion."""
+    def _decode(self, kind: str, names: set[str], versions: dict[str, str]) -> dict[str, dict[str, bytes]]:
+        """name -> key -> bytes for the named objects present; decoded once per resourceVersion.
+
+        Records each one's resourceVersion in `versions` ("kind/name")."""
         out: dict[str, dict[str, bytes]] = {}
         keep: set[tuple[str, str, str]] = set()
         for name in names:
@@ -336,6 +387,7 @@ class KubeSource:
             if obj is None:
                 continue
             memo = (kind, name, str(obj["metadata"].get("resourceVersion", "")))
+            versions[f"{kind}/{name}"] = memo[2]
             keep.add(memo)
             data = self._decoded.get(memo)
             if data is None:
@@ -468,7 +520,7 @@ class KubeSource:
             report = {**runtime, "reportedAt": now}
             body = {"status": {"runtime": report, **readiness_patch(obj, report, now)}}
             try:
-                self._custom.patch_namespaced_custom_object_status(
+                resp = self._custom.patch_namespaced_custom_object_status(
                     GROUP,
                     VERSION,
                     self.namespace,
@@ -476,7 +528,10 @@ class KubeSource:
                     name,
                     body,
                     _content_type="application/merge-patch+json",
+                    _preload_content=False,  # the watch brings the new version: skip decoding it here
                 )
+                resp.drain_conn()  # read (undecoded) so the connection can be reused
+                resp.release_conn()
             except ApiException as exc:  # deleted or moved meanwhile: the next pass settles it
                 log.warning("Failed writing Tenant status name=%s status=%s", name, exc.status)
                 continue
