@@ -16,6 +16,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import ssl
 import statistics
 import subprocess
@@ -224,8 +225,11 @@ def measure(state: ClusterState, state_dir: Path) -> dict[str, Any]:
     k("create", "namespace", op_ns)
     k("apply", "-n", op_ns, "-f", "-", stdin=module_cm)
 
+    # The stack's logs outlive the bench's control plane: the last run's stay for a look.
+    workdir = state_dir.parent / "bench-operator-last"
+    shutil.rmtree(workdir, ignore_errors=True)
     stack = LocalStack(
-        Path(state.kubeconfig), op_ns, state_dir / f"bench-{stamp}", shards=2,
+        Path(state.kubeconfig), op_ns, workdir, shards=2,
         operator_env={
             "TENSORWASM_OPERATOR_SHARD_MAX_TENANTS": "400",
             "TENSORWASM_OPERATOR_SHARD_HOST_MEMORY": "512Gi",

@@ -1,5 +1,6 @@
 """The epoch ticker behind per-invoke deadlines: rounded up (never early), honest with a coarse
-tick, and stopped by Engine.close()."""
+tick, parked while idle without letting a running guest escape its deadline, and stopped by
+Engine.close()."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import time
 import pytest
 
 from tensorwasm.runtime.engine import Engine
-from tensorwasm.runtime.errors import DeadlineExceeded
+from tensorwasm.runtime.errors import BadRequest, DeadlineExceeded
+from tests.conftest import wait_for
 from tests.unit.engine_helpers import fixture, pool
 
 TIMEOUTS_MS = (1, 2, 3, 7, 10, 33, 100, 250, 333, 500, 999, 1000, 1500)
@@ -53,3 +55,28 @@ def test_close_stops_the_ticker_thread() -> None:
     assert ticker.is_alive()
     engine.close()
     assert not ticker.is_alive()
+
+
+def test_an_idle_ticker_parks_and_a_runaway_guest_is_still_stopped() -> None:
+    before = set(threading.enumerate())
+    engine = Engine(epoch_tick_s=0.001, park_after_s=0.05)
+    (ticker,) = [t for t in threading.enumerate() if t not in before and t.name == "wasm-epoch-ticker"]
+    try:
+        p = pool(engine, fixture(engine, "runaway"), timeout_s=0.3, max_instances=1)
+        wait_for(lambda: engine.ticker_parked, 5, "ticker parked while idle")
+        # A call longer than park_after_s: the ticker must keep going until its deadline.
+        started = time.perf_counter()
+        with pytest.raises(DeadlineExceeded):
+            p.invoke("spin", b"")
+        assert 0.3 <= time.perf_counter() - started < 1.5
+        assert p.invoke("ok", b"") == b""
+        wait_for(lambda: engine.ticker_parked, 5, "ticker parked again")
+        p.close()
+    finally:
+        engine.close()
+    assert not ticker.is_alive()  # close() wakes a parked ticker so it can exit
+
+
+def test_park_after_is_checked() -> None:
+    with pytest.raises(BadRequest, match="park_after_s"):
+        Engine(park_after_s=-1)

@@ -1,8 +1,9 @@
 """The shard's one wasmtime Engine: configuration, the epoch ticker, validation and the compile cache.
 
 Owns: wasmtime Config (epoch interruption, no fuel, fixed memory base), the ticker thread that
-advances the epoch, module checks against guest ABI v1, and the on-disk cache of compiled code keyed
-by module digest and engine fingerprint. Must not import the accelerator or the HTTP layer.
+advances the epoch (parked while no guest code can be running: an idle shard costs no wake-ups),
+module checks against guest ABI v1, and the on-disk cache of compiled code keyed by module digest
+and engine fingerprint. Must not import the accelerator or the HTTP layer.
 """
 
 from __future__ import annotations
@@ -58,10 +59,21 @@ class Engine:
         epoch_tick_s: float = 0.001,
         max_module_bytes: int = DEFAULT_MAX_MODULE_BYTES,
         max_wasm_stack: int = DEFAULT_MAX_WASM_STACK,
+        park_after_s: float = 1.0,
     ) -> None:
         if not 0 < epoch_tick_s <= 1:
             raise BadRequest(f"epoch tick must be in (0, 1] seconds, got {epoch_tick_s!r}")
+        if not 0 <= park_after_s <= 3600:
+            raise BadRequest(f"park_after_s must be in [0, 3600] seconds, got {park_after_s!r}")
         self.epoch_tick_s = epoch_tick_s
+        # The ticker parks once every deadline set so far has passed, plus this many ticks: steady
+        # light traffic never pays a wake-up, an idle shard stops waking 1,000 times a second.
+        self._linger_ticks = math.ceil(park_after_s / epoch_tick_s)
+        self._epoch = 0  # ticks so far (the engine's epoch, as this thread last advanced it)
+        self._busy_until = 0  # the latest epoch a deadline was set for
+        self._busy_lock = threading.Lock()
+        self._parked = False
+        self._unpark = threading.Event()
         self.max_module_bytes = max_module_bytes
         self.cache_dir = cache_dir
         settings = {
@@ -101,22 +113,50 @@ class Engine:
         stopped no sooner than `timeout_s` and at most about two ticks later."""
         return max(1, math.ceil(round(timeout_s / self.epoch_tick_s, 6))) + 1
 
+    def guest_runs(self, ticks: int) -> None:
+        """Hot path: guest code is about to run with a deadline `ticks` from now; keep the epoch moving.
+
+        Call before setting the deadline. Either this sees the ticker parked and wakes it, or the
+        ticker sees the new deadline before it parks (each publishes, then reads the other's flag).
+        """
+        until = self._epoch + ticks + 1
+        with self._busy_lock:  # a lower deadline must never overwrite a higher one
+            if until > self._busy_until:
+                self._busy_until = until
+        if self._parked:
+            self._unpark.set()
+
+    @property
+    def ticker_parked(self) -> bool:
+        return self._parked
+
     def _tick(self) -> None:
         # time.sleep, not Event.wait: per tick this thread takes the GIL for one flag test and one
         # C call (Event.wait runs a Python Condition each time), so it seldom makes the event loop
         # wait, and it seldom gets preempted while holding the GIL on a busy machine.
-        ptr, tick, sleep, increment = (
+        ptr, tick, sleep, increment, linger = (
             self._engine_ptr,
             self.epoch_tick_s,
             time.sleep,
             lowlevel.increment_epoch,
+            self._linger_ticks,
         )
+        epoch = 0
         while not self._closed:
             sleep(tick)
             increment(ptr)
+            epoch += 1
+            self._epoch = epoch
+            if epoch > self._busy_until + linger:
+                self._parked = True
+                if epoch > self._busy_until + linger and not self._closed:
+                    self._unpark.wait()
+                self._unpark.clear()
+                self._parked = False
 
     def close(self) -> None:
         self._closed = True
+        self._unpark.set()
         self._ticker.join(timeout=max(1.0, 2 * self.epoch_tick_s))
 
     def compile(self, wasm: bytes, sha256: str) -> CompiledModule:

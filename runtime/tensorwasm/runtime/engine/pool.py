@@ -68,6 +68,7 @@ class TenantInstancePool:
         except RuntimeFault as fault:
             raise ModuleRejected(f"module failed to start: {fault.message}") from fault
         try:
+            engine.guest_runs(self._ticks)
             first.run_init(self._ticks)
         except RuntimeFault as fault:
             first.close()
@@ -117,6 +118,7 @@ class TenantInstancePool:
             raise TenantNotReady("the tenant's instance pool is closed")
         if type(payload) is not bytes:
             payload = bytes(payload)
+        self.engine.guest_runs(ticks)
         try:
             out = inst.call(inst.funcs[function], payload, ticks)
         except RuntimeFault:
