@@ -10,9 +10,9 @@ import time
 import pytest
 
 from tensorwasm.runtime.engine import Engine
-from tensorwasm.runtime.errors import BadRequest, DeadlineExceeded
+from tensorwasm.runtime.errors import BadRequest, DeadlineExceeded, ModuleRejected
 from tests.conftest import wait_for
-from tests.unit.engine_helpers import fixture, pool
+from tests.unit.engine_helpers import fixture, inline, pool
 
 TIMEOUTS_MS = (1, 2, 3, 7, 10, 33, 100, 250, 333, 500, 999, 1000, 1500)
 
@@ -72,6 +72,12 @@ def test_an_idle_ticker_parks_and_a_runaway_guest_is_still_stopped() -> None:
         assert p.invoke("ok", b"") == b""
         wait_for(lambda: engine.ticker_parked, 5, "ticker parked again")
         p.close()
+        # A tw_init that spins, started while the ticker is parked, is stopped at its deadline too.
+        spinning_init = inline(
+            engine, '(func (export "tw_init") (result i32) (loop $l (br $l)) (i32.const 0))'
+        )
+        with pytest.raises(ModuleRejected, match="tw_init failed: deadline"):
+            pool(engine, spinning_init, timeout_s=0.05)
     finally:
         engine.close()
     assert not ticker.is_alive()  # close() wakes a parked ticker so it can exit

@@ -68,7 +68,8 @@ class TenantInstancePool:
         except RuntimeFault as fault:
             raise ModuleRejected(f"module failed to start: {fault.message}") from fault
         try:
-            engine.guest_runs(self._ticks)
+            if module.has_init:  # no tw_init, no guest code: the ticker may stay parked
+                engine.guest_runs(self._ticks)
             first.run_init(self._ticks)
         except RuntimeFault as fault:
             first.close()
