@@ -115,6 +115,7 @@ class KubeApi:
         self._session = aiohttp.ClientSession(
             headers=headers,
             connector=aiohttp.TCPConnector(ssl=_ssl_context(info), limit=64),
+            cookie_jar=aiohttp.DummyCookieJar(),  # the API server sets no cookies: skip the jar per request
             timeout=aiohttp.ClientTimeout(total=30),
         )
 
