@@ -1,11 +1,12 @@
 """Operator throughput: 500 Tenants applied at once until all are Placed and Ready, on the real control plane.
 
-Baseline: the time to merely create the same 500 objects (one `kubectl apply` of a List, no operator),
-the median of three runs around the operator run, each on a quiet cluster (no namespace being deleted).
+Baseline: the time to merely create the same 500 objects (one `kubectl apply` of a List, no operator).
 Then the LocalStack (the operator and 2 real CPU runtime shard processes) runs in a fresh namespace
 and the same List is applied; clocks stop when every Tenant is Placed, then when every Tenant is
-Ready (its shard loaded the module and reported it). Also reports the operator's peak RSS (VmHWM)
-and its API writes.
+Ready (its shard loaded the module and reported it). Three operator runs interleaved with four plain
+creates on a control plane of the benchmark's own, each step on a quiet cluster; medians reported.
+Also reports the operator's peak RSS (VmHWM), its API writes, CPU per tenant by process and the API
+server's requests per tenant by kind.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import time
 import urllib.request
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +70,7 @@ def _manifest(sha: str) -> str:
     return json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
 
 
-BASELINE_RUNS = 3
+OPERATOR_RUNS = 3
 SETTLE_TIMEOUT_S = 300
 
 
@@ -197,39 +199,27 @@ def run() -> dict[str, Any]:
         plane.down()
 
 
-def measure(state: ClusterState, state_dir: Path) -> dict[str, Any]:
+@dataclass
+class OperatorRun:
+    applied_s: float
+    placed_s: float
+    ready_s: float
+    rss_kib: int
+    cpu_s: dict[str, float]
+    requests: Counter[str]
+    writes: str
+
+
+def time_operator_run(
+    k: Callable[..., str], state: ClusterState, namespace: str, manifest: str, module_cm: str, workdir: Path
+) -> OperatorRun:
+    """The operator and 2 shards in a fresh namespace; the same List applied; until all are Ready."""
     kubectl = [str(Path(state.bin_dir) / "kubectl"), f"--kubeconfig={state.kubeconfig}"]
-
-    def k(*args: str, stdin: str | None = None) -> str:
-        return subprocess.run(
-            [*kubectl, *args], input=stdin, capture_output=True, text=True, check=True
-        ).stdout
-
-    crds = [a for c in sorted((REPO / "crds").glob("*.yaml")) for a in ("-f", str(c))]
-    k("apply", "--server-side", "--force-conflicts", *crds)
-    k("wait", "--for=condition=Established", "--timeout=60s", *crds)
-    # A namespace still being deleted (an earlier run's 500 Tenants, Services, Secrets) keeps the
-    # controller-manager and the API server busy: start from a quiet cluster.
-    settle_namespaces(k)
-    stamp = str(int(time.time()))
-    op_ns = f"bench-operator-{stamp}"
-    module_cm, sha = _module()
-    manifest = _manifest(sha)
-    plane_meter = CpuMeter(dict(state.pids), state.server, state.token)
-    # Warm-up, not counted: the first apply into a just-started API server runs 1.5x slower.
-    time_plain_create(k, f"bench-create-{stamp}-warmup", manifest, plane_meter)
-    creates = [
-        time_plain_create(k, f"bench-create-{stamp}-{i}", manifest, plane_meter)
-        for i in range(BASELINE_RUNS - 1)
-    ]
-    k("create", "namespace", op_ns)
-    k("apply", "-n", op_ns, "-f", "-", stdin=module_cm)
-
-    # The stack's logs outlive the bench's control plane: the last run's stay for a look.
-    workdir = state_dir.parent / "bench-operator-last"
+    k("create", "namespace", namespace)
+    k("apply", "-n", namespace, "-f", "-", stdin=module_cm)
     shutil.rmtree(workdir, ignore_errors=True)
     stack = LocalStack(
-        Path(state.kubeconfig), op_ns, workdir, shards=2,
+        Path(state.kubeconfig), namespace, workdir, shards=2,
         operator_env={
             "TENSORWASM_OPERATOR_SHARD_MAX_TENANTS": "400",
             "TENSORWASM_OPERATOR_SHARD_HOST_MEMORY": "512Gi",
@@ -248,12 +238,12 @@ def measure(state: ClusterState, state_dir: Path) -> dict[str, Any]:
         # a kubectl process and listed 500 Tenants each time, CPU the baseline apply never paid.
         stack_pids = {name: p.proc.pid for name, p in stack.processes.items()}
         meter = CpuMeter({**state.pids, **stack_pids}, state.server, state.token)
-        cmd = [*kubectl, "get", "tenants", "-n", op_ns, "--watch", "-o", WATCH_FORMAT]
+        cmd = [*kubectl, "get", "tenants", "-n", namespace, "--watch", "-o", WATCH_FORMAT]
         watch = TenantWatch(cmd, on_all_ready=meter.stop)
         try:
             meter.start()
             t0 = time.perf_counter()
-            k("apply", "-n", op_ns, "-f", "-", stdin=manifest)
+            k("apply", "-n", namespace, "-f", "-", stdin=manifest)
             applied_s = time.perf_counter() - t0
             while not watch.all_ready.wait(0.5):
                 stack.check_alive()
@@ -262,36 +252,77 @@ def measure(state: ClusterState, state_dir: Path) -> dict[str, Any]:
         finally:
             watch.stop()
         assert watch.placed_at is not None and watch.ready_at is not None
-        placed_s, ready_s = watch.placed_at - t0, watch.ready_at - t0
-        phases = k("get", "tenants", "-n", op_ns, "-o", "jsonpath={.items[*].status.phase}").split()
+        phases = k("get", "tenants", "-n", namespace, "-o", "jsonpath={.items[*].status.phase}").split()
         if phases.count("Ready") != N:  # the watch's view, checked once against a list
             raise RuntimeError(f"watch saw all Ready, a list says {phases.count('Ready')}/{N}")
         status = Path(f"/proc/{proc.pid}/status").read_text()
         rss_kib = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
         # Delete while the operator runs, so its finalizer is released and the namespace can go.
-        k("delete", "tenants", "--all", "-n", op_ns, "--wait=false")
+        k("delete", "tenants", "--all", "-n", namespace, "--wait=false")
         deadline = time.monotonic() + 120
-        while k("get", "tenants", "-n", op_ns, "-o", "name").strip() and time.monotonic() < deadline:
+        while k("get", "tenants", "-n", namespace, "-o", "name").strip() and time.monotonic() < deadline:
             time.sleep(0.5)
     finally:
         stack.stop()
     writes_line = [line for line in log_path.read_text().splitlines() if "Stopped writes=" in line]
-    k("delete", "namespace", op_ns, "--wait=false")
+    k("delete", "namespace", namespace, "--wait=false")
     settle_namespaces(k)
-    creates.append(time_plain_create(k, f"bench-create-{stamp}-{BASELINE_RUNS - 1}", manifest, plane_meter))
+    return OperatorRun(
+        applied_s, watch.placed_at - t0, watch.ready_at - t0, rss_kib, meter.spent, meter.requests,
+        writes_line[-1].split("Stopped ", 1)[-1] if writes_line else "n/a",
+    )  # fmt: skip
+
+
+def measure(state: ClusterState, state_dir: Path) -> dict[str, Any]:
+    kubectl = [str(Path(state.bin_dir) / "kubectl"), f"--kubeconfig={state.kubeconfig}"]
+
+    def k(*args: str, stdin: str | None = None) -> str:
+        return subprocess.run(
+            [*kubectl, *args], input=stdin, capture_output=True, text=True, check=True
+        ).stdout
+
+    crds = [a for c in sorted((REPO / "crds").glob("*.yaml")) for a in ("-f", str(c))]
+    k("apply", "--server-side", "--force-conflicts", *crds)
+    k("wait", "--for=condition=Established", "--timeout=60s", *crds)
+    # A namespace still being deleted (an earlier run's 500 Tenants, Services, Secrets) keeps the
+    # controller-manager and the API server busy: start from a quiet cluster.
+    settle_namespaces(k)
+    stamp = str(int(time.time()))
+    module_cm, sha = _module()
+    manifest = _manifest(sha)
+    plane_meter = CpuMeter(dict(state.pids), state.server, state.token)
+    # Warm-up, not counted: the first apply into a just-started API server runs 1.5x slower.
+    time_plain_create(k, f"bench-create-{stamp}-warmup", manifest, plane_meter)
+    # Interleaved: create, operator, create, ..., create. This machine's speed drifts by tens of
+    # percent within minutes; each operator run sits between two plain creates, medians are reported.
+    creates = [time_plain_create(k, f"bench-create-{stamp}-0", manifest, plane_meter)]
+    runs: list[OperatorRun] = []
+    # The stack's logs outlive the bench's control plane: the last run's stay for a look.
+    workdir = state_dir.parent / "bench-operator-last"
+    for i in range(OPERATOR_RUNS):
+        runs.append(time_operator_run(k, state, f"bench-operator-{stamp}-{i}", manifest, module_cm, workdir))
+        creates.append(time_plain_create(k, f"bench-create-{stamp}-{i + 1}", manifest, plane_meter))
     create_s = statistics.median(took for took, _, _ in creates)
-    _, baseline_cpu, baseline_requests = min(creates, key=lambda run: run[0])
-    cpu_ms = {name: round(1000 * spent / N, 1) for name, spent in meter.spent.items() if spent > 0.05}
+    run = sorted(runs, key=lambda r: r.ready_s)[len(runs) // 2]  # the median run, for its details
+    ready_s = run.ready_s
+    placed_s = statistics.median(r.placed_s for r in runs)
+    pair_ratios = [
+        r.ready_s / statistics.mean([creates[i][0], creates[i + 1][0]]) for i, r in enumerate(runs)
+    ]
+    _, baseline_cpu, baseline_requests = min(creates, key=lambda c: c[0])
+    cpu_ms = {name: round(1000 * spent / N, 1) for name, spent in run.cpu_s.items() if spent > 0.05}
     shards_ms = sum(v for name, v in cpu_ms.items() if name.startswith("tensorwasm-shard"))
     request_rows = "\n".join(
         f"| {kind} | {baseline_requests.get(kind, 0) / N:.2f} | {count / N:.2f} |"
-        for kind, count in meter.requests.most_common()
+        for kind, count in run.requests.most_common()
         if count >= N / 10
     )
     cpu_rows = "\n".join(
         f"| {name} | {1000 * baseline_cpu.get(name, 0.0) / N:.1f} | {ms:.1f} |"
         for name, ms in sorted(cpu_ms.items(), key=lambda item: -item[1])
     )
+    rss_kib, writes = max(r.rss_kib for r in runs), run.writes
+    applied_s = run.applied_s
     return {
         "title": "Operator: 500 Tenants applied at once until all Placed and Ready (2 CPU shards)",
         "figures": {
@@ -303,14 +334,16 @@ def measure(state: ClusterState, state_dir: Path) -> dict[str, Any]:
             "placed_over_create": round(placed_s / create_s, 2),
             "all_ready_s": round(ready_s, 2),
             "ready_over_create": round(ready_s / create_s, 2),
+            "ready_over_create_per_run_min": round(min(pair_ratios), 2),
+            "ready_over_create_per_run_max": round(max(pair_ratios), 2),
             "operator_peak_rss_mib": round(rss_kib / 1024, 1),
             "cpu_ms_per_tenant": round(sum(cpu_ms.values()), 1),
             "cpu_ms_per_tenant_plain_create": round(1000 * sum(baseline_cpu.values()) / N, 1),
             "operator_cpu_ms_per_tenant": cpu_ms.get("operator", 0.0),
             "shards_cpu_ms_per_tenant": round(shards_ms, 1),
         },
-        "table": "CPU milliseconds per tenant, by process: the fastest plain create vs the operator run "
-        "(apply start to all Ready)\n\n| process | plain create | with operator |\n|---|---|---|\n"
+        "table": "CPU milliseconds per tenant, by process: the fastest plain create vs the median operator "
+        "run (apply start to all Ready)\n\n| process | plain create | with operator |\n|---|---|---|\n"
         + cpu_rows
         + "\n\nAPI requests per tenant in the same windows (kinds of at least 0.1 per tenant)\n\n"
         "| request | plain create | with operator |\n|---|---|---|\n" + request_rows,
@@ -321,11 +354,12 @@ def measure(state: ClusterState, state_dir: Path) -> dict[str, Any]:
             "one `kubectl apply` of a 500-item List. all_placed_s runs from the start of that apply until "
             "every Tenant has status.phase Placed (seen by one `kubectl get --watch`, not polled); "
             "all_ready_s until every Tenant is Ready, served by one of 2 real CPU runtime shard processes "
-            f"(LocalStack). create_500_s is the median of {BASELINE_RUNS} plain creates, "
-            f"{BASELINE_RUNS - 1} before the operator run (after one uncounted warm-up) and one after it, "
-            "each in a fresh namespace "
-            "deleted (and waited for) before the next step. Operator writes: "
-            + (writes_line[-1].split("Stopped ", 1)[-1] if writes_line else "n/a")
+            f"(LocalStack). {OPERATOR_RUNS} operator runs, each in a fresh namespace with a fresh stack, "
+            f"interleaved with {OPERATOR_RUNS + 1} plain creates (after one uncounted warm-up), each "
+            "namespace deleted and waited for before the next step; all_ready_s is the median run, "
+            "create_500_s the median create, and ready_over_create_per_run_* compare each run with the "
+            "mean of the creates either side of it. Operator writes (median run): "
+            + writes
             + ". Phase Events are Warnings only; kopf itself writes nothing (event handlers only)."
         ),
     }
