@@ -15,6 +15,7 @@ import os
 import tempfile
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,8 +71,11 @@ class Engine:
         # light traffic never pays a wake-up, an idle shard stops waking 1,000 times a second.
         self._linger_ticks = math.ceil(park_after_s / epoch_tick_s)
         self._epoch = 0  # ticks so far (the engine's epoch, as this thread last advanced it)
-        self._busy_until = 0  # the latest epoch a deadline was set for
-        self._busy_lock = threading.Lock()
+        self._last_call = 0  # epoch of a recent guest call: a hint, written racily by callers
+        # Every instance that may run guest code, each with the epoch its last deadline falls at:
+        # read only when the ticker is about to park, so the hot path takes no lock.
+        self._runners: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._runners_lock = threading.Lock()
         self._parked = False
         self._unpark = threading.Event()
         self.max_module_bytes = max_module_bytes
@@ -113,18 +117,31 @@ class Engine:
         stopped no sooner than `timeout_s` and at most about two ticks later."""
         return max(1, math.ceil(round(timeout_s / self.epoch_tick_s, 6))) + 1
 
-    def guest_runs(self, ticks: int) -> None:
-        """Hot path: guest code is about to run with a deadline `ticks` from now; keep the epoch moving.
+    def track(self, runner: Any) -> None:
+        """Register an instance that will run guest code (it gets a `deadline_epoch` attribute)."""
+        runner.deadline_epoch = 0
+        with self._runners_lock:
+            self._runners.add(runner)
 
-        Call before setting the deadline. Either this sees the ticker parked and wakes it, or the
-        ticker sees the new deadline before it parks (each publishes, then reads the other's flag).
+    def guest_runs(self, ticks: int, runner: Any) -> None:
+        """Hot path: `runner` (tracked) is about to run guest code with a deadline `ticks` from now.
+
+        Call before setting the deadline. The runner publishes its deadline, then reads the ticker's
+        flag; the ticker publishes the flag, then reads every deadline before it parks: either this
+        sees it parked and wakes it, or it sees the deadline and keeps ticking. No lock: a runner is
+        used by one thread at a time.
         """
-        until = self._epoch + ticks + 1
-        with self._busy_lock:  # a lower deadline must never overwrite a higher one
-            if until > self._busy_until:
-                self._busy_until = until
+        epoch = self._epoch
+        runner.deadline_epoch = epoch + ticks + 1
+        self._last_call = epoch
         if self._parked:
             self._unpark.set()
+
+    def _busy_until(self) -> int:
+        """The latest deadline any tracked runner has set (the ticker must reach it)."""
+        with self._runners_lock:
+            runners = list(self._runners)
+        return max((r.deadline_epoch for r in runners), default=0)
 
     @property
     def ticker_parked(self) -> bool:
@@ -141,18 +158,22 @@ class Engine:
             lowlevel.increment_epoch,
             self._linger_ticks,
         )
-        epoch = 0
+        epoch, check_at = 0, linger
         while not self._closed:
             sleep(tick)
             increment(ptr)
             epoch += 1
             self._epoch = epoch
-            if epoch > self._busy_until + linger:
-                self._parked = True
-                if epoch > self._busy_until + linger and not self._closed:
-                    self._unpark.wait()
-                self._unpark.clear()
-                self._parked = False
+            if epoch < check_at or epoch <= self._last_call + linger:
+                continue
+            check_at = self._busy_until() + linger  # a long call keeps it ticking; look again then
+            if epoch <= check_at:
+                continue
+            self._parked = True
+            if epoch > self._busy_until() + linger and not self._closed:
+                self._unpark.wait()
+            self._unpark.clear()
+            self._parked = False
 
     def close(self) -> None:
         self._closed = True

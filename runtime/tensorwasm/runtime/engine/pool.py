@@ -69,7 +69,7 @@ class TenantInstancePool:
             raise ModuleRejected(f"module failed to start: {fault.message}") from fault
         try:
             if module.has_init:  # no tw_init, no guest code: the ticker may stay parked
-                engine.guest_runs(self._ticks)
+                engine.guest_runs(self._ticks, first)
             first.run_init(self._ticks)
         except RuntimeFault as fault:
             first.close()
@@ -119,7 +119,7 @@ class TenantInstancePool:
             raise TenantNotReady("the tenant's instance pool is closed")
         if type(payload) is not bytes:
             payload = bytes(payload)
-        self.engine.guest_runs(ticks)
+        self.engine.guest_runs(ticks, inst)
         try:
             out = inst.call(inst.funcs[function], payload, ticks)
         except RuntimeFault:
@@ -235,6 +235,7 @@ class TenantInstancePool:
         inst = WarmInstance(
             self.engine.wasmtime_engine, self.module, self.limits.memory_bytes, self.device, self.tenant_id
         )
+        self.engine.track(inst)
         metrics.INSTANCE_SPAWNS.labels(tenant=self.tenant_id).inc()
         return inst
 
