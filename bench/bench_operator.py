@@ -72,15 +72,32 @@ def _manifest(sha: str) -> str:
 
 OPERATOR_RUNS = 3
 SETTLE_TIMEOUT_S = 300
+QUIET_TIMEOUT_S = 60
+# Leases, node heartbeats and these polls themselves: an idle local control plane serves fewer.
+QUIET_REQUESTS_PER_S = 30
 
 
-def settle_namespaces(k: Callable[..., str]) -> None:
-    """Wait until no bench namespace exists (deleting one is background work for the control plane)."""
+def settle(k: Callable[..., str], state: ClusterState) -> None:
+    """Wait until no bench namespace exists and the API server is quiet again.
+
+    Deleting a namespace of 500 Tenants is background work for the control plane that goes on after
+    the namespace is gone (the controller-manager deleting Endpoints, the garbage collector checking
+    owners): a measurement started during it pays for it.
+    """
     deadline = time.monotonic() + SETTLE_TIMEOUT_S
     while any(n.startswith("namespace/bench-") for n in k("get", "namespaces", "-o", "name").split()):
         if time.monotonic() > deadline:
             raise RuntimeError(f"bench namespaces still present after {SETTLE_TIMEOUT_S} s")
         time.sleep(1.0)
+    deadline = time.monotonic() + QUIET_TIMEOUT_S
+    before = sum(api_requests(state.server, state.token).values())
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = sum(api_requests(state.server, state.token).values())
+        if now - before <= QUIET_REQUESTS_PER_S:
+            return
+        before = now
+    print(f"API server not quiet after {QUIET_TIMEOUT_S} s; measuring anyway", file=sys.stderr)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -132,7 +149,7 @@ class CpuMeter:
 
 
 def time_plain_create(
-    k: Callable[..., str], namespace: str, manifest: str, meter: CpuMeter
+    k: Callable[..., str], state: ClusterState, namespace: str, manifest: str, meter: CpuMeter
 ) -> tuple[float, dict[str, float], Counter[str]]:
     """The baseline: seconds for one `kubectl apply` of the List with no operator running; CPU; requests."""
     k("create", "namespace", namespace)
@@ -142,7 +159,7 @@ def time_plain_create(
     took = time.perf_counter() - t0
     meter.stop()
     k("delete", "namespace", namespace, "--wait=false")
-    settle_namespaces(k)
+    settle(k, state)
     return took, meter.spent, meter.requests
 
 
@@ -266,7 +283,7 @@ def time_operator_run(
         stack.stop()
     writes_line = [line for line in log_path.read_text().splitlines() if "Stopped writes=" in line]
     k("delete", "namespace", namespace, "--wait=false")
-    settle_namespaces(k)
+    settle(k, state)
     return OperatorRun(
         applied_s, watch.placed_at - t0, watch.ready_at - t0, rss_kib, meter.spent, meter.requests,
         writes_line[-1].split("Stopped ", 1)[-1] if writes_line else "n/a",
@@ -286,22 +303,22 @@ def measure(state: ClusterState, state_dir: Path) -> dict[str, Any]:
     k("wait", "--for=condition=Established", "--timeout=60s", *crds)
     # A namespace still being deleted (an earlier run's 500 Tenants, Services, Secrets) keeps the
     # controller-manager and the API server busy: start from a quiet cluster.
-    settle_namespaces(k)
+    settle(k, state)
     stamp = str(int(time.time()))
     module_cm, sha = _module()
     manifest = _manifest(sha)
     plane_meter = CpuMeter(dict(state.pids), state.server, state.token)
     # Warm-up, not counted: the first apply into a just-started API server runs 1.5x slower.
-    time_plain_create(k, f"bench-create-{stamp}-warmup", manifest, plane_meter)
+    time_plain_create(k, state, f"bench-create-{stamp}-warmup", manifest, plane_meter)
     # Interleaved: create, operator, create, ..., create. This machine's speed drifts by tens of
     # percent within minutes; each operator run sits between two plain creates, medians are reported.
-    creates = [time_plain_create(k, f"bench-create-{stamp}-0", manifest, plane_meter)]
+    creates = [time_plain_create(k, state, f"bench-create-{stamp}-0", manifest, plane_meter)]
     runs: list[OperatorRun] = []
     # The stack's logs outlive the bench's control plane: the last run's stay for a look.
     workdir = state_dir.parent / "bench-operator-last"
     for i in range(OPERATOR_RUNS):
         runs.append(time_operator_run(k, state, f"bench-operator-{stamp}-{i}", manifest, module_cm, workdir))
-        creates.append(time_plain_create(k, f"bench-create-{stamp}-{i + 1}", manifest, plane_meter))
+        creates.append(time_plain_create(k, state, f"bench-create-{stamp}-{i + 1}", manifest, plane_meter))
     create_s = statistics.median(took for took, _, _ in creates)
     run = sorted(runs, key=lambda r: r.ready_s)[len(runs) // 2]  # the median run, for its details
     ready_s = run.ready_s
@@ -356,7 +373,8 @@ def measure(state: ClusterState, state_dir: Path) -> dict[str, Any]:
             "all_ready_s until every Tenant is Ready, served by one of 2 real CPU runtime shard processes "
             f"(LocalStack). {OPERATOR_RUNS} operator runs, each in a fresh namespace with a fresh stack, "
             f"interleaved with {OPERATOR_RUNS + 1} plain creates (after one uncounted warm-up), each "
-            "namespace deleted and waited for before the next step; all_ready_s is the median run, "
+            "namespace deleted and the API server quiet again before the next step; all_ready_s is the "
+            "median run, "
             "create_500_s the median create, and ready_over_create_per_run_* compare each run with the "
             "mean of the creates either side of it. Operator writes (median run): "
             + writes
