@@ -3,6 +3,8 @@
 - `kube`: the local control plane for the whole session (started, or reused when one is healthy),
   with every CRD in crds/ applied and Established.
 - `namespace`: a fresh namespace per test, deleted afterwards.
+- `engine`: a wasmtime Engine per test module (files that need another configuration define their
+  own); `stateful_module`: tests/fixtures/stateful.wat compiled by it (the snapshot tests' guest).
 Tests under tests/cluster, tests/gpu and tests/e2e get their marker from their folder.
 """
 
@@ -20,9 +22,23 @@ from typing import Any
 import pytest
 
 from tensorwasm.dev.cluster import LocalControlPlane, default_state_dir
+from tensorwasm.runtime.engine import CompiledModule, Engine
 
 REPO = Path(__file__).resolve().parents[1]
 FOLDER_MARKERS = {"cluster": "cluster", "gpu": "gpu", "e2e": "e2e"}
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[Engine]:
+    e = Engine()
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="module")
+def stateful_module(engine: Engine) -> CompiledModule:
+    data = (Path(__file__).resolve().parent / "fixtures" / "stateful.wat").read_bytes()
+    return engine.compile(data, hashlib.sha256(data).hexdigest())
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

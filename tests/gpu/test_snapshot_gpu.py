@@ -6,37 +6,26 @@ the CPU backend as the oracle for the same blob.
 
 from __future__ import annotations
 
-import hashlib
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tensorwasm.runtime.accel.cpu import CpuAccelerator
-from tensorwasm.runtime.engine import Engine, GuestLimits, TenantInstancePool, WasmState
+from tensorwasm.runtime.engine import CompiledModule, Engine, GuestLimits, TenantInstancePool, WasmState
 from tensorwasm.runtime.errors import SnapshotRejected
 from tensorwasm.runtime.snapshots.capture import capture_snapshot
 from tensorwasm.runtime.snapshots.restore import restore_snapshot
 from tensorwasm.runtime.snapshots.store import SnapshotStore
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 UID = "gpu-snapshot-tenant"
 MiB = 1 << 20
 
 
 @pytest.fixture(scope="module")
-def engine() -> Iterator[Engine]:
-    e = Engine()
-    yield e
-    e.close()
-
-
-@pytest.fixture(scope="module")
-def module(engine: Engine) -> Any:
-    data = (FIXTURES / "stateful.wat").read_bytes()
-    return engine.compile(data, hashlib.sha256(data).hexdigest())
+def module(stateful_module: CompiledModule) -> CompiledModule:
+    return stateful_module  # tests/conftest.py
 
 
 def tenant(acc: Any, engine: Engine, module: Any, name: str, cap: int) -> tuple[TenantInstancePool, Any]:

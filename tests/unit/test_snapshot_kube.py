@@ -7,7 +7,6 @@ engine, CPU backend, store and pipeline are real.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,6 @@ from tensorwasm.runtime.accel.cpu import CpuAccelerator
 from tensorwasm.runtime.engine import CompiledModule, Engine, GuestLimits, TenantInstancePool, WasmState
 from tensorwasm.runtime.snapshots import kube
 from tensorwasm.runtime.snapshots.store import SnapshotStore
-from tests.unit.engine_helpers import FIXTURES, compile_bytes
 
 
 class RecordingApi:
@@ -36,15 +34,8 @@ class RecordingApi:
 
 
 @pytest.fixture(scope="module")
-def engine() -> Iterator[Engine]:
-    e = Engine()
-    yield e
-    e.close()
-
-
-@pytest.fixture(scope="module")
-def module(engine: Engine) -> CompiledModule:
-    return compile_bytes(engine, (FIXTURES / "stateful.wat").read_bytes())
+def module(stateful_module: CompiledModule) -> CompiledModule:
+    return stateful_module  # tests/conftest.py
 
 
 def handle(engine: Engine, module: CompiledModule, acc: CpuAccelerator, name: str) -> kube.TenantHandle:

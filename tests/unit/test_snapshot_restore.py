@@ -18,7 +18,7 @@ from tensorwasm.runtime.snapshots import codec
 from tensorwasm.runtime.snapshots.capture import capture_snapshot
 from tensorwasm.runtime.snapshots.restore import restore_latest, restore_snapshot
 from tensorwasm.runtime.snapshots.store import SnapshotStore
-from tests.unit.engine_helpers import FIXTURES, compile_bytes
+from tests.unit.engine_helpers import compile_bytes
 
 PAGE = 65536
 MEMORY_LIMIT = 16 * PAGE
@@ -34,15 +34,8 @@ class Tenant:
 
 
 @pytest.fixture(scope="module")
-def engine() -> Iterator[Engine]:
-    e = Engine()
-    yield e
-    e.close()
-
-
-@pytest.fixture(scope="module")
-def module(engine: Engine) -> CompiledModule:
-    return compile_bytes(engine, (FIXTURES / "stateful.wat").read_bytes())
+def module(stateful_module: CompiledModule) -> CompiledModule:
+    return stateful_module  # tests/conftest.py
 
 
 @pytest.fixture
