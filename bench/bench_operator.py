@@ -355,6 +355,9 @@ def measure(state: ClusterState, state_dir: Path) -> dict[str, Any]:
             "ready_over_create_per_run_max": round(max(pair_ratios), 2),
             "operator_peak_rss_mib": round(rss_kib / 1024, 1),
             "cpu_ms_per_tenant": round(sum(cpu_ms.values()), 1),
+            # The CPU every process spent in the median run spread over all cores: no schedule on this
+            # machine finishes sooner. all_ready_s close to it means the run is CPU-bound.
+            "cpu_floor_s": round(sum(run.cpu_s.values()) / (os.cpu_count() or 1), 2),
             "cpu_ms_per_tenant_plain_create": round(1000 * sum(baseline_cpu.values()) / N, 1),
             "operator_cpu_ms_per_tenant": cpu_ms.get("operator", 0.0),
             "shards_cpu_ms_per_tenant": round(shards_ms, 1),
