@@ -179,6 +179,8 @@ def test_shard_serves_reports_and_converges(kube: Any, namespace: str, shard: Ca
     assert s.invoke("beta-token-00001", "echo", b"hi")[0] == 503
     # Both reports went out in one pass over one kept-alive connection, without a retry.
     assert "Failed reconciling" not in s.log_path.read_text()
+    # The CRD makes status.shard selectable: this shard watches only its own Tenants (gamma is not).
+    assert "Watching every Tenant" not in s.log_path.read_text()
 
     # Quiet when nothing changes: a resync does not rewrite status.
     reported_at = alpha["reportedAt"]

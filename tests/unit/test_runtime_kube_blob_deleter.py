@@ -11,26 +11,22 @@ def snap(captured_by: str | None) -> dict[str, Any]:
     return {"metadata": {"name": "s"}, "status": {"shard": captured_by} if captured_by else {}}
 
 
-def test_the_tenants_live_shard_wins() -> None:
+def test_the_capturing_shard_when_live() -> None:
     live = {"tw-shard-0", "tw-shard-1", "tw-shard-2"}
-    assert blob_deleter(snap("tw-shard-0"), "tw-shard-2", live) == "tw-shard-2"
-
-
-def test_tenant_gone_or_on_a_dead_shard_falls_to_the_capturing_shard_when_live() -> None:
-    live = {"tw-shard-0", "tw-shard-1", "tw-shard-2"}
-    assert blob_deleter(snap("tw-shard-2"), None, live) == "tw-shard-2"
-    assert blob_deleter(snap("tw-shard-2"), "tw-shard-7", live) == "tw-shard-2"
+    assert blob_deleter(snap("tw-shard-2"), live) == "tw-shard-2"
+    # Every shard decides from the Snapshot alone, so all of them name the same one.
+    assert {blob_deleter(snap("tw-shard-1"), live) for _ in live} == {"tw-shard-1"}
 
 
 def test_capturing_shard_gone_falls_to_the_lowest_ordinal_live_shard() -> None:
     # Numeric, not lexical: shard-2 comes before shard-10.
     live = {"tw-shard-10", "tw-shard-2"}
-    assert blob_deleter(snap("tw-shard-0"), None, live) == "tw-shard-2"
-    assert blob_deleter(snap(None), "tw-shard-0", live) == "tw-shard-2"
+    assert blob_deleter(snap("tw-shard-0"), live) == "tw-shard-2"
+    assert blob_deleter(snap(None), live) == "tw-shard-2"  # never captured
 
 
 def test_no_live_shard_means_nobody_acts() -> None:
-    assert blob_deleter(snap("tw-shard-0"), "tw-shard-0", set()) is None
+    assert blob_deleter(snap("tw-shard-0"), set()) is None
 
 
 def test_shard_ordinal_sorts_names_without_an_ordinal_last() -> None:

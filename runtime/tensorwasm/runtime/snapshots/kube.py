@@ -145,15 +145,13 @@ def shard_ordinal(name: str) -> tuple[int, str]:
     return (int(ordinal), prefix) if prefix and ordinal.isdigit() else (1 << 62, name)
 
 
-def blob_deleter(snapshot: Mapping[str, Any], tenant_shard: str | None, live: Collection[str]) -> str | None:
+def blob_deleter(snapshot: Mapping[str, Any], live: Collection[str]) -> str | None:
     """The one shard that removes a deleted Snapshot's blob and finalizer.
 
-    The shard serving its tenant (`tenant_shard`: the Tenant's status.shard, None when the Tenant
-    is gone or unplaced) when that shard is live; else the shard that captured it (status.shard)
-    when live; else the lowest-ordinal live shard. None: no live shard (nobody acts).
+    The shard that captured it (status.shard) when live, else the lowest-ordinal live shard; None:
+    no live shard (nobody acts). Decided from the Snapshot alone: a shard watches only its own
+    Tenants, so every shard must reach the same answer without seeing where the tenant is.
     """
-    if tenant_shard and tenant_shard in live:
-        return tenant_shard
     owner = (snapshot.get("status") or {}).get("shard")
     if owner and owner in live:
         return str(owner)

@@ -249,6 +249,7 @@ class KubeSource:
         self._acted: dict[str, str] = {}  # Snapshot uid -> resourceVersion already acted on
         self._live: tuple[float, frozenset[str]] = (0.0, frozenset())
         self._stop = threading.Event()
+        self._tenant_selector = ""  # set by _connect
         self._core: Any = None
         self._custom: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -295,7 +296,8 @@ class KubeSource:
     def _informers(self) -> dict[str, Informer]:
         ns = self.namespace
         kinds: dict[str, tuple[Callable[..., Any], tuple[str, ...], dict[str, str]]] = {
-            PLURAL: (self._custom.list_namespaced_custom_object, (GROUP, VERSION, ns, PLURAL), {}),
+            PLURAL: (self._custom.list_namespaced_custom_object, (GROUP, VERSION, ns, PLURAL),
+                     {"field_selector": self._tenant_selector} if self._tenant_selector else {}),
             CONFIGMAPS: (self._core.list_namespaced_config_map, (self.namespace,), {}),
             # Helm release records are the largest Secrets in a chart's namespace and never a token.
             SECRETS: (self._core.list_namespaced_secret, (self.namespace,),
@@ -406,7 +408,6 @@ class KubeSource:
         """The Snapshots this shard acts on now: captures of tenants served here, and deletions."""
         from tensorwasm.runtime.snapshots.kube import FINALIZER, blob_deleter, needs_capture
 
-        tenants = self.informers[PLURAL].items()
         jobs: list[tuple[dict[str, Any], TenantHandle | None]] = []
         for snap in self._view.snapshots:
             meta = snap.get("metadata") or {}
@@ -416,8 +417,7 @@ class KubeSource:
             if meta.get("deletionTimestamp"):
                 if FINALIZER not in (meta.get("finalizers") or []):
                     continue
-                placed = (tenants.get(tenant) or {}).get("status") or {}
-                if blob_deleter(snap, placed.get("shard"), self._live_shards()) == self.shard_name:
+                if blob_deleter(snap, self._live_shards()) == self.shard_name:
                     jobs.append((snap, None))
             elif tenant in self._ours and needs_capture(snap):
                 handle = self._handle(shard.served.get(tenant))
@@ -498,6 +498,28 @@ class KubeSource:
             api = client.ApiClient()
         self._core = client.CoreV1Api(api)
         self._custom = client.CustomObjectsApi(api)
+        self._tenant_selector = self._scoped_tenant_selector()
+
+    def _scoped_tenant_selector(self) -> str:
+        """`status.shard=<this shard>` where the Tenant CRD declares it selectable (Kubernetes 1.32+,
+        crds/): this shard then watches and caches only its own Tenants, not every Tenant of the
+        namespace. Else "" (all Tenants; the pass filters them)."""
+        from kubernetes.client.exceptions import ApiException
+
+        selector = f"status.shard={self.shard_name}"
+        try:
+            resp = self._custom.list_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, PLURAL, field_selector=selector, limit=1,
+                _preload_content=False,
+            )  # fmt: skip
+            resp.drain_conn()
+            resp.release_conn()
+        except ApiException as exc:
+            if exc.status != 400:  # 400: field label not supported (an older CRD or API server)
+                raise
+            log.warning("Watching every Tenant: the API server cannot select them on status.shard")
+            return ""
+        return selector
 
     def _needs_write(self, obj: Mapping[str, Any], runtime: Mapping[str, Any]) -> bool:
         """Level-triggered and quiet: write only a report that differs from the Tenant's, once per version."""
