@@ -241,8 +241,7 @@ class KubeSource:
         self._agent: SnapshotAgent | None = None
         self._view = ClusterView([])
         self._refs: tuple[set[str], set[str]] = (set(), set())
-        self._ours: set[str] = set()
-        self._ours_since: dict[str, float] = {}  # tenant -> monotonic time it was first ours
+        self._ours: dict[str, float] = {}  # tenants served here -> monotonic time each became ours
         self._decoded: dict[tuple[str, str, str], dict[str, bytes]] = {}  # (kind, name, rv) -> data
         self._resolved: ResolveMemo = {}
         self._written: dict[str, tuple[str, dict[str, Any]]] = {}  # tenant -> (its rv, runtime sent)
@@ -319,8 +318,8 @@ class KubeSource:
 
     def _on_change(self, kind: str) -> Callable[[dict[str, Any] | None, dict[str, Any] | None], None]:
         def changed(old: dict[str, Any] | None, new: dict[str, Any] | None) -> None:
-            relisted_or_gone = new is None and (old is None or (kind == PLURAL and self._agent is not None))
-            if relisted_or_gone or any(self._concerns_us(kind, o) for o in (old, new) if o):
+            relisted = old is None and new is None
+            if relisted or any(self._concerns_us(kind, o) for o in (old, new) if o):
                 self._mark_dirty()
 
         return changed
@@ -342,7 +341,7 @@ class KubeSource:
             status = shard.status(name)
             if status is None:
                 continue
-            if status.reason in _MAYBE_IN_FLIGHT and now - self._ours_since[name] < _MISSING_GRACE_S:
+            if status.reason in _MAYBE_IN_FLIGHT and now - self._ours[name] < _MISSING_GRACE_S:
                 deferred = True
                 continue
             reports[name] = (obj, build_runtime_status(self.shard_name, status))
@@ -371,9 +370,9 @@ class KubeSource:
             c, s = referenced(t)
             cms |= c
             secrets |= s
-        self._refs, self._ours = (cms, secrets), {t["metadata"]["name"] for t in ours}
         now = time.monotonic()
-        self._ours_since = {name: self._ours_since.get(name, now) for name in self._ours}
+        self._refs = (cms, secrets)
+        self._ours = {t["metadata"]["name"]: self._ours.get(t["metadata"]["name"], now) for t in ours}
         view.configmaps = self._decode(CONFIGMAPS, cms, view.versions)
         view.secrets = self._decode(SECRETS, secrets, view.versions)
         if SNAPSHOTS in self.informers:
@@ -503,7 +502,7 @@ class KubeSource:
         self._tenant_selector = self._scoped_tenant_selector()
 
     def _scoped_tenant_selector(self) -> str:
-        """`status.shard=<this shard>` where the Tenant CRD declares it selectable (Kubernetes 1.32+,
+        """`status.shard=<this shard>` where the Tenant CRD declares it selectable (Kubernetes 1.31+,
         crds/): this shard then watches and caches only its own Tenants, not every Tenant of the
         namespace. Else "" (all Tenants; the pass filters them)."""
         from kubernetes.client.exceptions import ApiException
@@ -572,10 +571,8 @@ class KubeSource:
         meta = obj.get("metadata") or {}
         if kind == SNAPSHOTS:
             return _snapshot_tenant(obj) in self._ours or bool(meta.get("deletionTimestamp"))
-        if kind == PLURAL:
-            # A Tenant going away may hand a deleted Snapshot's blob to this shard (blob_deleter).
-            mine = (obj.get("status") or {}).get("shard") == self.shard_name or meta.get("name") in self._ours
-            return mine or (self._agent is not None and bool(meta.get("deletionTimestamp")))
+        if kind == PLURAL:  # ours now, or ours until this change (moved away, or being deleted)
+            return (obj.get("status") or {}).get("shard") == self.shard_name or meta.get("name") in self._ours
         cms, secrets = self._refs
         return meta.get("name") in (cms if kind == CONFIGMAPS else secrets)
 
