@@ -71,7 +71,6 @@ class Engine:
         # light traffic never pays a wake-up, an idle shard stops waking 1,000 times a second.
         self._linger_ticks = math.ceil(park_after_s / epoch_tick_s)
         self._epoch = 0  # ticks so far (the engine's epoch, as this thread last advanced it)
-        self._last_call = 0  # epoch of a recent guest call: a hint, written racily by callers
         # Every instance that may run guest code, each with the epoch its last deadline falls at:
         # read only when the ticker is about to park, so the hot path takes no lock.
         self._runners: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -133,7 +132,6 @@ class Engine:
         """
         epoch = self._epoch
         runner.deadline_epoch = epoch + ticks + 1
-        self._last_call = epoch
         if self._parked:
             self._unpark.set()
 
@@ -164,9 +162,10 @@ class Engine:
             increment(ptr)
             epoch += 1
             self._epoch = epoch
-            if epoch < check_at or epoch <= self._last_call + linger:
+            if epoch < check_at:
                 continue
-            check_at = self._busy_until() + linger  # a long call keeps it ticking; look again then
+            # Deadlines are read at most once per linger: calls meanwhile move the next look.
+            check_at = self._busy_until() + linger
             if epoch <= check_at:
                 continue
             self._parked = True
