@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tensorwasm.dev.procstat import cpu_seconds
+
 ROOT = Path(__file__).resolve().parents[1]
 TENANTS = ROOT / "examples" / "tenants.yaml"
 TOKEN = "demo-token-alpha-0001"
@@ -262,12 +264,6 @@ def _priority_note() -> str:
         return "default priority"
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all threads) from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _cpu_pressure() -> float:
     """Share of the last 10 s in which some task waited for a CPU (Linux PSI), in percent."""
     try:
@@ -391,10 +387,10 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _load_cpu(pid: int, port: int, path: str, token: str) -> tuple[dict[str, Any], float]:
     """Closed-loop maximum plus the server's CPU microseconds per request over the whole run."""
-    before = _cpu_seconds(pid)
+    before = cpu_seconds(pid)
     result = _load(port, path, token)
     requests = result["rps"] * (MAX_S + WARMUP_S)  # warm-up runs at about the same rate
-    return result, (_cpu_seconds(pid) - before) / requests * 1e6
+    return result, (cpu_seconds(pid) - before) / requests * 1e6
 
 
 INVOKE = ("/v1/functions/echo/invoke", TOKEN)

@@ -34,6 +34,7 @@ from typing import Any
 import wasmtime
 
 from tensorwasm.dev.cluster import ClusterState, LocalControlPlane, default_state_dir
+from tensorwasm.dev.procstat import cpu_seconds
 from tensorwasm.dev.stack import LocalStack
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,12 +99,6 @@ def settle(k: Callable[..., str], state: ClusterState) -> None:
             return
         before = now
     print(f"API server not quiet after {QUIET_TIMEOUT_S} s; measuring anyway", file=sys.stderr)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a live process (/proc/<pid>/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def api_requests(server: str, token: str) -> Counter[str]:

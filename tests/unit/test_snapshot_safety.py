@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tensorwasm.dev.procstat import parent_pid
 from tensorwasm.runtime.errors import SnapshotRejected
 from tensorwasm.runtime.snapshots import codec
 from tensorwasm.runtime.snapshots.store import SnapshotStore
@@ -68,12 +69,6 @@ exec(STATE_SRC, namespace)
 state_for = namespace["state_for"]
 
 
-def parent_of(pid: int) -> int:
-    """The parent pid from /proc (the field after the parenthesised command name)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return int(stat.rsplit(")", 1)[1].split()[1])
-
-
 def check_store(root: Path, committed: int) -> int:
     """Every visible blob verifies; the newest is at least the last committed one and decodes exactly."""
     directory = SnapshotStore(root).tenant_dir(UID)
@@ -115,7 +110,7 @@ def test_kill_9_during_capture_never_exposes_a_partial_snapshot(tmp_path: Path) 
             assert line.startswith("pid "), line
             pid = int(line.split()[1])
             time.sleep(rng.uniform(0, 0.08))
-            assert parent_of(pid) == zygote.pid, f"refusing to kill {pid}: not the zygote's child"
+            assert parent_pid(pid) == zygote.pid, f"refusing to kill {pid}: not the zygote's child"
             os.kill(pid, signal.SIGKILL)
             kills += 1
             while (line := zygote.stdout.readline().strip()) != "reaped":
