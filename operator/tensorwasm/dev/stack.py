@@ -27,7 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from tensorwasm.operator.desired.admission import build_finalizer_binding, build_finalizer_policy
+from tensorwasm.operator.desired.admission import (
+    build_finalizer_binding,
+    build_finalizer_policy,
+    finalizer_policy_name,
+)
 from tensorwasm.operator.desired.meta import TENANT_API_VERSION
 from tensorwasm.operator.settings import FINALIZER
 
@@ -169,7 +173,7 @@ class LocalStack:
         from urllib3.exceptions import HTTPError
 
         admission = client.AdmissionregistrationV1Api(self._api())
-        name = build_finalizer_policy(self.namespace)["metadata"]["name"]
+        name = finalizer_policy_name(self.namespace)
         for delete in (
             admission.delete_mutating_admission_policy_binding,
             admission.delete_mutating_admission_policy,
