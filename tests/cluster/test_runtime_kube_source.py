@@ -144,6 +144,14 @@ def runtime_status(kube: Any, namespace: str, tenant: str) -> dict[str, Any]:
     return dict(tenant_status(kube, namespace, tenant).get("runtime") or {})
 
 
+def place_alpha_on_shard_0(kube: Any, namespace: str) -> None:
+    """The echo module, alpha's token Secret and alpha itself, placed on shard-0."""
+    apply(kube, namespace, module_configmap())
+    apply(kube, namespace, secret("alpha-token", "alpha-token-0001"))
+    apply(kube, namespace, tenant_obj("alpha", ECHO_SHA))
+    place(kube, namespace, "alpha", "shard-0")
+
+
 def module_configmap() -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "echo-module"},
             "binaryData": {"module.wasm": base64.b64encode(ECHO).decode()}}  # fmt: skip
@@ -240,10 +248,7 @@ def test_a_secret_arriving_just_after_placement_costs_one_report(
 def test_snapshots_of_served_tenants_are_captured_and_restored_on_start(
     kube: Any, namespace: str, shard: Callable[..., Shard], tmp_path: Path
 ) -> None:
-    apply(kube, namespace, module_configmap())
-    apply(kube, namespace, secret("alpha-token", "alpha-token-0001"))
-    apply(kube, namespace, tenant_obj("alpha", ECHO_SHA))
-    place(kube, namespace, "alpha", "shard-0")
+    place_alpha_on_shard_0(kube, namespace)
     store = tmp_path / "snapshots"
     # A resync far beyond the waits below: the Snapshot watch alone must drive capture and deletion.
     s = shard("--snapshot-dir", str(store), "--resync", "60")
@@ -290,10 +295,7 @@ def snapshot_gone(kube: Any, namespace: str, name: str) -> bool:
 def test_snapshot_of_a_removed_shard_is_deleted_by_a_live_one(
     kube: Any, namespace: str, shard: Callable[..., Shard], tmp_path: Path
 ) -> None:
-    apply(kube, namespace, module_configmap())
-    apply(kube, namespace, secret("alpha-token", "alpha-token-0001"))
-    apply(kube, namespace, tenant_obj("alpha", ECHO_SHA))
-    place(kube, namespace, "alpha", "shard-0")
+    place_alpha_on_shard_0(kube, namespace)
     store = tmp_path / "snapshots"  # shared, as one ReadWriteMany volume
     s0 = shard("--snapshot-dir", str(store), name="shard-0")
     shard("--snapshot-dir", str(store), "--resync", "1", name="shard-1")
