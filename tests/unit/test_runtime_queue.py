@@ -17,16 +17,23 @@ def test_concurrency_cap_queue_bound_and_queue_full() -> None:
         gate = threading.Event()
         running: list[int] = []
         peak = [0]
-        lock = threading.Lock()
+        changed = threading.Condition()
 
         def work(i: int, _: object) -> int:
-            with lock:
+            with changed:
                 running.append(i)
                 peak[0] = max(peak[0], len(running))
-            gate.wait(5)
-            with lock:
+                changed.notify_all()
+            gate.wait()  # no timeout: the test opens it only once both workers are inside
+            with changed:
                 running.remove(i)
             return i * 10
+
+        def both_running() -> None:
+            # Workers start on their own schedule (a busy machine may take seconds): wait for the
+            # observable state, not for time.
+            with changed:
+                changed.wait_for(lambda: len(running) == 2)
 
         futs = [q.submit(work, i, None) for i in range(5)]
         assert (q.outstanding, q.in_flight, q.depth) == (5, 2, 3)
@@ -34,6 +41,8 @@ def test_concurrency_cap_queue_bound_and_queue_full() -> None:
             q.submit(work, 99, None)
         assert refused.value.details["retry_after_s"] > 0
         assert refused.value.details["max_concurrency"] == 2 and q.rejected == 1
+        await asyncio.wait_for(asyncio.to_thread(both_running), 60)
+        assert sorted(running) == [0, 1]  # the first two jobs run; the other three wait
         gate.set()
         assert await asyncio.gather(*futs) == [0, 10, 20, 30, 40]
         assert peak[0] == 2 and q.outstanding == 0
@@ -65,9 +74,16 @@ def test_drain_waits_for_running_work() -> None:
     async def main() -> None:
         q = TenantQueue("t", max_concurrency=1, queue_length=1, loop=asyncio.get_running_loop())
         gate = threading.Event()
-        fut = q.submit(lambda a, b: gate.wait(5), None, None)
+        started = threading.Event()
+
+        def hold(_: object, __: object) -> None:
+            started.set()
+            gate.wait()
+
+        fut = q.submit(hold, None, None)
         drained = asyncio.ensure_future(q.drain())
-        await asyncio.sleep(0.05)
+        await asyncio.wait_for(asyncio.to_thread(started.wait), 60)
+        await asyncio.sleep(0)  # let drain() reach its wait
         assert not drained.done()
         gate.set()
         await asyncio.wait_for(drained, 5)
