@@ -74,24 +74,20 @@ def test_shard_statefulset_and_headless_service() -> None:
     assert sts["spec"]["serviceName"] == "shard"
     assert sts["spec"]["selector"] == {"matchLabels": labels}
     container = sts["spec"]["template"]["spec"]["containers"][0]
-    assert container["args"] == [
-        "runtime",
-        "--namespace=$(POD_NAMESPACE)",
-        "--shard-name=$(POD_NAME)",
-        "--port=8080",
-    ]
+    assert container["args"][0] == "runtime"
+    assert {"name": "snapshots", "emptyDir": {}} in sts["spec"]["template"]["spec"]["volumes"]
     assert "nodeSelector" not in sts["spec"]["template"]["spec"]
     svc = build_shard_service(SETTINGS)
     assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["selector"] == labels
     gpu = build_shard_statefulset(OperatorSettings(shard_gpus=1, shard_node_selector={"gpu": "yes"}), 1)
     pod = gpu["spec"]["template"]["spec"]
-    assert pod["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert pod["nodeSelector"] == {"gpu": "yes"}
 
 
 def test_shard_statefulset_joins_mps_with_the_shard_slice() -> None:
     plain = build_shard_statefulset(SETTINGS, 1)["spec"]["template"]["spec"]
-    assert "hostIPC" not in plain and "volumes" not in plain
+    assert "hostIPC" not in plain and all("hostPath" not in v for v in plain["volumes"])
     settings = load_settings({
         "TENSORWASM_OPERATOR_SHARD_MPS_PIPE_DIR": "/var/run/mps",
         "TENSORWASM_OPERATOR_SHARD_SM_PERCENT": "25",
@@ -100,8 +96,11 @@ def test_shard_statefulset_joins_mps_with_the_shard_slice() -> None:
     pod = build_shard_statefulset(settings, 1)["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert pod["hostIPC"] is True
-    assert pod["volumes"] == [{"name": "mps-pipe", "hostPath": {"path": "/var/run/mps", "type": "Directory"}}]
-    assert container["volumeMounts"] == [{"name": "mps-pipe", "mountPath": "/var/run/mps"}]
+    assert pod["volumes"][-1] == {
+        "name": "mps-pipe",
+        "hostPath": {"path": "/var/run/mps", "type": "Directory"},
+    }
+    assert container["volumeMounts"][-1] == {"name": "mps-pipe", "mountPath": "/var/run/mps"}
     assert container["env"][2:] == [
         {"name": "TENSORWASM_RUNTIME_MPS_PIPE_DIR", "value": "/var/run/mps"},
         {"name": "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "value": "25"},

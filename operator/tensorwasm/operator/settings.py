@@ -44,6 +44,10 @@ class OperatorSettings:
     shard_gpus: int = 0  # nvidia.com/gpu requested per shard pod (0 on CPU shards)
     shard_service_account: str = ""  # "" = the namespace's default ServiceAccount
     shard_mps_pipe_dir: str = ""  # "" = no MPS; else the host's MPS pipe directory (absolute)
+    shard_snapshot_claim: str = ""  # PVC every shard mounts for snapshots; "" = an emptyDir per pod
+    shard_resources: Mapping[str, Mapping[str, str]] = field(
+        default_factory=lambda: {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}}
+    )
     standalone: bool = True
     peering_name: str = "tensorwasm"
     log_level: str = "INFO"
@@ -106,6 +110,23 @@ def _json(env: Mapping[str, str], name: str, kind: type) -> Any:
     return value
 
 
+def _resources(
+    env: Mapping[str, str], default: Mapping[str, Mapping[str, str]]
+) -> Mapping[str, Mapping[str, str]]:
+    """A container's `resources` (requests/limits of quantities) as JSON, e.g. from the chart's values."""
+    if _get(env, "SHARD_RESOURCES") is None:
+        return default
+    value = _json(env, "SHARD_RESOURCES", dict)
+    if set(value) - {"requests", "limits"} or not all(
+        isinstance(v, dict) and all(isinstance(q, str | int) for q in v.values()) for v in value.values()
+    ):
+        raise SettingsError(
+            f'{PREFIX}SHARD_RESOURCES must be {{"requests": {{...}}, "limits": {{...}}}} of quantities,'
+            f" got {_get(env, 'SHARD_RESOURCES')!r}"
+        )
+    return {k: {r: str(q) for r, q in v.items()} for k, v in value.items()}
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> OperatorSettings:
     """Settings from the environment (os.environ by default); raises SettingsError on bad values."""
     env = os.environ if env is None else env
@@ -145,6 +166,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> OperatorSettings:
         shard_gpus=_int(env, "SHARD_GPUS", defaults.shard_gpus, 0, 16),
         shard_service_account=_get(env, "SHARD_SERVICE_ACCOUNT") or "",
         shard_mps_pipe_dir=mps_pipe_dir,
+        shard_snapshot_claim=_get(env, "SHARD_SNAPSHOT_CLAIM") or "",
+        shard_resources=_resources(env, defaults.shard_resources),
         standalone=_bool(env, "STANDALONE", defaults.standalone),
         peering_name=_get(env, "PEERING_NAME") or defaults.peering_name,
         log_level=log_level,

@@ -30,34 +30,93 @@ def build_shard_service(settings: OperatorSettings) -> dict[str, Any]:
     }
 
 
+SNAPSHOT_DIR = "/var/lib/tensorwasm/snapshots"
+CACHE_DIR = "/var/cache/tensorwasm"
+# Pod Security Admission "restricted": non-root, no privilege escalation, no capabilities, RuntimeDefault
+# seccomp. The image's user is 65532; a read-only root keeps a compromised guest from changing the runtime.
+RESTRICTED_POD_SECURITY: dict[str, Any] = {
+    "runAsNonRoot": True,
+    "runAsUser": 65532,
+    "runAsGroup": 65532,
+    "fsGroup": 65532,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+RESTRICTED_CONTAINER_SECURITY: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+
+
+def build_shard_args(settings: OperatorSettings) -> list[str]:
+    """`tensorwasm runtime` flags of a shard pod (a unit test parses them with the runtime's parser)."""
+    return [
+        "runtime",
+        f"--listen=0.0.0.0:{settings.runtime_port}",
+        "--namespace=$(POD_NAMESPACE)",
+        "--shard-name=$(POD_NAME)",
+        f"--snapshot-dir={SNAPSHOT_DIR}",
+        f"--cache-dir={CACHE_DIR}",
+    ]
+
+
+def build_shard_volumes(settings: OperatorSettings) -> list[dict[str, Any]]:
+    """Snapshots on the shared claim (any shard restores any blob: moves need it), else an emptyDir."""
+    snapshots: dict[str, Any] = (
+        {"persistentVolumeClaim": {"claimName": settings.shard_snapshot_claim}}
+        if settings.shard_snapshot_claim
+        else {"emptyDir": {}}
+    )
+    return [
+        {"name": "snapshots", **snapshots},
+        {"name": "module-cache", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+
+
 def build_shard_statefulset(settings: OperatorSettings, replicas: int) -> dict[str, Any]:
     """The shard StatefulSet; `replicas` is the live count when it exists (an HPA may own it)."""
     labels = shard_labels(settings.shard_name)
-    resources: dict[str, Any] = {"requests": {"cpu": "500m", "memory": "1Gi"}}
+    resources: dict[str, Any] = {k: dict(v) for k, v in settings.shard_resources.items()}
     if settings.shard_gpus:
-        resources["limits"] = {"nvidia.com/gpu": str(settings.shard_gpus)}
-    pod_spec: dict[str, Any] = {
-        "containers": [
-            {
-                "name": "runtime",
-                "image": settings.image,
-                "imagePullPolicy": settings.image_pull_policy,
-                "args": [
-                    "runtime",
-                    "--namespace=$(POD_NAMESPACE)",
-                    "--shard-name=$(POD_NAME)",
-                    f"--port={settings.runtime_port}",
-                ],
-                "env": [
-                    {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-                    {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-                ],
-                "ports": [{"name": "http", "containerPort": settings.runtime_port, "protocol": "TCP"}],
-                "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5},
-                "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10},
-                "resources": resources,
-            }
+        resources.setdefault("limits", {})["nvidia.com/gpu"] = str(settings.shard_gpus)
+    container: dict[str, Any] = {
+        "name": "runtime",
+        "image": settings.image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "args": build_shard_args(settings),
+        "env": [
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         ],
+        "ports": [{"name": "http", "containerPort": settings.runtime_port, "protocol": "TCP"}],
+        # Startup covers the first list of Tenants and module compiles; liveness only asks "is the
+        # loop alive", readiness "are my tenants loaded".
+        "startupProbe": {
+            "httpGet": {"path": "/healthz", "port": "http"},
+            "periodSeconds": 1,
+            "failureThreshold": 120,
+        },
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 2},
+        "livenessProbe": {
+            "httpGet": {"path": "/healthz", "port": "http"},
+            "periodSeconds": 10,
+            "failureThreshold": 3,
+        },
+        "resources": resources,
+        "securityContext": dict(RESTRICTED_CONTAINER_SECURITY),
+        "volumeMounts": [
+            {"name": "snapshots", "mountPath": SNAPSHOT_DIR},
+            {"name": "module-cache", "mountPath": CACHE_DIR},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+    pod_spec: dict[str, Any] = {
+        "containers": [container],
+        "securityContext": dict(RESTRICTED_POD_SECURITY),
+        "volumes": build_shard_volumes(settings),
+        # In-flight invokes drain on SIGTERM; snapshots are already durable on the claim.
+        "terminationGracePeriodSeconds": 30,
     }
     if settings.shard_mps_pipe_dir:
         add_mps_client(pod_spec, settings)
@@ -76,6 +135,9 @@ def build_shard_statefulset(settings: OperatorSettings, replicas: int) -> dict[s
             "serviceName": settings.shard_name,
             # Shards are independent: start and stop them all at once, not one by one.
             "podManagementPolicy": "Parallel",
+            # An image upgrade replaces one shard at a time; its tenants answer 503 + Retry-After
+            # meanwhile, which clients retry (docs/helm.md, "Upgrades").
+            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},
             "selector": {"matchLabels": labels},
             "template": {"metadata": {"labels": labels}, "spec": pod_spec},
         },
@@ -99,6 +161,8 @@ def add_mps_client(pod_spec: dict[str, Any], settings: OperatorSettings) -> None
         {"name": "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "value": str(capacity.sm_percent)},
         {"name": "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT", "value": f"0={capacity.gpu_memory_bytes >> 20}M"},
     ]
-    container["volumeMounts"] = [{"name": MPS_VOLUME, "mountPath": pipe_dir}]
+    container["volumeMounts"].append({"name": MPS_VOLUME, "mountPath": pipe_dir})
+    # Host IPC and a hostPath are outside Pod Security "restricted" (and "baseline"): a GPU shard
+    # namespace with MPS needs the "privileged" level (docs/helm.md names this exception).
     pod_spec["hostIPC"] = True
-    pod_spec["volumes"] = [{"name": MPS_VOLUME, "hostPath": {"path": pipe_dir, "type": "Directory"}}]
+    pod_spec["volumes"].append({"name": MPS_VOLUME, "hostPath": {"path": pipe_dir, "type": "Directory"}})
