@@ -48,10 +48,15 @@ CHART := helm/tensorwasm
 HELM = "$$(bash hack/controlplane/build.sh 2>/dev/null | tail -1)/helm"
 
 .PHONY: helm-sync
-helm-sync: ## Copy crds/ into the Helm chart (a chart cannot read files outside itself)
-	@mkdir -p $(CHART)/files/crds
+helm-sync: ## Copy crds/ and the selftest module into the Helm chart (a chart cannot read files outside itself)
+	@mkdir -p $(CHART)/files/crds $(CHART)/files/selftest
 	rm -f $(CHART)/files/crds/*.yaml
 	cp crds/tensorwasm.io_*.yaml $(CHART)/files/crds/
+	cp examples/modules/echo.wasm $(CHART)/files/selftest/echo.wasm
+
+.PHONY: sample-modules
+sample-modules: install ## Compile examples/modules/*.wasm from their WAT in tests/fixtures
+	$(PY) -c 'import sys, wasmtime; [open(f"examples/modules/{n}.wasm", "wb").write(wasmtime.wat2wasm(open(f"tests/fixtures/{n}.wat").read())) for n in sys.argv[1:]]' echo sum stateful
 
 .PHONY: helm-lint
 helm-lint: controlplane ## helm lint --strict the chart (defaults, every feature on); fails if CRDs are out of sync
@@ -62,15 +67,15 @@ helm-lint: controlplane ## helm lint --strict the chart (defaults, every feature
 
 .PHONY: lint
 lint: install ## ruff, mypy (strict) and import-linter contracts
-	$(VENV)/bin/ruff check operator runtime tests bench
-	$(VENV)/bin/ruff format --check operator runtime tests bench
+	$(VENV)/bin/ruff check api operator runtime tests bench
+	$(VENV)/bin/ruff format --check api operator runtime tests bench
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
 .PHONY: fmt
 fmt: install ## Format the code with ruff
-	$(VENV)/bin/ruff format operator runtime tests bench
-	$(VENV)/bin/ruff check --fix operator runtime tests bench
+	$(VENV)/bin/ruff format api operator runtime tests bench
+	$(VENV)/bin/ruff check --fix api operator runtime tests bench
 
 .PHONY: bench
 bench: install controlplane ## Run the benchmarks; results in bench/results, table in docs/performance.md
