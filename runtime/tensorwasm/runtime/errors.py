@@ -73,6 +73,12 @@ class GuestTrap(RuntimeFault):
     kind, status = "guest_trap", 500
 
 
+class GuestLimitExceeded(GuestTrap):
+    """The guest passed one of its tenant's resource limits (details name `limit` and its value)."""
+
+    kind, status = "guest_limit_exceeded", 500
+
+
 class GuestMemoryExceeded(RuntimeFault):
     """The guest tried to grow linear memory past its limit."""
 

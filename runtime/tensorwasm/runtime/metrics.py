@@ -144,6 +144,19 @@ MODULE_COMPILE_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
     registry=REGISTRY,
 )
+GUEST_LOG_LINES_DROPPED = Counter(
+    "tensorwasm_guest_log_lines_dropped_total",
+    "Guest log lines not written because the tenant passed its log byte budget (per invoke or per second).",
+    ["tenant"],
+    registry=REGISTRY,
+)
+GUEST_LIMIT_HITS = Counter(
+    "tensorwasm_guest_limit_exceeded_total",
+    "Invokes or loads stopped by a guest resource limit, by tenant and limit "
+    "(hostCalls, maxOutputBytes, tableElements, ...).",
+    ["tenant", "limit"],
+    registry=REGISTRY,
+)
 
 # --- GPU backend (accelerator, caps, NVML, MPS) ---
 

@@ -1,21 +1,16 @@
-"""The shard's one wasmtime Engine: configuration, the epoch ticker, validation and the compile cache.
+"""The shard's one wasmtime Engine: configuration, validation and compilation.
 
-Owns: wasmtime Config (epoch interruption, no fuel, fixed memory base), the ticker thread that
-advances the epoch (parked while no guest code can be running: an idle shard costs no wake-ups),
-module checks against guest ABI v1, and the on-disk cache of compiled code keyed by module digest
-and engine fingerprint. Must not import the accelerator or the HTTP layer.
+Owns: wasmtime Config (epoch interruption, no fuel, fixed memory base), module checks against guest
+ABI v1, and compiling (through the authenticated disk cache of `cache.py`, keyed by module digest
+and engine fingerprint). The epoch ticker behind deadlines is `ticker.py`'s; the Engine wires it
+to the wasmtime engine. Must not import the accelerator or the HTTP layer.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import math
-import os
-import tempfile
-import threading
 import time
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +19,8 @@ import wasmtime
 
 from tensorwasm.runtime import metrics
 from tensorwasm.runtime.engine import abi, hostcalls, lowlevel, wasmbin
+from tensorwasm.runtime.engine.cache import CacheKeyError, CompileCache, load_or_create_key
+from tensorwasm.runtime.engine.ticker import EpochTicker
 from tensorwasm.runtime.errors import BadRequest, ModuleRejected
 
 log = logging.getLogger(__name__)
@@ -31,7 +28,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_MODULE_BYTES = 32 << 20
 DEFAULT_MAX_WASM_STACK = 512 << 10
 # Bump when anything that changes compiled artifacts or their rewrite changes.
-_ARTIFACT_VERSION = "tw-engine-1"
+_ARTIFACT_VERSION = "tw-engine-2"  # 2: tables exported too
 _VALTYPES = {"i32", "i64", "f32", "f64"}
 
 
@@ -49,6 +46,8 @@ class CompiledModule:
     module: Any = field(repr=False)  # wasmtime.Module
     pre: Any = field(repr=False)  # wasmtime.InstancePre
     engine_id: int = field(repr=False, default=0)
+    has_start: bool = False  # a start function runs guest code at every instantiation
+    tables: tuple[str, ...] = ()  # export names of every defined table (reset checks their size)
 
 
 class Engine:
@@ -61,22 +60,13 @@ class Engine:
         max_module_bytes: int = DEFAULT_MAX_MODULE_BYTES,
         max_wasm_stack: int = DEFAULT_MAX_WASM_STACK,
         park_after_s: float = 1.0,
+        cache_key_file: Path | None = None,
     ) -> None:
         if not 0 < epoch_tick_s <= 1:
             raise BadRequest(f"epoch tick must be in (0, 1] seconds, got {epoch_tick_s!r}")
         if not 0 <= park_after_s <= 3600:
             raise BadRequest(f"park_after_s must be in [0, 3600] seconds, got {park_after_s!r}")
         self.epoch_tick_s = epoch_tick_s
-        # The ticker parks once every deadline set so far has passed, plus this many ticks: steady
-        # light traffic never pays a wake-up, an idle shard stops waking 1,000 times a second.
-        self._linger_ticks = math.ceil(park_after_s / epoch_tick_s)
-        self._epoch = 0  # ticks so far (the engine's epoch, as this thread last advanced it)
-        # Every instance that may run guest code, each with the epoch its last deadline falls at:
-        # read only when the ticker is about to park, so the hot path takes no lock.
-        self._runners: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._runners_lock = threading.Lock()
-        self._parked = False
-        self._unpark = threading.Event()
         self.max_module_bytes = max_module_bytes
         self.cache_dir = cache_dir
         settings = {
@@ -99,85 +89,35 @@ class Engine:
         ).hexdigest()[:16]
         self._linker = wasmtime.Linker(self._wt)
         hostcalls.define_all(self._linker)
-        self._engine_ptr = lowlevel.pointer_value(self._wt.ptr())
-        self._closed = False
-        self._ticker = threading.Thread(target=self._tick, name="wasm-epoch-ticker", daemon=True)
-        self._ticker.start()
+        self._cache: CompileCache | None = None
         if cache_dir is not None:
             cache_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                mac_key = load_or_create_key(cache_dir, cache_key_file)
+            except (CacheKeyError, OSError) as exc:
+                raise BadRequest(f"compile cache: {exc}") from None
+            self._cache = CompileCache(cache_dir, mac_key)
+        self._ticker = EpochTicker(
+            lowlevel.pointer_value(self._wt.ptr()), lowlevel.increment_epoch, epoch_tick_s, park_after_s
+        )
+        self.ticks_for = self._ticker.ticks_for
+        self.track = self._ticker.track
+        self.guest_runs = self._ticker.guest_runs  # hot path: bound once, no extra frame
 
     @property
     def wasmtime_engine(self) -> wasmtime.Engine:
         return self._wt
 
-    def ticks_for(self, timeout_s: float) -> int:
-        """Epoch ticks for a deadline, never early: rounded up, +1 because the tick running when the
-        deadline is set may be nearly over. Ticks are at least `epoch_tick_s` apart, so a guest is
-        stopped no sooner than `timeout_s` and at most about two ticks later."""
-        return max(1, math.ceil(round(timeout_s / self.epoch_tick_s, 6))) + 1
-
-    def track(self, runner: Any) -> None:
-        """Register an instance that will run guest code (it gets a `deadline_epoch` attribute)."""
-        runner.deadline_epoch = 0
-        with self._runners_lock:
-            self._runners.add(runner)
-
-    def guest_runs(self, ticks: int, runner: Any) -> None:
-        """Hot path: `runner` (tracked) is about to run guest code with a deadline `ticks` from now.
-
-        Call before setting the deadline. The runner publishes its deadline, then reads the ticker's
-        flag; the ticker publishes the flag, then reads every deadline before it parks: either this
-        sees it parked and wakes it, or it sees the deadline and keeps ticking. No lock: a runner is
-        used by one thread at a time.
-        """
-        epoch = self._epoch
-        runner.deadline_epoch = epoch + ticks + 1
-        if self._parked:
-            self._unpark.set()
-
-    def _busy_until(self) -> int:
-        """The latest deadline any tracked runner has set (the ticker must reach it)."""
-        with self._runners_lock:
-            runners = list(self._runners)
-        return max((r.deadline_epoch for r in runners), default=0)
-
     @property
     def ticker_parked(self) -> bool:
-        return self._parked
+        return self._ticker.parked
 
-    def _tick(self) -> None:
-        # time.sleep, not Event.wait: per tick this thread takes the GIL for one flag test and one
-        # C call (Event.wait runs a Python Condition each time), so it seldom makes the event loop
-        # wait, and it seldom gets preempted while holding the GIL on a busy machine.
-        ptr, tick, sleep, increment, linger = (
-            self._engine_ptr,
-            self.epoch_tick_s,
-            time.sleep,
-            lowlevel.increment_epoch,
-            self._linger_ticks,
-        )
-        epoch, check_at = 0, linger
-        while not self._closed:
-            sleep(tick)
-            increment(ptr)
-            epoch += 1
-            self._epoch = epoch
-            if epoch < check_at:
-                continue
-            # Deadlines are read at most once per linger: calls meanwhile move the next look.
-            check_at = self._busy_until() + linger
-            if epoch <= check_at:
-                continue
-            self._parked = True
-            if epoch > self._busy_until() + linger and not self._closed:
-                self._unpark.wait()
-            self._unpark.clear()
-            self._parked = False
+    def interrupt_all(self) -> None:
+        """Shutdown: stop every guest now and any started later (see EpochTicker.interrupt_all)."""
+        self._ticker.interrupt_all()
 
     def close(self) -> None:
-        self._closed = True
-        self._unpark.set()
-        self._ticker.join(timeout=max(1.0, 2 * self.epoch_tick_s))
+        self._ticker.close()
 
     def compile(self, wasm: bytes, sha256: str) -> CompiledModule:
         """Validate and compile `wasm` (binary or WAT text), using the disk cache when possible."""
@@ -194,22 +134,26 @@ class Engine:
         digest = hashlib.sha256(wasm).hexdigest()
         if digest != sha256.lower():
             raise ModuleRejected(f"module digest {digest} does not match the expected {sha256}")
-        module, from_cache = self._cached(digest) if self.cache_dir is not None else (None, False)
+        module, from_cache = self._cached(digest)
+        binary = _to_binary(wasm)
         if module is None:
-            binary = _to_binary(wasm)
             try:
                 wasmtime.Module.validate(self._wt, binary)
             except wasmtime.WasmtimeError as exc:
                 raise ModuleRejected(f"invalid WebAssembly module: {_first_line(exc)}") from None
             try:
-                rewritten = wasmbin.export_mutable_globals(binary)
+                rewritten = wasmbin.export_hidden(binary)
                 module = wasmtime.Module(self._wt, rewritten)
             except (wasmbin.WasmFormatError, IndexError) as exc:
                 raise ModuleRejected(f"module could not be prepared: {exc}") from None
             except wasmtime.WasmtimeError as exc:
                 raise ModuleRejected(f"module failed to compile: {_first_line(exc)}") from None
             self._store(digest, module)
-        compiled = self._inspect(digest, module, from_cache, time.perf_counter() - started)
+        try:
+            has_start = wasmbin.has_start(binary)
+        except wasmbin.WasmFormatError as exc:
+            raise ModuleRejected(f"module could not be prepared: {exc}") from None
+        compiled = self._inspect(digest, module, from_cache, time.perf_counter() - started, has_start)
         metrics.MODULE_COMPILE_SECONDS.labels(cache="hit" if from_cache else "miss").observe(
             compiled.compile_seconds
         )
@@ -224,43 +168,31 @@ class Engine:
 
     # --- cache ---
 
-    def _cache_path(self, digest: str) -> Path:
-        assert self.cache_dir is not None
-        return self.cache_dir / f"{digest}-{self.fingerprint}.cwasm"
+    def _cache_name(self, digest: str) -> str:
+        return f"{digest}-{self.fingerprint}"
 
     def _cached(self, digest: str) -> tuple[wasmtime.Module | None, bool]:
-        path = self._cache_path(digest)
-        if not path.is_file():
+        if self._cache is None:
+            return None, False
+        artifact = self._cache.read(self._cache_name(digest))
+        if artifact is None:
             return None, False
         try:
-            # Read into memory rather than mmap the file: a cache file truncated underneath a loaded
-            # module would otherwise crash the shard with SIGBUS.
-            return wasmtime.Module.deserialize(self._wt, path.read_bytes()), True
-        except (wasmtime.WasmtimeError, OSError) as exc:
-            # A torn or foreign artifact is not fatal: drop it and compile again.
-            log.warning("Discarded cached module path=%s reason=%s", path, _first_line(exc))
-            path.unlink(missing_ok=True)
+            return wasmtime.Module.deserialize(self._wt, artifact), True
+        except wasmtime.WasmtimeError as exc:
+            # Authentic but unusable (e.g. written by a wasmtime build we cannot tell apart): recompile.
+            log.warning("Discarded cached module sha256=%s reason=%s", digest[:12], _first_line(exc))
+            self._cache.discard(self._cache_name(digest))
             return None, False
 
     def _store(self, digest: str, module: wasmtime.Module) -> None:
-        if self.cache_dir is None:
-            return
-        path = self._cache_path(digest)
-        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, prefix=".tmp-", suffix=".cwasm")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(module.serialize())
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, path)
-        except OSError as exc:
-            log.warning("Skipped caching compiled module path=%s reason=%s", path, exc)
-            Path(tmp).unlink(missing_ok=True)
+        if self._cache is not None:
+            self._cache.write(self._cache_name(digest), bytes(module.serialize()))
 
     # --- ABI checks ---
 
     def _inspect(
-        self, digest: str, module: wasmtime.Module, from_cache: bool, seconds: float
+        self, digest: str, module: wasmtime.Module, from_cache: bool, seconds: float, has_start: bool
     ) -> CompiledModule:
         for imp in module.imports:
             where = f"import {imp.module}.{imp.name}"
@@ -313,6 +245,12 @@ class Engine:
             module=module,
             pre=pre,
             engine_id=id(self),
+            has_start=has_start,
+            tables=tuple(
+                name
+                for name, ty in exports.items()
+                if isinstance(ty, wasmtime.TableType) and name.startswith(wasmbin.TABLE_EXPORT_PREFIX)
+            ),
         )
 
 

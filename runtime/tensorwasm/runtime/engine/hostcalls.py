@@ -17,11 +17,14 @@ from typing import Any
 
 import wasmtime
 
+from tensorwasm.runtime import metrics
 from tensorwasm.runtime.engine import abi, lowlevel
+from tensorwasm.runtime.engine.budget import TenantBudget
 from tensorwasm.runtime.errors import (
     AcceleratorFailed,
     BadRequest,
     GpuMemoryExhausted,
+    GuestLimitExceeded,
     GuestTrap,
     InvalidKernelLaunch,
     NotFound,
@@ -49,15 +52,52 @@ _U32 = 0xFFFF_FFFF
 
 
 class GuestContext:
-    """What host calls of one instance need: its store, memory, device and error state."""
+    """What host calls of one instance need: its store, memory, device, error state and budgets.
 
-    __slots__ = ("base", "ctx", "device", "fault", "last_error", "mem", "tenant_id")
+    `calls_left` and `log_left` are this invoke's remaining host calls and log bytes (`begin`
+    refills them); `budget` holds the tenant's per-second rates, shared by its instances.
+    """
 
-    def __init__(self, ctx: int, mem: int, base: int, device: Any, tenant_id: str) -> None:
+    __slots__ = (
+        "base",
+        "budget",
+        "calls_left",
+        "calls_per_invoke",
+        "ctx",
+        "device",
+        "dropped_logs",
+        "fault",
+        "last_error",
+        "log_left",
+        "log_per_invoke",
+        "mem",
+        "tenant_id",
+    )
+
+    def __init__(
+        self,
+        ctx: int,
+        mem: int,
+        base: int,
+        device: Any,
+        tenant_id: str,
+        budget: TenantBudget | None = None,
+        calls_per_invoke: int = 1 << 62,
+        log_per_invoke: int = abi.MAX_LOG_BYTES << 20,
+    ) -> None:
         self.ctx, self.mem, self.base = ctx, mem, base
         self.device, self.tenant_id = device, tenant_id
         self.last_error = ""
         self.fault: RuntimeFault | None = None
+        self.budget = budget
+        self.calls_per_invoke, self.log_per_invoke = calls_per_invoke, log_per_invoke
+        self.calls_left, self.log_left = calls_per_invoke, log_per_invoke
+        self.dropped_logs = metrics.GUEST_LOG_LINES_DROPPED.labels(tenant=tenant_id)
+
+    def begin(self) -> None:
+        """A new guest run (invoke or tw_init): fresh error state and per-invoke budgets."""
+        self.fault = None
+        self.calls_left, self.log_left = self.calls_per_invoke, self.log_per_invoke
 
     def view(self, ptr: int, nbytes: int) -> memoryview:
         """A zero-copy view of guest memory [ptr, ptr + nbytes), bounds-checked."""
@@ -100,7 +140,15 @@ def unregister(g: GuestContext) -> None:
 def _log(g: GuestContext, v: Any) -> None:
     level = _LOG_LEVELS.get(v[0] & _U32, logging.INFO)
     n = min(v[4] & _U32, abi.MAX_LOG_BYTES)
-    text = bytes(g.view(v[2] & _U32, n)).decode("utf-8", "replace")
+    view = g.view(v[2] & _U32, n)  # bounds-checked even when the line is then dropped
+    # Per invoke, then per second: a guest that spams its log loses lines, counted, never the disk.
+    if n > g.log_left or (g.budget is not None and not g.budget.log_allowed(n)):
+        g.dropped_logs.inc()
+        return
+    g.log_left -= n
+    if not log.isEnabledFor(level):
+        return
+    text = bytes(view).decode("utf-8", "replace")
     log.log(level, "Guest logged tenant=%s message=%r", g.tenant_id, text)
 
 
@@ -198,6 +246,20 @@ def _trampoline(name: str, impl: Callable[[GuestContext, Any], int | None]) -> A
         if g is None:  # cannot happen for stores we created; trap rather than guess
             msg = b"tensorwasm host call from an unknown store"
             return int(lowlevel.trap_new(msg, len(msg)))
+        g.calls_left -= 1
+        if g.calls_left < 0:
+            # Over the per-invoke cap: stop the guest here (a trap), not just fail the call, so a
+            # loop that ignores error codes cannot keep the host busy until its deadline.
+            limit = g.calls_per_invoke
+            g.fault = GuestLimitExceeded(
+                f"the guest made more than {limit} host calls in one invoke",
+                limit="hostCallsPerInvoke",
+                value=limit,
+            )
+            msg = b"tensorwasm host call budget exhausted"
+            return int(lowlevel.trap_new(msg, len(msg)))
+        if g.budget is not None:
+            g.budget.host_call()  # may wait: charged to this invoke's deadline
         v = (ctypes.c_int64 * (2 * max(nslots, 1))).from_address(slots)
         try:
             result = impl(g, v)

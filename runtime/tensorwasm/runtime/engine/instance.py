@@ -15,10 +15,12 @@ from typing import Any
 import wasmtime
 
 from tensorwasm.runtime.engine import abi, hostcalls, lowlevel
-from tensorwasm.runtime.engine.compiler import CompiledModule
-from tensorwasm.runtime.engine.limits import WASM_PAGE
+from tensorwasm.runtime.engine.budget import TenantBudget
+from tensorwasm.runtime.engine.compiler import CompiledModule, Engine
+from tensorwasm.runtime.engine.limits import WASM_PAGE, GuestLimits
 from tensorwasm.runtime.errors import (
     DeadlineExceeded,
+    GuestLimitExceeded,
     GuestMemoryExceeded,
     GuestTrap,
     RuntimeFault,
@@ -47,34 +49,55 @@ class WarmInstance:
 
     def __init__(
         self,
-        wt_engine: wasmtime.Engine,
+        engine: Engine,
         module: CompiledModule,
-        memory_limit: int,
+        limits: GuestLimits,
         device: Any,
         tenant_id: str,
+        budget: TenantBudget | None = None,
+        start_ticks: int | None = None,
     ) -> None:
-        self.memory_limit = memory_limit
-        self._store = store = wasmtime.Store(wt_engine)
-        store.set_limits(memory_size=memory_limit, instances=1, memories=1)
-        self.ctx = ctx = lowlevel.pointer_value(store._context())
-        lowlevel.set_epoch_deadline(ctx, 1 << 62)  # start functions must not be cut short
+        self.memory_limit = limits.memory_bytes
+        self.max_output = limits.max_output_bytes
+        self._store = store = wasmtime.Store(engine.wasmtime_engine)
+        store.set_limits(
+            memory_size=limits.memory_bytes,
+            table_elements=limits.table_elements,
+            instances=1,
+            tables=limits.tables,
+            memories=1,
+        )
+        self.ctx = ctx = lowlevel.store_context(store)
+        engine.track(self)
+        # A start function is guest code like any other: it runs under the tenant's deadline.
+        ticks = engine.ticks_for(limits.timeout_s) if start_ticks is None else start_ticks
+        if module.has_start:
+            engine.guest_runs(ticks, self)
+        lowlevel.set_epoch_deadline(ctx, ticks)
         try:
             instance = module.pre.instantiate(store)
         except wasmtime.Trap as trap:
+            if trap.trap_code == wasmtime.TrapCode.INTERRUPT:
+                raise DeadlineExceeded("the module's start function ran past the deadline") from None
             raise GuestTrap(f"module start function trapped: {_reason(trap.message)}") from None
         except wasmtime.WasmtimeError as exc:
-            raise GuestTrap(f"module could not be instantiated: {exc}") from None
+            raise GuestTrap(f"module could not be instantiated: {_first_line(str(exc))}") from None
         exports = instance.exports(store)
         self._keep = exports  # the Func/Memory/Global objects own the structs we point into
         memory = exports[abi.MEMORY_EXPORT]
-        self.mem = lowlevel.address(memory._memory)
+        self.mem = lowlevel.memory_address(memory)
         self.base = lowlevel.memory_data(ctx, self.mem)
         self.size: int = lowlevel.memory_data_size(ctx, self.mem)
-        self.funcs = {name: lowlevel.address(exports[name]._func) for name in module.functions}
-        self.alloc = lowlevel.address(exports[abi.ALLOC_EXPORT]._func)
-        self.init = lowlevel.address(exports[abi.INIT_EXPORT]._func) if module.has_init else 0
+        self.funcs = {name: lowlevel.func_address(exports[name]) for name in module.functions}
+        self.alloc = lowlevel.func_address(exports[abi.ALLOC_EXPORT])
+        self.init = lowlevel.func_address(exports[abi.INIT_EXPORT]) if module.has_init else 0
         self.globals = [
-            (name, vt, lowlevel.address(exports[name]._global)) for name, vt in module.mutable_globals
+            (name, vt, lowlevel.global_address(exports[name])) for name, vt in module.mutable_globals
+        ]
+        # Every table with its size now: reset replaces an instance whose table grew.
+        self.tables = [
+            (addr, lowlevel.table_size(ctx, addr))
+            for addr in (lowlevel.table_address(exports[name]) for name in module.tables)
         ]
         self._slots = (lowlevel.ValRaw * 2)()
         self._slots_addr = ctypes.addressof(self._slots)
@@ -84,7 +107,16 @@ class WarmInstance:
         self._reset_vals: list[tuple[int, Any]] = []  # (global addr, wasmtime_val_t)
         self._baseline: bytes = b""
         self._zap = False  # reset by dropping dirty pages instead of copying (see can_zap)
-        self.host = hostcalls.GuestContext(ctx, self.mem, self.base, device, tenant_id)
+        self.host = hostcalls.GuestContext(
+            ctx,
+            self.mem,
+            self.base,
+            device,
+            tenant_id,
+            budget,
+            limits.host_calls_per_invoke,
+            limits.log_bytes_per_invoke,
+        )
         hostcalls.register(self.host)
 
     def close(self) -> None:
@@ -96,7 +128,7 @@ class WarmInstance:
     def call(self, func: int, payload: bytes, ticks: int) -> bytes:
         """Copy `payload` in through tw_alloc, run `func`, copy the output out. Raises RuntimeFault."""
         ctx, q, slots = self.ctx, self._q, self._slots_addr
-        self.host.fault = None
+        self.host.begin()
         lowlevel.set_epoch_deadline(ctx, ticks)
         n = len(payload)
         ptr = 0
@@ -122,6 +154,12 @@ class WarmInstance:
         if not out_len:
             return b""
         self._check(out_ptr, out_len, "function returned")
+        if out_len > self.max_output:  # checked before copying: an oversize output costs no host memory
+            raise GuestLimitExceeded(
+                f"the function returned {out_len} bytes, over the {self.max_output}-byte output limit",
+                limit="maxOutputBytes",
+                value=self.max_output,
+            )
         return _string_at(self.base + out_ptr, out_len)
 
     def _check(self, ptr: int, n: int, what: str) -> None:
@@ -139,6 +177,9 @@ class WarmInstance:
         self.size = lowlevel.memory_data_size(ctx, self.mem)
         if self.size != len(self._baseline):
             return False  # memory cannot shrink: a fresh instance is the only honest reset
+        for addr, size in self.tables:
+            if lowlevel.table_size(ctx, addr) != size:
+                return False  # tables cannot shrink either: a grown one would keep its memory
         if self._zap:
             return lowlevel.discard_pages(self.base, self.size)
         (_copy if self.size <= _QUICK else _memmove)(self.base, self._baseline, self.size)
@@ -167,7 +208,7 @@ class WarmInstance:
     def run_init(self, ticks: int) -> None:
         if not self.init:
             return
-        self.host.fault = None
+        self.host.begin()
         lowlevel.set_epoch_deadline(self.ctx, ticks)
         err = lowlevel.func_call_unchecked(self.ctx, self.init, self._slots_addr, 1, self._trap_addr)
         if err or self._trap.value:
@@ -261,6 +302,10 @@ class WarmInstance:
                 limit=self.memory_limit,
             )
         return GuestTrap("guest function reported failure (returned -1)")
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else "unknown error"
 
 
 def _reason(message: str) -> str:

@@ -13,15 +13,45 @@ WASM_PAGE = 64 << 10
 MAX_MEMORY_BYTES = 4 << 30  # memory32
 
 
+# Defaults of the limits below; docs/runtime.md ("Limits") lists each with the error a caller sees.
+DEFAULT_TABLE_ELEMENTS = 100_000  # per table: ~1.6 MiB of funcref slots at most
+DEFAULT_TABLES = 8
+DEFAULT_MAX_OUTPUT_BYTES = 16 << 20
+DEFAULT_HOST_CALLS_PER_INVOKE = 100_000
+DEFAULT_HOST_CALLS_PER_S = 200_000
+DEFAULT_LOG_BYTES_PER_INVOKE = 16 << 10
+DEFAULT_LOG_BYTES_PER_S = 64 << 10
+
+
 @dataclass(frozen=True)
 class GuestLimits:
-    """What one tenant's guest may use: linear memory, time per invoke, warm instances."""
+    """What one tenant's guest may use: linear memory, tables, time per invoke, warm instances,
+    output size, host calls (per invoke and per second) and guest log bytes."""
 
     memory_bytes: int = 64 << 20
     timeout_s: float = 1.0
     max_instances: int = 4
+    table_elements: int = DEFAULT_TABLE_ELEMENTS
+    tables: int = DEFAULT_TABLES
+    max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
+    host_calls_per_invoke: int = DEFAULT_HOST_CALLS_PER_INVOKE
+    host_calls_per_s: int = DEFAULT_HOST_CALLS_PER_S
+    log_bytes_per_invoke: int = DEFAULT_LOG_BYTES_PER_INVOKE
+    log_bytes_per_s: int = DEFAULT_LOG_BYTES_PER_S
 
     def __post_init__(self) -> None:
+        for name, lo, hi in (
+            ("table_elements", 0, 10_000_000),
+            ("tables", 1, 1024),
+            ("max_output_bytes", 0, MAX_MEMORY_BYTES),
+            ("host_calls_per_invoke", 1, 1 << 40),
+            ("host_calls_per_s", 1, 1 << 40),
+            ("log_bytes_per_invoke", 0, 1 << 30),
+            ("log_bytes_per_s", 0, 1 << 30),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise BadRequest(f"{name} must be an integer in [{lo}, {hi}], got {value!r}", field=name)
         if not isinstance(self.memory_bytes, int) or not WASM_PAGE <= self.memory_bytes <= MAX_MEMORY_BYTES:
             raise BadRequest(
                 f"linear memory limit must be between 64 KiB and 4 GiB, got {self.memory_bytes!r}",

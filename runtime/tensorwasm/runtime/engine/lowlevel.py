@@ -5,6 +5,11 @@ Why: wasmtime-py's `Func.__call__` re-reads the function type over FFI and boxes
 function objects, so wasmtime-py's own argtypes stay untouched) and declare the few C functions we
 need with plain `c_void_p`/integer signatures. Calls through `CDLL` release the GIL, which lets
 the epoch ticker run while guest code spins.
+
+This is the ONLY module that touches wasmtime-py's private API (`wasmtime._ffi`, the `_func`,
+`_memory`, `_global`, `_table` structs, `Store._context()`, `Trap._from_ptr`,
+`WasmtimeError._from_ptr`); `PRIVATE_NAMES` lists them and
+tests/unit/test_runtime_wasmtime_private.py fails, naming the one that moved, on an upstream change.
 Only engine/ imports this module; it must not import the accelerator.
 """
 
@@ -38,6 +43,7 @@ set_epoch_deadline = _fn("wasmtime_context_set_epoch_deadline", None, c_void_p, 
 increment_epoch = _fn("wasmtime_engine_increment_epoch", None, c_void_p, lib=_quick)
 memory_data = _fn("wasmtime_memory_data", c_void_p, c_void_p, c_void_p, lib=_quick)
 memory_data_size = _fn("wasmtime_memory_data_size", c_size_t, c_void_p, c_void_p, lib=_quick)
+table_size = _fn("wasmtime_table_size", c_uint64, c_void_p, c_void_p, lib=_quick)
 # (context, memory*, delta pages, prev_size*) -> error*
 memory_grow = _fn("wasmtime_memory_grow", c_void_p, c_void_p, c_void_p, c_uint64, c_void_p)
 global_get = _fn("wasmtime_global_get", None, c_void_p, c_void_p, c_void_p, lib=_quick)
@@ -103,3 +109,41 @@ def take_error(error_addr: int) -> str:
     """Message of a wasmtime_error_t returned by a call; frees it."""
     err = WasmtimeError._from_ptr(ctypes.cast(error_addr, ctypes.POINTER(ffi.wasmtime_error_t)))
     return str(err)
+
+
+# --- the private attributes of wasmtime-py objects this module reads (see PRIVATE_NAMES) ---
+
+PRIVATE_NAMES = (
+    "wasmtime._ffi.dll._name",
+    "wasmtime._ffi.wasmtime_val_raw_t",
+    "wasmtime._ffi.wasmtime_val_t",
+    "wasmtime._ffi.wasmtime_func_unchecked_callback_t",
+    "Store._context()",
+    "Func._func",
+    "Memory._memory",
+    "Global._global",
+    "Table._table",
+    "Trap._from_ptr",
+    "WasmtimeError._from_ptr",
+)
+
+
+def store_context(store: Any) -> int:
+    """Address of a Store's wasmtime_context_t."""
+    return pointer_value(store._context())
+
+
+def func_address(func: Any) -> int:
+    return ctypes.addressof(func._func)
+
+
+def memory_address(memory: Any) -> int:
+    return ctypes.addressof(memory._memory)
+
+
+def global_address(global_: Any) -> int:
+    return ctypes.addressof(global_._global)
+
+
+def table_address(table: Any) -> int:
+    return ctypes.addressof(table._table)

@@ -12,10 +12,12 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 from tensorwasm.runtime import metrics
+from tensorwasm.runtime.engine.budget import TenantBudget
 from tensorwasm.runtime.engine.compiler import CompiledModule, Engine
 from tensorwasm.runtime.engine.instance import Baseline, WarmInstance
 from tensorwasm.runtime.engine.limits import WASM_PAGE, GuestLimits, WasmState
@@ -63,14 +65,19 @@ class TenantInstancePool:
         self._held: list[WarmInstance] = []
         self._closed = False
         self._count = 0
+        self.budget = TenantBudget(limits.host_calls_per_s, limits.log_bytes_per_s)
+        # All guest code of the load (each warm instance's start function, then tw_init) shares
+        # one deadline: the tenant's timeout from now. A module that spins at load fails alone.
+        self._load_ends: float | None = time.monotonic() + limits.timeout_s
         try:
             first = self._spawn()
         except RuntimeFault as fault:
-            raise ModuleRejected(f"module failed to start: {fault.message}") from fault
+            raise ModuleRejected(f"module failed to start: {fault.kind}: {fault.message}") from fault
         try:
+            ticks = self._load_ticks()
             if module.has_init:  # no tw_init, no guest code: the ticker may stay parked
-                engine.guest_runs(self._ticks, first)
-            first.run_init(self._ticks)
+                engine.guest_runs(ticks, first)
+            first.run_init(ticks)
         except RuntimeFault as fault:
             first.close()
             raise ModuleRejected(
@@ -86,9 +93,14 @@ class TenantInstancePool:
         first.use_zap(self._zap)
         self._idle.put(first)
         self._count = 1
-        for _ in range(limits.max_instances - 1):
-            self._idle.put(self._fresh())
-            self._count += 1
+        try:
+            for _ in range(limits.max_instances - 1):
+                self._idle.put(self._fresh())
+                self._count += 1
+        except RuntimeFault as fault:
+            self.close()
+            raise ModuleRejected(f"module failed to start: {fault.kind}: {fault.message}") from fault
+        self._load_ends = None  # from here on each start function gets the whole timeout
 
     # --- public API ---
 
@@ -231,11 +243,23 @@ class TenantInstancePool:
 
     # --- internals ---
 
+    def _load_ticks(self) -> int:
+        """Deadline ticks for guest code now: what is left of the load's deadline while loading."""
+        if self._load_ends is None:
+            return self._ticks
+        left = self._load_ends - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded(
+                f"loading ran past the tenant's {self.limits.timeout_s} s deadline "
+                "(start functions and tw_init share it)"
+            )
+        return self.engine.ticks_for(left)
+
     def _spawn(self) -> WarmInstance:
+        ticks = self._load_ticks() if self.module.has_start else self._ticks
         inst = WarmInstance(
-            self.engine.wasmtime_engine, self.module, self.limits.memory_bytes, self.device, self.tenant_id
+            self.engine, self.module, self.limits, self.device, self.tenant_id, self.budget, ticks
         )
-        self.engine.track(inst)
         metrics.INSTANCE_SPAWNS.labels(tenant=self.tenant_id).inc()
         return inst
 

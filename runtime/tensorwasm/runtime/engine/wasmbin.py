@@ -1,8 +1,10 @@
-"""A small reader/rewriter of the WebAssembly binary format: export every mutable global.
+"""A small reader/rewriter of the WebAssembly binary format: export every mutable global and table.
 
 Why: instance reset and snapshots must restore *all* mutable globals (a bump allocator's heap
-pointer is often not exported), and the embedding API only reaches exported ones. So before
-compiling, the engine adds exports named `__tw_global_<index>` for hidden mutable globals.
+pointer is often not exported), and reset must notice a table that grew; the embedding API only
+reaches exported ones. So before compiling, the engine adds exports named `__tw_global_<index>`
+for hidden mutable globals and `__tw_table_<index>` for every table the module defines. Also
+answers whether a module has a start function (guest code that runs at instantiation).
 Pure bytes -> bytes; must not import wasmtime.
 """
 
@@ -13,7 +15,8 @@ from dataclasses import dataclass
 from tensorwasm.runtime.engine.abi import GLOBAL_EXPORT_PREFIX
 
 MAGIC = b"\0asm\x01\0\0\0"
-_IMPORT, _GLOBAL, _EXPORT = 2, 6, 7
+_IMPORT, _TABLE, _GLOBAL, _EXPORT, _START = 2, 4, 6, 7, 8
+TABLE_EXPORT_PREFIX = "__tw_table_"
 _VALTYPES = {
     0x7F: "i32",
     0x7E: "i64",
@@ -115,9 +118,30 @@ def _sections(data: bytes) -> list[tuple[int, int, int, int]]:
     return out
 
 
+def has_start(data: bytes) -> bool:
+    """Whether the module declares a start function (code that runs when it is instantiated)."""
+    return any(sid == _START for sid, _, _, _ in _sections(data))
+
+
+def defined_tables(data: bytes) -> list[int]:
+    """Indices of the tables the module defines (after any imported ones)."""
+    secs = _sections(data)
+    imported = sum(_imported_counts(data, s)[1] for sid, _, s, _ in secs if sid == _IMPORT)
+    count = 0
+    for sid, _, s, _ in secs:
+        if sid == _TABLE:
+            count += _uleb(data, s)[0]
+    return [imported + i for i in range(count)]
+
+
 def _imported_globals(data: bytes, start: int) -> int:
+    return _imported_counts(data, start)[0]
+
+
+def _imported_counts(data: bytes, start: int) -> tuple[int, int]:
+    """(imported globals, imported tables) of an import section."""
     count, pos = _uleb(data, start)
-    globals_ = 0
+    globals_ = tables = 0
     for _ in range(count):
         for _name in range(2):  # module, field
             n, pos = _uleb(data, pos)
@@ -127,6 +151,7 @@ def _imported_globals(data: bytes, start: int) -> int:
         if kind == 0x00:  # func: type index
             _, pos = _uleb(data, pos)
         elif kind == 0x01:  # table: reftype + limits
+            tables += 1
             pos += 1
             pos = _skip_limits(data, pos)
         elif kind == 0x02:  # memory: limits
@@ -139,7 +164,7 @@ def _imported_globals(data: bytes, start: int) -> int:
             _, pos = _uleb(data, pos)
         else:
             raise WasmFormatError(f"unknown import kind {kind}")
-    return globals_
+    return globals_, tables
 
 
 def _skip_limits(data: bytes, pos: int) -> int:
@@ -192,18 +217,30 @@ def mutable_globals(data: bytes) -> list[MutableGlobal]:
 
 def export_mutable_globals(data: bytes) -> bytes:
     """The module with an export `__tw_global_<index>` added for each hidden mutable global."""
-    hidden = [g for g in mutable_globals(data) if g.exported_as is None]
-    if not hidden:
+    return export_hidden(data, tables=False)
+
+
+def export_hidden(data: bytes, tables: bool = True) -> bytes:
+    """The module with `__tw_global_<index>` exports for hidden mutable globals and, with
+    `tables`, `__tw_table_<index>` for every defined table."""
+    added = [
+        (f"{GLOBAL_EXPORT_PREFIX}{g.index}", 0x03, g.index)
+        for g in mutable_globals(data)
+        if g.exported_as is None
+    ]
+    if tables:
+        added += [(f"{TABLE_EXPORT_PREFIX}{i}", 0x01, i) for i in defined_tables(data)]
+    if not added:
         return data
     secs = [sec for sec in _sections(data) if sec[0] == _EXPORT]
     if not secs:
         raise WasmFormatError("module has no export section (the guest ABI needs exports)")
     _, header, start, end = secs[0]
     entries, first, body_end = _exports(data, start)
-    payload = bytearray(_enc_uleb(len(entries) + len(hidden)))
+    payload = bytearray(_enc_uleb(len(entries) + len(added)))
     payload += data[first:body_end]
-    for g in hidden:
-        name = f"{GLOBAL_EXPORT_PREFIX}{g.index}".encode()
-        payload += _enc_uleb(len(name)) + name + b"\x03" + _enc_uleb(g.index)
+    for text, kind, index in added:
+        name = text.encode()
+        payload += _enc_uleb(len(name)) + name + bytes([kind]) + _enc_uleb(index)
     section = bytes([_EXPORT]) + _enc_uleb(len(payload)) + bytes(payload)
     return data[:header] + section + data[end:]

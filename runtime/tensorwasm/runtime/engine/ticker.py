@@ -1,0 +1,127 @@
+"""The epoch ticker: the clock behind every guest deadline of one wasmtime Engine.
+
+Owns the thread that advances the engine's epoch every `tick_s`, its parking while no guest code can
+be running (an idle shard costs no wake-ups), the runners it must keep ticking for, and
+`interrupt_all`, which fast-forwards the epoch past every deadline so that no guest outlives a
+shutdown. Must not import wasmtime (it is handed the engine pointer and lowlevel's increment).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+
+class EpochTicker:
+    """One per Engine; `guest_runs` is the hot path (no lock), everything else is rare."""
+
+    def __init__(
+        self,
+        engine_ptr: int,
+        increment: Callable[[int], None],
+        tick_s: float,
+        park_after_s: float,
+    ) -> None:
+        self.tick_s = tick_s
+        self._ptr, self._increment = engine_ptr, increment
+        # Park once every deadline set so far has passed, plus this many ticks: steady light
+        # traffic never pays a wake-up, an idle shard stops waking 1,000 times a second.
+        self._linger_ticks = math.ceil(park_after_s / tick_s)
+        self._epoch = 0  # ticks so far (the engine's epoch, as this thread last advanced it)
+        # Every instance that may run guest code, each with the epoch its last deadline falls at:
+        # read only when the ticker is about to park, so the hot path takes no lock.
+        self._runners: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._runners_lock = threading.Lock()
+        self._parked = False
+        self._unpark = threading.Event()
+        self._closed = False
+        self._fast_forward = False
+        self._thread = threading.Thread(target=self._tick, name="wasm-epoch-ticker", daemon=True)
+        self._thread.start()
+
+    def ticks_for(self, timeout_s: float) -> int:
+        """Epoch ticks for a deadline, never early: rounded up, +1 because the tick running when the
+        deadline is set may be nearly over. Ticks are at least `tick_s` apart, so a guest is
+        stopped no sooner than `timeout_s` and at most about two ticks later."""
+        return max(1, math.ceil(round(timeout_s / self.tick_s, 6))) + 1
+
+    def track(self, runner: Any) -> None:
+        """Register an instance that will run guest code (it gets a `deadline_epoch` attribute)."""
+        runner.deadline_epoch = 0
+        with self._runners_lock:
+            self._runners.add(runner)
+
+    def guest_runs(self, ticks: int, runner: Any) -> None:
+        """Hot path: `runner` (tracked) is about to run guest code with a deadline `ticks` from now.
+
+        Call before setting the deadline. The runner publishes its deadline, then reads the ticker's
+        flag; the ticker publishes the flag, then reads every deadline before it parks: either this
+        sees it parked and wakes it, or it sees the deadline and keeps ticking. No lock: a runner is
+        used by one thread at a time.
+        """
+        runner.deadline_epoch = self._epoch + ticks + 1
+        if self._parked:
+            self._unpark.set()
+
+    @property
+    def parked(self) -> bool:
+        return self._parked
+
+    def interrupt_all(self) -> None:
+        """Shutdown: from now on advance the epoch as fast as possible, never parking, so every
+        guest running now (and any started later) is interrupted within moments whatever its
+        deadline. One-way: the engine is about to close."""
+        self._fast_forward = True
+        self._unpark.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._unpark.set()
+        self._thread.join(timeout=max(1.0, 2 * self.tick_s))
+
+    def _busy_until(self) -> int:
+        """The latest deadline any tracked runner has set (the ticker must reach it)."""
+        with self._runners_lock:
+            runners = list(self._runners)
+        return max((r.deadline_epoch for r in runners), default=0)
+
+    def _tick(self) -> None:
+        # time.sleep, not Event.wait: per tick this thread takes the GIL for one flag test and one
+        # C call (Event.wait runs a Python Condition each time), so it seldom makes the event loop
+        # wait, and it seldom gets preempted while holding the GIL on a busy machine.
+        ptr, tick, sleep, increment, linger = (
+            self._ptr,
+            self.tick_s,
+            time.sleep,
+            self._increment,
+            self._linger_ticks,
+        )
+        epoch, check_at = 0, linger
+        while not self._closed:
+            if self._fast_forward:
+                # Millions of ticks a second: a 1 h deadline at 1 ms ticks passes within a second or two.
+                for _ in range(4096):
+                    increment(ptr)
+                epoch += 4096
+                self._epoch = epoch
+                sleep(0)  # let the interrupted threads take the GIL and unwind
+                continue
+            sleep(tick)
+            increment(ptr)
+            epoch += 1
+            self._epoch = epoch
+            if epoch < check_at:
+                continue
+            # Deadlines are read at most once per linger: calls meanwhile move the next look.
+            check_at = self._busy_until() + linger
+            if epoch <= check_at:
+                continue
+            self._parked = True
+            if epoch > self._busy_until() + linger and not self._closed and not self._fast_forward:
+                self._unpark.wait()
+            self._unpark.clear()
+            self._parked = False
