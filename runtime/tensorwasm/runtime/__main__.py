@@ -71,9 +71,11 @@ async def _run(settings: RuntimeSettings) -> int:
     from tensorwasm.runtime.engine import Engine
     from tensorwasm.runtime.modules import ModuleLoader
     from tensorwasm.runtime.shard import Shard
+    from tensorwasm.runtime.snapshots.hot_tier import HOT_TIERS
 
     source = _build_source(settings)
     accelerator = _open_accelerator(settings)
+    HOT_TIERS.configure(settings.snapshot_hot_tier_bytes)
     engine = Engine(
         cache_dir=settings.cache_dir,
         epoch_tick_s=settings.epoch_tick_ms / 1000,

@@ -13,7 +13,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -301,5 +301,22 @@ SNAPSHOT_BYTES = Counter(
 SNAPSHOT_REJECTED = Counter(
     "tensorwasm_snapshot_rejected_total",
     "Snapshot restores refused before any tenant state changed.",
+    registry=REGISTRY,
+)
+SNAPSHOT_HOT_TIER_LOOKUPS = Counter(
+    "tensorwasm_snapshot_hot_tier_lookups_total",
+    "Restores that looked in the pinned hot tier, by result: hit, miss, corrupt (entry refused, dropped).",
+    ["result"],
+    registry=REGISTRY,
+)
+SNAPSHOT_HOT_TIER_EVICTIONS = Counter(
+    "tensorwasm_snapshot_hot_tier_evictions_total",
+    "Hot-tier entries evicted (least recently used first) to make room.",
+    registry=REGISTRY,
+)
+SNAPSHOT_HOT_TIER_BYTES = Gauge(
+    "tensorwasm_snapshot_hot_tier_bytes",
+    "Bytes of the pinned hot tier: used (held by entries) and capacity.",
+    ["kind"],
     registry=REGISTRY,
 )

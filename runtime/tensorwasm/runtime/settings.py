@@ -41,6 +41,7 @@ class RuntimeSettings:
     mps_start: bool = False
     cache_dir: Path | None = None
     snapshot_dir: Path | None = None
+    snapshot_hot_tier_bytes: int = 1 << 30  # pinned host memory for recent snapshots; 0 turns it off
     max_module_bytes: int = 64 << 20
     fetch_timeout_s: float = 30.0
     resync_s: float = 30.0
@@ -66,6 +67,7 @@ _FLAGS: tuple[tuple[str, str, str, str | None], ...] = (
     ("--mps-start", "mps_start", "start an MPS control daemon if none is running", None),
     ("--cache-dir", "cache_dir", "compiled-module disk cache (default: none)", "DIR"),
     ("--snapshot-dir", "snapshot_dir", "snapshot store directory (default: none)", "DIR"),
+    ("--snapshot-hot-tier-bytes", "snapshot_hot_tier_bytes", "snapshot hot tier, bytes (1Gi; 0: off)", "N"),
     ("--max-module-bytes", "max_module_bytes", "largest module accepted, bytes (default: 64Mi)", "N"),
     ("--fetch-timeout", "fetch_timeout_s", "module URL fetch timeout, seconds (default: 30)", "S"),
     ("--resync", "resync_s", "a reconcile pass at least every S s; caches re-list every max(S, 300) s", "S"),
@@ -130,6 +132,9 @@ def settings_from_namespace(ns: argparse.Namespace, environ: Mapping[str, str]) 
         out["mps_start"] = _bool(*raw["mps_start"])
     if "device" in raw:
         out["device"] = int(_number(*raw["device"], 0, 64, integer=True))
+    if "snapshot_hot_tier_bytes" in raw:
+        hot = raw["snapshot_hot_tier_bytes"]
+        out["snapshot_hot_tier_bytes"] = int(_number(*hot, 0, 1 << 40, integer=True))
     if "max_module_bytes" in raw:
         out["max_module_bytes"] = int(_number(*raw["max_module_bytes"], 1024, 1 << 32, integer=True))
     for dest, lo, hi in (

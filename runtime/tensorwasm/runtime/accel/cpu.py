@@ -127,6 +127,34 @@ class CpuTenantDevice:
             self._bufs[handle] = (np.zeros(size, dtype=np.uint8), size, charged)
         self._ids = itertools.count(max(wanted, default=0) + 1)
 
+    def stage_restore(self, sizes: Mapping[int, int]) -> dict[int, int]:
+        wanted = check_restore_sizes(sizes)
+        if self._closed:
+            raise closed(self.tenant_id)
+        charges = self._cap.reserve_all(wanted.values())  # beside the live buffers; refused as a whole
+        staged: dict[int, int] = {}
+        for (handle, size), charged in zip(wanted.items(), charges, strict=True):
+            temp = next(self._ids)
+            self._bufs[temp] = (np.zeros(size, dtype=np.uint8), size, charged)
+            staged[handle] = temp
+        return staged
+
+    def publish_restore(self, staged: Mapping[int, int]) -> None:
+        if self._closed:
+            raise closed(self.tenant_id)
+        keep = set(staged.values())
+        for handle in [h for h in self._bufs if h not in keep]:
+            self._cap.release(self._bufs.pop(handle)[2])
+        # Pop every temporary first: a snapshot handle may equal another entry's temporary handle.
+        moved = {handle: self._bufs.pop(temp) for handle, temp in staged.items()}
+        self._bufs.update(moved)
+        self._ids = itertools.count(max(moved, default=0) + 1)
+
+    def clone_buffers(self) -> _CpuClone | None:
+        if self._closed:
+            raise closed(self.tenant_id)
+        return _CpuClone({h: arr.copy() for h, (arr, _, _) in self._bufs.items()})
+
     def usage(self) -> TenantUsage:
         return TenantUsage(self.tenant_id, self._cap.current, self.cap_bytes)
 
@@ -139,6 +167,20 @@ class CpuTenantDevice:
     def close(self) -> None:
         self._release_all()
         self._closed = True
+
+
+class _CpuClone:
+    """Copies of a tenant's buffers (the CUDA backend copies device to device)."""
+
+    def __init__(self, arrays: dict[int, npt.NDArray[np.uint8]]) -> None:
+        self._arrays = arrays
+
+    def read_into(self, handle: int, out: memoryview) -> None:
+        arr = lookup(self._arrays, handle, "clone")
+        np.frombuffer(out, dtype=np.uint8)[: arr.size] = arr
+
+    def close(self) -> None:
+        self._arrays.clear()
 
 
 class CpuAccelerator:
@@ -190,6 +232,11 @@ class CpuAccelerator:
             if len(self._pinned) < nbytes:
                 self._pinned = bytearray(nbytes)
             return memoryview(self._pinned)[:nbytes]
+
+    def host_region(self, nbytes: int) -> memoryview:
+        if type(nbytes) is not int or nbytes < 0:
+            raise BadRequest(f"host region size must be a non-negative integer, got {nbytes!r}")
+        return memoryview(bytearray(nbytes))
 
     def usage(self) -> list[TenantUsage]:
         with self._lock:

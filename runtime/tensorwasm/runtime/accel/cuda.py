@@ -75,6 +75,7 @@ _STICKY = frozenset(
 _alloc_async = cu.cuMemAllocFromPoolAsync
 _free_async = cu.cuMemFreeAsync
 _htod_async = cu.cuMemcpyHtoDAsync
+_dtod_async = cu.cuMemcpyDtoDAsync
 _dtoh_async = cu.cuMemcpyDtoHAsync
 _stream_sync = cu.cuStreamSynchronize
 _launch_kernel = cu.cuLaunchKernel
@@ -91,6 +92,7 @@ _CTYPES: dict[str, Any] = {
     "f64": ctypes.c_double,
 }
 _NVRTC_OPTIONS = (b"-default-device", b"-std=c++17", b"--use_fast_math")
+SCRATCH_KEEP_BYTES = 1 << 30
 
 
 def error_name(err: Any) -> str:
@@ -171,7 +173,6 @@ class CudaTenantDevice:
         self._tls = acc.tls
         self._ready = True  # False once closed or once the context is poisoned: one check per call
         self._cap = GpuCap(cap_bytes, acc.granularity)
-        self._cap_lock, self._granularity = self._cap._lock, acc.granularity  # hot path (alloc/free)
         self._pool = pool
         self._stream = stream
         self._kernels = kernels
@@ -235,22 +236,11 @@ class CudaTenantDevice:
         # driver once, binds, and retries (in _alloc_retry / _free_retry).
         if not self._ready:
             self._not_ready()
-        # GpuCap.reserve inlined (same lock, same fields): one Python frame less on every call.
-        cap = self._cap
-        if nbytes.__class__ is not int or nbytes <= 0:
-            cap.charge_for(nbytes)  # raises the clear error
-        g = self._granularity
-        charged = -(-nbytes // g) * g
-        lock = self._cap_lock
-        lock.acquire()
-        new = cap._current + charged
-        if new > cap._max:
-            lock.release()
-            self._refuse_host(charged)
-        cap._current = new
-        if new > cap._peak:
-            cap._peak = new
-        lock.release()
+        try:
+            charged = self._cap.reserve(nbytes)
+        except GpuMemoryExhausted:
+            metrics.count_gpu_refusal(self.tenant_id, "host")
+            raise
         # Ask the pool for whole pages: the driver's used bytes then equal the host counter exactly.
         err, dptr = _alloc_async(charged, self._pool, self._stream)
         if err:
@@ -259,24 +249,25 @@ class CudaTenantDevice:
         self._bufs[handle] = (dptr, nbytes, charged)
         return handle
 
-    def _refuse_host(self, charged: int) -> NoReturn:
-        metrics.count_gpu_refusal(self.tenant_id, "host")
-        raise GpuMemoryExhausted(requested=charged, limit=self._cap._max, current=self._cap.current)
-
     def _alloc_retry(self, charged: int, err: Any, release: bool = True) -> Any:
         """The driver refused although the host counter had room: fragmentation inside the pool.
         Trim the pool's idle reservations and try once more before refusing."""
-        if err == _NO_CONTEXT:
-            self._acc.bind_thread()
-            err, dptr = _alloc_async(charged, self._pool, self._stream)
-            if not err:
-                return dptr
-        if err == _OOM:
-            _stream_sync(self._stream)
-            cu.cuMemPoolTrimTo(self._pool, 0)
-            err, dptr = _alloc_async(charged, self._pool, self._stream)
-            if not err:
-                return dptr
+        try:
+            if err == _NO_CONTEXT:
+                self._acc.bind_thread()
+                err, dptr = _alloc_async(charged, self._pool, self._stream)
+                if not err:
+                    return dptr
+            if err == _OOM:
+                self._acc.check(_stream_sync(self._stream)[0], "cuStreamSynchronize")
+                self._acc.check(cu.cuMemPoolTrimTo(self._pool, 0)[0], "cuMemPoolTrimTo")
+                err, dptr = _alloc_async(charged, self._pool, self._stream)
+                if not err:
+                    return dptr
+        except AcceleratorFailed:
+            if release:
+                self._cap.release(charged)
+            raise
         if release:
             self._cap.release(charged)
         if err == _OOM:
@@ -295,11 +286,8 @@ class CudaTenantDevice:
             raise
         (err,) = _free_async(buf[0], self._stream)
         # Later allocations of this tenant are ordered after the free on the same stream: the bytes can
-        # be counted as returned now. GpuCap.release inlined; a charge always came from this counter.
-        lock = self._cap_lock
-        lock.acquire()
-        self._cap._current -= buf[2]
-        lock.release()
+        # be counted as returned now.
+        self._cap.release(buf[2])
         if err:
             if err == _NO_CONTEXT:
                 self._acc.bind_thread()
@@ -409,16 +397,76 @@ class CudaTenantDevice:
                 made.append(handle)
         except BaseException:
             for handle in made:
-                _free_async(self._bufs.pop(handle)[0], self._stream)
+                self._acc.check_cleanup(
+                    _free_async(self._bufs.pop(handle)[0], self._stream)[0], "cuMemFreeAsync"
+                )
             self._cap.release(sum(charges))
             raise
         self._ids = itertools.count(max(wanted, default=0) + 1)
+
+    def stage_restore(self, sizes: Mapping[int, int]) -> dict[int, int]:
+        wanted = check_restore_sizes(sizes)
+        self._enter()
+        charges = self._cap.reserve_all(wanted.values())  # beside the live buffers; refused as a whole
+        staged: dict[int, int] = {}
+        try:
+            for (handle, size), charged in zip(wanted.items(), charges, strict=True):
+                err, dptr = _alloc_async(charged, self._pool, self._stream)
+                if err:
+                    dptr = self._alloc_retry(charged, err, release=False)
+                temp = next(self._ids)
+                self._bufs[temp] = (dptr, size, charged)
+                staged[handle] = temp
+        except BaseException:
+            for temp in staged.values():
+                self._acc.check_cleanup(
+                    _free_async(self._bufs.pop(temp)[0], self._stream)[0], "cuMemFreeAsync"
+                )
+            self._cap.release(sum(charges))
+            raise
+        return staged
+
+    def publish_restore(self, staged: Mapping[int, int]) -> None:
+        self._enter()
+        keep = set(staged.values())
+        for handle in [h for h in self._bufs if h not in keep]:
+            buf = self._bufs.pop(handle)
+            self._acc.check(_free_async(buf[0], self._stream)[0], "cuMemFreeAsync")
+            self._cap.release(buf[2])
+        # Pop every temporary first: a snapshot handle may equal another entry's temporary handle.
+        moved = {handle: self._bufs.pop(temp) for handle, temp in staged.items()}
+        self._bufs.update(moved)
+        self._ids = itertools.count(max(moved, default=0) + 1)
+
+    def clone_buffers(self) -> _CudaClone | None:
+        """Device-to-device copies into the accelerator's scratch pool, synced: the tenant may resume
+        as soon as this returns (a D2D copy runs at HBM speed, the D2H of the clone happens later)."""
+        self._enter()
+        bufs = list(self._bufs.items())
+        total = sum(charged for _, (_, _, charged) in bufs)
+        if not total:
+            return None
+        base = self._acc.scratch_alloc(total, self._stream)
+        if base is None:
+            return None
+        where: dict[int, tuple[int, int]] = {}
+        at = 0
+        try:
+            for handle, (dptr, size, charged) in bufs:
+                self._acc.check(_dtod_async(base + at, dptr, size, self._stream)[0], "cuMemcpyDtoDAsync")
+                where[handle] = (base + at, size)
+                at += charged
+            self._acc.check(_stream_sync(self._stream)[0], "cuStreamSynchronize")
+        except BaseException:
+            self._acc.scratch_free(base)
+            raise
+        return _CudaClone(self._acc, base, where)
 
     def _free_all(self) -> None:
         for handle in list(self._bufs):
             buf = self._bufs.pop(handle, None)
             if buf is not None:
-                _free_async(buf[0], self._stream)
+                self._acc.check(_free_async(buf[0], self._stream)[0], "cuMemFreeAsync")
                 self._cap.release(buf[2])
 
     def teardown(self) -> None:
@@ -428,14 +476,47 @@ class CudaTenantDevice:
         if self._acc.poison_reason:  # the context is gone; the driver frees everything at process exit
             self._bufs.clear()
             return
-        _stream_sync(self._stream)
-        self._free_all()
-        _stream_sync(self._stream)
+        # Every step runs even when one fails (the rest still frees what it can); the first failure
+        # is raised at the end, naming its call.
+        failed: list[tuple[Any, str]] = []
+
+        def step(result: Any, what: str) -> None:
+            err = result[0] if isinstance(result, tuple) else result
+            if err:
+                failed.append((err, what))
+
+        step(_stream_sync(self._stream), "cuStreamSynchronize")
+        for handle in list(self._bufs):
+            buf = self._bufs.pop(handle)
+            step(_free_async(buf[0], self._stream), "cuMemFreeAsync")
+            self._cap.release(buf[2])
+        step(_stream_sync(self._stream), "cuStreamSynchronize")
         self._inflight.clear()
-        cu.cuStreamDestroy(self._stream)
-        cu.cuMemPoolDestroy(self._pool)
+        step(cu.cuStreamDestroy(self._stream), "cuStreamDestroy")
+        step(cu.cuMemPoolDestroy(self._pool), "cuMemPoolDestroy")
         for module in self._modules:
-            cu.cuModuleUnload(module)
+            step(cu.cuModuleUnload(module), "cuModuleUnload")
+        if failed:
+            self._acc.fail(*failed[0])
+
+
+class _CudaClone:
+    """A tenant's buffers frozen in one scratch allocation; read back on the accelerator's copy stream."""
+
+    def __init__(self, acc: CudaAccelerator, base: int, where: dict[int, tuple[int, int]]) -> None:
+        self._acc, self._base, self._where = acc, base, where
+
+    def read_into(self, handle: int, out: memoryview) -> None:
+        dptr, size = lookup(self._where, handle, "clone")
+        arr = np.frombuffer(out, dtype=np.uint8)
+        if arr.size < size or not arr.flags.writeable:
+            raise BadRequest(f"clone read of buffer {handle} needs {size} writable bytes")
+        self._acc.copy_to_host(int(arr.ctypes.data), dptr, size)
+
+    def close(self) -> None:
+        if self._base:
+            self._acc.scratch_free(self._base)
+            self._base = 0
 
 
 class CudaAccelerator:
@@ -452,6 +533,7 @@ class CudaAccelerator:
         self._tenants: dict[str, CudaTenantDevice] = {}
         self._lock = threading.Lock()
         self._pinned: list[tuple[int, memoryview]] = []
+        self._regions: list[tuple[int, memoryview]] = []
         self._owner = _Owner(f"tensorwasm-cuda-{device}")
         try:
             self._owner.call(self._init)
@@ -460,9 +542,20 @@ class CudaAccelerator:
             raise
 
     # -- owner-thread setup --
-    def _check(self, err: Any, what: str) -> None:
+    def check(self, err: Any, what: str) -> None:
+        """Raise AcceleratorFailed naming `what` when a driver call returned an error."""
         if err:
             self.fail(err, what)
+
+    _check = check
+
+    def check_cleanup(self, err: Any, what: str) -> None:
+        """A cleanup call's code, checked without masking the exception already being raised."""
+        if err:
+            try:
+                self.fail(err, what)
+            except AcceleratorFailed as exc:
+                log.error("Failed CUDA cleanup call=%s message=%s", what, exc.message)
 
     def _init(self) -> None:
         (err,) = cu.cuInit(0)
@@ -501,6 +594,7 @@ class CudaAccelerator:
         err, name = cu.cuDeviceGetName(128, self._dev)
         self.device_name = name.split(b"\0", 1)[0].decode() if not err else f"cuda:{self.device}"
         err, self.driver_version = cu.cuDriverGetVersion()
+        self._check(err, "cuDriverGetVersion")
         prop = cu.CUmemAllocationProp()
         prop.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
         prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
@@ -512,6 +606,11 @@ class CudaAccelerator:
         self.granularity = int(gran)
         err, self._probe_stream = cu.cuStreamCreate(cu.CUstream_flags.CU_STREAM_NON_BLOCKING)
         self._check(err, "cuStreamCreate")
+        # Snapshot copies off a tenant's own stream (a clone read back while the tenant runs again).
+        err, self._copy_stream = cu.cuStreamCreate(cu.CUstream_flags.CU_STREAM_NON_BLOCKING)
+        self._check(err, "cuStreamCreate")
+        self._copy_lock = threading.Lock()
+        self._scratch_pool: Any = None
         module = self._load_image(self._builtin_cubin(), "built-in kernels")
         self._builtins = {name: self._kernel(module, sig) for name, sig in BUILTIN_SIGNATURES.items()}
         log.info(
@@ -530,6 +629,8 @@ class CudaAccelerator:
     def _builtin_cubin(self) -> bytes:
         """NVRTC-compile the built-in library once per (source, arch, NVRTC version); cached on disk."""
         err, major, minor = nvrtc.nvrtcVersion()
+        if err:
+            raise AcceleratorFailed(f"nvrtcVersion failed: {error_name(err)}")
         opts = (f"--gpu-architecture={self._arch()}".encode(), *_NVRTC_OPTIONS)
         key = hashlib.sha256(CUDA_SOURCE.encode() + repr((opts, major, minor)).encode()).hexdigest()[:32]
         path = self.cache_dir / f"builtin-{key}.cubin"
@@ -541,19 +642,25 @@ class CudaAccelerator:
         try:
             (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), list(opts))
             if err:
-                _, size = nvrtc.nvrtcGetProgramLogSize(prog)
+                log_err, size = nvrtc.nvrtcGetProgramLogSize(prog)
                 text = b" " * size
-                nvrtc.nvrtcGetProgramLog(prog, text)
+                if not log_err:
+                    log_err = nvrtc.nvrtcGetProgramLog(prog, text)[0]
+                detail = text.decode(errors="replace") if not log_err else f"(no log: {error_name(log_err)})"
                 raise AcceleratorFailed(
-                    f"NVRTC failed on the built-in kernels: {text.decode(errors='replace')}"
+                    f"nvrtcCompileProgram failed on the built-in kernels ({error_name(err)}): {detail}"
                 )
             err, size = nvrtc.nvrtcGetCUBINSize(prog)
+            if err:
+                raise AcceleratorFailed(f"nvrtcGetCUBINSize failed: {error_name(err)}")
             cubin: bytes = b" " * int(size)
             (err,) = nvrtc.nvrtcGetCUBIN(prog, cubin)
             if err:
                 raise AcceleratorFailed(f"nvrtcGetCUBIN failed: {error_name(err)}")
         finally:
-            nvrtc.nvrtcDestroyProgram(prog)
+            (derr,) = nvrtc.nvrtcDestroyProgram(prog)
+            if derr:
+                log.error("Failed NVRTC cleanup call=nvrtcDestroyProgram error=%s", error_name(derr))
         _write_atomic(path, cubin)
         log.info("Compiled built-in kernels arch=%s cache=%s", self._arch(), path)
         return cubin
@@ -583,7 +690,7 @@ class CudaAccelerator:
                 )
             cubin = ctypes.string_at(int(image), int(size))
         finally:
-            cu.cuLinkDestroy(state)
+            self.check_cleanup(cu.cuLinkDestroy(state)[0], "cuLinkDestroy")
         _write_atomic(path, cubin)
         return cubin
 
@@ -637,8 +744,8 @@ class CudaAccelerator:
                 if not getattr(self.tls, "bound", False):
                     self.bind_thread()
                 (err,) = cu.cuStreamQuery(self._probe_stream)
-                if err in _STICKY:
-                    self.fail(err, "health probe")
+                if err and err != _R.CUDA_ERROR_NOT_READY:
+                    self.fail(err, "cuStreamQuery (health probe)")
             except AcceleratorFailed:
                 pass
         if self.poison_reason:
@@ -735,18 +842,90 @@ class CudaAccelerator:
             self._pinned.append(self._owner.call(alloc))
             return self._pinned[-1][1][:nbytes]
 
+    def host_region(self, nbytes: int) -> memoryview:
+        """Page-locked host memory of its own (the snapshot hot tier), freed at close()."""
+        if type(nbytes) is not int or nbytes <= 0:
+            raise BadRequest(f"host region size must be a positive integer, got {nbytes!r}")
+
+        def alloc() -> tuple[int, memoryview]:
+            err, ptr = cu.cuMemHostAlloc(nbytes, 0)
+            self._check(err, "cuMemHostAlloc")
+            return int(ptr), memoryview((ctypes.c_ubyte * nbytes).from_address(int(ptr))).cast("B")
+
+        region = self._owner.call(alloc)
+        with self._lock:
+            self._regions.append(region)
+        return region[1]
+
+    # -- snapshot scratch: device-side clones outside every tenant's pool, freed after each capture --
+    def scratch_alloc(self, nbytes: int, stream: Any) -> int | None:
+        """`nbytes` of device memory ordered on `stream`, or None when the device has no room."""
+        with self._lock:
+            if self._scratch_pool is None:
+                self._scratch_pool = self._owner.call(self._make_scratch_pool)
+        err, dptr = cu.cuMemAllocFromPoolAsync(nbytes, self._scratch_pool, stream)
+        if err == _OOM:
+            return None
+        self.check(err, "cuMemAllocFromPoolAsync (snapshot scratch)")
+        return int(dptr)
+
+    def scratch_free(self, dptr: int) -> None:
+        self.check(_free_async(dptr, self._copy_stream)[0], "cuMemFreeAsync (snapshot scratch)")
+
+    def _make_scratch_pool(self) -> Any:
+        props = cu.CUmemPoolProps()
+        props.allocType = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+        props.handleTypes = cu.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_NONE
+        props.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        props.location.id = self.device
+        err, pool = cu.cuMemPoolCreate(props)
+        self._check(err, "cuMemPoolCreate (snapshot scratch)")
+        # Keep up to this much mapped between captures: re-mapping 512 MiB costs more than copying it.
+        (err,) = cu.cuMemPoolSetAttribute(
+            pool, cu.CUmemPool_attribute.CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, cu.cuuint64_t(SCRATCH_KEEP_BYTES)
+        )
+        self._check(err, "cuMemPoolSetAttribute (snapshot scratch)")
+        return pool
+
+    def copy_to_host(self, dst: int, src: Any, nbytes: int) -> None:
+        """Synchronous device-to-host copy on the accelerator's copy stream (not a tenant's)."""
+        if not getattr(self.tls, "bound", False):
+            self.bind_thread()
+        with self._copy_lock:
+            self.check(_dtoh_async(dst, src, nbytes, self._copy_stream)[0], "cuMemcpyDtoHAsync")
+            self.check(_stream_sync(self._copy_stream)[0], "cuStreamSynchronize")
+
     def close(self) -> None:
         with self._lock:
             ids = list(self._tenants)
         for tenant_id in ids:
             self.close_tenant(tenant_id)
+        failed: list[tuple[Any, str]] = []
 
         def release() -> None:
             if not self.poison_reason:
-                for ptr, _ in self._pinned:
-                    cu.cuMemFreeHost(ptr)
+                for ptr, _ in [*self._pinned, *self._regions]:
+                    (err,) = cu.cuMemFreeHost(ptr)
+                    if err:
+                        failed.append((err, "cuMemFreeHost"))
+                if self._scratch_pool is not None:
+                    (err,) = cu.cuStreamSynchronize(self._copy_stream)
+                    if err:
+                        failed.append((err, "cuStreamSynchronize"))
+                    (err,) = cu.cuMemPoolDestroy(self._scratch_pool)
+                    if err:
+                        failed.append((err, "cuMemPoolDestroy (snapshot scratch)"))
+                for stream in (self._probe_stream, self._copy_stream):
+                    (err,) = cu.cuStreamDestroy(stream)
+                    if err:
+                        failed.append((err, "cuStreamDestroy"))
             self._pinned.clear()
-            cu.cuDevicePrimaryCtxRelease(self._dev)
+            self._regions.clear()
+            (err,) = cu.cuDevicePrimaryCtxRelease(self._dev)
+            if err:
+                failed.append((err, "cuDevicePrimaryCtxRelease"))
 
         self._owner.call(release)
         self._owner.stop()
+        if failed:
+            self.fail(*failed[0])

@@ -1,9 +1,13 @@
 """Capture a tenant's live state into the store at one barrier.
 
-Owns the capture pipeline: quiesce the instance pool (no invoke in flight) and sync the tenant's GPU
-stream, copy wasm memory, globals and every GPU buffer (by handle) into host staging, release the
-barrier, then compress + checksum chunks on the worker threads, writing each at its own offset as it
-finishes, and commit atomically. The tenant is paused only for the copies.
+Owns the capture pipeline: quiesce the instance pool (no invoke in flight), clone every GPU buffer
+device to device (`TenantDevice.clone_buffers`, at HBM speed) and copy wasm memory and globals, release
+the barrier; then read the clone back to host staging, compress + checksum chunks on the worker
+threads, writing each at its own offset as it finishes, and commit atomically. The tenant is paused
+only for the device-side clone and the wasm memory copy; without room for a clone it is paused for
+the device-to-host copies instead. Staging is a hot-tier slot when the tier has room, laid out as a
+restore lays it out: the committed snapshot then enters the tier with one seal per chunk, computed
+while the chunk is being compressed.
 Must not import wasmtime or cuda; reaches the engine and accelerator through their protocols.
 """
 
@@ -20,6 +24,7 @@ import zstandard
 from tensorwasm.runtime import metrics
 from tensorwasm.runtime.accel.base import Accelerator, TenantDevice
 from tensorwasm.runtime.snapshots import codec
+from tensorwasm.runtime.snapshots.hot_tier import HOT_TIERS, HotTier, Slot, chunk_seal
 from tensorwasm.runtime.snapshots.pipeline import (
     STAGING,
     SnapshotPool,
@@ -40,6 +45,7 @@ class CaptureResult:
     manifest: codec.Manifest
     size_bytes: int
     timings: dict[str, float]
+    hot: bool = False  # the snapshot entered the hot tier
 
 
 _local = threading.local()
@@ -55,19 +61,20 @@ def _cctx() -> zstandard.ZstdCompressor:
 class _ChunkWriter:
     """Compresses chunks on worker threads and appends them in completion order (offsets under a lock)."""
 
-    def __init__(self, pending: PendingBlob) -> None:
+    def __init__(self, pending: PendingBlob, seal: bool) -> None:
         self.pending = pending
         self.cursor = codec.HEADER_SIZE
         self.lock = threading.Lock()
+        self.seal = seal
 
-    def write(self, data: memoryview) -> codec.Chunk:
+    def write(self, data: memoryview) -> tuple[codec.Chunk, int]:
         kind, stored = codec.encode_chunk(data, _cctx())
         digest = codec.checksum(stored)
         with self.lock:
             offset = self.cursor
             self.cursor += len(stored)
         self.pending.pwrite(stored, offset)
-        return codec.Chunk(offset, len(stored), len(data), kind, digest)
+        return codec.Chunk(offset, len(stored), len(data), kind, digest), chunk_seal(data) if self.seal else 0
 
 
 def capture_snapshot(
@@ -81,35 +88,62 @@ def capture_snapshot(
     accelerator: Accelerator | None = None,
     tenant: str = "",
     chunk_size: int | None = None,
+    hot: HotTier | None = None,
 ) -> CaptureResult:
-    """Capture, encode and durably store one snapshot; returns where it is and its digest."""
+    """Capture, encode and durably store one snapshot; returns where it is and its digest.
+
+    `hot` defaults to the accelerator's tier (`HOT_TIERS`); the snapshot enters it when it fits."""
+    tier = hot if hot is not None else HOT_TIERS.for_accelerator(accelerator)
     watch = Stopwatch()
-    with STAGING.turn(accelerator) as staging:
-        with pool.quiesce():
-            state = pool.capture_state()
-            sizes = dict(sorted(device.buffers().items())) if device is not None else {}
-            memory = state.memory
-            # bytes are already a private copy; a view of live memory must be copied before release.
-            copy_memory = not isinstance(memory, bytes)
-            offsets = layout([*sizes.values(), len(memory) if copy_memory else 0])
-            stage = staging.view(offsets[-1])
-            if device is not None:
-                device.sync()
-                for (handle, size), off in zip(sizes.items(), offsets, strict=False):
-                    if size:
+    slot: Slot | None = None
+    try:
+        with STAGING.turn(accelerator) as staging:
+            with pool.quiesce():
+                state = pool.capture_state()
+                sizes = dict(sorted(device.buffers().items())) if device is not None else {}
+                memory = state.memory
+                globals_ = list(state.globals)
+                globals_bytes = codec.encode_globals(globals_)
+                # The restore layout: GPU buffers by handle, wasm memory, globals; each page-aligned.
+                offsets = layout([*sizes.values(), len(memory), len(globals_bytes)])
+                slot = tier.reserve(offsets[-1]) if tier is not None else None
+                stage = slot.view if slot is not None else staging.view(offsets[-1])
+                clone = device.clone_buffers() if device is not None and sizes else None
+                if device is not None and sizes and clone is None:
+                    device.sync()  # no room for a device-side clone: copy to host inside the barrier
+                    for (handle, size), off in zip(sizes.items(), offsets, strict=False):
                         device.read_into(handle, 0, stage[off : off + size])
-            if copy_memory:
-                parallel_copy(stage[offsets[-2] : offsets[-2] + len(memory)], memory)
-                memory = stage[offsets[-2] : offsets[-2] + len(memory)]
-            globals_ = list(state.globals)
-            watch.lap("barrier")
-        # The tenant runs again from here; encoding reads only the staged copies.
-        gpu = {h: stage[off : off + n] for (h, n), off in zip(sizes.items(), offsets, strict=False)}
-        result = write_snapshot(
-            store,
-            watch, tenant_uid=tenant_uid, module_sha256=module_sha256, generation=generation,
-            memory=memory, globals_=globals_, gpu=gpu, tenant=tenant, chunk_size=chunk_size,
-        )  # fmt: skip
+                mem_at = offsets[len(sizes)]
+                if not isinstance(memory, bytes):  # a view of live memory: copy before release
+                    parallel_copy(stage[mem_at : mem_at + len(memory)], memory)
+                watch.lap("barrier")
+            # The tenant runs again from here; encoding reads only the staged copies.
+            if clone is not None:
+                try:
+                    for (handle, size), off in zip(sizes.items(), offsets, strict=False):
+                        clone.read_into(handle, stage[off : off + size])
+                finally:
+                    clone.close()
+            if isinstance(memory, bytes):
+                parallel_copy(stage[mem_at : mem_at + len(memory)], memory)
+            glob_at = offsets[len(sizes) + 1]
+            stage[glob_at : glob_at + len(globals_bytes)] = globals_bytes
+            watch.lap("stage")
+            gpu = {h: stage[off : off + n] for (h, n), off in zip(sizes.items(), offsets, strict=False)}
+            result, seals = _write(
+                store,
+                watch, tenant_uid=tenant_uid, module_sha256=module_sha256, generation=generation,
+                memory=stage[mem_at : mem_at + len(memory)], globals_=globals_, gpu=gpu, tenant=tenant,
+                chunk_size=chunk_size, seal=slot is not None,
+            )  # fmt: skip
+        if slot is not None and tier is not None:
+            tier.insert(slot, result.digest, result.manifest, seals)
+            slot = None
+            result = CaptureResult(result.path, result.digest, result.manifest, result.size_bytes,
+                                   result.timings, hot=True)  # fmt: skip
+    finally:
+        if slot is not None and tier is not None:
+            tier.release(slot)
     return result
 
 
@@ -127,18 +161,39 @@ def write_snapshot(
     chunk_size: int | None = None,
 ) -> CaptureResult:
     """Encode host copies of a tenant's state on the worker threads and commit them atomically."""
+    return _write(
+        store, watch, tenant_uid=tenant_uid, module_sha256=module_sha256, generation=generation,
+        memory=memory, globals_=globals_, gpu=gpu, tenant=tenant, chunk_size=chunk_size, seal=False,
+    )[0]  # fmt: skip
+
+
+def _write(
+    store: SnapshotStore,
+    watch: Stopwatch | None,
+    *,
+    tenant_uid: str,
+    module_sha256: str,
+    generation: int,
+    memory: bytes | memoryview,
+    globals_: list[codec.GlobalValue],
+    gpu: Mapping[int, bytes | bytearray | memoryview],
+    tenant: str,
+    chunk_size: int | None,
+    seal: bool,
+) -> tuple[CaptureResult, list[int]]:
+    """write_snapshot, plus the hot-tier seal of every chunk's raw bytes when `seal` (in chunk order)."""
     watch = watch or Stopwatch()
     regions = codec.plan_regions(memory, globals_, gpu)
     chunk_size = chunk_size or codec.choose_chunk_size(sum(len(r.data) for r in regions))
     with store.begin(tenant_uid) as pending:
-        writer = _ChunkWriter(pending)
+        writer = _ChunkWriter(pending, seal)
         jobs = [
             (region, region.data[start : start + n])
             for region in regions
             for start, n in codec.split(len(region.data), chunk_size)
         ]
-        chunks = list(workers().map(lambda job: writer.write(job[1]), jobs))
-        for (region, _), chunk in zip(jobs, chunks, strict=True):
+        written = list(workers().map(lambda job: writer.write(job[1]), jobs))
+        for (region, _), (chunk, _) in zip(jobs, written, strict=True):
             region.chunks.append(chunk)
         manifest = codec.build_manifest(
             tenant_uid=tenant_uid, module_sha256=module_sha256, generation=generation, regions=regions,
@@ -157,4 +212,4 @@ def write_snapshot(
     size = writer.cursor + len(body)
     metrics.SNAPSHOT_BYTES.labels("capture", "raw").inc(manifest.raw_bytes)
     metrics.SNAPSHOT_BYTES.labels("capture", "stored").inc(size)
-    return CaptureResult(path, digest, manifest, size, timings)
+    return CaptureResult(path, digest, manifest, size, timings), [s for _, s in written]

@@ -1,22 +1,26 @@
-"""Restore a tenant from a snapshot blob: verify everything first, then a pipelined load.
+"""Restore a tenant from a snapshot: from the pinned hot tier when it holds the blob, else from the file.
 
 Owns the restore pipeline and its refusal rules. Phases (each a histogram sample):
-  read        pread header + manifest, check the root checksum and structure
-  verify      bind to tenant uid + module digest, check caps; then on the worker threads pread every
-              chunk (raw chunks straight to their final place in pinned staging, compressed ones into
-              a read-ahead area) and check its CRC-32; pread copies from the page cache with the GIL
-              released and no page faults, where an mmap costs one fault per page on first touch
-  decompress  restore_buffers, async H2D of every raw GPU chunk at once, zstd chunks decoded in
-              parallel into staging and each uploaded as soon as it is decoded (overlapped)
-  upload      the tail until the tenant's stream is synced
-  instantiate wasm memory + globals written into the pool's instances
-Nothing of the tenant changes until `read` and `verify` pass: a refused blob leaves state untouched.
+  read        file: pread header + manifest, check the root checksum and structure; hot tier: lookup
+  verify      bind to tenant uid + module digest, check caps; then, one task per chunk on the worker
+              threads: file: pread (raw chunks straight to their place in pinned staging, zstd ones
+              into a read-ahead area), check the CRC-32, decode, seal for the hot tier; hot tier:
+              check the entry's seal. A chunk that passed is uploaded at once into unpublished GPU
+              buffers (`TenantDevice.stage_restore`) when the cap has room for them beside the live
+              ones, so checking overlaps the copies; otherwise uploads wait until every chunk passed
+  upload      the tail until the tenant's stream is synced (everything, when uploads had to wait)
+  instantiate under the pool's barrier: the unpublished buffers become the tenant's (or the buffers
+              are recreated and filled), wasm memory + globals written into the pool's instances
+Nothing the tenant can see changes until every chunk passed: a refused blob leaves state untouched
+(unpublished buffers are freed; the cap counted them meanwhile). A hot entry that fails its seal is
+dropped from the tier and the restore falls back to the file, which is checked on its own.
 Must not import wasmtime or cuda; reaches the engine and accelerator through their protocols.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -28,6 +32,7 @@ from tensorwasm.runtime import metrics
 from tensorwasm.runtime.accel.base import Accelerator, TenantDevice
 from tensorwasm.runtime.errors import GpuMemoryExhausted, SnapshotRejected
 from tensorwasm.runtime.snapshots import codec
+from tensorwasm.runtime.snapshots.hot_tier import HOT_TIERS, HotEntry, HotTier, Slot, chunk_seal, digest_of
 from tensorwasm.runtime.snapshots.pipeline import PACKED, STAGING, SnapshotPool, Stopwatch, layout, workers
 from tensorwasm.runtime.snapshots.store import SnapshotStore
 
@@ -43,6 +48,7 @@ class RestoreResult:
     digest: str
     manifest: codec.Manifest
     timings: dict[str, float]
+    source: str = "file"  # "hot": served from the pinned hot tier
 
 
 def check_binding(
@@ -102,6 +108,10 @@ def check_pool(pool: SnapshotPool, memory_bytes: int, globals_: list[codec.Globa
         raise SnapshotRejected(f"snapshot globals {got} do not match the module's mutable globals {want}")
 
 
+class _EntryCorrupt(SnapshotRejected):
+    """A hot-tier entry failed its seal (the file is still checked on its own)."""
+
+
 def restore_snapshot(
     path: Path,
     *,
@@ -112,47 +122,219 @@ def restore_snapshot(
     accelerator: Accelerator | None = None,
     memory_limit: int | None = None,
     make_state: Callable[[memoryview, list[codec.GlobalValue]], Any] | None = None,
+    hot: HotTier | None = None,
 ) -> RestoreResult:
-    """Verify `path` completely, then load it into `pool` and `device`; SnapshotRejected if refused."""
+    """Verify the snapshot completely, then load it into `pool` and `device`; SnapshotRejected if refused.
+
+    `hot` defaults to the accelerator's tier (`HOT_TIERS`, sized by the shard's settings)."""
+    tier = hot if hot is not None else HOT_TIERS.for_accelerator(accelerator)
+    digest = digest_of(path) if tier is not None else None
+    target = _Target(tenant_uid, module_sha256, pool, device, memory_limit, make_state)
+    try:
+        if tier is not None and digest is not None:
+            with tier.lease(digest) as entry:
+                if entry is not None:
+                    try:
+                        result = _restore_hot(entry, target)
+                    except _EntryCorrupt as exc:
+                        tier.drop(digest)
+                        metrics.SNAPSHOT_HOT_TIER_LOOKUPS.labels("corrupt").inc()
+                        log.error(
+                            "Dropped corrupt hot-tier snapshot digest=%s message=%s", digest, exc.message
+                        )
+                    else:
+                        metrics.SNAPSHOT_HOT_TIER_LOOKUPS.labels("hit").inc()
+                        return _observed(result)
+                else:
+                    metrics.SNAPSHOT_HOT_TIER_LOOKUPS.labels("miss").inc()
+        return _observed(_restore_file(path, target, accelerator, tier))
+    except SnapshotRejected:
+        metrics.SNAPSHOT_REJECTED.inc()
+        raise
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Whom a restore is for, and how its wasm state is built."""
+
+    tenant_uid: str
+    module_sha256: str
+    pool: SnapshotPool
+    device: TenantDevice | None
+    memory_limit: int | None
+    make_state: Callable[[memoryview, list[codec.GlobalValue]], Any] | None
+
+    def bind(self, m: codec.Manifest) -> None:
+        check_binding(m, tenant_uid=self.tenant_uid, module_sha256=self.module_sha256, device=self.device,
+                      memory_limit=self.memory_limit)  # fmt: skip
+
+
+def _observed(result: RestoreResult) -> RestoreResult:
+    for phase, seconds in result.timings.items():
+        metrics.SNAPSHOT_RESTORE_PHASE_SECONDS.labels(phase).observe(seconds)
+    metrics.SNAPSHOT_BYTES.labels("restore", "raw").inc(result.manifest.raw_bytes)
+    return result
+
+
+def _restore_hot(entry: HotEntry, target: _Target) -> RestoreResult:
+    """Seals checked (overlapped with the uploads when the cap allows), then published."""
+    watch = Stopwatch()
+    m = entry.manifest
+    if entry.plan is None:
+        entry.plan = _Plan(m)
+    plan: _Plan = entry.plan
+    watch.lap("read")
+    target.bind(m)
+    stage = entry.slot.view
+
+    def check(i: int) -> None:
+        _, _, at, _ = plan.chunks[i]
+        if chunk_seal(stage[at : at + m.chunks[i].size]) != entry.seals[i]:
+            raise _EntryCorrupt(f"hot-tier copy of chunk {i} ({codec._region_of(m, i)}) is damaged")
+
+    _load(plan, stage, target, watch, check, serial=m.raw_bytes <= _SERIAL_RAW_BYTES)
+    return RestoreResult(entry.digest, m, watch.total(), source="hot")
+
+
+def _restore_file(
+    path: Path, target: _Target, accelerator: Accelerator | None, tier: HotTier | None
+) -> RestoreResult:
     watch = Stopwatch()
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
-        raise SnapshotRejected(f"snapshot {path} cannot be read: {exc.strerror or exc}") from exc
+        raise SnapshotRejected(f"snapshot {path} cannot be read: {exc.strerror or exc}") from None
+    slot: Slot | None = None
     try:
         parsed = codec.parse_parts(lambda offset, n: os.pread(fd, n, offset), os.fstat(fd).st_size)
         m = parsed.manifest
         watch.lap("read")
-        check_binding(m, tenant_uid=tenant_uid, module_sha256=module_sha256, device=device,
-                      memory_limit=memory_limit)  # fmt: skip
+        target.bind(m)
         plan = _Plan(m)
-        with STAGING.turn(accelerator) as staging, PACKED.turn(None) as packed:
-            stage = staging.view(plan.stage_bytes)
-            ahead = packed.view(plan.packed_bytes)
-            plan.fetch_all(fd, stage, ahead)
-            globals_ = codec.decode_globals(plan.region_view(stage, m.region("globals")))
-            watch.lap("verify")
-            with pool.quiesce():
-                check_pool(pool, m.region("wasm_memory").size, globals_)
-                plan.load(stage, ahead, device, watch)
-                memory = plan.region_view(stage, m.region("wasm_memory"))
-                pool.restore_state((make_state or _wasm_state)(memory, globals_))
-                watch.lap("instantiate")
-    except SnapshotRejected:
-        metrics.SNAPSHOT_REJECTED.inc()
-        raise
+        # Decode straight into a hot-tier slot when one is free: the next restore is then a copy.
+        slot = tier.reserve(plan.stage_bytes) if tier is not None else None
+        seals: list[int] | None = [0] * len(m.chunks) if slot is not None else None
+        with contextlib.ExitStack() as turns:
+            if slot is not None:
+                stage = slot.view
+            else:
+                stage = turns.enter_context(STAGING.turn(accelerator)).view(plan.stage_bytes)
+            ahead = (
+                turns.enter_context(PACKED.turn(None)).view(plan.packed_bytes) if plan.packed_bytes else None
+            )
+
+            def fetch(i: int) -> None:
+                c = m.chunks[i]
+                _, _, at, packed_at = plan.chunks[i]
+                out = stage[at : at + c.size]
+                if packed_at < 0:
+                    _pread_into(fd, out, c.offset)
+                    codec.check_stored(out, m, i)
+                else:
+                    assert ahead is not None
+                    packed = ahead[packed_at : packed_at + c.stored]
+                    _pread_into(fd, packed, c.offset)
+                    codec.check_stored(packed, m, i)
+                    codec.decode_stored_into(packed, c, out)
+                if seals is not None:
+                    seals[i] = chunk_seal(out)
+
+            _load(plan, stage, target, watch, fetch, serial=m.stored_bytes <= _SERIAL_BYTES)
+        if slot is not None and seals is not None and tier is not None:
+            tier.insert(slot, parsed.digest, m, seals)
+            slot = None
     finally:
         os.close(fd)
-    timings = watch.total()
-    for phase, seconds in timings.items():
-        metrics.SNAPSHOT_RESTORE_PHASE_SECONDS.labels(phase).observe(seconds)
-    metrics.SNAPSHOT_BYTES.labels("restore", "raw").inc(m.raw_bytes)
+        if slot is not None and tier is not None:
+            tier.release(slot)
     metrics.SNAPSHOT_BYTES.labels("restore", "stored").inc(parsed.file_length)
-    return RestoreResult(parsed.digest, m, timings)
+    return RestoreResult(parsed.digest, m, watch.total())
+
+
+def _load(
+    plan: _Plan,
+    stage: memoryview,
+    target: _Target,
+    watch: Stopwatch,
+    prepare: Callable[[int], None],
+    *,
+    serial: bool,
+) -> None:
+    """Run `prepare(i)` for every chunk (it fills and checks chunk i in `stage`), upload, publish."""
+    m, device = plan.m, target.device
+    gpu_sizes = m.gpu_buffers()
+    staged: dict[int, int] | None = None
+    if device is not None:
+        try:
+            staged = device.stage_restore(gpu_sizes)
+        except GpuMemoryExhausted:
+            staged = None  # no room beside the live buffers: upload only after every chunk passed
+    published = False
+    try:
+
+        def one(i: int) -> None:
+            prepare(i)
+            if staged is not None:
+                plan.upload(device, stage, i, staged)
+
+        _run_all(one, range(len(m.chunks)), serial)
+        globals_ = codec.decode_globals(plan.region_view(stage, m.region("globals")))
+        watch.lap("verify")
+        if device is not None and staged is not None:
+            device.sync()  # the copies still in flight behind the last checks
+        watch.lap("upload")
+        with target.pool.quiesce():
+            check_pool(target.pool, m.region("wasm_memory").size, globals_)
+            if device is not None and staged is not None:
+                device.publish_restore(staged)
+                published = True
+            elif device is not None:
+                try:
+                    # all-or-nothing, the first state change; refused when it does not fit the cap
+                    device.restore_buffers(gpu_sizes)
+                except GpuMemoryExhausted as exc:
+                    raise SnapshotRejected(
+                        f"snapshot GPU buffers do not fit the tenant's cap: {exc.message}", reason="OverCap"
+                    ) from exc
+                for i in range(len(m.chunks)):
+                    plan.upload(device, stage, i, None)
+                device.sync()
+                watch.lap("upload")
+            memory = plan.region_view(stage, m.region("wasm_memory"))
+            target.pool.restore_state((target.make_state or _wasm_state)(memory, globals_))
+            watch.lap("instantiate")
+    except BaseException:
+        if device is not None and staged is not None and not published:
+            _discard(device, staged)
+        raise
+
+
+def _discard(device: TenantDevice, staged: dict[int, int]) -> None:
+    """Free unpublished buffers once no copy into them is in flight (their source may be a hot slot)."""
+    with contextlib.suppress(Exception):
+        device.sync()
+    for temp in staged.values():
+        with contextlib.suppress(Exception):
+            device.free(temp)
+
+
+def _run_all(fn: Callable[[int], None], indices: range, serial: bool) -> None:
+    """fn(i) for every index; on the worker threads unless `serial`. Every task has ended on return,
+    also when one raised (the first error is re-raised), so nothing runs on behind the caller."""
+    if serial:
+        for i in indices:
+            fn(i)
+        return
+    futures = [workers().submit(fn, i) for i in indices]
+    cf.wait(futures)
+    for f in futures:
+        f.result()
 
 
 # Below this many stored bytes, thread hand-offs cost more than they save (CRC-32 runs ~2.5 GB/s).
 _SERIAL_BYTES = 256 << 10
+# Seals run at memory bandwidth: below this many raw bytes the hot path checks on one thread.
+_SERIAL_RAW_BYTES = 2 << 20
 
 
 class _Plan:
@@ -176,77 +358,18 @@ class _Plan:
                     ahead, packed = packed, packed + c.stored
                 self.chunks[i] = (r, start, self.base[r] + start, ahead)
         self.packed_bytes = packed
-        self.serial = m.stored_bytes <= _SERIAL_BYTES
 
     def region_view(self, stage: memoryview, r: codec.Region) -> memoryview:
         return stage[self.base[r] : self.base[r] + r.size]
 
-    def _map(self, fn: Callable[[int], None], indices: list[int]) -> list[cf.Future[None]] | None:
-        if self.serial:
-            for i in indices:
-                fn(i)
-            return None
-        return [workers().submit(fn, i) for i in indices]
-
-    def fetch_all(self, fd: int, stage: memoryview, ahead: memoryview) -> None:
-        """pread + checksum every chunk; raises SnapshotRejected before anything of the tenant changes."""
-
-        def fetch(i: int) -> None:
-            c = self.m.chunks[i]
-            _, _, at, slot = self.chunks[i]
-            dst = stage[at : at + c.size] if slot < 0 else ahead[slot : slot + c.stored]
-            _pread_into(fd, dst, c.offset)
-            codec.check_stored(dst, self.m, i)
-
-        futures = self._map(fetch, list(range(len(self.m.chunks))))
-        for f in futures or ():
-            f.result()
-
-    def load(
-        self, stage: memoryview, ahead: memoryview, device: TenantDevice | None, watch: Stopwatch
+    def upload(
+        self, device: TenantDevice | None, stage: memoryview, i: int, staged: dict[int, int] | None
     ) -> None:
-        """GPU buffers recreated, raw chunks uploaded at once, zstd chunks decoded then uploaded."""
-        m = self.m
-        if device is not None:
-            try:
-                device.restore_buffers(m.gpu_buffers())  # all-or-nothing: the first state change
-            except GpuMemoryExhausted as exc:
-                raise SnapshotRejected(
-                    f"snapshot GPU buffers do not fit the tenant's cap: {exc.message}", reason="OverCap"
-                ) from exc
-        packed = [i for i, (_, _, _, slot) in enumerate(self.chunks) if slot >= 0]
-        if device is not None:
-            for i, (r, start, at, slot) in enumerate(self.chunks):
-                if slot < 0 and r.handle is not None:
-                    device.write_async(r.handle, start, stage[at : at + m.chunks[i].size])
-
-        def decode(i: int) -> None:
-            c = m.chunks[i]
-            _, _, at, slot = self.chunks[i]
-            codec.decode_stored_into(ahead[slot : slot + c.stored], c, stage[at : at + c.size])
-
-        futures = self._map(decode, packed)
-        if futures is None:
-            done: list[int] = packed
-        else:
-            index = {f: i for f, i in zip(futures, packed, strict=True)}
-            done = []
-            for f in cf.as_completed(futures):
-                f.result()
-                done.append(index[f])
-                self._upload(device, stage, index[f])  # H2D overlaps the chunks still decoding
-        if futures is None:
-            for i in done:
-                self._upload(device, stage, i)
-        watch.lap("decompress")
-        if device is not None:
-            device.sync()
-        watch.lap("upload")
-
-    def _upload(self, device: TenantDevice | None, stage: memoryview, i: int) -> None:
+        """Queue chunk i's host-to-device copy (GPU regions only), into `staged` temporaries if given."""
         r, start, at, _ = self.chunks[i]
         if device is not None and r.handle is not None:
-            device.write_async(r.handle, start, stage[at : at + self.m.chunks[i].size])
+            handle = staged[r.handle] if staged is not None else r.handle
+            device.write_async(handle, start, stage[at : at + self.m.chunks[i].size])
 
 
 def _pread_into(fd: int, dst: memoryview, offset: int) -> None:

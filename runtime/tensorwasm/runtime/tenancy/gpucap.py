@@ -4,8 +4,7 @@ Owns `GpuCap`, the check-and-add that runs before every device allocation. Pytho
 compare-and-swap on ints, so the compare and the swap happen under one lock: no two threads can both
 see room for the last bytes. Sizes are charged at the pool's granularity, so the counter never reports
 less than the driver maps. No limit means accounting only: nothing is refused, everything is counted.
-The CUDA backend inlines `reserve` / `release` on its alloc/free hot path (same lock, same fields:
-one Python frame less per call); a change to the counting here must be mirrored in accel/cuda.py.
+Both backends call `reserve` / `release` on their alloc/free paths: this is the only copy of the counting.
 Pure: must not import cuda, numpy or wasmtime.
 """
 
