@@ -47,6 +47,11 @@ CHART := helm/tensorwasm
 # The cached control-plane build holds helm too (build.sh prints its bin dir last, and is instant once built).
 HELM = "$$(bash hack/controlplane/build.sh 2>/dev/null | tail -1)/helm"
 
+.PHONY: crds
+crds: install ## Regenerate crds/ from the spec models (tensorwasm.api) and copy them into the chart
+	$(PY) -m tensorwasm.api.crd crds
+	$(MAKE) --no-print-directory helm-sync
+
 .PHONY: helm-sync
 helm-sync: ## Copy crds/ and the selftest module into the Helm chart (a chart cannot read files outside itself)
 	@mkdir -p $(CHART)/files/crds $(CHART)/files/selftest

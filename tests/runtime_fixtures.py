@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from tensorwasm.api.tenant import Limits
 from tensorwasm.runtime import metrics
 from tensorwasm.runtime.accel import select_accelerator
 from tensorwasm.runtime.api.app import build_app
@@ -27,7 +28,7 @@ from tensorwasm.runtime.api.server import serve
 from tensorwasm.runtime.engine import Engine
 from tensorwasm.runtime.modules import ModuleLoader
 from tensorwasm.runtime.shard import Shard, TenantStatus
-from tensorwasm.runtime.tenancy.config import ModuleSource, TenantConfig, TenantLimits
+from tensorwasm.runtime.tenancy.config import ModuleSource, TenantConfig
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 T = TypeVar("T")
@@ -44,14 +45,14 @@ def tenant(
     token: str | None = None,
     **limits: Any,
 ) -> TenantConfig:
-    """A tenant serving tests/fixtures/<fixture>; `limits` are TenantLimits fields."""
+    """A tenant serving tests/fixtures/<fixture>; `limits` are Limits fields."""
     path = FIXTURES / fixture
     return TenantConfig(
         name=name,
         token=token or f"token-{name}-0123456789",
         module=ModuleSource(sha256=sha256_of(path), path=path),
         functions=tuple(functions),
-        limits=TenantLimits(**limits),
+        limits=Limits(**limits),
     )
 
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
+from tensorwasm.api.group import FINALIZER
 from tensorwasm.dev.stack import LocalStack
 from tensorwasm.operator.desired.admission import finalizer_policy_name
-from tensorwasm.operator.settings import FINALIZER
 
 from .conftest import TenantOps, kube_json, tenant_manifest, wait_for
 

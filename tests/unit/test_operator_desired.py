@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from tensorwasm.operator.conditions import (
+from tensorwasm.api.conditions import (
     Placement,
     desired_status,
     merge_conditions,
     status_patch,
     tenant_phase,
 )
-from tensorwasm.operator.desired.meta import shard_ordinal
+from tensorwasm.api.names import shard_ordinal
+from tensorwasm.api.tenant import parse_tenant
 from tensorwasm.operator.desired.shards import build_shard_service, build_shard_statefulset
 from tensorwasm.operator.desired.tenant import build_tenant_service, build_token_secret
-from tensorwasm.operator.models import parse_tenant
 from tensorwasm.operator.reconciler import is_subset
 from tensorwasm.operator.settings import OperatorSettings, load_settings
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tensorwasm.operator.models import parse_tenant
+from tensorwasm.api.tenant import parse_tenant
 from tensorwasm.operator.snapshots import (
     build_snapshot,
     last_snapshot,

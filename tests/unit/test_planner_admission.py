@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import pytest
 
+from tensorwasm.api.fields import InvalidSpec
+from tensorwasm.api.tenant import parse_spec
 from tensorwasm.planner.admission import (
     INSTANCE_OVERHEAD_BYTES,
     RESOURCE_ORDER,
     ShardCapacity,
     ShardUsage,
     TenantDemand,
+    admit_spec,
     binding_resource,
     insufficient_capacity_message,
     tenant_demand,
@@ -18,13 +21,13 @@ from tensorwasm.planner.admission import (
 MI = 1 << 20
 GI = 1 << 30
 
+SPEC = {"module": {"url": "https://x/m.wasm", "sha256": "a" * 64}, "functions": ["f"]}
 SHARD = ShardCapacity(gpu_memory_bytes=3 * GI, sm_percent=100, host_memory_bytes=4 * GI, max_tenants=8)
 
 
 def test_tenant_demand_counts_one_instance_per_concurrent_invoke() -> None:
-    demand = tenant_demand(
-        gpu_cap_bytes=256 * MI, sm_percent=25, linear_memory_bytes=64 * MI, max_concurrency=4
-    )
+    limits = {"gpuMemory": "256Mi", "linearMemory": "64Mi", "maxConcurrency": 4}
+    demand = tenant_demand(parse_spec({**SPEC, "limits": limits, "gpu": {"smPercent": 25}}))
     assert demand == TenantDemand(256 * MI, 25, 4 * (64 * MI + INSTANCE_OVERHEAD_BYTES))
 
 
@@ -80,18 +83,11 @@ def test_message_names_resource_and_figures() -> None:
     assert "tenants" in tenants and "9" in tenants and "8" in tenants
 
 
-@pytest.mark.parametrize(
-    ("args", "field"),
-    [
-        ((-1, 0, MI, 1), "gpuMemory"),
-        ((0, 101, MI, 1), "smPercent"),
-        ((0, 0, -5, 1), "linearMemory"),
-        ((0, 0, MI, 0), "maxConcurrency"),
-    ],
-)
-def test_bad_demand_names_the_field(args: tuple[int, int, int, int], field: str) -> None:
-    with pytest.raises(ValueError, match=field):
-        tenant_demand(*args)
+def test_admission_refuses_what_the_spec_model_refuses() -> None:
+    # No second validator: an invalid spec never becomes a demand (issue 12's gpuMemory 0 verdict).
+    with pytest.raises(InvalidSpec, match=r"spec\.limits\.gpuMemory"):
+        admit_spec({**SPEC, "limits": {"gpuMemory": 0}})
+    assert admit_spec(SPEC).gpu_memory_bytes == 0  # absent: accounting only, reserves nothing
 
 
 def test_bad_capacity_and_resource_name() -> None:

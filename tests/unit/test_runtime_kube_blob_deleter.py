@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tensorwasm.runtime.snapshots.kube import blob_deleter, shard_ordinal
+from tensorwasm.api.names import shard_sort_key
+from tensorwasm.runtime.snapshots.kube import blob_deleter
 
 
 def snap(captured_by: str | None) -> dict[str, Any]:
@@ -30,4 +31,4 @@ def test_no_live_shard_means_nobody_acts() -> None:
 
 
 def test_shard_ordinal_sorts_names_without_an_ordinal_last() -> None:
-    assert sorted(["b", "x-3", "x-12", "x-0"], key=shard_ordinal) == ["x-0", "x-3", "x-12", "b"]
+    assert sorted(["b", "x-3", "x-12", "x-0"], key=shard_sort_key) == ["x-0", "x-3", "x-12", "b"]

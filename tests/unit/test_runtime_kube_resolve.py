@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from tensorwasm.operator.conditions import Placement, desired_status, status_patch
-from tensorwasm.operator.models import parse_tenant
+from tensorwasm.api.conditions import Placement, desired_status, status_patch
+from tensorwasm.api.tenant import parse_tenant
 from tensorwasm.runtime.shard import TenantStatus
 from tensorwasm.runtime.sources.kube import (
     ClusterView,

@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "tensorwasm.cli.runtime",
     "tensorwasm.cli.plan",
     "tensorwasm.cli.snapshot",
+    "tensorwasm.cli.tenant",
 )
 
 

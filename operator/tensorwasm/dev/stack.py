@@ -27,13 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from tensorwasm.api.group import API_VERSION as TENANT_API_VERSION
+from tensorwasm.api.group import FINALIZER
 from tensorwasm.operator.desired.admission import (
     build_finalizer_binding,
     build_finalizer_policy,
     finalizer_policy_name,
 )
-from tensorwasm.operator.desired.meta import TENANT_API_VERSION
-from tensorwasm.operator.settings import FINALIZER
 
 LISTENING = re.compile(r"Runtime listening addr=127\.0\.0\.1:(\d+)")
 

@@ -19,18 +19,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from tensorwasm.api.group import API_VERSION, SNAPSHOT
+from tensorwasm.api.snapshot import FAILED, READY, phase_of
+from tensorwasm.api.stamps import parse_rfc3339
+from tensorwasm.api.tenant import Tenant
 from tensorwasm.operator.kube import KubeApi, resource_path
-from tensorwasm.operator.models import Tenant
-from tensorwasm.operator.snapshots import (
-    FAILED,
-    MOVE,
-    READY,
-    build_snapshot,
-    parse_time,
-    phase_of,
-    short_id,
-    snapshot_name,
-)
+from tensorwasm.operator.snapshots import MOVE, build_snapshot, short_id, snapshot_name
 
 log = logging.getLogger("tensorwasm.operator")
 
@@ -72,7 +66,7 @@ class SnapshotMove:
         self._created: set[str] = set()  # created by this process, maybe not yet in the cache
 
     async def ready_to_move(self, tenant: Tenant, source: str, target: str) -> MoveStep:
-        if tenant.spec is None or tenant.spec.snapshot_policy != ON_MOVE:
+        if tenant.spec is None or tenant.spec.snapshot.policy != ON_MOVE:
             return MoveStep(True)
         now = self.clock()
         move = tenant.status.get("move")
@@ -83,7 +77,7 @@ class SnapshotMove:
                 if phase_of(snapshot) == FAILED:
                     log.warning("Moving Tenant %s without its move Snapshot %s (Failed)", tenant.name, name)
                 return MoveStep(True)
-            waited = (parse_time(now) - parse_time(str(move.get("startedAt") or now))).total_seconds()
+            waited = (parse_rfc3339(now) - parse_rfc3339(str(move.get("startedAt") or now))).total_seconds()
             if waited >= self.timeout_s:
                 log.warning("Moving Tenant %s: Snapshot %s not Ready after %.0fs", tenant.name, name, waited)
                 return MoveStep(True)
@@ -96,6 +90,6 @@ class SnapshotMove:
         return MoveStep(False, {"target": target, "snapshot": name, "startedAt": now})
 
     async def _create(self, tenant: Tenant, name: str) -> None:
-        path = resource_path("tensorwasm.io/v1alpha1", "snapshots", tenant.namespace)
+        path = resource_path(API_VERSION, SNAPSHOT.plural, tenant.namespace)
         await self.api.create(path, build_snapshot(tenant, name, MOVE))  # 409 (exists) is fine
         self._created.add(name)

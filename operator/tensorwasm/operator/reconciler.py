@@ -11,7 +11,6 @@ status.shard, owned objects carry ownerReferences). Must not import kopf (handle
 from __future__ import annotations
 
 import asyncio
-import datetime
 import logging
 import secrets
 from collections import Counter
@@ -20,56 +19,47 @@ from typing import Any
 
 import aiohttp
 
-from tensorwasm.operator.conditions import (
+from tensorwasm.api.conditions import (
     INSUFFICIENT_CAPACITY,
     NO_SHARDS,
     Placement,
     desired_status,
     status_patch,
 )
-from tensorwasm.operator.desired.meta import (
-    MANAGED_SELECTOR,
-    shard_ordinal,
-    shard_pod_name,
-    tenant_service_name,
-    token_secret_name,
-)
+from tensorwasm.api.group import API_VERSION, FINALIZER, LABEL_TENANT, SNAPSHOT, TENANT
+from tensorwasm.api.names import shard_ordinal, shard_pod_name, tenant_service_name
+from tensorwasm.api.snapshot import is_deleting, phase_of, tenant_of
+from tensorwasm.api.stamps import now_rfc3339
+from tensorwasm.api.tenant import Tenant, parse_tenant
+from tensorwasm.operator.desired.meta import MANAGED_SELECTOR
 from tensorwasm.operator.desired.shards import build_shard_service, build_shard_statefulset
 from tensorwasm.operator.desired.tenant import build_tenant_service, build_token_secret, tenant_endpoint
 from tensorwasm.operator.kube import KubeApi, KubeError, resource_path
 from tensorwasm.operator.kube.client import task_writes
-from tensorwasm.operator.models import Tenant, parse_tenant
 from tensorwasm.operator.moves import MoveStrategy, SnapshotMove
 from tensorwasm.operator.placement import Ledger
-from tensorwasm.operator.settings import FINALIZER, OperatorSettings
+from tensorwasm.operator.settings import OperatorSettings
 from tensorwasm.operator.snapshots import (
     PERIODIC,
     build_snapshot,
-    deleting,
     last_snapshot,
     periodic_wait_s,
-    phase_of,
     retention_victims,
     short_id,
     snapshot_name,
     tenant_not_found_status,
-    tenant_of,
 )
-from tensorwasm.planner.admission import TenantDemand, tenant_demand
+from tensorwasm.planner.admission import tenant_demand
 
 log = logging.getLogger("tensorwasm.operator")
 
 JSON = dict[str, Any]
-TENANTS = ("tensorwasm.io/v1alpha1", "tenants")
-SNAPSHOTS = ("tensorwasm.io/v1alpha1", "snapshots")
+TENANTS = (API_VERSION, TENANT.plural)
+SNAPSHOTS = (API_VERSION, SNAPSHOT.plural)
 TRANSIENT = (KubeError, aiohttp.ClientError, asyncio.TimeoutError, ConnectionError)
 MAX_BACKOFF_S = 60.0
 WARNING_PHASES = ("Pending", "Degraded", "Failed")
 SELECTOR = ",".join(f"{k}={v}" for k, v in MANAGED_SELECTOR.items())
-
-
-def utcnow() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def is_subset(desired: Any, live: Any) -> bool:
@@ -99,17 +89,6 @@ def unchanged(desired: Mapping[str, Any], live: Mapping[str, Any] | None) -> boo
     return live is not None and all(is_subset(desired.get(k), live.get(k)) for k in ("metadata", "spec"))
 
 
-def demand_of(tenant: Tenant) -> TenantDemand:
-    assert tenant.spec is not None
-    limits = tenant.spec.limits
-    return tenant_demand(
-        gpu_cap_bytes=limits.gpu_memory_bytes or 0,
-        sm_percent=tenant.spec.sm_percent,
-        linear_memory_bytes=limits.linear_memory_bytes,
-        max_concurrency=limits.max_concurrency,
-    )
-
-
 class Reconciler:
     """One per operator process; all methods run on the operator's event loop."""
 
@@ -118,7 +97,7 @@ class Reconciler:
         settings: OperatorSettings,
         api: KubeApi,
         mover: MoveStrategy | None = None,
-        clock: Callable[[], str] = utcnow,
+        clock: Callable[[], str] = now_rfc3339,
     ) -> None:
         self.settings = settings
         self.api = api
@@ -160,9 +139,8 @@ class Reconciler:
             self.tenants[body["metadata"]["name"]] = body
             tenant = parse_tenant(body)
             ordinal = shard_ordinal(self.settings.shard_name, tenant.shard)
-            valid = tenant.spec is not None and not tenant.deleting
-            if valid and ordinal is not None and ordinal < replicas:
-                self.ledger.assign(tenant.name, ordinal, demand_of(tenant))
+            if tenant.spec is not None and not tenant.deleting and ordinal is not None and ordinal < replicas:
+                self.ledger.assign(tenant.name, ordinal, tenant_demand(tenant.spec))
         log.info(
             "Started namespace=%s shards=%d tenants=%d placed=%d",
             ns,
@@ -194,7 +172,7 @@ class Reconciler:
         name = body["metadata"]["name"]
         if event_type == "DELETED":
             cache.pop(name, None)
-            tenant = body["metadata"].get("labels", {}).get("tensorwasm.io/tenant")
+            tenant = body["metadata"].get("labels", {}).get(LABEL_TENANT)
             if tenant in self.tenants:  # someone deleted what we own: put it back
                 self.spawn(tenant)
         else:
@@ -223,7 +201,7 @@ class Reconciler:
         if tenant in self.tenants:
             if old is None or event_type == "DELETED" or phase_of(old) != phase_of(body):
                 self.spawn(tenant)  # a move may proceed; lastSnapshot and retention may change
-        elif event_type != "DELETED" and not phase_of(body) and not deleting(body):
+        elif event_type != "DELETED" and not phase_of(body) and not is_deleting(body):
             await self._fail_orphan(body)
 
     async def _fail_orphan(self, body: Mapping[str, Any]) -> None:
@@ -369,13 +347,13 @@ class Reconciler:
         """Retention (keep the newest `retain` Ready Snapshots) and the Periodic policy's Snapshots."""
         assert tenant.spec is not None
         spec, ns = tenant.spec, tenant.namespace
-        for victim in retention_victims(tenant.name, self.snapshots.values(), spec.snapshot_retain,
+        for victim in retention_victims(tenant.name, self.snapshots.values(), spec.snapshot.retain,
                                         spec.restore_from):  # fmt: skip
             if victim not in self._deleted:
                 self._deleted.add(victim)
                 await self.api.delete(resource_path(*SNAPSHOTS, ns, victim))
-                log.info("Deleted Snapshot %s/%s (retain=%d)", ns, victim, spec.snapshot_retain)
-        if spec.snapshot_policy != "Periodic" or not spec.snapshot_interval_s:
+                log.info("Deleted Snapshot %s/%s (retain=%d)", ns, victim, spec.snapshot.retain)
+        if spec.snapshot.policy != "Periodic" or not spec.snapshot.interval_s:
             return
         now = self.clock()
         known = list(self.snapshots.values())
@@ -383,20 +361,21 @@ class Reconciler:
             known.append({"spec": {"tenant": tenant.name},
                           "metadata": {"creationTimestamp": self._periodic[tenant.name]}})  # fmt: skip
         since = str(self.tenants.get(tenant.name, {}).get("metadata", {}).get("creationTimestamp") or now)
-        wait = periodic_wait_s(tenant.name, known, spec.snapshot_interval_s, since, now)
+        wait = periodic_wait_s(tenant.name, known, spec.snapshot.interval_s, since, now)
         if wait <= 0:
             name = snapshot_name(tenant.name, PERIODIC, short_id(tenant.uid, now))
             await self.api.create(resource_path(*SNAPSHOTS, ns), build_snapshot(tenant, name, PERIODIC))
             self._periodic[tenant.name] = now
-            log.info("Created Snapshot %s/%s (Periodic every %ds)", ns, name, spec.snapshot_interval_s)
-            wait = spec.snapshot_interval_s
+            log.info("Created Snapshot %s/%s (Periodic every %ds)", ns, name, spec.snapshot.interval_s)
+            wait = spec.snapshot.interval_s
         timer = self._timers.pop(tenant.name, None)
         if timer is not None:
             timer.cancel()
         self._timers[tenant.name] = asyncio.get_running_loop().call_later(wait + 1, self.spawn, tenant.name)
 
     async def _place(self, tenant: Tenant) -> tuple[Placement, Mapping[str, Any] | None]:
-        name, demand = tenant.name, demand_of(tenant)
+        assert tenant.spec is not None  # the caller placed only valid specs
+        name, demand = tenant.name, tenant_demand(tenant.spec)
         shard_name = self.settings.shard_name
         current = self.ledger.shard_of(name)
         if current is None:
@@ -405,7 +384,7 @@ class Reconciler:
                 self.ledger.assign(name, ordinal, demand)  # sticky: adopt what status says
                 current = ordinal
         if current is None:
-            preferred = tenant.spec.preferred_shard if tenant.spec else None
+            preferred = tenant.spec.placement.preferred_shard if tenant.spec else None
             decision = self.ledger.place(name, demand, preferred)
             if decision.shard is None:
                 self.pending.add(name)
@@ -428,7 +407,7 @@ class Reconciler:
         return Placement(target), None
 
     async def _ensure_secret(self, tenant: Tenant) -> str:
-        name = token_secret_name(tenant)
+        name = tenant.token_secret
         if name in self.secrets:
             return name
         path = resource_path("v1", "secrets", tenant.namespace)

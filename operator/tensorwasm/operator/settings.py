@@ -12,12 +12,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tensorwasm.operator.models.quantity import parse_bytes
+from tensorwasm.api.quantity import quantity_bytes
 from tensorwasm.planner.admission import ShardCapacity
 
 PREFIX = "TENSORWASM_OPERATOR_"
-API_GROUP = "tensorwasm.io"
-FINALIZER = f"{API_GROUP}/finalizer"
 FIELD_MANAGER = "tensorwasm-operator"
 
 
@@ -81,9 +79,9 @@ def _bytes(env: Mapping[str, str], name: str, default: int) -> int:
     if raw is None:
         return default
     try:
-        return parse_bytes(PREFIX + name, raw)
+        return quantity_bytes(raw)
     except ValueError as exc:
-        raise SettingsError(str(exc)) from None
+        raise SettingsError(f"{PREFIX}{name} {exc}") from None
 
 
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:

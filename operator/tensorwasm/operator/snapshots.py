@@ -1,37 +1,37 @@
 """Snapshot decisions of the operator: which Snapshots to create, keep, delete and report.
 
 Owns the Snapshot objects the operator creates (moves, Periodic policy), retention (the newest
-`retain` Ready Snapshots of a tenant stay), `status.lastSnapshot`, and the status of a Snapshot
-naming no Tenant. Shards capture and restore (runtime/.../snapshots/kube.py); this module only
-decides. Pure: must not import kopf or kube/, and takes the time from its callers.
+`retain` Ready Snapshots of a tenant stay; which is newest is tensorwasm.api.snapshot's),
+`status.lastSnapshot`, and the status of a Snapshot naming no Tenant. Shards capture and restore
+(runtime/.../snapshots/kube.py); this module only decides. Pure: must not import kopf or kube/,
+and takes the time from its callers.
 """
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from tensorwasm.operator.desired.meta import (
-    LABEL_MANAGED_BY,
-    LABEL_TENANT,
-    MANAGED_BY,
-    tenant_owner_reference,
+from tensorwasm.api.conditions import Condition, condition_dict
+from tensorwasm.api.group import API_VERSION, LABEL_PURPOSE, LABEL_TENANT, SNAPSHOT
+from tensorwasm.api.snapshot import (
+    FAILED,
+    READY,
+    created_key,
+    phase_of,
+    ready_snapshots,
+    ready_time,
+    tenant_of,
 )
-from tensorwasm.operator.models import Tenant
+from tensorwasm.api.stamps import parse_rfc3339
+from tensorwasm.api.tenant import Tenant
+from tensorwasm.operator.desired.meta import LABEL_MANAGED_BY, MANAGED_BY, tenant_owner_reference
 
-SNAPSHOT_API_VERSION = "tensorwasm.io/v1alpha1"
-LABEL_PURPOSE = "tensorwasm.io/purpose"
 MOVE, PERIODIC = "move", "periodic"
-READY, FAILED = "Ready", "Failed"
 TENANT_NOT_FOUND = "TenantNotFound"
 
 JSON = dict[str, Any]
-
-
-def parse_time(value: str) -> datetime.datetime:
-    return datetime.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
 
 
 def short_id(*parts: str) -> str:
@@ -46,8 +46,8 @@ def snapshot_name(tenant: str, purpose: str, short: str) -> str:
 def build_snapshot(tenant: Tenant, name: str, purpose: str) -> JSON:
     """A Snapshot of `tenant` owned by it (the garbage collector removes it with the Tenant)."""
     return {
-        "apiVersion": SNAPSHOT_API_VERSION,
-        "kind": "Snapshot",
+        "apiVersion": API_VERSION,
+        "kind": SNAPSHOT.kind,
         "metadata": {
             "name": name,
             "namespace": tenant.namespace,
@@ -56,37 +56,6 @@ def build_snapshot(tenant: Tenant, name: str, purpose: str) -> JSON:
         },
         "spec": {"tenant": tenant.name},
     }
-
-
-def tenant_of(snapshot: Mapping[str, Any]) -> str:
-    return str((snapshot.get("spec") or {}).get("tenant", ""))
-
-
-def phase_of(snapshot: Mapping[str, Any]) -> str:
-    return str((snapshot.get("status") or {}).get("phase") or "")
-
-
-def deleting(snapshot: Mapping[str, Any]) -> bool:
-    return bool((snapshot.get("metadata") or {}).get("deletionTimestamp"))
-
-
-def _created(snapshot: Mapping[str, Any]) -> tuple[str, str]:
-    meta = snapshot.get("metadata") or {}
-    return str(meta.get("creationTimestamp") or ""), str(meta.get("name") or "")
-
-
-def ready_snapshots(tenant: str, snapshots: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """The tenant's Ready Snapshots that are not being deleted, newest first."""
-    mine = [s for s in snapshots if tenant_of(s) == tenant and phase_of(s) == READY and not deleting(s)]
-    return sorted(mine, key=_created, reverse=True)
-
-
-def ready_time(snapshot: Mapping[str, Any]) -> str:
-    """When the snapshot became Ready (its Ready condition), else when it was created."""
-    for cond in (snapshot.get("status") or {}).get("conditions") or []:
-        if isinstance(cond, Mapping) and cond.get("type") == READY and cond.get("lastTransitionTime"):
-            return str(cond["lastTransitionTime"])
-    return _created(snapshot)[0]
 
 
 def last_snapshot(tenant: str, snapshots: Iterable[Mapping[str, Any]]) -> JSON | None:
@@ -116,9 +85,9 @@ def periodic_wait_s(
     Counted from the tenant's newest Snapshot of any purpose that did not fail, else from `since`
     (when the tenant was created): a manual Snapshot also resets the period.
     """
-    times = [_created(s)[0] for s in snapshots if tenant_of(s) == tenant and phase_of(s) != FAILED]
+    times = [created_key(s)[0] for s in snapshots if tenant_of(s) == tenant and phase_of(s) != FAILED]
     start = max([t for t in times if t] or [since])
-    elapsed = (parse_time(now) - parse_time(start)).total_seconds()
+    elapsed = (parse_rfc3339(now) - parse_rfc3339(start)).total_seconds()
     return interval_s - elapsed
 
 
@@ -129,14 +98,5 @@ def tenant_not_found_status(tenant: str, generation: int, now: str) -> JSON:
         "phase": FAILED,
         "reason": TENANT_NOT_FOUND,
         "message": message,
-        "conditions": [
-            {
-                "type": READY,
-                "status": "False",
-                "reason": TENANT_NOT_FOUND,
-                "message": message,
-                "observedGeneration": generation,
-                "lastTransitionTime": now,
-            }
-        ],
+        "conditions": [condition_dict(Condition(READY, "False", TENANT_NOT_FOUND, message), generation, now)],
     }

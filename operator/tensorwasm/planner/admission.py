@@ -1,14 +1,15 @@
 """Shard admission: does one more tenant fit on a runtime shard, and if not, which resource binds.
 
 Owns the pure fit test the operator's placement uses (and the planner's per-shard view of the
-capacity model). Must not import kopf, kubernetes, tensorwasm.runtime or anything that does I/O.
+capacity model). A tenant's demand comes from its validated spec (tensorwasm.api.tenant).
+Must not import kopf, kubernetes, tensorwasm.runtime or anything that does I/O.
 
 Rules (seeds' capacity model, applied to one shard's slice):
 - gpuMemory: the tenants' GPU caps carry the 1.5x fragmentation headroom of the GPU-memory
   formula: ``1.5 * (used + demand) <= slice``. The slice is the MPS pinned device-memory limit the
   driver enforces on the shard process, so the headroom must sit inside it. Tenants share the
-  shard's one CUDA context (MPS client), so no per-tenant context overhead is added here; a cap of
-  0 (accounting only) reserves nothing.
+  shard's one CUDA context (MPS client), so no per-tenant context overhead is added here; a tenant
+  without a cap (accounting only) reserves nothing.
 - smPercent: plain sum of the tenants' MPS active-thread shares, ``used + demand <= slice``.
 - hostMemory: ``used + demand <= slice`` where a tenant's demand is its linear memory times its
   max concurrency (one warm instance per concurrent invoke) plus a modeled Wasmtime per-instance
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tensorwasm.api.tenant import TenantSpec, parse_spec
 from tensorwasm.planner.units import format_bytes
 
 # Fragmentation headroom of the GPU-memory formula: CUDA allocators fragment under tenant churn.
@@ -93,17 +95,21 @@ class ShardUsage:
         )
 
 
-def tenant_demand(
-    gpu_cap_bytes: int, sm_percent: int, linear_memory_bytes: int, max_concurrency: int
-) -> TenantDemand:
-    """A tenant's reservation from its spec (gpuMemory, gpu.smPercent, linearMemory, maxConcurrency)."""
-    _require_non_negative("gpuMemory", gpu_cap_bytes)
-    _require_non_negative("linearMemory", linear_memory_bytes)
-    _require_non_negative("maxConcurrency", max_concurrency)
-    if max_concurrency == 0:
-        raise ValueError("maxConcurrency must be >= 1, got 0")
-    host = max_concurrency * (linear_memory_bytes + INSTANCE_OVERHEAD_BYTES)
-    return TenantDemand(gpu_memory_bytes=gpu_cap_bytes, sm_percent=sm_percent, host_memory_bytes=host)
+def tenant_demand(spec: TenantSpec) -> TenantDemand:
+    """A tenant's reservation from its spec (gpuMemory, gpu.smPercent, linearMemory, maxConcurrency).
+
+    The spec is already valid (tensorwasm.api.tenant bounds every field): no second check here.
+    """
+    limits = spec.limits
+    host = limits.max_concurrency * (limits.linear_memory_bytes + INSTANCE_OVERHEAD_BYTES)
+    return TenantDemand(
+        gpu_memory_bytes=limits.gpu_memory_bytes or 0, sm_percent=spec.sm_percent, host_memory_bytes=host
+    )
+
+
+def admit_spec(spec: object) -> TenantDemand:
+    """What a raw Tenant spec would reserve; raises InvalidSpec (the one Tenant validator) when invalid."""
+    return tenant_demand(parse_spec(spec))
 
 
 def gpu_bytes_needed(gpu_cap_sum: int) -> int:

@@ -13,8 +13,8 @@ import json
 import re
 from typing import Any
 
+from tensorwasm.api.group import FINALIZER, GROUP, TENANT
 from tensorwasm.operator.desired.meta import LABEL_COMPONENT, LABEL_NAME
-from tensorwasm.operator.settings import API_GROUP, FINALIZER
 
 POLICY_API_VERSION = "admissionregistration.k8s.io/v1"
 COMPONENT = "tenant-finalizer"
@@ -49,10 +49,10 @@ def build_finalizer_policy(namespace: str) -> dict[str, Any]:
                 "namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: namespace}},
                 "resourceRules": [
                     {
-                        "apiGroups": [API_GROUP],
+                        "apiGroups": [GROUP],
                         "apiVersions": ["*"],
                         "operations": ["CREATE"],
-                        "resources": ["tenants"],
+                        "resources": [TENANT.plural],
                     }
                 ],
             },

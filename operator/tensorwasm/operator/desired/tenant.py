@@ -8,14 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from tensorwasm.operator.desired.meta import (
-    POD_NAME_LABEL,
-    tenant_labels,
-    tenant_owner_reference,
-    tenant_service_name,
-    token_secret_name,
-)
-from tensorwasm.operator.models import Tenant
+from tensorwasm.api.names import tenant_service_name
+from tensorwasm.api.tenant import Tenant
+from tensorwasm.operator.desired.meta import POD_NAME_LABEL, tenant_labels, tenant_owner_reference
 from tensorwasm.operator.settings import OperatorSettings
 
 
@@ -56,7 +51,7 @@ def build_token_secret(tenant: Tenant, token: str) -> dict[str, Any]:
         "kind": "Secret",
         "type": "Opaque",
         "metadata": {
-            "name": token_secret_name(tenant),
+            "name": tenant.token_secret,
             "namespace": tenant.namespace,
             "labels": tenant_labels(tenant.name),
             "ownerReferences": [tenant_owner_reference(tenant)],

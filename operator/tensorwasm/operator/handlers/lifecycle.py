@@ -12,9 +12,10 @@ from typing import Any
 
 import kopf
 
+from tensorwasm.api.group import FINALIZER, GROUP
 from tensorwasm.operator.kube import connect
 from tensorwasm.operator.reconciler import Reconciler
-from tensorwasm.operator.settings import API_GROUP, FINALIZER, OperatorSettings
+from tensorwasm.operator.settings import OperatorSettings
 
 FieldSpec = str | tuple[str, ...] | list[str] | None
 
@@ -64,7 +65,7 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
     # Our finalizer (FINALIZER) is managed by the reconciler; kopf removes its own marker whenever
     # no kopf handler needs it, so the two must never share a name.
     assert settings.persistence.finalizer != FINALIZER
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = NoDiffBase()
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330

@@ -9,12 +9,13 @@ from typing import Any
 
 import kopf
 
+from tensorwasm.api.group import GROUP, SNAPSHOT, VERSION
 from tensorwasm.operator.reconciler import Reconciler
 from tensorwasm.operator.settings import OperatorSettings
 
 
 def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> None:
-    @kopf.on.event("tensorwasm.io", "v1alpha1", "snapshots", registry=registry, id="snapshot-watch")
+    @kopf.on.event(GROUP, VERSION, SNAPSHOT.plural, registry=registry, id="snapshot-watch")
     async def snapshot_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
         reconciler: Reconciler = memo["reconciler"]
         await reconciler.on_snapshot(event.get("type"), event["object"])

@@ -9,12 +9,13 @@ from typing import Any
 
 import kopf
 
+from tensorwasm.api.group import GROUP, TENANT, VERSION
 from tensorwasm.operator.reconciler import Reconciler
 from tensorwasm.operator.settings import OperatorSettings
 
 
 def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> None:
-    @kopf.on.event("tensorwasm.io", "v1alpha1", "tenants", registry=registry, id="tenant-reconcile")
+    @kopf.on.event(GROUP, VERSION, TENANT.plural, registry=registry, id="tenant-reconcile")
     async def tenant_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
         reconciler: Reconciler = memo["reconciler"]
         await reconciler.on_tenant(event.get("type"), event["object"])

@@ -1,6 +1,7 @@
 """The Kubernetes side of snapshots on a shard: Snapshot resources in, captures and restores out.
 
-Owns the pure status builders and restore choice for `Snapshot` (tensorwasm.io/v1alpha1) and
+Owns the pure status builders for `Snapshot` (the resource, its phases and the restore choice are
+tensorwasm.api's) and
 `SnapshotAgent`, which the shard's Kubernetes source calls (blocking: from a worker thread) for
 every Snapshot whose `spec.tenant` is served here, for every deleted Snapshot `blob_deleter`
 names this shard for, and once when a Tenant starts on this shard:
@@ -20,9 +21,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from tensorwasm.api.conditions import Condition, condition_dict, truncate_message
+from tensorwasm.api.group import GROUP, SNAPSHOT, VERSION
+from tensorwasm.api.group import SNAPSHOT_BLOB_FINALIZER as FINALIZER
+from tensorwasm.api.names import shard_sort_key
+from tensorwasm.api.snapshot import CAPTURING as PHASE_CAPTURING
+from tensorwasm.api.snapshot import FAILED, READY, is_deleting, phase_of, restore_choice
+from tensorwasm.api.stamps import now_rfc3339
 from tensorwasm.runtime.accel.base import Accelerator, TenantDevice
 from tensorwasm.runtime.errors import NotFound, RuntimeFault, SnapshotRejected
 from tensorwasm.runtime.snapshots.capture import CaptureResult, capture_snapshot
@@ -32,8 +39,7 @@ from tensorwasm.runtime.snapshots.store import SnapshotStore
 
 log = logging.getLogger(__name__)
 
-GROUP, VERSION, PLURAL = "tensorwasm.io", "v1alpha1", "snapshots"
-FINALIZER = "tensorwasm.io/snapshot-blob"
+PLURAL = SNAPSHOT.plural
 MERGE_PATCH = "application/merge-patch+json"
 # Condition reasons (CamelCase constants, as the operator uses them).
 CAPTURED, CAPTURE_FAILED, CAPTURING = "Captured", "CaptureFailed", "Capturing"
@@ -61,24 +67,13 @@ class TenantHandle:
 # --- pure ----------------------------------------------------------------------------------------
 
 
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def _condition(ok: bool, reason: str, message: str, generation: int) -> dict[str, Any]:
-    return {
-        "type": "Ready",
-        "status": "True" if ok else "False",
-        "reason": reason,
-        "message": message[:1024],
-        "observedGeneration": generation,
-        "lastTransitionTime": _now(),
-    }
+    return condition_dict(Condition(READY, str(ok), reason, message), generation, now_rfc3339())
 
 
 def build_capturing_status(shard: str, generation: int) -> dict[str, Any]:
     return {
-        "phase": "Capturing",
+        "phase": PHASE_CAPTURING,
         "shard": shard,
         "conditions": [_condition(False, CAPTURING, "capture in progress", generation)],
     }
@@ -86,7 +81,7 @@ def build_capturing_status(shard: str, generation: int) -> dict[str, Any]:
 
 def build_ready_status(result: CaptureResult, shard: str, generation: int) -> dict[str, Any]:
     return {
-        "phase": "Ready",
+        "phase": READY,
         "shard": shard,
         "sizeBytes": result.manifest.raw_bytes,
         "storedBytes": result.size_bytes,
@@ -100,49 +95,24 @@ def build_ready_status(result: CaptureResult, shard: str, generation: int) -> di
 
 def build_failed_status(shard: str, message: str, generation: int) -> dict[str, Any]:
     return {
-        "phase": "Failed",
+        "phase": FAILED,
         "shard": shard,
-        "message": message[:1024],
+        "message": truncate_message(message),
         "conditions": [_condition(False, CAPTURE_FAILED, message, generation)],
     }
 
 
 def needs_capture(snapshot: Mapping[str, Any]) -> bool:
     """Not being deleted and never finished (Ready/Failed are final: a re-list captures nothing)."""
-    meta = snapshot.get("metadata") or {}
-    phase = (snapshot.get("status") or {}).get("phase")
-    return not meta.get("deletionTimestamp") and phase not in ("Ready", "Failed")
+    return not is_deleting(snapshot) and phase_of(snapshot) not in (READY, FAILED)
 
 
 def pick_restore(
     tenant: Mapping[str, Any], snapshots: Sequence[Mapping[str, Any]]
 ) -> tuple[Mapping[str, Any] | None, str]:
     """The Snapshot a starting Tenant restores: spec.restoreFrom if Ready, else its newest Ready one."""
-    name = (tenant.get("metadata") or {}).get("name")
-    mine = [
-        s
-        for s in snapshots
-        if (s.get("spec") or {}).get("tenant") == name
-        and (s.get("status") or {}).get("phase") == "Ready"
-        and not (s.get("metadata") or {}).get("deletionTimestamp")
-    ]
-    wanted = (tenant.get("spec") or {}).get("restoreFrom")
-    if wanted:
-        chosen = next((s for s in mine if s["metadata"]["name"] == wanted), None)
-        return (
-            chosen,
-            "" if chosen else f"restoreFrom names Snapshot {wanted!r}, which is not a Ready snapshot",
-        )
-    if not mine:
-        return None, "no Ready snapshot"
-    newest = max(mine, key=lambda s: (s["metadata"].get("creationTimestamp") or "", s["metadata"]["name"]))
-    return newest, ""
-
-
-def shard_ordinal(name: str) -> tuple[int, str]:
-    """Sort key of a shard (StatefulSet pod) name: its ordinal, names without one last."""
-    prefix, _, ordinal = name.rpartition("-")
-    return (int(ordinal), prefix) if prefix and ordinal.isdigit() else (1 << 62, name)
+    name = str((tenant.get("metadata") or {}).get("name") or "")
+    return restore_choice(name, (tenant.get("spec") or {}).get("restoreFrom"), snapshots)
 
 
 def blob_deleter(snapshot: Mapping[str, Any], live: Collection[str]) -> str | None:
@@ -155,7 +125,7 @@ def blob_deleter(snapshot: Mapping[str, Any], live: Collection[str]) -> str | No
     owner = (snapshot.get("status") or {}).get("shard")
     if owner and owner in live:
         return str(owner)
-    return min(live, key=shard_ordinal) if live else None
+    return min(live, key=shard_sort_key) if live else None
 
 
 # --- I/O -----------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ Tenants references, a Snapshot of ours or being deleted) marks the state dirty; 
 resolves everything from the caches (no API reads), hands the desired set to `Shard.sync`, and
 writes `status.runtime` through the status subresource for each Tenant whose report changed. Like a
 kubelet reporting Pod readiness, the same merge patch carries the phase, conditions and gpuBytesInUse
-that the report implies, computed by the operator's own status maths (tensorwasm.operator.conditions),
+that the report implies, computed by the operator's own status maths (tensorwasm.api.conditions),
 so the operator, reconciling that version, finds nothing to write: one write per report instead of
 two. The operator stays the authority: where it would derive something else it writes its version.
 Level-triggered like a kubelet: a restart lists and converges; nothing depends on seeing an event
@@ -34,15 +34,18 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from tensorwasm.operator.conditions import Placement, desired_status
-from tensorwasm.operator.models import parse_tenant
+from tensorwasm.api.conditions import Placement, desired_status, truncate_message
+from tensorwasm.api.fields import InvalidSpec
+from tensorwasm.api.group import GROUP, SNAPSHOT, SNAPSHOT_BLOB_FINALIZER, TENANT, VERSION
+from tensorwasm.api.names import token_secret_name
+from tensorwasm.api.stamps import now_rfc3339
+from tensorwasm.api.tenant import parse_tenant
 from tensorwasm.runtime.settings import RuntimeSettings
 from tensorwasm.runtime.shard import ServedTenant, Shard, TenantStatus
 from tensorwasm.runtime.sources.informer import Informer
-from tensorwasm.runtime.tenancy.config import TenantConfig, TenantConfigError, parse_kube_tenant
+from tensorwasm.runtime.tenancy.config import TenantConfig, parse_kube_tenant
 
 if TYPE_CHECKING:
     from tensorwasm.runtime.accel.base import TenantDevice
@@ -51,14 +54,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-GROUP, VERSION, PLURAL = "tensorwasm.io", "v1alpha1", "tenants"
-SNAPSHOTS = "snapshots"
+PLURAL, SNAPSHOTS = TENANT.plural, SNAPSHOT.plural
 SECRET_MISSING = "SecretMissing"
 
 
-def token_secret_name(tenant_name: str, spec: Mapping[str, Any]) -> str:
-    """spec.authSecretRef.name, else the Secret the operator creates: part of the Tenant API."""
-    return str((spec.get("authSecretRef") or {}).get("name") or f"tw-{tenant_name}-token")
+def _token_secret(tenant_name: str, spec: Mapping[str, Any]) -> str:
+    return token_secret_name(tenant_name, (spec.get("authSecretRef") or {}).get("name"))
 
 
 CONFIGMAP_MISSING = "ConfigMapMissing"
@@ -103,7 +104,7 @@ def referenced(tenant: Mapping[str, Any]) -> tuple[set[str], set[str]]:
         if ref.get("name"):
             cms.add(ref["name"])
     name = str((tenant.get("metadata") or {}).get("name", ""))
-    return cms, {token_secret_name(name, spec)}
+    return cms, {_token_secret(name, spec)}
 
 
 def resolve_tenants(
@@ -153,7 +154,7 @@ def _resolve_or_refuse(obj: Mapping[str, Any], view: ClusterView) -> Resolution:
         return _resolve_one(obj, view)
     except _Unresolved as exc:
         return TenantStatus(False, exc.reason, exc.message, generation)
-    except TenantConfigError as exc:
+    except InvalidSpec as exc:
         return TenantStatus(False, exc.reason, str(exc), generation)
 
 
@@ -166,7 +167,7 @@ class _Unresolved(Exception):
 def _resolve_one(obj: Mapping[str, Any], view: ClusterView) -> TenantConfig:
     spec = obj.get("spec") or {}
     ns = (obj.get("metadata") or {}).get("namespace", "")
-    secret_name = token_secret_name(str((obj.get("metadata") or {}).get("name", "")), spec)
+    secret_name = _token_secret(str((obj.get("metadata") or {}).get("name", "")), spec)
     secret = view.secrets.get(secret_name)
     if secret is None:
         raise _Unresolved(SECRET_MISSING, f"Secret {ns}/{secret_name} not found")
@@ -190,7 +191,7 @@ def _resolve_one(obj: Mapping[str, Any], view: ClusterView) -> TenantConfig:
 def _configmap_key(view: ClusterView, ns: str, ref: Mapping[str, Any], where: str) -> bytes:
     name, key = ref.get("name"), ref.get("key")
     if not name or not key:
-        raise TenantConfigError(f"{where}: needs name and key")
+        raise InvalidSpec(f"{where}: needs name and key")
     cm = view.configmaps.get(str(name))
     if cm is None:
         raise _Unresolved(CONFIGMAP_MISSING, f"ConfigMap {ns}/{name} not found")
@@ -223,7 +224,7 @@ def build_runtime_status(shard_name: str, status: TenantStatus) -> dict[str, Any
         "observedGeneration": status.generation,
         "loaded": status.loaded,
         "reason": status.reason,
-        "message": status.message[:1024],
+        "message": truncate_message(status.message),
         "gpuBytesInUse": status.gpu_bytes_in_use,
     }
 
@@ -407,7 +408,7 @@ class KubeSource:
 
     def _snapshot_jobs(self, shard: Shard) -> list[tuple[dict[str, Any], TenantHandle | None]]:
         """The Snapshots this shard acts on now: captures of tenants served here, and deletions."""
-        from tensorwasm.runtime.snapshots.kube import FINALIZER, blob_deleter, needs_capture
+        from tensorwasm.runtime.snapshots.kube import blob_deleter, needs_capture
 
         jobs: list[tuple[dict[str, Any], TenantHandle | None]] = []
         for snap in self._view.snapshots:
@@ -416,7 +417,7 @@ class KubeSource:
                 continue  # acted on this version already; its update is on the way through the watch
             tenant = _snapshot_tenant(snap)
             if meta.get("deletionTimestamp"):
-                if FINALIZER not in (meta.get("finalizers") or []):
+                if SNAPSHOT_BLOB_FINALIZER not in (meta.get("finalizers") or []):
                     continue
                 if blob_deleter(snap, self._live_shards()) == self.shard_name:
                     jobs.append((snap, None))
@@ -534,7 +535,7 @@ class KubeSource:
     def _write_statuses(self, reports: Mapping[str, tuple[dict[str, Any], dict[str, Any]]]) -> None:
         from kubernetes.client.exceptions import ApiException
 
-        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        now = now_rfc3339()
         for name in [n for n in self._written if n not in reports]:
             del self._written[name]
         for name, (obj, runtime) in reports.items():

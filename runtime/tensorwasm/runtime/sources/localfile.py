@@ -25,8 +25,9 @@ from pathlib import Path
 
 import yaml
 
+from tensorwasm.api.fields import InvalidSpec
 from tensorwasm.runtime.shard import Shard, TenantStatus
-from tensorwasm.runtime.tenancy.config import TenantConfig, TenantConfigError, parse_local_tenant
+from tensorwasm.runtime.tenancy.config import TenantConfig, parse_local_tenant
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def read_tenants_file(path: Path) -> TenantsFile:
         seen.add(name)
         try:
             configs.append(parse_local_tenant(entry, f"tenants[{i}]", path.parent))
-        except TenantConfigError as exc:
+        except InvalidSpec as exc:
             failed[name] = TenantStatus(False, exc.reason, str(exc))
     return TenantsFile(tuple(configs), failed)
 

@@ -1,7 +1,9 @@
-"""Tenant status maths: phase and conditions from the spec check, the placement and the shard's report.
+"""Status maths: a Tenant's phase and conditions from the spec check, the placement and the shard's report.
 
-Owns the Placed / ModuleReady / Ready conditions, their reasons (CamelCase constants) and phase.
-Pure: no kopf, no kube/, no clock (callers pass `now`).
+Owns the Placed / ModuleReady / Ready conditions, their reasons (CamelCase constants), phase, the
+merge that moves lastTransitionTime only on a flip, and message truncation. The operator writes
+with it and a shard pre-writes the readiness its report implies with the same maths, so the two
+agree on every field. Pure: no clock (callers pass `now`); imports only tensorwasm.api.
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tensorwasm.operator.models import Tenant
+from tensorwasm.api.tenant import Tenant
 
 PLACED, MODULE_READY, READY = "Placed", "ModuleReady", "Ready"
+# Condition and report messages are cut here: a module's error text can be long, a status is not a log.
+MESSAGE_LIMIT = 1024
 
 # Phases
 PENDING, PHASE_PLACED, PHASE_READY, DEGRADED, FAILED = "Pending", "Placed", "Ready", "Degraded", "Failed"
@@ -87,6 +91,22 @@ def tenant_phase(tenant: Tenant, placement: Placement) -> tuple[str, list[Condit
     ]
 
 
+def truncate_message(message: str) -> str:
+    return message[:MESSAGE_LIMIT]
+
+
+def condition_dict(cond: Condition, generation: int, now: str) -> dict[str, Any]:
+    """One condition as the API stores it, new (lastTransitionTime is `now`)."""
+    return {
+        "type": cond.type,
+        "status": cond.status,
+        "reason": cond.reason,
+        "message": truncate_message(cond.message),
+        "observedGeneration": generation,
+        "lastTransitionTime": now,
+    }
+
+
 def merge_conditions(
     live: Sequence[Mapping[str, Any]], desired: Sequence[Condition], generation: int, now: str
 ) -> list[dict[str, Any]]:
@@ -95,17 +115,10 @@ def merge_conditions(
     out: list[dict[str, Any]] = []
     for cond in desired:
         old = previous.get(cond.type)
-        changed = old is None or old.get("status") != cond.status
-        out.append(
-            {
-                "type": cond.type,
-                "status": cond.status,
-                "reason": cond.reason,
-                "message": cond.message,
-                "observedGeneration": generation,
-                "lastTransitionTime": now if changed or old is None else old.get("lastTransitionTime", now),
-            }
-        )
+        fresh = condition_dict(cond, generation, now)
+        if old is not None and old.get("status") == cond.status:
+            fresh["lastTransitionTime"] = old.get("lastTransitionTime", now)
+        out.append(fresh)
     return out
 
 

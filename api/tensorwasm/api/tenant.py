@@ -1,0 +1,288 @@
+"""The Tenant resource: its spec model (every default and bound declared once), the shard's report.
+
+Owns `TenantSpec` and its parts, `parse_spec` (the one validator of a Tenant spec: the operator,
+the runtime shard, the planner's admission and the CRD generated in tensorwasm.api.crd all use
+it), the object view `Tenant` with `parse_tenant`, and `RuntimeReport` (status.runtime, written by
+the serving shard). Verdicts where the old validators disagreed: gpuMemory, when set, is at least
+one byte (absent means accounting only); maxBodyBytes is at least one byte; timeoutMs is at most
+600000 (10 minutes); no smPercent means no SM share requested (the shard's whole MPS slice).
+A new bounded limit is one line in `Limits`. Pure; imports only tensorwasm.api.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
+
+from tensorwasm.api.fields import (
+    InvalidSpec,
+    Rule,
+    integer,
+    matches,
+    nested,
+    nested_list,
+    parse_model,
+    quantity,
+    string,
+    strings,
+)
+from tensorwasm.api.names import TENANT_NAME_MAX, TENANT_NAME_PATTERN, token_secret_name
+
+WASM_PAGE = 64 << 10  # bytes in one WebAssembly page
+WASM32_MAX_MEMORY = 4 << 30  # the most a 32-bit linear memory can address
+FUNCTION_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.\-]*$"
+KERNEL_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+POLICIES = ("Manual", "OnMove", "Periodic")
+
+
+def is_http_url(value: str) -> bool:
+    """An absolute http(s) URL with a host, as the CRD's isURL/getScheme rule reads it."""
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.netloc) and " " not in value
+
+
+URL_RULE = Rule(
+    "isURL(self) && url(self).getScheme() in ['https', 'http']",
+    "module.url must be an absolute http:// or https:// URL",
+    is_http_url,
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModuleConfigMapRef:
+    name: str = string("name", "ConfigMap name.", required=True, min_length=1, max_length=253)
+    key: str = string(
+        "key", "Key in binaryData (or data) holding the module.", default="module.wasm", min_length=1,
+        max_length=253,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
+class Module:
+    RULES: ClassVar = (
+        Rule(
+            "has(self.configMapRef) != has(self.url)",
+            "exactly one of module.configMapRef or module.url must be set",
+            lambda m: ("configMapRef" in m) != ("url" in m),
+        ),
+    )
+    sha256: str = string(
+        "sha256", "SHA-256 of the module bytes, 64 lowercase hex characters; the shard refuses any other bytes.",
+        required=True, max_length=64, pattern=SHA256_PATTERN,
+    )  # fmt: skip
+    config_map: ModuleConfigMapRef | None = nested(
+        "configMapRef", ModuleConfigMapRef,
+        "A ConfigMap in the tenant's namespace; the module bytes are binaryData[key] (or data[key] for text).",
+    )  # fmt: skip
+    url: str | None = string(
+        "url", "An http(s) URL the shard fetches the module from.", max_length=2048, rules=(URL_RULE,)
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    """Per-tenant limits the runtime shard enforces; one line per limit."""
+
+    gpu_memory_bytes: int | None = quantity("gpuMemory", "GPU memory cap (quantity, e.g. 256Mi). Absent means accounting only, never refused.", minimum=1, maximum=1 << 50)  # fmt: skip
+    linear_memory_bytes: int = quantity("linearMemory", "Wasm linear memory limit per instance (quantity, one 64Ki page to 4Gi).", default="64Mi", minimum=WASM_PAGE, maximum=WASM32_MAX_MEMORY)  # fmt: skip
+    timeout_ms: int = integer("timeoutMs", "Per-invoke deadline in milliseconds.", default=1000, minimum=1, maximum=600_000)  # fmt: skip
+    max_concurrency: int = integer("maxConcurrency", "Concurrent invokes (warm instances) for this tenant.", default=4, minimum=1, maximum=1024)  # fmt: skip
+    queue_length: int = integer("queueLength", "Bounded queue of waiting invokes; a full queue answers 429.", default=64, minimum=0, maximum=100_000)  # fmt: skip
+    max_body_bytes: int = quantity("maxBodyBytes", "Largest request body (quantity).", default="1Mi", minimum=1, maximum=1 << 30)  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
+class GpuShare:
+    sm_percent: int | None = integer(
+        "smPercent", "Percent of the GPU's SMs; absent means no share requested.", minimum=1, maximum=100
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class KernelConfigMapRef:
+    name: str = string("name", "ConfigMap name.", required=True, min_length=1, max_length=253)
+    key: str = string("key", "Key holding the PTX text.", default="kernel.ptx", min_length=1, max_length=253)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Kernel:
+    """A PTX kernel the guest may launch, from a ConfigMap key."""
+
+    name: str = string(
+        "name", "Kernel name the guest launches.", required=True, min_length=1, max_length=128,
+        pattern=KERNEL_NAME_PATTERN,
+    )  # fmt: skip
+    config_map: KernelConfigMapRef = nested(
+        "configMapRef", KernelConfigMapRef, "ConfigMap key holding the PTX text.", required=True
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class SnapshotPolicy:
+    RULES: ClassVar = (
+        Rule(
+            "self.policy != 'Periodic' || has(self.intervalSeconds)",
+            "snapshot.intervalSeconds is required when snapshot.policy is Periodic",
+            lambda s: s.get("policy") != "Periodic" or "intervalSeconds" in s,
+            field_path=".intervalSeconds",
+        ),
+    )
+    policy: str = string(
+        "policy", "Manual (only Snapshot objects), OnMove (also before moving shards), Periodic.",
+        default="OnMove", enum=POLICIES,
+    )  # fmt: skip
+    interval_s: int | None = integer("intervalSeconds", "Period of Periodic snapshots.", minimum=60, maximum=31_536_000)  # fmt: skip
+    retain: int = integer("retain", "Ready snapshots kept per tenant.", default=3, minimum=1, maximum=100)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecretRef:
+    name: str = string("name", "Secret name.", required=True, min_length=1, max_length=253)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlacementHints:
+    preferred_shard: int | None = integer(
+        "preferredShard", "Shard ordinal to prefer when it has room.", minimum=0, maximum=999
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class TenantSpec:
+    """What the tenant runs and within which limits."""
+
+    module: Module = nested(
+        "module", Module, "The WebAssembly module, from a ConfigMap key or a URL, pinned by its sha256.", required=True
+    )  # fmt: skip
+    functions: tuple[str, ...] = strings(
+        "functions", "Exported functions callable over HTTP.", required=True, min_items=1, max_items=256,
+        max_length=128, pattern=FUNCTION_NAME_PATTERN,
+    )  # fmt: skip
+    limits: Limits = nested(
+        "limits", Limits, "Per-tenant limits enforced by the runtime shard.", default_empty=True
+    )
+    gpu: GpuShare = nested(
+        "gpu", GpuShare, "The tenant's share of the GPU's streaming multiprocessors (MPS active thread percentage).",
+        default_empty=True,
+    )  # fmt: skip
+    kernels: tuple[Kernel, ...] = nested_list(
+        "kernels", Kernel, "Tenant-supplied PTX kernels, compiled once per shard and cached.", map_key="name", max_items=64
+    )  # fmt: skip
+    snapshot: SnapshotPolicy = nested("snapshot", SnapshotPolicy, "When the tenant's state is captured.", default_empty=True)  # fmt: skip
+    restore_from: str | None = string(
+        "restoreFrom", "Snapshot name to restore on cold start; default is the newest Ready snapshot.", max_length=253
+    )  # fmt: skip
+    auth_secret: SecretRef | None = nested(
+        "authSecretRef", SecretRef,
+        'Secret (key "token") holding the bearer token; the operator creates it when it does not exist.',
+    )  # fmt: skip
+    placement: PlacementHints = nested("placement", PlacementHints, "Placement hints.", default_empty=True)
+
+    @property
+    def sm_percent(self) -> int:
+        """The SM share to reserve: 0 when none was requested."""
+        return self.gpu.sm_percent or 0
+
+    @property
+    def auth_secret_name(self) -> str | None:
+        return self.auth_secret.name if self.auth_secret is not None else None
+
+
+def parse_spec(spec: object) -> TenantSpec:
+    """The one Tenant spec validator; raises InvalidSpec naming the offending field."""
+    return parse_model(TenantSpec, spec, "spec")
+
+
+def tenant_name_problem(name: str) -> str | None:
+    """Why `name` cannot name a Tenant (None: it can); the CRD's root rule says the same."""
+    if len(name) > TENANT_NAME_MAX or not matches(TENANT_NAME_PATTERN, name):
+        return NAME_RULE.message
+    return None
+
+
+NAME_RULE = Rule(
+    f"self.metadata.name.size() <= {TENANT_NAME_MAX} && self.metadata.name.matches('{TENANT_NAME_PATTERN}')",
+    f"tenant names must be DNS labels (lowercase letters, digits, '-') of at most {TENANT_NAME_MAX} "
+    "characters: they name the tenant's Service",
+)
+
+
+@dataclass(frozen=True)
+class RuntimeReport:
+    """What the serving shard wrote into status.runtime."""
+
+    shard: str
+    observed_generation: int
+    loaded: bool
+    reason: str
+    message: str
+    gpu_bytes_in_use: int
+
+
+@dataclass(frozen=True)
+class Tenant:
+    namespace: str
+    name: str
+    uid: str
+    generation: int
+    deleting: bool
+    finalizers: tuple[str, ...]
+    spec: TenantSpec | None  # None when invalid; see spec_error
+    spec_error: str | None
+    status: Mapping[str, Any]
+    runtime: RuntimeReport | None
+
+    @property
+    def shard(self) -> str | None:
+        value = self.status.get("shard")
+        return value if isinstance(value, str) and value else None
+
+    @property
+    def token_secret(self) -> str:
+        return token_secret_name(self.name, self.spec.auth_secret_name if self.spec is not None else None)
+
+
+def parse_runtime(status: Mapping[str, Any]) -> RuntimeReport | None:
+    raw = status.get("runtime")
+    if not isinstance(raw, Mapping) or not raw.get("shard"):
+        return None
+    gpu = raw.get("gpuBytesInUse", 0)
+    gen = raw.get("observedGeneration", 0)
+    return RuntimeReport(
+        shard=str(raw["shard"]),
+        observed_generation=gen if isinstance(gen, int) else 0,
+        loaded=raw.get("loaded") is True,
+        reason=str(raw.get("reason") or ""),
+        message=str(raw.get("message") or ""),
+        gpu_bytes_in_use=gpu if isinstance(gpu, int) and not isinstance(gpu, bool) else 0,
+    )
+
+
+def parse_tenant(body: Mapping[str, Any]) -> Tenant:
+    """One parse per event: a bad spec becomes `spec_error`, never an exception."""
+    meta = body.get("metadata") or {}
+    status = body.get("status") or {}
+    spec: TenantSpec | None
+    error: str | None
+    try:
+        spec, error = parse_spec(body.get("spec") or {}), None
+    except InvalidSpec as exc:
+        spec, error = None, str(exc)
+    return Tenant(
+        namespace=str(meta.get("namespace", "")),
+        name=str(meta.get("name", "")),
+        uid=str(meta.get("uid", "")),
+        generation=int(meta.get("generation") or 0),
+        deleting=bool(meta.get("deletionTimestamp")),
+        finalizers=tuple(meta.get("finalizers") or ()),
+        spec=spec,
+        spec_error=error,
+        status=status,
+        runtime=parse_runtime(status),
+    )

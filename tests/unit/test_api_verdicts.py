@@ -1,0 +1,69 @@
+"""One verdict per Tenant spec: every reader of a spec accepts exactly the specs the others accept.
+
+The operator's parse, the shard's parse (Kubernetes and local-file sources) and the planner's
+admission all go through tensorwasm.api.tenant; this keeps it that way if someone adds a check to
+one of them. tests/cluster/test_api_verdicts.py adds the API server's own verdict (CRD schema + CEL).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+
+from tensorwasm.api.fields import InvalidSpec
+from tensorwasm.api.tenant import parse_spec, parse_tenant
+from tensorwasm.planner.admission import admit_spec
+from tensorwasm.runtime.tenancy.config import parse_kube_tenant, parse_local_tenant
+from tests.tenant_specs import SHA, tenant_specs
+
+
+def accepts(check: Any) -> bool:
+    try:
+        check()
+    except InvalidSpec:
+        return False
+    return True
+
+
+def verdicts(spec: dict[str, Any]) -> dict[str, bool]:
+    body = {"metadata": {"name": "alpha", "namespace": "ns", "uid": "u", "generation": 1}, "spec": spec}
+    has_cm = isinstance(spec.get("module"), dict) and "configMapRef" in spec["module"]
+    return {
+        "operator": parse_tenant(body).spec_error is None,
+        "runtime": accepts(
+            lambda: parse_kube_tenant(body, token="t" * 12, module_data=b"\0asm" if has_cm else None)
+        ),
+        "planner": accepts(lambda: admit_spec(spec)),
+    }
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tenant_specs())
+def test_operator_runtime_and_planner_agree_on_every_spec(spec: dict[str, Any]) -> None:
+    seen = verdicts(spec)
+    assert len(set(seen.values())) == 1, (seen, spec)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tenant_specs())
+def test_the_local_tenants_file_reads_limits_and_gpu_as_a_tenant_does(spec: dict[str, Any]) -> None:
+    parts = {k: spec[k] for k in ("limits", "gpu") if k in spec}
+    entry = {"name": "alpha", "token": "t" * 12, "module": {"url": "https://x/m", "sha256": SHA}, **parts}
+    as_tenant = {"module": {"url": "https://x/m", "sha256": SHA}, "functions": ["f"], **parts}
+    local = accepts(lambda: parse_local_tenant(entry, "tenants[0]", Path("/nonexistent")))
+    assert local == accepts(lambda: parse_spec(as_tenant)), spec
+
+
+def test_the_generator_reaches_both_verdicts() -> None:
+    # A property test whose specs were all valid (or all invalid) would prove nothing.
+    seen: set[bool] = set()
+
+    @settings(max_examples=200, deadline=None, database=None)
+    @given(tenant_specs())
+    def collect(spec: dict[str, Any]) -> None:
+        seen.add(accepts(lambda: parse_spec(spec)))
+
+    collect()
+    assert seen == {True, False}
