@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "tensorwasm.cli.plan",
     "tensorwasm.cli.snapshot",
     "tensorwasm.cli.tenant",
+    "tensorwasm.cli.selftest",
 )
 
 
