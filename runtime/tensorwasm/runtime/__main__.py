@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("tensorwasm.runtime")
 
 EXIT_OK, EXIT_SOURCE, EXIT_SETTINGS, EXIT_ACCELERATOR = 0, 1, 2, 3
+# Within Kubernetes' default 30 s termination grace period, with room for the kubelet's own work.
+SHUTDOWN_GRACE_S = 20
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -115,14 +118,34 @@ async def _run(settings: RuntimeSettings) -> int:
         code = EXIT_SOURCE
     for task in tasks.values():
         task.cancel()
-    await runner.cleanup()
-    await shard.close()
+    # No guest outlives the stop: every running guest (an invoke, a start function, tw_init) is
+    # interrupted now, whatever its deadline, so draining and unloading finish at once.
+    engine.interrupt_all()
+
+    async def shut_down() -> None:
+        await runner.cleanup()
+        await shard.close()
+
+    try:
+        await asyncio.wait_for(shut_down(), SHUTDOWN_GRACE_S)
+    except TimeoutError:
+        # Something that is not guest code (a compile, a fetch) holds a thread: the pod's grace
+        # period is what counts, so leave without it.
+        log.error("Stopped without a clean shutdown after %d s exit_code=%d", SHUTDOWN_GRACE_S, code)
+        _exit_now(code)
     engine.close()
     accelerator.close()
     metrics.TENANT_LOAD.source = lambda: ()
     metrics.INVOKES.source = lambda: ()
     log.info("Runtime stopped exit_code=%d", code)
     return code
+
+
+def _exit_now(code: int) -> None:
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 async def _watch_health(shard: Shard, interval_s: float) -> None:

@@ -104,13 +104,24 @@ class Shard:
     health_poke: asyncio.Event = field(default_factory=asyncio.Event)  # an invoke saw AcceleratorFailed
     prepare: Prepare | None = None  # set by a source that restores snapshots
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # tenant -> (the config being loaded, its task): at most one load per tenant at a time
+    _loads: dict[str, tuple[TenantConfig, asyncio.Task[None]]] = field(default_factory=dict)
 
     # --- what the sources call ---
 
     async def sync(
-        self, configs: Sequence[TenantConfig], failed: Mapping[str, TenantStatus] | None = None
+        self,
+        configs: Sequence[TenantConfig],
+        failed: Mapping[str, TenantStatus] | None = None,
+        wait: bool = True,
     ) -> None:
-        """Make the served set equal to `configs`; `failed` are assigned tenants a source could not parse."""
+        """Make the served set equal to `configs`; `failed` are assigned tenants a source could not parse.
+
+        Each tenant that needs loading gets its own task (one at a time per tenant), so one slow or
+        stuck load never holds up another tenant or the next sync. With `wait`, return once the
+        loads this call started have finished; sources pass False so a reload is never queued
+        behind a load (readiness says Loading meanwhile).
+        """
         failed = failed or {}
         async with self._lock:
             wanted = {c.name: c for c in configs}
@@ -129,15 +140,49 @@ class Shard:
             # A tenant served with this very config needs nothing (the common case in a burst of
             # placements elsewhere): no task for it.
             changed = [c for c in wanted.values() if (t := self.served.get(c.name)) is None or t.config != c]
-            results = await asyncio.gather(*(self._apply(c) for c in changed), return_exceptions=True)
-            for config, result in zip(changed, results, strict=True):
-                if isinstance(result, BaseException):  # a bug in one tenant's load path stays there
-                    log.error("Failed loading Tenant name=%s", config.name, exc_info=result)
-                    self.statuses[config.name] = TenantStatus(
-                        False, LOAD_FAILED, f"{type(result).__name__}: {result}", config.generation
-                    )
+            tasks = [t for c in changed if (t := self._start_load(c)) is not None]
             self._rebuild_auth()
             self.synced = True
+        if wait and tasks:
+            await asyncio.wait(tasks)
+
+    async def settled(self) -> None:
+        """Wait until no tenant is loading (tests, benchmarks)."""
+        while self._loads:
+            await asyncio.wait([task for _, task in self._loads.values()])
+
+    def _start_load(self, config: TenantConfig) -> asyncio.Task[None] | None:
+        """Start loading `config` (after any load of that tenant still running); None if it is
+        already being loaded."""
+        pending = self._loads.get(config.name)
+        if pending is not None and pending[0] == config:
+            return None
+        if config.name not in self.served:
+            self.statuses[config.name] = TenantStatus(False, LOADING, "fetching module", config.generation)
+        previous = pending[1] if pending is not None else None
+        task = asyncio.get_running_loop().create_task(self._load(config, previous))
+        self._loads[config.name] = (config, task)
+        return task
+
+    async def _load(self, config: TenantConfig, previous: asyncio.Task[None] | None) -> None:
+        """One tenant's load, after the one before it (a superseded load finishes first, bounded
+        by its deadlines); a bug in it stays with this tenant."""
+        name = config.name
+        try:
+            if previous is not None:
+                await asyncio.wait([previous])
+            if self.assigned.get(name) == config:  # not superseded or removed meanwhile
+                await self._apply(config)
+        except Exception as exc:
+            log.error("Failed loading Tenant name=%s", name, exc_info=exc)
+            if self.assigned.get(name) == config:
+                old = self.served.get(name)
+                self._fail(config, LOAD_FAILED, f"{type(exc).__name__}: {exc}", keep=old)
+        finally:
+            entry = self._loads.get(name)
+            if entry is not None and entry[1] is asyncio.current_task():
+                del self._loads[name]
+            self._rebuild_auth()
 
     def status(self, name: str) -> TenantStatus | None:
         """The current report for a tenant, with live GPU bytes."""
@@ -187,6 +232,8 @@ class Shard:
 
     async def close(self) -> None:
         async with self._lock:
+            self.assigned = {}  # loads still running discard what they open
+            await self.settled()
             for name in list(self.served):
                 await self._unload(name)
             self.statuses.clear()
@@ -209,35 +256,61 @@ class Shard:
                 return
             self._install(config, old.pool, old.device, old.queue)
             return
-        if old is None:
-            self.statuses[name] = TenantStatus(False, LOADING, "fetching module", config.generation)
         try:
             module = await self.loader.load(config.module)
         except ModuleRejected as exc:
             self._fail(config, str(exc.details.get("reason", "ModuleRejected")), exc.message, keep=old)
             return
+        if not self._still_wanted(config):
+            return
         if old is not None:
-            await self._unload(name)  # GPU buffers and pool of the old version go before the new opens
+            # The accelerator holds one device per tenant name, so the old version's device (and
+            # its GPU buffers) goes before the new one opens; the old module stays compiled, and
+            # if the new version fails to open, the old one is opened again and keeps serving.
+            await self._unload(name)
         try:
             pool, device = await asyncio.to_thread(self._open, config, module)
         except RuntimeFault as exc:
-            self._fail(config, _reason_of(exc), exc.message, keep=None)
+            await self._fall_back(config, _reason_of(exc), exc.message, old)
             return
         missing = _missing(config.functions, pool.functions())
         if missing:
             await asyncio.to_thread(self._close_parts, name, pool, device)
-            self._fail(config, MISSING_FUNCTION, missing, keep=None)
+            await self._fall_back(config, MISSING_FUNCTION, missing, old)
             return
         note = await self._prepare(config, pool, device)
         clash = self._token_owner(config)  # another tenant may have taken the token while we loaded
-        if clash is not None:
+        if clash is not None or not self._still_wanted(config):
             await asyncio.to_thread(self._close_parts, name, pool, device)
-            self._fail(config, TOKEN_CONFLICT, f"the token is already used by tenant {clash}", keep=None)
+            if clash is not None:
+                await self._fall_back(
+                    config, TOKEN_CONFLICT, f"the token is already used by tenant {clash}", old
+                )
             return
-        loop = asyncio.get_running_loop()
+        self._install(config, pool, device, self._new_queue(config), note)
+
+    def _still_wanted(self, config: TenantConfig) -> bool:
+        """False once a later sync replaced or removed this config: its load must not install."""
+        return self.assigned.get(config.name) == config
+
+    def _new_queue(self, config: TenantConfig) -> TenantQueue:
         lim = config.limits
-        queue = TenantQueue(name, lim.max_concurrency, lim.queue_length, loop)
-        self._install(config, pool, device, queue, note)
+        return TenantQueue(config.name, lim.max_concurrency, lim.queue_length, asyncio.get_running_loop())
+
+    async def _fall_back(
+        self, config: TenantConfig, reason: str, message: str, old: ServedTenant | None
+    ) -> None:
+        """The new version could not open: re-open the version that served before, if any."""
+        if old is not None and self.served.get(config.name) is None and self._still_wanted(config):
+            try:
+                pool, device = await asyncio.to_thread(self._open, old.config, old.pool.module)
+            except RuntimeFault as exc:
+                log.error("Failed re-opening the previous version of Tenant name=%s: %s", config.name, exc)
+            else:
+                self._install(old.config, pool, device, self._new_queue(old.config))
+                self._fail(config, reason, message, keep=self.served[config.name])
+                return
+        self._fail(config, reason, message, keep=None)
 
     async def _prepare(
         self, config: TenantConfig, pool: TenantInstancePool, device: TenantDevice | None
@@ -312,6 +385,9 @@ class Shard:
             self.accelerator.close_tenant(name)
 
     def _fail(self, config: TenantConfig, reason: str, message: str, keep: ServedTenant | None) -> None:
+        if not self._still_wanted(config):  # superseded or removed meanwhile: nothing to report
+            log.info("Dropped the result of a superseded load Tenant name=%s reason=%s", config.name, reason)
+            return
         if keep is not None:
             message = f"{message}; still serving generation {keep.config.generation}"
         self.statuses[config.name] = TenantStatus(
