@@ -1,0 +1,163 @@
+"""Tenants per GPU, measured: 1 / 100 / 500 / 1,000 tenants in one runtime shard process.
+
+Each tenant is bench/fixtures/gpu_step.wat with its own capped GPU pool, stream, a warm instance and a
+4 KiB GPU buffer allocated by its tw_init (one 2 MiB pool page). For each count: the time from process
+start to /readyz 200 (every tenant loaded), the process's RSS, the GPU memory in use (nvidia-smi,
+before vs after), and an open-loop load of `step` (vector_add + stream sync over HTTP, every tenant
+in turn) at a fixed aggregate rate, latency from each request's intended send time. At the largest
+count the rate is raised until the P99 passes the SLO or a request fails: where it breaks.
+Per-tenant figures are the slope between the 1-tenant run and each count. The planner's modeled
+per-tenant GPU term (`tensorwasm plan`, context_overhead + gpu_working_set) is shown beside it, and the
+per-tenant figure measured at the smallest count, fed to the planner with --bench-results, predicts
+the largest count (goal: within 15%). Counts: TENSORWASM_BENCH_DENSITY_TENANTS.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+MiB = 1 << 20
+SLO_P99_MS = 100.0  # the seeds' invoke target (P95 <= 100 ms), applied to the P99
+RATE = 2000.0  # aggregate req/s of the load at each count
+GPU_WORKING_SET = 2 * MiB  # one pool page per tenant (the 4 KiB buffer is charged a whole page)
+
+
+def _helpers() -> Any:
+    spec = importlib.util.spec_from_file_location(
+        "bench_gpu_http", Path(__file__).with_name("bench_gpu_http.py")
+    )
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _gpu_used_mib() -> float | None:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout  # fmt: skip
+        return float(out.strip().splitlines()[0])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def _planner_gpu_per_tenant(tenants: int, results_dir: Path | None) -> tuple[float, str]:
+    """(context_overhead + gpu_working_set) in bytes as `tensorwasm plan` models it, and the term's source."""
+    cmd = [sys.executable, "-m", "tensorwasm.cli.main", "plan", "--tenants", str(tenants),
+           "--gpu-working-set", f"{GPU_WORKING_SET // MiB}Mi", "--sku", "Large", "--json"]  # fmt: skip
+    if results_dir is not None:
+        cmd += ["--bench-results", str(results_dir)]
+    doc = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    formula = next(f for f in doc["skus"][0]["formulas"] if f["resource"] == "gpuMemory")
+    overhead = formula["terms"]["context_overhead"]
+    return overhead["value"] + formula["terms"]["gpu_working_set"]["value"], overhead["source"]
+
+
+def run() -> dict[str, Any]:
+    h = _helpers()
+    counts = [int(c) for c in os.environ.get("TENSORWASM_BENCH_DENSITY_TENANTS", "100,500,1000").split(",")]
+    accelerator = os.environ.get("TENSORWASM_BENCH_ACCELERATOR", "auto")
+    work = Path(tempfile.mkdtemp(prefix="tw-bench-density-"))
+    figures: dict[str, float] = {}
+    rows = []
+    base: dict[str, float] = {}
+    per_tenant: dict[int, tuple[float, float | None]] = {}
+    for count in [1, *counts]:
+        before = _gpu_used_mib()
+        rt = h.Runtime(h.write_tenants(work, count, gpu_memory="4Mi"), accelerator, work)
+        try:
+            loaded, failed = len(rt.detail.get("loaded", [])), len(rt.detail.get("failed", {}))
+            rss = rt.rss_bytes()
+            after = _gpu_used_mib()
+            gpu = (after - before) * MiB if after is not None and before is not None else None
+            if count == 1:
+                base = {"rss": rss, "gpu": gpu or 0.0, "ready": rt.ready_s}
+                continue
+            rss_pt = (rss - base["rss"]) / (count - 1)
+            gpu_pt = (gpu - base["gpu"]) / (count - 1) if gpu is not None else None
+            load_pt = (rt.ready_s - base["ready"]) / (count - 1)
+            per_tenant[count] = (rss_pt, gpu_pt)
+            reqs = [h.request_bytes("step", h.token(i)) for i in range(count)]
+            res = h.drive_processes(rt.port, reqs, processes=4, threads=16, duration=5.0, rate=RATE)
+            errors = sum(n for c, n in res["status"].items() if c != 200)
+            p50, p99 = h.pct(res["lat"], 0.5) / 1e3, h.pct(res["lat"], 0.99) / 1e3
+            key = f"{count}t"
+            figures |= {
+                f"loaded_{key}": loaded, f"failed_{key}": failed,
+                f"load_ms_per_tenant_{key}": round(load_pt * 1e3, 2),
+                f"rss_mib_{key}": round(rss / MiB, 1), f"rss_kib_per_tenant_{key}": round(rss_pt / 1024, 1),
+                f"step_p50_ms_{key}": round(p50, 3), f"step_p99_ms_{key}": round(p99, 3),
+                f"step_errors_{key}": errors, f"step_rps_{key}": round(res["status"].get(200, 0) / 5.0, 1),
+            }  # fmt: skip
+            if gpu_pt is not None:
+                figures[f"gpu_mib_{key}"] = round(gpu / MiB, 1)  # type: ignore[operator]
+                figures[f"gpu_mib_per_tenant_{key}"] = round(gpu_pt / MiB, 3)
+            rows.append(
+                f"| {count} | {loaded} / {failed} | {rt.ready_s:.1f} s ({load_pt * 1e3:.2f} ms/tenant) | "
+                f"{rss / MiB:.0f} MiB ({rss_pt / 1024:.0f} KiB/tenant) | "
+                + (f"{gpu / MiB:.0f} MiB ({gpu_pt / MiB:.2f} MiB/tenant)" if gpu_pt is not None else "-")  # type: ignore[operator]
+                + f" | {RATE:.0f} | {p50:.2f} / {p99:.2f} | {errors} |"
+            )
+            if count == max(counts):
+                best = 0.0
+                for rate in (4000.0, 8000.0, 16000.0):
+                    res = h.drive_processes(rt.port, reqs, processes=4, threads=32, duration=3.0, rate=rate)
+                    errors = sum(n for c, n in res["status"].items() if c != 200)
+                    p99 = h.pct(res["lat"], 0.99) / 1e3
+                    figures[f"ramp_p99_ms_{int(rate)}rps_{key}"] = round(p99, 2)
+                    figures[f"ramp_rps_{int(rate)}rps_{key}"] = round(res["status"].get(200, 0) / 3.0, 1)
+                    if errors or p99 > SLO_P99_MS:
+                        break
+                    best = rate
+                figures[f"max_rate_at_slo_rps_{key}"] = best
+        finally:
+            rt.stop()
+    small, large = min(per_tenant), max(per_tenant)
+    modeled_pt, modeled_src = _planner_gpu_per_tenant(large, None)
+    figures["planner_modeled_gpu_mib_per_tenant"] = round(modeled_pt / MiB, 3)
+    gpu_small = per_tenant[small][1]
+    if gpu_small is not None:
+        # Feed the per-tenant overhead measured at the smallest count; predict the largest.
+        results = work / "results"
+        results.mkdir()
+        overhead = max(0.0, gpu_small - GPU_WORKING_SET)
+        (results / "density.json").write_text(json.dumps({"figures": {"context_overhead_bytes": overhead}}))
+        fed_pt, fed_src = _planner_gpu_per_tenant(large, results)
+        predicted = base["gpu"] + large * fed_pt
+        measured = base["gpu"] + large * per_tenant[large][1]  # type: ignore[operator]
+        figures["context_overhead_bytes"] = round(overhead)
+        figures[f"planner_fed_gpu_mib_{large}t"] = round(predicted / MiB, 1)
+        figures[f"planner_fed_error_pct_{large}t"] = round(100 * (predicted - measured) / measured, 1)
+        figures["planner_fed_term_source"] = 1.0 if fed_src == "measured" else 0.0
+        figures["modeled_over_measured_gpu_per_tenant"] = round(modeled_pt / per_tenant[large][1], 2)  # type: ignore[operator]
+    figures["tenants"] = large
+    table = (
+        "| tenants | loaded / failed | start to ready | host RSS | GPU memory | load req/s | "
+        "step P50 / P99 ms | errors |\n|---|---|---|---|---|---|---|---|\n" + "\n".join(rows)
+    )
+    return {
+        "title": "Tenants per GPU, measured (one shard process)",
+        "figures": figures,
+        "targets": {f"planner_fed_error_pct_{large}t": "<= 15", f"loaded_{large}t": f">= {2 * 500}"},
+        "table": table,
+        "notes": (
+            f"Accelerator {accelerator}. Each tenant: bench/fixtures/gpu_step.wat, gpuMemory cap 4Mi, one "
+            "warm instance, one 4 KiB GPU buffer (a 2 MiB pool page). Per-tenant = slope from a 1-tenant run. "
+            f"Load: open loop at {RATE:.0f} req/s over every tenant (4 processes x 16 connections, 5 s), "
+            f"latency from the intended send time; at the largest count the rate is raised (4k, 8k, 16k "
+            f"req/s, 3 s each) until the P99 passes {SLO_P99_MS:.0f} ms or a request fails. The planner's "
+            f"modeled per-tenant GPU term ({modeled_src}: MPS client context + gpu working set) is shown "
+            "beside the measured one; fed the per-tenant overhead measured at the smallest count "
+            "(--bench-results, figure context_overhead_bytes), it predicts the largest. The seed's "
+            "modeled table holds 500 tenants on its Large host (tenant ceiling)."
+        ),
+    }
