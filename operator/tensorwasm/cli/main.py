@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import sys
 from collections.abc import Sequence
 
@@ -29,10 +30,19 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tensorwasm",
         description="Run many tenants' WebAssembly functions on shared GPUs, on Kubernetes.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {distribution_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
     return parser
+
+
+def distribution_version() -> str:
+    """The installed distribution's version (pyproject.toml), or "unknown" from a bare source tree."""
+    try:
+        return importlib.metadata.version("tensorwasm")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
