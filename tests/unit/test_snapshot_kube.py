@@ -6,6 +6,7 @@ engine, CPU backend, store and pipeline are real.
 
 from __future__ import annotations
 
+import asyncio
 import random
 from pathlib import Path
 from typing import Any
@@ -19,18 +20,20 @@ from tensorwasm.runtime.snapshots.store import SnapshotStore
 
 
 class RecordingApi:
-    """Records merge patches like the API server would receive them."""
+    """Records merge patches like the API server would receive them (KubeApi.merge_patch)."""
 
     def __init__(self) -> None:
         self.patches: list[tuple[str, str, dict[str, Any]]] = []
 
-    def patch_namespaced_custom_object(self, *args: Any, **kwargs: Any) -> None:
-        assert kwargs["_content_type"] == kube.MERGE_PATCH
-        self.patches.append(("object", args[4], args[5]))
+    async def merge_patch(self, path: str, patch: dict[str, Any], want_body: bool = True) -> dict[str, Any]:
+        parts = path.strip("/").split("/")
+        assert parts[:3] == ["apis", "tensorwasm.io", "v1alpha1"] and parts[5] == "snapshots"
+        self.patches.append(("status" if parts[-1] == "status" else "object", parts[6], patch))
+        return {}
 
-    def patch_namespaced_custom_object_status(self, *args: Any, **kwargs: Any) -> None:
-        assert kwargs["_content_type"] == kube.MERGE_PATCH
-        self.patches.append(("status", args[4], args[5]))
+
+def reconcile(agent: kube.SnapshotAgent, snapshot: dict[str, Any], handle: kube.TenantHandle | None) -> str:
+    return asyncio.run(agent.reconcile(snapshot, handle))
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +77,7 @@ def test_capture_then_delete_then_restore_on_start(
     src.device.write(buf, 0, b"w" * 3000)
 
     snap = snapshot_obj("snap-1", "alpha")
-    assert agent.reconcile(snap, src) == "captured"
+    assert reconcile(agent, snap, src) == "captured"
     kinds = [(k, list(body)) for k, _, body in api.patches]
     assert (
         kinds[0] == ("object", ["metadata"]) and kube.FINALIZER in api.patches[0][2]["metadata"]["finalizers"]
@@ -89,7 +92,7 @@ def test_capture_then_delete_then_restore_on_start(
     # A re-list of the Ready snapshot changes nothing.
     done = snapshot_obj("snap-1", "alpha", status=ready, meta={"finalizers": [kube.FINALIZER]})
     count = len(api.patches)
-    assert agent.reconcile(done, src) == "none" and len(api.patches) == count
+    assert reconcile(agent, done, src) == "none" and len(api.patches) == count
 
     # A Tenant starting on this shard restores its newest Ready snapshot.
     dst = handle(engine, module, acc, "alpha-dst")
@@ -102,7 +105,7 @@ def test_capture_then_delete_then_restore_on_start(
     # Deleting the Snapshot removes the blob, then the finalizer.
     gone = {"finalizers": [kube.FINALIZER, "other"], "deletionTimestamp": "now"}
     deleting = snapshot_obj("snap-1", "alpha", status=ready, meta=gone)
-    assert agent.reconcile(deleting, None) == "deleted"
+    assert reconcile(agent, deleting, None) == "deleted"
     assert not Path(ready["location"]).exists()
     assert api.patches[-1][2]["metadata"]["finalizers"] == ["other"]
     assert agent.restore_on_start(dst, tenant_obj, []) == (None, "no Ready snapshot")
@@ -115,7 +118,7 @@ def test_capture_failure_is_reported(engine: Engine, module: CompiledModule, tmp
     src = handle(engine, module, acc, "beta-src")
     bad = kube.TenantHandle("beta", "not/a/uid", src.module_sha256, 1, src.pool, src.device)
     agent = kube.SnapshotAgent(api, SnapshotStore(tmp_path), "shard-1", acc)
-    assert agent.reconcile(snapshot_obj("s", "beta"), bad) == "failed"
+    assert reconcile(agent, snapshot_obj("s", "beta"), bad) == "failed"
     failed = api.patches[-1][2]["status"]
     assert failed["phase"] == "Failed" and "tenant uid" in failed["message"]
     acc.close()

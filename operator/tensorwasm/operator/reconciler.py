@@ -31,11 +31,10 @@ from tensorwasm.api.names import shard_ordinal, shard_pod_name, tenant_service_n
 from tensorwasm.api.snapshot import is_deleting, phase_of, tenant_of
 from tensorwasm.api.stamps import now_rfc3339
 from tensorwasm.api.tenant import Tenant, parse_tenant
+from tensorwasm.kube.client import KubeApi, KubeError, resource_path, task_writes
 from tensorwasm.operator.desired.meta import MANAGED_SELECTOR
 from tensorwasm.operator.desired.shards import build_shard_service, build_shard_statefulset
 from tensorwasm.operator.desired.tenant import build_tenant_service, build_token_secret, tenant_endpoint
-from tensorwasm.operator.kube import KubeApi, KubeError, resource_path
-from tensorwasm.operator.kube.client import task_writes
 from tensorwasm.operator.moves import MoveStrategy, SnapshotMove
 from tensorwasm.operator.placement import Ledger
 from tensorwasm.operator.settings import OperatorSettings

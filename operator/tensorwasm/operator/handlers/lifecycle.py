@@ -13,9 +13,9 @@ from typing import Any
 import kopf
 
 from tensorwasm.api.group import FINALIZER, GROUP
-from tensorwasm.operator.kube import connect
+from tensorwasm.kube.client import connect
 from tensorwasm.operator.reconciler import Reconciler
-from tensorwasm.operator.settings import OperatorSettings
+from tensorwasm.operator.settings import FIELD_MANAGER, OperatorSettings
 
 FieldSpec = str | tuple[str, ...] | list[str] | None
 
@@ -25,13 +25,14 @@ log = logging.getLogger("tensorwasm.operator")
 def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> None:
     @kopf.on.login(registry=registry, id="operator-login")
     def operator_login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-        # The same order as kube.connect(), so the watch and our writes use one identity.
+        # The same order as tensorwasm.kube.config.load_connection, so the watch and our writes
+        # use one identity.
         return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
     @kopf.on.startup(registry=registry, id="operator-startup", backoff=2.0)
     async def operator_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
         configure_kopf(settings)
-        reconciler = Reconciler(operator_settings, await connect())
+        reconciler = Reconciler(operator_settings, await connect(FIELD_MANAGER))
         await reconciler.start()
         memo["reconciler"] = reconciler
 

@@ -2,7 +2,7 @@
 
 Owns the pure status builders for `Snapshot` (the resource, its phases and the restore choice are
 tensorwasm.api's) and
-`SnapshotAgent`, which the shard's Kubernetes source calls (blocking: from a worker thread) for
+`SnapshotAgent`, which the shard's Kubernetes source calls (on its event loop) for
 every Snapshot whose `spec.tenant` is served here, for every deleted Snapshot `blob_deleter`
 names this shard for, and once when a Tenant starts on this shard:
 - a new Snapshot: add the finalizer, status Capturing, capture, then status Ready (sizeBytes,
@@ -12,24 +12,26 @@ names this shard for, and once when a Tenant starts on this shard:
   `blob_deleter` picks exactly one, also when the shard that captured it is gone;
 - a Tenant starting: restore `spec.restoreFrom`, else its newest Ready Snapshot, when the blob is here.
 Level-triggered: a Ready or Failed Snapshot is never captured again, so a re-list changes nothing.
-Must not import wasmtime or cuda; talks to the API only through the `CustomObjects` protocol
-(the `kubernetes` client's CustomObjectsApi).
+Captures run in a worker thread (blocking); API writes go through the project's one client
+(tensorwasm.kube.client.KubeApi, or anything with its `merge_patch`). Must not import wasmtime or cuda.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from tensorwasm.api.conditions import Condition, condition_dict, truncate_message
-from tensorwasm.api.group import GROUP, SNAPSHOT, VERSION
+from tensorwasm.api.group import API_VERSION, SNAPSHOT
 from tensorwasm.api.group import SNAPSHOT_BLOB_FINALIZER as FINALIZER
 from tensorwasm.api.names import shard_sort_key
 from tensorwasm.api.snapshot import CAPTURING as PHASE_CAPTURING
 from tensorwasm.api.snapshot import FAILED, READY, is_deleting, phase_of, restore_choice
 from tensorwasm.api.stamps import now_rfc3339
+from tensorwasm.kube.client import resource_path
 from tensorwasm.runtime.accel.base import Accelerator, TenantDevice
 from tensorwasm.runtime.errors import NotFound, RuntimeFault, SnapshotRejected
 from tensorwasm.runtime.snapshots.capture import CaptureResult, capture_snapshot
@@ -39,17 +41,14 @@ from tensorwasm.runtime.snapshots.store import SnapshotStore
 
 log = logging.getLogger(__name__)
 
-PLURAL = SNAPSHOT.plural
-MERGE_PATCH = "application/merge-patch+json"
 # Condition reasons (CamelCase constants, as the operator uses them).
 CAPTURED, CAPTURE_FAILED, CAPTURING = "Captured", "CaptureFailed", "Capturing"
 
 
-class CustomObjects(Protocol):
-    """The two calls of kubernetes.client.CustomObjectsApi the agent makes."""
+class Patcher(Protocol):
+    """The one call of tensorwasm.kube.client.KubeApi the agent makes."""
 
-    def patch_namespaced_custom_object(self, *args: Any, **kwargs: Any) -> Any: ...
-    def patch_namespaced_custom_object_status(self, *args: Any, **kwargs: Any) -> Any: ...
+    async def merge_patch(self, path: str, patch: Mapping[str, Any], want_body: bool = True) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -136,14 +135,14 @@ class SnapshotAgent:
 
     def __init__(
         self,
-        api: CustomObjects,
+        api: Patcher,
         store: SnapshotStore,
         shard_name: str,
         accelerator: Accelerator | None = None,
     ) -> None:
         self.api, self.store, self.shard_name, self.accelerator = api, store, shard_name, accelerator
 
-    def reconcile(self, snapshot: Mapping[str, Any], tenant: TenantHandle | None) -> str:
+    async def reconcile(self, snapshot: Mapping[str, Any], tenant: TenantHandle | None) -> str:
         """Act on one Snapshot; returns what it did ("captured", "failed", "deleted", "none")."""
         meta = snapshot.get("metadata") or {}
         ns, name = meta.get("namespace", ""), meta.get("name", "")
@@ -156,7 +155,7 @@ class SnapshotAgent:
             uid = (snapshot.get("status") or {}).get("tenantUid") or (tenant.uid if tenant else "")
             if digest and uid:
                 self.store.delete(uid, digest)
-            self._patch(ns, name, {"metadata": {"finalizers": [f for f in finalizers if f != FINALIZER],
+            await self._patch(ns, name, {"metadata": {"finalizers": [f for f in finalizers if f != FINALIZER],
                                                 "resourceVersion": meta.get("resourceVersion")}})  # fmt: skip
             log.info("Deleted Snapshot blob name=%s digest=%s", name, digest)
             return "deleted"
@@ -164,22 +163,23 @@ class SnapshotAgent:
             return "none"
         generation = int(meta.get("generation") or 0)
         if FINALIZER not in finalizers:
-            self._patch(ns, name, {"metadata": {"finalizers": [*finalizers, FINALIZER]}})
-        self._status(ns, name, build_capturing_status(self.shard_name, generation))
+            await self._patch(ns, name, {"metadata": {"finalizers": [*finalizers, FINALIZER]}})
+        await self._status(ns, name, build_capturing_status(self.shard_name, generation))
         try:
-            result = capture_snapshot(
+            result = await asyncio.to_thread(
+                capture_snapshot,
                 self.store, tenant_uid=tenant.uid, module_sha256=tenant.module_sha256,
                 generation=tenant.generation, pool=tenant.pool, device=tenant.device,
                 accelerator=self.accelerator, tenant=tenant.name,
             )  # fmt: skip
         except (RuntimeFault, OSError) as exc:
             message = exc.message if isinstance(exc, RuntimeFault) else f"{type(exc).__name__}: {exc}"
-            self._status(ns, name, build_failed_status(self.shard_name, message, generation))
+            await self._status(ns, name, build_failed_status(self.shard_name, message, generation))
             log.warning("Failed capturing Snapshot name=%s tenant=%s message=%s", name, tenant.name, message)
             return "failed"
         status = build_ready_status(result, self.shard_name, generation)
         status["tenantUid"] = tenant.uid
-        self._status(ns, name, status)
+        await self._status(ns, name, status)
         log.info("Captured Snapshot name=%s tenant=%s bytes=%d", name, tenant.name, result.manifest.raw_bytes)
         return "captured"
 
@@ -204,12 +204,11 @@ class SnapshotAgent:
         log.info("Restored Tenant name=%s snapshot=%s", tenant.name, chosen["metadata"]["name"])
         return result, f"restored from Snapshot {chosen['metadata']['name']}"
 
-    def _patch(self, ns: str, name: str, body: dict[str, Any]) -> None:
-        self.api.patch_namespaced_custom_object(
-            GROUP, VERSION, ns, PLURAL, name, body, _content_type=MERGE_PATCH
+    async def _patch(self, ns: str, name: str, body: dict[str, Any]) -> None:
+        await self.api.merge_patch(
+            resource_path(API_VERSION, SNAPSHOT.plural, ns, name), body, want_body=False
         )
 
-    def _status(self, ns: str, name: str, status: dict[str, Any]) -> None:
-        self.api.patch_namespaced_custom_object_status(
-            GROUP, VERSION, ns, PLURAL, name, {"status": status}, _content_type=MERGE_PATCH
-        )
+    async def _status(self, ns: str, name: str, status: dict[str, Any]) -> None:
+        path = resource_path(API_VERSION, SNAPSHOT.plural, ns, name, "status")
+        await self.api.merge_patch(path, {"status": status}, want_body=False)

@@ -1,6 +1,6 @@
 """The Kubernetes tenant source: the Tenants placed on this shard, their Secrets and ConfigMaps.
 
-Owns `KubeSource` and the pure `resolve_tenants`. An informer (sources/informer.py) per kind keeps
+Owns `KubeSource` and the pure `resolve_tenants`. An informer (tensorwasm.kube.informer) per kind keeps
 a cache of the namespace's Tenants, ConfigMaps, Secrets (and Snapshots with --snapshot-dir): one
 list, then watch events; a re-list only on 410 Gone or every few minutes. A watch event that
 concerns this shard (a Tenant whose status.shard is ours or was ours, a ConfigMap/Secret one of our
@@ -18,8 +18,8 @@ With --snapshot-dir it also drives the snapshot agent (snapshots/kube.py): a Ten
 here restores its chosen Snapshot before it serves (through `Shard.prepare`), every Snapshot of a
 tenant served here is captured, and a deleted Snapshot has its blob removed by the one live shard
 `blob_deleter` names (live: its `<prefix>-<n>` pod exists), so a removed shard's Snapshots still go.
-The `kubernetes` client is blocking: every call runs in a worker thread, never on the event loop.
-Must not import wasmtime, cuda or aiohttp.
+API calls go through the project's one async client (tensorwasm.kube) on the event loop; only
+captures and restores (blocking) run in worker threads. Must not import wasmtime or cuda.
 """
 
 from __future__ import annotations
@@ -27,24 +27,25 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import json
 import logging
 import re
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
+
 from tensorwasm.api.conditions import Placement, desired_status, truncate_message
 from tensorwasm.api.fields import InvalidSpec
-from tensorwasm.api.group import GROUP, SNAPSHOT, SNAPSHOT_BLOB_FINALIZER, TENANT, VERSION
+from tensorwasm.api.group import API_VERSION, SNAPSHOT, SNAPSHOT_BLOB_FINALIZER, TENANT
 from tensorwasm.api.names import token_secret_name
 from tensorwasm.api.stamps import now_rfc3339
 from tensorwasm.api.tenant import parse_tenant
+from tensorwasm.kube.client import KubeApi, KubeError, connect, resource_path
+from tensorwasm.kube.informer import Informer
 from tensorwasm.runtime.settings import RuntimeSettings
 from tensorwasm.runtime.shard import ServedTenant, Shard, TenantStatus
-from tensorwasm.runtime.sources.informer import Informer
 from tensorwasm.runtime.tenancy.config import TenantConfig, parse_kube_tenant
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 
 PLURAL, SNAPSHOTS = TENANT.plural, SNAPSHOT.plural
 SECRET_MISSING = "SecretMissing"
+FIELD_MANAGER = "tensorwasm-shard"
 
 
 def _token_secret(tenant_name: str, spec: Mapping[str, Any]) -> str:
@@ -67,6 +69,7 @@ CONFIGMAPS, SECRETS = "configmaps", "secrets"
 _RELIST_S = 300  # informers re-list at most this often (and on 410 Gone); events fill the gaps
 _LIVE_TTL_S = 5.0
 _DEBOUNCE_S = 0.05
+_WRITE_RETRY_S = 1.0  # a status write that failed is tried again this soon
 # The operator creates a tenant's Secret before it places the tenant, but the two reach this shard on
 # separate watches: a Secret or ConfigMap missing in the first moments after placement is most
 # likely still in flight. Reporting it would cost a write now and another once it arrives.
@@ -248,31 +251,28 @@ class KubeSource:
         self._written: dict[str, tuple[str, dict[str, Any]]] = {}  # tenant -> (its rv, runtime sent)
         self._acted: dict[str, str] = {}  # Snapshot uid -> resourceVersion already acted on
         self._live: tuple[float, frozenset[str]] = (0.0, frozenset())
-        self._stop = threading.Event()
-        self._tenant_selector = ""  # set by _connect
-        self._core: Any = None
-        self._custom: Any = None
+        self._tenant_selector = ""  # set by run
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._dirty: asyncio.Event | None = None
+        self._dirty = asyncio.Event()
+        self.api: KubeApi | None = None
 
-    async def run(self, shard: Shard) -> None:
-        await asyncio.to_thread(self._connect)
+    async def run(self, shard: Shard, api: KubeApi | None = None) -> None:
+        """Serve the Tenants placed here until cancelled; `api` defaults to the configured cluster."""
+        self.api = api or await connect(FIELD_MANAGER, self.kubeconfig)
+        self._tenant_selector = await self._scoped_tenant_selector()
         if self.snapshot_dir is not None:
             from tensorwasm.runtime.snapshots.kube import SnapshotAgent
             from tensorwasm.runtime.snapshots.store import SnapshotStore
 
             store = SnapshotStore(self.snapshot_dir)
-            self._agent = SnapshotAgent(self._custom, store, self.shard_name, shard.accelerator)
+            self._agent = SnapshotAgent(self.api, store, self.shard_name, shard.accelerator)
             shard.prepare = self._restore
-        self._loop, self._dirty = asyncio.get_running_loop(), asyncio.Event()
+        self._loop = asyncio.get_running_loop()
         self.informers = self._informers()
-        for informer in self.informers.values():
-            name = f"watch-{informer.kind}"
-            threading.Thread(target=informer.run, name=name, daemon=True).start()
+        tasks = [asyncio.create_task(i.run(), name=f"watch-{i.kind}") for i in self.informers.values()]
         try:
             # Serve nothing until every cache holds a full list: a partial view would unload tenants.
-            while not all(i.synced.is_set() for i in self.informers.values()):
-                await asyncio.sleep(0.05)
+            await asyncio.gather(*(i.synced.wait() for i in self.informers.values()))
             took = 0.0
             while True:
                 with contextlib.suppress(TimeoutError):
@@ -293,28 +293,27 @@ class KubeSource:
                     self._dirty.set()
                 took = min(time.process_time() - started, 1.0)
         finally:
-            self._stop.set()
+            for task in tasks:
+                task.cancel()
+            if api is None:
+                await self.api.close()
 
     def _informers(self) -> dict[str, Informer]:
+        assert self.api is not None
         ns = self.namespace
-        kinds: dict[str, tuple[Callable[..., Any], tuple[str, ...], dict[str, str]]] = {
-            PLURAL: (self._custom.list_namespaced_custom_object, (GROUP, VERSION, ns, PLURAL),
-                     {"field_selector": self._tenant_selector} if self._tenant_selector else {}),
-            CONFIGMAPS: (self._core.list_namespaced_config_map, (self.namespace,), {}),
+        kinds: dict[str, tuple[str, dict[str, str]]] = {
+            PLURAL: (resource_path(API_VERSION, PLURAL, ns),
+                     {"fieldSelector": self._tenant_selector} if self._tenant_selector else {}),
+            CONFIGMAPS: (resource_path("v1", CONFIGMAPS, ns), {}),
             # Helm release records are the largest Secrets in a chart's namespace and never a token.
-            SECRETS: (self._core.list_namespaced_secret, (self.namespace,),
-                      {"field_selector": "type!=helm.sh/release.v1"}),
+            SECRETS: (resource_path("v1", SECRETS, ns), {"fieldSelector": "type!=helm.sh/release.v1"}),
         }  # fmt: skip
         if self._agent is not None:
-            kinds[SNAPSHOTS] = (
-                self._custom.list_namespaced_custom_object,
-                (GROUP, VERSION, self.namespace, SNAPSHOTS),
-                {},
-            )
+            kinds[SNAPSHOTS] = (resource_path(API_VERSION, SNAPSHOTS, ns), {})
         relist_s = max(self.resync_s, _RELIST_S)
         return {
-            kind: Informer(kind, fn, args, self._on_change(kind), self._stop, relist_s, selectors)
-            for kind, (fn, args, selectors) in kinds.items()
+            kind: Informer(kind, self.api, path, self._on_change(kind), relist_s, params)
+            for kind, (path, params) in kinds.items()
         }
 
     def _on_change(self, kind: str) -> Callable[[dict[str, Any] | None, dict[str, Any] | None], None]:
@@ -326,10 +325,7 @@ class KubeSource:
         return changed
 
     def _mark_dirty(self) -> None:
-        loop, dirty = self._loop, self._dirty
-        if loop is not None and dirty is not None:
-            with contextlib.suppress(RuntimeError):  # loop closed at shutdown
-                loop.call_soon_threadsafe(dirty.set)
+        self._dirty.set()
 
     async def reconcile(self, shard: Shard) -> None:
         view = self._view = self._build_view()
@@ -349,9 +345,9 @@ class KubeSource:
         if deferred and self._loop is not None:
             self._loop.call_later(_MISSING_GRACE_S, self._mark_dirty)
         if any(self._needs_write(obj, runtime) for obj, runtime in reports.values()):
-            await asyncio.to_thread(self._write_statuses, reports)
+            await self._write_statuses(reports)
         if self._agent is not None:
-            await asyncio.to_thread(self._reconcile_snapshots, shard)
+            await self._reconcile_snapshots(shard)
 
     def _build_view(self) -> ClusterView:
         """Our Tenants and what they reference, from the caches (no API call)."""
@@ -406,7 +402,7 @@ class KubeSource:
             del self._decoded[memo]  # superseded versions and objects no Tenant here references
         return out
 
-    def _snapshot_jobs(self, shard: Shard) -> list[tuple[dict[str, Any], TenantHandle | None]]:
+    async def _snapshot_jobs(self, shard: Shard) -> list[tuple[dict[str, Any], TenantHandle | None]]:
         """The Snapshots this shard acts on now: captures of tenants served here, and deletions."""
         from tensorwasm.runtime.snapshots.kube import blob_deleter, needs_capture
 
@@ -419,7 +415,7 @@ class KubeSource:
             if meta.get("deletionTimestamp"):
                 if SNAPSHOT_BLOB_FINALIZER not in (meta.get("finalizers") or []):
                     continue
-                if blob_deleter(snap, self._live_shards()) == self.shard_name:
+                if blob_deleter(snap, await self._live_shards()) == self.shard_name:
                     jobs.append((snap, None))
             elif tenant in self._ours and needs_capture(snap):
                 handle = self._handle(shard.served.get(tenant))
@@ -429,7 +425,7 @@ class KubeSource:
         self._acted = {uid: rv for uid, rv in self._acted.items() if uid in live}
         return jobs
 
-    def _live_shards(self) -> frozenset[str]:
+    async def _live_shards(self) -> frozenset[str]:
         """Shards whose pod (`<prefix>-<n>`, not being deleted) exists; always this one.
 
         Listed only when a deleted Snapshot needs an arbiter, and then at most every few seconds.
@@ -441,8 +437,8 @@ class KubeSource:
         prefix, _, ordinal = self.shard_name.rpartition("-")
         if prefix and ordinal.isdigit():
             pattern = re.compile(rf"{re.escape(prefix)}-\d+")
-            pods = json.loads(self._core.list_namespaced_pod(self.namespace, _preload_content=False).data)
-            for pod in pods.get("items") or []:
+            assert self.api is not None
+            for pod in await self.api.list(resource_path("v1", "pods", self.namespace)):
                 meta = pod.get("metadata") or {}
                 if pattern.fullmatch(str(meta.get("name", ""))) and not meta.get("deletionTimestamp"):
                     names.add(str(meta["name"]))
@@ -472,51 +468,30 @@ class KubeSource:
         cfg = tenant.config
         return TenantHandle(cfg.name, cfg.uid, cfg.module.sha256, cfg.generation, tenant.pool, tenant.device)
 
-    def _reconcile_snapshots(self, shard: Shard) -> None:
+    async def _reconcile_snapshots(self, shard: Shard) -> None:
         assert self._agent is not None
-        for snapshot, handle in self._snapshot_jobs(shard):
+        for snapshot, handle in await self._snapshot_jobs(shard):
             meta = snapshot["metadata"]
             try:
-                self._agent.reconcile(snapshot, handle)
+                await self._agent.reconcile(snapshot, handle)
             except Exception as exc:  # one Snapshot's trouble (API conflict, disk) must not stop the rest
                 log.warning("Failed reconciling Snapshot name=%s: %s", meta.get("name"), exc)
                 continue
             self._acted[str(meta.get("uid"))] = str(meta.get("resourceVersion"))
 
-    # --- blocking API calls (worker threads) ---
+    # --- API calls ---
 
-    def _connect(self) -> None:
-        from kubernetes import client
-        from kubernetes import config as untyped_config
-
-        config: Any = untyped_config  # the client ships no type hints
-        if self.kubeconfig is not None:
-            api = config.new_client_from_config(config_file=str(self.kubeconfig))
-        else:
-            try:
-                config.load_incluster_config()
-            except config.ConfigException:
-                config.load_kube_config()
-            api = client.ApiClient()
-        self._core = client.CoreV1Api(api)
-        self._custom = client.CustomObjectsApi(api)
-        self._tenant_selector = self._scoped_tenant_selector()
-
-    def _scoped_tenant_selector(self) -> str:
+    async def _scoped_tenant_selector(self) -> str:
         """`status.shard=<this shard>` where the Tenant CRD declares it selectable (Kubernetes 1.31+,
         crds/): this shard then watches and caches only its own Tenants, not every Tenant of the
         namespace. Else "" (all Tenants; the pass filters them)."""
-        from kubernetes.client.exceptions import ApiException
-
+        assert self.api is not None
         selector = f"status.shard={self.shard_name}"
         try:
-            resp = self._custom.list_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, PLURAL, field_selector=selector, limit=1,
-                _preload_content=False,
-            )  # fmt: skip
-            resp.drain_conn()
-            resp.release_conn()
-        except ApiException as exc:
+            await self.api.list_versioned(
+                resource_path(API_VERSION, PLURAL, self.namespace), {"fieldSelector": selector, "limit": "1"}
+            )
+        except KubeError as exc:
             if exc.status != 400:  # 400: field label not supported (an older CRD or API server)
                 raise
             log.warning("Watching every Tenant: the API server cannot select them on status.shard")
@@ -532,9 +507,8 @@ class KubeSource:
         version = str((obj.get("metadata") or {}).get("resourceVersion", ""))
         return self._written.get(obj["metadata"]["name"]) != (version, runtime)
 
-    def _write_statuses(self, reports: Mapping[str, tuple[dict[str, Any], dict[str, Any]]]) -> None:
-        from kubernetes.client.exceptions import ApiException
-
+    async def _write_statuses(self, reports: Mapping[str, tuple[dict[str, Any], dict[str, Any]]]) -> None:
+        assert self.api is not None
         now = now_rfc3339()
         for name in [n for n in self._written if n not in reports]:
             del self._written[name]
@@ -543,21 +517,15 @@ class KubeSource:
                 continue
             report = {**runtime, "reportedAt": now}
             body = {"status": {"runtime": report, **readiness_patch(obj, report, now)}}
+            path = resource_path(API_VERSION, PLURAL, self.namespace, name, "status")
             try:
-                resp = self._custom.patch_namespaced_custom_object_status(
-                    GROUP,
-                    VERSION,
-                    self.namespace,
-                    PLURAL,
-                    name,
-                    body,
-                    _content_type="application/merge-patch+json",
-                    _preload_content=False,  # the watch brings the new version: skip decoding it here
-                )
-                resp.drain_conn()  # read (undecoded) so the connection can be reused
-                resp.release_conn()
-            except ApiException as exc:  # deleted or moved meanwhile: the next pass settles it
-                log.warning("Failed writing Tenant status name=%s status=%s", name, exc.status)
+                await self.api.merge_patch(path, body, want_body=False)  # the watch brings the new version
+            except (KubeError, aiohttp.ClientError) as exc:
+                # Deleted or moved meanwhile, or the API server failing: a pass soon settles it
+                # (not only the next resync: a report lost now would leave the Tenant Placed).
+                log.warning("Failed writing Tenant status name=%s: %s", name, exc)
+                if self._loop is not None:
+                    self._loop.call_later(_WRITE_RETRY_S, self._mark_dirty)
                 continue
             # Until the watch brings the new version, the cache still shows the old report.
             self._written[name] = (str(obj["metadata"].get("resourceVersion", "")), runtime)

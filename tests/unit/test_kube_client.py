@@ -1,17 +1,19 @@
-"""The operator's API client honours 429 + Retry-After (API priority and fairness, a CRD's storage
+"""The project's API client honours 429 + Retry-After (API priority and fairness, a CRD's storage
 re-initialising) instead of failing the reconcile, and still fails on other errors and past its budget."""
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
-import kopf
 import pytest
+import yaml
 from aiohttp import web
 
-from tensorwasm.operator.kube import client as kube_client
-from tensorwasm.operator.kube.client import KubeApi, KubeError
+from tensorwasm.kube import client as kube_client
+from tensorwasm.kube.client import KubeApi, KubeError
+from tensorwasm.kube.config import ConfigError, Connection, load_connection
 
 
 async def serve(
@@ -35,7 +37,7 @@ async def serve(
 
 
 def api_for(server: str) -> KubeApi:
-    return KubeApi(kopf.ConnectionInfo(server=server, insecure=True))
+    return KubeApi(Connection(server, ssl=False), "test")
 
 
 def test_retries_429_with_retry_after_then_succeeds() -> None:
@@ -73,3 +75,40 @@ def test_other_errors_and_an_exhausted_budget_still_raise(monkeypatch: pytest.Mo
     monkeypatch.setattr(kube_client, "THROTTLE_RETRY_S", 0.35)
     throttled, seen = asyncio.run(scenario(429))
     assert throttled.status == 429 and 2 <= len(seen) <= 5
+
+
+def write_kubeconfig(path: Path, user: dict[str, Any], cluster: dict[str, Any]) -> Path:
+    doc = {
+        "current-context": "dev",
+        "contexts": [{"name": "dev", "context": {"cluster": "c", "user": "u"}}],
+        "clusters": [{"name": "c", "cluster": cluster}],
+        "users": [{"name": "u", "user": user}],
+    }
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_kubeconfig_token_and_token_file(tmp_path: Path) -> None:
+    conn = load_connection(write_kubeconfig(tmp_path / "a", {"token": "t0k"}, {"server": "http://h:1/"}))
+    assert (conn.server, conn.auth_headers(), conn.ssl) == (
+        "http://h:1",
+        {"Authorization": "Bearer t0k"},
+        False,
+    )
+    (tmp_path / "tok").write_text("first\n")
+    conn = load_connection(
+        write_kubeconfig(
+            tmp_path / "b", {"tokenFile": "tok"}, {"server": "https://h", "insecure-skip-tls-verify": True}
+        )
+    )
+    assert conn.auth_headers() == {"Authorization": "Bearer first"}
+    (tmp_path / "tok").write_text("rotated\n")  # projected tokens rotate: the file is read again
+    assert conn.auth_headers() == {"Authorization": "Bearer rotated"}
+
+
+def test_unsupported_credentials_say_so(tmp_path: Path) -> None:
+    path = write_kubeconfig(tmp_path / "c", {"exec": {"command": "aws"}}, {"server": "https://h"})
+    with pytest.raises(ConfigError, match="exec and auth-provider credentials are not supported"):
+        load_connection(path)
+    with pytest.raises(ConfigError, match="no in-cluster service account and no kubeconfig"):
+        load_connection(env={"KUBECONFIG": str(tmp_path / "missing")})

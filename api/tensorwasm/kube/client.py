@@ -1,39 +1,37 @@
-"""A small async Kubernetes REST client on aiohttp, with write accounting.
+"""The project's one Kubernetes client: async REST on aiohttp, with write accounting and watches.
 
-Owns HTTP calls to the API server: get/list, create, server-side apply, merge/JSON patches,
-events. Every write is counted per verb and kind (`writes`) so tests and logs can prove that a
-reconcile of an unchanged object writes nothing. Credentials come from kopf's own login
-helpers (in-cluster service account, else kubeconfig) so the watch and the writes agree.
-Must not import handlers/, placement or desired/.
+Owns HTTP calls to the API server: get/list, watch streams, create, server-side apply, merge/JSON
+patches, deletes, events. Every write is counted per verb and kind (`writes`) so tests and logs can
+prove that a reconcile of an unchanged object writes nothing; 429 + Retry-After is honoured briefly.
+The operator (beside kopf's own watching) and the runtime shard both use it; credentials come from
+tensorwasm.kube.config. Must not import the operator, the runtime or kopf.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextvars
-import datetime
 import json
 import logging
-import os
-import ssl
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import aiohttp
-import kopf
 
-from tensorwasm.operator.settings import FIELD_MANAGER
+from tensorwasm.api.conditions import truncate_message
+from tensorwasm.api.stamps import now_rfc3339
+from tensorwasm.kube.config import Connection, load_connection
 
-log = logging.getLogger("tensorwasm.operator.kube")
+log = logging.getLogger("tensorwasm.kube")
 
 # Writes made by the current asyncio task (one reconcile), when the caller set a counter.
 task_writes: contextvars.ContextVar[Counter[str] | None] = contextvars.ContextVar("task_writes", default=None)
 
 JSON = dict[str, Any]
+Items = list[JSON]  # named: inside KubeApi, `list` is the method
 
 
 THROTTLE_RETRY_S = 30.0  # how long one call keeps honouring 429 Retry-After before giving up
@@ -76,48 +74,29 @@ def object_path(obj: Mapping[str, Any], sub: str = "") -> str:
     return resource_path(obj["apiVersion"], plural, meta.get("namespace"), meta["name"], sub)
 
 
-def _ssl_context(info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
-    if info.insecure:
-        return False
-    ctx = ssl.create_default_context()
-    if info.ca_path:
-        ctx.load_verify_locations(cafile=os.fsdecode(info.ca_path))
-    elif info.ca_data:
-        data = info.ca_data.encode() if isinstance(info.ca_data, str) else info.ca_data
-        ctx.load_verify_locations(cadata=base64.b64decode(data).decode())
-    cert, key = info.certificate_path, info.private_key_path
-    tmp: list[str] = []
-    try:
-        if info.certificate_data and info.private_key_data:
-            for blob in (info.certificate_data, info.private_key_data):
-                raw = blob.encode() if isinstance(blob, str) else blob
-                fd, path = tempfile.mkstemp(prefix="tw-kube-")
-                with os.fdopen(fd, "wb") as f:
-                    f.write(base64.b64decode(raw))
-                tmp.append(path)
-            cert, key = tmp
-        if cert and key:
-            ctx.load_cert_chain(os.fsdecode(cert), os.fsdecode(key))
-    finally:
-        for path in tmp:
-            os.unlink(path)
-    return ctx
+TOKEN_REREAD_S = 60.0  # a rotated service-account token is picked up within this
 
 
 class KubeApi:
     """One aiohttp session to one API server; counts the writes it makes."""
 
-    def __init__(self, info: kopf.ConnectionInfo, field_manager: str = FIELD_MANAGER) -> None:
-        self.server = info.server.rstrip("/")
+    def __init__(self, connection: Connection, field_manager: str) -> None:
+        self.server = connection.server.rstrip("/")
         self.field_manager = field_manager
         self.writes: Counter[str] = Counter()
-        headers = {"Accept": "application/json", **info.as_http_headers()}
+        self._connection = connection
+        self._auth: tuple[float, dict[str, str]] = (time.monotonic(), connection.auth_headers())
         self._session = aiohttp.ClientSession(
-            headers=headers,
-            connector=aiohttp.TCPConnector(ssl=_ssl_context(info), limit=64),
+            headers={"Accept": "application/json"},
+            connector=aiohttp.TCPConnector(ssl=connection.ssl, limit=64),
             cookie_jar=aiohttp.DummyCookieJar(),  # the API server sets no cookies: skip the jar per request
             timeout=aiohttp.ClientTimeout(total=30),
         )
+
+    def _headers(self) -> dict[str, str]:
+        if self._connection.token_file is not None and time.monotonic() - self._auth[0] > TOKEN_REREAD_S:
+            self._auth = (time.monotonic(), self._connection.auth_headers())
+        return self._auth[1]
 
     async def close(self) -> None:
         await self._session.close()
@@ -133,14 +112,20 @@ class KubeApi:
         body: Any = None,
         content_type: str = "application/json",
         params: Mapping[str, str] | None = None,
+        want_body: bool = True,
     ) -> JSON:
         data = None if body is None else json.dumps(body)
-        headers = {"Content-Type": content_type} if data is not None else {}
+        headers = self._headers()
+        if data is not None:
+            headers = {**headers, "Content-Type": content_type}
         deadline = time.monotonic() + THROTTLE_RETRY_S
         while True:
             async with self._session.request(
                 method, self.server + path, data=data, headers=headers, params=params
             ) as resp:
+                if resp.status < 400 and not want_body:
+                    await resp.read()  # read (undecoded) so the connection is reused
+                    return {}
                 payload = await resp.json(content_type=None) if resp.content_length != 0 else {}
                 if resp.status < 400:
                     return payload if isinstance(payload, dict) else {}
@@ -183,6 +168,35 @@ class KubeApi:
         items: list[JSON] = (await self._call("GET", path, params=params)).get("items") or []
         return items
 
+    async def list_versioned(self, path: str, params: Mapping[str, str] | None = None) -> tuple[Items, str]:
+        """The items and the list's resourceVersion (where a watch of the same path resumes)."""
+        body = await self._call("GET", path, params=params)
+        version = str((body.get("metadata") or {}).get("resourceVersion") or "")
+        return body.get("items") or [], version
+
+    async def watch(
+        self, path: str, version: str, timeout_s: int, params: Mapping[str, str] | None = None
+    ) -> AsyncIterator[JSON]:
+        """Watch events (type, object) from `version` on, until the server ends the stream."""
+        query = {
+            **(params or {}),
+            "watch": "true",
+            "resourceVersion": version,
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": str(timeout_s),
+        }
+        timeout = aiohttp.ClientTimeout(total=timeout_s + 30, sock_connect=10)
+        async with self._session.get(
+            self.server + path, params=query, headers=self._headers(), timeout=timeout
+        ) as resp:
+            if resp.status >= 400:
+                payload = await resp.json(content_type=None)
+                payload = payload if isinstance(payload, dict) else {}
+                raise KubeError(resp.status, str(payload.get("reason", "")), str(payload.get("message", "")))
+            async for line in resp.content:
+                if line.strip():
+                    yield json.loads(line)
+
     # -- writes --------------------------------------------------------------------------------
     async def create(self, path: str, obj: Mapping[str, Any]) -> JSON | None:
         """Create as our field manager; None when it already exists (409)."""
@@ -201,15 +215,11 @@ class KubeApi:
         params = {"fieldManager": self.field_manager, "force": "true"}
         return await self._call("PATCH", path, obj, "application/apply-patch+yaml", params)
 
-    async def merge_patch(self, path: str, patch: Mapping[str, Any]) -> JSON:
+    async def merge_patch(self, path: str, patch: Mapping[str, Any], want_body: bool = True) -> JSON:
+        """`want_body=False` skips decoding the answer (a watch brings the new version anyway)."""
         self._count("patch", path)
         params = {"fieldManager": self.field_manager}
-        return await self._call("PATCH", path, patch, "application/merge-patch+json", params)
-
-    async def json_patch(self, path: str, ops: Sequence[Mapping[str, Any]]) -> JSON:
-        self._count("patch", path)
-        params = {"fieldManager": self.field_manager}
-        return await self._call("PATCH", path, list(ops), "application/json-patch+json", params)
+        return await self._call("PATCH", path, patch, "application/merge-patch+json", params, want_body)
 
     async def delete(self, path: str) -> None:
         """Delete (background propagation); an object already gone is fine."""
@@ -225,7 +235,7 @@ class KubeApi:
     ) -> None:
         """A core/v1 Event about `involved` (best effort: an event lost is not worth a retry loop)."""
         meta = involved.get("metadata") or {}
-        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        now = now_rfc3339()
         namespace = meta.get("namespace") or "default"
         event = {
             "apiVersion": "v1",
@@ -240,7 +250,7 @@ class KubeApi:
             },
             "type": type_,
             "reason": reason,
-            "message": message[:1024],
+            "message": truncate_message(message),
             "source": {"component": component},
             "firstTimestamp": now,
             "lastTimestamp": now,
@@ -253,10 +263,6 @@ class KubeApi:
             log.warning("Failed to post Event reason=%s for %s: %s", reason, meta.get("name"), exc)
 
 
-async def connect(field_manager: str = FIELD_MANAGER) -> KubeApi:
-    """Credentials the way kopf finds them: in-cluster first, else $KUBECONFIG / ~/.kube/config."""
-    settings = kopf.OperatorSettings()
-    info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
-    if info is None:
-        raise kopf.LoginError("no in-cluster service account and no kubeconfig ($KUBECONFIG) found")
-    return KubeApi(info, field_manager)
+async def connect(field_manager: str, kubeconfig: Path | None = None) -> KubeApi:
+    """`kubeconfig` when given, else in-cluster first, else $KUBECONFIG / ~/.kube/config."""
+    return KubeApi(load_connection(kubeconfig), field_manager)
