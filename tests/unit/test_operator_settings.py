@@ -35,3 +35,9 @@ def test_settings_from_env() -> None:
 def test_bad_settings_fail_fast(env: dict[str, str], message: str) -> None:
     with pytest.raises(SettingsError, match=message):
         load_settings(env)
+
+
+def test_liveness_endpoint_is_off_unless_a_port_is_set() -> None:
+    assert load_settings({}).liveness_endpoint is None
+    s = load_settings({"TENSORWASM_OPERATOR_LIVENESS_PORT": "8081"})
+    assert s.liveness_endpoint == "http://0.0.0.0:8081/healthz"

@@ -35,6 +35,9 @@ def run(
             # Naming a peering makes it mandatory in kopf: only when we really peer.
             peering_name=None if settings.standalone else settings.peering_name,
             namespaces=[settings.namespace],
+            # kopf answers GET /healthz with 200 while its watchers and the event loop are alive
+            # (and 500 when a @kopf.on.probe fails): the chart's livenessProbe points here.
+            liveness_endpoint=settings.liveness_endpoint,
             memo=kopf.Memo(),
             ready_flag=ready_flag,
             stop_flag=stop_flag,

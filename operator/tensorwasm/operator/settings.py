@@ -51,6 +51,13 @@ class OperatorSettings:
     log_level: str = "INFO"
     reconcile_retry_s: float = 2.0
     move_snapshot_timeout_s: int = 120  # a move waits this long for its Snapshot, then goes anyway
+    # kopf's liveness endpoint (GET /healthz). Off (0) unless set: operators started side by side on
+    # one host (tests, the dev stack) would fight over a fixed port; the chart sets 8081.
+    liveness_port: int = 0
+
+    @property
+    def liveness_endpoint(self) -> str | None:
+        return f"http://0.0.0.0:{self.liveness_port}/healthz" if self.liveness_port else None
 
 
 def _get(env: Mapping[str, str], name: str) -> str | None:
@@ -170,4 +177,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> OperatorSettings:
         peering_name=_get(env, "PEERING_NAME") or defaults.peering_name,
         log_level=log_level,
         move_snapshot_timeout_s=_int(env, "MOVE_SNAPSHOT_TIMEOUT", defaults.move_snapshot_timeout_s, 1, 3600),
+        liveness_port=_int(env, "LIVENESS_PORT", defaults.liveness_port, 0, 65535),
     )

@@ -11,13 +11,14 @@ from typing import Any
 
 import kopf
 
+from tensorwasm.api.group import LABEL_TENANT
 from tensorwasm.operator.desired.meta import MANAGED_SELECTOR
 from tensorwasm.operator.reconciler import Reconciler
 from tensorwasm.operator.settings import OperatorSettings
 
 
 def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> None:
-    labels: dict[str, Any] = {**MANAGED_SELECTOR, "tensorwasm.io/tenant": kopf.PRESENT}
+    labels: dict[str, Any] = {**MANAGED_SELECTOR, LABEL_TENANT: kopf.PRESENT}
 
     @kopf.on.event("", "v1", "services", labels=labels, registry=registry, id="tenant-service-watch")
     async def tenant_service_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
