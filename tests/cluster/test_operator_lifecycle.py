@@ -22,25 +22,31 @@ def versions(kube: Any, namespace: str) -> dict[str, str]:
     return out
 
 
+def reconciled(op: Any, namespace: str, name: str, phase: str = r"\S+") -> int:
+    """How many reconciles of `name` (ending in `phase`) this operator run has logged."""
+    return len(re.findall(rf"Reconciled Tenant {namespace}/{name} phase={phase} writes=", op.current_log()))
+
+
 def test_second_reconcile_of_unchanged_tenants_writes_nothing(
     kube: Any, namespace: str, operator_runner: Any, tenants: TenantOps
 ) -> None:
-    op = operator_runner(shards="2")
+    # DEBUG: every reconcile logs a line (writes=0 ones too), so the test waits on those, not on time.
+    op = operator_runner(shards="2", log_level="DEBUG")
     names = [f"z{i}" for i in range(10)]
     tenants.apply(*(tenant_manifest(n) for n in names))
     tenants.wait_phase(names, "Placed")
     tenants.report("z0", tenants.shards()["z0"] or "")
     tenants.wait_phase(["z0"], "Ready")
-    time.sleep(1)
+    wait_for(lambda: reconciled(op, namespace, "z0", "Ready"), 30, "the operator saw z0 Ready")
     before = versions(kube, namespace)
     # A restart re-lists and reconciles every tenant again: the second reconcile of each.
     op.stop()
     op.start()
-    wait_for(lambda: "Started namespace=" in op.current_log(), 30, "operator restart")
-    time.sleep(3)
+    wait_for(lambda: all(reconciled(op, namespace, n) for n in names), 60, "every tenant reconciled again")
     # An unrelated touch (a label) makes kopf deliver a fresh event; it must not cause a write either.
+    seen = reconciled(op, namespace, "z1")
     kube.kubectl("label", "tenant", "z1", "-n", namespace, "touched=yes")
-    time.sleep(2)
+    wait_for(lambda: reconciled(op, namespace, "z1") > seen, 30, "the touched tenant reconciled")
     op.stop()
     after = versions(kube, namespace)
     touched = "tenants/z1"
@@ -61,9 +67,9 @@ def test_kill_9_mid_reconcile_converges_without_duplicates_or_orphans(
     op = operator_runner(shards="3", shard_max_tenants="12", shard_gpu_memory="6Gi")
     rng = random.Random(6)
     for round_ in range(20):
-        time.sleep(
-            rng.uniform(0.3, 1.5)
-        )  # start-up is ~0.5 s: kills land before, during and after reconciles
+        # Deliberately random, not a wait: start-up is ~0.5 s, so kills land before, during and after
+        # reconciles. Convergence is then awaited on state below.
+        time.sleep(rng.uniform(0.3, 1.5))
         op.kill()
         if round_ == 9:  # halfway, change the world while it is down: a delete and a new tenant
             kube.kubectl("delete", "tenant", "k00", "-n", namespace, "--wait=false")
@@ -132,5 +138,7 @@ def test_deleting_a_tenant_removes_everything_it_owned(
     got = tenants.wait_phase(["byo"], "Placed")["byo"]
     assert got["status"]["tokenSecretName"] == "mine"
     kube.kubectl("delete", "tenant", "byo", "-n", namespace, "--timeout=30s")
-    time.sleep(2)
+    # Once the garbage collector has removed what byo owned, it has had its chance at "mine" too.
+    wait_for(lambda: not [s for s in tenants.owned("services") if s["metadata"]["name"] == "tw-byo"], 30,
+             "byo's Service collected")  # fmt: skip
     kube.kubectl("get", "secret", "mine", "-n", namespace)

@@ -41,3 +41,8 @@ def test_liveness_endpoint_is_off_unless_a_port_is_set() -> None:
     assert load_settings({}).liveness_endpoint is None
     s = load_settings({"TENSORWASM_OPERATOR_LIVENESS_PORT": "8081"})
     assert s.liveness_endpoint == "http://0.0.0.0:8081/healthz"
+
+
+def test_an_unknown_variable_fails_fast() -> None:
+    with pytest.raises(SettingsError, match=r"unknown variable.*TENSORWASM_OPERATOR_SHARDZ"):
+        load_settings({"TENSORWASM_OPERATOR_SHARDZ": "3", "OTHER": "x"})

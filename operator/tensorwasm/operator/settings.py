@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,9 +132,35 @@ def _resources(
     return {k: {r: str(q) for r, q in v.items()} for k, v in value.items()}
 
 
+class _Recorded(Mapping[str, str]):
+    """The environment, noting which names were looked up (an unknown variable is a typo)."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env, self.read = env, set[str]()
+
+    def __getitem__(self, key: str) -> str:
+        self.read.add(key)
+        return self.env[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.env)
+
+    def __len__(self) -> int:
+        return len(self.env)
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> OperatorSettings:
-    """Settings from the environment (os.environ by default); raises SettingsError on bad values."""
-    env = os.environ if env is None else env
+    """Settings from the environment (os.environ by default); raises SettingsError on bad values
+    and on TENSORWASM_OPERATOR_* variables it does not know (a misspelt one would be ignored)."""
+    recorded = _Recorded(os.environ if env is None else env)
+    settings = _parse(recorded)
+    unknown = sorted(k for k in recorded if k.startswith(PREFIX) and k not in recorded.read)
+    if unknown:
+        raise SettingsError(f"unknown variable(s) {', '.join(unknown)}: docs/operator.md lists the settings")
+    return settings
+
+
+def _parse(env: Mapping[str, str]) -> OperatorSettings:
     defaults = OperatorSettings()
     cap = defaults.shard_capacity
     namespace = _get(env, "NAMESPACE") or env.get("POD_NAMESPACE") or defaults.namespace
