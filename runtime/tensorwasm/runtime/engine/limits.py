@@ -7,11 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tensorwasm.api.tenant import WASM32_MAX_MEMORY as MAX_MEMORY_BYTES
+from tensorwasm.api.tenant import WASM_PAGE as WASM_PAGE  # instance.py and pool.py take it from here
 from tensorwasm.runtime.errors import BadRequest
-
-WASM_PAGE = 64 << 10
-MAX_MEMORY_BYTES = 4 << 30  # memory32
-
 
 # Defaults of the limits below; docs/runtime.md ("Limits") lists each with the error a caller sees.
 DEFAULT_TABLE_ELEMENTS = 100_000  # per table: ~1.6 MiB of funcref slots at most

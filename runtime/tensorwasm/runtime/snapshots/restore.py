@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tensorwasm.api.tenant import WASM_PAGE
 from tensorwasm.runtime import metrics
 from tensorwasm.runtime.accel.base import Accelerator, TenantDevice
 from tensorwasm.runtime.errors import GpuMemoryExhausted, SnapshotRejected
@@ -37,8 +38,6 @@ from tensorwasm.runtime.snapshots.pipeline import PACKED, STAGING, SnapshotPool,
 from tensorwasm.runtime.snapshots.store import SnapshotStore
 
 log = logging.getLogger(__name__)
-
-WASM_PAGE = 65536
 
 
 @dataclass(frozen=True)
