@@ -23,15 +23,20 @@ def apply(kube: Any, namespace: str, manifest: dict[str, Any]) -> tuple[int, str
             {"module": {"url": "https://x/m.wasm", "configMapRef": {"name": "m"}, "sha256": SHA}},
             "exactly one of module.configMapRef or module.url must be set",
         ),
-        (
-            {"module": {"url": "https://x/m.wasm", "sha256": "ABC"}},
-            "must be exactly 64 lowercase hexadecimal",
-        ),
+        ({"module": {"url": "https://x/m.wasm", "sha256": "ABC"}}, "should match '^[0-9a-f]{64}$'"),
         ({"module": {"url": "ftp://x/m.wasm", "sha256": SHA}}, "module.url must be an absolute http"),
         ({"module": {"url": "https://x/m.wasm"}}, "spec.module.sha256: Required value"),
         ({"functions": []}, "spec.functions: Invalid value"),
         ({"limits": {"gpuMemory": "lots"}}, "spec.limits.gpuMemory"),
         ({"limits": {"timeoutMs": 0}}, "spec.limits.timeoutMs"),
+        # Quantity bounds are CEL rules generated from the spec model (tensorwasm.api.tenant).
+        ({"limits": {"gpuMemory": 0}}, "gpuMemory must be a whole number of bytes from 1 to 1Pi"),
+        (
+            {"limits": {"linearMemory": "8Gi"}},
+            "linearMemory must be a whole number of bytes from 64Ki to 4Gi",
+        ),
+        ({"limits": {"maxBodyBytes": "0.5"}}, "maxBodyBytes must be a whole number of bytes from 1 to 1Gi"),
+        ({"limits": {"timeoutMs": 600_001}}, "spec.limits.timeoutMs"),
         ({"gpu": {"smPercent": 150}}, "spec.gpu.smPercent"),
         (
             {"snapshot": {"policy": "Periodic"}},
