@@ -134,7 +134,8 @@ def start_runtime_server(configs: Sequence[TenantConfig] = ()) -> Iterator[Runti
         metrics.TENANT_LOAD.source = shard.load_report
         metrics.INVOKES.source = shard.invoke_report
         await shard.sync(list(configs))
-        return await serve(build_app(shard), "127.0.0.1", 0)
+        # One listener in tests: the admin routes (/metrics, /readyz detail) on it too.
+        return await serve(build_app(shard, include_admin=True), "127.0.0.1", 0)
 
     runner, port = asyncio.run_coroutine_threadsafe(start(), loop).result(60)
     server = RuntimeServer(port, shard_box[0], loop)

@@ -42,7 +42,7 @@ class Shard:
         self.kube, self.namespace, self.name, self.log_path = kube, namespace, name, log_path
         self.extra = extra
         self.proc: subprocess.Popen[str] | None = None
-        self.port = 0
+        self.port = self.admin_port = 0  # admin: /readyz detail and /metrics
 
     def start(self) -> Shard:
         cmd = [sys.executable, "-m", "tensorwasm.runtime", "--kubeconfig", str(self.kube.kubeconfig),
@@ -55,9 +55,9 @@ class Shard:
             while time.monotonic() < deadline:
                 line = self.proc.stderr.readline()
                 log.write(line)
-                m = re.search(r"Runtime listening addr=127\.0\.0\.1:(\d+)", line)
+                m = re.search(r"Runtime listening addr=127\.0\.0\.1:(\d+) admin=127\.0\.0\.1:(\d+)", line)
                 if m:
-                    self.port = int(m.group(1))
+                    self.port, self.admin_port = int(m.group(1)), int(m.group(2))
                     break
                 if not line and self.proc.poll() is not None:
                     raise AssertionError(f"shard exited early: see {self.log_path}")
@@ -209,7 +209,7 @@ def test_shard_serves_reports_and_converges(kube: Any, namespace: str, shard: Ca
     place(kube, namespace, "alpha", "shard-0")
     s2 = shard()
     wait_for(lambda: s2.invoke("alpha-token-0002", "echo", b"again")[0] == 200, 30, "served after restart")
-    ready = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{s2.port}/readyz", timeout=5).read())
+    ready = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{s2.admin_port}/readyz", timeout=5).read())
     assert ready["loaded"] == ["alpha"] and ready["failed"] == {"beta": "DigestMismatch"}
 
 

@@ -208,3 +208,42 @@ def test_interrupt_all_stops_a_guest_with_a_long_deadline() -> None:
         p.close()
     finally:
         engine.close()
+
+
+def test_a_cpu_kernel_stops_inside_the_kernel_at_the_invoke_deadline() -> None:
+    from tensorwasm.runtime.accel.base import KernelArg
+    from tensorwasm.runtime.accel.cpu import CpuAccelerator
+    from tensorwasm.runtime.tenancy.deadline import set_deadline
+
+    accel = CpuAccelerator()
+    dev = accel.open_tenant("kernel", None)
+    try:
+        m = n = k = 512
+        a, b, c = (dev.alloc(m * k * 4) for _ in range(3))
+        args = [KernelArg("buffer", a), KernelArg("buffer", b), KernelArg("buffer", c)]
+        args += [KernelArg("u32", m), KernelArg("u32", n), KernelArg("u32", k)]
+        dev.launch("matmul", (1, 1, 1), (1, 1, 1), args)  # no deadline on this thread: runs
+        set_deadline(-1.0)  # an invoke whose deadline has passed: the kernel's first step refuses
+        try:
+            with pytest.raises(DeadlineExceeded, match="inside a host kernel"):
+                dev.launch("matmul", (1, 1, 1), (1, 1, 1), args)
+        finally:
+            set_deadline(None)
+    finally:
+        accel.close_tenant("kernel")
+        accel.close()
+
+
+def test_an_allocation_the_host_cannot_back_is_refused_and_not_left_counted() -> None:
+    from tensorwasm.runtime.accel.cpu import CpuAccelerator
+    from tensorwasm.runtime.errors import GpuMemoryExhausted
+
+    accel = CpuAccelerator()
+    dev = accel.open_tenant("huge", None)  # accounting only: the cap itself refuses nothing
+    try:
+        with pytest.raises(GpuMemoryExhausted):
+            dev.alloc(1 << 55)  # 32 PiB: numpy cannot allocate it
+        assert dev.bytes_in_use() == 0 and dev.usage().bytes_in_use == 0
+    finally:
+        accel.close_tenant("huge")
+        accel.close()

@@ -100,15 +100,18 @@ def test_cli_serves_the_tenants_file_and_stops_cleanly_on_sigterm() -> None:
         port = None
         deadline = time.monotonic() + 30
         while port is None and time.monotonic() < deadline:
-            m = re.search(r"Runtime listening addr=127\.0\.0\.1:(\d+)", proc.stderr.readline())
-            port = int(m.group(1)) if m else None
+            m = re.search(
+                r"Runtime listening addr=127\.0\.0\.1:(\d+) admin=127\.0\.0\.1:(\d+)", proc.stderr.readline()
+            )
+            port, admin = (int(m.group(1)), int(m.group(2))) if m else (None, None)
         assert port, "the runtime did not log its address"
-        for _ in range(100):
+        ready: dict[str, object] = {}
+        deadline = time.monotonic() + 120  # loads run on their own: wait for readiness, not for time
+        while not ready and time.monotonic() < deadline:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as resp:
+                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=5) as resp:
                     ready = json.load(resp)
-                    break
-            except OSError:
+            except OSError:  # 503 while loading, or not accepting yet
                 time.sleep(0.05)
         assert ready["ready"] and ready["loaded"] == ["alpha", "beta", "gamma", "runaway"]
         req = urllib.request.Request(

@@ -17,9 +17,16 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tensorwasm.runtime.settings import RuntimeSettings, SettingsError, load_settings
+from tensorwasm.runtime.settings import (
+    AUTO_ADMIN_PORT,
+    DEFAULT_ADMIN_PORT,
+    RuntimeSettings,
+    SettingsError,
+    load_settings,
+)
 
 if TYPE_CHECKING:
     from tensorwasm.runtime.accel.base import Accelerator
@@ -69,9 +76,10 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 async def _run(settings: RuntimeSettings) -> int:
     from tensorwasm.runtime import metrics
-    from tensorwasm.runtime.api.app import build_app
+    from tensorwasm.runtime.api.app import build_admin_app, build_app
     from tensorwasm.runtime.api.server import serve
     from tensorwasm.runtime.engine import Engine
+    from tensorwasm.runtime.errors import BadRequest
     from tensorwasm.runtime.modules import ModuleLoader
     from tensorwasm.runtime.shard import Shard
     from tensorwasm.runtime.snapshots.hot_tier import HOT_TIERS
@@ -79,21 +87,38 @@ async def _run(settings: RuntimeSettings) -> int:
     source = _build_source(settings)
     accelerator = _open_accelerator(settings)
     HOT_TIERS.configure(settings.snapshot_hot_tier_bytes)
-    engine = Engine(
-        cache_dir=settings.cache_dir,
-        epoch_tick_s=settings.epoch_tick_ms / 1000,
-        max_module_bytes=settings.max_module_bytes,
+    try:
+        engine = Engine(
+            cache_dir=settings.cache_dir,
+            epoch_tick_s=settings.epoch_tick_ms / 1000,
+            max_module_bytes=settings.max_module_bytes,
+            cache_key_file=settings.cache_key_file,
+        )
+    except BadRequest as exc:
+        raise SettingsError(f"--cache-dir/--cache-key-file: {exc.message}") from exc
+    loader = ModuleLoader(
+        engine, settings.max_module_bytes, settings.fetch_timeout_s, allowed_dirs=_module_dirs(settings)
     )
-    shard = Shard(
-        engine, accelerator, ModuleLoader(engine, settings.max_module_bytes, settings.fetch_timeout_s)
-    )
+    shard = Shard(engine, accelerator, loader, default_gpu_memory_bytes=settings.default_gpu_memory_bytes)
     metrics.TENANT_LOAD.source = shard.load_report
     metrics.INVOKES.source = shard.invoke_report
     runner, port = await serve(build_app(shard), settings.host, settings.port)
+    admin, admin_addr = None, "off"
+    if settings.admin_port is not None:
+        # Auto: 9090, or an ephemeral port beside an ephemeral tenant port (tests, local stacks).
+        wanted = (
+            settings.admin_port
+            if settings.admin_port != AUTO_ADMIN_PORT
+            else (DEFAULT_ADMIN_PORT if settings.port else 0)
+        )
+        admin_host = settings.admin_host or settings.host
+        admin, admin_port = await serve(build_admin_app(shard), admin_host, wanted)
+        admin_addr = f"{admin_host}:{admin_port}"
     log.info(
-        "Runtime listening addr=%s:%d source=%s accelerator=%s",
+        "Runtime listening addr=%s:%d admin=%s source=%s accelerator=%s",
         settings.host,
         port,
+        admin_addr,
         settings.source,
         getattr(accelerator, "name", "none"),
     )
@@ -124,6 +149,8 @@ async def _run(settings: RuntimeSettings) -> int:
 
     async def shut_down() -> None:
         await runner.cleanup()
+        if admin is not None:
+            await admin.cleanup()
         await shard.close()
 
     try:
@@ -178,6 +205,16 @@ def _open_accelerator(settings: RuntimeSettings) -> Accelerator:
         return accelerator
     except Exception as exc:  # no driver, no device, bad ordinal: refuse to start, say why
         raise SettingsError(f"--accelerator {settings.accelerator}: {exc}") from exc
+
+
+def _module_dirs(settings: RuntimeSettings) -> list[Path] | None:
+    """Where module files may be read from: --module-dirs, else the tenants file's directory and
+    the working directory. The Kubernetes source names no files (ConfigMaps and URLs)."""
+    if settings.module_dirs:
+        return list(settings.module_dirs)
+    if settings.tenants_file is None:
+        return []
+    return [settings.tenants_file.resolve().parent, Path.cwd()]
 
 
 def _build_source(settings: RuntimeSettings) -> LocalFileSource | KubeSource:

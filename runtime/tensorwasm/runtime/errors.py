@@ -61,6 +61,19 @@ class QueueFull(RuntimeFault):
     kind, status = "queue_full", 429
 
 
+class Overloaded(QueueFull):
+    """The shard (not the tenant) is at a limit: in-flight body bytes, or failed authentications
+    from this address; retry after `retry_after_s`."""
+
+    kind, status = "overloaded", 429
+
+
+class RequestTimeout(RuntimeFault):
+    """The request body did not arrive within the body read timeout."""
+
+    kind, status = "request_timeout", 408
+
+
 class DeadlineExceeded(RuntimeFault):
     """The invoke ran past its deadline and was interrupted."""
 

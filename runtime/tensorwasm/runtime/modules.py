@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -38,8 +40,16 @@ def rejected(reason: str, message: str, **details: Any) -> ModuleRejected:
 class ModuleLoader:
     """Fetch -> verify -> compile, with one compiled module per digest shared by every tenant using it."""
 
-    def __init__(self, engine: Engine, max_bytes: int, fetch_timeout_s: float) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        max_bytes: int,
+        fetch_timeout_s: float,
+        allowed_dirs: Sequence[Path] | None = None,
+    ) -> None:
         self._engine = engine
+        # Module paths must resolve (symlinks followed) inside one of these; None: no confinement.
+        self._allowed = None if allowed_dirs is None else tuple(Path(d).resolve() for d in allowed_dirs)
         self._max_bytes = max_bytes
         self._timeout = aiohttp.ClientTimeout(total=fetch_timeout_s)
         self._compiled: dict[str, CompiledModule] = {}
@@ -99,6 +109,15 @@ class ModuleLoader:
 
     def _read_file(self, source: ModuleSource) -> bytes:
         assert source.path is not None
+        if self._allowed is not None:
+            real = source.path.resolve()
+            if not any(real.is_relative_to(d) for d in self._allowed):
+                # Not opened at all: a path outside the allowed directories reveals nothing.
+                raise rejected(
+                    FETCH_FAILED,
+                    f"module file {source.path} is outside the allowed module directories "
+                    f"({', '.join(map(str, self._allowed))}; see --module-dirs)",
+                )
         try:
             with source.path.open("rb") as fh:
                 data = fh.read(self._max_bytes + 1)
@@ -138,11 +157,12 @@ def verify(data: bytes, source: ModuleSource, max_bytes: int) -> None:
         raise _too_large(source.describe(), len(data), max_bytes)
     actual = hashlib.sha256(data).hexdigest()
     if actual != source.sha256:
+        # The fetched bytes' own digest is not echoed: it would tell whoever reads the status
+        # something about a file or URL they may not be entitled to (a probe of the shard's disk).
         raise rejected(
             DIGEST_MISMATCH,
-            f"module from {source.describe()} has sha256 {actual}, expected {source.sha256}",
+            f"module from {source.describe()} does not match the expected sha256 {source.sha256}",
             expected=source.sha256,
-            actual=actual,
         )
 
 

@@ -18,6 +18,7 @@ from typing import Any
 ENV_PREFIX = "TENSORWASM_RUNTIME_"
 ACCELERATORS = ("auto", "cuda", "cpu")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+AUTO_ADMIN_PORT, DEFAULT_ADMIN_PORT = -1, 9090
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 
 
@@ -48,6 +49,12 @@ class RuntimeSettings:
     health_interval_s: float = 1.0
     epoch_tick_ms: float = 1.0
     log_level: str = "info"
+    # Hardening (issue 13): /metrics and /readyz detail on their own port; None = no admin listener.
+    admin_host: str = ""  # empty: the tenant listener's host
+    admin_port: int | None = -1  # AUTO_ADMIN_PORT: 9090, or ephemeral when --listen's port is 0
+    cache_key_file: Path | None = None  # HMAC key of the compile cache (default: <cache dir>/.cache-key)
+    module_dirs: tuple[Path, ...] = ()  # module paths must lie inside these (default: file dir + cwd)
+    default_gpu_memory_bytes: int = 1 << 30  # cap of a tenant that sets none
 
     @property
     def source(self) -> str:
@@ -74,6 +81,30 @@ _FLAGS: tuple[tuple[str, str, str, str | None], ...] = (
     ("--health-interval", "health_interval_s", "accelerator health check period, s (default: 1)", "S"),
     ("--epoch-tick-ms", "epoch_tick_ms", "deadline ticker resolution, ms (default: 1)", "MS"),
     ("--log-level", "log_level", "debug, info, warning or error (default: info)", "LEVEL"),
+    (
+        "--admin-listen",
+        "admin_listen",
+        "HOST:PORT for /metrics, /readyz detail; 'off' (default: port 9090)",
+        "HOST:PORT",
+    ),
+    (
+        "--cache-key-file",
+        "cache_key_file",
+        "key authenticating compile cache files (default: in the cache)",
+        "PATH",
+    ),
+    (
+        "--module-dirs",
+        "module_dirs",
+        "DIR:DIR module paths must lie in (default: tenants file dir, cwd)",
+        "DIRS",
+    ),
+    (
+        "--default-gpu-memory",
+        "default_gpu_memory_bytes",
+        "GPU cap of a tenant setting none, bytes (1Gi)",
+        "N",
+    ),
 )
 
 
@@ -118,7 +149,18 @@ def settings_from_namespace(ns: argparse.Namespace, environ: Mapping[str, str]) 
     out: dict[str, Any] = {}
     if "listen" in raw:
         out["host"], out["port"] = _listen(*raw["listen"])
-    for dest in ("tenants_file", "kubeconfig", "mps_pipe_dir", "cache_dir", "snapshot_dir"):
+    if "admin_listen" in raw:
+        value, where = raw["admin_listen"]
+        if value.strip().lower() in ("off", ""):
+            out["admin_port"] = None
+        else:
+            out["admin_host"], out["admin_port"] = _listen(value, where)
+    if "module_dirs" in raw:
+        out["module_dirs"] = tuple(Path(d).expanduser() for d in raw["module_dirs"][0].split(":") if d)
+    if "default_gpu_memory_bytes" in raw:
+        gpu = raw["default_gpu_memory_bytes"]
+        out["default_gpu_memory_bytes"] = int(_number(*gpu, 1 << 20, 1 << 50, integer=True))
+    for dest in ("tenants_file", "kubeconfig", "mps_pipe_dir", "cache_dir", "snapshot_dir", "cache_key_file"):
         if dest in raw and raw[dest][0]:
             out[dest] = Path(raw[dest][0]).expanduser()
     for dest in ("namespace", "shard_name"):

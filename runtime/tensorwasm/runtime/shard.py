@@ -103,6 +103,7 @@ class Shard:
     synced: bool = False  # the source delivered its first full list
     health_poke: asyncio.Event = field(default_factory=asyncio.Event)  # an invoke saw AcceleratorFailed
     prepare: Prepare | None = None  # set by a source that restores snapshots
+    default_gpu_memory_bytes: int | None = None  # the GPU cap of a tenant that sets none (None: uncapped)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # tenant -> (the config being loaded, its task): at most one load per tenant at a time
     _loads: dict[str, tuple[TenantConfig, asyncio.Task[None]]] = field(default_factory=dict)
@@ -140,7 +141,7 @@ class Shard:
             # A tenant served with this very config needs nothing (the common case in a burst of
             # placements elsewhere): no task for it.
             changed = [c for c in wanted.values() if (t := self.served.get(c.name)) is None or t.config != c]
-            tasks = [t for c in changed if (t := self._start_load(c)) is not None]
+            tasks = [task for c in changed if (task := self._start_load(c)) is not None]
             self._rebuild_auth()
             self.synced = True
         if wait and tasks:
@@ -354,9 +355,8 @@ class Shard:
         lim = config.limits
         device = None
         if self.accelerator is not None:
-            device = self.accelerator.open_tenant(
-                config.name, lim.gpu_memory_bytes, dict(config.kernels) or None
-            )
+            cap = lim.gpu_memory_bytes if lim.gpu_memory_bytes is not None else self.default_gpu_memory_bytes
+            device = self.accelerator.open_tenant(config.name, cap, dict(config.kernels) or None)
         limits = GuestLimits(
             memory_bytes=lim.linear_memory_bytes,
             timeout_s=lim.timeout_ms / 1000,

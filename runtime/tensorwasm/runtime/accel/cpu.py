@@ -58,8 +58,16 @@ class CpuTenantDevice:
         except GpuMemoryExhausted:
             metrics.count_gpu_refusal(self.tenant_id, "host")
             raise
+        try:
+            buf = np.zeros(nbytes, dtype=np.uint8)
+        except (MemoryError, ValueError):
+            # Within the cap but not in host memory: the reservation goes back (never left counted).
+            self._cap.release(charged)
+            metrics.count_gpu_refusal(self.tenant_id, "host")
+            limit, current = self._cap.limit or 0, self._cap.current
+            raise GpuMemoryExhausted(requested=charged, limit=limit, current=current) from None
         handle = next(self._ids)
-        self._bufs[handle] = (np.zeros(nbytes, dtype=np.uint8), nbytes, charged)
+        self._bufs[handle] = (buf, nbytes, charged)
         return handle
 
     def free(self, handle: int) -> None:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from tensorwasm.runtime.tenancy import deadline
+
 F32 = 4
 
 # Parameter classes: "ptr" takes a buffer handle (built-ins take no raw addresses); the rest are scalars.
@@ -93,6 +95,26 @@ extern "C" __global__ void matmul(const float* a, const float* b, float* c,
     }
 }
 
+// Internal, never a tenant's (not in BUILTIN_SIGNATURES): out[c] += the word sum (accel/checksum.py) of
+// chunk c = buf[c * chunk : min((c + 1) * chunk, n)], chunk a multiple of 8; blockIdx.y is the chunk,
+// blockDim.x a multiple of 32. Sums wrap modulo 2^64, so atomics in any order give the same result.
+extern "C" __global__ void tw_chunk_word_sums(const unsigned char* buf, unsigned long long n,
+                                              unsigned long long chunk, unsigned long long* out) {
+    const unsigned long long* w = (const unsigned long long*)buf;
+    unsigned long long words = n >> 3, c = blockIdx.y, first = c * (chunk >> 3);
+    unsigned long long last = min(first + (chunk >> 3), words), s = 0;
+    for (unsigned long long i = first + (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < last;
+         i += (unsigned long long)gridDim.x * blockDim.x) s += w[i];
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_down_sync(0xffffffffu, s, off);
+    if ((threadIdx.x & 31u) == 0u && s) atomicAdd(out + c, s);
+    if (c == gridDim.y - 1 && blockIdx.x == 0 && threadIdx.x == 0 && (n & 7ull)) {
+        unsigned long long tail = 0;
+        for (unsigned long long b = words << 3; b < n; ++b)
+            tail |= (unsigned long long)buf[b] << (8 * (b & 7ull));
+        atomicAdd(out + c, tail);
+    }
+}
+
 // Adds sum(x[0:n]) to out[0] (the caller zeroes out[0] for a plain sum).
 extern "C" __global__ void reduce_sum(const float* x, float* out, unsigned int n) {
     float s = 0.0f;
@@ -114,28 +136,54 @@ def _f32(buf: npt.NDArray[np.uint8] | int | float, count: int) -> npt.NDArray[np
     return buf[: count * F32].view(np.float32)
 
 
+# The numpy twins work in steps of about this many multiply-adds and call the invoke's deadline
+# check between steps (tenancy.deadline): a CPU kernel stops within one step of its deadline.
+STEP_OPS = 1 << 22
+
+
+def _steps(n: int, per_item: int) -> range:
+    """Start indices of the steps over `n` items costing `per_item` operations each."""
+    return range(0, n, max(1, STEP_OPS // max(1, per_item)))
+
+
 def _vector_add(args: Sequence[npt.NDArray[np.uint8] | int | float]) -> None:
     n = int(args[3])
-    np.add(_f32(args[0], n), _f32(args[1], n), out=_f32(args[2], n))
+    a, b, out = _f32(args[0], n), _f32(args[1], n), _f32(args[2], n)
+    step = STEP_OPS
+    for i in _steps(n, 1):
+        deadline.check()
+        np.add(a[i : i + step], b[i : i + step], out=out[i : i + step])
 
 
 def _saxpy(args: Sequence[npt.NDArray[np.uint8] | int | float]) -> None:
     n = int(args[3])
-    y = _f32(args[2], n)
-    y[:] = np.float32(args[0]) * _f32(args[1], n) + y
+    alpha, x, y = np.float32(args[0]), _f32(args[1], n), _f32(args[2], n)
+    step = STEP_OPS
+    for i in _steps(n, 1):
+        deadline.check()
+        y[i : i + step] = alpha * x[i : i + step] + y[i : i + step]
 
 
 def _matmul(args: Sequence[npt.NDArray[np.uint8] | int | float]) -> None:
     m, n, k = int(args[3]), int(args[4]), int(args[5])
     a = _f32(args[0], m * k).reshape(m, k)
     b = _f32(args[1], k * n).reshape(k, n)
-    _f32(args[2], m * n).reshape(m, n)[:] = a @ b
+    c = _f32(args[2], m * n).reshape(m, n)
+    rows = max(1, STEP_OPS // max(1, n * k))
+    for r in _steps(m, n * k):
+        deadline.check()
+        c[r : r + rows] = a[r : r + rows] @ b
 
 
 def _reduce_sum(args: Sequence[npt.NDArray[np.uint8] | int | float]) -> None:
     n = int(args[2])
     out = _f32(args[1], 1)
-    out[0] += _f32(args[0], n).sum(dtype=np.float32)
+    x = _f32(args[0], n)
+    total = np.float32(0)
+    for i in _steps(n, 1):
+        deadline.check()
+        total += x[i : i + STEP_OPS].sum(dtype=np.float32)
+    out[0] += total
 
 
 NUMPY_TWINS: dict[str, NumpyTwin] = {

@@ -30,6 +30,7 @@ from tensorwasm.runtime.errors import (
     SnapshotRejected,
     TenantNotReady,
 )
+from tensorwasm.runtime.tenancy.deadline import set_deadline
 
 log = logging.getLogger(__name__)
 ZAP_MIN_BYTES = 256 << 10  # below this, copying the baseline back beats a syscall + page faults
@@ -132,14 +133,14 @@ class TenantInstancePool:
         if type(payload) is not bytes:
             payload = bytes(payload)
         self.engine.guest_runs(ticks, inst)
+        set_deadline(wait)  # host work for this guest (CPU kernels) checks the same deadline
         try:
             out = inst.call(inst.funcs[function], payload, ticks)
-        except RuntimeFault:
-            self._replace(inst)
-            raise
         except BaseException:
             self._replace(inst)
             raise
+        finally:
+            set_deadline(None)
         if inst.reset():
             self._idle.put(inst)
         else:

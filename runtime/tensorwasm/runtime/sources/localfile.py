@@ -42,14 +42,30 @@ class TenantsFile:
     failed: Mapping[str, TenantStatus]
 
 
+MAX_TENANTS_FILE_BYTES = 16 << 20
+
+
 def read_tenants_file(path: Path) -> TenantsFile:
-    """Parse the file; per-tenant errors become `failed` entries, file-level errors raise."""
+    """Parse the file; per-tenant errors become `failed` entries, file-level errors raise.
+
+    Total: whatever the bytes, the result is a TenantsFile or a TenantsFileError (never another
+    exception), and an entry whose parsing fails in any way fails alone (InvalidSpec).
+    """
     try:
-        doc = yaml.safe_load(path.read_text())
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_TENANTS_FILE_BYTES + 1)
     except OSError as exc:
         raise TenantsFileError(f"{path}: cannot read: {exc.strerror}") from exc
+    if len(raw) > MAX_TENANTS_FILE_BYTES:
+        raise TenantsFileError(f"{path}: larger than {MAX_TENANTS_FILE_BYTES} bytes")
+    try:
+        doc = yaml.safe_load(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise TenantsFileError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
     except yaml.YAMLError as exc:
         raise TenantsFileError(f"{path}: not valid YAML: {exc}") from exc
+    except (RecursionError, ValueError, TypeError) as exc:  # pathological nesting, odd scalars
+        raise TenantsFileError(f"{path}: cannot be parsed: {type(exc).__name__}") from exc
     if not isinstance(doc, dict) or not isinstance(doc.get("tenants"), list):
         raise TenantsFileError(f"{path}: expected a mapping with a 'tenants' list")
     unknown = sorted(set(doc) - {"tenants"})
@@ -69,6 +85,15 @@ def read_tenants_file(path: Path) -> TenantsFile:
             configs.append(parse_local_tenant(entry, f"tenants[{i}]", path.parent))
         except InvalidSpec as exc:
             failed[name] = TenantStatus(False, exc.reason, str(exc))
+        except UnicodeDecodeError:  # a token or kernel file that is not text
+            failed[name] = TenantStatus(
+                False, InvalidSpec.reason, f"tenants[{i}]: a token or kernel file it names is not UTF-8"
+            )
+        except Exception as exc:  # anything else about one entry stays with that entry
+            log.warning("Refused tenants file entry name=%s", name, exc_info=exc)
+            failed[name] = TenantStatus(
+                False, InvalidSpec.reason, f"tenants[{i}]: cannot be parsed ({type(exc).__name__}: {exc})"
+            )
     return TenantsFile(tuple(configs), failed)
 
 
@@ -89,7 +114,8 @@ class LocalFileSource:
 
     async def run(self, shard: Shard) -> None:
         first = self._first if self._first is not None else await asyncio.to_thread(self.first_read)
-        await shard.sync(first.configs, first.failed)
+        # Loads run on their own: a slow or stuck one never delays noticing the next change.
+        await shard.sync(first.configs, first.failed, wait=False)
         while True:
             await asyncio.sleep(self.poll_s)
             mtime = self._stat()
@@ -98,11 +124,12 @@ class LocalFileSource:
             self._mtime_ns = mtime
             try:
                 current = await asyncio.to_thread(read_tenants_file, self.path)
+                log.info("Reloaded tenants file path=%s tenants=%d", self.path, len(current.configs))
+                await shard.sync(current.configs, current.failed, wait=False)
             except TenantsFileError as exc:
                 log.error("Ignored tenants file change, keeping current tenants: %s", exc)
-                continue
-            log.info("Reloaded tenants file path=%s tenants=%d", self.path, len(current.configs))
-            await shard.sync(current.configs, current.failed)
+            except Exception as exc:  # the source loop outlives any one bad reload
+                log.error("Ignored tenants file change after an unexpected error: %s", exc, exc_info=exc)
 
     def _stat(self) -> int:
         try:

@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from time import perf_counter
-from typing import Any
+from typing import Any, NoReturn
 
 from tensorwasm.runtime.errors import DeadlineExceeded, GuestMemoryExceeded, GuestTrap, QueueFull
 
@@ -89,23 +89,47 @@ class TenantQueue:
         """When a slot is likely free again: the queue ahead drained at the observed service rate."""
         return (self.depth + 1) * self._service_s / self.max_concurrency
 
-    def submit(self, fn: Callable[[Any, Any], Any], a: Any, b: Any) -> asyncio.Future[Any]:
-        """Run `fn(a, b)` on a worker thread; raises QueueFull when the tenant is at capacity."""
-        if self._outstanding >= self._capacity or self._closed:
-            self.rejected += 1
-            retry = self.retry_after_s()
-            raise QueueFull(
-                f"tenant {self.tenant} has {self.in_flight} invokes running and {self.depth} queued",
-                retry_after_s=round(max(retry, 0.001), 3),
-                max_concurrency=self.max_concurrency,
-                queue_length=self.queue_length,
-            )
-        self._outstanding += 1
+    def submit(
+        self, fn: Callable[[Any, Any], Any], a: Any, b: Any, reserved: bool = False
+    ) -> asyncio.Future[Any]:
+        """Run `fn(a, b)` on a worker thread; raises QueueFull when the tenant is at capacity.
+
+        With `reserved`, the slot was taken by `reserve()` already (admission before the request
+        body was read) and this cannot refuse, unless the queue was closed meanwhile.
+        """
+        if not reserved:
+            self.reserve()
+        elif self._closed:
+            self._outstanding -= 1
+            self._refuse()
         if len(self._workers) < self._outstanding and len(self._workers) < self.max_concurrency:
             self._spawn()
         fut: asyncio.Future[Any] = self._loop.create_future()
         self._jobs.put((fn, a, b, fut))
         return fut
+
+    def reserve(self) -> None:
+        """Take a slot now (raises QueueFull); hand it to `submit(..., reserved=True)` or `unreserve()`."""
+        if self._outstanding >= self._capacity or self._closed:
+            self._refuse()
+        self._outstanding += 1
+
+    def unreserve(self) -> None:
+        """Give back a slot `reserve()` took without submitting (the body never arrived)."""
+        self._outstanding -= 1
+        if not self._outstanding and self._idle is not None:
+            self._idle.set_result(None)
+            self._idle = None
+
+    def _refuse(self) -> NoReturn:
+        self.rejected += 1
+        retry = self.retry_after_s()
+        raise QueueFull(
+            f"tenant {self.tenant} has {self.in_flight} invokes running and {self.depth} queued",
+            retry_after_s=round(max(retry, 0.001), 3),
+            max_concurrency=self.max_concurrency,
+            queue_length=self.queue_length,
+        )
 
     async def drain(self) -> None:
         """Wait until every admitted invoke has finished (new ones may still be admitted)."""
