@@ -103,3 +103,10 @@ cluster-status: install ## Show the local control plane's processes and readines
 .PHONY: clean
 clean: ## Remove the virtualenv and caches in the repo (the Go build cache stays)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+##@ Container image
+
+IMAGE_REF ?=
+.PHONY: image
+image: ## Build the Containerfile without Docker (root; cached) into an OCI archive; prints ref, digest, path
+	$(PYTHON) hack/image/build.py $(if $(IMAGE_REF),--ref $(IMAGE_REF))
