@@ -30,7 +30,9 @@ def _pod(settings: OperatorSettings) -> dict[str, Any]:
 
 @pytest.mark.parametrize("port", [8080, 9000])
 def test_shard_args_parse_with_the_runtime_parser(port: int) -> None:
-    container = _pod(OperatorSettings(runtime_port=port, namespace="tw"))["containers"][0]
+    container = _pod(OperatorSettings(runtime_port=port, admin_port=port + 1, namespace="tw"))["containers"][
+        0
+    ]
     env = {"POD_NAME": "tensorwasm-shard-3", "POD_NAMESPACE": "tw"}
     args = [_expand(a, env) for a in container["args"]]
     assert args[0] == "runtime"
@@ -38,7 +40,8 @@ def test_shard_args_parse_with_the_runtime_parser(port: int) -> None:
     assert (settings.host, settings.port) == ("0.0.0.0", port)
     assert settings.shard_name == "tensorwasm-shard-3" and settings.namespace == "tw"
     assert settings.snapshot_dir == Path(SNAPSHOT_DIR)
-    assert container["ports"][0]["containerPort"] == port
+    assert (settings.admin_host, settings.admin_port) == ("0.0.0.0", port + 1)
+    assert [p["containerPort"] for p in container["ports"]] == [port, port + 1]
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert {str(settings.snapshot_dir), str(settings.cache_dir), "/tmp"} <= mounts
 

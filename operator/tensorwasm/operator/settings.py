@@ -36,6 +36,7 @@ class OperatorSettings:
     image: str = "ghcr.io/tensorwasm/tensorwasm:0.1.0"
     image_pull_policy: str = "IfNotPresent"
     runtime_port: int = 8080
+    admin_port: int = 9090  # the shard's /metrics and readiness detail (never tenant-facing)
     service_port: int = 80
     shard_node_selector: Mapping[str, str] = field(default_factory=dict)
     shard_tolerations: tuple[Mapping[str, Any], ...] = ()
@@ -191,6 +192,7 @@ def _parse(env: Mapping[str, str]) -> OperatorSettings:
         image=_get(env, "IMAGE") or defaults.image,
         image_pull_policy=_get(env, "IMAGE_PULL_POLICY") or defaults.image_pull_policy,
         runtime_port=_int(env, "RUNTIME_PORT", defaults.runtime_port, 1, 65535),
+        admin_port=_int(env, "ADMIN_PORT", defaults.admin_port, 1, 65535),
         service_port=_int(env, "SERVICE_PORT", defaults.service_port, 1, 65535),
         shard_node_selector={str(k): str(v) for k, v in _json(env, "SHARD_NODE_SELECTOR", dict).items()},
         shard_tolerations=tuple(tolerations),

@@ -24,7 +24,9 @@ def build_shard_service(settings: OperatorSettings) -> dict[str, Any]:
             "publishNotReadyAddresses": True,
             "selector": labels,
             "ports": [
-                {"name": "http", "port": settings.runtime_port, "targetPort": "http", "protocol": "TCP"}
+                {"name": "http", "port": settings.runtime_port, "targetPort": "http", "protocol": "TCP"},
+                # Prometheus scrapes /metrics here (the chart's ServiceMonitor); tenants never see it.
+                {"name": "admin", "port": settings.admin_port, "targetPort": "admin", "protocol": "TCP"},
             ],
         },
     }
@@ -53,6 +55,7 @@ def build_shard_args(settings: OperatorSettings) -> list[str]:
     return [
         "runtime",
         f"--listen=0.0.0.0:{settings.runtime_port}",
+        f"--admin-listen=0.0.0.0:{settings.admin_port}",
         "--namespace=$(POD_NAMESPACE)",
         "--shard-name=$(POD_NAME)",
         f"--snapshot-dir={SNAPSHOT_DIR}",
@@ -89,7 +92,10 @@ def build_shard_statefulset(settings: OperatorSettings, replicas: int) -> dict[s
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
             {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         ],
-        "ports": [{"name": "http", "containerPort": settings.runtime_port, "protocol": "TCP"}],
+        "ports": [
+            {"name": "http", "containerPort": settings.runtime_port, "protocol": "TCP"},
+            {"name": "admin", "containerPort": settings.admin_port, "protocol": "TCP"},
+        ],
         # Startup covers the first list of Tenants and module compiles; liveness only asks "is the
         # loop alive", readiness "are my tenants loaded".
         "startupProbe": {
