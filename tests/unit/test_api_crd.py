@@ -54,7 +54,7 @@ def check_field(field: Field, prop: dict[str, Any], where: str, seen: list[str])
             "integer", field.minimum, field.maximum,
         ), where  # fmt: skip
     elif field.kind == "quantity":
-        assert prop["x-kubernetes-int-or-string"] is True, where
+        assert prop["x-kubernetes-int-or-string"] is True and prop["maxLength"] == field.max_length, where
         rule = prop["x-kubernetes-validations"][0]["rule"]
         # Bounds of a quantity live in CEL: both appear, spelled as quantities.
         assert rule.count("compareTo(quantity(") == 2 and "isInteger()" in rule, where

@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 from tensorwasm.api.quantity import QUANTITY_PATTERN, format_quantity, quantity_bytes
 
 META = "tensorwasm.api"  # key of a field's `Field` in its dataclass metadata
+# Longest quantity string: bounds what the API server estimates a CEL rule on it may cost.
+QUANTITY_MAX_LENGTH = 64
 T = TypeVar("T")
 
 
@@ -92,6 +94,7 @@ def quantity(name: str, description: str, *, default: str | None = None, minimum
         default,
         minimum,
         maximum,
+        max_length=QUANTITY_MAX_LENGTH,
         rules=(_bytes_rule(name, minimum, maximum),),
     )
     return _declare(spec, None if default is None else quantity_bytes(default))
@@ -193,6 +196,8 @@ def _parse(spec: Field, value: Any, where: str) -> Any:
     if spec.kind == "integer":
         parsed = _integer(spec, value, where)
     elif spec.kind == "quantity":
+        if isinstance(value, str) and spec.max_length is not None and len(value) > spec.max_length:
+            raise InvalidSpec(f"{where}: must have at most {spec.max_length} characters, got {len(value)}")
         try:
             parsed = quantity_bytes(value)
         except ValueError as exc:
@@ -327,7 +332,7 @@ def _property(spec: Field) -> dict[str, Any]:
         out["items"] = _drop_none({**item, "pattern": spec.pattern})
     elif spec.kind == "quantity":
         out = {"description": spec.description, "anyOf": [{"type": "integer"}, {"type": "string"}]}
-        out |= {"x-kubernetes-int-or-string": True, "pattern": QUANTITY_PATTERN}
+        out |= {"x-kubernetes-int-or-string": True, "pattern": QUANTITY_PATTERN, "maxLength": spec.max_length}
     elif spec.kind == "integer":
         out = {"type": "integer", "description": spec.description}
         out |= _drop_none({"minimum": spec.minimum, "maximum": spec.maximum})
