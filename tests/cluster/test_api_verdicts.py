@@ -46,7 +46,13 @@ def test_the_api_server_and_the_model_agree_on_every_spec(kube: Any, namespace: 
 
     custom = client.CustomObjectsApi(kube.api_client())
 
-    @settings(max_examples=150, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=150,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(tenant_specs())
     def agree(spec: dict[str, Any]) -> None:
         server, model = server_accepts(custom, namespace, spec), model_accepts(spec)
