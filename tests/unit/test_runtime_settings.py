@@ -126,3 +126,11 @@ def test_cli_serves_the_tenants_file_and_stops_cleanly_on_sigterm() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_cli_refuses_a_tenants_file_that_is_not_text_with_exit_2(tmp_path: Path) -> None:
+    bad = tmp_path / "tenants.yaml"
+    bad.write_bytes(b"tenants:\n  - name: \xff\xfe\n")
+    proc = run_cli("--tenants-file", str(bad), "--accelerator", "cpu")
+    assert proc.returncode == 2, proc.stderr
+    assert "not UTF-8 text" in proc.stderr and "Traceback" not in proc.stderr

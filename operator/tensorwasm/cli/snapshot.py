@@ -31,11 +31,15 @@ def inspect_command(args: argparse.Namespace) -> int:
     try:
         with open_blob(args.file) as blob:
             parsed = codec.verify_all(blob)
+            codec.check_decodes(blob, parsed.manifest)  # "verified" means every chunk decodes too
     except OSError as exc:
         print(f"error: cannot read {args.file}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     except SnapshotRejected as exc:
         print(f"error: {args.file} is not a valid snapshot: {exc.message}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a reader bug must still end in a verdict, not a traceback
+        print(f"error: {args.file} is not a valid snapshot: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     m = parsed.manifest
     if args.json:

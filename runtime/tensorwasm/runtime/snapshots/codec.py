@@ -42,6 +42,10 @@ DEFAULT_CHUNK_SIZE: Final = 4 << 20
 MAX_CHUNK_SIZE: Final = 64 << 20
 MAX_MANIFEST_BYTES: Final = 64 << 20
 MAX_REGIONS: Final = 1 << 16
+MAX_GLOBALS_BYTES: Final = 1 << 20  # the globals region is a small JSON list, never a payload
+MAX_WASM_MEMORY_BYTES: Final = 4 << 30  # memory32
+MAX_GPU_BUFFER_BYTES: Final = 1 << 50
+_REGION_KINDS: Final = ("wasm_memory", "globals", "gpu_buffer")
 ZSTD_LEVEL: Final = 3
 # Store raw unless zstd saves at least 1/8: float32 weights compress ~1.08-1.12x, and decoding them
 # (0.57 GB/s per core) costs far more restore time than copying the few bytes saved (>10 GB/s).
@@ -201,7 +205,7 @@ def decode_globals(data: bytes | bytearray | memoryview) -> list[GlobalValue]:
             else:
                 out.append((name, valtype, float.fromhex(value)))
         return out
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, RecursionError, OverflowError) as exc:
         raise SnapshotRejected(f"snapshot globals region is malformed: {exc}") from exc
 
 
@@ -435,8 +439,9 @@ def parse_parts(read: Callable[[int, int], bytes], n: int) -> Parsed:
         raise SnapshotRejected("snapshot manifest or header is corrupt (root checksum mismatch)")
     try:
         manifest = _manifest_from_json(json.loads(body))
-    except (ValueError, TypeError, KeyError) as exc:
-        raise SnapshotRejected(f"snapshot manifest is malformed: {exc}") from exc
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError) as exc:
+        # Any shape the JSON may take is a refusal, never a traceback (tests/fuzz holds us to it).
+        raise SnapshotRejected(f"snapshot manifest is malformed: {type(exc).__name__}: {exc}") from exc
     _check_manifest(manifest, chunks_end=m_off)
     return Parsed(manifest, root.hex(), n)
 
@@ -465,6 +470,20 @@ def verify_all(blob: bytes | memoryview) -> Parsed:
     return parsed
 
 
+def check_decodes(blob: bytes | memoryview, manifest: Manifest) -> None:
+    """Decode every chunk (into one reused scratch buffer) and parse the globals: what `inspect`
+    must do before calling a blob intact, since a chunk can match its checksum and still not be
+    valid zstd of the declared size."""
+    view = memoryview(blob)
+    scratch = memoryview(bytearray(manifest.chunk_size))
+    for i, c in enumerate(manifest.chunks):
+        try:
+            decode_chunk_into(view, c, scratch[: c.size])
+        except SnapshotRejected as exc:
+            raise SnapshotRejected(f"snapshot chunk {i} ({_region_of(manifest, i)}): {exc.message}") from exc
+    decode_globals(decode_region(view, manifest, manifest.region("globals")))
+
+
 def decode_region(blob: bytes | memoryview, manifest: Manifest, region: Region) -> bytearray:
     """Decode one region serially (tests, inspect, globals); the restore pipeline does this in parallel."""
     view = memoryview(blob)
@@ -490,14 +509,27 @@ def _int(v: Any, what: str, lo: int = 0, hi: int = 1 << 62) -> int:
     return v
 
 
-def _manifest_from_json(d: dict[str, Any]) -> Manifest:
+def _list_of_dicts(v: Any, what: str) -> list[dict[str, Any]]:
+    if not isinstance(v, list) or not all(isinstance(x, dict) for x in v):
+        raise ValueError(f"{what} must be a list of objects")
+    return v
+
+
+def _manifest_from_json(d: Any) -> Manifest:
+    if not isinstance(d, dict):
+        raise ValueError("the manifest is not a JSON object")
     if d.get("format") != "tensorwasm-snapshot" or d.get("version") != VERSION:
         raise ValueError("format/version fields do not match the header")
     if d.get("checksum") != "crc32" or d.get("compression") != {"codec": "zstd", "level": ZSTD_LEVEL}:
         raise ValueError("unknown checksum or compression")
     regions = []
-    for r in d["regions"]:
-        first, count = r["chunks"]
+    for r in _list_of_dicts(d["regions"], "regions"):
+        if r.get("kind") not in _REGION_KINDS:
+            raise ValueError(f"unknown region kind {r.get('kind')!r}")
+        span = r["chunks"]
+        if not isinstance(span, list) or len(span) != 2:
+            raise ValueError("region chunks must be [first, count]")
+        first, count = span
         handle = r.get("handle")
         regions.append(
             Region(
@@ -509,7 +541,7 @@ def _manifest_from_json(d: dict[str, Any]) -> Manifest:
             )
         )
     chunks = []
-    for c in d["chunks"]:
+    for c in _list_of_dicts(d["chunks"], "chunks"):
         if (
             c["codec"] not in ("raw", "zstd")
             or not isinstance(c["crc32"], str)
@@ -560,10 +592,22 @@ def _check_manifest(m: Manifest, *, chunks_end: int) -> None:
         raise bad("GPU buffer handles missing or repeated")
     if any(r.handle is not None for r in m.regions[:2]):
         raise bad("only GPU buffers carry handles")
+    # Every declared size is bounded here, before any reader allocates for it (restore stages
+    # whole regions; the tenant's own caps are checked next, in restore.check_binding).
+    bound = {
+        "wasm_memory": MAX_WASM_MEMORY_BYTES,
+        "globals": MAX_GLOBALS_BYTES,
+        "gpu_buffer": MAX_GPU_BUFFER_BYTES,
+    }
+    for r in m.regions:
+        if r.size > bound[r.kind]:
+            raise bad(f"{r.kind} region declares {r.size} bytes, more than {bound[r.kind]}")
     expected_first = 0
     for r in m.regions:
         if r.first_chunk != expected_first or r.chunk_count != math.ceil(r.size / m.chunk_size):
             raise bad(f"{r.kind} region chunk range does not match its size")
+        if r.first_chunk + r.chunk_count > len(m.chunks):
+            raise bad(f"{r.kind} region names chunks past the end of the chunk table")
         for j in range(r.chunk_count):
             want = min(m.chunk_size, r.size - j * m.chunk_size)
             if m.chunks[r.first_chunk + j].size != want:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import logging
 import mmap
 import os
 import re
@@ -24,6 +25,8 @@ from types import TracebackType
 
 from tensorwasm.runtime.errors import BadRequest, NotFound, SnapshotRejected
 from tensorwasm.runtime.snapshots import codec
+
+log = logging.getLogger(__name__)
 
 SUFFIX = ".twsnap"
 _TEMP_PREFIX = ".tmp-"
@@ -127,6 +130,7 @@ class SnapshotStore:
         self.root = Path(root)
         self.retain = retain
         self.temp_grace_s = temp_grace_s
+        self._skipped: dict[Path, str] = {}
 
     def tenant_dir(self, tenant_uid: str) -> Path:
         if not _UID.match(tenant_uid) or tenant_uid in (".", ".."):
@@ -163,13 +167,26 @@ class SnapshotStore:
         for path in directory.glob(f"*{SUFFIX}"):
             try:
                 parsed = read_manifest(path)
-            except (SnapshotRejected, OSError, ValueError):
-                continue  # a corrupt blob is never offered for restore; `inspect` explains why
+            except (SnapshotRejected, OSError, ValueError) as exc:
+                # A corrupt blob is never offered for restore; it is reported (once per reason) and
+                # `tensorwasm snapshot inspect` explains it.
+                self._skip(path, exc.message if isinstance(exc, SnapshotRejected) else str(exc))
+                continue
             if parsed.digest != path.name.removesuffix(SUFFIX) or parsed.manifest.tenant_uid != tenant_uid:
+                self._skip(path, "its digest or tenant uid does not match where it is stored")
                 continue
             out.append(StoredSnapshot(path, parsed.digest, parsed.manifest, parsed.file_length))
         out.sort(key=lambda s: (s.manifest.generation, s.manifest.created_at), reverse=True)
         return out
+
+    def unreadable(self) -> dict[Path, str]:
+        """Blobs that listings skipped so far, with the reason (for operators and `inspect`)."""
+        return dict(self._skipped)
+
+    def _skip(self, path: Path, reason: str) -> None:
+        if self._skipped.get(path) != reason:
+            self._skipped[path] = reason
+            log.warning("Skipped unreadable snapshot blob path=%s reason=%s", path, reason)
 
     def latest(self, tenant_uid: str) -> StoredSnapshot | None:
         found = self.list(tenant_uid)
@@ -196,7 +213,12 @@ class SnapshotStore:
                 if _temp_abandoned(temp, now, self.temp_grace_s):
                     temp.unlink(missing_ok=True)
                     removed.append(temp)
-            for old in self.list(directory.name)[self.retain :]:
+            try:
+                kept = self.list(directory.name)
+            except BadRequest:  # a directory that is no tenant uid: not ours to judge or delete
+                self._skip(directory, "not a tenant uid directory")
+                continue
+            for old in kept[self.retain :]:
                 if old.digest not in keep:
                     old.path.unlink(missing_ok=True)
                     removed.append(old.path)
