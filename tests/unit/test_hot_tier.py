@@ -251,3 +251,17 @@ def test_concurrent_restores_and_captures_under_eviction_stay_bit_exact(
         th.join()
     assert not errors, errors
     assert tier.used_bytes <= tier.max_bytes
+
+
+def test_device_word_sums_agree_with_the_host_seal(accel: CpuAccelerator) -> None:
+    from tensorwasm.runtime.snapshots.hot_tier import seal_of
+
+    dev = accel.open_tenant("sums", None)
+    data = random.Random(12).randbytes(3 * 65536 + 5)
+    h = dev.alloc(len(data))
+    dev.write(h, 0, data)
+    (sums,) = dev.word_sums([h], 65536)
+    pieces = [data[at : at + 65536] for at in range(0, len(data), 65536)]
+    assert [seal_of(s, len(p)) for s, p in zip(sums, pieces, strict=True)] == [
+        chunk_seal(memoryview(p)) for p in pieces
+    ]

@@ -70,6 +70,11 @@ class TenantDevice(Protocol):
         """Free every buffer not in `staged`, then give each temporary its snapshot handle."""
         ...
 
+    def word_sums(self, handles: Sequence[int], chunk: int) -> list[list[int]]:
+        """accel/checksum.py's word sum of each `chunk`-byte piece of each buffer, computed where the
+        buffers live, in stream order (after the copies queued before it)."""
+        ...
+
     def clone_buffers(self) -> BufferClone | None:
         """A device-side copy of every buffer, taken in stream order (None: no room, copy to host)."""
         ...

@@ -20,6 +20,7 @@ from tensorwasm.runtime import metrics
 from tensorwasm.runtime.accel import mps
 from tensorwasm.runtime.accel.base import DEFAULT_GRANULARITY, AcceleratorHealth, KernelArg, TenantUsage
 from tensorwasm.runtime.accel.buffers import check_restore_sizes, check_span, closed, lookup
+from tensorwasm.runtime.accel.checksum import chunk_word_sums
 from tensorwasm.runtime.accel.kernels import BUILTIN_SIGNATURES, NUMPY_TWINS, KernelSignature
 from tensorwasm.runtime.accel.launch import LaunchLimits, signature_from_ptx, validate_launch
 from tensorwasm.runtime.errors import BadRequest, GpuMemoryExhausted, InvalidKernelLaunch
@@ -157,6 +158,13 @@ class CpuTenantDevice:
         moved = {handle: self._bufs.pop(temp) for handle, temp in staged.items()}
         self._bufs.update(moved)
         self._ids = itertools.count(max(moved, default=0) + 1)
+
+    def word_sums(self, handles: Sequence[int], chunk: int) -> list[list[int]]:
+        out = []
+        for handle in handles:
+            arr, size, _ = lookup(self._bufs, handle, self.tenant_id)
+            out.append(chunk_word_sums(memoryview(arr.data)[:size], chunk))
+        return out
 
     def clone_buffers(self) -> _CpuClone | None:
         if self._closed:

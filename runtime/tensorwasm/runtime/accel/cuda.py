@@ -93,6 +93,8 @@ _CTYPES: dict[str, Any] = {
 }
 _NVRTC_OPTIONS = (b"-default-device", b"-std=c++17", b"--use_fast_math")
 SCRATCH_KEEP_BYTES = 1 << 30
+_MAX_GRID_Y = 65535
+_WORD_SUM_CTYPES = (ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64)
 
 
 def error_name(err: Any) -> str:
@@ -438,6 +440,44 @@ class CudaTenantDevice:
         self._bufs.update(moved)
         self._ids = itertools.count(max(moved, default=0) + 1)
 
+    def word_sums(self, handles: Sequence[int], chunk: int) -> list[list[int]]:
+        """One scratch array, one kernel per buffer on the tenant's stream, one copy back, one sync."""
+        if type(chunk) is not int or chunk <= 0 or chunk % 8:
+            raise BadRequest(f"word-sum chunk must be a positive multiple of 8 bytes, got {chunk!r}")
+        self._enter()
+        bufs = [lookup(self._bufs, h, self.tenant_id) for h in handles]
+        counts = [-(-size // chunk) for _, size, _ in bufs]
+        if any(c > _MAX_GRID_Y for c in counts):
+            raise BadRequest(f"a buffer has more than {_MAX_GRID_Y} chunks of {chunk} bytes")
+        total = sum(counts)
+        if not total:
+            return [[] for _ in bufs]
+        out = self._acc.scratch_alloc(total * 8, self._stream)
+        if out is None:
+            raise GpuMemoryExhausted(requested=total * 8, limit=0, current=0)
+        host = np.empty(total, dtype=np.uint64)
+        check = self._acc.check
+        try:
+            check(cu.cuMemsetD8Async(out, 0, total * 8, self._stream)[0], "cuMemsetD8Async")
+            at = 0
+            blocks = max(1, min(64, chunk // (8 * 256 * 16)))  # about 16 words a thread
+            for (dptr, size, _), count in zip(bufs, counts, strict=True):
+                if count:
+                    params = ((int(dptr), size, chunk, out + at * 8), _WORD_SUM_CTYPES)
+                    err = _launch_kernel(self._acc.word_sum_kernel, blocks, count, 1, 256, 1, 1, 0,
+                                         self._stream, params, 0)[0]  # fmt: skip
+                    check(err, "cuLaunchKernel (tw_chunk_word_sums)")
+                at += count
+            check(_dtoh_async(int(host.ctypes.data), out, total * 8, self._stream)[0], "cuMemcpyDtoHAsync")
+            check(_stream_sync(self._stream)[0], "cuStreamSynchronize")
+        finally:
+            self._acc.scratch_free(out)
+        sums, at = [], 0
+        for count in counts:
+            sums.append([int(x) for x in host[at : at + count]])
+            at += count
+        return sums
+
     def clone_buffers(self) -> _CudaClone | None:
         """Device-to-device copies into the accelerator's scratch pool, synced: the tenant may resume
         as soon as this returns (a D2D copy runs at HBM speed, the D2H of the clone happens later)."""
@@ -613,6 +653,8 @@ class CudaAccelerator:
         self._scratch_pool: Any = None
         module = self._load_image(self._builtin_cubin(), "built-in kernels")
         self._builtins = {name: self._kernel(module, sig) for name, sig in BUILTIN_SIGNATURES.items()}
+        err, self.word_sum_kernel = cu.cuModuleGetFunction(module, b"tw_chunk_word_sums")
+        self._check(err, "cuModuleGetFunction (tw_chunk_word_sums)")
         log.info(
             "Initialised CUDA accelerator device=%d name=%r cc=%s driver=%s granularity=%d",
             self.device, self.device_name, self.compute_capability, self.driver_version, self.granularity,

@@ -9,9 +9,10 @@ host to device, the physical floor. Owns `HotTier` (one per accelerator, bounded
 - Room is made by evicting the least recently used entry no restore holds. A restore leases its
   entry: evicting a leased entry only unlists it; its range returns to the arena with the last lease,
   so a copy engine never reads memory that was handed to another entry.
-- Seals: a 64-bit word sum per chunk (numpy, GIL released, memory bandwidth). Any damage confined to
-  one word is always caught (a flipped bit, a stray store); wider random damage escapes with
-  probability 2^-64. Not a defence against a forger: the tier is this process's own memory.
+- Seals: a 64-bit word sum per chunk (accel/checksum.py: numpy on the host, a kernel on the device,
+  so a restore checks GPU chunks where they landed, in unpublished buffers, at HBM speed). Any
+  damage confined to one word is always caught (a flipped bit, a stray store); wider random damage
+  escapes with probability 2^-64. Not a defence against a forger: the tier is this process's memory.
 Must not import wasmtime, cuda or the engine.
 """
 
@@ -26,9 +27,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from tensorwasm.runtime import metrics
+from tensorwasm.runtime.accel.checksum import MASK, word_sum
 from tensorwasm.runtime.snapshots import codec
 
 log = logging.getLogger(__name__)
@@ -37,14 +37,14 @@ ALIGN = 4096  # page-aligned ranges: DMA friendly, and the restore layout is pag
 
 
 def chunk_seal(data: memoryview) -> int:
-    """64-bit sum of the little-endian words of `data` (a ragged tail counts as one more word), mixed
-    with the length so that a truncated view never matches."""
-    n = len(data)
-    whole = n - n % 8
-    total = int(np.add.reduce(np.frombuffer(data[:whole], dtype="<u8"), dtype=np.uint64)) if whole else 0
-    if whole != n:
-        total += int.from_bytes(data[whole:], "little")
-    return (total + n * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    """The seal of one chunk: its word sum (accel/checksum.py) mixed with its length, so that a
+    truncated view never matches."""
+    return seal_of(word_sum(data), len(data))
+
+
+def seal_of(words: int, nbytes: int) -> int:
+    """A seal from a word sum computed elsewhere (the device's, for a chunk already uploaded)."""
+    return (words + nbytes * 0x9E3779B97F4A7C15) & MASK
 
 
 class Arena:

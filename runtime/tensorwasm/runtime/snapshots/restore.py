@@ -7,7 +7,9 @@ Owns the restore pipeline and its refusal rules. Phases (each a histogram sample
               into a read-ahead area), check the CRC-32, decode, seal for the hot tier; hot tier:
               check the entry's seal. A chunk that passed is uploaded at once into unpublished GPU
               buffers (`TenantDevice.stage_restore`) when the cap has room for them beside the live
-              ones, so checking overlaps the copies; otherwise uploads wait until every chunk passed
+              ones, so checking overlaps the copies; otherwise uploads wait until every chunk passed.
+              A hot restore with unpublished buffers copies each GPU buffer whole and checks its
+              chunks' seals on the device (`TenantDevice.word_sums`): the host reads nothing twice
   upload      the tail until the tenant's stream is synced (everything, when uploads had to wait)
   instantiate under the pool's barrier: the unpublished buffers become the tenant's (or the buffers
               are recreated and filled), wasm memory + globals written into the pool's instances
@@ -23,7 +25,7 @@ import concurrent.futures as cf
 import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,15 @@ from tensorwasm.runtime import metrics
 from tensorwasm.runtime.accel.base import Accelerator, TenantDevice
 from tensorwasm.runtime.errors import GpuMemoryExhausted, SnapshotRejected
 from tensorwasm.runtime.snapshots import codec
-from tensorwasm.runtime.snapshots.hot_tier import HOT_TIERS, HotEntry, HotTier, Slot, chunk_seal, digest_of
+from tensorwasm.runtime.snapshots.hot_tier import (
+    HOT_TIERS,
+    HotEntry,
+    HotTier,
+    Slot,
+    chunk_seal,
+    digest_of,
+    seal_of,
+)
 from tensorwasm.runtime.snapshots.pipeline import PACKED, STAGING, SnapshotPool, Stopwatch, layout, workers
 from tensorwasm.runtime.snapshots.store import SnapshotStore
 
@@ -186,12 +196,31 @@ def _restore_hot(entry: HotEntry, target: _Target) -> RestoreResult:
     target.bind(m)
     stage = entry.slot.view
 
+    def damaged(i: int) -> _EntryCorrupt:
+        return _EntryCorrupt(f"hot-tier copy of chunk {i} ({codec._region_of(m, i)}) is damaged")
+
     def check(i: int) -> None:
         _, _, at, _ = plan.chunks[i]
         if chunk_seal(stage[at : at + m.chunks[i].size]) != entry.seals[i]:
-            raise _EntryCorrupt(f"hot-tier copy of chunk {i} ({codec._region_of(m, i)}) is damaged")
+            raise damaged(i)
 
-    _load(plan, stage, target, watch, check, serial=m.raw_bytes <= _SERIAL_RAW_BYTES)
+    def check_on_device(device: TenantDevice, staged: dict[int, int]) -> None:
+        regions = plan.gpu_regions
+        sums = device.word_sums([staged[r.handle] for r in regions if r.handle is not None], m.chunk_size)
+        for r, region_sums in zip(regions, sums, strict=True):
+            for j, words in enumerate(region_sums):
+                i = r.first_chunk + j
+                if seal_of(words, m.chunks[i].size) != entry.seals[i]:
+                    raise damaged(i)
+
+    # GPU chunks are checked on the device after one copy per buffer (HBM speed, the host only copies);
+    # the rest (wasm memory, globals) on the host.
+    device_ok = m.chunk_size % 8 == 0 and all(r.chunk_count <= 65535 for r in plan.gpu_regions)
+    host_bytes = m.raw_bytes - sum(r.size for r in plan.gpu_regions) if device_ok else m.raw_bytes
+    _load(
+        plan, stage, target, watch, check, serial=host_bytes <= _SERIAL_RAW_BYTES,
+        device_check=check_on_device if device_ok else None,
+    )  # fmt: skip
     return RestoreResult(entry.digest, m, watch.total(), source="hot")
 
 
@@ -258,8 +287,12 @@ def _load(
     prepare: Callable[[int], None],
     *,
     serial: bool,
+    device_check: Callable[[TenantDevice, dict[int, int]], None] | None = None,
 ) -> None:
-    """Run `prepare(i)` for every chunk (it fills and checks chunk i in `stage`), upload, publish."""
+    """Run `prepare(i)` for every chunk (it fills and checks chunk i in `stage`), upload, publish.
+
+    With `device_check` and room for unpublished buffers, GPU chunks skip `prepare`: each GPU region
+    is uploaded in one copy and `device_check` checks them on the device before anything is published."""
     m, device = plan.m, target.device
     gpu_sizes = m.gpu_buffers()
     staged: dict[int, int] | None = None
@@ -269,14 +302,24 @@ def _load(
         except GpuMemoryExhausted:
             staged = None  # no room beside the live buffers: upload only after every chunk passed
     published = False
+    on_device = device is not None and staged is not None and device_check is not None
     try:
+        if on_device:
+            assert device is not None and staged is not None
+            for r in plan.gpu_regions:
+                if r.handle is not None:
+                    device.write_async(staged[r.handle], 0, plan.region_view(stage, r))
 
         def one(i: int) -> None:
             prepare(i)
             if staged is not None:
                 plan.upload(device, stage, i, staged)
 
-        _run_all(one, range(len(m.chunks)), serial)
+        on_host = [i for i, c in enumerate(plan.chunks) if not (on_device and c[0].handle is not None)]
+        _run_all(one, on_host, serial)
+        if on_device:
+            assert device is not None and staged is not None and device_check is not None
+            device_check(device, staged)
         globals_ = codec.decode_globals(plan.region_view(stage, m.region("globals")))
         watch.lap("verify")
         if device is not None and staged is not None:
@@ -317,7 +360,7 @@ def _discard(device: TenantDevice, staged: dict[int, int]) -> None:
             device.free(temp)
 
 
-def _run_all(fn: Callable[[int], None], indices: range, serial: bool) -> None:
+def _run_all(fn: Callable[[int], None], indices: Sequence[int], serial: bool) -> None:
     """fn(i) for every index; on the worker threads unless `serial`. Every task has ended on return,
     also when one raised (the first error is re-raised), so nothing runs on behind the caller."""
     if serial:
@@ -341,7 +384,8 @@ class _Plan:
 
     def __init__(self, m: codec.Manifest) -> None:
         self.m = m
-        self.regions = [*codec.iter_gpu_regions(m), m.region("wasm_memory"), m.region("globals")]
+        self.gpu_regions = list(codec.iter_gpu_regions(m))
+        self.regions = [*self.gpu_regions, m.region("wasm_memory"), m.region("globals")]
         offsets = layout([r.size for r in self.regions])
         self.stage_bytes = offsets[-1]
         self.base = {r: off for r, off in zip(self.regions, offsets, strict=False)}
