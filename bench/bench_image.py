@@ -43,9 +43,9 @@ def _build(cache: Path, *args: str) -> tuple[float, dict[str, str]]:
 
 def _context_copy(target: Path) -> Path:
     """The build context (what .dockerignore lets in) plus the recipe, with one source file edited."""
-    import build  # hack/image/build.py: the same context selection the builder uses
+    import buildcontext  # hack/image: the same context selection the builder uses
 
-    for name in [*build.context_files(REPO), "Containerfile", ".dockerignore"]:
+    for name in [*buildcontext.context_files(REPO), "Containerfile", ".dockerignore"]:
         destination = target / name
         destination.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, destination)

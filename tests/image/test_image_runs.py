@@ -173,3 +173,20 @@ def test_the_archive_names_the_image_for_containerd(built_image: BuiltImage) -> 
     entry = index["manifests"][0]
     assert entry["digest"] == built_image.digest
     assert entry["annotations"]["io.containerd.image.name"] == built_image.ref
+
+
+def test_a_missing_debian_package_is_named(built_image: BuiltImage, tmp_path: Path) -> None:
+    # A recipe of its own on the same (cached) base; a failed build prunes nothing of the image's cache.
+    (tmp_path / "Containerfile").write_text(
+        "FROM debian:bookworm-slim\nRUN apt-get update && apt-get install -y tensorwasm-no-such-package\n"
+    )
+    result = subprocess.run(
+        [sys.executable, str(REPO / "hack" / "image" / "build.py"), "--context", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "missing Debian package: tensorwasm-no-such-package" in result.stderr
+    assert "line 2: RUN failed" in result.stderr
+    assert built_image.archive.exists()

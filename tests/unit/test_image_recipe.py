@@ -38,6 +38,9 @@ def _load(name: str) -> ModuleType:
 
 cf = _load("containerfile")
 build = _load("build")
+buildcontext = _load("buildcontext")
+debianbase = _load("debianbase")
+failures = _load("failures")
 
 RECIPE = cf.parse((REPO / "Containerfile").read_text())
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
@@ -65,7 +68,7 @@ def test_every_stage_starts_from_a_base_the_daemonless_build_can_make() -> None:
     for stage in RECIPE.stages:
         base = cf.expand(stage.base, global_args)
         if base not in names:
-            assert build.debian_suite(base) == "bookworm"
+            assert debianbase.debian_suite(base) == "bookworm"
 
 
 def test_the_build_installs_the_operator_runtime_and_gpu_extras_but_not_the_planner() -> None:
@@ -108,7 +111,7 @@ def test_no_compilers_in_the_final_stage_and_only_the_venv_comes_from_the_build(
 
 
 def test_the_build_context_holds_every_source_root_and_nothing_heavy() -> None:
-    files = build.context_files(REPO)
+    files = buildcontext.context_files(REPO)
     for package_dir in PYPROJECT["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"]:
         assert any(f.startswith(package_dir + "/") for f in files), f"{package_dir} missing from the context"
     assert "pyproject.toml" in files and PYPROJECT["project"]["readme"] in files
@@ -159,8 +162,8 @@ def test_shell_form_entrypoints_are_refused() -> None:
 
 
 def test_other_bases_are_refused_with_a_reason() -> None:
-    with pytest.raises(build.BuildError, match="debian:<suite>-slim bases only"):
-        build.debian_suite("python:3.11-slim")
+    with pytest.raises(failures.BuildError, match="debian:<suite>-slim bases only"):
+        debianbase.debian_suite("python:3.11-slim")
 
 
 @pytest.mark.parametrize(
@@ -183,7 +186,7 @@ def test_a_failed_step_names_the_missing_package_or_wheel() -> None:
     apt = "E: Unable to locate package python3-nosuch\nE: Package 'libfoo' has no installation candidate\n"
     pip = "ERROR: Could not find a version that satisfies the requirement wasmtime<1\n"
     pip += "ERROR: No matching distribution found for wasmtime<1\n"
-    assert build.diagnose(apt + pip) == [
+    assert failures.diagnose(apt + pip) == [
         "missing Debian package: python3-nosuch",
         "missing Debian package: libfoo",
         "missing wheel: wasmtime<1",
@@ -192,10 +195,14 @@ def test_a_failed_step_names_the_missing_package_or_wheel() -> None:
 
 def test_copy_sources_select_files_and_directories() -> None:
     files = ["README.md", "operator/a.py", "operator/b/c.py", "operatorx/d.py", "pyproject.toml"]
-    assert build.select_sources(files, "pyproject.toml") == [("pyproject.toml", "pyproject.toml")]
-    assert build.select_sources(files, "./operator/") == [
+    assert buildcontext.select_sources(files, "pyproject.toml") == [("pyproject.toml", "pyproject.toml")]
+    assert buildcontext.select_sources(files, "./operator/") == [
         ("operator/a.py", "a.py"),
         ("operator/b/c.py", "b/c.py"),
     ]
-    assert build.select_sources(files, ".") == [(f, f) for f in files]
-    assert build.select_sources(files, "nope") == []
+    assert buildcontext.select_sources(files, ".") == [(f, f) for f in files]
+    assert buildcontext.select_sources(files, "nope") == []
+
+
+def test_the_default_reference_is_the_project_version_dev() -> None:
+    assert build.default_ref() == f"tensorwasm.io/tensorwasm:{PYPROJECT['project']['version']}-dev"
