@@ -298,9 +298,64 @@ def raw_launch_sync(n_calls: int = 5000) -> dict[str, float]:
             t_idle.append(clock() - t0)
         out["raw_launch_sync_after_idle_p50_us"] = pct(t_idle, 0.5)
         out |= _engine_invokes(acc)
+        out |= _thread_hops(acc, cu)
         return out
     finally:
         acc.close()
+
+
+def _thread_hops(acc: Any, cu: Any, threads: int = 64, calls: int = 3000) -> dict[str, float]:
+    """The runtime's shape without wasm or HTTP: one worker thread per tenant, work handed over through
+    a SimpleQueue round-robin, timed from hand-off to done. Work: nothing, TenantDevice.launch + sync,
+    and launch + a cuStreamQuery spin instead of cuStreamSynchronize. With 1 thread and `threads`."""
+    import queue as queue_mod
+
+    from tensorwasm.runtime.accel.base import KernelArg
+
+    devs = [acc.open_tenant(f"hop-{i}", 16 << 20) for i in range(threads)]
+    handles = [d.alloc(4096) for d in devs]
+    args = [[KernelArg("buffer", h)] * 3 + [KernelArg("u32", 1024)] for h in handles]
+
+    def launch_sync(i: int) -> None:
+        devs[i].launch("vector_add", (4, 1, 1), (256, 1, 1), args[i])
+        devs[i].sync()
+
+    def launch_spin(i: int) -> None:
+        devs[i].launch("vector_add", (4, 1, 1), (256, 1, 1), args[i])
+        stream = devs[i].stream
+        while cu.cuStreamQuery(stream)[0] != cu.CUresult.CUDA_SUCCESS:
+            pass
+
+    works: dict[str, Any] = {"noop": lambda i: None, "launch_sync": launch_sync, "launch_spin": launch_spin}
+    out: dict[str, float] = {}
+    for n in (1, threads):
+        inboxes: list[queue_mod.SimpleQueue[Any]] = [queue_mod.SimpleQueue() for _ in range(n)]
+        done: queue_mod.SimpleQueue[float] = queue_mod.SimpleQueue()
+
+        def worker(k: int, inbox: queue_mod.SimpleQueue[Any], done: queue_mod.SimpleQueue[float]) -> None:
+            while (item := inbox.get()) is not None:
+                item(k)
+                done.put(time.perf_counter())
+
+        ths = [threading.Thread(target=worker, args=(k, inboxes[k], done), daemon=True) for k in range(n)]
+        for th in ths:
+            th.start()
+        for name, fn in works.items():
+            samples = []
+            for j in range(calls + 200):
+                t0 = time.perf_counter()
+                inboxes[j % n].put(fn)
+                t1 = done.get()
+                if j >= 200:
+                    samples.append(t1 - t0)
+            out[f"hop_{name}_{n}threads_p50_us"] = pct(samples, 0.5)
+        for inbox in inboxes:
+            inbox.put(None)
+        for th in ths:
+            th.join()
+    for i in range(threads):
+        acc.close_tenant(f"hop-{i}")
+    return out
 
 
 def _engine_invokes(acc: Any, tenants: int = 16) -> dict[str, float]:
@@ -332,6 +387,20 @@ def _engine_invokes(acc: Any, tenants: int = 16) -> dict[str, float]:
             pool.close()
             acc.close_tenant(f"engine-{i}")
         engine.close()
+
+
+def _serial(port: int, tenants: int, label: str) -> dict[str, float]:
+    conn = Conn(port)
+    times: dict[str, list[float]] = {"step": [], "noop": []}
+    for rnd in range(6):
+        for fn in ("step", "noop"):
+            for j in range(300):
+                req = request_bytes(fn, token((rnd * 300 + j) % tenants))
+                t0 = time.perf_counter()
+                conn.call(req)
+                times[fn].append(time.perf_counter() - t0)
+    conn.sock.close()
+    return {f"http_{label}{fn}_p50_us": round(pct(t[200:], 0.5), 1) for fn, t in times.items()}
 
 
 def run() -> dict[str, Any]:
@@ -385,6 +454,13 @@ def run() -> dict[str, Any]:
         figures["runtime_rss_mib"] = round(rt.rss_bytes() / (1 << 20), 1)
     finally:
         rt.stop()
+    # The same serial measurement with more hardware queues (the driver multiplexes streams onto
+    # CUDA_DEVICE_MAX_CONNECTIONS of them, 8 by default): does stream aliasing explain the gap?
+    rt = Runtime(write_tenants(work, tenants), accelerator, work, env={"CUDA_DEVICE_MAX_CONNECTIONS": "32"})
+    try:
+        figures |= _serial(rt.port, tenants, "maxconn32_")
+    finally:
+        rt.stop()
     raw = raw_launch_sync()
     targets = {}
     if raw:
@@ -408,7 +484,11 @@ def run() -> dict[str, Any]:
             "over the tenants, 10 interleaved blocks of 400 each; http_gpu_share = P50(step) - P50(noop), "
             "the GPU work's share of an invoke, against raw cuLaunchKernel + cuStreamSynchronize of the "
             "same kernel in the bench process (same GPU, same run). Concurrent: closed loop, 4 generator "
-            "processes x 8 connections, 5 s, every tenant."
+            "processes x 8 connections, 5 s, every tenant. Where the time goes: engine_* = "
+            "TenantInstancePool.invoke in the bench process (wasm + host calls, no HTTP); hop_* = a "
+            "SimpleQueue hand-off to one worker thread per tenant (the runtime's shape) doing nothing, "
+            "TenantDevice.launch + sync, or launch + a cuStreamQuery spin, with 1 and 64 threads; "
+            "http_maxconn32_* = the serial run again with CUDA_DEVICE_MAX_CONNECTIONS=32."
         ),
     }
 
