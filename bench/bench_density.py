@@ -168,7 +168,10 @@ def run() -> dict[str, Any]:
         # Where memory would stop it (extrapolated from the measured slope, not loaded to the limit).
         total = (_gpu_total_mib() or GPU_TOTAL_MIB_H200) * MiB
         figures["gpu_memory_ceiling_tenants"] = int((total - base["gpu"]) // gpu_large)
-    figures["host_memory_ceiling_tenants_per_100gib"] = int((100 << 30) // max(1.0, per_tenant[large][0]))
+    # RSS of a 1-tenant process carries start-up noise of its own: the slope between counts is steadier.
+    rss_slope = (figures[f"rss_mib_{large}t"] - figures[f"rss_mib_{small}t"]) * MiB / max(1, large - small)
+    figures[f"rss_kib_per_tenant_{small}_to_{large}t"] = round(rss_slope / 1024, 1)
+    figures["host_memory_ceiling_tenants_per_100gib"] = int((100 << 30) // max(1.0, rss_slope))
     gpu_small = per_tenant[small][1]
     if gpu_small is not None and gpu_large is not None:
         figures |= planner_figures(gpu_small, gpu_large, base["gpu"], large, work)
