@@ -57,7 +57,7 @@ def check_field(field: Field, prop: dict[str, Any], where: str, seen: list[str])
         assert prop["x-kubernetes-int-or-string"] is True and prop["maxLength"] == field.max_length, where
         rule = prop["x-kubernetes-validations"][0]["rule"]
         # Bounds of a quantity live in CEL: both appear, spelled as quantities.
-        assert rule.count("compareTo(quantity(") == 2 and "isInteger()" in rule, where
+        assert rule.count("compareTo(quantity(") == 2 and "asApproximateFloat()" in rule, where
         lo, hi = (quantity_bytes(part.split("'")[1]) for part in rule.split("compareTo(quantity(")[1:])
         assert (lo, hi) == (field.minimum, field.maximum), where
     elif field.kind == "string":

@@ -140,11 +140,15 @@ def nested_list(name: str, model: type[T], description: str, *, map_key: str, ma
 
 def _bytes_rule(name: str, minimum: int, maximum: int) -> Rule:
     # string(self): the field is int-or-string; quantity() reads both spellings the same way.
+    # Whole bytes without isInteger(), which the API server answers false for exact spellings such as
+    # "1.5Ki" or "1023Ti": within the bounds (at most 2^53) a double holds every whole number exactly.
+    assert maximum <= 1 << 53, "quantity bounds past 2^53 bytes need another whole-number test"
     q = "quantity(string(self))"
     lo, hi = format_quantity(minimum), format_quantity(maximum)
     cel = (
-        f"isQuantity(string(self)) && {q}.isInteger() && "
-        f"{q}.compareTo(quantity('{lo}')) >= 0 && {q}.compareTo(quantity('{hi}')) <= 0"
+        f"isQuantity(string(self)) && {q}.compareTo(quantity('{lo}')) >= 0 && "
+        f"{q}.compareTo(quantity('{hi}')) <= 0 && "
+        f"double(int({q}.asApproximateFloat())) == {q}.asApproximateFloat()"
     )
     return Rule(cel, f"{name} must be a whole number of bytes from {lo} to {hi}")
 
