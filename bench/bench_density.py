@@ -41,21 +41,11 @@ def _helpers() -> Any:
     return module
 
 
-def _gpu_used_mib() -> float | None:
+def _nvidia_smi_mib(field: str) -> float | None:
+    """GPU 0's `memory.used` or `memory.total` in MiB as nvidia-smi reports it; None without a GPU."""
     try:
         out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
-            capture_output=True, text=True, timeout=30, check=True,
-        ).stdout  # fmt: skip
-        return float(out.strip().splitlines()[0])
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
-        return None
-
-
-def _gpu_total_mib() -> float | None:
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits", "-i", "0"],
+            ["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader,nounits", "-i", "0"],
             capture_output=True, text=True, timeout=30, check=True,
         ).stdout  # fmt: skip
         return float(out.strip().splitlines()[0])
@@ -113,12 +103,12 @@ def run() -> dict[str, Any]:
     base: dict[str, float] = {}
     per_tenant: dict[int, tuple[float, float | None]] = {}
     for count in [1, *counts]:
-        before = _gpu_used_mib()
+        before = _nvidia_smi_mib("memory.used")
         rt = h.Runtime(h.write_tenants(work, count, gpu_memory="4Mi"), accelerator, work)
         try:
             loaded, failed = len(rt.detail.get("loaded", [])), len(rt.detail.get("failed", {}))
             rss = rt.rss_bytes()
-            after = _gpu_used_mib()
+            after = _nvidia_smi_mib("memory.used")
             gpu = (after - before) * MiB if after is not None and before is not None else None
             if count == 1:
                 base = {"rss": rss, "gpu": gpu or 0.0, "ready": rt.ready_s}
@@ -166,7 +156,7 @@ def run() -> dict[str, Any]:
     gpu_large = per_tenant[large][1]
     if gpu_large:
         # Where memory would stop it (extrapolated from the measured slope, not loaded to the limit).
-        total = (_gpu_total_mib() or GPU_TOTAL_MIB_H200) * MiB
+        total = (_nvidia_smi_mib("memory.total") or GPU_TOTAL_MIB_H200) * MiB
         figures["gpu_memory_ceiling_tenants"] = int((total - base["gpu"]) // gpu_large)
     # RSS of a 1-tenant process carries start-up noise of its own: the slope between counts is steadier.
     rss_slope = (figures[f"rss_mib_{large}t"] - figures[f"rss_mib_{small}t"]) * MiB / max(1, large - small)

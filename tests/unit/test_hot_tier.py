@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,21 +18,19 @@ from tensorwasm.runtime.snapshots.capture import CaptureResult, capture_snapshot
 from tensorwasm.runtime.snapshots.hot_tier import ALIGN, Arena, HotTier, chunk_seal
 from tensorwasm.runtime.snapshots.restore import RestoreResult, restore_snapshot
 from tensorwasm.runtime.snapshots.store import SnapshotStore
-from tests.unit.test_snapshot_restore import UID, Tenant, make_tenant, randomize, snapshot_of
+from tests.unit.test_snapshot_restore import (  # the fixtures `accel` and `module` come with them
+    UID,
+    Tenant,
+    accel,
+    make_tenant,
+    module,
+    randomize,
+    snapshot_of,
+)
+
+__all__ = ["accel", "module"]  # fixtures pytest finds by name in this module
 
 MiB = 1 << 20
-
-
-@pytest.fixture(scope="module")
-def module(stateful_module: CompiledModule) -> CompiledModule:
-    return stateful_module  # tests/conftest.py
-
-
-@pytest.fixture
-def accel() -> Iterator[CpuAccelerator]:
-    a = CpuAccelerator()
-    yield a
-    a.close()
 
 
 def lookups(result: str) -> float:

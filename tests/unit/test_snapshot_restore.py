@@ -285,7 +285,7 @@ _BIG_WAT = b"""(module
 
 
 def _spawns(tenant: str) -> float:
-    return metrics.INSTANCE_SPAWNS.labels(tenant=tenant)._value.get()
+    return float(metrics.INSTANCE_SPAWNS.labels(tenant=tenant)._value.get())
 
 
 def _big_state(pages: int, counter: int, calls: int) -> WasmState:

@@ -130,11 +130,12 @@ def capture_snapshot(
             stage[glob_at : glob_at + len(globals_bytes)] = globals_bytes
             watch.lap("stage")
             gpu = {h: stage[off : off + n] for (h, n), off in zip(sizes.items(), offsets, strict=False)}
-            result, seals = _write(
+            seals: list[int] = []
+            result = write_snapshot(
                 store,
                 watch, tenant_uid=tenant_uid, module_sha256=module_sha256, generation=generation,
                 memory=stage[mem_at : mem_at + len(memory)], globals_=globals_, gpu=gpu, tenant=tenant,
-                chunk_size=chunk_size, seal=slot is not None,
+                chunk_size=chunk_size, seals_out=seals if slot is not None else None,
             )  # fmt: skip
         if slot is not None and tier is not None:
             tier.insert(slot, result.digest, result.manifest, seals)
@@ -159,34 +160,16 @@ def write_snapshot(
     gpu: Mapping[int, bytes | bytearray | memoryview],
     tenant: str = "",
     chunk_size: int | None = None,
+    seals_out: list[int] | None = None,
 ) -> CaptureResult:
-    """Encode host copies of a tenant's state on the worker threads and commit them atomically."""
-    return _write(
-        store, watch, tenant_uid=tenant_uid, module_sha256=module_sha256, generation=generation,
-        memory=memory, globals_=globals_, gpu=gpu, tenant=tenant, chunk_size=chunk_size, seal=False,
-    )[0]  # fmt: skip
+    """Encode host copies of a tenant's state on the worker threads and commit them atomically.
 
-
-def _write(
-    store: SnapshotStore,
-    watch: Stopwatch | None,
-    *,
-    tenant_uid: str,
-    module_sha256: str,
-    generation: int,
-    memory: bytes | memoryview,
-    globals_: list[codec.GlobalValue],
-    gpu: Mapping[int, bytes | bytearray | memoryview],
-    tenant: str,
-    chunk_size: int | None,
-    seal: bool,
-) -> tuple[CaptureResult, list[int]]:
-    """write_snapshot, plus the hot-tier seal of every chunk's raw bytes when `seal` (in chunk order)."""
+    `seals_out` receives the hot-tier seal of every chunk's raw bytes, in chunk order."""
     watch = watch or Stopwatch()
     regions = codec.plan_regions(memory, globals_, gpu)
     chunk_size = chunk_size or codec.choose_chunk_size(sum(len(r.data) for r in regions))
     with store.begin(tenant_uid) as pending:
-        writer = _ChunkWriter(pending, seal)
+        writer = _ChunkWriter(pending, seals_out is not None)
         jobs = [
             (region, region.data[start : start + n])
             for region in regions
@@ -212,4 +195,6 @@ def _write(
     size = writer.cursor + len(body)
     metrics.SNAPSHOT_BYTES.labels("capture", "raw").inc(manifest.raw_bytes)
     metrics.SNAPSHOT_BYTES.labels("capture", "stored").inc(size)
-    return CaptureResult(path, digest, manifest, size, timings), [s for _, s in written]
+    if seals_out is not None:
+        seals_out[:] = [s for _, s in written]
+    return CaptureResult(path, digest, manifest, size, timings)
