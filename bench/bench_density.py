@@ -93,6 +93,64 @@ def planner_figures(
     }
 
 
+def _under_mps(h: Any, count: int, procs: int, accelerator: str, work: Path) -> tuple[dict[str, float], str]:
+    """`count` tenants split over `procs` shard processes, each an MPS client of one control daemon
+    this benchmark starts: memory, start-up, and the aggregate rate the processes hold within the SLO."""
+    from tensorwasm.runtime.accel import mps
+
+    key = f"{count}t_{procs}mps"
+    if mps.find_control_binary() is None:
+        return {
+            f"mps_skipped_{key}": 1.0
+        }, f"| {count} in {procs} MPS processes | not run: no MPS control binary |"
+    daemon = mps.MpsDaemon(work / "mps-pipe", work / "mps-log")
+    daemon.start()
+    runtimes = []
+    figures: dict[str, float] = {}
+    try:
+        before = _nvidia_smi_mib("memory.used")
+        per = count // procs
+        for k in range(procs):
+            wd = work / f"mps-{k}"
+            wd.mkdir()
+            env = mps.build_client_env(daemon.pipe_dir, log_dir=daemon.log_dir)
+            runtimes.append(h.Runtime(h.write_tenants(wd, per, gpu_memory="4Mi"), accelerator, wd, env=env))
+        after = _nvidia_smi_mib("memory.used")
+        loaded = sum(len(rt.detail.get("loaded", [])) for rt in runtimes)
+        rss = sum(rt.rss_bytes() for rt in runtimes)
+        ready = max(rt.ready_s for rt in runtimes)
+        gpu = (after - before) * MiB if after is not None and before is not None else 0.0
+        targets = [(rt.port, [h.request_bytes("step", h.token(i)) for i in range(per)]) for rt in runtimes]
+        best, p50_base, p99_base = 0.0, 0.0, 0.0
+        for rate in (RATE, *RAMP, 8000.0, 12000.0):
+            res = h.drive_targets(targets, threads=16, duration=3.0, rate=rate)
+            errors = sum(n for c, n in res["status"].items() if c != 200)
+            p50, p99 = h.pct(res["lat"], 0.5) / 1e3, h.pct(res["lat"], 0.99) / 1e3
+            figures[f"mps_p99_ms_{int(rate)}rps_{key}"] = round(p99, 2)
+            if rate == RATE:
+                p50_base, p99_base = p50, p99
+            if errors or p99 > SLO_P99_MS:
+                break
+            best = rate
+        figures |= {
+            f"mps_loaded_{key}": loaded, f"mps_ready_s_{key}": round(ready, 2),
+            f"mps_rss_mib_{key}": round(rss / MiB, 1), f"mps_gpu_mib_{key}": round(gpu / MiB, 1),
+            f"mps_gpu_mib_per_tenant_{key}": round(gpu / MiB / max(1, loaded), 3),
+            f"mps_step_p50_ms_{key}": round(p50_base, 3), f"mps_step_p99_ms_{key}": round(p99_base, 3),
+            f"mps_max_rate_at_slo_rps_{key}": best,
+        }  # fmt: skip
+        row = (
+            f"| {count} in {procs} MPS processes | {loaded} / {count - loaded} | {ready:.1f} s (slowest) | "
+            f"{rss / MiB:.0f} MiB | {gpu / MiB:.0f} MiB ({gpu / MiB / max(1, loaded):.2f} MiB/tenant) | "
+            f"{RATE:.0f} | {p50_base:.2f} / {p99_base:.2f} | max {best:.0f} req/s at the SLO |"
+        )
+        return figures, row
+    finally:
+        for rt in runtimes:
+            rt.stop()
+        daemon.stop()
+
+
 def run() -> dict[str, Any]:
     h = _helpers()
     counts = [int(c) for c in os.environ.get("TENSORWASM_BENCH_DENSITY_TENANTS", "100,500,1000").split(",")]
@@ -169,6 +227,11 @@ def run() -> dict[str, Any]:
         figures["planner_modeled_gpu_mib_per_tenant"] = round(
             _planner_gpu_per_tenant(large, None)[0] / MiB, 3
         )
+    mps_procs = int(os.environ.get("TENSORWASM_BENCH_DENSITY_MPS_PROCESSES", "0"))
+    if mps_procs:
+        mps_figures, mps_row = _under_mps(h, large, mps_procs, accelerator, work)
+        figures |= mps_figures
+        rows.append(mps_row)
     figures["tenants"] = large
     table = (
         "| tenants | loaded / failed | start to ready | host RSS | GPU memory | load req/s | "

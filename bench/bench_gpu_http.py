@@ -208,13 +208,23 @@ def drive_processes(
     port: int, reqs: list[bytes], processes: int, threads: int, duration: float, rate: float = 0.0
 ) -> dict[str, Any]:
     """`drive` in `processes` generator processes (this file with --load), results merged."""
-    spec = json.dumps({"port": port, "reqs": [r.decode() for r in reqs], "threads": threads,
-                       "duration": duration, "rate": rate / processes})  # fmt: skip
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        f.write(spec)  # a file, not argv: a thousand tenants' requests pass the argument limit
+    return drive_targets([(port, reqs)] * processes, threads, duration, rate)
+
+
+def drive_targets(
+    targets: list[tuple[int, list[bytes]]], threads: int, duration: float, rate: float = 0.0
+) -> dict[str, Any]:
+    """One generator process per (port, requests) target, all at once, `rate` shared evenly; merged."""
+    files = []
+    for port, reqs in targets:
+        spec = json.dumps({"port": port, "reqs": [r.decode() for r in reqs], "threads": threads,
+                           "duration": duration, "rate": rate / len(targets)})  # fmt: skip
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            f.write(spec)  # a file, not argv: a thousand tenants' requests pass the argument limit
+        files.append(f.name)
     procs = [
-        subprocess.Popen([sys.executable, __file__, "--load", f.name], stdout=subprocess.PIPE, text=True)
-        for _ in range(processes)
+        subprocess.Popen([sys.executable, __file__, "--load", name], stdout=subprocess.PIPE, text=True)
+        for name in files
     ]
     lat: list[float] = []
     status: dict[int, int] = {}
@@ -224,7 +234,8 @@ def drive_processes(
         lat += part["lat"]
         for code, n in part["status"].items():
             status[int(code)] = status.get(int(code), 0) + n
-    os.unlink(f.name)
+    for name in files:
+        os.unlink(name)
     return {"lat": lat, "status": status, "duration": duration}
 
 

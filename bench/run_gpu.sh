@@ -16,6 +16,7 @@ export PYTHONUNBUFFERED=1
   date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv
   python3 -c 'import sys, cuda.bindings, wasmtime, zstandard, aiohttp; print(sys.version, cuda.bindings.__version__)'
 } 2>&1 | tee "$OUT/env.log"
+export TENSORWASM_BENCH_DENSITY_MPS_PROCESSES=${TENSORWASM_BENCH_DENSITY_MPS_PROCESSES:-4}
 for step in ${GPU_STEPS:-tests snapshot gpu_http density gpu}; do
   echo "== $step $(date -u +%T)"
   if [ "$step" = tests ]; then
