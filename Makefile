@@ -35,8 +35,12 @@ $(STAMP): pyproject.toml
 .PHONY: install
 install: $(STAMP) ## Create .venv and install the project with its extras
 
+.PHONY: deps
+deps: ## Install the Debian packages the real node needs (runc, CNI plugins, iptables); no-op when present
+	@bash hack/node/deps.sh
+
 .PHONY: controlplane
-controlplane: ## Build (once, cached by version outside the repo) the control plane binaries
+controlplane: deps ## Build (once, cached by version outside the repo) the cluster's binaries, with progress
 	@bash hack/controlplane/build.sh >/dev/null
 
 .PHONY: test-unit
@@ -89,11 +93,11 @@ bench: install controlplane ## Run the benchmarks; results in bench/results, tab
 ##@ Local cluster
 
 .PHONY: cluster-up
-cluster-up: install controlplane ## Start the local control plane (prints the KUBECONFIG export)
+cluster-up: install controlplane ## Start the local control plane and its real node (prints the KUBECONFIG export)
 	$(VENV)/bin/tensorwasm dev cluster up
 
 .PHONY: cluster-down
-cluster-down: install ## Stop the local control plane and remove its state
+cluster-down: install ## Stop the control plane and real node; remove their state, netns, routes, mounts
 	$(VENV)/bin/tensorwasm dev cluster down
 
 .PHONY: cluster-status

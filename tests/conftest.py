@@ -1,6 +1,7 @@
 """Shared fixtures: one per real component the tests need.
 
 - `kube`: the local control plane for the whole session (started, or reused when one is healthy),
+  with its real node (TENSORWASM_TEST_REAL_NODE=0: kwok nodes only),
   with every CRD in crds/ applied and Established.
 - `namespace`: a fresh namespace per test, deleted afterwards.
 - `engine`: a wasmtime Engine per test module (files that need another configuration define their
@@ -124,7 +125,9 @@ def kube() -> Iterator[Kube]:
     )
     plane = LocalControlPlane(state_dir, log=lambda msg: print(msg, flush=True))
     reused = plane.state() is not None and plane.status().ready
-    state = plane.up(nodes=3, gpus_per_node=1, timeout_s=180)
+    # With the real node (containerd, kubelet, kube-proxy) unless TENSORWASM_TEST_REAL_NODE=0.
+    with_real_node = os.environ.get("TENSORWASM_TEST_REAL_NODE", "1") != "0"
+    state = plane.up(nodes=3, gpus_per_node=1, timeout_s=240, with_real_node=with_real_node)
     handle = Kube(Path(state.kubeconfig), state.server, state.token, Path(state.bin_dir))
     apply_crds(handle)
     yield handle

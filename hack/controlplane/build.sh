@@ -1,67 +1,141 @@
 #!/usr/bin/env bash
-# Builds the local control plane once into a cache outside the repo, keyed by version.
-# Prints the bin directory on the last line of stdout. Progress goes to stderr.
+# Builds the dev cluster's binaries once into a cache outside the repo, keyed by version (and by a
+# hash of the Go sources that choose them), in two lanes that share the cores:
+#   lane 1: tensorwasm-kube, ONE multi-call executable (cmd/tensorwasm-kube) for etcd, kube-apiserver,
+#           kube-controller-manager, kube-scheduler, kubectl, kubelet and kube-proxy, symlinked by name:
+#           their shared packages compile once and one link replaces seven;
+#   lane 2: what has its own dependency versions: containerd (+ ctr, the runc shim), kwok, helm, and
+#           the static pause binary with its OCI image (the real node's sandbox image).
+# Prints the bin directory on the last line of stdout (Makefile and tests read it). Progress, with an
+# estimate of the time left, goes to stderr.
 set -euo pipefail
 
 KUBE_VERSION=v1.37.2
 ETCD_VERSION=v3.7.0
+CONTAINERD_VERSION=v2.4.2
 KWOK_VERSION=v0.8.0
 HELM_VERSION=v3.22.0
+PAUSE_IMAGE=tensorwasm.io/pause:3.10
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/../.." && pwd)"
+sources_hash="$(cat "$here/go.mod" "$here/go.sum" "$here/cmd/tensorwasm-kube/main.go" | sha256sum | cut -c1-10)"
+# The pause image has its own key: an edit of the archive writer rebuilds it, not the binaries.
+pause_hash="$(cat "$repo/hack/node/pause/main.go" "$repo/hack/image/ociarchive.py" | sha256sum | cut -c1-10)"
 cache_root="${TENSORWASM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tensorwasm}"
-bin="$cache_root/controlplane/kube-$KUBE_VERSION-etcd-$ETCD_VERSION-kwok-$KWOK_VERSION-helm-$HELM_VERSION/bin"
-mkdir -p "$bin"
+key="kube-$KUBE_VERSION-etcd-$ETCD_VERSION-containerd-$CONTAINERD_VERSION-kwok-$KWOK_VERSION-helm-$HELM_VERSION-$sources_hash"
+bin="$cache_root/controlplane/$key/bin"
+images="$cache_root/controlplane/$key/images"
+mkdir -p "$bin" "$images"
+# One build per cache directory at a time (two test sessions, make demo beside make test).
+exec 9>"$bin/../.lock"
+flock -n 9 || { echo "[controlplane] waiting for another build.sh on $bin" >&2; flock 9; }
 
+KUBE_COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy)
 export GOTOOLCHAIN=local CGO_ENABLED=0
-
-# The binaries report these instead of v0.0.0 (kubectl version, /version).
-ldflags="-s -w"
-for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
-  ldflags+=" -X $pkg.gitVersion=$KUBE_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=37"
-  ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
-done
+# Cold-build seconds measured on the 2-core dev box (README), for the estimate; a warm build is faster.
+declare -A COLD_S=([tensorwasm-kube]=540 [containerd]=150 [kwok]=200 [helm]=150 [pause]=5)
 
 start=$(date +%s)
 step() { printf '[controlplane %4ss] %s\n' "$(( $(date +%s) - start ))" "$*" >&2; }
+fmt_min() { local s=$1; (( s < 0 )) && s=0; printf '%dm%02ds' $((s / 60)) $((s % 60)); }
 
-build() {  # build NAME PACKAGE
-  local name=$1 pkg=$2
-  if [[ -x "$bin/$name" ]]; then step "$name: cached"; return; fi
-  step "$name: building $pkg (first build takes minutes on 2 cores)"
-  (cd "$here" && go build -trimpath -ldflags "$ldflags" -o "$bin/$name.partial" "$pkg")
-  mv "$bin/$name.partial" "$bin/$name"
-  step "$name: done"
+# The binaries report these instead of v0.0.0 (kubectl version, /version, the node's kubelet version).
+kube_ldflags="-s -w"
+for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+  kube_ldflags+=" -X $pkg.gitVersion=$KUBE_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=37"
+  kube_ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+done
+
+# go build -v names each package as it compiles it; counting those against the packages the build
+# still has to compile (go list's Stale) gives the progress and the estimate of time left.
+watch_progress() {  # watch_progress NAME TOTAL LOGFILE PID
+  local name=$1 total=$2 log=$3 pid=$4 t0 done left
+  t0=$(date +%s)
+  while kill -0 "$pid" 2>/dev/null; do
+    sleep 20
+    kill -0 "$pid" 2>/dev/null || break
+    done=$(grep -vc '^go: \|^#' "$log" 2>/dev/null || true)
+    if (( done > 0 && total > 0 )); then
+      (( done > total )) && done=$total
+      left=$(( ($(date +%s) - t0) * (total - done) / done ))
+      step "$name: $done/$total packages compiled, about $(fmt_min "$left") left (then one link)"
+    fi
+  done
 }
 
-install() {  # install NAME MODULE@VERSION
-  local name=$1 mod=$2
+build_kube() {
+  local out="$bin/tensorwasm-kube" log="$bin/../tensorwasm-kube.build.log" total pid
+  if [[ ! -x $out ]]; then
+    total=$(cd "$here" && go list -trimpath -deps -f '{{if .Stale}}x{{end}}' ./cmd/tensorwasm-kube 2>/dev/null | grep -c x || true)
+    step "tensorwasm-kube: building (${total} packages to compile; cold on 2 cores about $(fmt_min "${COLD_S[tensorwasm-kube]}"))"
+    (cd "$here" && go build -v -trimpath -ldflags "$kube_ldflags" -o "$out.partial" ./cmd/tensorwasm-kube) 2>"$log" &
+    pid=$!
+    watch_progress tensorwasm-kube "$total" "$log" "$pid" &
+    local watcher=$!
+    local rc=0; wait "$pid" || rc=$?
+    kill "$watcher" 2>/dev/null || true  # it holds our stdout: a caller reading it waits for EOF
+    if (( rc != 0 )); then grep -v '^[a-z0-9./_-]*$' "$log" >&2 || true; step "tensorwasm-kube: FAILED (log $log)"; return 1; fi
+    mv "$out.partial" "$out"
+    step "tensorwasm-kube: done"
+  else
+    step "tensorwasm-kube: cached"
+  fi
+  for name in "${KUBE_COMPONENTS[@]}"; do ln -sfn tensorwasm-kube "$bin/$name"; done
+}
+
+install() {  # install NAME MODULE@VERSION [MORE NAMES...]: one go install; NAME is the stamp checked
+  local name=$1 mod=$2; shift 2
   if [[ -x "$bin/$name" ]]; then step "$name: cached"; return; fi
-  step "$name: go install $mod"
+  step "$name: go install $mod (cold about $(fmt_min "${COLD_S[$name]:-60}"))"
   local gobin; gobin="$(mktemp -d)"
-  GOBIN="$gobin" go install -trimpath -ldflags "-s -w" "$mod"
-  mv "$gobin/$name" "$bin/$name"; rmdir "$gobin"
+  # -p 1: this lane runs beside lane 1's compiles; two at once fill the two cores.
+  GOBIN="$gobin" go install -p 1 -trimpath -ldflags "-s -w" "$mod" "$@"
+  for f in "$gobin"/*; do mv "$f" "$bin/"; done
+  rmdir "$gobin"
   step "$name: done"
 }
 
-build etcd go.etcd.io/etcd/server/v3
-build kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver
-build kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager
-build kube-scheduler k8s.io/kubernetes/cmd/kube-scheduler
-build kubectl k8s.io/kubernetes/cmd/kubectl
-install kwok "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
-install helm "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+build_pause_image() {
+  local archive="$images/pause-$pause_hash.oci.tar"
+  ln -sfn "pause-$pause_hash.oci.tar" "$images/pause.oci.tar"  # what `tensorwasm dev cluster up` imports
+  if [[ -s $archive ]]; then step "pause image: cached"; return; fi
+  local work; work="$(mktemp -d)"
+  (cd "$repo/hack/node/pause" && go build -p 1 -trimpath -ldflags "-s -w" -o "$work/rootfs/pause" .)
+  tar --numeric-owner --owner=0 --group=0 --mtime=@0 -C "$work/rootfs" -cf "$work/layer.tar" pause
+  python3 "$repo/hack/image/ociarchive.py" --name "$PAUSE_IMAGE" --layer "$work/layer.tar" \
+    --entrypoint '["/pause"]' --out "$archive.partial" >/dev/null
+  mv "$archive.partial" "$archive"
+  rm -rf "$work"
+  step "pause image: done ($PAUSE_IMAGE)"
+}
 
-# kwok's stage definitions (node heartbeat, pods going Running) ship in its module zip.
-stages="$bin/../kwok-stages"
-if [[ ! -d "$stages" ]]; then
+kwok_stages() {  # kwok's stage definitions (node heartbeat, pods going Running) ship in its module zip.
+  local stages="$bin/../kwok-stages" moddir s
+  [[ -d $stages ]] && return
   moddir="$(cd "$here" && go mod download -json "sigs.k8s.io/kwok@$KWOK_VERSION" | sed -n 's/.*"Dir": "\(.*\)",/\1/p')"
   mkdir -p "$stages.partial"
   for s in node-initialize node-heartbeat-with-lease pod-ready pod-complete pod-delete; do
     find "$moddir/kustomize/stage" -path "*/$s.yaml" -exec cp {} "$stages.partial/" \;
   done
   mv "$stages.partial" "$stages"
-fi
+}
 
-step "control plane ready in $bin"
+lane2() {
+  build_pause_image
+  install containerd "github.com/containerd/containerd/v2/cmd/containerd@$CONTAINERD_VERSION" \
+    "github.com/containerd/containerd/v2/cmd/ctr@$CONTAINERD_VERSION" \
+    "github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2@$CONTAINERD_VERSION"
+  install kwok "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
+  install helm "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+  kwok_stages
+}
+
+lane2 &
+lane2_pid=$!
+kube_rc=0; build_kube || kube_rc=$?
+lane2_rc=0; wait "$lane2_pid" || lane2_rc=$?
+if (( kube_rc != 0 || lane2_rc != 0 )); then step "build failed"; exit 1; fi
+
+step "binaries ready in $bin ($(fmt_min $(( $(date +%s) - start ))))"
 echo "$bin"

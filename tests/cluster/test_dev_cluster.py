@@ -23,7 +23,8 @@ def tensorwasm(*args: str, state_dir: Path) -> subprocess.CompletedProcess[str]:
 def test_up_reuses_then_refuses_partial_then_down_leaves_nothing(tmp_path: Path, kube: object) -> None:
     # `kube` first: the binaries are built and cached before this second, private cluster starts.
     state_dir = tmp_path / "cluster"
-    up = tensorwasm("up", "--nodes", "1", state_dir=state_dir)
+    # The control plane's promises; the real node's are in test_real_node.py.
+    up = tensorwasm("up", "--nodes", "1", "--no-real-node", state_dir=state_dir)
     assert up.returncode == 0, up.stderr
     assert up.stdout.strip() == f"export KUBECONFIG={state_dir / 'kubeconfig'}"
 
@@ -34,7 +35,7 @@ def test_up_reuses_then_refuses_partial_then_down_leaves_nothing(tmp_path: Path,
     }  # fmt: skip
     assert all(pid_alive(pid) for pid in state.pids.values())
 
-    again = tensorwasm("up", state_dir=state_dir)
+    again = tensorwasm("up", "--no-real-node", state_dir=state_dir)
     assert again.returncode == 0 and "Reused running cluster" in again.stderr
     status = tensorwasm("status", state_dir=state_dir)
     assert status.returncode == 0 and "readyz" in status.stdout and "not ready" not in status.stdout
@@ -42,7 +43,7 @@ def test_up_reuses_then_refuses_partial_then_down_leaves_nothing(tmp_path: Path,
     os.kill(state.pids["kube-scheduler"], signal.SIGKILL)
     with pytest.raises(ClusterError, match="partly running cluster"):
         for _ in range(50):  # the kill is asynchronous; the refusal must come once it has landed
-            plane.up()
+            plane.up(with_real_node=False)
     assert tensorwasm("status", state_dir=state_dir).returncode == 1
 
     down = tensorwasm("down", state_dir=state_dir)

@@ -1,4 +1,5 @@
-"""`tensorwasm dev cluster up|down|status`: the local control plane for development and tests.
+"""`tensorwasm dev cluster up|down|status|kubeconfig|import-image`: the local control plane (and its
+real node) for development and tests.
 
 Must not import kopf or the runtime; the work is in tensorwasm.dev.cluster.
 """
@@ -16,15 +17,27 @@ def register(subparsers: Any) -> None:
     dev_sub = dev.add_subparsers(dest="dev_command", metavar="TOOL", required=True)
     cluster = dev_sub.add_parser(
         "cluster",
-        help="a real local control plane on 127.0.0.1 (etcd, apiserver, controllers, scheduler, kwok)",
+        help="a real local control plane on 127.0.0.1 (etcd, apiserver, controllers, scheduler, kwok) "
+        "and one real node (containerd, kubelet, kube-proxy)",
     )
-    cluster.add_argument("action", choices=("up", "down", "status", "kubeconfig"))
+    cluster.add_argument("action", choices=("up", "down", "status", "kubeconfig", "import-image", "restart"))
+    cluster.add_argument(
+        "target",
+        nargs="?",
+        help="import-image: an OCI or docker image archive; restart: containerd, kubelet or kube-proxy",
+    )
     cluster.add_argument(
         "--dir", type=Path, default=None, help="state directory (default ~/.cache/tensorwasm/dev-cluster)"
     )
     cluster.add_argument("--nodes", type=int, default=2, help="fake kwok nodes to create (default 2)")
     cluster.add_argument("--gpus-per-node", type=int, default=1, help="nvidia.com/gpu per fake node")
     cluster.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for readiness")
+    cluster.add_argument(
+        "--no-real-node",
+        dest="real_node",
+        action="store_false",
+        help="only kwok nodes: no containerd/kubelet/kube-proxy (no root or network namespaces needed)",
+    )
     cluster.set_defaults(handler=run_cluster)
 
 
@@ -39,18 +52,36 @@ def run_cluster(args: argparse.Namespace) -> int:
         if args.action == "up":
             if args.nodes < 1:
                 raise ClusterError(f"--nodes must be at least 1, got {args.nodes}")
-            state = plane.up(nodes=args.nodes, gpus_per_node=args.gpus_per_node, timeout_s=args.timeout)
+            state = plane.up(
+                nodes=args.nodes,
+                gpus_per_node=args.gpus_per_node,
+                timeout_s=args.timeout,
+                with_real_node=args.real_node,
+            )
             print(f"export KUBECONFIG={state.kubeconfig}")
             return 0
         if args.action == "down":
             if not plane.down():
                 log(f"No cluster recorded in {plane.state_dir}; nothing to stop")
             return 0
-        if args.action == "kubeconfig":
+        if args.action == "restart":
+            if not args.target:
+                raise ClusterError("restart needs a component: containerd, kubelet or kube-proxy")
+            plane.restart(args.target, timeout_s=args.timeout)
+            log(f"Restarted {args.target}")
+            return 0
+        if args.action in ("kubeconfig", "import-image"):
             recorded = plane.state()
             if recorded is None:
                 raise ClusterError(f"no cluster recorded in {plane.state_dir}")
-            print(recorded.kubeconfig)
+            if args.action == "kubeconfig":
+                print(recorded.kubeconfig)
+                return 0
+            if not args.target:
+                raise ClusterError(
+                    "import-image needs an image archive: tensorwasm dev cluster import-image ARCHIVE"
+                )
+            print(plane.import_image(recorded, Path(args.target)).strip())
             return 0
         status = plane.status()
         for name, alive in status.running.items():

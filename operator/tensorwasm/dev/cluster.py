@@ -1,5 +1,6 @@
 """The local development control plane: etcd, kube-apiserver, kube-controller-manager,
-kube-scheduler and kwok as processes on 127.0.0.1, described by one state directory.
+kube-scheduler and kwok as processes on 127.0.0.1, plus (by default) one real node (containerd,
+kubelet, kube-proxy; see tensorwasm.dev.node), described by one state directory.
 
 Owns starting, reusing, inspecting and stopping those processes (by PID, never by name) and
 writing the kubeconfig. The binaries come from hack/controlplane/build.sh. Used by
@@ -10,6 +11,7 @@ Must not import kopf, the kubernetes client or anything from tensorwasm.runtime.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import os
 import secrets
@@ -27,6 +29,8 @@ from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tensorwasm.dev import node as real_node
+
 REPO_ROOT = Path(__file__).resolve().parents[3]
 BUILD_SCRIPT = REPO_ROOT / "hack" / "controlplane" / "build.sh"
 STATE_FILE = "cluster.json"
@@ -34,6 +38,7 @@ FAKE_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 SERVICE_CLUSTER_IP_RANGE = "10.96.0.0/16"
 # Order matters: each process needs the ones before it.
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+ALL_COMPONENTS = COMPONENTS + real_node.NODE_COMPONENTS
 
 
 class ClusterError(Exception):
@@ -61,6 +66,17 @@ class ClusterState:
     ports: dict[str, int] = field(default_factory=dict)
     nodes: list[str] = field(default_factory=list)
     started_at: float = 0.0
+    # The real node's network slot (tensorwasm.dev.node.NodeNetwork); None: kwok nodes only.
+    node_slot: int | None = None
+    service_cidr: str = SERVICE_CLUSTER_IP_RANGE
+
+    @property
+    def node_network(self) -> real_node.NodeNetwork | None:
+        return None if self.node_slot is None else real_node.NodeNetwork(self.node_slot)
+
+    @property
+    def node_paths(self) -> real_node.NodePaths:
+        return real_node.NodePaths(Path(self.state_dir) / "node")
 
     @classmethod
     def load(cls, state_dir: Path) -> ClusterState | None:
@@ -133,8 +149,9 @@ def pid_alive(pid: int, binary: str | None = None) -> bool:
         exe = os.readlink(f"/proc/{pid}/exe")
     except OSError:
         return False
-    # A zombie (exited, not yet reaped) has no exe link target.
-    return Path(exe.removesuffix(" (deleted)")).name == Path(binary).name
+    # A zombie (exited, not yet reaped) has no exe link target. The Kubernetes components are
+    # symlinks to one multi-call binary: compare with what the link names.
+    return Path(exe.removesuffix(" (deleted)")).name == Path(binary).resolve().name
 
 
 def build_kubeconfig(server: str, ca_file: Path, token: str) -> str:
@@ -147,6 +164,28 @@ def build_kubeconfig(server: str, ca_file: Path, token: str) -> str:
         "contexts:\n- name: tensorwasm-dev\n  context:\n    cluster: tensorwasm-dev\n    user: admin\n"
         "current-context: tensorwasm-dev\n"
     )
+
+
+def build_serving_cert_sans(state: ClusterState) -> list[str]:
+    """Every name the API server is dialled by: the host (127.0.0.1), pods (the `kubernetes` Service
+    IP) and, with a real node, the kubelet and kube-proxy (the host end of the node's veth)."""
+    service_ip = ipaddress.ip_network(state.service_cidr)[1]
+    sans = ["IP:127.0.0.1", f"IP:{service_ip}", "DNS:localhost", "DNS:kubernetes", "DNS:kubernetes.default",
+            "DNS:kubernetes.default.svc", "DNS:kubernetes.default.svc.cluster.local"]  # fmt: skip
+    if state.node_network is not None:
+        sans.append(f"IP:{state.node_network.host_ip}")
+    return sans
+
+
+def write_serving_cert(pki: Path, sans: Sequence[str]) -> None:
+    """A self-signed serving certificate: the kubeconfig's and the pods' CA is this certificate."""
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650",
+         "-keyout", str(pki / "apiserver.key"), "-out", str(pki / "apiserver.crt"),
+         "-subj", "/CN=tensorwasm-dev-apiserver", "-addext", "subjectAltName=" + ",".join(sans)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    (pki / "apiserver.key").chmod(0o600)
 
 
 def build_fake_node(name: str, gpus: int) -> dict[str, object]:
@@ -198,8 +237,10 @@ class LocalControlPlane:
 
     # ----- up ---------------------------------------------------------------------------------
 
-    def up(self, nodes: int = 2, gpus_per_node: int = 1, timeout_s: float = 120.0) -> ClusterState:
-        """Start a new control plane, or reuse the healthy one already recorded here."""
+    def up(
+        self, nodes: int = 2, gpus_per_node: int = 1, timeout_s: float = 120.0, with_real_node: bool = True
+    ) -> ClusterState:
+        """Start a new control plane (and real node), or reuse the healthy one already recorded here."""
         existing = self.state()
         if existing is not None:
             status = self.status()
@@ -208,11 +249,13 @@ class LocalControlPlane:
                 return existing
             if not status.none_running:
                 alive = ", ".join(n for n, ok in status.running.items() if ok)
+                stopped = ", ".join(n for n, ok in status.running.items() if not ok) or "none"
                 raise ClusterError(
                     f"a partly running cluster is recorded in {self.state_dir} (alive: {alive}; "
-                    f"{status.detail}). Run `tensorwasm dev cluster down` first."
+                    f"stopped: {stopped}; {status.detail}). Run `tensorwasm dev cluster down` first."
                 )
             self.log(f"Removed stale state of a stopped cluster in {self.state_dir}")
+            self._clean_up_node(existing)
             shutil.rmtree(self.state_dir)
 
         bin_dir = build_binaries(self.log)
@@ -231,10 +274,13 @@ class LocalControlPlane:
         )
         state.save()
         try:
+            if with_real_node:
+                self._claim_node_network(state)
             self._start_all(state, nodes, gpus_per_node, timeout_s)
         except BaseException:
             self.log("Start failed; stopping what was started (logs kept in " + str(self.state_dir) + ")")
             self._stop_processes(state)
+            self._clean_up_node(state)
             raise
         self.log(
             f"Started cluster in {time.time() - state.started_at:.1f}s: server={state.server} "
@@ -248,6 +294,7 @@ class LocalControlPlane:
         pki.mkdir(exist_ok=True)
         sa_key = pki / "sa.key"
         subprocess.run(["openssl", "genrsa", "-out", str(sa_key), "2048"], check=True, capture_output=True)
+        write_serving_cert(pki, build_serving_cert_sans(state))
         (pki / "tokens.csv").write_text(f"{state.token},admin,admin,system:masters\n")
         sa_key.chmod(0o600)
 
@@ -264,12 +311,14 @@ class LocalControlPlane:
             str(bd / "kube-apiserver"),
             f"--etcd-servers=http://127.0.0.1:{p['etcd-client']}",
             "--bind-address=127.0.0.1", f"--secure-port={p['apiserver']}",
-            f"--cert-dir={pki}", f"--token-auth-file={pki / 'tokens.csv'}",
+            f"--tls-cert-file={pki / 'apiserver.crt'}", f"--tls-private-key-file={pki / 'apiserver.key'}",
+            f"--token-auth-file={pki / 'tokens.csv'}",
             "--authorization-mode=RBAC", "--allow-privileged=true",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             f"--service-account-key-file={sa_key}", f"--service-account-signing-key-file={sa_key}",
-            f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
+            f"--service-cluster-ip-range={state.service_cidr}",
             "--enable-priority-and-fairness=false", "--v=0",
+            *self._apiserver_address_args(state),
         ])  # fmt: skip
         self._write_kubeconfig_when_cert_exists(state, timeout_s)
         self._wait_ready(state, timeout_s)
@@ -281,7 +330,7 @@ class LocalControlPlane:
             "--leader-elect=false", "--bind-address=127.0.0.1", f"--secure-port={p['controller-manager']}",
             f"--service-account-private-key-file={sa_key}", f"--root-ca-file={pki / 'apiserver.crt'}",
             "--use-service-account-credentials=false", "--controllers=*",
-            f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
+            f"--service-cluster-ip-range={state.service_cidr}",
             "--concurrent-statefulset-syncs=5", "--v=0",
         ])  # fmt: skip
         self._spawn(state, "kube-scheduler", [
@@ -305,14 +354,126 @@ class LocalControlPlane:
         self.kubectl(state, "apply", "-f", "-", input_text=manifest)
         state.save()
         self._wait_nodes_ready(state, timeout_s)
+        if state.node_slot is not None:
+            self._start_real_node(state, timeout_s)
 
-    def _spawn(self, state: ClusterState, name: str, argv: Sequence[str]) -> None:
+    # ----- the real node ----------------------------------------------------------------------
+
+    def _claim_node_network(self, state: ClusterState) -> None:
+        net = real_node.claim_network()
+        state.node_slot, state.service_cidr = net.slot, net.service_cidr
+        state.save()  # recorded before anything else exists: `down` after a crash finds it
+        self.log(f"Claimed real-node slot {net.slot}: netns={net.netns} pods={net.pod_cidr} "
+                 f"services={net.service_cidr}")  # fmt: skip
+        real_node.setup_network(net)
+
+    @staticmethod
+    def _apiserver_address_args(state: ClusterState) -> list[str]:
+        net = state.node_network
+        if net is None:
+            return []
+        # Pods reach the API server through the `kubernetes` Service, whose endpoint is this address
+        # (the host end of the node's veth); 127.0.0.1 keeps serving the host's clients.
+        return ["--bind-address=0.0.0.0", f"--advertise-address={net.host_ip}"]
+
+    def _start_real_node(self, state: ClusterState, timeout_s: float) -> None:
+        net = state.node_network
+        assert net is not None
+        ca = Path(state.state_dir) / "pki" / "apiserver.crt"
+        server = f"https://{net.host_ip}:{state.ports['apiserver']}"
+        real_node.write_node_files(state.node_paths, net, build_kubeconfig(server, ca, state.token))
+        real_node.create_cgroups(net)
+        self._spawn_node_component(state, "containerd", timeout_s)
+        self.import_image(state, Path(state.bin_dir).parent / "images" / "pause.oci.tar")
+        self._spawn_node_component(state, "kubelet", timeout_s)
+        self._spawn_node_component(state, "kube-proxy", timeout_s)
+        self._wait_real_node_ready(state, timeout_s)
+
+    def _spawn_node_component(self, state: ClusterState, name: str, timeout_s: float) -> None:
+        net, paths, bd = state.node_network, state.node_paths, Path(state.bin_dir)
+        assert net is not None
+        argv = {
+            "containerd": real_node.build_containerd_argv(bd, paths),
+            "kubelet": real_node.build_kubelet_argv(bd, paths, net),
+            "kube-proxy": real_node.build_kube_proxy_argv(bd, paths),
+        }[name]
+        self._spawn(state, name, real_node.in_netns(net, argv), cgroup_procs=real_node.create_cgroups(net))
+        if name == "containerd":
+            for _ in self._poll(timeout_s, "containerd to answer", state, "containerd"):
+                if self._ctr(state, "version", check=False).returncode == 0:
+                    break
+
+    def restart(self, component: str, timeout_s: float = 120.0) -> ClusterState:
+        """Start one stopped (crashed, killed) component of the real node again, as `up` started it."""
+        state = self.state()
+        if state is None:
+            raise ClusterError(f"no cluster recorded in {self.state_dir}")
+        if state.node_slot is None or component not in real_node.NODE_COMPONENTS:
+            raise ClusterError(
+                f"restart starts a stopped real-node component ({', '.join(real_node.NODE_COMPONENTS)}); "
+                f"for {component!r} run `down` and `up`"
+            )
+        pid = state.pids.get(component)
+        if pid is not None and pid_alive(pid, str(Path(state.bin_dir) / component)):
+            raise ClusterError(f"{component} is running (pid {pid}); nothing to restart")
+        self._spawn_node_component(state, component, timeout_s)
+        return state
+
+    def _wait_real_node_ready(self, state: ClusterState, timeout_s: float) -> None:
+        jsonpath = '{.status.conditions[?(@.type=="Ready")].status}'
+        for _ in self._poll(timeout_s, f"node {real_node.NODE_NAME} to become Ready", state, "kubelet"):
+            out = self.kubectl(
+                state, "get", "node", real_node.NODE_NAME, "-o", f"jsonpath={jsonpath}", check=False
+            )
+            if out.strip() == "True":
+                self.log(f"Real node {real_node.NODE_NAME} is Ready")
+                return
+
+    def _ctr(self, state: ClusterState, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        argv = [str(Path(state.bin_dir) / "ctr"), f"--address={state.node_paths.containerd_socket}",
+                "--namespace=k8s.io", *args]  # fmt: skip
+        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if check and proc.returncode != 0:
+            raise ClusterError(f"ctr {' '.join(args)} failed: {proc.stderr.strip()}")
+        return proc
+
+    def import_image(self, state: ClusterState, archive: Path) -> str:
+        """Import an OCI/docker image archive into the real node's containerd (no registry needed)."""
+        if state.node_slot is None:
+            raise ClusterError(
+                f"the cluster in {state.state_dir} has no real node (started with --no-real-node)"
+            )
+        if not archive.is_file():
+            raise ClusterError(f"image archive {archive} not found")
+        out = self._ctr(state, "images", "import", str(archive)).stdout
+        self.log(f"Imported {archive} into the real node: {out.strip()}")
+        return out
+
+    def _clean_up_node(self, state: ClusterState) -> None:
+        net = state.node_network
+        if net is None:
+            return
+        try:
+            real_node.clean_up(net, state.node_paths)
+        except real_node.NodeError as exc:
+            raise ClusterError(f"cleaning up the real node failed: {exc}") from exc
+        self.log(f"Removed the real node's netns {net.netns}, cgroups, mounts and routes")
+
+    def _spawn(
+        self, state: ClusterState, name: str, argv: Sequence[str], cgroup_procs: Sequence[Path] = ()
+    ) -> None:
         log_path = Path(state.state_dir) / f"{name}.log"
+
+        def join_cgroups() -> None:  # in the child before exec: everything it starts inherits them
+            for procs in cgroup_procs:
+                procs.write_text(str(os.getpid()))
+
         with open(log_path, "ab") as log_file:
             # A new session: the daemon outlives `up`, and Ctrl-C in the caller's shell doesn't reach it.
             proc = subprocess.Popen(
                 list(argv), stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True, cwd=state.state_dir,
+                preexec_fn=join_cgroups if cgroup_procs else None,
             )  # fmt: skip
         state.pids[name] = proc.pid
         state.save()
@@ -378,13 +539,16 @@ class LocalControlPlane:
                 shutil.rmtree(self.state_dir)
             return False
         self._stop_processes(state)
+        self._clean_up_node(state)
         shutil.rmtree(self.state_dir, ignore_errors=True)
         self.log(f"Stopped cluster and removed {self.state_dir}")
         return True
 
     def _stop_processes(self, state: ClusterState) -> None:
-        # Reverse start order: clients first, etcd last, so nothing logs a storm of reconnects.
-        for name in reversed(COMPONENTS):
+        # Reverse start order: the node and clients first, etcd last, so nothing logs a storm of
+        # reconnects. The node's shims and containers are not ours to signal one by one: its
+        # cgroup tree is emptied afterwards (_clean_up_node).
+        for name in reversed(ALL_COMPONENTS):
             pid = state.pids.get(name)
             if pid is None:
                 continue
