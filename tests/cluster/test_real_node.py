@@ -22,7 +22,15 @@ from pathlib import Path
 import pytest
 
 from tensorwasm.dev.cluster import ClusterError, ClusterState, LocalControlPlane, pid_alive
-from tensorwasm.dev.node import NODE_NAME, REAL_NODE_LABEL, NodeNetwork, leftovers
+from tensorwasm.dev.node import (
+    NODE_NAME,
+    REAL_NODE_LABEL,
+    NodeNetwork,
+    NodePaths,
+    claim_network,
+    clean_up,
+    leftovers,
+)
 from tests.conftest import REPO, Kube, wait_for
 
 pytestmark = pytest.mark.node
@@ -213,3 +221,14 @@ def test_each_slot_has_its_own_names_and_ranges() -> None:
         ipaddress.ip_network(n.service_cidr) for n in (a, b)
     ]
     assert not any(x.overlaps(y) for i, x in enumerate(nets) for y in nets[i + 1 :])
+
+
+def test_down_of_a_stale_cluster_leaves_a_slot_that_another_cluster_now_owns(tmp_path: Path) -> None:
+    ours, theirs = NodePaths(tmp_path / "ours" / "node"), NodePaths(tmp_path / "theirs" / "node")
+    net = claim_network(theirs)
+    try:
+        assert clean_up(net, ours) is False  # e.g. a failed `up` whose state still names this slot
+        assert leftovers(net, theirs), "the other cluster's namespace must survive"
+    finally:
+        assert clean_up(net, theirs) is True
+    assert leftovers(net, theirs) == []

@@ -360,7 +360,7 @@ class LocalControlPlane:
     # ----- the real node ----------------------------------------------------------------------
 
     def _claim_node_network(self, state: ClusterState) -> None:
-        net = real_node.claim_network()
+        net = real_node.claim_network(state.node_paths)
         state.node_slot, state.service_cidr = net.slot, net.service_cidr
         state.save()  # recorded before anything else exists: `down` after a crash finds it
         self.log(f"Claimed real-node slot {net.slot}: netns={net.netns} pods={net.pod_cidr} "
@@ -454,10 +454,13 @@ class LocalControlPlane:
         if net is None:
             return
         try:
-            real_node.clean_up(net, state.node_paths)
+            cleaned = real_node.clean_up(net, state.node_paths)
         except real_node.NodeError as exc:
             raise ClusterError(f"cleaning up the real node failed: {exc}") from exc
-        self.log(f"Removed the real node's netns {net.netns}, cgroups, mounts and routes")
+        if cleaned:
+            self.log(f"Removed the real node's netns {net.netns}, cgroups, mounts and routes")
+        else:
+            self.log(f"Left slot {net.slot} alone: it now belongs to {real_node.owner_of(net)}")
 
     def _spawn(
         self, state: ClusterState, name: str, argv: Sequence[str], cgroup_procs: Sequence[Path] = ()

@@ -35,6 +35,7 @@ RUNC = "/usr/sbin/runc"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 NETNS_DIR = Path("/run/netns")
 POD_LOG_LINKS = Path("/var/log/containers")  # kubelet writes these links in a fixed place
+OWNERS = Path("/run/tensorwasm")  # node-slot-N: which cluster's node directory holds slot N
 SHIM_SOCKETS = Path("/run/containerd/s")  # containerd's shims put their sockets here, whatever the config
 
 
@@ -294,13 +295,20 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return proc
 
 
-def claim_network() -> NodeNetwork:
-    """The first free slot, claimed by creating its namespace (atomic: `ip netns add` refuses twice)."""
+def _owner_file(net: NodeNetwork) -> Path:
+    return OWNERS / f"node-slot-{net.slot}"
+
+
+def claim_network(paths: NodePaths) -> NodeNetwork:
+    """The first free slot, claimed by creating its namespace (atomic: `ip netns add` refuses twice),
+    and marked with the node directory that owns it so no other cluster's `down` touches it."""
     for slot in range(MAX_SLOTS):
         net = NodeNetwork(slot)
         if (NETNS_DIR / net.netns).exists() or Path(f"/sys/class/net/{net.host_veth}").exists():
             continue
         if _ip("netns", "add", net.netns, check=False).returncode == 0:
+            OWNERS.mkdir(parents=True, exist_ok=True)
+            _owner_file(net).write_text(str(paths.root))
             return net
     raise NodeError(
         f"all {MAX_SLOTS} real-node slots are taken (network namespaces tw-node-* in {NETNS_DIR}): "
@@ -471,8 +479,18 @@ def shim_sockets(paths: NodePaths) -> list[Path]:
     return found
 
 
-def clean_up(net: NodeNetwork, paths: NodePaths) -> None:
-    """Undo everything the node created on the host; safe to repeat and after a crash."""
+def owner_of(net: NodeNetwork) -> str | None:
+    with suppress(FileNotFoundError):
+        return _owner_file(net).read_text()
+    return None
+
+
+def clean_up(net: NodeNetwork, paths: NodePaths) -> bool:
+    """Undo everything the node created on the host; safe to repeat and after a crash. False (and
+    nothing touched) when the slot now belongs to another cluster's node."""
+    owner = owner_of(net)
+    if owner is not None and owner != str(paths.root):
+        return False
     kill_cgroup_processes(net)
     for socket in shim_sockets(paths):  # a killed shim leaves its socket behind
         socket.unlink(missing_ok=True)
@@ -480,6 +498,8 @@ def clean_up(net: NodeNetwork, paths: NodePaths) -> None:
     remove_pod_log_links(paths)
     remove_cgroups(net)
     delete_network(net)
+    _owner_file(net).unlink(missing_ok=True)
+    return True
 
 
 def leftovers(net: NodeNetwork, paths: NodePaths) -> list[str]:
