@@ -153,7 +153,9 @@ def _under_mps(h: Any, count: int, procs: int, accelerator: str, work: Path) -> 
 
 def run() -> dict[str, Any]:
     h = _helpers()
-    counts = [int(c) for c in os.environ.get("TENSORWASM_BENCH_DENSITY_TENANTS", "100,500,1000").split(",")]
+    # Without a GPU (`make bench` on a small box) the same code runs on fewer tenants.
+    default = "100,500,1000" if _nvidia_smi_mib("memory.total") is not None else "20,100"
+    counts = [int(c) for c in os.environ.get("TENSORWASM_BENCH_DENSITY_TENANTS", default).split(",")]
     accelerator = os.environ.get("TENSORWASM_BENCH_ACCELERATOR", "auto")
     work = Path(tempfile.mkdtemp(prefix="tw-bench-density-"))
     figures: dict[str, float] = {}
