@@ -104,6 +104,11 @@ cluster-down: install ## Stop the control plane and real node; remove their stat
 cluster-status: install ## Show the local control plane's processes and readiness
 	$(VENV)/bin/tensorwasm dev cluster status
 
+.PHONY: cluster-import-image
+cluster-import-image: install ## Import an image archive into the real node: make cluster-import-image ARCHIVE=x.oci.tar
+	@test -n "$(ARCHIVE)" || { echo "usage: make cluster-import-image ARCHIVE=path/to/image.oci.tar"; exit 1; }
+	$(VENV)/bin/tensorwasm dev cluster import-image $(ARCHIVE)
+
 .PHONY: clean
 clean: ## Remove the virtualenv and caches in the repo (the Go build cache stays)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
