@@ -362,8 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, help="archive path (default under the image cache)")
     parser.add_argument("--build-arg", action="append", default=[], help="KEY=VALUE, as docker build")
-    # Uncompressed by default: measured 1 s to write against 22 s for gzip, and an import unpacks it as
-    # fast (docs/performance.md); --compression gzip to push or carry it (82 MiB instead of 257).
+    # Uncompressed by default: 1 s to write against 16-22 s for gzip, and an import unpacks it only
+    # 1-4 s slower (docs/performance.md); --compression gzip to push or carry it (82 MiB, not 257).
     parser.add_argument("--compression", choices=ociarchive.COMPRESSIONS, default="none")
     parser.add_argument("--refresh-base", action="store_true", help="re-run mmdebstrap (security updates)")
     parser.add_argument("--keep-rootfs", action="store_true", help="also leave rootfs.tar in the cache")
