@@ -262,3 +262,16 @@ def test_device_word_sums_agree_with_the_host_seal(accel: CpuAccelerator) -> Non
     assert [seal_of(s, len(p)) for s, p in zip(sums, pieces, strict=True)] == [
         chunk_seal(memoryview(p)) for p in pieces
     ]
+
+
+def test_the_tier_is_sized_by_a_validated_setting(tmp_path: Path) -> None:
+    from tensorwasm.runtime.settings import SettingsError, load_settings
+
+    tenants = tmp_path / "tenants.yaml"
+    tenants.write_text("tenants: []\n")
+    base = ["--tenants-file", str(tenants)]
+    assert load_settings(base, environ={}).snapshot_hot_tier_bytes == 1 << 30
+    env = {"TENSORWASM_RUNTIME_SNAPSHOT_HOT_TIER_BYTES": "0"}
+    assert load_settings(base, environ=env).snapshot_hot_tier_bytes == 0
+    with pytest.raises(SettingsError, match="--snapshot-hot-tier-bytes"):
+        load_settings([*base, "--snapshot-hot-tier-bytes", "-1"], environ={})
