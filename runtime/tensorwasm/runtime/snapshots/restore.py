@@ -186,7 +186,8 @@ def _observed(result: RestoreResult) -> RestoreResult:
 
 
 def _restore_hot(entry: HotEntry, target: _Target) -> RestoreResult:
-    """Seals checked (overlapped with the uploads when the cap allows), then published."""
+    """With room for unpublished buffers: one copy per GPU buffer, seals checked on the device, wasm
+    memory and globals on the host, then published. Without: every seal on the host, then uploaded."""
     watch = Stopwatch()
     m = entry.manifest
     if entry.plan is None:
