@@ -103,10 +103,12 @@ class Shard:
     synced: bool = False  # the source delivered its first full list
     health_poke: asyncio.Event = field(default_factory=asyncio.Event)  # an invoke saw AcceleratorFailed
     prepare: Prepare | None = None  # set by a source that restores snapshots
+    on_load_done: Callable[[], None] | None = None  # a source's hook: some tenant's load finished
     default_gpu_memory_bytes: int | None = None  # the GPU cap of a tenant that sets none (None: uncapped)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # tenant -> (the config being loaded, its task): at most one load per tenant at a time
     _loads: dict[str, tuple[TenantConfig, asyncio.Task[None]]] = field(default_factory=dict)
+    _unwatched: set[asyncio.Task[None]] = field(default_factory=set)  # loads no sync call waits for
 
     # --- what the sources call ---
 
@@ -114,14 +116,15 @@ class Shard:
         self,
         configs: Sequence[TenantConfig],
         failed: Mapping[str, TenantStatus] | None = None,
-        wait: bool = True,
+        wait: bool | float = True,
     ) -> None:
         """Make the served set equal to `configs`; `failed` are assigned tenants a source could not parse.
 
         Each tenant that needs loading gets its own task (one at a time per tenant), so one slow or
-        stuck load never holds up another tenant or the next sync. With `wait`, return once the
-        loads this call started have finished; sources pass False so a reload is never queued
-        behind a load (readiness says Loading meanwhile).
+        stuck load never holds up another tenant or the next sync. With `wait` True, return once
+        the loads this call started have finished (not those an earlier call started); with a
+        number, wait at most that many seconds; with False, not at all (readiness says Loading
+        meanwhile, and `on_load_done` fires when each ends).
         """
         failed = failed or {}
         async with self._lock:
@@ -144,8 +147,11 @@ class Shard:
             tasks = [task for c in changed if (task := self._start_load(c)) is not None]
             self._rebuild_auth()
             self.synced = True
-        if wait and tasks:
-            await asyncio.wait(tasks)
+        if wait is not False and tasks:
+            _, pending = await asyncio.wait(tasks, timeout=None if wait is True else float(wait))
+            self._unwatched.update(pending)
+        elif tasks:
+            self._unwatched.update(tasks)
 
     async def settled(self) -> None:
         """Wait until no tenant is loading (tests, benchmarks)."""
@@ -184,6 +190,11 @@ class Shard:
             if entry is not None and entry[1] is asyncio.current_task():
                 del self._loads[name]
             self._rebuild_auth()
+            task = asyncio.current_task()
+            if task in self._unwatched:  # nobody waited for this one: tell the source it ended
+                self._unwatched.discard(task)  # type: ignore[arg-type]
+                if self.on_load_done is not None:
+                    self.on_load_done()
 
     def status(self, name: str) -> TenantStatus | None:
         """The current report for a tenant, with live GPU bytes."""

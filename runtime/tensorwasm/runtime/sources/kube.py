@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from tensorwasm.runtime.snapshots.kube import SnapshotAgent, TenantHandle
 
 log = logging.getLogger(__name__)
+LOAD_WAIT_S = 10.0
 
 PLURAL, SNAPSHOTS = TENANT.plural, SNAPSHOT.plural
 SECRET_MISSING = "SecretMissing"
@@ -268,6 +269,7 @@ class KubeSource:
             self._agent = SnapshotAgent(self.api, store, self.shard_name, shard.accelerator)
             shard.prepare = self._restore
         self._loop = asyncio.get_running_loop()
+        shard.on_load_done = self._mark_dirty  # a load that finishes after its pass gets its own report
         self.informers = self._informers()
         tasks = [asyncio.create_task(i.run(), name=f"watch-{i.kind}") for i in self.informers.values()]
         try:
@@ -330,7 +332,9 @@ class KubeSource:
     async def reconcile(self, shard: Shard) -> None:
         view = self._view = self._build_view()
         configs, failed = resolve_tenants(view, self._resolved)
-        await shard.sync(configs, failed)
+        # Wait for this pass's loads (one status write per tenant), but never for long: a slow or
+        # stuck load is reported Loading, and its end triggers a pass of its own (on_load_done).
+        await shard.sync(configs, failed, wait=LOAD_WAIT_S)
         reports = {}
         now, deferred = time.monotonic(), False
         for obj in view.tenants:
