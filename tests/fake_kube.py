@@ -87,6 +87,8 @@ class FakeKube:
     uids: itertools.count[int] = field(default_factory=itertools.count)
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     url: str = ""
+    oldest: int = 0  # watches from an older resourceVersion get 410 Gone (etcd compacted it)
+    drops: int = 0  # bumped by drop_watches(): every open watch stream ends
     _runner: web.AppRunner | None = None
 
     # --- test-side API -----------------------------------------------------------------------
@@ -135,6 +137,12 @@ class FakeKube:
     async def put_status(self, collection: str, name: str, status: JSON) -> JSON:
         """A merge patch of the status subresource, as the operator or a shard would send it."""
         return await self._patch(collection, name, {"status": status}, status=True, owner="test")
+
+    async def compact_and_drop_watches(self) -> None:
+        """What a long-lived cluster does to a client: history compacted, connections cut."""
+        self.oldest, self.drops = self.version, self.drops + 1
+        async with self.changed:
+            self.changed.notify_all()
 
     async def remove(self, collection: str, name: str) -> None:
         await self._delete(collection, name)
@@ -267,6 +275,11 @@ class FakeKube:
         resp = web.StreamResponse()
         resp.content_type = "application/json"
         await resp.prepare(request)
+        if since < self.oldest:
+            gone = {"type": "ERROR", "object": {"kind": "Status", "code": 410, "reason": "Expired"}}
+            await resp.write(json.dumps(gone).encode() + b"\n")
+            return resp
+        drops = self.drops
         deadline = asyncio.get_running_loop().time() + float(q.get("timeoutSeconds", "300"))
         seen: dict[str, bool] = {}  # name -> matched at its last event: leaving the selection is a DELETED
         for event in self.events:
@@ -294,8 +307,17 @@ class FakeKube:
                     await asyncio.wait_for(self.changed.wait(), remaining)
                 except TimeoutError:
                     break
-            if request.transport is None or request.transport.is_closing():
+            if request.transport is None or request.transport.is_closing() or self.drops != drops:
                 break
         with contextlib.suppress(ConnectionResetError):  # the client went away first
             await resp.write_eof()
         return resp
+
+
+async def until(predicate: Callable[[], Any], timeout: float = 30.0) -> Any:
+    """Poll client-side state (an informer's cache, a shard's served set): it changes after the fake's
+    own notification, so FakeKube.wait_for cannot see it. The timeout only guards a broken test."""
+    async with asyncio.timeout(timeout):
+        while not (result := predicate()):
+            await asyncio.sleep(0.01)
+    return result

@@ -25,7 +25,7 @@ from tensorwasm.runtime.settings import RuntimeSettings
 from tensorwasm.runtime.shard import Shard
 from tensorwasm.runtime.sources import kube as source_module
 from tensorwasm.runtime.sources.kube import KubeSource
-from tests.fake_kube import FakeKube
+from tests.fake_kube import FakeKube, until
 
 NS, SHARD = "team-a", "tensorwasm-shard-0"
 TENANTS = f"/apis/{API_VERSION}/namespaces/{NS}/tenants"
@@ -43,14 +43,6 @@ def tenant(name: str, shard: str = SHARD, **spec: Any) -> dict[str, Any]:
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
-
-
-async def until(predicate: Callable[[], Any], timeout: float = 30.0) -> Any:
-    """Poll shard-side state (the fake's own changes are awaited with FakeKube.wait_for)."""
-    async with asyncio.timeout(timeout):
-        while not (result := predicate()):
-            await asyncio.sleep(0.01)
-    return result
 
 
 @asynccontextmanager
