@@ -63,6 +63,10 @@ helm-sync: ## Copy crds/ and the selftest module into the Helm chart (a chart ca
 	cp crds/tensorwasm.io_*.yaml $(CHART)/files/crds/
 	cp examples/modules/echo.wasm $(CHART)/files/selftest/echo.wasm
 
+.PHONY: chart-readme
+chart-readme: install ## Regenerate helm/tensorwasm/README.md (helm show readme) from values.yaml's comments
+	$(PY) hack/chart_readme.py
+
 .PHONY: sample-modules
 sample-modules: install ## Compile examples/modules/*.wasm from their WAT in tests/fixtures
 	$(PY) -c 'import sys, wasmtime; [open(f"examples/modules/{n}.wasm", "wb").write(wasmtime.wat2wasm(open(f"tests/fixtures/{n}.wat").read())) for n in sys.argv[1:]]' echo sum stateful

@@ -7,6 +7,8 @@ the runtime's metric names and error kinds, and a real install/uninstall whose p
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import re
 import subprocess
@@ -17,6 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tensorwasm.api.names import tenant_service_name, token_secret_name
 from tensorwasm.operator.desired.admission import build_finalizer_binding, build_finalizer_policy
 from tensorwasm.operator.desired.shards import build_shard_service
 from tensorwasm.operator.settings import load_settings
@@ -65,7 +68,17 @@ def set_args(values: list[str] | tuple[str, ...]) -> list[str]:
 def render(
     kube: Any, *sets: str, namespace: str = "tw-chart", extra: tuple[str, ...] = ()
 ) -> list[dict[str, Any]]:
-    args = ["template", RELEASE, str(CHART), "--namespace", namespace, *extra, *set_args(sets)]
+    # The `helm test` hooks are checked on their own (test_selftest_hooks_*).
+    args = [
+        "template",
+        RELEASE,
+        str(CHART),
+        "--namespace",
+        namespace,
+        "--skip-tests",
+        *extra,
+        *set_args(sets),
+    ]
     return [doc for doc in yaml.safe_load_all(helm(kube, *args).stdout) if doc]
 
 
@@ -314,7 +327,7 @@ def test_servicemonitor_and_hpa_point_at_what_the_operator_builds(kube: Any) -> 
     selector = monitor["selector"]["matchLabels"]
     assert selector.items() <= service["metadata"]["labels"].items()
     port_names = {p["name"] for p in service["spec"]["ports"]}
-    assert [e["port"] for e in monitor["endpoints"]] == ["http"] and "http" in port_names
+    assert [e["port"] for e in monitor["endpoints"]] == ["admin"] and "admin" in port_names
     hpa = one(docs, "HorizontalPodAutoscaler")["spec"]
     assert hpa["scaleTargetRef"] == {
         "apiVersion": "apps/v1",
@@ -444,7 +457,12 @@ def test_install_runs_the_operator_with_its_rbac_and_uninstall_removes_it(
     kube: Any, namespace: str, release: str
 ) -> None:
     # The session applied crds/ already (tests/conftest.py): the release must not claim them.
-    sets = ["crds.enabled=false", "mps.enabled=true", "autoscaling.enabled=true"]
+    # No storage class here (--wait would wait for the snapshot claim to bind): the real-node test
+    # (tests/node/test_chart_on_real_node.py) installs with a claim.
+    sets = [
+        "crds.enabled=false", "mps.enabled=true", "autoscaling.enabled=true",
+        "shard.snapshots.persistence.enabled=false",
+    ]  # fmt: skip
     helm(
         kube, "install", RELEASE, str(CHART), "-n", namespace, "--wait", "--timeout", "120s",
         *set_args(sets),
@@ -511,3 +529,42 @@ def test_install_runs_the_operator_with_its_rbac_and_uninstall_removes_it(
             out = kube.kubectl("get", kind, name, "-n", namespace, "--ignore-not-found", "-o", "name")
             assert out.strip() == "", f"{kind}/{name} survived helm uninstall"
     assert _served(kube, "tensorwasm.io"), "the CRDs the release did not own must stay"
+
+
+def test_selftest_hooks_name_what_the_operator_creates_and_pass_dry_run(kube: Any, namespace: str) -> None:
+    args = [
+        "template",
+        RELEASE,
+        str(CHART),
+        "--namespace",
+        namespace,
+        "--show-only",
+        "templates/selftest-test.yaml",
+    ]
+    docs = [d for d in yaml.safe_load_all(helm(kube, *args).stdout) if d]
+    assert all(d["metadata"]["annotations"]["helm.sh/hook"] == "test" for d in docs)
+    tenant = one(docs, "Tenant")
+    name = tenant["metadata"]["name"]
+    module = (CHART / "files" / "selftest" / "echo.wasm").read_bytes()
+    assert tenant["spec"]["module"]["sha256"] == hashlib.sha256(module).hexdigest()
+    assert base64.b64decode(one(docs, "ConfigMap")["binaryData"]["module.wasm"]) == module
+    rules = {r["resources"][0]: r["resourceNames"] for r in one(docs, "Role")["rules"]}
+    assert rules == {
+        "tenants": [name],
+        "services": [tenant_service_name(name)],
+        "secrets": [token_secret_name(name)],
+    }
+    pod = one(docs, "Pod")["spec"]
+    assert pod["serviceAccountName"] == name and pod["restartPolicy"] == "Never"
+    assert pod["containers"][0]["args"][:2] == ["selftest", f"--tenant={name}"]
+    # The API server accepts every object (the pod once its ServiceAccount exists).
+    objects = [d for d in docs if d["kind"] != "Pod"]
+    proc = kube.run_kubectl(
+        "apply", "--server-side", "-n", namespace, "-f", "-",
+        input_text=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    proc = kube.run_kubectl(
+        "apply", "--dry-run=server", "-n", namespace, "-f", "-", input_text=json.dumps(one(docs, "Pod"))
+    )
+    assert proc.returncode == 0, proc.stderr
