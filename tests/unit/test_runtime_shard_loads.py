@@ -61,3 +61,12 @@ def test_an_update_that_fails_tw_init_keeps_the_old_version_serving(runtime_serv
     server.sync([fixed])
     assert server.shard.status("alpha").reason == LOADED  # type: ignore[union-attr]
     assert server.shard.served["alpha"].config.generation == 3
+
+
+def test_the_tenant_spec_limits_reach_the_guest(runtime_server) -> None:  # noqa: F811
+    small = tenant("small", "echo.wat", ["echo"], max_output_bytes=10)
+    server = runtime_server([small])
+    assert server.invoke(small, "echo", b"0123456789").body == b"0123456789"
+    reply = server.invoke(small, "echo", b"0123456789!")
+    assert reply.status == 500 and reply.json()["error"]["kind"] == "guest_limit_exceeded"
+    assert reply.json()["error"]["limit"] == "maxOutputBytes"

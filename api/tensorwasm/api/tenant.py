@@ -92,12 +92,19 @@ class Module:
 class Limits:
     """Per-tenant limits the runtime shard enforces; one line per limit."""
 
-    gpu_memory_bytes: int | None = quantity("gpuMemory", "GPU memory cap (quantity, e.g. 256Mi). Absent means accounting only, never refused.", minimum=1, maximum=GPU_MEMORY_MAX)  # fmt: skip
+    gpu_memory_bytes: int | None = quantity("gpuMemory", "GPU memory cap (quantity, e.g. 256Mi). Absent means the shard's default cap (--default-gpu-memory, 1Gi).", minimum=1, maximum=GPU_MEMORY_MAX)  # fmt: skip
     linear_memory_bytes: int = quantity("linearMemory", "Wasm linear memory limit per instance (quantity, one 64Ki page to 4Gi).", default="64Mi", minimum=WASM_PAGE, maximum=WASM32_MAX_MEMORY)  # fmt: skip
     timeout_ms: int = integer("timeoutMs", "Per-invoke deadline in milliseconds.", default=1000, minimum=1, maximum=600_000)  # fmt: skip
     max_concurrency: int = integer("maxConcurrency", "Concurrent invokes (warm instances) for this tenant.", default=4, minimum=1, maximum=1024)  # fmt: skip
     queue_length: int = integer("queueLength", "Bounded queue of waiting invokes; a full queue answers 429.", default=64, minimum=0, maximum=100_000)  # fmt: skip
     max_body_bytes: int = quantity("maxBodyBytes", "Largest request body (quantity).", default="1Mi", minimum=1, maximum=1 << 30)  # fmt: skip
+    # Guest resources beyond memory and time (issue 13); docs/runtime.md "Limits" says what each refusal looks like.
+    max_output_bytes: int = quantity("maxOutputBytes", "Largest output one invoke may return (quantity).", default="16Mi", minimum=0, maximum=WASM32_MAX_MEMORY)  # fmt: skip
+    max_table_elements: int = integer("maxTableElements", "Elements each wasm table may grow to; an instance whose table grew is replaced.", default=100_000, minimum=0, maximum=10_000_000)  # fmt: skip
+    host_calls_per_invoke: int = integer("hostCallsPerInvoke", "Host calls one invoke may make; the call past it traps.", default=100_000, minimum=1, maximum=1 << 40)  # fmt: skip
+    host_calls_per_second: int = integer("hostCallsPerSecond", "Host calls per second for the tenant; faster calls wait, charged to the invoke's deadline.", default=200_000, minimum=1, maximum=1 << 40)  # fmt: skip
+    log_bytes_per_invoke: int = quantity("logBytesPerInvoke", "Guest log bytes one invoke may write; further lines are dropped and counted.", default="16Ki", minimum=0, maximum=1 << 30)  # fmt: skip
+    log_bytes_per_second: int = quantity("logBytesPerSecond", "Guest log bytes per second for the tenant; further lines are dropped and counted.", default="64Ki", minimum=0, maximum=1 << 30)  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -372,6 +372,12 @@ class Shard:
             memory_bytes=lim.linear_memory_bytes,
             timeout_s=lim.timeout_ms / 1000,
             max_instances=lim.max_concurrency,
+            table_elements=lim.max_table_elements,
+            max_output_bytes=lim.max_output_bytes,
+            host_calls_per_invoke=lim.host_calls_per_invoke,
+            host_calls_per_s=lim.host_calls_per_second,
+            log_bytes_per_invoke=lim.log_bytes_per_invoke,
+            log_bytes_per_s=lim.log_bytes_per_second,
         )
         try:
             return TenantInstancePool(self.engine, module, limits, device, config.name), device
