@@ -337,6 +337,9 @@ def build_image(
     if archive.exists() and stamp.exists() and stamp.read_text().split()[0] == archive_key:
         digest = stamp.read_text().split()[1]
         _log(f"archive unchanged: {archive}", builder.started)
+        if keep_rootfs:
+            with tempfile.TemporaryDirectory(dir=cache / "scratch") as scratch:
+                write_rootfs_tar(final.layers, Path(scratch), cache / "rootfs.tar")
     else:
         with tempfile.TemporaryDirectory(dir=cache / "scratch") as scratch:
             rootfs = Path(scratch) / "rootfs.tar"
