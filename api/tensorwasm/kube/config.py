@@ -44,7 +44,7 @@ def load_connection(kubeconfig: Path | None = None, env: Mapping[str, str] | Non
     env = os.environ if env is None else env
     if kubeconfig is not None:
         return from_kubeconfig(kubeconfig)
-    if env.get("KUBERNETES_SERVICE_HOST") and (SERVICE_ACCOUNT / "token").is_file():
+    if in_cluster_available(env):
         return in_cluster(env)
     path = (
         Path(env["KUBECONFIG"].split(os.pathsep)[0])
@@ -54,6 +54,11 @@ def load_connection(kubeconfig: Path | None = None, env: Mapping[str, str] | Non
     if not path.is_file():
         raise ConfigError(f"no in-cluster service account and no kubeconfig at {path}")
     return from_kubeconfig(path)
+
+
+def in_cluster_available(env: Mapping[str, str]) -> bool:
+    """In a pod with a ServiceAccount token (what client-go's InClusterConfig asks for)."""
+    return bool(env.get("KUBERNETES_SERVICE_HOST")) and (SERVICE_ACCOUNT / "token").is_file()
 
 
 def in_cluster(env: Mapping[str, str]) -> Connection:

@@ -318,6 +318,8 @@ class LocalControlPlane:
             f"--service-account-key-file={sa_key}", f"--service-account-signing-key-file={sa_key}",
             f"--service-cluster-ip-range={state.service_cidr}",
             "--enable-priority-and-fairness=false", "--v=0",
+            # Nothing resolves node names here: logs, exec and port-forward dial the node's address.
+            "--kubelet-preferred-address-types=InternalIP,Hostname",
             *self._apiserver_address_args(state),
         ])  # fmt: skip
         self._write_kubeconfig_when_cert_exists(state, timeout_s)

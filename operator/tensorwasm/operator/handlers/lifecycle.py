@@ -7,6 +7,7 @@ Must not build objects or decide placement.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -14,6 +15,7 @@ import kopf
 
 from tensorwasm.api.group import FINALIZER, GROUP
 from tensorwasm.kube.client import connect
+from tensorwasm.kube.config import SERVICE_ACCOUNT, in_cluster, in_cluster_available
 from tensorwasm.operator.reconciler import Reconciler
 from tensorwasm.operator.settings import FIELD_MANAGER, OperatorSettings
 
@@ -26,8 +28,19 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
     @kopf.on.login(registry=registry, id="operator-login")
     def operator_login(**kwargs: Any) -> kopf.ConnectionInfo | None:
         # The same order as tensorwasm.kube.config.load_connection, so the watch and our writes
-        # use one identity.
-        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+        # use one identity. In a pod, the API server's address comes from $KUBERNETES_SERVICE_HOST
+        # as client-go does: kopf's own service-account login dials kubernetes.default.svc, which
+        # needs cluster DNS (a cluster without it would never get past login).
+        if in_cluster_available(os.environ):
+            conn = in_cluster(os.environ)
+            return kopf.ConnectionInfo(
+                server=conn.server,
+                ca_path=str(SERVICE_ACCOUNT / "ca.crt"),
+                scheme="Bearer",
+                token=(SERVICE_ACCOUNT / "token").read_text().strip(),
+                default_namespace=(SERVICE_ACCOUNT / "namespace").read_text().strip(),
+            )
+        return kopf.login_with_kubeconfig(**kwargs)
 
     @kopf.on.startup(registry=registry, id="operator-startup", backoff=2.0)
     async def operator_startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
