@@ -9,6 +9,7 @@ Must not import cuda, pynvml or wasmtime.
 from __future__ import annotations
 
 import itertools
+import mmap
 import os
 import threading
 from collections.abc import Mapping, Sequence
@@ -252,7 +253,9 @@ class CpuAccelerator:
     def host_region(self, nbytes: int) -> memoryview:
         if type(nbytes) is not int or nbytes < 0:
             raise BadRequest(f"host region size must be a non-negative integer, got {nbytes!r}")
-        return memoryview(bytearray(nbytes))
+        # An anonymous mapping: pages cost memory only once written, so an idle hot tier sized to
+        # its budget does not count against the pod's memory limit (bytearray() zeroes every page).
+        return memoryview(mmap.mmap(-1, max(nbytes, 1)))[:nbytes]
 
     def usage(self) -> list[TenantUsage]:
         with self._lock:
