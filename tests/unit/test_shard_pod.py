@@ -40,6 +40,7 @@ def test_shard_args_parse_with_the_runtime_parser(port: int) -> None:
     assert (settings.host, settings.port) == ("0.0.0.0", port)
     assert settings.shard_name == "tensorwasm-shard-3" and settings.namespace == "tw"
     assert settings.snapshot_dir == Path(SNAPSHOT_DIR)
+    assert settings.snapshot_hot_tier_bytes == OperatorSettings().shard_hot_tier_bytes
     assert (settings.admin_host, settings.admin_port) == ("0.0.0.0", port + 1)
     assert [p["containerPort"] for p in container["ports"]] == [port, port + 1]
     mounts = {m["mountPath"] for m in container["volumeMounts"]}

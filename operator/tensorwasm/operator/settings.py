@@ -43,6 +43,7 @@ class OperatorSettings:
     shard_gpus: int = 0  # nvidia.com/gpu requested per shard pod (0 on CPU shards)
     shard_service_account: str = ""  # "" = the namespace's default ServiceAccount
     shard_mps_pipe_dir: str = ""  # "" = no MPS; else the host's MPS pipe directory (absolute)
+    shard_hot_tier_bytes: int = 256 << 20  # each shard's snapshot hot tier (pinned host memory on GPUs)
     shard_snapshot_claim: str = ""  # PVC every shard mounts for snapshots; "" = an emptyDir per pod
     shard_resources: Mapping[str, Mapping[str, str]] = field(
         default_factory=lambda: {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}}
@@ -200,6 +201,7 @@ def _parse(env: Mapping[str, str]) -> OperatorSettings:
         shard_service_account=_get(env, "SHARD_SERVICE_ACCOUNT") or "",
         shard_mps_pipe_dir=mps_pipe_dir,
         shard_snapshot_claim=_get(env, "SHARD_SNAPSHOT_CLAIM") or "",
+        shard_hot_tier_bytes=_bytes(env, "SHARD_HOT_TIER_BYTES", defaults.shard_hot_tier_bytes),
         shard_resources=_resources(env, defaults.shard_resources),
         standalone=_bool(env, "STANDALONE", defaults.standalone),
         peering_name=_get(env, "PEERING_NAME") or defaults.peering_name,

@@ -60,6 +60,7 @@ def build_shard_args(settings: OperatorSettings) -> list[str]:
         "--shard-name=$(POD_NAME)",
         f"--snapshot-dir={SNAPSHOT_DIR}",
         f"--cache-dir={CACHE_DIR}",
+        f"--snapshot-hot-tier-bytes={settings.shard_hot_tier_bytes}",
     ]
 
 
