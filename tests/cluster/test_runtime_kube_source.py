@@ -77,6 +77,10 @@ class Shard:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(20)
 
+    def log_count(self, pattern: str) -> int:
+        """Lines of this shard's log matching `pattern` (run with --log-level debug for the pass lines)."""
+        return len(re.findall(pattern, self.log_path.read_text()))
+
     def invoke(self, token: str, function: str, body: bytes) -> tuple[int, bytes]:
         req = urllib.request.Request(
             f"http://127.0.0.1:{self.port}/v1/functions/{function}/invoke", data=body,
@@ -168,7 +172,7 @@ def test_shard_serves_reports_and_converges(kube: Any, namespace: str, shard: Ca
     place(kube, namespace, "beta", "shard-0")
     place(kube, namespace, "gamma", "shard-7")
 
-    s = shard()
+    s = shard("--log-level", "debug")
     report = wait_for(lambda: runtime_status(kube, namespace, "alpha").get("loaded"), 30, "alpha loaded")
     assert report is True
     alpha = runtime_status(kube, namespace, "alpha")
@@ -192,7 +196,8 @@ def test_shard_serves_reports_and_converges(kube: Any, namespace: str, shard: Ca
 
     # Quiet when nothing changes: a resync does not rewrite status.
     reported_at = alpha["reportedAt"]
-    time.sleep(6)
+    passes = s.log_count("Passed over Tenants")
+    wait_for(lambda: s.log_count("Passed over Tenants") >= passes + 2, 30, "two more passes (one a resync)")
     assert runtime_status(kube, namespace, "alpha")["reportedAt"] == reported_at
 
     # Secret rotation reaches the shard; the old token stops working.
@@ -217,12 +222,14 @@ def test_a_secret_arriving_just_after_placement_costs_one_report(
     kube: Any, namespace: str, shard: Callable[..., Shard]
 ) -> None:
     apply(kube, namespace, module_configmap())
-    s = shard()
+    s = shard("--log-level", "debug")
     apply(kube, namespace, tenant_obj("late", ECHO_SHA))
     apply(kube, namespace, tenant_obj("never", ECHO_SHA))
     place(kube, namespace, "late", "shard-0")
     place(kube, namespace, "never", "shard-0")
-    time.sleep(0.5)  # the Secret comes after the placement, as a watch may deliver it
+    # The Secret comes after the placement, as a watch may deliver it: once the shard has passed over
+    # the tenant without its Secret (a report deferred by the grace), it arrives.
+    wait_for(lambda: s.log_count("Passed over Tenants ours=2 reports=0 deferred=True"), 30, "a deferred pass")
     apply(kube, namespace, secret("late-token", "late-token-00001"))
     wait_for(lambda: runtime_status(kube, namespace, "late").get("loaded"), 30, "late loaded")
     # A Secret that stays missing is reported once the grace has passed.
@@ -298,7 +305,7 @@ def test_snapshot_of_a_removed_shard_is_deleted_by_a_live_one(
     place_alpha_on_shard_0(kube, namespace)
     store = tmp_path / "snapshots"  # shared, as one ReadWriteMany volume
     s0 = shard("--snapshot-dir", str(store), name="shard-0")
-    shard("--snapshot-dir", str(store), "--resync", "1", name="shard-1")
+    s1 = shard("--snapshot-dir", str(store), "--resync", "1", "--log-level", "debug", name="shard-1")
     wait_for(lambda: runtime_status(kube, namespace, "alpha").get("loaded"), 30, "alpha loaded")
     apply(kube, namespace, {"apiVersion": "tensorwasm.io/v1alpha1", "kind": "Snapshot",
                             "metadata": {"name": "alpha-1"}, "spec": {"tenant": "alpha"}})  # fmt: skip
@@ -315,7 +322,10 @@ def test_snapshot_of_a_removed_shard_is_deleted_by_a_live_one(
     apply(kube, namespace, pod)
     kube.kubectl("delete", "tenant", "alpha", "-n", namespace)
     kube.kubectl("delete", "snapshot", "alpha-1", "-n", namespace, "--wait=false")
-    time.sleep(8)  # several shard-1 passes (resync 1 s, pod list cached 5 s)
+    # shard-1 lists the pods (shard-0's is live), and the pass that listed them finishes, deleting nothing.
+    wait_for(lambda: s1.log_count("Listed shard pods live=shard-0,shard-1"), 30, "shard-0's pod seen")
+    passes = s1.log_count("Passed over Tenants")
+    wait_for(lambda: s1.log_count("Passed over Tenants") > passes, 30, "the pass that listed them done")
     assert not snapshot_gone(kube, namespace, "alpha-1"), "shard-1 acted while shard-0's pod exists"
     assert [p for p in store.rglob("*") if p.is_file()]
 

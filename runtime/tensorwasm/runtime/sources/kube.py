@@ -348,6 +348,10 @@ class KubeSource:
             reports[name] = (obj, build_runtime_status(self.shard_name, status))
         if deferred and self._loop is not None:
             self._loop.call_later(_MISSING_GRACE_S, self._mark_dirty)
+        # One line per pass at DEBUG: what tests (and a curious operator) wait on instead of time.
+        log.debug(
+            "Passed over Tenants ours=%d reports=%d deferred=%s", len(view.tenants), len(reports), deferred
+        )
         if any(self._needs_write(obj, runtime) for obj, runtime in reports.values()):
             await self._write_statuses(reports)
         if self._agent is not None:
@@ -447,6 +451,7 @@ class KubeSource:
                 if pattern.fullmatch(str(meta.get("name", ""))) and not meta.get("deletionTimestamp"):
                     names.add(str(meta["name"]))
         self._live = (time.monotonic(), frozenset(names))
+        log.debug("Listed shard pods live=%s", ",".join(sorted(names)))
         return self._live[1]
 
     async def _restore(
