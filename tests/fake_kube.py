@@ -18,7 +18,7 @@ import contextlib
 import copy
 import itertools
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -321,3 +321,16 @@ async def until(predicate: Callable[[], Any], timeout: float = 30.0) -> Any:
         while not (result := predicate()):
             await asyncio.sleep(0.01)
     return result
+
+
+def with_fake_kube(body: Callable[[FakeKube], Awaitable[None]]) -> None:
+    """Run `body` on a fresh event loop against a started FakeKube, stopped afterwards."""
+
+    async def main() -> None:
+        fake = await FakeKube().start()
+        try:
+            await body(fake)
+        finally:
+            await fake.stop()
+
+    asyncio.run(main())

@@ -25,7 +25,7 @@ from tensorwasm.runtime.settings import RuntimeSettings
 from tensorwasm.runtime.shard import Shard
 from tensorwasm.runtime.sources import kube as source_module
 from tensorwasm.runtime.sources.kube import KubeSource
-from tests.fake_kube import FakeKube, until
+from tests.fake_kube import FakeKube, until, with_fake_kube
 
 NS, SHARD = "team-a", "tensorwasm-shard-0"
 TENANTS = f"/apis/{API_VERSION}/namespaces/{NS}/tenants"
@@ -65,20 +65,18 @@ async def running_source(fake: FakeKube) -> AsyncIterator[tuple[Shard, KubeSourc
 
 
 def scenario(body: Callable[[FakeKube], Awaitable[None]]) -> None:
-    async def main() -> None:
-        fake = await FakeKube().start()
+    """`body` against a fake API holding the module ConfigMap and alpha's token Secret."""
+
+    async def seeded(fake: FakeKube) -> None:
         await fake.put(
             SECRETS, {"metadata": {"name": "tw-alpha-token"}, "data": {"token": b64(b"s3cret-token-1")}}
         )
         await fake.put(
             CONFIGMAPS, {"metadata": {"name": "modules"}, "binaryData": {"echo.wasm": b64(MODULE)}}
         )
-        try:
-            await body(fake)
-        finally:
-            await fake.stop()
+        await body(fake)
 
-    asyncio.run(main())
+    with_fake_kube(seeded)
 
 
 def runtime_of(fake: FakeKube, name: str) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
@@ -18,7 +18,7 @@ from tensorwasm.api.group import API_VERSION, FINALIZER, LABEL_TENANT
 from tensorwasm.operator.reconciler import Reconciler
 from tensorwasm.operator.settings import OperatorSettings
 from tensorwasm.planner.admission import ShardCapacity
-from tests.fake_kube import FakeKube
+from tests.fake_kube import FakeKube, with_fake_kube
 
 NS = "team-a"
 TENANTS = f"/apis/{API_VERSION}/namespaces/{NS}/tenants"
@@ -79,17 +79,6 @@ async def operator(fake: FakeKube, settings: OperatorSettings = SETTINGS) -> Asy
         await api.close()
 
 
-def scenario(body: Callable[[FakeKube], Awaitable[None]]) -> None:
-    async def main() -> None:
-        fake = await FakeKube().start()
-        try:
-            await body(fake)
-        finally:
-            await fake.stop()
-
-    asyncio.run(main())
-
-
 def status(fake: FakeKube, name: str) -> dict[str, Any]:
     return dict((fake.get(TENANTS, name) or {}).get("status") or {})
 
@@ -123,7 +112,7 @@ def test_tenants_are_placed_with_finalizer_secret_service_and_status_then_nothin
             await reconciler.drain()
             assert fake.writes[before:] == []
 
-    scenario(body)
+    with_fake_kube(body)
 
 
 def test_a_tenant_that_fits_nowhere_waits_pending_and_is_placed_when_room_frees() -> None:
@@ -145,7 +134,7 @@ def test_a_tenant_that_fits_nowhere_waits_pending_and_is_placed_when_room_frees(
             await fake.wait_for(lambda: fake.get(TENANTS, victim) is None)
             await fake.wait_for(lambda: status(fake, waiting).get("phase") == "Placed")
 
-    scenario(body)
+    with_fake_kube(body)
 
 
 def test_an_invalid_spec_fails_without_placement() -> None:
@@ -157,7 +146,7 @@ def test_an_invalid_spec_fails_without_placement() -> None:
             assert ready["reason"] == "InvalidSpec" and "spec.limits.timeoutMs" in ready["message"]
             assert status(fake, "bad").get("shard") is None and fake.get(SERVICES, "tw-bad") is None
 
-    scenario(body)
+    with_fake_kube(body)
 
 
 def test_api_errors_are_retried_with_backoff_until_the_status_lands() -> None:
@@ -168,7 +157,7 @@ def test_api_errors_are_retried_with_backoff_until_the_status_lands() -> None:
             await fake.wait_for(lambda: status(fake, "a").get("phase") == "Placed")
             assert fake.failures[("PATCH", f"{TENANTS}/a/status")] == []  # all three were met, then retried
 
-    scenario(body)
+    with_fake_kube(body)
 
 
 def test_scaling_in_moves_tenants_at_once_and_scaling_out_moves_them_through_a_snapshot() -> None:
@@ -206,4 +195,4 @@ def test_scaling_in_moves_tenants_at_once_and_scaling_out_moves_them_through_a_s
             stayed = [n for n in names if n not in movers]
             assert all(status(fake, n)["shard"] == "tensorwasm-shard-0" for n in stayed)
 
-    scenario(body)
+    with_fake_kube(body)
