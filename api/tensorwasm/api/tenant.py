@@ -102,7 +102,7 @@ class Limits:
     max_output_bytes: int = quantity("maxOutputBytes", "Largest output one invoke may return (quantity).", default="16Mi", minimum=0, maximum=WASM32_MAX_MEMORY)  # fmt: skip
     max_table_elements: int = integer("maxTableElements", "Elements each wasm table may grow to; an instance whose table grew is replaced.", default=100_000, minimum=0, maximum=10_000_000)  # fmt: skip
     host_calls_per_invoke: int = integer("hostCallsPerInvoke", "Host calls one invoke may make; the call past it traps.", default=100_000, minimum=1, maximum=1 << 40)  # fmt: skip
-    host_calls_per_second: int = integer("hostCallsPerSecond", "Host calls per second for the tenant; faster calls wait, charged to the invoke's deadline.", default=200_000, minimum=1, maximum=1 << 40)  # fmt: skip
+    host_calls_per_second: int = integer("hostCallsPerSecond", "Host calls per second for the tenant; faster calls wait, charged to the invoke's deadline.", default=20_000, minimum=1, maximum=1 << 40)  # fmt: skip
     log_bytes_per_invoke: int = quantity("logBytesPerInvoke", "Guest log bytes one invoke may write; further lines are dropped and counted.", default="16Ki", minimum=0, maximum=1 << 30)  # fmt: skip
     log_bytes_per_second: int = quantity("logBytesPerSecond", "Guest log bytes per second for the tenant; further lines are dropped and counted.", default="64Ki", minimum=0, maximum=1 << 30)  # fmt: skip
 

@@ -54,10 +54,10 @@ class TenantBudget:
         self._lock = threading.Lock()
         self.waited_s = 0.0  # total time host calls spent waiting for tokens (tests, bench)
 
-    def host_call(self) -> None:
-        """Charge one host call; sleeps (GIL released) while the tenant is over its call rate."""
+    def host_call(self, tokens: float = 1.0) -> None:
+        """Charge a host call (`tokens` of the rate); sleeps (GIL released) while over the rate."""
         with self._lock:
-            wait = self._calls.take(1.0, time.monotonic())
+            wait = self._calls.take(tokens, time.monotonic())
         if wait:
             wait = min(wait, MAX_WAIT_S)
             self.waited_s += wait
