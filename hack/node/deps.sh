@@ -12,6 +12,7 @@ needs=(
   "nsenter util-linux"
   "openssl openssl"
   "/bin/busybox busybox-static"  # the node tests' tiny server image
+  "promtool prometheus"  # alert rule unit tests; the dev cluster's Prometheus image
 )
 
 missing=()
