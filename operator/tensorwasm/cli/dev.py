@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tensorwasm.cli import dev_prometheus
+
 
 def register(subparsers: Any) -> None:
     dev = subparsers.add_parser("dev", help="development tools (local control plane)")
@@ -39,6 +41,7 @@ def register(subparsers: Any) -> None:
         help="only kwok nodes: no containerd/kubelet/kube-proxy (no root or network namespaces needed)",
     )
     cluster.set_defaults(handler=run_cluster)
+    dev_prometheus.register(dev_sub)  # `dev prometheus`: its own module
 
 
 def run_cluster(args: argparse.Namespace) -> int:
