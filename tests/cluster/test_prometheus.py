@@ -12,8 +12,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +26,7 @@ import pytest
 
 from tensorwasm.dev import chart
 from tensorwasm.dev import prometheus as dev_prometheus
-from tensorwasm.dev.cluster import ClusterState, LocalControlPlane
+from tensorwasm.dev.cluster import LocalControlPlane
 from tensorwasm.dev.node import REAL_NODE_LABEL
 from tensorwasm.operator.desired.meta import shard_labels
 from tensorwasm.operator.desired.shards import (
@@ -35,8 +40,14 @@ from tests.conftest import REPO, Kube, wait_for
 pytestmark = pytest.mark.node
 
 ECHO = REPO / "examples" / "modules" / "echo.wasm"
+SPIN = REPO / "tests" / "fixtures" / "runaway.wat"
 TOKEN = "prometheus-test-token-0001"
+SPIN_TOKEN = "prometheus-test-token-0002"
+# A full queue drains in 12 s, so at least two 5 s scrapes see it; the first spin's 3 s leave time
+# to see the queue full and be refused.
+SPIN_MS, SPIN_QUEUE = 3000, 4
 INVOKES = 5
+SHARD = "tensorwasm-shard-0"
 
 
 def build_standalone_shard(namespace: str, image: str) -> list[dict[str, Any]]:
@@ -47,10 +58,16 @@ def build_standalone_shard(namespace: str, image: str) -> list[dict[str, Any]]:
         "name": "echo", "token": TOKEN, "functions": ["echo"],
         "module": {"path": "echo.wasm", "sha256": hashlib.sha256(ECHO.read_bytes()).hexdigest()},
         "limits": {"linearMemory": "16Mi", "maxConcurrency": 2, "queueLength": 8},
+    }, {
+        # Each `spin` holds the one worker until its deadline, so invokes queue up behind it.
+        "name": "spin", "token": SPIN_TOKEN, "functions": ["spin"],
+        "module": {"path": "runaway.wat", "sha256": hashlib.sha256(SPIN.read_bytes()).hexdigest()},
+        "limits": {"linearMemory": "1Mi", "timeoutMs": SPIN_MS, "maxConcurrency": 1,
+                   "queueLength": SPIN_QUEUE},
     }]}  # fmt: skip
     files = {
         "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "shard-files", "namespace": namespace},
-        "data": {"tenants.yaml": json.dumps(tenants)},
+        "data": {"tenants.yaml": json.dumps(tenants), "runaway.wat": SPIN.read_text()},
         "binaryData": {"echo.wasm": base64.b64encode(ECHO.read_bytes()).decode()},
     }  # fmt: skip
     pod = {
@@ -79,15 +96,25 @@ def build_standalone_shard(namespace: str, image: str) -> list[dict[str, Any]]:
     return [files, service, pod]
 
 
-def invoke(url: str) -> int:
+def invoke(url: str, function: str = "echo", token: str = TOKEN) -> tuple[int, str | None]:
+    """Status and Retry-After of one invoke."""
     request = urllib.request.Request(
-        f"{url}/v1/functions/echo/invoke", data=b"hi", headers={"Authorization": f"Bearer {TOKEN}"}
+        f"{url}/v1/functions/{function}/invoke", data=b"hi", headers={"Authorization": f"Bearer {token}"}
     )
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return int(response.status)
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return int(response.status), response.headers.get("Retry-After")
     except urllib.error.HTTPError as exc:
-        return int(exc.code)
+        return int(exc.code), exc.headers.get("Retry-After")
+
+
+def shard_gauge(admin_url: str, series: str) -> float | None:
+    """One sample of the shard's own /metrics (what the next scrape will read)."""
+    with urllib.request.urlopen(f"{admin_url}/metrics", timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(series + " "):
+                return float(line.split()[1])
+    return None
 
 
 def pod_ip_when_ready(kube: Kube, namespace: str, name: str) -> str | None:
@@ -96,43 +123,76 @@ def pod_ip_when_ready(kube: Kube, namespace: str, name: str) -> str | None:
     return str(pod["status"]["podIP"]) if ready else None
 
 
-def recorded(kube: Kube) -> tuple[LocalControlPlane, ClusterState]:
+@dataclass(frozen=True)
+class Deployed:
+    namespace: str
+    pod_ip: str
+    prometheus_url: str
+
+    @property
+    def target(self) -> str:
+        return f'namespace="{self.namespace}", job="tensorwasm-shard", pod="{SHARD}"'
+
+
+@pytest.fixture(scope="module")
+def deployed(kube: Kube) -> Iterator[Deployed]:
+    """A standalone shard and the dev Prometheus watching it, in a namespace of their own."""
     plane = LocalControlPlane(Path(kube.kubeconfig).parent, log=lambda _m: None)
     state = plane.state()
     assert state is not None and state.node_slot is not None, "the test cluster has no real node"
-    return plane, state
+    namespace = f"t-prometheus-{os.getpid()}-{time.time_ns() % 10**6}"
+    kube.kubectl("create", "namespace", namespace)
+    try:
+        image = chart.build_image(log=print)
+        plane.import_image(state, image.archive)
+        items = build_standalone_shard(namespace, image.ref)
+        kube.kubectl(
+            "apply", "-f", "-", input_text=json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
+        )
+        pod_ip = wait_for(lambda: pod_ip_when_ready(kube, namespace, SHARD), 180, "the shard pod Ready")
+        prom = dev_prometheus.DevPrometheus(plane, state, namespace, [namespace], image.ref, log=print)
+        yield Deployed(namespace, pod_ip, prom.up())
+    finally:
+        kube.kubectl("delete", "namespace", namespace, "--wait=false", "--ignore-not-found")
 
 
 def test_discovery_selects_what_the_operator_labels_shard_services() -> None:
     assert dev_prometheus.SHARD_SERVICE_LABELS.items() <= shard_labels("any-shard").items()
 
 
-def test_prometheus_scrapes_a_shard_and_answers_the_scaling_query(kube: Kube, namespace: str) -> None:
-    plane, state = recorded(kube)
-    image = chart.build_image(log=print)
-    plane.import_image(state, image.archive)
-    items = build_standalone_shard(namespace, image.ref)
-    kube.kubectl(
-        "apply", "-f", "-", input_text=json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
-    )
-    pod_ip = wait_for(
-        lambda: pod_ip_when_ready(kube, namespace, "tensorwasm-shard-0"), 180, "the shard pod Ready"
-    )
-
-    prom = dev_prometheus.DevPrometheus(plane, state, namespace, [namespace], image.ref, log=print)
-    url = prom.up()
-    target = f'namespace="{namespace}", job="tensorwasm-shard", pod="tensorwasm-shard-0"'
+def test_prometheus_scrapes_a_shard_and_answers_the_scaling_query(deployed: Deployed) -> None:
+    url, target = deployed.prometheus_url, deployed.target
     [up] = dev_prometheus.wait_for_series(url, f"up{{{target}}} == 1", timeout_s=120)
     assert up["metric"]["endpoint"] == "admin" and up["metric"]["service"] == "tensorwasm-shard"
 
-    assert [invoke(f"http://{pod_ip}:8080") for _ in range(INVOKES)] == [200] * INVOKES
+    calls = [invoke(f"http://{deployed.pod_ip}:8080") for _ in range(INVOKES)]
+    assert [status for status, _ in calls] == [200] * INVOKES
     ok = f'tensorwasm_invocations_total{{{target}, tenant="echo", outcome="ok"}} == {INVOKES}'
     dev_prometheus.wait_for_series(url, ok, timeout_s=60)  # the next scrape carries them
 
     # The scaling signal as KEDA's default trigger asks for it, and per shard as the HPA path reads it.
-    keda_query = f'sum(tensorwasm_queue_depth{{namespace="{namespace}", job="tensorwasm-shard"}})'
+    keda_query = f'sum(tensorwasm_queue_depth{{namespace="{deployed.namespace}", job="tensorwasm-shard"}})'
     [total] = dev_prometheus.query(url, keda_query)
-    assert float(total["value"][1]) == 0  # nothing queued once the invokes returned
-    per_pod = dev_prometheus.query(url, f'sum by (pod) (tensorwasm_queue_depth{{namespace="{namespace}"}})')
-    assert [s["metric"]["pod"] for s in per_pod] == ["tensorwasm-shard-0"]
-    prom.down()
+    assert float(total["value"][1]) >= 0
+    per_pod = dev_prometheus.query(
+        url, f'sum by (pod) (tensorwasm_queue_depth{{namespace="{deployed.namespace}"}})'
+    )
+    assert [s["metric"]["pod"] for s in per_pod] == [SHARD]
+
+
+def test_the_signal_rises_before_429_and_falls_when_load_stops(deployed: Deployed) -> None:
+    """1 running + a full queue of `spin`: the next invoke gets 429 (with Retry-After) while
+    Prometheus sees the queue depth above 0, and the depth is back to 0 once the queue drains."""
+    url, admin = f"http://{deployed.pod_ip}:8080", f"http://{deployed.pod_ip}:9090"
+    depth = 'tensorwasm_queue_depth{tenant="spin"}'
+    with ThreadPoolExecutor(max_workers=1 + SPIN_QUEUE) as pool:
+        held = [pool.submit(invoke, url, "spin", SPIN_TOKEN) for _ in range(1 + SPIN_QUEUE)]
+        wait_for(lambda: shard_gauge(admin, depth) == SPIN_QUEUE, 30, "the spin queue to fill")
+        status, retry_after = invoke(url, "spin", SPIN_TOKEN)
+        assert status == 429 and retry_after, "the invoke past a full queue is refused with Retry-After"
+        seen = f'max_over_time(tensorwasm_queue_depth{{{deployed.target}, tenant="spin"}}[1m]) >= 1'
+        dev_prometheus.wait_for_series(deployed.prometheus_url, seen, timeout_s=60)
+        results = [f.result(timeout=120) for f in held]
+    assert {s for s, _ in results} == {504}, "every held invoke ran to its deadline, none was refused"
+    drained = f'tensorwasm_queue_depth{{{deployed.target}, tenant="spin"}} == 0'
+    dev_prometheus.wait_for_series(deployed.prometheus_url, drained, timeout_s=60)
