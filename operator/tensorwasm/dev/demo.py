@@ -1,7 +1,9 @@
-"""`make demo`: the whole product on one machine, on a real local control plane.
+"""`make demo`: the whole product on one machine, on real pods of a real local cluster.
 
-Owns the demo script only: each step prints what it does and what the cluster answers.
-Must not import the runtime in-process (shards run as their own processes, like pods).
+Owns the demo script only: each step prints what it does and what the cluster answers. The cluster
+(control plane, kwok nodes, one real node) comes from tensorwasm.dev.cluster; the chart is installed
+on the real node by tensorwasm.dev.chart, exactly as a user installs it (image, `helm install`,
+`kubectl apply`). Must not import the runtime in-process: the shards are pods.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ import argparse
 import base64
 import hashlib
 import json
-import shutil
 import struct
 import subprocess
 import sys
@@ -19,210 +20,147 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tensorwasm.dev.cluster import REPO_ROOT, ClusterError, ClusterState, LocalControlPlane
-from tensorwasm.dev.stack import LocalStack, StackError, error_kind, invoke
+from tensorwasm.api.group import API_VERSION
+from tensorwasm.dev.chart import DevRelease, build_image
+from tensorwasm.dev.cluster import REPO_ROOT, ClusterError, LocalControlPlane
 
 NAMESPACE = "tensorwasm-demo"
-FIXTURES = REPO_ROOT / "tests" / "fixtures"
+MODULES = REPO_ROOT / "examples" / "modules"
+SAMPLE_TENANT = REPO_ROOT / "crds" / "samples" / "tensorwasm.io_v1alpha1_tenant.yaml"
 
 
 def banner(text: str) -> None:
     print(f"\n\033[1m==> {text}\033[0m", flush=True)
 
 
-class Demo:
-    def __init__(self, plane: LocalControlPlane, state: ClusterState) -> None:
-        self.plane, self.state = plane, state
+def wait(what: str, predicate: Callable[[], bool], timeout_s: float = 120.0) -> float:
+    """Seconds until `predicate` held; ClusterError after `timeout_s`."""
+    started = time.monotonic()
+    while not predicate():
+        if time.monotonic() - started > timeout_s:
+            raise ClusterError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(0.25)
+    return time.monotonic() - started
 
-    def kubectl(self, *args: str, input_text: str | None = None, show: bool = True) -> str:
-        if show:
-            print(f"$ kubectl {' '.join(args)}", flush=True)
-        out = self.plane.kubectl(self.state, *args, input_text=input_text)
-        if show and out.strip():
+
+class Demo:
+    def __init__(self, release: DevRelease) -> None:
+        self.release = release
+
+    def kubectl(self, *args: str, input_text: str | None = None) -> str:
+        print(f"$ kubectl {' '.join(args)}", flush=True)
+        out = self.release.kubectl(*args, input_text=input_text)
+        if out.strip():
             print(out.rstrip(), flush=True)
         return out
 
-    def get_json(self, *args: str) -> Any:
-        return json.loads(self.kubectl("get", *args, "-n", NAMESPACE, "-o", "json", show=False))
-
-    def wait(self, what: str, predicate: Callable[[], bool], timeout_s: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if predicate():
-                return
-            time.sleep(0.5)
-        raise ClusterError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-
-    def show_control_plane(self) -> None:
-        banner("The control plane: real apiserver, controllers and scheduler; kwok runs the nodes")
-        self.kubectl("version")
+    def show_cluster(self) -> None:
+        banner("The cluster: a real API server, controllers and scheduler; kwok nodes and one real node")
         self.kubectl("get", "nodes", "-o", "wide")
 
-    def apply_crds(self) -> None:
-        crds = sorted((REPO_ROOT / "crds").glob("*.yaml"))
-        if not crds:
-            return
-        banner("Install the TensorWasm CRDs")
-        args = [a for c in crds for a in ("-f", str(c))]
-        self.kubectl("apply", "--server-side", "--force-conflicts", *args)
-        self.kubectl("wait", "--for=condition=Established", "--timeout=60s", *args)
+    def install(self) -> None:
+        banner("Build the image from the Containerfile (no Docker) and import it into the real node")
+        image = build_image()
+        self.release.uninstall()  # a previous demo's release, if any
+        self.release.prepare(image)
+        banner(f"helm install into {NAMESPACE} (Pod Security: restricted), values for the dev cluster")
+        print(f"$ helm install tensorwasm helm/tensorwasm -n {NAMESPACE} -f examples/values-dev-cluster.yaml")
+        started = time.monotonic()
+        self.release.install()
+        print(f"  installed; the operator pod Ready {time.monotonic() - started:.1f}s after helm install")
+        self.kubectl("get", "pods", "-n", NAMESPACE, "-o", "wide")
 
-    def show_statefulset(self) -> None:
-        banner("A StatefulSet's pods are scheduled onto the fake nodes and reach Running")
-        ns = "tensorwasm-hello"
-        self.kubectl("apply", "-f", "-", input_text=json.dumps(
-            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}), show=False)  # fmt: skip
-        sts = {
-            "apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "hello", "namespace": ns},
+    def tenants(self) -> None:
+        banner("Two Tenants: the README's sample (echo) and a counter that keeps its total in GPU memory")
+        for name in ("echo", "counter"):
+            wasm = (MODULES / f"{name}.wasm").read_bytes()
+            self.release.apply({
+                "apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": f"{name}-module", "namespace": NAMESPACE},
+                "binaryData": {"module.wasm": base64.b64encode(wasm).decode()},
+            })  # fmt: skip
+        self.kubectl("apply", "-n", NAMESPACE, "-f", str(SAMPLE_TENANT.relative_to(REPO_ROOT)))
+        counter = (MODULES / "counter.wasm").read_bytes()
+        self.release.apply({
+            "apiVersion": API_VERSION, "kind": "Tenant",
+            "metadata": {"name": "counter", "namespace": NAMESPACE},
             "spec": {
-                "replicas": 2, "serviceName": "hello", "selector": {"matchLabels": {"app": "hello"}},
-                "template": {"metadata": {"labels": {"app": "hello"}},
-                             "spec": {"containers": [{"name": "c", "image": "example.invalid/hello:0"}]}},
+                "module": {"configMapRef": {"name": "counter-module", "key": "module.wasm"},
+                           "sha256": hashlib.sha256(counter).hexdigest()},
+                "functions": ["add"],
+                "limits": {"gpuMemory": "4Mi", "linearMemory": "1Mi", "timeoutMs": 1000},
             },
-        }  # fmt: skip
-        self.kubectl("apply", "-f", "-", input_text=json.dumps(sts))
+        })  # fmt: skip
+        for name in ("alpha", "counter"):
+            self.release.wait_tenant_ready(name)
+        self.kubectl("get", "tenants", "-n", NAMESPACE, "-o", "wide")
 
-        def running() -> bool:
-            pods = json.loads(self.kubectl("get", "pods", "-n", ns, "-o", "json", show=False))["items"]
-            return len(pods) == 2 and all(p["status"].get("phase") == "Running" for p in pods)
+    def invoke(self) -> None:
+        banner("Invoke over HTTP through each tenant's Service (ClusterIP, kube-proxy) with its token")
+        alpha = self.release.access("alpha")
+        status, body = alpha.invoke("echo", b"hello from a real pod")
+        print(f"  POST {alpha.url}/v1/functions/echo/invoke -> {status} {body!r}")
+        counter = self.release.access("counter")
+        for delta in (1, 2, 39):
+            status, body = counter.invoke("add", struct.pack("<q", delta))
+            print(f"  POST {counter.url}/v1/functions/add/invoke (+{delta}) -> {status} {_total(body)}")
 
-        self.wait("the StatefulSet's pods to run", running)
-        self.kubectl("get", "pods", "-n", ns, "-o", "wide")
-        self.kubectl("delete", "namespace", ns, "--wait=false", show=False)
-
-    def run_tenants(self, workdir: Path) -> None:
-        banner(f"Start the operator and two runtime shards for namespace {NAMESPACE}")
-        self._remove_previous_run(workdir)
-        self.kubectl("create", "namespace", NAMESPACE)
-        stack = LocalStack(Path(self.state.kubeconfig), NAMESPACE, workdir, shards=2)
-        try:
-            stack.start()
-            for proc in stack.processes.values():
-                port = f" port={proc.port}" if proc.port else ""
-                print(f"  {proc.name:20} pid={proc.proc.pid}{port} log={proc.log_path}")
-            self._tenants_flow(stack)
-        finally:
-            banner("Stop the operator and the shards (the cluster keeps running)")
-            # While the shards still run: they own the snapshot blobs' finalizers.
-            self.kubectl("delete", "snapshots,tenants", "--all", "-n", NAMESPACE, "--timeout=60s", show=False)
-            stack.stop()
-
-    def _remove_previous_run(self, workdir: Path) -> None:
-        """A previous demo's namespace, even one whose stack was killed before it could clean up."""
-        exists = self.plane.kubectl(self.state, "get", "namespace", NAMESPACE, check=False)
-        if not exists.strip():
-            return
-        # Its operator and shards are gone: nobody is left to release their finalizers.
-        for kind in ("snapshots", "tenants"):
-            names = self.kubectl("get", kind, "-n", NAMESPACE, "-o", "name", show=False).split()
-            for name in names:
-                self.kubectl("patch", name, "-n", NAMESPACE, "--type=merge",
-                             "-p", '{"metadata":{"finalizers":null}}', show=False)  # fmt: skip
-        self.kubectl("delete", "namespace", NAMESPACE, "--timeout=120s", show=False)
-        shutil.rmtree(workdir, ignore_errors=True)
-
-    def _tenants_flow(self, stack: LocalStack) -> None:
-        banner("Tenant modules go into ConfigMaps (binaryData), pinned by sha256")
-        digests = {}
-        for name in ("echo", "sum"):
-            wasm = _wat_to_wasm(FIXTURES / f"{name}.wat")
-            digests[name] = hashlib.sha256(wasm).hexdigest()
-            cm = {"apiVersion": "v1", "kind": "ConfigMap",
-                  "metadata": {"name": f"{name}-module", "namespace": NAMESPACE},
-                  "binaryData": {"module.wasm": base64.b64encode(wasm).decode()}}  # fmt: skip
-            self.kubectl("apply", "-f", "-", input_text=json.dumps(cm))
-            print(f"  {name}-module: {len(wasm)} bytes, sha256 {digests[name]}")
-
-        banner("Apply three Tenants; the operator places them on the shards, the shards load them")
-        tenants = [
-            ("alpha", "echo", ["echo"], "256Mi"),
-            ("beta", "sum", ["sum"], "128Mi"),
-            ("gamma", "echo", ["echo"], "64Mi"),
-        ]
-        for name, module, functions, gpu in tenants:
-            self.kubectl("apply", "-f", "-", input_text=json.dumps(_tenant(name, module, digests[module],
-                                                                              functions, gpu)))  # fmt: skip
-
-        def all_ready() -> bool:
-            stack.check_alive()
-            items = self.get_json("tenants")["items"]
-            return len(items) == 3 and all(t.get("status", {}).get("phase") == "Ready" for t in items)
-
-        self.wait("all three Tenants to be Ready", all_ready, timeout_s=120)
-        self.kubectl("get", "tenants", "-n", NAMESPACE)
-        self.kubectl("get", "statefulsets,services,pods", "-n", NAMESPACE)
-
-        banner("Invoke functions over HTTP with each tenant's bearer token (from its Secret)")
-        alpha = self._tenant_access("alpha", stack)
-        beta = self._tenant_access("beta", stack)
-        status, body = invoke(alpha[0], alpha[1], "echo", b"hello from tensorwasm")
-        print(f"  POST /v1/functions/echo/invoke (alpha) -> {status} {body!r}")
-        numbers = struct.pack("<4i", 1, 2, 3, 36)
-        status, body = invoke(beta[0], beta[1], "sum", numbers)
-        total = struct.unpack("<q", body)[0] if status == 200 else body.decode(errors="replace")
-        print(f"  POST /v1/functions/sum/invoke (beta, [1, 2, 3, 36]) -> {status} {total}")
-        status, body = invoke(beta[0], alpha[1], "sum", numbers, tenant="beta")
-        refused = f"{status} {error_kind(body)}"
-        print(f"  POST /v1/tenants/beta/functions/sum/invoke with alpha's token -> {refused}")
-
-        banner("Snapshot alpha: the owning shard captures its wasm and GPU memory into zstd chunks")
-        snap = {
-            "apiVersion": "tensorwasm.io/v1alpha1",
-            "kind": "Snapshot",
-            "metadata": {"name": "alpha-demo-1", "namespace": NAMESPACE},
-            "spec": {"tenant": "alpha"},
-        }
-        self.kubectl("apply", "-f", "-", input_text=json.dumps(snap))
-
-        def snapshot_ready() -> bool:
-            phase = self.get_json("snapshot", "alpha-demo-1").get("status", {}).get("phase")
-            if phase == "Failed":
-                raise ClusterError(
-                    "the snapshot failed: " + json.dumps(self.get_json("snapshot", "alpha-demo-1"))
-                )
-            return bool(phase == "Ready")
-
-        self.wait("the Snapshot to be Ready", snapshot_ready, timeout_s=60)
+    def snapshot_and_restart(self) -> None:
+        banner("Snapshot the counter (GPU memory into zstd chunks on the shards' volume)")
+        snapshot = {"apiVersion": API_VERSION, "kind": "Snapshot",
+                    "metadata": {"name": "counter-demo-1", "namespace": NAMESPACE},
+                    "spec": {"tenant": "counter"}}  # fmt: skip
+        self.release.apply(snapshot)
+        wait("the Snapshot to be Ready", lambda: self._snapshot_phase("counter-demo-1") == "Ready", 120)
         self.kubectl("get", "snapshots", "-n", NAMESPACE)
-        location = self.get_json("snapshot", "alpha-demo-1")["status"].get("location", "")
-        if location:
-            blob = Path(location.removeprefix("file://"))
-            if not blob.is_absolute():
-                blob = stack.snapshot_dir / blob
-            print(f"$ tensorwasm snapshot inspect {blob}")
-            subprocess.run([sys.executable, "-m", "tensorwasm.cli.main", "snapshot", "inspect", str(blob)],
-                           check=False)  # fmt: skip
+        shard = self.release.get("tenant", "counter")["status"]["shard"]
+        banner(f"Delete the shard pod {shard}: the StatefulSet brings it back and it restores the counter")
+        uid = self.release.get("pod", shard)["metadata"]["uid"]
+        self.kubectl("delete", "pod", shard, "-n", NAMESPACE, "--wait=false")
+        took = wait(
+            "the shard pod to come back Ready",
+            lambda: self._pod_ready(shard, other_than=uid),
+            180,
+        )
+        self.release.wait_tenant_ready("counter")
+        print(f"  {shard} replaced and Ready in {took:.1f}s")
+        self.kubectl("get", "tenants", "-n", NAMESPACE)
+        counter = self.release.access("counter")
+        status, body = counter.invoke("add", struct.pack("<q", 0))
+        print(f"  POST {counter.url}/v1/functions/add/invoke (+0) -> {status} {_total(body)} (restored)")
 
-    def _tenant_access(self, tenant: str, stack: LocalStack) -> tuple[int, str]:
-        obj = self.get_json("tenant", tenant)
-        secret = obj["spec"].get("authSecretRef", {}).get("name") or f"tw-{tenant}-token"
-        token = base64.b64decode(self.get_json("secret", secret)["data"]["token"]).decode()
-        return stack.shard_port(obj["status"]["shard"]), token
+    def helm_test(self) -> None:
+        banner("helm test: a throwaway Tenant invoked from inside the cluster")
+        print(f"$ helm test tensorwasm -n {NAMESPACE}")
+        out = self.release.helm("test", "tensorwasm", "--timeout=300s")
+        phases = {line.split()[-1] for line in out.splitlines() if line.startswith("Phase:")}
+        print(f"  tensorwasm-selftest: {', '.join(sorted(phases))}")
+        if phases != {"Succeeded"}:
+            raise ClusterError(f"helm test did not pass:\n{out}")
 
-    def show_planner(self) -> None:
+    def planner(self) -> None:
         banner("Size hosts before buying them: tensorwasm plan")
         cmd = ["plan", "--tenants", "50", "--qps", "1000"]
         print("$ tensorwasm " + " ".join(cmd), flush=True)
         subprocess.run([sys.executable, "-m", "tensorwasm.cli.main", *cmd], check=False)
 
+    def _snapshot_phase(self, name: str) -> str:
+        status = self.release.get("snapshot", name).get("status") or {}
+        if status.get("phase") == "Failed":
+            raise ClusterError(f"Snapshot {name} failed: {json.dumps(status)}")
+        return str(status.get("phase", ""))
 
-def _wat_to_wasm(path: Path) -> bytes:
-    import wasmtime  # the demo ships modules as real binaries, as a user would
+    def _pod_ready(self, name: str, other_than: str) -> bool:
+        try:
+            pod: dict[str, Any] = self.release.get("pod", name)
+        except ClusterError:
+            return False
+        conditions = {c["type"]: c["status"] for c in (pod.get("status") or {}).get("conditions") or []}
+        return pod["metadata"]["uid"] != other_than and conditions.get("Ready") == "True"
 
-    return bytes(wasmtime.wat2wasm(path.read_text()))
 
-
-def _tenant(name: str, module: str, sha256: str, functions: list[str], gpu: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "tensorwasm.io/v1alpha1",
-        "kind": "Tenant",
-        "metadata": {"name": name, "namespace": NAMESPACE},
-        "spec": {
-            "module": {"configMapRef": {"name": f"{module}-module", "key": "module.wasm"}, "sha256": sha256},
-            "functions": functions,
-            "limits": {"gpuMemory": gpu, "linearMemory": "16Mi", "timeoutMs": 1000, "maxConcurrency": 2},
-        },
-    }
+def _total(body: bytes) -> object:
+    return struct.unpack("<q", body)[0] if len(body) == 8 else body
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,15 +170,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     plane = LocalControlPlane(args.dir, log=lambda m: print(m, flush=True))
     try:
-        banner("Start (or reuse) the local control plane")
+        banner("Start (or reuse) the local cluster")
         state = plane.up()
-        demo = Demo(plane, state)
-        demo.show_control_plane()
-        demo.apply_crds()
-        demo.show_statefulset()
-        demo.run_tenants(plane.state_dir / "demo-stack")
-        demo.show_planner()
-    except (ClusterError, StackError) as exc:
+        demo = Demo(DevRelease(plane, state, NAMESPACE))
+        demo.show_cluster()
+        demo.install()
+        demo.tenants()
+        demo.invoke()
+        demo.snapshot_and_restart()
+        demo.helm_test()
+        demo.planner()
+    except ClusterError as exc:
         print(f"demo failed: {exc}", file=sys.stderr)
         return 1
     finally:
@@ -249,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     banner("Done")
     if not args.down:
         print(f"The cluster keeps running: export KUBECONFIG={state.kubeconfig}")
-        print("Stop it with: make cluster-down")
+        print(f"Remove the release: helm uninstall tensorwasm -n {NAMESPACE}")
+        print("Stop everything: make cluster-down")
     return 0
 
 
