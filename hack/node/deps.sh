@@ -32,3 +32,8 @@ export DEBIAN_FRONTEND=noninteractive
 # Another apt run (another engineer, CI step) may hold the lock: wait for it rather than fail.
 apt_get() { apt-get -o DPkg::Lock::Timeout=600 "$@"; }
 apt_get install -y --no-install-recommends "${missing[@]}" >&2 || { apt_get update >&2 && apt_get install -y --no-install-recommends "${missing[@]}" >&2; }
+# Only prometheus' binaries are wanted: on a host with systemd its package starts a server on :9090,
+# the shards' admin port in local tests.
+if [[ " ${missing[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null && [[ -d /run/systemd/system ]]; then
+  systemctl disable --now prometheus.service >&2 || true
+fi
