@@ -75,3 +75,16 @@ def test_shard_resources_from_settings_and_gpu_limit() -> None:
     assert resources == {"requests": {"cpu": "250m"}, "limits": {"memory": "2Gi", "nvidia.com/gpu": "1"}}
     with pytest.raises(SettingsError, match="SHARD_RESOURCES"):
         load_settings({"TENSORWASM_OPERATOR_SHARD_RESOURCES": '{"request": {}}'})
+
+
+def test_the_operator_deployment_owns_the_shard_set() -> None:
+    from tensorwasm.operator.desired.shards import build_owner_reference, build_shard_service
+
+    deployment = {"metadata": {"name": "tensorwasm-operator", "uid": "u-1"}}
+    owner = build_owner_reference(deployment)
+    settings = OperatorSettings()
+    for obj in (build_shard_statefulset(settings, 2, owner), build_shard_service(settings, owner)):
+        assert obj["metadata"]["ownerReferences"] == [
+            {"apiVersion": "apps/v1", "kind": "Deployment", "name": "tensorwasm-operator", "uid": "u-1"}
+        ]
+    assert "ownerReferences" not in build_shard_statefulset(settings, 2)["metadata"]

@@ -33,7 +33,11 @@ from tensorwasm.api.stamps import now_rfc3339
 from tensorwasm.api.tenant import Tenant, parse_tenant
 from tensorwasm.kube.client import KubeApi, KubeError, resource_path, task_writes
 from tensorwasm.operator.desired.meta import MANAGED_SELECTOR
-from tensorwasm.operator.desired.shards import build_shard_service, build_shard_statefulset
+from tensorwasm.operator.desired.shards import (
+    build_owner_reference,
+    build_shard_service,
+    build_shard_statefulset,
+)
 from tensorwasm.operator.desired.tenant import build_tenant_service, build_token_secret, tenant_endpoint
 from tensorwasm.operator.moves import MoveStrategy, SnapshotMove
 from tensorwasm.operator.placement import Ledger
@@ -154,16 +158,30 @@ class Reconciler:
         path = resource_path("apps/v1", "statefulsets", s.namespace, s.shard_name)
         live = await self.api.get(path)
         replicas = int((live or {}).get("spec", {}).get("replicas", s.shards)) if live else s.shards
-        desired = build_shard_statefulset(s, replicas)
+        owner = await self._owner()
+        desired = build_shard_statefulset(s, replicas, owner)
         if not unchanged(desired, live):
             await self.api.apply(desired)
             log.info("Applied StatefulSet %s/%s replicas=%d", s.namespace, s.shard_name, replicas)
-        service = build_shard_service(s)
+        service = build_shard_service(s, owner)
         live_svc = await self.api.get(resource_path("v1", "services", s.namespace, s.shard_name))
         if not unchanged(service, live_svc):
             await self.api.apply(service)
             log.info("Applied Service %s/%s (headless, shards)", s.namespace, s.shard_name)
         return replicas
+
+    async def _owner(self) -> dict[str, Any] | None:
+        """The owner reference of the operator's own Deployment, when the chart names it."""
+        name = self.settings.owner_deployment
+        if not name:
+            return None
+        deployment = await self.api.get(
+            resource_path("apps/v1", "deployments", self.settings.namespace, name)
+        )
+        if deployment is None:
+            log.warning("Found no Deployment %s to own the shard set; it will outlive the release", name)
+            return None
+        return build_owner_reference(deployment)
 
     # -- watch events --------------------------------------------------------------------------
     def observe_owned(self, kind: str, event_type: str | None, body: Mapping[str, Any]) -> None:

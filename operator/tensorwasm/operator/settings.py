@@ -44,6 +44,7 @@ class OperatorSettings:
     shard_service_account: str = ""  # "" = the namespace's default ServiceAccount
     shard_mps_pipe_dir: str = ""  # "" = no MPS; else the host's MPS pipe directory (absolute)
     shard_hot_tier_bytes: int = 256 << 20  # each shard's snapshot hot tier (pinned host memory on GPUs)
+    owner_deployment: str = ""  # the operator's Deployment: owns the shard set, so uninstall removes it
     shard_snapshot_claim: str = ""  # PVC every shard mounts for snapshots; "" = an emptyDir per pod
     shard_resources: Mapping[str, Mapping[str, str]] = field(
         default_factory=lambda: {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}}
@@ -201,6 +202,7 @@ def _parse(env: Mapping[str, str]) -> OperatorSettings:
         shard_service_account=_get(env, "SHARD_SERVICE_ACCOUNT") or "",
         shard_mps_pipe_dir=mps_pipe_dir,
         shard_snapshot_claim=_get(env, "SHARD_SNAPSHOT_CLAIM") or "",
+        owner_deployment=_get(env, "OWNER_DEPLOYMENT") or "",
         shard_hot_tier_bytes=_bytes(env, "SHARD_HOT_TIER_BYTES", defaults.shard_hot_tier_bytes),
         shard_resources=_resources(env, defaults.shard_resources),
         standalone=_bool(env, "STANDALONE", defaults.standalone),

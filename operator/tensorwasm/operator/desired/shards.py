@@ -6,19 +6,42 @@ Pure; must not import kopf or kube/. The StatefulSet ordinal is the shard id; ea
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from tensorwasm.operator.desired.meta import shard_labels
 from tensorwasm.operator.settings import OperatorSettings
 
 
-def build_shard_service(settings: OperatorSettings) -> dict[str, Any]:
+def build_owner_reference(deployment: Mapping[str, Any]) -> dict[str, Any]:
+    """The operator's Deployment as the owner of the shard set: deleting the release (helm uninstall)
+    lets the garbage collector remove the StatefulSet, its pods and the headless Service."""
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": deployment["metadata"]["name"],
+        "uid": deployment["metadata"]["uid"],
+    }
+
+
+def _metadata(settings: OperatorSettings, owner: Mapping[str, Any] | None) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": settings.shard_name,
+        "namespace": settings.namespace,
+        "labels": shard_labels(settings.shard_name),
+    }
+    if owner is not None:
+        meta["ownerReferences"] = [dict(owner)]
+    return meta
+
+
+def build_shard_service(settings: OperatorSettings, owner: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Headless Service: stable DNS per shard pod (<pod>.<service>) for the StatefulSet."""
     labels = shard_labels(settings.shard_name)
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {"name": settings.shard_name, "namespace": settings.namespace, "labels": labels},
+        "metadata": _metadata(settings, owner),
         "spec": {
             "clusterIP": "None",
             "publishNotReadyAddresses": True,
@@ -78,7 +101,9 @@ def build_shard_volumes(settings: OperatorSettings) -> list[dict[str, Any]]:
     ]
 
 
-def build_shard_statefulset(settings: OperatorSettings, replicas: int) -> dict[str, Any]:
+def build_shard_statefulset(
+    settings: OperatorSettings, replicas: int, owner: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """The shard StatefulSet; `replicas` is the live count when it exists (an HPA may own it)."""
     labels = shard_labels(settings.shard_name)
     resources: dict[str, Any] = {k: dict(v) for k, v in settings.shard_resources.items()}
@@ -136,7 +161,7 @@ def build_shard_statefulset(settings: OperatorSettings, replicas: int) -> dict[s
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
-        "metadata": {"name": settings.shard_name, "namespace": settings.namespace, "labels": labels},
+        "metadata": _metadata(settings, owner),
         "spec": {
             "replicas": replicas,
             "serviceName": settings.shard_name,
