@@ -177,6 +177,10 @@ class DevRelease:
     def prepare(self, image: Image) -> None:
         """Image on the node, the restricted namespace, and the snapshot volume."""
         self.plane.import_image(self.state, image.archive)
+        self.prepare_storage()
+
+    def prepare_storage(self) -> None:
+        """The restricted namespace and the local volume the snapshot claim binds to."""
         self.apply(build_namespace(self.namespace), build_local_storage_class())
         self.volume_dir.mkdir(parents=True, exist_ok=True)
         os.chown(self.volume_dir, IMAGE_UID, IMAGE_UID)
