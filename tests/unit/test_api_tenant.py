@@ -88,7 +88,6 @@ def test_typed_fields() -> None:
         ({"limits": {"linearMemory": "1Ki"}}, "must be at least 64Ki (65536 bytes), got 1024 bytes"),
         ({"limits": {"gpuMemory": "lots"}}, "spec.limits.gpuMemory: must be a quantity"),
         ({"limits": {"maxConcurrency": "4"}}, "spec.limits.maxConcurrency: must be an integer"),
-        ({"limits": {"cpu": 1}}, "spec.limits: unknown field(s) cpu"),
         ({"module": {"sha256": SHA}}, "spec.module: exactly one of module.configMapRef or module.url"),
         ({"module": {"url": "ftp://x/m", "sha256": SHA}}, "spec.module.url: module.url must be an absolute"),
         ({"module": {"url": "https://x/m", "sha256": "A" * 64}}, "spec.module.sha256: 'AAAA"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 
 from tensorwasm.api.fields import InvalidSpec
@@ -71,3 +72,17 @@ def test_the_generator_reaches_both_verdicts() -> None:
 
     collect()
     assert seen == {True, False}
+
+
+def test_a_field_from_a_newer_crd_is_ignored_in_api_objects_and_refused_in_files() -> None:
+    """Mid-upgrade the CRD is new and the shards old: defaults the new CRD adds must not take
+    tenants down; in a file or on the command line an unknown field is a typo."""
+    spec = {
+        "module": {"url": "https://example.com/m.wasm", "sha256": "0" * 64},
+        "functions": ["f"],
+        "limits": {"newerLimit": 5},
+    }
+    tenant = parse_tenant({"metadata": {"name": "a"}, "spec": spec})
+    assert tenant.spec is not None and tenant.spec_error is None
+    with pytest.raises(InvalidSpec, match="unknown field"):
+        parse_spec(spec)

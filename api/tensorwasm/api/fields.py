@@ -161,13 +161,19 @@ def fields_of(model: type) -> list[tuple[str, Field]]:
 # --- parse ---------------------------------------------------------------------------------------
 
 
-def parse_model(model: type[T], raw: object, path: str) -> T:
-    """`raw` as `model`; raises InvalidSpec("<path>.<field>: why") for the first field that is wrong."""
+def parse_model(model: type[T], raw: object, path: str, *, ignore_unknown: bool = False) -> T:
+    """`raw` as `model`; raises InvalidSpec("<path>.<field>: why") for the first field that is wrong.
+
+    `ignore_unknown` is for objects the API server has already checked against the installed CRD:
+    a field this code does not know then comes from a newer CRD (an upgrade in progress: the CRD is
+    applied before the shards roll), and refusing it would take every tenant down mid-upgrade.
+    Files and CLI input keep refusing unknown fields (they are typos).
+    """
     if not isinstance(raw, Mapping):
         raise InvalidSpec(f"{path}: must be an object, got {_shown(raw)}")
     declared = fields_of(model)
     unknown = sorted(set(raw) - {f.name for _, f in declared})
-    if unknown:
+    if unknown and not ignore_unknown:
         raise InvalidSpec(f"{path}: unknown field(s) {', '.join(map(str, unknown))}")
     values: dict[str, Any] = {}
     for attribute, spec in declared:
@@ -176,9 +182,9 @@ def parse_model(model: type[T], raw: object, path: str) -> T:
             if spec.required:
                 raise InvalidSpec(f"{where}: is required")
             if spec.default is not None:
-                values[attribute] = _parse(spec, spec.default, where)
+                values[attribute] = _parse(spec, spec.default, where, ignore_unknown)
             continue
-        values[attribute] = _parse(spec, raw[spec.name], where)
+        values[attribute] = _parse(spec, raw[spec.name], where, ignore_unknown)
     for rule in getattr(model, "RULES", ()):
         if rule.check is not None and not rule.check(with_defaults(model, raw)):
             where = f"{path}{rule.field_path or ''}"
@@ -195,7 +201,7 @@ def with_defaults(model: type, raw: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _parse(spec: Field, value: Any, where: str) -> Any:
+def _parse(spec: Field, value: Any, where: str, ignore_unknown: bool = False) -> Any:
     parsed: Any
     if spec.kind == "integer":
         parsed = _integer(spec, value, where)
@@ -213,9 +219,9 @@ def _parse(spec: Field, value: Any, where: str) -> Any:
         parsed = _strings(spec, value, where)
     elif spec.kind == "object":
         assert spec.model is not None
-        parsed = parse_model(spec.model, value, where)
+        parsed = parse_model(spec.model, value, where, ignore_unknown=ignore_unknown)
     else:
-        parsed = _objects(spec, value, where)
+        parsed = _objects(spec, value, where, ignore_unknown)
     for rule in spec.rules:
         if rule.check is not None and not rule.check(value):
             raise InvalidSpec(f"{where}: {rule.message}")
@@ -271,12 +277,15 @@ def _strings(spec: Field, value: Any, where: str) -> tuple[str, ...]:
     return items
 
 
-def _objects(spec: Field, value: Any, where: str) -> tuple[Any, ...]:
+def _objects(spec: Field, value: Any, where: str, ignore_unknown: bool = False) -> tuple[Any, ...]:
     assert spec.model is not None and spec.map_key is not None
     if not isinstance(value, list):
         raise InvalidSpec(f"{where}: must be a list, got {_shown(value)}")
     _items(spec, value, where)
-    items: tuple[Any, ...] = tuple(parse_model(spec.model, v, f"{where}[{i}]") for i, v in enumerate(value))
+    items: tuple[Any, ...] = tuple(
+        parse_model(spec.model, v, f"{where}[{i}]", ignore_unknown=ignore_unknown)
+        for i, v in enumerate(value)
+    )
     keys = [v.get(spec.map_key) for v in value]
     if len(set(keys)) != len(keys):
         raise InvalidSpec(f"{where}: lists {spec.map_key} twice")

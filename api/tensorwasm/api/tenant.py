@@ -205,9 +205,12 @@ class TenantSpec:
         return self.auth_secret.name if self.auth_secret is not None else None
 
 
-def parse_spec(spec: object) -> TenantSpec:
-    """The one Tenant spec validator; raises InvalidSpec naming the offending field."""
-    return parse_model(TenantSpec, spec, "spec")
+def parse_spec(spec: object, *, from_api_server: bool = False) -> TenantSpec:
+    """The one Tenant spec validator; raises InvalidSpec naming the offending field.
+
+    `from_api_server`: the object passed the installed CRD's schema, so fields a newer CRD added
+    are ignored rather than refused (see fields.parse_model)."""
+    return parse_model(TenantSpec, spec, "spec", ignore_unknown=from_api_server)
 
 
 def tenant_name_problem(name: str) -> str | None:
@@ -282,7 +285,7 @@ def parse_tenant(body: Mapping[str, Any]) -> Tenant:
     spec: TenantSpec | None
     error: str | None
     try:
-        spec, error = parse_spec(body.get("spec") or {}), None
+        spec, error = parse_spec(body.get("spec") or {}, from_api_server=True), None
     except InvalidSpec as exc:
         spec, error = None, str(exc)
     return Tenant(

@@ -142,7 +142,7 @@ def parse_kube_tenant(
 ) -> TenantConfig:
     """Parse a Tenant whose token, module bytes (configMapRef) and PTX the source has resolved."""
     meta = _mapping(obj.get("metadata"), "metadata")
-    spec = parse_spec(obj.get("spec"))
+    spec = parse_spec(obj.get("spec"), from_api_server=True)
     if spec.module.config_map is not None:
         if module_data is None:
             raise InvalidSpec("spec.module.configMapRef: module data was not resolved")
