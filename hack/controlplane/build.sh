@@ -33,8 +33,9 @@ flock -n 9 || { echo "[controlplane] waiting for another build.sh on $bin" >&2; 
 
 KUBE_COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy)
 export GOTOOLCHAIN=local CGO_ENABLED=0
-# Cold-build seconds measured on the 2-core dev box (README), for the estimate; a warm build is faster.
-declare -A COLD_S=([tensorwasm-kube]=540 [containerd]=150 [kwok]=200 [helm]=150 [pause]=5)
+# Cold-build seconds on an idle 2-core machine (projected from CPU time, docs/dev-cluster.md), shown
+# before the package count gives a better estimate; a warm build is much faster.
+declare -A COLD_S=([tensorwasm-kube]=1200 [containerd]=240 [kwok]=300 [helm]=240 [pause]=30)
 
 start=$(date +%s)
 step() { printf '[controlplane %4ss] %s\n' "$(( $(date +%s) - start ))" "$*" >&2; }
@@ -56,8 +57,9 @@ watch_progress() {  # watch_progress NAME TOTAL LOGFILE PID
     sleep 20
     kill -0 "$pid" 2>/dev/null || break
     done=$(grep -vc '^go: \|^#' "$log" 2>/dev/null || true)
-    if (( done > 0 && total > 0 )); then
-      (( done > total )) && done=$total
+    if (( done >= total && total > 0 )); then
+      step "$name: linking (one link of every component; a few minutes on a busy 2-core machine)"
+    elif (( done > 0 )); then
       left=$(( ($(date +%s) - t0) * (total - done) / done ))
       step "$name: $done/$total packages compiled, about $(fmt_min "$left") left (then one link)"
     fi
