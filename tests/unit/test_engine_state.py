@@ -10,6 +10,7 @@ import pytest
 
 from tensorwasm.runtime.engine import Engine, WasmState
 from tensorwasm.runtime.errors import SnapshotRejected
+from tests.conftest import wait_for
 from tests.unit.engine_helpers import fixture, in_thread, pool
 
 PAGE = 64 << 10
@@ -82,14 +83,17 @@ def test_quiesce_waits_for_in_flight_invokes_and_holds_new_ones(engine: Engine) 
     p = pool(engine, fixture(engine, "runaway"), timeout_s=0.3, max_instances=2)
     events: list[str] = []
     spinner = in_thread(lambda: p.invoke("spin", b""), events, "spin")
-    time.sleep(0.05)
+    # The spinner has its instance once one of the two left the idle queue (observable, not timed;
+    # a spinner already done, on a very slow machine, leaves the same assertions true).
+    wait_for(lambda: p._idle.qsize() == 1 or not spinner.is_alive(), 60, "the spinner ran", interval=0.005)
     with p.quiesce():
+        assert len(p._held) == 2  # the barrier waited for the spinner to give its instance back
+        spinner.join(60)
         events.append("barrier")
         late = in_thread(lambda: p.invoke("ok", b""), events, "late")
         time.sleep(0.1)
-        assert events == ["spin:deadline_exceeded", "barrier"]  # waited for the spinner; holds the late one
+        assert events == ["spin:deadline_exceeded", "barrier"]  # the late one is held
         with p.quiesce():  # reentrant for the holder (capture/restore inside a barrier)
             p.capture_state()
-    late.join(timeout=2)
-    spinner.join()
+    late.join(timeout=60)
     assert events == ["spin:deadline_exceeded", "barrier", "late"]
