@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -151,3 +152,25 @@ def test_a_shard_token_reads_only_its_namespace_and_cannot_write_tenant_specs(re
     assert not _can(release, shard, "update", "tenants.tensorwasm.io", "-n", NAMESPACE)
     assert _can(release, shard, "patch", "tenants.tensorwasm.io", "--subresource=status", "-n", NAMESPACE)
     assert not _can(release, shard, "create", "pods", "-n", NAMESPACE)
+
+
+def _node_ready(release: DevRelease) -> str:
+    jsonpath = '{.status.conditions[?(@.type=="Ready")].status}'
+    return release.kubectl("get", "node", "tensorwasm-real", "-o", f"jsonpath={jsonpath}").strip()
+
+
+def test_the_tenant_serves_through_a_kubelet_and_containerd_crash(release: DevRelease) -> None:
+    """Last in this module: it kills the shared test cluster's node daemons (and restarts them)."""
+    release.wait_tenant_ready("counter")
+    access = release.access("counter")
+    for daemon in ("kubelet", "containerd"):
+        os.kill(release.plane.state().pids[daemon], signal.SIGKILL)  # type: ignore[union-attr]
+        try:
+            wait_for(lambda: _node_ready(release) != "True", 120, f"the node NotReady without {daemon}")
+            # The pods keep running without their node daemons (containerd-shim holds them).
+            assert access.invoke("add", struct.pack("<q", 0))[0] == 200
+        finally:
+            release.plane.restart(daemon)
+        wait_for(lambda: _node_ready(release) == "True", 120, f"the node Ready after restarting {daemon}")
+        release.wait_tenant_ready("counter")
+        assert access.invoke("add", struct.pack("<q", 0)) == (200, struct.pack("<q", 42))
