@@ -46,22 +46,11 @@ def ensure_host_tools() -> None:
         raise BuildError(f"missing host tools and no apt-get to install them: Debian packages {missing}")
     print(f"image: installing host packages {' '.join(missing)}", file=sys.stderr)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    result = subprocess.run(
-        ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode != 0:
+    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing]
+    result = subprocess.run(install, env=env, capture_output=True, text=True, check=False)
+    if result.returncode != 0:  # stale package lists on a fresh machine: update once, then again
         subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, check=False)
-        result = subprocess.run(
-            ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        result = subprocess.run(install, env=env, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         problems = diagnose(result.stdout + result.stderr) or [result.stderr.strip()[-500:]]
         raise BuildError("cannot install the host tools: " + "; ".join(problems))

@@ -66,19 +66,11 @@ def set_args(values: list[str] | tuple[str, ...]) -> list[str]:
 
 
 def render(
-    kube: Any, *sets: str, namespace: str = "tw-chart", extra: tuple[str, ...] = ()
+    kube: Any, *sets: str, namespace: str = "tw-chart", extra: tuple[str, ...] = (), only: str = ""
 ) -> list[dict[str, Any]]:
-    # The `helm test` hooks are checked on their own (test_selftest_hooks_*).
-    args = [
-        "template",
-        RELEASE,
-        str(CHART),
-        "--namespace",
-        namespace,
-        "--skip-tests",
-        *extra,
-        *set_args(sets),
-    ]
+    """The chart's objects; the `helm test` hooks only when `only` names their template."""
+    selected = ("--show-only", only) if only else ("--skip-tests",)
+    args = ["template", RELEASE, str(CHART), "--namespace", namespace, *selected, *extra, *set_args(sets)]
     return [doc for doc in yaml.safe_load_all(helm(kube, *args).stdout) if doc]
 
 
@@ -532,16 +524,7 @@ def test_install_runs_the_operator_with_its_rbac_and_uninstall_removes_it(
 
 
 def test_selftest_hooks_name_what_the_operator_creates_and_pass_dry_run(kube: Any, namespace: str) -> None:
-    args = [
-        "template",
-        RELEASE,
-        str(CHART),
-        "--namespace",
-        namespace,
-        "--show-only",
-        "templates/selftest-test.yaml",
-    ]
-    docs = [d for d in yaml.safe_load_all(helm(kube, *args).stdout) if d]
+    docs = render(kube, namespace=namespace, only="templates/selftest-test.yaml")
     assert all(d["metadata"]["annotations"]["helm.sh/hook"] == "test" for d in docs)
     tenant = one(docs, "Tenant")
     name = tenant["metadata"]["name"]
