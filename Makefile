@@ -80,15 +80,15 @@ helm-lint: controlplane ## helm lint --strict the chart (defaults, every feature
 
 .PHONY: lint
 lint: install ## ruff, mypy (strict) and import-linter contracts
-	$(VENV)/bin/ruff check api operator runtime tests bench
-	$(VENV)/bin/ruff format --check api operator runtime tests bench
+	$(VENV)/bin/ruff check api operator runtime dev tests bench
+	$(VENV)/bin/ruff format --check api operator runtime dev tests bench
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
 .PHONY: fmt
 fmt: install ## Format the code with ruff
-	$(VENV)/bin/ruff format api operator runtime tests bench
-	$(VENV)/bin/ruff check --fix api operator runtime tests bench
+	$(VENV)/bin/ruff format api operator runtime dev tests bench
+	$(VENV)/bin/ruff check --fix api operator runtime dev tests bench
 
 .PHONY: bench
 bench: install controlplane ## Run the benchmarks; results in bench/results, table in docs/performance.md

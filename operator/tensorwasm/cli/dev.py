@@ -7,6 +7,7 @@ Must not import kopf or the runtime; the work is in tensorwasm.dev.cluster.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,21 @@ def register(subparsers: Any) -> None:
     dev_prometheus.register(dev_sub)  # `dev prometheus`: its own module
 
 
+def dev_tools_missing() -> bool:
+    """True (after saying why) where tensorwasm.dev is absent: it ships with checkouts, not the wheel."""
+    if importlib.util.find_spec("tensorwasm.dev") is not None:
+        return False
+    print(
+        "tensorwasm dev: the dev cluster tools come with a source checkout (`make install`), "
+        "not with the wheel or the image",
+        file=sys.stderr,
+    )
+    return True
+
+
 def run_cluster(args: argparse.Namespace) -> int:
+    if dev_tools_missing():
+        return 2
     from tensorwasm.dev.cluster import ClusterError, LocalControlPlane
 
     def log(msg: str) -> None:

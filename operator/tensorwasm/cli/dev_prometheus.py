@@ -38,6 +38,10 @@ def register(dev_sub: Any) -> None:
 
 
 def run_prometheus(args: argparse.Namespace) -> int:
+    from tensorwasm.cli.dev import dev_tools_missing
+
+    if dev_tools_missing():
+        return 2
     from tensorwasm.dev import prometheus
     from tensorwasm.dev.cluster import ClusterError, LocalControlPlane
 
