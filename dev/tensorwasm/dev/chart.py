@@ -111,18 +111,29 @@ class TenantAccess:
     url: str  # http://<ClusterIP>:<port>
     token: str
 
-    def invoke(self, function: str, body: bytes, timeout_s: float = 10.0) -> tuple[int, bytes]:
+    def invoke(
+        self, function: str, body: bytes, timeout_s: float = 10.0, connect_within_s: float = 60.0
+    ) -> tuple[int, bytes]:
+        """One POST; (status, body). Connection failures are retried for `connect_within_s`: a new
+        Service's ClusterIP answers only once kube-proxy has programmed it, which on a busy node can
+        lag the Tenant turning Ready by seconds."""
+        deadline = time.monotonic() + connect_within_s
         request = urllib.request.Request(
             f"{self.url}/v1/functions/{function}/invoke",
             data=body,
             method="POST",
             headers={"Authorization": f"Bearer {self.token}"},
         )
-        try:
-            with urllib.request.urlopen(request, timeout=timeout_s) as response:
-                return response.status, response.read()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read()
+        while True:
+            try:
+                with urllib.request.urlopen(request, timeout=timeout_s) as response:
+                    return response.status, response.read()
+            except urllib.error.HTTPError as exc:
+                return exc.code, exc.read()
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
 
 
 class DevRelease:
