@@ -17,7 +17,7 @@ help: ## Show this help
 	  /^##@/ { printf "\n\033[1m%s\033[0m\n", substr($$0, 5) }' $(MAKEFILE_LIST)
 
 .PHONY: demo
-demo: install controlplane ## Bring up a local control plane and run the whole flow on it
+demo: install controlplane ## Local cluster with a real node: build the image, helm install, run the whole flow on real pods
 	$(PY) -m tensorwasm.dev.demo
 
 .PHONY: test
