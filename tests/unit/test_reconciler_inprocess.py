@@ -15,6 +15,7 @@ from dataclasses import replace
 from typing import Any
 
 from tensorwasm.api.group import API_VERSION, FINALIZER, LABEL_TENANT
+from tensorwasm.operator.placement import ranked
 from tensorwasm.operator.reconciler import Reconciler
 from tensorwasm.operator.settings import OperatorSettings
 from tensorwasm.planner.admission import ShardCapacity
@@ -183,6 +184,8 @@ def test_scaling_in_moves_tenants_at_once_and_scaling_out_moves_them_through_a_s
             await reconciler.drain()
             movers = [snap["spec"]["tenant"] for snap in fake.items(SNAPSHOTS)]
             assert 1 <= len(movers) <= len(names) // 2
+            # Rendezvous hashing: only tenants that now rank the new shard first may move.
+            assert set(movers) <= {n for n in names if ranked(n, 2)[0] == 1}
             for snap in fake.items(SNAPSHOTS):
                 mover = snap["spec"]["tenant"]
                 assert snap["metadata"]["labels"]["tensorwasm.io/purpose"] == "move"
