@@ -141,3 +141,21 @@ class AcceleratorFailed(RuntimeFault):
     """The GPU context is poisoned (sticky CUDA error); the shard must restart."""
 
     kind, status = "accelerator_failed", 503
+
+
+class RateLimited(QueueFull):
+    """The tenant is over its spec.rateLimit (token bucket); retry after `retry_after_s`."""
+
+    kind, status = "rate_limited", 429
+
+
+class JobsFull(QueueFull):
+    """The tenant's async job table is at its bound; retry after `retry_after_s`."""
+
+    kind, status = "jobs_full", 429
+
+
+class Cancelled(RuntimeFault):
+    """The run was cancelled: DELETE on its job, or the streaming client went away."""
+
+    kind, status = "cancelled", 409
