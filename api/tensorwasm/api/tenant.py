@@ -108,6 +108,14 @@ class Limits:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RateLimit:
+    """Invokes per second for the whole tenant (every token of it), as a token bucket (issue 14)."""
+
+    requests_per_second: int | None = integer("requestsPerSecond", "Invokes per second the tenant may start (sync, async and streamed alike); absent means no limit. Past it the shard answers 429 rate_limited with Retry-After from the bucket.", minimum=1, maximum=1_000_000)  # fmt: skip
+    burst: int | None = integer("burst", "Invokes the bucket holds when full (a burst after a quiet spell); absent means one second's worth (requestsPerSecond).", minimum=1, maximum=1_000_000)  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
 class GpuShare:
     sm_percent: int | None = integer(
         "smPercent", "Percent of the GPU's SMs; absent means no share requested.", minimum=1, maximum=100
@@ -191,9 +199,10 @@ class TenantSpec:
     )  # fmt: skip
     auth_secret: SecretRef | None = nested(
         "authSecretRef", SecretRef,
-        'Secret (key "token") holding the bearer token; the operator creates it when it does not exist.',
+        'Secret holding the bearer tokens: key "token" (invoke and read), optional keys "token.<id>" (more invoke tokens, for rotation) and "read-token"/"read-token.<id>" (read-only: listing, jobs, no invoke); the operator creates it with "token" when it does not exist.',
     )  # fmt: skip
     placement: PlacementHints = nested("placement", PlacementHints, "Placement hints.", default_empty=True)
+    rate_limit: RateLimit = nested("rateLimit", RateLimit, "Request rate limit of the tenant (token bucket).", default_empty=True)  # fmt: skip
 
     @property
     def sm_percent(self) -> int:
