@@ -188,6 +188,39 @@ def write_serving_cert(pki: Path, sans: Sequence[str]) -> None:
     (pki / "apiserver.key").chmod(0o600)
 
 
+def write_front_proxy_certs(pki: Path) -> list[str]:
+    """The aggregation layer's client identity: the API server proxies requests for an APIService
+    (KEDA's external.metrics.k8s.io) with this certificate, and the extension server trusts the user
+    headers it sets because the CA is in kube-system/extension-apiserver-authentication."""
+    ca, client = pki / "front-proxy-ca", pki / "front-proxy-client"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650",
+         "-keyout", f"{ca}.key", "-out", f"{ca}.crt", "-subj", "/CN=tensorwasm-dev-front-proxy-ca"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    subprocess.run(
+        ["openssl", "req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{client}.key",
+         "-out", f"{client}.csr", "-subj", "/CN=front-proxy-client"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    subprocess.run(
+        ["openssl", "x509", "-req", "-in", f"{client}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
+         "-CAcreateserial", "-days", "3650", "-out", f"{client}.crt",
+         "-extfile", "/dev/stdin"],
+        input="extendedKeyUsage=clientAuth\n", text=True, check=True, capture_output=True,
+    )  # fmt: skip
+    for key in (f"{ca}.key", f"{client}.key"):
+        Path(key).chmod(0o600)
+    return [
+        f"--requestheader-client-ca-file={ca}.crt", "--requestheader-allowed-names=front-proxy-client",
+        "--requestheader-username-headers=X-Remote-User", "--requestheader-group-headers=X-Remote-Group",
+        "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+        f"--proxy-client-cert-file={client}.crt", f"--proxy-client-key-file={client}.key",
+        # Dial an APIService's endpoint (a pod address, routed from the host), not its ClusterIP.
+        "--enable-aggregator-routing=true",
+    ]  # fmt: skip
+
+
 def build_fake_node(name: str, gpus: int) -> dict[str, object]:
     """A kwok-managed node; GPU nodes advertise nvidia.com/gpu like the device plugin would."""
     capacity = {"cpu": "16", "memory": "128Gi", "pods": "110"}
@@ -295,6 +328,7 @@ class LocalControlPlane:
         sa_key = pki / "sa.key"
         subprocess.run(["openssl", "genrsa", "-out", str(sa_key), "2048"], check=True, capture_output=True)
         write_serving_cert(pki, build_serving_cert_sans(state))
+        aggregation_args = write_front_proxy_certs(pki)
         (pki / "tokens.csv").write_text(f"{state.token},admin,admin,system:masters\n")
         sa_key.chmod(0o600)
 
@@ -320,6 +354,7 @@ class LocalControlPlane:
             "--enable-priority-and-fairness=false", "--v=0",
             # Nothing resolves node names here: logs, exec and port-forward dial the node's address.
             "--kubelet-preferred-address-types=InternalIP,Hostname",
+            *aggregation_args,
             *self._apiserver_address_args(state),
         ])  # fmt: skip
         self._write_kubeconfig_when_cert_exists(state, timeout_s)
