@@ -95,6 +95,8 @@ def test_tenants_are_placed_with_finalizer_secret_service_and_status_then_nothin
             for name in ("a", "b", "c", "d"):
                 await fake.put(TENANTS, tenant(name))
             await fake.wait_for(lambda: all(status(fake, n).get("phase") == "Placed" for n in "abcd"))
+            # Each Tenant's phase change posts one Event, after its status write.
+            await fake.wait_for(lambda: len(fake.items(f"/api/v1/namespaces/{NS}/events")) == 4)
             await reconciler.drain()
             for name in "abcd":
                 shard = status(fake, name)["shard"]

@@ -123,6 +123,8 @@ class Reconciler:
         # Tenant -> the resourceVersion a reconcile last converged on: the watch echoes our own
         # writes (finalizer, status) back, and reconciling a version we produced changes nothing.
         self._settled: dict[str, str] = {}
+        # Tenant -> the status.phase last seen, whoever wrote it (we or the shard): an Event per change.
+        self._phases: dict[str, str] = {}
 
     # -- start-up ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -140,6 +142,7 @@ class Reconciler:
         bodies.sort(key=lambda b: (b["metadata"].get("creationTimestamp", ""), b["metadata"]["name"]))
         for body in bodies:
             self.tenants[body["metadata"]["name"]] = body
+            self._phases[body["metadata"]["name"]] = phase_of(body)  # a restart posts no Events
             tenant = parse_tenant(body)
             ordinal = shard_ordinal(self.settings.shard_name, tenant.shard)
             if tenant.spec is not None and not tenant.deleting and ordinal is not None and ordinal < replicas:
@@ -205,6 +208,7 @@ class Reconciler:
             return
         if not is_older(body, self.tenants.get(name)):
             self.tenants[name] = dict(body)
+            await self._phase_changed(body)  # a shard's status write moves the phase too
         await self.reconcile(name)
 
     async def on_snapshot(self, event_type: str | None, body: Mapping[str, Any]) -> None:
@@ -276,6 +280,7 @@ class Reconciler:
 
     def forget(self, name: str) -> None:
         self.tenants.pop(name, None)
+        self._phases.pop(name, None)
         self._settled.pop(name, None)
         timer = self._timers.pop(name, None)
         if timer is not None:
@@ -348,9 +353,7 @@ class Reconciler:
             updated = await self.api.merge_patch(path + "/status", {"status": patch})
             if updated:
                 self.tenants[tenant.name] = updated
-            # Warnings only: a Normal event per phase change doubled the writes of a healthy tenant.
-            if ("phase" in patch or "shard" in patch) and desired["phase"] in WARNING_PHASES:
-                await self._post_phase_event(body, desired)
+                await self._phase_changed(updated)
         return str(desired["phase"])
 
     async def _set_finalizers(self, path: str, body: JSON, finalizers: list[str]) -> JSON:
@@ -450,12 +453,27 @@ class Reconciler:
                 return
         self.services[name] = await self.api.apply(desired)
 
-    async def _post_phase_event(self, body: JSON, status: Mapping[str, Any]) -> None:
-        phase = str(status["phase"])
-        ready = next(c for c in status["conditions"] if c["type"] == "Ready")
-        message = f"shard={status.get('shard') or '-'}: {ready['message']}"
-        reason = ready["reason"] if phase in WARNING_PHASES else phase
-        await self.api.post_event(body, "Warning", reason, message, "tensorwasm-operator")
+    async def _phase_changed(self, body: Mapping[str, Any]) -> None:
+        """Post an Event when status.phase differs from the last phase seen (ours or a shard's write).
+
+        Watch echoes of a write already seen carry the same phase, so each transition posts once.
+        """
+        name, phase = body["metadata"]["name"], phase_of(body)
+        old = self._phases.get(name)
+        self._phases[name] = phase
+        if not phase or phase == old or is_deleting(body):
+            return
+        status = body.get("status") or {}
+        ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+        reason = str(ready.get("reason") or phase)
+        message = (
+            f"{old or 'New'} -> {phase} on shard {status.get('shard') or '-'}: {ready.get('message', '')}"
+        )
+        kind = "Warning" if phase in WARNING_PHASES else "Normal"
+        involved = {**body, "apiVersion": API_VERSION, "kind": TENANT.kind}  # list items carry neither
+        await self.api.post_event(involved, kind, reason, message, "tensorwasm-operator")
+        log.info("Posted Event Tenant %s/%s %s reason=%s phase=%s", body["metadata"].get("namespace"),
+                 name, kind, reason, phase)  # fmt: skip
 
     async def drain(self) -> None:
         """Wait for spawned reconciles (tests and shutdown)."""
