@@ -320,3 +320,38 @@ SNAPSHOT_HOT_TIER_BYTES = Gauge(
     ["kind"],
     registry=REGISTRY,
 )
+
+# --- idle tenants: sleep and wake (runtime/sleep.py, tenancy/idle.py) ---
+
+_WAKE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+TENANT_SLEEPS = Counter(
+    "tensorwasm_tenant_sleeps_total",
+    "Tenants put to sleep in a snapshot, by reason: idle (spec.idle.after passed) or evicted (room for a wake).",
+    ["reason"],
+    registry=REGISTRY,
+)
+TENANT_WAKES = Counter(
+    "tensorwasm_tenant_wakes_total",
+    "Sleeping tenants woken by a request, by source: hot (pinned hot tier), file, module (no usable "
+    "snapshot) or failed (the restore was refused: the waiting requests failed, the tenant restarted "
+    "from its module).",
+    ["source"],
+    registry=REGISTRY,
+)
+TENANT_WAKE_SECONDS = Histogram(
+    "tensorwasm_tenant_wake_seconds",
+    "Time from a request finding its tenant asleep to the tenant serving (room, open, restore).",
+    buckets=_WAKE_BUCKETS,
+    registry=REGISTRY,
+)
+TENANTS_ASLEEP = Gauge(
+    "tensorwasm_tenants_asleep",
+    "Tenants of this shard asleep in a snapshot (no instances, no GPU memory).",
+    registry=REGISTRY,
+)
+RESIDENT_GPU_BYTES = Gauge(
+    "tensorwasm_resident_gpu_bytes",
+    "GPU bytes reserved by awake tenants (their caps) and the shard's resident budget (0: none).",
+    ["kind"],
+    registry=REGISTRY,
+)
