@@ -131,6 +131,13 @@ class TenantNotReady(RuntimeFault):
     kind, status = "tenant_not_ready", 503
 
 
+class TenantMoving(RuntimeFault):
+    """The tenant is moving to another shard: this shard holds it at the move barrier (or has just
+    given it up); retry after `retry_after_s`, by then its new shard serves it."""
+
+    kind, status = "tenant_moving", 503
+
+
 class SnapshotRejected(RuntimeFault):
     """A snapshot blob failed verification or does not belong to this tenant/module."""
 

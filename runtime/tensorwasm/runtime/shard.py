@@ -97,6 +97,8 @@ class Shard:
     served: dict[str, ServedTenant] = field(default_factory=dict)
     by_auth: dict[str, ServedTenant] = field(default_factory=dict)  # "Bearer <token>" -> tenant
     waiting_auth: dict[str, str] = field(default_factory=dict)  # "Bearer <token>" -> unserved tenant
+    held_auth: dict[str, str] = field(default_factory=dict)  # "Bearer <token>" -> tenant held (moving)
+    holds: dict[str, str] = field(default_factory=dict)  # tenant -> its "Bearer <token>" while held
     statuses: dict[str, TenantStatus] = field(default_factory=dict)  # every assigned tenant
     assigned: dict[str, TenantConfig] = field(default_factory=dict)  # last config seen per tenant
     stats: dict[str, dict[str, metrics.InvokeStats]] = field(default_factory=dict)  # tenant -> function
@@ -195,6 +197,31 @@ class Shard:
                 self._unwatched.discard(task)  # type: ignore[arg-type]
                 if self.on_load_done is not None:
                     self.on_load_done()
+
+    # --- the move barrier (sources/kube.py decides when) ---
+
+    def hold(self, name: str) -> bool:
+        """Stop admitting `name`'s new requests (503 tenant_moving with Retry-After, also after it is
+        unloaded, until `release`); in-flight ones finish. False: not served here, nothing held."""
+        if name not in self.holds:
+            tenant = self.served.get(name)
+            if tenant is None:
+                return False
+            self.holds[name] = f"Bearer {tenant.config.token}"
+            self._rebuild_auth()
+            log.info("Held Tenant name=%s (moving)", name)
+        return True
+
+    def release(self, name: str) -> None:
+        """Admit `name` again (a move rolled back), or forget the token of a tenant that left."""
+        if self.holds.pop(name, None) is not None:
+            self._rebuild_auth()
+            log.info("Released Tenant name=%s", name)
+
+    def drained(self, name: str) -> bool:
+        """No invoke of `name` admitted and unfinished (nothing to lose by capturing it now)."""
+        tenant = self.served.get(name)
+        return tenant is None or tenant.queue.outstanding == 0
 
     def status(self, name: str) -> TenantStatus | None:
         """The current report for a tenant, with live GPU bytes."""
@@ -413,18 +440,24 @@ class Shard:
         log.warning("Refused Tenant name=%s reason=%s message=%s", config.name, reason, message)
 
     def _token_owner(self, config: TenantConfig) -> str | None:
+        mine = {token for _, token, _ in config.all_tokens()}  # every key of its Secret (issue 14)
         for other in self.served.values():
-            if other.name != config.name and other.config.token == config.token:
+            if other.name != config.name and any(t in mine for _, t, _ in other.config.all_tokens()):
                 return other.name
         return None
 
     def _rebuild_auth(self) -> None:
         # Replaced wholesale, never mutated: a request reading the old dict sees a consistent view.
-        self.by_auth = {f"Bearer {t.config.token}": t for t in self.served.values()}
+        self.by_auth = {
+            f"Bearer {t.config.token}": t for t in self.served.values() if t.name not in self.holds
+        }
+        self.held_auth = {header: name for name, header in self.holds.items()}
         self.waiting_auth = {
             f"Bearer {c.token}": c.name
             for c in self.assigned.values()
-            if c.name not in self.served and f"Bearer {c.token}" not in self.by_auth
+            if c.name not in self.served
+            and f"Bearer {c.token}" not in self.by_auth
+            and f"Bearer {c.token}" not in self.held_auth
         }
 
 

@@ -32,6 +32,7 @@ from tensorwasm.runtime.errors import (
     QueueFull,
     RequestTimeout,
     RuntimeFault,
+    TenantMoving,
     TenantNotReady,
     Unauthenticated,
 )
@@ -46,6 +47,8 @@ CLIENT_MAX_SIZE = 1 << 30
 OCTET = "application/octet-stream"
 _OCTET_HEADERS = {"Content-Type": OCTET}  # copied by Response; cheaper than content_type= parsing
 _JSON_HEADERS = {"Content-Type": "application/json"}  # JSON in, JSON out: the guest speaks it
+# Retry-After of the 503s (whole seconds on the wire): a move barrier lasts about one capture.
+MOVING_RETRY_AFTER_S = NOT_READY_RETRY_AFTER_S = 1.0
 _UNKNOWN_FUNCTION = "<unknown>"  # metric label for names a tenant does not export (bounded cardinality)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -54,7 +57,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def fault_response(exc: RuntimeFault) -> web.Response:
     """The one error envelope: {"error": {"kind", "message", ...details}} with the fault's status."""
     headers = None
-    if isinstance(exc, QueueFull):
+    if isinstance(exc, QueueFull) or "retry_after_s" in exc.details:  # 429s, and 503s that pass
         headers = {"Retry-After": retry_after_header(float(exc.details.get("retry_after_s", 1.0)))}
     elif isinstance(exc, Unauthenticated):
         headers = {"WWW-Authenticate": 'Bearer realm="tensorwasm"'}
@@ -211,13 +214,19 @@ class _Api:
                 "too many failed authentications from this address", retry_after_s=round(wait, 3)
             )))  # fmt: skip
         if header:
+            held = self.shard.held_auth.get(header)
+            if held is not None:  # at a move barrier: closing makes the client's retry reconnect
+                moving = TenantMoving(f"tenant {held} is moving to another shard", tenant=held,
+                                      retry_after_s=MOVING_RETRY_AFTER_S)  # fmt: skip
+                return _closing(fault_response(moving))
             waiting = self.shard.waiting_auth.get(header)
             if waiting is not None:
                 status = self.shard.statuses.get(waiting)
                 reason = status.reason if status else "Unknown"
                 not_ready = TenantNotReady(
-                    f"tenant {waiting} is not serving ({reason})", tenant=waiting, reason=reason
-                )
+                    f"tenant {waiting} is not serving ({reason})", tenant=waiting, reason=reason,
+                    retry_after_s=NOT_READY_RETRY_AFTER_S,
+                )  # fmt: skip
                 return _closing(fault_response(not_ready))
         self.auth_failures.failed(source)
         if not header:
