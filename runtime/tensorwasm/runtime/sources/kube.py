@@ -46,7 +46,7 @@ from tensorwasm.kube.client import KubeApi, KubeError, connect, resource_path
 from tensorwasm.kube.informer import Informer
 from tensorwasm.runtime.settings import RuntimeSettings
 from tensorwasm.runtime.shard import ServedTenant, Shard, TenantStatus
-from tensorwasm.runtime.tenancy.config import TenantConfig, parse_kube_tenant
+from tensorwasm.runtime.tenancy.config import TOKEN_KEY, TenantConfig, parse_kube_tenant, token_key_scope
 
 if TYPE_CHECKING:
     from tensorwasm.runtime.accel.base import TenantDevice
@@ -187,8 +187,19 @@ def _resolve_one(obj: Mapping[str, Any], view: ClusterView) -> TenantConfig:
     for i, kernel in enumerate(spec.get("kernels") or []):
         ptx = _configmap_key(view, ns, (kernel or {}).get("configMapRef") or {}, f"spec.kernels[{i}]")
         kernels.append((str(kernel.get("name", "")), ptx.decode()))
+    # The Secret's other token keys: more invoke tokens (rotation) and read-only ones (issue 14).
+    extra = tuple(
+        (key, value.decode().strip(), scope)
+        for key, value in sorted(secret.items())
+        if key != TOKEN_KEY and (scope := token_key_scope(key)) is not None and value.strip()
+    )
     return parse_kube_tenant(
-        obj, token=token, module_data=module_data, module_origin=origin, kernels=tuple(kernels)
+        obj,
+        token=token,
+        module_data=module_data,
+        module_origin=origin,
+        kernels=tuple(kernels),
+        extra_tokens=extra,
     )
 
 

@@ -24,6 +24,7 @@ from tensorwasm.api.tenant import (
     SHA256_PATTERN,
     GpuShare,
     Limits,
+    RateLimit,
     is_http_url,
     parse_spec,
 )
@@ -47,6 +48,23 @@ class ModuleSource:
         return f"url {self.url}" if self.url else "inline data"
 
 
+# Token scopes (issue 14): an invoke token may also read; a read token lists functions and reads
+# jobs, never invokes or cancels.
+SCOPE_INVOKE, SCOPE_READ = "invoke", "read"
+SCOPES = (SCOPE_INVOKE, SCOPE_READ)
+# Secret keys (and their ids in the audit log): "token" and "token.<id>" invoke, "read-token" and
+# "read-token.<id>" read. The id is what the audit log names, never the token.
+TOKEN_KEY, READ_TOKEN_KEY = "token", "read-token"
+
+
+def token_key_scope(key: str) -> str | None:
+    """The scope a token Secret key grants (None: not a token key)."""
+    for prefix, scope in ((TOKEN_KEY, SCOPE_INVOKE), (READ_TOKEN_KEY, SCOPE_READ)):
+        if key == prefix or (key.startswith(prefix + ".") and len(key) > len(prefix) + 1):
+            return scope
+    return None
+
+
 @dataclass(frozen=True)
 class TenantConfig:
     """Everything the shard needs to serve one tenant; equal configs need no reload."""
@@ -61,6 +79,13 @@ class TenantConfig:
     namespace: str = ""
     generation: int = 0
     uid: str = ""  # Kubernetes metadata.uid: a re-created Tenant is a new tenant (fresh state, own snapshots)
+    # Tokens beyond `token` (which is key "token", scope invoke): (key, token, scope).
+    extra_tokens: tuple[tuple[str, str, str], ...] = field(default=(), repr=False)
+    rate_limit: RateLimit = field(default_factory=RateLimit)
+
+    def all_tokens(self) -> tuple[tuple[str, str, str], ...]:
+        """Every (key, token, scope) of this tenant, the primary first."""
+        return ((TOKEN_KEY, self.token, SCOPE_INVOKE), *self.extra_tokens)
 
     def same_code(self, other: TenantConfig) -> bool:
         """True when only the token or the function list differ, so no reload is needed."""
@@ -81,7 +106,20 @@ def parse_local_tenant(entry: object, where: str, base_dir: Path) -> TenantConfi
     """
     raw = _mapping(entry, where)
     _reject_unknown(
-        raw, where, {"name", "token", "tokenFile", "module", "functions", "limits", "gpu", "kernels"}
+        raw,
+        where,
+        {
+            "name",
+            "token",
+            "tokenFile",
+            "tokens",
+            "module",
+            "functions",
+            "limits",
+            "gpu",
+            "kernels",
+            "rateLimit",
+        },
     )
     name = _string(raw.get("name"), f"{where}.name")
     if not is_tenant_name(name):
@@ -129,6 +167,8 @@ def parse_local_tenant(entry: object, where: str, base_dir: Path) -> TenantConfi
         limits=parse_model(Limits, raw.get("limits") or {}, f"{where}.limits"),
         sm_percent=parse_model(GpuShare, raw.get("gpu") or {}, f"{where}.gpu").sm_percent,
         kernels=tuple(kernels),
+        extra_tokens=_local_extra_tokens(raw.get("tokens", []), where, base_dir),
+        rate_limit=parse_model(RateLimit, raw.get("rateLimit") or {}, f"{where}.rateLimit"),
     )
 
 
@@ -139,8 +179,10 @@ def parse_kube_tenant(
     module_data: bytes | None,
     module_origin: str = "",
     kernels: tuple[tuple[str, str], ...] = (),
+    extra_tokens: tuple[tuple[str, str, str], ...] = (),
 ) -> TenantConfig:
-    """Parse a Tenant whose token, module bytes (configMapRef) and PTX the source has resolved."""
+    """Parse a Tenant whose token, module bytes (configMapRef) and PTX the source has resolved;
+    `extra_tokens` are the Secret's other token keys, (key, token, scope)."""
     meta = _mapping(obj.get("metadata"), "metadata")
     spec = parse_spec(obj.get("spec"), from_api_server=True)
     if spec.module.config_map is not None:
@@ -163,7 +205,28 @@ def parse_kube_tenant(
         namespace=str(meta.get("namespace", "")),
         generation=generation if isinstance(generation, int) else 0,
         uid=str(meta.get("uid", "")),
+        extra_tokens=extra_tokens,
+        rate_limit=spec.rate_limit,
     )
+
+
+def _local_extra_tokens(raw: object, where: str, base_dir: Path) -> tuple[tuple[str, str, str], ...]:
+    """`tokens: [{id, token | tokenFile, scope: invoke | read}]`: the Secret's extra keys, locally."""
+    out, seen = [], {TOKEN_KEY}
+    for i, entry in enumerate(_list(raw, f"{where}.tokens")):
+        tw = f"{where}.tokens[{i}]"
+        m = _mapping(entry, tw)
+        _reject_unknown(m, tw, {"id", "token", "tokenFile", "scope"})
+        scope = m.get("scope", SCOPE_INVOKE)
+        if scope not in SCOPES:
+            raise InvalidSpec(f"{tw}.scope: must be one of {', '.join(SCOPES)}, got {scope!r}")
+        ident = _matching(m.get("id"), f"{tw}.id", r"^[A-Za-z0-9_-]{1,63}$")
+        key = f"{TOKEN_KEY if scope == SCOPE_INVOKE else READ_TOKEN_KEY}.{ident}"
+        if key in seen:
+            raise InvalidSpec(f"{tw}.id: {ident!r} is used twice for scope {scope}")
+        seen.add(key)
+        out.append((key, _local_token(m, tw, base_dir), scope))
+    return tuple(out)
 
 
 def _local_token(raw: Mapping[str, Any], where: str, base_dir: Path) -> str:
