@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tensorwasm.api.logs import configure_logging
 from tensorwasm.runtime.settings import (
     AUTO_ADMIN_PORT,
     DEFAULT_ADMIN_PORT,
@@ -51,11 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_settings(settings: RuntimeSettings) -> int:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(settings.log_level, settings.log_format)  # the operator's format too
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             return runner.run(_run(settings))

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tensorwasm.api.logs import FORMATS
+
 ENV_PREFIX = "TENSORWASM_RUNTIME_"
 ACCELERATORS = ("auto", "cuda", "cpu")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -49,6 +51,7 @@ class RuntimeSettings:
     health_interval_s: float = 1.0
     epoch_tick_ms: float = 1.0
     log_level: str = "info"
+    log_format: str = "text"  # text or json (tensorwasm.api.logs, the operator's format too)
     # Hardening (issue 13): /metrics and /readyz detail on their own port; None = no admin listener.
     admin_host: str = ""  # empty: the tenant listener's host
     admin_port: int | None = -1  # AUTO_ADMIN_PORT: 9090, or ephemeral when --listen's port is 0
@@ -81,6 +84,7 @@ _FLAGS: tuple[tuple[str, str, str, str | None], ...] = (
     ("--health-interval", "health_interval_s", "accelerator health check period, s (default: 1)", "S"),
     ("--epoch-tick-ms", "epoch_tick_ms", "deadline ticker resolution, ms (default: 1)", "MS"),
     ("--log-level", "log_level", "debug, info, warning or error (default: info)", "LEVEL"),
+    ("--log-format", "log_format", "text or json lines (default: text)", "FORMAT"),
     (
         "--admin-listen",
         "admin_listen",
@@ -170,6 +174,8 @@ def settings_from_namespace(ns: argparse.Namespace, environ: Mapping[str, str]) 
         out["accelerator"] = _choice(*raw["accelerator"], ACCELERATORS)
     if "log_level" in raw:
         out["log_level"] = _choice(*raw["log_level"], LOG_LEVELS)
+    if "log_format" in raw:
+        out["log_format"] = _choice(*raw["log_format"], FORMATS)
     if "mps_start" in raw:
         out["mps_start"] = _bool(*raw["mps_start"])
     if "device" in raw:
