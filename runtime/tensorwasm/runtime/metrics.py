@@ -96,6 +96,7 @@ class TenantLoad:
     queue_depth: int
     in_flight: int
     loaded: bool
+    capacity: int = 0  # maxConcurrency + queueLength: admitted past this is 429 (0: not serving)
 
 
 class TenantLoadCollector(Collector):
@@ -116,11 +117,19 @@ class TenantLoadCollector(Collector):
         loaded = GaugeMetricFamily(
             "tensorwasm_tenant_loaded", "1 when the tenant's module is loaded and serving.", labels=["tenant"]
         )
+        capacity = GaugeMetricFamily(
+            "tensorwasm_tenant_queue_capacity",
+            "Invokes the tenant admits at once (maxConcurrency + queueLength); one more is refused "
+            "with 429. (queue_depth + in_flight) / capacity is its saturation, 0..1.",
+            labels=["tenant"],
+        )
         for t in self.source():
             depth.add_metric([t.tenant], t.queue_depth)
             running.add_metric([t.tenant], t.in_flight)
             loaded.add_metric([t.tenant], 1.0 if t.loaded else 0.0)
-        yield from (depth, running, loaded)
+            if t.capacity:
+                capacity.add_metric([t.tenant], t.capacity)
+        yield from (depth, running, loaded, capacity)
 
     def describe(self) -> Iterator[Metric]:
         return iter(())  # unchecked collector: nothing is collected at registration
@@ -128,6 +137,44 @@ class TenantLoadCollector(Collector):
 
 TENANT_LOAD = TenantLoadCollector()
 REGISTRY.register(TENANT_LOAD)
+
+QUEUE_WAIT_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class QueueWaitCollector(Collector):
+    """tensorwasm_queue_wait_seconds: admission to a worker starting the invoke, all tenants of the shard.
+
+    One shard-wide histogram (no tenant label: the per-tenant view is invoke_duration_seconds), kept as
+    plain numbers that only the event-loop thread updates (TenantQueue hands waits back to it).
+    A gauge sampled per scrape misses a burst between two scrapes; this counts every wait.
+    """
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(QUEUE_WAIT_BUCKETS) + 1)  # last one is +Inf
+        self.total_s = 0.0
+
+    def record(self, seconds: float) -> None:
+        self.buckets[bisect_left(QUEUE_WAIT_BUCKETS, seconds)] += 1
+        self.total_s += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        wait = HistogramMetricFamily(
+            "tensorwasm_queue_wait_seconds",
+            "Time an admitted invoke waited for one of its tenant's workers (0 when one was free).",
+        )
+        cumulative, buckets = 0, []
+        for le, n in zip((*QUEUE_WAIT_BUCKETS, float("inf")), self.buckets, strict=True):
+            cumulative += n
+            buckets.append((_go_float(le), cumulative))
+        wait.add_metric([], buckets, self.total_s)
+        yield wait
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
+QUEUE_WAIT = QueueWaitCollector()
+REGISTRY.register(QUEUE_WAIT)
 
 # --- engine (compile, instances) ---
 

@@ -266,7 +266,11 @@ class Shard:
         for name, status in self.statuses.items():
             t = self.served.get(name)
             yield metrics.TenantLoad(
-                name, t.queue.depth if t else 0, t.queue.in_flight if t else 0, status.loaded
+                name,
+                t.queue.depth if t else 0,
+                t.queue.in_flight if t else 0,
+                status.loaded,
+                t.queue.capacity if t else 0,
             )
 
     async def close(self) -> None:

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from time import perf_counter
 from typing import Any, NoReturn
 
+from tensorwasm.runtime import metrics
 from tensorwasm.runtime.errors import DeadlineExceeded, GuestMemoryExceeded, GuestTrap, QueueFull
 
 # Start the service-time estimate at 10 ms so the first Retry-After is not zero.
@@ -41,8 +42,9 @@ _MISBEHAVED = (DeadlineExceeded, GuestTrap, GuestMemoryExceeded)
 _BACKOFF_FIRST_S, _BACKOFF_MAX_S = 0.005, 0.25
 DEMOTED_NICE = 10
 
-Job = tuple[Callable[[Any, Any], Any], Any, Any, "asyncio.Future[Any]"]
-Finished = tuple["asyncio.Future[Any]", Any, BaseException | None, float, bool]
+# A job carries when it was admitted; a finished one how long it waited for a worker.
+Job = tuple[Callable[[Any, Any], Any], Any, Any, "asyncio.Future[Any]", float]
+Finished = tuple["asyncio.Future[Any]", Any, BaseException | None, float, bool, float]
 
 
 class TenantQueue:
@@ -81,6 +83,11 @@ class TenantQueue:
         return min(self._outstanding, self.max_concurrency)
 
     @property
+    def capacity(self) -> int:
+        """Invokes admitted at once (running + waiting); the next one is refused."""
+        return self._capacity
+
+    @property
     def depth(self) -> int:
         """Invokes admitted but waiting for a worker."""
         return max(0, self._outstanding - self.max_concurrency)
@@ -105,7 +112,7 @@ class TenantQueue:
         if len(self._workers) < self._outstanding and len(self._workers) < self.max_concurrency:
             self._spawn()
         fut: asyncio.Future[Any] = self._loop.create_future()
-        self._jobs.put((fn, a, b, fut))
+        self._jobs.put((fn, a, b, fut, perf_counter()))
         return fut
 
     def reserve(self) -> None:
@@ -161,9 +168,10 @@ class TenantQueue:
             job = get()
             if job is None:
                 return
-            fn, a, b, fut = job
+            fn, a, b, fut, admitted = job
             error: BaseException | None = None
             start = perf_counter()
+            waited = start - admitted
             try:
                 # A request cancelled while queued (client gone) does not get run.
                 result = None if fut.cancelled() else fn(a, b)
@@ -179,7 +187,7 @@ class TenantQueue:
                 if demoted:
                     demoted = not _set_demoted(False)
                     retire = demoted  # could not raise it back: hand the slot to a fresh thread
-            finished((fut, result, error, took, retire))
+            finished((fut, result, error, took, retire, waited))
             if not self._drain_scheduled:  # one wake-up for however many results pile up meanwhile
                 self._drain_scheduled = True
                 try:
@@ -199,9 +207,16 @@ class TenantQueue:
             done(*finished.popleft())
 
     def _done(
-        self, fut: asyncio.Future[Any], result: Any, error: BaseException | None, took: float, retired: bool
+        self,
+        fut: asyncio.Future[Any],
+        result: Any,
+        error: BaseException | None,
+        took: float,
+        retired: bool,
+        waited: float,
     ) -> None:
         self._outstanding -= 1
+        metrics.QUEUE_WAIT.record(waited)
         if retired and not self._closed:
             self._workers.pop()  # any one: workers are interchangeable, the count is what matters
             if len(self._workers) < min(self._outstanding, self.max_concurrency):
