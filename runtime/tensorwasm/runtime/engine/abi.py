@@ -34,6 +34,8 @@ HOST_FUNCTIONS: Final[dict[str, tuple[tuple[ValType, ...], tuple[ValType, ...]]]
     # (name_ptr, name_len, dims_ptr -> 6 x u32 grid xyz + block xyz, args_ptr, nargs, shared_mem_bytes)
     "gpu_launch": (("i32", "i32", "i32", "i32", "i32", "i32"), ("i32",)),
     "gpu_sync": ((), ("i32",)),
+    # Optional (issue 14): (ptr, len) -> 0 | error code; hands a chunk of output to a streaming caller.
+    "stream_write": (("i32", "i32"), ("i32",)),
 }
 
 # Error codes returned by host calls (always negative; 0 or a handle means success).
@@ -45,6 +47,8 @@ E_LAUNCH: Final = -4  # kernel launch rejected
 E_ACCELERATOR: Final = -5  # the accelerator failed (poisoned context)
 E_NO_DEVICE: Final = -6  # this tenant has no GPU access
 E_INTERNAL: Final = -7
+E_NO_STREAM: Final = -8  # stream_write outside a streaming run or async job: keep it for the return value
+MAX_STREAM_CHUNK: Final = 1 << 20  # bytes in one stream_write
 
 # Kernel argument records: 16 bytes each, little-endian {kind: u32, _pad: u32, value: 8 bytes}.
 ARG_RECORD_BYTES: Final = 16

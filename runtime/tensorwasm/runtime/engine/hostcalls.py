@@ -18,7 +18,7 @@ from typing import Any
 import wasmtime
 
 from tensorwasm.runtime import metrics
-from tensorwasm.runtime.engine import abi, lowlevel
+from tensorwasm.runtime.engine import abi, lowlevel, streaming
 from tensorwasm.runtime.engine.budget import TenantBudget
 from tensorwasm.runtime.errors import (
     AcceleratorFailed,
@@ -238,6 +238,7 @@ _IMPLS: dict[str, Callable[[GuestContext, Any], int | None]] = {
     "gpu_read": _gpu_read,
     "gpu_launch": _gpu_launch,
     "gpu_sync": _gpu_sync,
+    "stream_write": streaming.stream_write,  # engine/streaming.py (issue 14)
 }
 assert set(_IMPLS) == set(abi.HOST_FUNCTIONS)
 
@@ -270,6 +271,10 @@ def _trampoline(name: str, impl: Callable[[GuestContext, Any], int | None]) -> A
         v = (ctypes.c_int64 * (2 * max(nslots, 1))).from_address(slots)
         try:
             result = impl(g, v)
+        except streaming.StopGuest as stop:  # a cancelled or stalled stream: the guest stops here
+            g.fault = stop.fault
+            msg = b"tensorwasm run stopped"
+            return int(lowlevel.trap_new(msg, len(msg)))
         except RuntimeFault as fault:
             result = g.fail(fault)
         except Exception as exc:  # a host bug must not unwind through wasm frames
