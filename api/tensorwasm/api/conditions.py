@@ -20,6 +20,7 @@ MESSAGE_LIMIT = 1024
 
 # Phases
 PENDING, PHASE_PLACED, PHASE_READY, DEGRADED, FAILED = "Pending", "Placed", "Ready", "Degraded", "Failed"
+PHASE_ASLEEP = "Asleep"  # served, sleeping in a snapshot (the shard's report reason ASLEEP)
 
 # Reasons
 INVALID_SPEC = "InvalidSpec"
@@ -31,6 +32,7 @@ MODULE_LOADED = "ModuleLoaded"
 SHARD_FAILED = "ShardFailed"
 SERVING = "Serving"
 NOT_PLACED = "NotPlaced"
+ASLEEP = "Asleep"  # status.runtime.reason of a sleeping tenant (runtime/sleep.py)
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,13 @@ def tenant_phase(tenant: Tenant, placement: Placement) -> tuple[str, list[Condit
             placed,
             Condition(MODULE_READY, "Unknown", AWAITING_SHARD, wait),
             Condition(READY, "False", AWAITING_SHARD, wait),
+        ]
+    if report.loaded and report.reason == ASLEEP:
+        # Ready: a request is answered (it wakes the tenant); the phase says who holds no GPU memory.
+        return PHASE_ASLEEP, [
+            placed,
+            Condition(MODULE_READY, "True", ASLEEP, report.message or "asleep in a snapshot"),
+            Condition(READY, "True", ASLEEP, f"asleep on shard {placement.shard}; wakes on the first request"),
         ]
     if report.loaded:
         reason = report.reason or MODULE_LOADED

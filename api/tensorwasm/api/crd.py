@@ -19,7 +19,7 @@ from tensorwasm.api.snapshot import PHASES as SNAPSHOT_PHASES
 from tensorwasm.api.snapshot import SnapshotSpec
 from tensorwasm.api.tenant import NAME_RULE, TenantSpec
 
-TENANT_PHASES = ("Pending", "Placed", "Ready", "Degraded", "Failed")
+TENANT_PHASES = ("Pending", "Placed", "Ready", "Asleep", "Degraded", "Failed")
 JSON = dict[str, Any]
 
 _INT64 = {"type": "integer", "format": "int64"}
@@ -120,7 +120,7 @@ SNAPSHOT_STATUS: JSON = {
 
 TENANT_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase",
-     "description": "Pending, Placed, Ready, Degraded or Failed."},
+     "description": "Pending, Placed, Ready, Asleep (in a snapshot: wakes on the first request), Degraded or Failed."},
     {"name": "Shard", "type": "string", "jsonPath": ".status.shard",
      "description": "The runtime shard (pod) serving the tenant."},
     {"name": "GPU-Cap", "type": "string", "jsonPath": ".spec.limits.gpuMemory",

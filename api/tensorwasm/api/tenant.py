@@ -172,6 +172,30 @@ class PlacementHints:
     )
 
 
+IDLE_AFTER_PATTERN = r"^(never|[1-9][0-9]{0,6}(ms|s|m|h))$"
+_IDLE_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def idle_seconds(after: str) -> float | None:
+    """spec.idle.after in seconds; None for `never`. `after` matches IDLE_AFTER_PATTERN."""
+    if after == "never":
+        return None
+    unit = "ms" if after.endswith("ms") else after[-1]
+    return int(after[: -len(unit)]) * _IDLE_UNITS[unit]
+
+
+@dataclass(frozen=True, kw_only=True)
+class IdlePolicy:
+    """When an idle tenant sleeps in a snapshot (docs/operator.md "Idle tenants sleep")."""
+
+    after: str | None = string(
+        "after", "Sleep after this long without a request: a duration (500ms, 30s, 5m, 2h) or 'never'. "
+        "Absent means the shard's default (chart value runtime.idleAfter). A sleeping tenant holds no "
+        "instances and no GPU memory; its first request wakes it from the snapshot.",
+        max_length=16, pattern=IDLE_AFTER_PATTERN,
+    )  # fmt: skip
+
+
 @dataclass(frozen=True, kw_only=True)
 class TenantSpec:
     """What the tenant runs and within which limits."""
@@ -203,6 +227,7 @@ class TenantSpec:
     )  # fmt: skip
     placement: PlacementHints = nested("placement", PlacementHints, "Placement hints.", default_empty=True)
     rate_limit: RateLimit = nested("rateLimit", RateLimit, "Request rate limit of the tenant (token bucket).", default_empty=True)  # fmt: skip
+    idle: IdlePolicy = nested("idle", IdlePolicy, "Idle sleep: when the tenant gives its instances and GPU memory back.", default_empty=True)  # fmt: skip
 
     @property
     def sm_percent(self) -> int:
