@@ -23,6 +23,7 @@ from tensorwasm.api.tenant import (
     KERNEL_NAME_PATTERN,
     SHA256_PATTERN,
     GpuShare,
+    IdlePolicy,
     Limits,
     RateLimit,
     is_http_url,
@@ -82,6 +83,7 @@ class TenantConfig:
     # Tokens beyond `token` (which is key "token", scope invoke): (key, token, scope).
     extra_tokens: tuple[tuple[str, str, str], ...] = field(default=(), repr=False)
     rate_limit: RateLimit = field(default_factory=RateLimit)
+    idle_after: str | None = None  # spec.idle.after; None: the shard's default (runtime/sleep.py)
 
     def all_tokens(self) -> tuple[tuple[str, str, str], ...]:
         """Every (key, token, scope) of this tenant, the primary first."""
@@ -119,6 +121,7 @@ def parse_local_tenant(entry: object, where: str, base_dir: Path) -> TenantConfi
             "gpu",
             "kernels",
             "rateLimit",
+            "idle",
         },
     )
     name = _string(raw.get("name"), f"{where}.name")
@@ -169,6 +172,7 @@ def parse_local_tenant(entry: object, where: str, base_dir: Path) -> TenantConfi
         kernels=tuple(kernels),
         extra_tokens=_local_extra_tokens(raw.get("tokens", []), where, base_dir),
         rate_limit=parse_model(RateLimit, raw.get("rateLimit") or {}, f"{where}.rateLimit"),
+        idle_after=parse_model(IdlePolicy, raw.get("idle") or {}, f"{where}.idle").after,
     )
 
 
@@ -207,6 +211,7 @@ def parse_kube_tenant(
         uid=str(meta.get("uid", "")),
         extra_tokens=extra_tokens,
         rate_limit=spec.rate_limit,
+        idle_after=spec.idle.after,
     )
 
 
