@@ -402,3 +402,45 @@ RESIDENT_GPU_BYTES = Gauge(
     ["kind"],
     registry=REGISTRY,
 )
+
+# --- async jobs, rate limits, audit log (issue 14: api/jobs.py, tenancy/ratelimit.py, audit.py) ---
+
+
+class JobsCollector(Collector):
+    """tensorwasm_jobs{tenant,state}: async jobs held now, by state (read from the job board)."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], Iterable[tuple[str, str, int]]] = lambda: ()
+
+    def collect(self) -> Iterator[Metric]:
+        jobs = GaugeMetricFamily(
+            "tensorwasm_jobs",
+            "Async jobs held by the shard, by tenant and state (queued, running, done states).",
+            labels=["tenant", "state"],
+        )
+        for tenant, state, n in self.source():
+            jobs.add_metric([tenant, state], n)
+        yield jobs
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
+JOBS = JobsCollector()
+REGISTRY.register(JOBS)
+RATE_LIMITED = Counter(
+    "tensorwasm_rate_limited",
+    "Invokes refused with 429 rate_limited because the tenant's spec.rateLimit bucket was empty.",
+    ["tenant"],
+    registry=REGISTRY,
+)
+AUDIT_RECORDS_WRITTEN = Counter(
+    "tensorwasm_audit_records_written",
+    "Audit log records written (one per invocation or admin action).",
+    registry=REGISTRY,
+)
+AUDIT_RECORDS_DROPPED = Counter(
+    "tensorwasm_audit_records_dropped",
+    "Audit log records dropped: the writer was a full queue behind, or the write failed.",
+    registry=REGISTRY,
+)
