@@ -71,9 +71,16 @@ TENANT_STATUS: JSON = {
         },
         "move": {
             "type": "object",
-            "description": "A move to another shard waiting for its Snapshot (absent when none).",
+            "description": "The move to another shard in flight (absent when none); docs/operator.md, Moves.",
             "properties": {
+                "source": {"type": "string", "description": "Shard pod the tenant moves from."},
                 "target": {"type": "string", "description": "Shard pod the tenant moves to."},
+                "phase": {
+                    "type": "string",
+                    "enum": ["Holding", "Restoring"],
+                    "description": "Holding: the source holds the tenant and captures `snapshot`; "
+                    "Restoring: the target loads it while its Service still selects the source.",
+                },
                 "snapshot": {"type": "string", "description": "Snapshot captured on the source shard first."},
                 "startedAt": _STAMP,
             },

@@ -1,13 +1,24 @@
-"""Moving a tenant between two running shards, through a Snapshot captured on the source.
+"""Moving a tenant between two running shards without a lost request or a lost write.
 
-Owns the `MoveStrategy` protocol the reconciler asks before it re-points a tenant (status.shard
-and its Service) from a running source shard to a target shard, and its two strategies:
-- `DirectMove`: at once (the target cold-starts the tenant, restoring its newest Ready Snapshot);
-- `SnapshotMove` (the operator's): with snapshot policy OnMove, create `<tenant>-move-<short>`
-  (the source shard, which still serves the tenant, captures it), answer "not yet" until it is
-  Ready or Failed or `timeout_s` passed, then "move": the target shard restores the newest Ready
-  Snapshot when it starts the tenant. The move in flight is kept in the Tenant's `status.move`
-  so a restarted operator waits for the same Snapshot. Manual and Periodic policies move at once.
+Owns the `MoveStrategy` seam the reconciler asks on every reconcile of a placed tenant, the move
+protocol's phases (kept in the Tenant's `status.move`, so a restarted operator resumes the same
+move), and its two strategies:
+- `DirectMove`: re-point at once (tests and tools that play no shards);
+- `SnapshotMove` (the operator's): the barrier protocol below.
+
+The protocol, from source S to target T (docs/operator.md, "Moves"):
+1. `Holding` (snapshot policy OnMove only): status.move = {source S, target T, snapshot, phase,
+   startedAt} and a Snapshot `<tenant>-move-<short>` (purpose move). S, seeing status.move on a
+   Tenant it serves, stops admitting it (503 + Retry-After, kind tenant_moving), waits for its
+   in-flight invokes, then captures that Snapshot: no write after the capture is ever accepted.
+2. `Restoring` (once the Snapshot is Ready; other policies start here): status.shard = T while the
+   tenant's Service still selects S, which keeps answering "moving" for the tenant it gave up.
+   T loads the tenant, restores that Snapshot, and reports status.runtime {shard: T, loaded}.
+3. Done: the Service selects T and status.move is cleared.
+A move not done `timeout_s` after it started, or whose Snapshot Failed, rolls back: status.shard
+and the Service stay (or go back) on S, status.move is cleared, an unfinished move Snapshot is
+deleted, S serves again (restoring the newest Ready Snapshot if it had already let the tenant go),
+and a Warning Event (reason MoveRolledBack) says why.
 A source shard that is gone never reaches this seam: the reconciler moves those tenants at once.
 Must not import kopf; I/O only through the KubeApi it is given, never sleeps.
 """
@@ -29,31 +40,63 @@ from tensorwasm.operator.snapshots import MOVE, build_snapshot, short_id, snapsh
 log = logging.getLogger("tensorwasm.operator")
 
 ON_MOVE = "OnMove"
+HOLDING, RESTORING = "Holding", "Restoring"
+ROLLED_BACK = "MoveRolledBack"
+
+JSON = dict[str, Any]
 
 
 @dataclass(frozen=True)
 class MoveStep:
-    """`ready`: re-point the tenant now. Otherwise `record` is status.move to keep while waiting."""
+    """Where the tenant is now: `shard` (status.shard), `service` (the pod its Service selects),
+    `record` (status.move; None: no move in flight), `event` ((reason, message) of a Warning to
+    post once), `waiting` (ask again soon)."""
 
-    ready: bool
+    shard: str
+    service: str
     record: Mapping[str, Any] | None = None
+    event: tuple[str, str] | None = None
+
+    @property
+    def waiting(self) -> bool:
+        return self.record is not None
+
+
+def settled(shard: str) -> MoveStep:
+    return MoveStep(shard, shard)
 
 
 class MoveStrategy(Protocol):
-    async def ready_to_move(self, tenant: Tenant, source: str, target: str) -> MoveStep:
-        """MoveStep(True) when the tenant may be re-pointed now; else ask again later."""
+    async def step(self, tenant: Tenant, target: str, runs: Callable[[str], bool]) -> MoveStep:
+        """The next step of the tenant's move towards `target` (the ledger's shard for it).
+
+        `runs(shard)`: that shard pod is part of the current shard set."""
         ...
 
 
 class DirectMove:
-    """Move immediately; the target shard cold-starts the tenant."""
+    """Re-point at once; the target shard cold-starts the tenant."""
 
-    async def ready_to_move(self, tenant: Tenant, source: str, target: str) -> MoveStep:
-        return MoveStep(True)
+    async def step(self, tenant: Tenant, target: str, runs: Callable[[str], bool]) -> MoveStep:
+        return settled(target)
+
+
+def move_record(tenant: Tenant) -> Mapping[str, Any] | None:
+    """status.move when it names a move this protocol can resume (source, target and phase)."""
+    move = tenant.status.get("move")
+    if isinstance(move, Mapping) and move.get("source") and move.get("target") and move.get("phase"):
+        return move
+    return None
+
+
+def target_reported(tenant: Tenant, target: str) -> bool:
+    """The target shard reports the tenant loaded (its snapshot restore is part of the load)."""
+    runtime = tenant.status.get("runtime")
+    return isinstance(runtime, Mapping) and runtime.get("shard") == target and runtime.get("loaded") is True
 
 
 class SnapshotMove:
-    """Capture on the source first (policy OnMove); `snapshots` is the operator's live cache."""
+    """The barrier protocol; `snapshots` is the operator's live cache of Snapshot objects."""
 
     def __init__(
         self,
@@ -65,29 +108,78 @@ class SnapshotMove:
         self.api, self.snapshots, self.clock, self.timeout_s = api, snapshots, clock, timeout_s
         self._created: set[str] = set()  # created by this process, maybe not yet in the cache
 
-    async def ready_to_move(self, tenant: Tenant, source: str, target: str) -> MoveStep:
-        if tenant.spec is None or tenant.spec.snapshot.policy != ON_MOVE:
-            return MoveStep(True)
+    async def step(self, tenant: Tenant, target: str, runs: Callable[[str], bool]) -> MoveStep:
+        move = move_record(tenant)
+        if move is None:
+            source = tenant.shard
+            if source is None or source == target or not runs(source):
+                return settled(target)
+            return await self._begin(tenant, source, target)
+        source, to, phase = str(move["source"]), str(move["target"]), str(move["phase"])
+        if not runs(source):  # the source went away mid-move: nothing to hold or roll back to
+            return settled(target)
+        if target == source:  # the shard set changed back: the tenant stays where it was
+            return await self._rollback(tenant, move, "the shard set changed back before the move finished")
+        if not runs(to):
+            return await self._rollback(tenant, move, f"target shard {to} left the shard set")
+        if phase == HOLDING and to != target:
+            move = {**move, "target": target}  # the same capture serves the new target
+            to = target
+        waited = self._waited(move)
+        if phase == HOLDING:
+            return await self._holding(tenant, move, source, to, waited)
+        if target_reported(tenant, to):
+            log.info("Moved Tenant %s from=%s to=%s after %.0fs", tenant.name, source, to, waited)
+            return settled(to)
+        if waited >= self.timeout_s:
+            return await self._rollback(
+                tenant, move, f"shard {to} did not report the tenant loaded in {waited:.0f}s"
+            )
+        return MoveStep(to, source, move)
+
+    async def _begin(self, tenant: Tenant, source: str, target: str) -> MoveStep:
         now = self.clock()
-        move = tenant.status.get("move")
-        if isinstance(move, Mapping) and move.get("target") == target and move.get("snapshot"):
-            name = str(move["snapshot"])
-            snapshot = self.snapshots.get(name)
-            if snapshot is not None and phase_of(snapshot) in (READY, FAILED):
-                if phase_of(snapshot) == FAILED:
-                    log.warning("Moving Tenant %s without its move Snapshot %s (Failed)", tenant.name, name)
-                return MoveStep(True)
-            waited = (parse_rfc3339(now) - parse_rfc3339(str(move.get("startedAt") or now))).total_seconds()
-            if waited >= self.timeout_s:
-                log.warning("Moving Tenant %s: Snapshot %s not Ready after %.0fs", tenant.name, name, waited)
-                return MoveStep(True)
-            if snapshot is None and name not in self._created:  # lost (deleted, or a restart): again
-                await self._create(tenant, name)
-            return MoveStep(False, dict(move))
+        record: JSON = {"source": source, "target": target, "startedAt": now}
+        if tenant.spec is None or tenant.spec.snapshot.policy != ON_MOVE:
+            log.info("Moving Tenant %s from=%s to=%s (no Snapshot: policy)", tenant.name, source, target)
+            return MoveStep(target, source, {**record, "phase": RESTORING})
         name = snapshot_name(tenant.name, MOVE, short_id(tenant.uid, source, target, now))
         await self._create(tenant, name)
-        log.info("Moving Tenant %s from=%s to=%s after Snapshot %s", tenant.name, source, target, name)
-        return MoveStep(False, {"target": target, "snapshot": name, "startedAt": now})
+        log.info("Moving Tenant %s from=%s to=%s holding for Snapshot %s", tenant.name, source, target, name)
+        return MoveStep(source, source, {**record, "snapshot": name, "phase": HOLDING})
+
+    async def _holding(
+        self, tenant: Tenant, move: Mapping[str, Any], source: str, target: str, waited: float
+    ) -> MoveStep:
+        name = str(move.get("snapshot") or "")
+        snapshot = self.snapshots.get(name)
+        phase = phase_of(snapshot) if snapshot is not None else ""
+        if phase == READY:
+            log.info("Moving Tenant %s to=%s: Snapshot %s Ready, restoring there", tenant.name, target, name)
+            return MoveStep(target, source, {**move, "phase": RESTORING})
+        if phase == FAILED:
+            message = str((snapshot or {}).get("status", {}).get("message") or "")
+            return await self._rollback(tenant, move, f"move Snapshot {name} Failed: {message}".rstrip(": "))
+        if waited >= self.timeout_s:
+            return await self._rollback(tenant, move, f"move Snapshot {name} not Ready after {waited:.0f}s")
+        if snapshot is None and name not in self._created:  # lost (deleted, or a restart): again
+            await self._create(tenant, name)
+        return MoveStep(source, source, move)
+
+    async def _rollback(self, tenant: Tenant, move: Mapping[str, Any], why: str) -> MoveStep:
+        source, name = str(move["source"]), str(move.get("snapshot") or "")
+        snapshot = self.snapshots.get(name)
+        if name and (snapshot is None or phase_of(snapshot) not in (READY, FAILED)):
+            # Unfinished: a source serving again must never capture it later (writes after it would
+            # look lost to the next move); shards capture a move Snapshot only at the barrier anyway.
+            await self.api.delete(resource_path(API_VERSION, SNAPSHOT.plural, tenant.namespace, name))
+        message = f"move from {source} to {move.get('target')} rolled back: {why}; {source} serves it again"
+        log.warning("Rolled back moving Tenant %s: %s", tenant.name, message)
+        return MoveStep(source, source, None, (ROLLED_BACK, message))
+
+    def _waited(self, move: Mapping[str, Any]) -> float:
+        now = self.clock()
+        return (parse_rfc3339(now) - parse_rfc3339(str(move.get("startedAt") or now))).total_seconds()
 
     async def _create(self, tenant: Tenant, name: str) -> None:
         path = resource_path(API_VERSION, SNAPSHOT.plural, tenant.namespace)

@@ -337,10 +337,10 @@ class Reconciler:
             self.pending.discard(tenant.name)
             placement = Placement(None)
         else:
-            placement, move = await self._place(tenant)
+            placement, move, service_shard = await self._place(tenant)
             token_secret = await self._ensure_secret(tenant)
-            if placement.shard is not None:
-                await self._ensure_service(tenant, placement.shard)
+            if service_shard is not None:
+                await self._ensure_service(tenant, service_shard)
                 await self._snapshot_housekeeping(tenant)
 
         desired = desired_status(
@@ -393,7 +393,8 @@ class Reconciler:
             timer.cancel()
         self._timers[tenant.name] = asyncio.get_running_loop().call_later(wait + 1, self.spawn, tenant.name)
 
-    async def _place(self, tenant: Tenant) -> tuple[Placement, Mapping[str, Any] | None]:
+    async def _place(self, tenant: Tenant) -> tuple[Placement, Mapping[str, Any] | None, str | None]:
+        """(placement, status.move, the shard pod the tenant's Service selects now)."""
         assert tenant.spec is not None  # the caller placed only valid specs
         name, demand = tenant.name, tenant_demand(tenant.spec)
         shard_name = self.settings.shard_name
@@ -409,22 +410,26 @@ class Reconciler:
             if decision.shard is None:
                 self.pending.add(name)
                 reason = NO_SHARDS if decision.resource == "shards" else INSUFFICIENT_CAPACITY
-                return Placement(None, reason, decision.message), None
+                return Placement(None, reason, decision.message), None, None
             current = decision.shard
         elif self.ledger.demand_of(name) != demand:
             # Sticky even when a grown demand overfills the shard: moving is the snapshot issue's call.
             self.ledger.assign(name, current, demand)
         self.pending.discard(name)
         target = shard_pod_name(shard_name, current)
-        source = tenant.shard
-        source_ordinal = shard_ordinal(shard_name, source)
-        source_runs = source_ordinal is not None and source_ordinal < self.ledger.shards
-        if source is not None and source != target and source_runs:
-            step = await self.mover.ready_to_move(tenant, source, target)
-            if not step.ready:  # ask again soon; a Snapshot reaching Ready or Failed wakes us sooner
-                asyncio.get_running_loop().call_later(self.settings.reconcile_retry_s, self.spawn, name)
-                return Placement(source), step.record
-        return Placement(target), None
+        step = await self.mover.step(tenant, target, self._runs)
+        if step.record is None and step.shard != target:  # rolled back: the ledger follows status.shard
+            self.ledger.assign(name, shard_ordinal(shard_name, step.shard) or 0, demand)
+        if step.event is not None:
+            involved = {**self.tenants.get(name, {}), "apiVersion": API_VERSION, "kind": TENANT.kind}
+            await self.api.post_event(involved, "Warning", *step.event, "tensorwasm-operator")
+        if step.waiting:  # ask again soon; a Snapshot or a shard's report wakes us sooner
+            asyncio.get_running_loop().call_later(self.settings.reconcile_retry_s, self.spawn, name)
+        return Placement(step.shard), step.record, step.service
+
+    def _runs(self, shard: str) -> bool:
+        ordinal = shard_ordinal(self.settings.shard_name, shard)
+        return ordinal is not None and ordinal < self.ledger.shards
 
     async def _ensure_secret(self, tenant: Tenant) -> str:
         name = tenant.token_secret
