@@ -22,11 +22,14 @@ from tensorwasm.runtime import metrics
 from tensorwasm.runtime.errors import ModuleRejected, RuntimeFault
 from tensorwasm.runtime.modules import ModuleLoader
 from tensorwasm.runtime.tenancy.config import TenantConfig
+from tensorwasm.runtime.tenancy.idle import Residency
 from tensorwasm.runtime.tenancy.queue import TenantQueue
 
 if TYPE_CHECKING:
     from tensorwasm.runtime.accel.base import Accelerator, AcceleratorHealth, TenantDevice
     from tensorwasm.runtime.engine import CompiledModule, Engine, TenantInstancePool
+    from tensorwasm.runtime.sleep import Sleeper, SleepParts
+    from tensorwasm.runtime.snapshots.store import SnapshotStore
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,9 @@ LOADING = "Loading"
 TOKEN_CONFLICT = "TokenConflict"
 MISSING_FUNCTION = "MissingFunction"
 LOAD_FAILED = "LoadFailed"
+ASLEEP = "Asleep"  # served, sleeping in a snapshot: wakes on the first request (runtime/sleep.py)
+# The idle scan looks this often relative to the shortest idle.after, within these bounds.
+_IDLE_SCAN_MIN_S, _IDLE_SCAN_MAX_S = 0.05, 10.0
 
 
 # Runs on a freshly opened tenant before it serves (e.g. a snapshot restore); returns a note for the
@@ -60,21 +66,46 @@ class ServedTenant:
     def __init__(
         self,
         config: TenantConfig,
-        pool: TenantInstancePool,
+        pool: TenantInstancePool | None,
         device: TenantDevice | None,
         queue: TenantQueue,
         functions: frozenset[str],
         stats: dict[str, metrics.InvokeStats],
+        sleeper: Sleeper | None = None,
     ) -> None:
         self.name = config.name
         self.config = config
-        self.pool = pool
-        self.device = device
+        self._pool = pool
+        self._device = device
         self.queue = queue
         self.functions = functions
         self.max_body_bytes = config.limits.max_body_bytes
-        self.invoke = pool.invoke  # bound once: the worker calls invoke(function, payload)
+        self.sleeper = sleeper  # set when the shard can put it to sleep: every invoke passes its gate
+        # Bound once: the worker calls invoke(function, payload); a sleeper's wakes the tenant first.
+        self.invoke = sleeper.invoke if sleeper is not None else pool.invoke  # type: ignore[union-attr]
         self.stats = stats  # (function) -> counters; survives reloads of the same tenant
+
+    @property
+    def asleep(self) -> bool:
+        return self.sleeper is not None and self.sleeper.asleep
+
+    @property
+    def pool(self) -> TenantInstancePool:
+        """The live instance pool (TenantNotReady while asleep: `Shard.wake` first)."""
+        pool = self.sleeper.pool if self.sleeper is not None else self._pool
+        if pool is None:
+            from tensorwasm.runtime.errors import TenantNotReady
+
+            raise TenantNotReady(f"tenant {self.name} is asleep", tenant=self.name, reason=ASLEEP)
+        return pool
+
+    @property
+    def device(self) -> TenantDevice | None:
+        return self.sleeper.device if self.sleeper is not None else self._device
+
+    @property
+    def module(self) -> CompiledModule:
+        return self.sleeper.module if self.sleeper is not None else self.pool.module
 
     def record(self, function: str, outcome: str, seconds: float | None) -> None:
         """Count one invoke (event-loop thread only); `seconds` is None when it never ran."""
@@ -107,6 +138,14 @@ class Shard:
     prepare: Prepare | None = None  # set by a source that restores snapshots
     on_load_done: Callable[[], None] | None = None  # a source's hook: some tenant's load finished
     default_gpu_memory_bytes: int | None = None  # the GPU cap of a tenant that sets none (None: uncapped)
+    # Idle sleep (runtime/sleep.py): a store enables it; tenants without spec.idle.after use
+    # `idle_after_s` (None: never); awake tenants' caps stay within `resident_gpu_bytes` (None: no budget).
+    sleep_store: SnapshotStore | None = None
+    idle_after_s: float | None = None
+    resident_gpu_bytes: int | None = None
+    residency: Residency = field(default_factory=lambda: Residency(None))
+    _sleep_parts: SleepParts | None = None
+    _idle_task: asyncio.Task[None] | None = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # tenant -> (the config being loaded, its task): at most one load per tenant at a time
     _loads: dict[str, tuple[TenantConfig, asyncio.Task[None]]] = field(default_factory=dict)
@@ -149,6 +188,8 @@ class Shard:
             tasks = [task for c in changed if (task := self._start_load(c)) is not None]
             self._rebuild_auth()
             self.synced = True
+            if self.sleep_store is not None and self._idle_task is None:
+                self._idle_task = asyncio.get_running_loop().create_task(self._idle_scan())
         if wait is not False and tasks:
             _, pending = await asyncio.wait(tasks, timeout=None if wait is True else float(wait))
             self._unwatched.update(pending)
@@ -223,6 +264,78 @@ class Shard:
         tenant = self.served.get(name)
         return tenant is None or tenant.queue.outstanding == 0
 
+    def __post_init__(self) -> None:
+        # Without a store nothing can sleep, so a budget could only refuse: none then.
+        self.residency = Residency(self.resident_gpu_bytes if self.sleep_store is not None else None)
+
+    # --- idle sleep (runtime/sleep.py does the work; these are the event-loop side) ---
+
+    def _parts(self) -> SleepParts | None:
+        if self.sleep_store is None:
+            return None
+        if self._sleep_parts is None:
+            from tensorwasm.runtime.sleep import SleepParts, SleepRecords
+
+            loop = asyncio.get_running_loop()
+
+            def notify(name: str, asleep: bool, message: str, generation: int) -> None:
+                loop.call_soon_threadsafe(self._slept_or_woke, name, asleep, message, generation)
+
+            self._sleep_parts = SleepParts(
+                self.sleep_store, SleepRecords(self.sleep_store), self.residency, self.accelerator,
+                self._open, self._close_parts, notify,
+            )  # fmt: skip
+        return self._sleep_parts
+
+    def _slept_or_woke(self, name: str, asleep: bool, message: str, generation: int) -> None:
+        tenant = self.served.get(name)
+        if tenant is None or tenant.config.generation != generation:
+            return
+        if not asleep:
+            message = f"serving {len(tenant.functions)} function(s); {message}"
+        self.statuses[name] = TenantStatus(True, ASLEEP if asleep else LOADED, message, generation)
+        if self.on_load_done is not None:
+            self.on_load_done()  # the source reports it (Kubernetes: status.runtime, phase Asleep)
+
+    def idle_after(self, config: TenantConfig) -> float | None:
+        """Seconds without a request before `config`'s tenant sleeps; None: never."""
+        from tensorwasm.api.tenant import idle_seconds
+
+        return self.idle_after_s if config.idle_after is None else idle_seconds(config.idle_after)
+
+    async def _idle_scan(self) -> None:
+        """Put tenants idle past their idle.after to sleep, one at a time, off the event loop."""
+        import time
+
+        while True:
+            afters = [a for t in self.served.values() if t.sleeper is not None
+                      and (a := self.idle_after(t.config)) is not None]  # fmt: skip
+            period = min(afters, default=_IDLE_SCAN_MAX_S) / 4
+            await asyncio.sleep(min(max(period, _IDLE_SCAN_MIN_S), _IDLE_SCAN_MAX_S))
+            now = time.monotonic()
+            for tenant in list(self.served.values()):
+                sleeper, after = tenant.sleeper, self.idle_after(tenant.config)
+                if sleeper is None or after is None or sleeper.asleep or sleeper.busy():
+                    continue
+                if now - sleeper.last_used() >= after and self.served.get(tenant.name) is tenant:
+                    try:
+                        await asyncio.to_thread(sleeper.try_sleep, "idle")
+                    except Exception as exc:  # one tenant's trouble must not stop the scan
+                        log.warning("Failed idle sleep of Tenant name=%s: %s", tenant.name, exc, exc_info=exc)
+
+    async def wake(self, name: str) -> None:
+        """Wake a sleeping tenant now (outside a request: e.g. a Snapshot wants its live state)."""
+        tenant = self.served.get(name)
+        if tenant is not None and tenant.sleeper is not None and tenant.sleeper.asleep:
+            await asyncio.to_thread(tenant.sleeper.wake_now)
+
+    async def sleep(self, name: str) -> bool:
+        """Put a tenant to sleep now if it is idle (tests, benchmarks, the CLI); False if it did not."""
+        tenant = self.served.get(name)
+        if tenant is None or tenant.sleeper is None:
+            return False
+        return await asyncio.to_thread(tenant.sleeper.try_sleep, "idle")
+
     def status(self, name: str) -> TenantStatus | None:
         """The current report for a tenant, with live GPU bytes."""
         status = self.statuses.get(name)
@@ -274,11 +387,14 @@ class Shard:
             )
 
     async def close(self) -> None:
+        if self._idle_task is not None:
+            self._idle_task.cancel()
+            self._idle_task = None
         async with self._lock:
             self.assigned = {}  # loads still running discard what they open
             await self.settled()
             for name in list(self.served):
-                await self._unload(name)
+                await self._unload(name, forget=False)  # sleepers sleep on: their records stay
             self.statuses.clear()
 
     # --- the one load path ---
@@ -293,11 +409,13 @@ class Shard:
             self._fail(config, TOKEN_CONFLICT, f"the token is already used by tenant {clash}", keep=old)
             return
         if old is not None and old.config.same_code(config):
-            missing = _missing(config.functions, old.pool.functions())
+            missing = _missing(config.functions, old.module.functions)
             if missing:
                 self._fail(config, MISSING_FUNCTION, missing, keep=old)
                 return
-            self._install(config, old.pool, old.device, old.queue)
+            if old.sleeper is not None:
+                old.sleeper.config = config
+            self._install(config, old._pool, old._device, old.queue, sleeper=old.sleeper)
             return
         try:
             module = await self.loader.load(config.module)
@@ -305,6 +423,8 @@ class Shard:
             self._fail(config, str(exc.details.get("reason", "ModuleRejected")), exc.message, keep=old)
             return
         if not self._still_wanted(config):
+            return
+        if await self._install_asleep(config, module, old):
             return
         if old is not None:
             # The accelerator holds one device per tenant name, so the old version's device (and
@@ -332,6 +452,39 @@ class Shard:
             return
         self._install(config, pool, device, self._new_queue(config), note)
 
+    async def _install_asleep(
+        self, config: TenantConfig, module: CompiledModule, old: ServedTenant | None
+    ) -> bool:
+        """Serve `config` asleep when its sleep blob is usable (a restarted shard, a moved tenant, new
+        limits on a sleeper): True if done. A blob of another module is dropped: the tenant loads
+        (and later wakes) from its new module, never from an incompatible snapshot."""
+        from tensorwasm.runtime.sleep import Sleeper, sleep_key
+
+        parts = self._parts()
+        if parts is None:
+            return False
+        key = sleep_key(config)
+        record = parts.records.read(key)
+        if record is None:
+            return False
+        if record.module_sha256 != config.module.sha256 or _missing(config.functions, module.functions):
+            if old is not None:
+                await self._unload(config.name)  # its blob goes with it
+            else:
+                parts.records.remove(key)
+                parts.store.delete(key, record.digest)
+            log.info("Dropped the sleep snapshot of Tenant name=%s: its module changed", config.name)
+            return False
+        if old is not None:
+            if old.sleeper is None or not old.sleeper.asleep:
+                return False  # awake: the normal reload path
+            await self._unload(config.name, forget=False)
+        queue = self._new_queue(config)
+        sleeper = Sleeper(parts, config, module, None, None, lambda: queue.outstanding, record)
+        metrics.TENANTS_ASLEEP.inc()
+        self._install(config, None, None, queue, sleeper=sleeper)
+        return True
+
     def _still_wanted(self, config: TenantConfig) -> bool:
         """False once a later sync replaced or removed this config: its load must not install."""
         return self.assigned.get(config.name) == config
@@ -346,7 +499,7 @@ class Shard:
         """The new version could not open: re-open the version that served before, if any."""
         if old is not None and self.served.get(config.name) is None and self._still_wanted(config):
             try:
-                pool, device = await asyncio.to_thread(self._open, old.config, old.pool.module)
+                pool, device = await asyncio.to_thread(self._open, old.config, old.module)
             except RuntimeFault as exc:
                 log.error("Failed re-opening the previous version of Tenant name=%s: %s", config.name, exc)
             else:
@@ -369,19 +522,32 @@ class Shard:
     def _install(
         self,
         config: TenantConfig,
-        pool: TenantInstancePool,
+        pool: TenantInstancePool | None,
         device: TenantDevice | None,
         queue: TenantQueue,
         note: str = "",
+        sleeper: Sleeper | None = None,
     ) -> None:
         # No await between the token check and this point: two loads cannot both claim one token.
-        exported = frozenset(config.functions or pool.functions())
+        parts = self._parts()
+        if sleeper is None and parts is not None and pool is not None:
+            from tensorwasm.runtime.sleep import Sleeper
+
+            sleeper = Sleeper(parts, config, pool.module, pool, device, lambda: queue.outstanding)
+        module = sleeper.module if sleeper is not None else pool.module  # type: ignore[union-attr]
+        exported = frozenset(config.functions or module.functions)
         stats = self.stats.setdefault(config.name, {})
-        tenant = ServedTenant(config, pool, device, queue, exported, stats)
+        tenant = ServedTenant(config, pool, device, queue, exported, stats, sleeper)
         self.served[config.name] = tenant
         self._rebuild_auth()
-        message = f"serving {len(exported)} function(s)" + (f"; {note}" if note else "")
-        self.statuses[config.name] = TenantStatus(True, LOADED, message, config.generation)
+        if tenant.asleep:
+            status = TenantStatus(
+                True, ASLEEP, "asleep in a snapshot; wakes on the first request", config.generation
+            )
+        else:
+            message = f"serving {len(exported)} function(s)" + (f"; {note}" if note else "")
+            status = TenantStatus(True, LOADED, message, config.generation)
+        self.statuses[config.name] = status
         log.info(
             "Loaded Tenant name=%s generation=%d sha256=%s",
             config.name,
@@ -398,7 +564,14 @@ class Shard:
         device = None
         if self.accelerator is not None:
             cap = lim.gpu_memory_bytes if lim.gpu_memory_bytes is not None else self.default_gpu_memory_bytes
-            device = self.accelerator.open_tenant(config.name, cap, dict(config.kernels) or None)
+            # The cap is reserved before the device opens and given back after it closes (_close_parts):
+            # the caps of open devices never exceed the resident budget (tenancy/idle.py).
+            self.residency.admit(config.name, cap or 0, max(1.0, lim.timeout_ms / 1000))
+            try:
+                device = self.accelerator.open_tenant(config.name, cap, dict(config.kernels) or None)
+            except BaseException:
+                self.residency.release(config.name)
+                raise
         limits = GuestLimits(
             memory_bytes=lim.linear_memory_bytes,
             timeout_s=lim.timeout_ms / 1000,
@@ -415,22 +588,28 @@ class Shard:
         except BaseException:
             if self.accelerator is not None:
                 self.accelerator.close_tenant(config.name)
+                self.residency.release(config.name)
             raise
 
-    async def _unload(self, name: str) -> None:
+    async def _unload(self, name: str, forget: bool = True) -> None:
+        """Stop serving `name`; with `forget`, a sleeper's blob goes too (it left or changed module)."""
         tenant = self.served.pop(name, None)
         if tenant is None:
             return
         self._rebuild_auth()  # no new request reaches it from here on
         tenant.queue.close()
         await tenant.queue.drain()
-        await asyncio.to_thread(self._close_parts, name, tenant.pool, tenant.device)
+        if tenant.sleeper is not None:
+            await asyncio.to_thread(tenant.sleeper.close, forget)
+        else:
+            await asyncio.to_thread(self._close_parts, name, tenant.pool, tenant.device)
         log.info("Unloaded Tenant name=%s", name)
 
     def _close_parts(self, name: str, pool: TenantInstancePool, device: TenantDevice | None) -> None:
         pool.close()
         if device is not None and self.accelerator is not None:
             self.accelerator.close_tenant(name)
+            self.residency.release(name)
 
     def _fail(self, config: TenantConfig, reason: str, message: str, keep: ServedTenant | None) -> None:
         if not self._still_wanted(config):  # superseded or removed meanwhile: nothing to report

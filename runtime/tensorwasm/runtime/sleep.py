@@ -1,0 +1,315 @@
+"""Idle tenants sleep in a snapshot and wake on their first request, below the HTTP layer.
+
+Owns `Sleeper` (one per served tenant of a shard with a snapshot store: the gate each of its
+invokes passes on the tenant's own worker thread), `SleepRecords` (the durable note "this tenant
+sleeps in blob D", so a restarted shard keeps its sleepers asleep) and `SleepParts` (what every
+sleeper of one shard shares).
+- Sleep (idle past spec.idle.after, or evicted to make GPU room): under the gate's lock, with no
+  invoke running and none queued, capture at the pool's barrier (snapshots/capture.py: the blob is
+  durable and, when it fits, in the pinned hot tier), write the record, close the instances and
+  the device (the tenant's CUDA pool and GPU memory), give the GPU reservation back.
+- Wake (the first invoke finding it asleep): under the same lock, so concurrent invokes of the
+  tenant wait behind it (their number bounded by the tenant's queue: past it, 429 + Retry-After,
+  as for any busy tenant); reserve GPU room (tenancy/idle.py may put LRU idle neighbours to sleep),
+  open the device and the instances, restore the blob (hot tier when there, else the file; every
+  check of a normal restore applies), remove the record. A refused restore fails the waking
+  request and every request that waited for that wake with a clear `tenant_not_ready`
+  (reason WakeFailed), drops the blob, and restarts the tenant from its module (fresh state), so
+  the next request is served.
+Must not import wasmtime, cuda or aiohttp (the shard hands in how to open and close a tenant).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from time import perf_counter
+from typing import TYPE_CHECKING, Any
+
+from tensorwasm.runtime import metrics
+from tensorwasm.runtime.errors import BadRequest, QueueFull, RuntimeFault, TenantNotReady
+from tensorwasm.runtime.snapshots.capture import capture_snapshot
+from tensorwasm.runtime.snapshots.restore import restore_snapshot
+from tensorwasm.runtime.snapshots.store import SnapshotStore
+from tensorwasm.runtime.tenancy.idle import Residency
+
+if TYPE_CHECKING:
+    from tensorwasm.runtime.accel.base import Accelerator, TenantDevice
+    from tensorwasm.runtime.engine import CompiledModule, TenantInstancePool
+    from tensorwasm.runtime.tenancy.config import TenantConfig
+
+log = logging.getLogger(__name__)
+
+WAKE_FAILED = "WakeFailed"
+Opened = tuple["TenantInstancePool", "TenantDevice | None"]
+
+
+def sleep_key(config: TenantConfig) -> str:
+    """The store directory of a tenant's sleep blob: its uid (a re-created Tenant never wakes in
+    its predecessor's state), apart from the Snapshot blobs so retention never removes it."""
+    return f"{config.uid or 'local-' + config.name}.sleep"
+
+
+@dataclass(frozen=True)
+class SleepRecord:
+    digest: str
+    module_sha256: str
+    generation: int
+    tenant: str
+    slept_at: float
+
+
+class SleepRecords:
+    """`<store root>/sleeping/<key>.json`, written atomically (temp, fsync, rename, fsync dir)."""
+
+    def __init__(self, store: SnapshotStore) -> None:
+        self.store = store
+        self.directory = store.root / "sleeping"
+
+    def _path(self, key: str) -> Path:
+        self.store.tenant_dir(key)  # the same validation as the blob's directory
+        return self.directory / f"{key}.json"
+
+    def write(self, key: str, record: SleepRecord) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self._path(key)
+        temp = path.with_suffix(f".tmp-{os.getpid()}-{threading.get_ident()}")
+        with open(temp, "w") as f:
+            json.dump(record.__dict__, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def read(self, key: str) -> SleepRecord | None:
+        try:
+            raw = json.loads(self._path(key).read_text())
+            return SleepRecord(**raw)
+        except (OSError, ValueError, TypeError, BadRequest):
+            return None
+
+    def remove(self, key: str) -> None:
+        with contextlib.suppress(OSError, BadRequest):
+            self._path(key).unlink()
+
+
+@dataclass
+class SleepParts:
+    """What every sleeper of one shard shares; `open`/`close` are the shard's (they reserve and
+    release GPU room around the device)."""
+
+    store: SnapshotStore
+    records: SleepRecords
+    residency: Residency
+    accelerator: Accelerator | None
+    open: Callable[[TenantConfig, CompiledModule], Opened]
+    close: Callable[[str, TenantInstancePool, TenantDevice | None], None]
+    notify: Callable[[str, bool, str, int], None]  # (tenant, asleep, message, generation), any thread
+
+
+class Sleeper:
+    """One tenant's gate: counts its running invokes, sleeps it when idle, wakes it on demand."""
+
+    def __init__(
+        self,
+        parts: SleepParts,
+        config: TenantConfig,
+        module: CompiledModule,
+        pool: TenantInstancePool | None,
+        device: TenantDevice | None,
+        pending: Callable[[], int] = lambda: 0,
+        record: SleepRecord | None = None,
+    ) -> None:
+        self.parts = parts
+        self.name = config.name
+        self.config = config
+        self.module = module
+        self.pool = pool
+        self.device = device
+        self.pending = pending  # admitted requests of this tenant (queued + running), loop-side count
+        self.digest = record.digest if record is not None else ""  # the sleep blob, while asleep
+        self._lock = threading.Lock()
+        self._active = 0
+        self._used = time.monotonic()
+        self._epoch = 0  # completed wakes
+        self._failure: tuple[int, TenantNotReady] | None = None
+        if pool is not None:
+            parts.residency.attach(self.name, self)
+
+    # --- what the residency ledger asks ---
+
+    def last_used(self) -> float:
+        return self._used
+
+    def busy(self) -> bool:
+        return self._active > 0 or self.pending() > 0
+
+    @property
+    def asleep(self) -> bool:
+        return self.pool is None
+
+    @property
+    def key(self) -> str:
+        return sleep_key(self.config)
+
+    # --- the invoke path (the tenant's worker threads) ---
+
+    def invoke(self, function: str, payload: Any) -> bytes:
+        self._used = time.monotonic()
+        seen = self._epoch
+        with self._lock:
+            failure = self._failure
+            if failure is not None and failure[0] > seen:
+                raise failure[1]  # this request waited for a wake that failed
+            if self.pool is None:
+                self._wake()
+            pool = self.pool
+            assert pool is not None
+            self._active += 1
+        try:
+            return pool.invoke(function, payload)
+        finally:
+            with self._lock:
+                self._active -= 1
+                self._used = time.monotonic()
+
+    # --- sleep ---
+
+    def try_sleep(self, reason: str) -> bool:
+        """Sleep now if nothing is running or queued; False otherwise (or if the capture failed)."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            if self.pool is None or self.busy():
+                return False
+            return self._sleep(reason)
+        finally:
+            self._lock.release()
+
+    def _sleep(self, reason: str) -> bool:
+        pool, device, cfg, parts = self.pool, self.device, self.config, self.parts
+        assert pool is not None
+        try:
+            result = capture_snapshot(
+                parts.store, tenant_uid=self.key, module_sha256=cfg.module.sha256, generation=cfg.generation,
+                pool=pool, device=device, accelerator=parts.accelerator, tenant=cfg.name,
+            )  # fmt: skip
+            parts.records.write(
+                self.key, SleepRecord(result.digest, cfg.module.sha256, cfg.generation, cfg.name, time.time())
+            )
+        except (RuntimeFault, OSError) as exc:
+            log.warning("Failed putting Tenant to sleep name=%s reason=%s: %s", self.name, reason, exc)
+            return False
+        previous, self.digest = self.digest, result.digest
+        self.pool = self.device = None
+        parts.close(self.name, pool, device)  # device closed, then its reservation given back
+        if previous and previous != result.digest:
+            with contextlib.suppress(OSError, RuntimeFault):
+                parts.store.delete(self.key, previous)
+        metrics.TENANT_SLEEPS.labels(reason).inc()
+        metrics.TENANTS_ASLEEP.inc()
+        where = "hot tier and disk" if result.hot else "disk"
+        log.info("Put Tenant to sleep name=%s reason=%s bytes=%d in=%s", self.name, reason,
+                 result.manifest.raw_bytes, where)  # fmt: skip
+        parts.notify(self.name, True, self._asleep_message(result.manifest.raw_bytes, where), cfg.generation)
+        return True
+
+    def _asleep_message(self, nbytes: int, where: str) -> str:
+        return f"asleep ({nbytes} bytes of state in a snapshot, {where}); wakes on the first request"
+
+    # --- wake (lock held) ---
+
+    def _wake(self) -> None:
+        started = perf_counter()
+        parts, cfg = self.parts, self.config
+        pool, device = parts.open(cfg, self.module)  # reserves GPU room first (may evict); raises 429
+        source = "module"
+        if self.digest:
+            try:
+                path = parts.store.path_of(self.key, self.digest)
+                restored = restore_snapshot(
+                    path, tenant_uid=self.key, module_sha256=cfg.module.sha256, pool=pool, device=device,
+                    accelerator=parts.accelerator, memory_limit=cfg.limits.linear_memory_bytes,
+                )  # fmt: skip
+                source = restored.source
+            except RuntimeFault as exc:
+                self._wake_failed(pool, device, exc)
+        self.pool, self.device = pool, device
+        parts.records.remove(self.key)
+        self._epoch += 1
+        took = perf_counter() - started
+        metrics.TENANT_WAKES.labels(source).inc()
+        metrics.TENANT_WAKE_SECONDS.observe(took)
+        metrics.TENANTS_ASLEEP.dec()
+        parts.residency.attach(self.name, self)
+        note = f"woke in {took * 1000:.1f} ms from " + {"hot": "the hot tier", "file": "disk"}.get(
+            source, "its module (no snapshot)"
+        )
+        log.info("Woke Tenant name=%s source=%s ms=%.2f", self.name, source, took * 1000)
+        parts.notify(self.name, False, note, cfg.generation)
+
+    def _wake_failed(self, pool: TenantInstancePool, device: TenantDevice | None, exc: RuntimeFault) -> None:
+        """A refused restore: fail this wake's requests, restart from the module (fresh state)."""
+        parts, cfg = self.parts, self.config
+        fault = TenantNotReady(
+            f"tenant {self.name} could not be woken from its snapshot ({exc.message}); it restarts "
+            "from its module and its state at sleep is lost", tenant=self.name, reason=WAKE_FAILED,
+        )  # fmt: skip
+        log.error("Failed waking Tenant name=%s digest=%s: %s", self.name, self.digest, exc.message)
+        metrics.TENANT_WAKES.labels("failed").inc()
+        parts.close(self.name, pool, device)
+        parts.records.remove(self.key)
+        with contextlib.suppress(OSError, RuntimeFault):
+            parts.store.delete(self.key, self.digest)
+        self.digest = ""
+        self._epoch += 1
+        self._failure = (self._epoch, fault)
+        try:
+            fresh, fresh_device = parts.open(cfg, self.module)
+        except (RuntimeFault, QueueFull) as again:
+            log.error("Failed restarting Tenant from its module name=%s: %s", self.name, again)
+            parts.notify(self.name, True, f"asleep without state: {fault.message}", cfg.generation)
+        else:
+            self.pool, self.device = fresh, fresh_device
+            metrics.TENANTS_ASLEEP.dec()
+            parts.residency.attach(self.name, self)
+            parts.notify(self.name, False, f"restarted from its module: {fault.message}", cfg.generation)
+        raise fault
+
+    # --- the shard's calls (event loop, or a load thread) ---
+
+    def close(self, forget: bool) -> None:
+        """The shard unloads the tenant (its queue drained): close what is open; with `forget`, drop
+        the sleep blob too (a shard shutting down keeps it: the tenant sleeps on after a restart)."""
+        with self._lock:
+            pool, device, self.pool, self.device = self.pool, self.device, None, None
+            if pool is not None:
+                self.parts.close(self.name, pool, device)
+            else:
+                metrics.TENANTS_ASLEEP.dec()
+            if forget:
+                self._forget()
+
+    def _forget(self) -> None:
+        if self.digest:
+            self.parts.records.remove(self.key)
+            with contextlib.suppress(OSError, RuntimeFault):
+                self.parts.store.delete(self.key, self.digest)
+            self.digest = ""
+
+    def wake_now(self) -> None:
+        """Wake outside a request (a Snapshot of a sleeping tenant needs its live state)."""
+        with self._lock:
+            if self.pool is None:
+                self._wake()
