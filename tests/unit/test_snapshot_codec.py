@@ -1,4 +1,4 @@
-"""Snapshot format v1: bit-exact round trips, chunk encoding choices, structural refusals, golden blobs."""
+"""Snapshot format v2 (v1 still read): bit-exact round trips, chunk encoding choices, structural refusals, golden blobs."""
 
 from __future__ import annotations
 
@@ -142,7 +142,7 @@ def test_manifest_records_binding_and_regions() -> None:
     ("mutate", "message"),
     [
         (lambda b: b"NOTASNAP" + b[8:], "bad magic"),
-        (lambda b: b[:8] + struct.pack("<H", 2) + b[10:], "version 2 is not supported"),
+        (lambda b: b[:8] + struct.pack("<H", 3) + b[10:], "version 3 is not supported"),
         (lambda b: b[:30], "truncated"),
         (lambda b: b[:-1], "truncated"),
         (lambda b: b + b"\0", "longer than recorded"),
@@ -162,9 +162,9 @@ def _resealed(blob: bytes, edit: object) -> bytes:
     edit(d)  # type: ignore[operator]
     m_off = struct.unpack_from("<Q", blob, 16)[0]
     body = json.dumps(d, separators=(",", ":"), sort_keys=True).encode()
-    head = struct.pack("<8sHHIQQQQ", codec.MAGIC, 1, 64, 0, m_off, len(body), m_off + len(body), 0)
+    head = struct.pack("<8sHHIQQQQ", codec.MAGIC, 2, 128, 0, m_off, len(body), m_off + len(body), 0)
     root = codec._root(head, body)
-    return head + root + blob[64:m_off] + body
+    return head + root + blob[64:m_off] + body  # an unsigned v2 blob: bytes 64..127 stay zero
 
 
 @pytest.mark.parametrize(

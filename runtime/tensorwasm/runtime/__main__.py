@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,6 +41,7 @@ log = logging.getLogger("tensorwasm.runtime")
 EXIT_OK, EXIT_SOURCE, EXIT_SETTINGS, EXIT_ACCELERATOR = 0, 1, 2, 3
 # Within Kubernetes' default 30 s termination grace period, with room for the kubelet's own work.
 SHUTDOWN_GRACE_S = 20
+SHUTDOWN_HARD_S = 25  # the process is gone by then, whatever holds it
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -59,6 +61,20 @@ def run_settings(settings: RuntimeSettings) -> int:
     except SettingsError as exc:
         print(f"tensorwasm runtime: {exc}", file=sys.stderr)
         return EXIT_SETTINGS
+
+
+def _configure_signing(settings: RuntimeSettings) -> None:
+    """The process's snapshot signing policy; a ring that cannot work stops the shard at start."""
+    from tensorwasm.runtime.snapshots import signing
+
+    mode: signing.Mode = settings.snapshot_signing  # type: ignore[assignment]  # settings validated it
+    try:
+        ring = signing.configure(signing.SigningPolicy(mode, settings.snapshot_signing_keys))
+    except signing.KeyRingError as exc:
+        raise SettingsError(f"--snapshot-signing/--snapshot-signing-keys: {exc}") from exc
+    log.info(
+        "Configured snapshot signing mode=%s keys=%d active=%s", mode, len(ring.keys), ring.active or "-"
+    )
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -84,6 +100,7 @@ async def _run(settings: RuntimeSettings) -> int:
     source = _build_source(settings)
     accelerator = _open_accelerator(settings)
     HOT_TIERS.configure(settings.snapshot_hot_tier_bytes)
+    _configure_signing(settings)
     try:
         engine = Engine(
             cache_dir=settings.cache_dir,
@@ -140,6 +157,7 @@ async def _run(settings: RuntimeSettings) -> int:
         code = EXIT_SOURCE
     for task in tasks.values():
         task.cancel()
+    _start_exit_watchdog(code)
     # No guest outlives the stop: every running guest (an invoke, a start function, tw_init) is
     # interrupted now, whatever its deadline, so draining and unloading finish at once.
     engine.interrupt_all()
@@ -163,6 +181,20 @@ async def _run(settings: RuntimeSettings) -> int:
     metrics.INVOKES.source = lambda: ()
     log.info("Runtime stopped exit_code=%d", code)
     return code
+
+
+def _start_exit_watchdog(code: int) -> None:
+    """A hard bound on everything after the stop, the event loop's close and the interpreter's exit
+    included (both join worker threads without a timeout): a thread stuck outside guest code (a
+    compile, a fetch, a driver call) cannot keep the pod past its grace period."""
+
+    def expire() -> None:
+        log.error("Stopped without a clean shutdown after %d s exit_code=%d", SHUTDOWN_HARD_S, code)
+        _exit_now(code)
+
+    timer = threading.Timer(SHUTDOWN_HARD_S, expire)
+    timer.daemon = True
+    timer.start()
 
 
 def _exit_now(code: int) -> None:

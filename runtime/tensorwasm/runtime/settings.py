@@ -20,6 +20,7 @@ from tensorwasm.api.logs import FORMATS
 ENV_PREFIX = "TENSORWASM_RUNTIME_"
 ACCELERATORS = ("auto", "cuda", "cpu")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+SNAPSHOT_SIGNING_MODES = ("require", "verify-if-present", "off")  # snapshots/signing.py judges by them
 AUTO_ADMIN_PORT, DEFAULT_ADMIN_PORT = -1, 9090
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 
@@ -45,6 +46,8 @@ class RuntimeSettings:
     cache_dir: Path | None = None
     snapshot_dir: Path | None = None
     snapshot_hot_tier_bytes: int = 1 << 30  # pinned host memory for recent snapshots; 0 turns it off
+    snapshot_signing: str = "verify-if-present"  # signs with the active key if any; refuses bad signatures
+    snapshot_signing_keys: Path | None = None  # a mounted Secret: <key id> files + `active`
     max_module_bytes: int = 64 << 20
     fetch_timeout_s: float = 30.0
     resync_s: float = 30.0
@@ -78,6 +81,13 @@ _FLAGS: tuple[tuple[str, str, str, str | None], ...] = (
     ("--cache-dir", "cache_dir", "compiled-module disk cache (default: none)", "DIR"),
     ("--snapshot-dir", "snapshot_dir", "snapshot store directory (default: none)", "DIR"),
     ("--snapshot-hot-tier-bytes", "snapshot_hot_tier_bytes", "snapshot hot tier, bytes (1Gi; 0: off)", "N"),
+    (
+        "--snapshot-signing",
+        "snapshot_signing",
+        "require, verify-if-present or off (default: verify-if-present)",
+        "MODE",
+    ),
+    ("--snapshot-signing-keys", "snapshot_signing_keys", "snapshot HMAC key ring directory", "DIR"),
     ("--max-module-bytes", "max_module_bytes", "largest module accepted, bytes (default: 64Mi)", "N"),
     ("--fetch-timeout", "fetch_timeout_s", "module URL fetch timeout, seconds (default: 30)", "S"),
     ("--resync", "resync_s", "a reconcile pass at least every S s; caches re-list every max(S, 300) s", "S"),
@@ -164,7 +174,8 @@ def settings_from_namespace(ns: argparse.Namespace, environ: Mapping[str, str]) 
     if "default_gpu_memory_bytes" in raw:
         gpu = raw["default_gpu_memory_bytes"]
         out["default_gpu_memory_bytes"] = int(_number(*gpu, 1 << 20, 1 << 50, integer=True))
-    for dest in ("tenants_file", "kubeconfig", "mps_pipe_dir", "cache_dir", "snapshot_dir", "cache_key_file"):
+    for dest in ("tenants_file", "kubeconfig", "mps_pipe_dir", "cache_dir", "snapshot_dir", "cache_key_file",
+                 "snapshot_signing_keys"):  # fmt: skip
         if dest in raw and raw[dest][0]:
             out[dest] = Path(raw[dest][0]).expanduser()
     for dest in ("namespace", "shard_name"):
@@ -172,6 +183,8 @@ def settings_from_namespace(ns: argparse.Namespace, environ: Mapping[str, str]) 
             out[dest] = raw[dest][0].strip()
     if "accelerator" in raw:
         out["accelerator"] = _choice(*raw["accelerator"], ACCELERATORS)
+    if "snapshot_signing" in raw:
+        out["snapshot_signing"] = _choice(*raw["snapshot_signing"], SNAPSHOT_SIGNING_MODES)
     if "log_level" in raw:
         out["log_level"] = _choice(*raw["log_level"], LOG_LEVELS)
     if "log_format" in raw:

@@ -7,7 +7,8 @@ threads, writing each at its own offset as it finishes, and commit atomically. T
 only for the device-side clone and the wasm memory copy; without room for a clone it is paused for
 the device-to-host copies instead. Staging is a hot-tier slot when the tier has room, laid out as a
 restore lays it out: the committed snapshot then enters the tier with one seal per chunk, computed
-while the chunk is being compressed.
+while the chunk is being compressed. With a signing key (snapshots/signing.py: the policy's active
+key) each chunk's SHA-256 is computed beside its CRC on the same thread and the header is signed.
 Must not import wasmtime or cuda; reaches the engine and accelerator through their protocols.
 """
 
@@ -23,7 +24,7 @@ import zstandard
 
 from tensorwasm.runtime import metrics
 from tensorwasm.runtime.accel.base import Accelerator, TenantDevice
-from tensorwasm.runtime.snapshots import codec
+from tensorwasm.runtime.snapshots import codec, signing
 from tensorwasm.runtime.snapshots.hot_tier import HOT_TIERS, HotTier, Slot, chunk_seal
 from tensorwasm.runtime.snapshots.pipeline import (
     STAGING,
@@ -61,20 +62,21 @@ def _cctx() -> zstandard.ZstdCompressor:
 class _ChunkWriter:
     """Compresses chunks on worker threads and appends them in completion order (offsets under a lock)."""
 
-    def __init__(self, pending: PendingBlob, seal: bool) -> None:
+    def __init__(self, pending: PendingBlob, seal: bool, signed: bool) -> None:
         self.pending = pending
         self.cursor = codec.HEADER_SIZE
         self.lock = threading.Lock()
         self.seal = seal
+        self.signed = signed
 
     def write(self, data: memoryview) -> tuple[codec.Chunk, int]:
         kind, stored = codec.encode_chunk(data, _cctx())
-        digest = codec.checksum(stored)
         with self.lock:
             offset = self.cursor
             self.cursor += len(stored)
+        chunk = codec.stored_chunk(offset, data, kind, stored, signed=self.signed)
         self.pending.pwrite(stored, offset)
-        return codec.Chunk(offset, len(stored), len(data), kind, digest), chunk_seal(data) if self.seal else 0
+        return chunk, chunk_seal(data) if self.seal else 0
 
 
 def capture_snapshot(
@@ -89,11 +91,14 @@ def capture_snapshot(
     tenant: str = "",
     chunk_size: int | None = None,
     hot: HotTier | None = None,
+    signing_policy: signing.SigningPolicy | None = None,
 ) -> CaptureResult:
     """Capture, encode and durably store one snapshot; returns where it is and its digest.
 
-    `hot` defaults to the accelerator's tier (`HOT_TIERS`); the snapshot enters it when it fits."""
+    `hot` defaults to the accelerator's tier (`HOT_TIERS`); the snapshot enters it when it fits.
+    `signing_policy` defaults to the process's (`signing.POLICY`); its key is chosen before the barrier."""
     tier = hot if hot is not None else HOT_TIERS.for_accelerator(accelerator)
+    signer = (signing_policy or signing.current()).signer()
     watch = Stopwatch()
     slot: Slot | None = None
     try:
@@ -135,7 +140,7 @@ def capture_snapshot(
                 store,
                 watch, tenant_uid=tenant_uid, module_sha256=module_sha256, generation=generation,
                 memory=stage[mem_at : mem_at + len(memory)], globals_=globals_, gpu=gpu, tenant=tenant,
-                chunk_size=chunk_size, seals_out=seals if slot is not None else None,
+                chunk_size=chunk_size, seals_out=seals if slot is not None else None, signer=signer,
             )  # fmt: skip
         if slot is not None and tier is not None:
             tier.insert(slot, result.digest, result.manifest, seals)
@@ -161,15 +166,17 @@ def write_snapshot(
     tenant: str = "",
     chunk_size: int | None = None,
     seals_out: list[int] | None = None,
+    signer: codec.Signer | None = None,
 ) -> CaptureResult:
     """Encode host copies of a tenant's state on the worker threads and commit them atomically.
 
-    `seals_out` receives the hot-tier seal of every chunk's raw bytes, in chunk order."""
+    `seals_out` receives the hot-tier seal of every chunk's raw bytes, in chunk order; `signer`
+    (key id, key) signs the blob."""
     watch = watch or Stopwatch()
     regions = codec.plan_regions(memory, globals_, gpu)
     chunk_size = chunk_size or codec.choose_chunk_size(sum(len(r.data) for r in regions))
     with store.begin(tenant_uid) as pending:
-        writer = _ChunkWriter(pending, seals_out is not None)
+        writer = _ChunkWriter(pending, seals_out is not None, signer is not None)
         jobs = [
             (region, region.data[start : start + n])
             for region in regions
@@ -182,7 +189,7 @@ def write_snapshot(
             tenant_uid=tenant_uid, module_sha256=module_sha256, generation=generation, regions=regions,
             chunk_size=chunk_size, tenant=tenant,
         )  # fmt: skip
-        header, body, digest = codec.seal(manifest, writer.cursor)
+        header, body, digest = codec.seal(manifest, writer.cursor, signer)
         pending.pwrite(body, writer.cursor)
         pending.pwrite(header, 0)
         os.ftruncate(pending.fd, writer.cursor + len(body))

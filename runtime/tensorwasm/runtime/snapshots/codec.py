@@ -1,8 +1,10 @@
-"""The snapshot blob format v1: layout, manifest, chunk encoding and verification (pure, no I/O).
+"""The snapshot blob format v2 (and v1, still read): layout, manifest, chunk encoding, verification
+and the signature block (pure, no I/O, no keys).
 
-Owns everything about the bytes of a blob (see docs/snapshot-format.md): the fixed 64-byte header,
-the JSON manifest, independent zstd-or-raw chunks, checksums. It never opens files, never
-touches a tenant, and must not import wasmtime, cuda, the engine or the accelerators.
+Owns everything about the bytes of a blob (see docs/snapshot-format.md): the fixed header (64 bytes
+in v1; 128 in v2, whose last 64 hold the signature block: key id + HMAC-SHA256), the JSON manifest,
+independent zstd-or-raw chunks, checksums. It never opens files, never touches a tenant, never
+holds a key ring (signing.py does), and must not import wasmtime, cuda, the engine or the accelerators.
 
 Layout: header | chunks (any order, contiguous) | manifest. The manifest goes last so a capture can
 write compressed chunks in parallel as they finish and only then know where everything is.
@@ -13,12 +15,15 @@ of depth one) and chunks are checked in parallel. Why CRC-32 per chunk: zlib rel
 large buffers, so it scales with cores (~2.5 GB/s each); the xxhash wheel holds the GIL and stayed
 at ~7 GB/s total on the H100 host whatever the thread count (measured), and blake2b runs ~0.8 GB/s.
 CRC-32 also detects every burst error up to 32 bits. The root hashes a few KiB, so BLAKE2b costs nothing.
-These checksums guard against corruption, not against a forger: blobs live on the shard's own volume.
+These checksums guard against corruption, not against a forger (CRC-32 is trivially forged). A signed
+v2 blob adds a SHA-256 per chunk to the manifest and an HMAC-SHA256 over header[0:96] + manifest,
+so the MAC covers every byte; SHA-256 (SHA-NI, GIL released) runs on the same worker threads.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import math
 import re
@@ -36,8 +41,13 @@ import zstandard
 from tensorwasm.runtime.errors import SnapshotRejected
 
 MAGIC: Final = b"\x89TWSNP\r\n"  # high bit + CRLF catch 7-bit and newline-mangling transfers
-VERSION: Final = 1
-HEADER_SIZE: Final = 64
+VERSION: Final = 2  # what this build writes
+READ_VERSIONS: Final = (1, 2)  # what it reads: every released version (golden blobs in tests/fixtures)
+HEADER_SIZE: Final = 128  # v2; chunks start here
+V1_HEADER_SIZE: Final = 64
+FLAG_SIGNED: Final = 1  # header flags bit 0: key id + HMAC-SHA256 in bytes 64..127, SHA-256 per chunk
+KEY_ID_BYTES: Final = 32
+MAC_BYTES: Final = 32
 DEFAULT_CHUNK_SIZE: Final = 4 << 20
 MAX_CHUNK_SIZE: Final = 64 << 20
 MAX_MANIFEST_BYTES: Final = 64 << 20
@@ -59,6 +69,7 @@ _HEADER = struct.Struct(
 _GLOBAL_TYPES: Final = ("i32", "i64", "f32", "f64")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _HEX8 = re.compile(r"^[0-9a-f]{8}$")
+KEY_ID_PATTERN: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")
 
 RegionKind = Literal["wasm_memory", "globals", "gpu_buffer"]
 ChunkCodec = Literal["raw", "zstd"]
@@ -74,6 +85,7 @@ class Chunk:
     size: int  # bytes once decoded
     codec: ChunkCodec
     checksum: int  # CRC-32 of the stored bytes
+    sha256: bytes | None = None  # of the stored bytes; signed blobs only (the MAC covers it)
 
 
 @dataclass(frozen=True)
@@ -99,6 +111,11 @@ class Manifest:
     regions: tuple[Region, ...]
     chunks: tuple[Chunk, ...]
     tenant: str = ""
+    version: int = VERSION
+
+    @property
+    def signed(self) -> bool:
+        return bool(self.chunks) and all(c.sha256 is not None for c in self.chunks)
 
     def region(self, kind: RegionKind) -> Region:
         return next(r for r in self.regions if r.kind == kind)
@@ -118,7 +135,7 @@ class Manifest:
     def to_json(self) -> dict[str, Any]:
         return {
             "format": "tensorwasm-snapshot",
-            "version": VERSION,
+            "version": self.version,
             "tenant_uid": self.tenant_uid,
             "tenant": self.tenant,
             "module_sha256": self.module_sha256,
@@ -128,26 +145,36 @@ class Manifest:
             "compression": {"codec": "zstd", "level": ZSTD_LEVEL},
             "checksum": "crc32",
             "regions": [_region_json(r) for r in self.regions],
-            "chunks": [
-                {
-                    "offset": c.offset,
-                    "stored": c.stored,
-                    "size": c.size,
-                    "codec": c.codec,
-                    "crc32": f"{c.checksum:08x}",
-                }
-                for c in self.chunks
-            ],
+            "chunks": [_chunk_json(c) for c in self.chunks],
         }
 
 
 @dataclass(frozen=True)
+class Signature:
+    """A signed blob's signature block, and the bytes its MAC covers (header[0:96] + manifest)."""
+
+    key_id: str
+    mac: bytes
+    message: bytes
+
+
+@dataclass(frozen=True)
 class Parsed:
-    """A blob whose header, root digest and manifest structure checked out (chunks not yet)."""
+    """A blob whose header, root digest and manifest structure checked out (chunks not yet; the
+    signature, if any, is checked by signing.SigningPolicy.check against a key ring)."""
 
     manifest: Manifest
     digest: str  # hex BLAKE2b-128 root: the blob's content address
     file_length: int
+    signature: Signature | None = None  # None: unsigned (every v1 blob, unsigned v2 blobs)
+
+    @property
+    def version(self) -> int:
+        return self.manifest.version
+
+
+# A signer: (key id, key). Pure: the caller (signing.py) chose the key.
+Signer = tuple[str, bytes]
 
 
 @dataclass
@@ -158,6 +185,19 @@ class RegionData:
     data: memoryview
     handle: int | None = None
     chunks: list[Chunk] = field(default_factory=list)
+
+
+def _chunk_json(c: Chunk) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "offset": c.offset,
+        "stored": c.stored,
+        "size": c.size,
+        "codec": c.codec,
+        "crc32": f"{c.checksum:08x}",
+    }
+    if c.sha256 is not None:
+        out["sha256"] = c.sha256.hex()
+    return out
 
 
 def _region_json(r: Region) -> dict[str, Any]:
@@ -260,6 +300,18 @@ def checksum(data: bytes | memoryview) -> int:
     return zlib.crc32(data)
 
 
+def strong_checksum(data: bytes | memoryview) -> bytes:
+    """SHA-256 of a signed blob's stored chunk (hashlib releases the GIL on large buffers)."""
+    return hashlib.sha256(data).digest()
+
+
+def stored_chunk(offset: int, data: memoryview, codec_: ChunkCodec, stored: bytes | memoryview,
+                 *, signed: bool) -> Chunk:  # fmt: skip
+    """The chunk-table row of `stored` (the encoding of `data`) written at `offset`."""
+    sha = strong_checksum(stored) if signed else None
+    return Chunk(offset, len(stored), len(data), codec_, checksum(stored), sha)
+
+
 def decode_chunk_into(blob: memoryview, chunk: Chunk, out: memoryview) -> None:
     """Decode one verified chunk of `blob` straight into `out` (len == chunk.size)."""
     decode_stored_into(blob[chunk.offset : chunk.offset + chunk.stored], chunk, out)
@@ -342,13 +394,26 @@ def build_manifest(
     return manifest
 
 
-def seal(manifest: Manifest, manifest_offset: int) -> tuple[bytes, bytes, str]:
-    """(header, manifest bytes, digest) for a manifest written at `manifest_offset`."""
+def seal(manifest: Manifest, manifest_offset: int, signer: Signer | None = None) -> tuple[bytes, bytes, str]:
+    """(header, manifest bytes, digest) for a v2 manifest written at `manifest_offset`; signed with
+    `signer` (key id, key), whose chunks must then all carry their SHA-256."""
+    if signer is not None and manifest.chunks and not manifest.signed:
+        raise ValueError("a signed snapshot needs the SHA-256 of every chunk")
+    if signer is None and any(c.sha256 is not None for c in manifest.chunks):
+        raise ValueError("an unsigned snapshot carries no chunk SHA-256")
     body = json.dumps(manifest.to_json(), separators=(",", ":"), sort_keys=True).encode()
     file_length = manifest_offset + len(body)
-    head = _HEADER.pack(MAGIC, VERSION, HEADER_SIZE, 0, manifest_offset, len(body), file_length, 0, b"")[:48]
-    root = _root(head, body)
-    return head + root, body, root.hex()
+    flags = FLAG_SIGNED if signer is not None else 0
+    head = _HEADER.pack(MAGIC, VERSION, HEADER_SIZE, flags, manifest_offset, len(body), file_length, 0, b"")
+    root = _root(head[:48], body)
+    if signer is None:
+        return head[:48] + root + bytes(HEADER_SIZE - 64), body, root.hex()
+    key_id, key = signer
+    if not KEY_ID_PATTERN.match(key_id):
+        raise ValueError(f"key id {key_id!r} must match {KEY_ID_PATTERN.pattern}")
+    signed = head[:48] + root + key_id.encode().ljust(KEY_ID_BYTES, b"\0")
+    mac = hmac.new(key, signed + body, hashlib.sha256).digest()
+    return signed + mac, body, root.hex()
 
 
 def encode_blob(
@@ -362,6 +427,7 @@ def encode_blob(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     created_at: str | None = None,
     tenant: str = "",
+    signer: Signer | None = None,
 ) -> tuple[bytes, str]:
     """Serial, in-memory encoder (fixtures, tests, small tenants): (blob, digest)."""
     regions = plan_regions(memory, globals_, gpu)
@@ -370,8 +436,9 @@ def encode_blob(
     cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True)
     for region in regions:
         for start, length in split(len(region.data), chunk_size):
-            codec, stored = encode_chunk(region.data[start : start + length], cctx)
-            region.chunks.append(Chunk(offset, len(stored), length, codec, checksum(stored)))
+            data = region.data[start : start + length]
+            codec, stored = encode_chunk(data, cctx)
+            region.chunks.append(stored_chunk(offset, data, codec, stored, signed=signer is not None))
             parts.append(stored)
             offset += len(stored)
     manifest = build_manifest(
@@ -383,7 +450,7 @@ def encode_blob(
         created_at=created_at,
         tenant=tenant,
     )
-    header, body, digest = seal(manifest, offset)
+    header, body, digest = seal(manifest, offset, signer)
     return b"".join([header, *parts, body]), digest
 
 
@@ -413,43 +480,82 @@ def parse(blob: bytes | memoryview) -> Parsed:
 
 def parse_parts(read: Callable[[int, int], bytes], n: int) -> Parsed:
     """`parse` over a reader (offset, length) -> bytes: touches only the header and the manifest."""
-    if n < HEADER_SIZE:
+    if n < V1_HEADER_SIZE:
         raise SnapshotRejected(
-            f"snapshot is truncated: {n} bytes, shorter than the {HEADER_SIZE}-byte header"
+            f"snapshot is truncated: {n} bytes, shorter than the {V1_HEADER_SIZE}-byte header"
         )
-    head = read(0, HEADER_SIZE)
+    head = read(0, V1_HEADER_SIZE)
     magic, version, header_len, flags, m_off, m_len, file_len, reserved, root = _HEADER.unpack_from(head, 0)
     if magic != MAGIC:
         raise SnapshotRejected("not a TensorWasm snapshot (bad magic)")
-    if version != VERSION:
+    if version not in READ_VERSIONS:
         raise SnapshotRejected(
-            f"snapshot format version {version} is not supported (this build reads {VERSION})"
+            f"snapshot format version {version} is not supported (this build reads versions "
+            f"{', '.join(map(str, READ_VERSIONS))})"
         )
-    if header_len != HEADER_SIZE or flags != 0 or reserved != 0:
+    want_len, allowed_flags = (V1_HEADER_SIZE, 0) if version == 1 else (HEADER_SIZE, FLAG_SIGNED)
+    if header_len != want_len or flags & ~allowed_flags or reserved != 0:
         raise SnapshotRejected(
             "snapshot header is corrupt (unexpected header length, flags or reserved bits)"
         )
+    signed = bool(flags & FLAG_SIGNED)
+    if n < header_len:
+        what = "signed " if signed else ""
+        raise SnapshotRejected(
+            f"{what}snapshot is truncated: {n} bytes, shorter than its {header_len}-byte header"
+        )
+    if header_len > V1_HEADER_SIZE:
+        head = read(0, header_len)
     if file_len != n:
         what = "truncated" if n < file_len else "longer than recorded"
-        raise SnapshotRejected(f"snapshot is {what}: {n} bytes, header says {file_len}")
-    if m_len > MAX_MANIFEST_BYTES or m_off < HEADER_SIZE or m_off + m_len != n:
+        kind = "signed snapshot" if signed else "snapshot"
+        raise SnapshotRejected(f"{kind} is {what}: {n} bytes, header says {file_len}")
+    if m_len > MAX_MANIFEST_BYTES or m_off < header_len or m_off + m_len != n:
         raise SnapshotRejected("snapshot header is corrupt (manifest location out of range)")
     body = read(m_off, m_len)
     if len(body) != m_len or _root(head[:48], body) != root:
         raise SnapshotRejected("snapshot manifest or header is corrupt (root checksum mismatch)")
+    signature = _signature(head, body) if signed else None
+    if not signed and any(head[V1_HEADER_SIZE:header_len]):
+        raise SnapshotRejected("snapshot header is corrupt (an unsigned blob has a signature block)")
     try:
-        manifest = _manifest_from_json(json.loads(body))
+        manifest = _manifest_from_json(json.loads(body), version)
     except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError) as exc:
         # Any shape the JSON may take is a refusal, never a traceback (tests/fuzz holds us to it).
         raise SnapshotRejected(f"snapshot manifest is malformed: {type(exc).__name__}: {exc}") from exc
-    _check_manifest(manifest, chunks_end=m_off)
-    return Parsed(manifest, root.hex(), n)
+    if manifest.chunks and manifest.signed != signed:
+        raise SnapshotRejected(
+            "snapshot manifest is inconsistent: the header's signed flag and the chunks' SHA-256 disagree"
+        )
+    _check_manifest(manifest, chunks_end=m_off, start=header_len)
+    return Parsed(manifest, root.hex(), n, signature)
+
+
+def _signature(head: bytes, body: bytes) -> Signature:
+    raw_id = head[V1_HEADER_SIZE : V1_HEADER_SIZE + KEY_ID_BYTES]
+    key_id = raw_id.rstrip(b"\0")
+    try:
+        text = key_id.decode("ascii")
+    except UnicodeDecodeError:
+        text = ""
+    if not KEY_ID_PATTERN.match(text) or any(raw_id[len(key_id) :]):
+        raise SnapshotRejected("signed snapshot header is corrupt (the key id is not a valid key name)")
+    mac = head[V1_HEADER_SIZE + KEY_ID_BYTES : V1_HEADER_SIZE + KEY_ID_BYTES + MAC_BYTES]
+    return Signature(text, bytes(mac), bytes(head[: V1_HEADER_SIZE + KEY_ID_BYTES]) + bytes(body))
+
+
+def mac_matches(signature: Signature, key: bytes) -> bool:
+    """Constant-time check of a signature's HMAC-SHA256 under `key`."""
+    return hmac.compare_digest(hmac.new(key, signature.message, hashlib.sha256).digest(), signature.mac)
 
 
 def check_stored(stored: bytes | memoryview, manifest: Manifest, index: int) -> None:
     """The stored bytes of chunk `index` match its checksum (and length)."""
     c = manifest.chunks[index]
-    if len(stored) != c.stored or checksum(stored) != c.checksum:
+    # Signed blobs: SHA-256 (what the MAC vouches for) instead of the CRC, which a forger can match.
+    if len(stored) != c.stored or (
+        strong_checksum(stored) != c.sha256 if c.sha256 is not None else checksum(stored) != c.checksum
+    ):
         raise SnapshotRejected(
             f"snapshot chunk {index} ({_region_of(manifest, index)}) is corrupt (checksum mismatch)",
             chunk=index,
@@ -515,10 +621,10 @@ def _list_of_dicts(v: Any, what: str) -> list[dict[str, Any]]:
     return v
 
 
-def _manifest_from_json(d: Any) -> Manifest:
+def _manifest_from_json(d: Any, version: int = VERSION) -> Manifest:
     if not isinstance(d, dict):
         raise ValueError("the manifest is not a JSON object")
-    if d.get("format") != "tensorwasm-snapshot" or d.get("version") != VERSION:
+    if d.get("format") != "tensorwasm-snapshot" or d.get("version") != version:
         raise ValueError("format/version fields do not match the header")
     if d.get("checksum") != "crc32" or d.get("compression") != {"codec": "zstd", "level": ZSTD_LEVEL}:
         raise ValueError("unknown checksum or compression")
@@ -548,6 +654,9 @@ def _manifest_from_json(d: Any) -> Manifest:
             or not _HEX8.match(c["crc32"])
         ):
             raise ValueError("chunk codec or checksum malformed")
+        sha = c.get("sha256")
+        if sha is not None and (version < 2 or not isinstance(sha, str) or not _HEX64.match(sha)):
+            raise ValueError("chunk sha256 malformed")
         chunks.append(
             Chunk(
                 offset=_int(c["offset"], "chunk offset"),
@@ -555,6 +664,7 @@ def _manifest_from_json(d: Any) -> Manifest:
                 size=_int(c["size"], "chunk size", 1, MAX_CHUNK_SIZE),
                 codec=c["codec"],
                 checksum=int(c["crc32"], 16),
+                sha256=None if sha is None else bytes.fromhex(sha),
             )
         )
     for key in ("tenant_uid", "tenant", "module_sha256", "created_at"):
@@ -569,10 +679,11 @@ def _manifest_from_json(d: Any) -> Manifest:
         chunk_size=_int(d["chunk_size"], "chunk_size", 1, MAX_CHUNK_SIZE),
         regions=tuple(regions),
         chunks=tuple(chunks),
+        version=version,
     )
 
 
-def _check_manifest(m: Manifest, *, chunks_end: int) -> None:
+def _check_manifest(m: Manifest, *, chunks_end: int, start: int = HEADER_SIZE) -> None:
     """Structural invariants; any violation means a corrupt or hostile blob."""
 
     def bad(why: str) -> SnapshotRejected:
@@ -615,8 +726,10 @@ def _check_manifest(m: Manifest, *, chunks_end: int) -> None:
         expected_first += r.chunk_count
     if expected_first != len(m.chunks):
         raise bad("chunk table has chunks that belong to no region")
-    # Chunks must tile [HEADER_SIZE, chunks_end) exactly: no gaps, overlaps or unchecked bytes.
-    cursor = HEADER_SIZE
+    if any(c.sha256 is not None for c in m.chunks) and not m.signed:
+        raise bad("some chunks carry a SHA-256 and some do not")
+    # Chunks must tile [header end, chunks_end) exactly: no gaps, overlaps or unchecked bytes.
+    cursor = start
     for c in sorted(m.chunks, key=lambda c: c.offset):
         if c.offset != cursor or c.stored == 0:
             raise bad(f"chunk at offset {c.offset} leaves a gap or overlaps (expected {cursor})")

@@ -13,6 +13,10 @@ Owns the restore pipeline and its refusal rules. Phases (each a histogram sample
   upload      the tail until the tenant's stream is synced (everything, when uploads had to wait)
   instantiate under the pool's barrier: the unpublished buffers become the tenant's (or the buffers
               are recreated and filled), wasm memory + globals written into the pool's instances
+The signature (snapshots/signing.py: require / verify-if-present / off) is judged right after the
+header and manifest are read, before the binding; a signed blob's chunks are checked by SHA-256.
+A file named by a digest must carry that digest (a renamed older blob is not restored in its place).
+Hot-tier entries were captured or verified by this process, so they are not judged again.
 Nothing the tenant can see changes until every chunk passed: a refused blob leaves state untouched
 (unpublished buffers are freed; the cap counted them meanwhile). A hot entry that fails its seal is
 dropped from the tier and the restore falls back to the file, which is checked on its own.
@@ -34,7 +38,7 @@ from tensorwasm.api.tenant import WASM_PAGE
 from tensorwasm.runtime import metrics
 from tensorwasm.runtime.accel.base import Accelerator, TenantDevice
 from tensorwasm.runtime.errors import GpuMemoryExhausted, SnapshotRejected
-from tensorwasm.runtime.snapshots import codec
+from tensorwasm.runtime.snapshots import codec, signing
 from tensorwasm.runtime.snapshots.hot_tier import (
     HOT_TIERS,
     HotEntry,
@@ -58,6 +62,7 @@ class RestoreResult:
     manifest: codec.Manifest
     timings: dict[str, float]
     source: str = "file"  # "hot": served from the pinned hot tier
+    signature: str = ""  # the signature verdict of a file restore ("signed with key 'k1', verified")
 
 
 def check_binding(
@@ -132,13 +137,16 @@ def restore_snapshot(
     memory_limit: int | None = None,
     make_state: Callable[[memoryview, list[codec.GlobalValue]], Any] | None = None,
     hot: HotTier | None = None,
+    signing_policy: signing.SigningPolicy | None = None,
 ) -> RestoreResult:
     """Verify the snapshot completely, then load it into `pool` and `device`; SnapshotRejected if refused.
 
-    `hot` defaults to the accelerator's tier (`HOT_TIERS`, sized by the shard's settings)."""
+    `hot` defaults to the accelerator's tier (`HOT_TIERS`, sized by the shard's settings);
+    `signing_policy` to the process's (`signing.POLICY`)."""
     tier = hot if hot is not None else HOT_TIERS.for_accelerator(accelerator)
     digest = digest_of(path) if tier is not None else None
-    target = _Target(tenant_uid, module_sha256, pool, device, memory_limit, make_state)
+    target = _Target(tenant_uid, module_sha256, pool, device, memory_limit, make_state,
+                     signing_policy or signing.current())  # fmt: skip
     try:
         if tier is not None and digest is not None:
             with tier.lease(digest) as entry:
@@ -172,6 +180,7 @@ class _Target:
     device: TenantDevice | None
     memory_limit: int | None
     make_state: Callable[[memoryview, list[codec.GlobalValue]], Any] | None
+    signing_policy: signing.SigningPolicy
 
     def bind(self, m: codec.Manifest) -> None:
         check_binding(m, tenant_uid=self.tenant_uid, module_sha256=self.module_sha256, device=self.device,
@@ -237,6 +246,12 @@ def _restore_file(
     try:
         parsed = codec.parse_parts(lambda offset, n: os.pread(fd, n, offset), os.fstat(fd).st_size)
         m = parsed.manifest
+        named = digest_of(path)
+        if named is not None and named != parsed.digest:
+            raise SnapshotRejected(
+                f"snapshot file {path.name} holds the blob with digest {parsed.digest}, not {named}"
+            )
+        verdict = target.signing_policy.check(parsed)
         watch.lap("read")
         target.bind(m)
         plan = _Plan(m)
@@ -277,7 +292,7 @@ def _restore_file(
         if slot is not None and tier is not None:
             tier.release(slot)
     metrics.SNAPSHOT_BYTES.labels("restore", "stored").inc(parsed.file_length)
-    return RestoreResult(parsed.digest, m, watch.total())
+    return RestoreResult(parsed.digest, m, watch.total(), signature=verdict)
 
 
 def _load(
