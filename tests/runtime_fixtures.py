@@ -119,8 +119,10 @@ class RuntimeServer:
         return self.request("POST", f"/v1/functions/{function}/invoke", body, token=cfg.token, **kw)
 
 
-def start_runtime_server(configs: Sequence[TenantConfig] = ()) -> Iterator[RuntimeServer]:
-    """Start a shard serving `configs`; yields the handle, then stops everything."""
+def start_runtime_server(
+    configs: Sequence[TenantConfig] = (), **shard_options: Any
+) -> Iterator[RuntimeServer]:
+    """Start a shard serving `configs` (`shard_options`: more Shard fields); yields the handle, then stops everything."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="runtime-server", daemon=True)
     thread.start()
@@ -129,7 +131,7 @@ def start_runtime_server(configs: Sequence[TenantConfig] = ()) -> Iterator[Runti
     shard_box: list[Shard] = []
 
     async def start() -> tuple[Any, int]:
-        shard = Shard(engine, accelerator, ModuleLoader(engine, 64 << 20, 10.0))
+        shard = Shard(engine, accelerator, ModuleLoader(engine, 64 << 20, 10.0), **shard_options)
         shard_box.append(shard)
         metrics.TENANT_LOAD.source = shard.load_report
         metrics.INVOKES.source = shard.invoke_report
@@ -162,8 +164,8 @@ def runtime_server() -> Iterator[Callable[..., RuntimeServer]]:
     """Factory: `runtime_server([tenant("alpha"), ...])` starts a real shard; all are stopped at teardown."""
     stack: list[Iterator[RuntimeServer]] = []
 
-    def make(configs: Sequence[TenantConfig] = ()) -> RuntimeServer:
-        gen = start_runtime_server(configs)
+    def make(configs: Sequence[TenantConfig] = (), **shard_options: Any) -> RuntimeServer:
+        gen = start_runtime_server(configs, **shard_options)
         server = next(gen)
         stack.append(gen)
         return server
