@@ -8,6 +8,12 @@
 #           the static pause binary with its OCI image (the real node's sandbox image).
 # Prints the bin directory on the last line of stdout (Makefile and tests read it). Progress, with an
 # estimate of the time left, goes to stderr.
+#
+# `build.sh keda` runs only lane 3, the autoscaler: KEDA's operator (keda) and metrics API server
+# (keda-adapter) from its Go module at KEDA_VERSION, with KEDA's own manifests (config/, the kustomize
+# base tensorwasm.dev.autoscalers applies) beside them, cached under keda/<version>. Not part of the
+# default build: KEDA compiles every scaler's SDK (about 3,200 packages, over an hour on 2 busy cores),
+# and only the autoscaler tests and `tensorwasm dev autoscaler up` need it.
 set -euo pipefail
 
 KUBE_VERSION=v1.37.2
@@ -16,6 +22,7 @@ CONTAINERD_VERSION=v2.4.2
 KWOK_VERSION=v0.8.0
 HELM_VERSION=v3.22.0
 PAUSE_IMAGE=tensorwasm.io/pause:3.10
+KEDA_VERSION=v2.21.0  # its go.mod needs Go 1.26 and k8s.io v0.36: a separate module graph, its own lane
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
@@ -24,6 +31,7 @@ sources_hash="$(cat "$here/go.mod" "$here/go.sum" "$here/cmd/tensorwasm-kube/mai
 pause_hash="$(cat "$repo/hack/node/pause/main.go" "$repo/hack/image/ociarchive.py" | sha256sum | cut -c1-10)"
 cache_root="${TENSORWASM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tensorwasm}"
 key="kube-$KUBE_VERSION-etcd-$ETCD_VERSION-containerd-$CONTAINERD_VERSION-kwok-$KWOK_VERSION-helm-$HELM_VERSION-$sources_hash"
+if [[ ${1:-} == keda ]]; then key="../keda/keda-$KEDA_VERSION"; fi
 bin="$cache_root/controlplane/$key/bin"
 images="$cache_root/controlplane/$key/images"
 mkdir -p "$bin" "$images"
@@ -35,7 +43,7 @@ KUBE_COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler kube
 export GOTOOLCHAIN=local CGO_ENABLED=0
 # Cold-build seconds on an idle 2-core machine (projected from CPU time, docs/dev-cluster.md), shown
 # before the package count gives a better estimate; a warm build is much faster.
-declare -A COLD_S=([tensorwasm-kube]=1200 [containerd]=240 [kwok]=300 [helm]=240 [pause]=30)
+declare -A COLD_S=([tensorwasm-kube]=1200 [containerd]=240 [kwok]=300 [helm]=240 [pause]=30 [keda]=3600)
 
 start=$(date +%s)
 step() { printf '[controlplane %4ss] %s\n' "$(( $(date +%s) - start ))" "$*" >&2; }
@@ -132,6 +140,41 @@ lane2() {
   install helm "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
   kwok_stages
 }
+
+# Lane 3 (`build.sh keda`): KEDA's module has replace directives, so `go install mod@version` refuses
+# it; it is built inside its read-only module directory (its own go.mod and go.sum), both commands in
+# one `go build` so their shared packages compile once.
+build_keda() {
+  local log="$bin/../keda.build.log" moddir total pid watcher rc=0
+  if [[ -x "$bin/keda" && -x "$bin/keda-adapter" && -d "$bin/../config" ]]; then
+    step "keda $KEDA_VERSION: cached"; return
+  fi
+  moddir="$(go mod download -json "github.com/kedacore/keda/v2@$KEDA_VERSION" | sed -n 's/.*"Dir": "\(.*\)",/\1/p')"
+  total=$(cd "$moddir" && go list -trimpath -deps -f '{{if .Stale}}x{{end}}' ./cmd/operator ./cmd/adapter 2>/dev/null | grep -c x || true)
+  step "keda $KEDA_VERSION: building operator + adapter (${total} packages; cold on 2 cores about $(fmt_min "${COLD_S[keda]}"))"
+  mkdir -p "$bin/.partial"
+  (cd "$moddir" && go build -v -p 2 -trimpath \
+    -ldflags "-s -w -X=github.com/kedacore/keda/v2/version.Version=$KEDA_VERSION" \
+    -o "$bin/.partial/" ./cmd/operator ./cmd/adapter) 2>"$log" &
+  pid=$!
+  watch_progress keda "$total" "$log" "$pid" &
+  watcher=$!
+  wait "$pid" || rc=$?
+  kill "$watcher" 2>/dev/null || true
+  if (( rc != 0 )); then grep -v '^[a-z0-9./_-]*$' "$log" >&2 || true; step "keda: FAILED (log $log)"; return 1; fi
+  rm -rf "$bin/../config"
+  cp -r "$moddir/config" "$bin/../config" && chmod -R u+w "$bin/../config"
+  mv "$bin/.partial/operator" "$bin/keda"
+  mv "$bin/.partial/adapter" "$bin/keda-adapter"
+  rmdir "$bin/.partial"
+  step "keda $KEDA_VERSION: done"
+}
+
+if [[ ${1:-} == keda ]]; then
+  build_keda
+  echo "$bin"
+  exit 0
+fi
 
 lane2 &
 lane2_pid=$!
