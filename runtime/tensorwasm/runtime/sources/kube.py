@@ -14,6 +14,13 @@ two. The operator stays the authority: where it would derive something else it w
 Level-triggered like a kubelet: a restart lists and converges; nothing depends on seeing an event
 exactly once. Every --resync seconds a pass
 runs anyway (it refreshes gpuBytesInUse).
+Moves (docs/operator.md "Moves"): a Tenant of ours whose status.move names this shard as the source
+in phase Holding is held (`Shard.hold`: 503 tenant_moving with Retry-After, nothing new admitted);
+once its in-flight invokes are done its move Snapshot is captured, never before. A Tenant that leaves
+this shard without being deleted stays held for `MOVED_GRACE_S` after it is unloaded: clients still
+routed here (kube-proxy lags the Service, keep-alive connections) are told to retry, and the 503
+closes their connection so the retry reaches the new shard. A starting Tenant whose status.move
+names this shard as the target restores exactly that move's Snapshot.
 With --snapshot-dir it also drives the snapshot agent (snapshots/kube.py): a Tenant that starts
 here restores its chosen Snapshot before it serves (through `Shard.prepare`), every Snapshot of a
 tenant served here is captured, and a deleted Snapshot has its blob removed by the one live shard
@@ -38,7 +45,7 @@ import aiohttp
 
 from tensorwasm.api.conditions import Placement, desired_status, truncate_message
 from tensorwasm.api.fields import InvalidSpec
-from tensorwasm.api.group import API_VERSION, SNAPSHOT, SNAPSHOT_BLOB_FINALIZER, TENANT
+from tensorwasm.api.group import API_VERSION, LABEL_PURPOSE, SNAPSHOT, SNAPSHOT_BLOB_FINALIZER, TENANT
 from tensorwasm.api.names import token_secret_name
 from tensorwasm.api.stamps import now_rfc3339
 from tensorwasm.api.tenant import parse_tenant
@@ -76,6 +83,11 @@ _WRITE_RETRY_S = 1.0  # a status write that failed is tried again this soon
 # likely still in flight. Reporting it would cost a write now and another once it arrives.
 _MISSING_GRACE_S = 2.0
 _MAYBE_IN_FLIGHT = (SECRET_MISSING, CONFIGMAP_MISSING)
+# A tenant that moved away answers 503 tenant_moving this long here: kube-proxy re-programs a
+# Service's ClusterIP seconds after it changes (more on a busy node).
+MOVED_GRACE_S = 60.0
+_MOVE_RESTORE_WAIT_S = 10.0  # a target waits this long for its cache to show the move's Snapshot Ready
+HOLDING, MOVE_PURPOSE = "Holding", "move"
 # Top-level status keys a shard report decides (the shard writes them with status.runtime).
 READINESS_KEYS = ("phase", "conditions", "gpuBytesInUse")
 
@@ -263,6 +275,9 @@ class KubeSource:
         self._written: dict[str, tuple[str, dict[str, Any]]] = {}  # tenant -> (its rv, runtime sent)
         self._acted: dict[str, str] = {}  # Snapshot uid -> resourceVersion already acted on
         self._live: tuple[float, frozenset[str]] = (0.0, frozenset())
+        self._holding: dict[str, str] = {}  # tenant held at its move barrier -> its move Snapshot
+        self._left: dict[str, float] = {}  # tenant that moved away -> monotonic time its hold ends
+        self._draining: set[str] = set()  # held tenants a drain watcher waits for
         self._tenant_selector = ""  # set by run
         self._loop: asyncio.AbstractEventLoop | None = None
         self._dirty = asyncio.Event()
@@ -341,7 +356,9 @@ class KubeSource:
         self._dirty.set()
 
     async def reconcile(self, shard: Shard) -> None:
+        before = {t["metadata"]["name"]: t for t in self._view.tenants}
         view = self._view = self._build_view()
+        self._move_barrier(shard, before, view)
         configs, failed = resolve_tenants(view, self._resolved)
         # Wait for this pass's loads (one status write per tenant), but never for long: a slow or
         # stuck load is reported Loading, and its end triggers a pass of its own (on_load_done).
@@ -367,6 +384,55 @@ class KubeSource:
             await self._write_statuses(reports)
         if self._agent is not None:
             await self._reconcile_snapshots(shard)
+
+    def _move_barrier(self, shard: Shard, before: Mapping[str, Mapping[str, Any]], view: ClusterView) -> None:
+        """Hold tenants at their move barrier, keep answering for those that left, release the rest.
+
+        Runs before `Shard.sync`, so a tenant that leaves is still served when it is held."""
+        now = time.monotonic()
+        ours = {t["metadata"]["name"]: t for t in view.tenants}
+        for name, obj in ours.items():
+            move = (obj.get("status") or {}).get("move") or {}
+            if move.get("phase") == HOLDING and move.get("source") == self.shard_name:
+                if shard.hold(name):
+                    self._holding[name] = str(move.get("snapshot") or "")
+                    self._watch_drain(shard, name)
+            elif name in self._holding or name in self._left:  # rolled back, or moved back here
+                self._holding.pop(name, None)
+                self._left.pop(name, None)
+                shard.release(name)
+        for name, last in before.items():
+            if name in ours or name in self._left:
+                continue
+            current = self.informers[PLURAL].get(name)
+            deleted = any((o.get("metadata") or {}).get("deletionTimestamp") for o in (last, current) if o)
+            self._holding.pop(name, None)
+            if not deleted and shard.hold(name):
+                self._left[name] = now + MOVED_GRACE_S
+                log.info("Moved away Tenant name=%s; answering 'moving' for %.0fs", name, MOVED_GRACE_S)
+            else:
+                shard.release(name)
+        for name in [n for n, until in self._left.items() if until <= now]:
+            del self._left[name]
+            shard.release(name)
+        if self._left and self._loop is not None:
+            self._loop.call_at(self._loop.time() + max(0.0, min(self._left.values()) - now), self._mark_dirty)
+
+    def _watch_drain(self, shard: Shard, name: str) -> None:
+        """A pass once the held tenant's in-flight invokes are done (its capture may go then)."""
+        tenant = shard.served.get(name)
+        if tenant is None or name in self._draining or shard.drained(name):
+            return
+        self._draining.add(name)
+
+        async def drained() -> None:
+            try:
+                await tenant.queue.drain()
+            finally:
+                self._draining.discard(name)
+                self._mark_dirty()
+
+        asyncio.get_running_loop().create_task(drained(), name=f"drain-{name}")
 
     def _build_view(self) -> ClusterView:
         """Our Tenants and what they reference, from the caches (no API call)."""
@@ -437,6 +503,11 @@ class KubeSource:
                 if blob_deleter(snap, await self._live_shards()) == self.shard_name:
                     jobs.append((snap, None))
             elif tenant in self._ours and needs_capture(snap):
+                purpose = (meta.get("labels") or {}).get(LABEL_PURPOSE)
+                if purpose == MOVE_PURPOSE and not (
+                    self._holding.get(tenant) == meta.get("name") and shard.drained(tenant)
+                ):
+                    continue  # only at the barrier: held and drained, so no later write is lost
                 handle = self._handle(shard.served.get(tenant))
                 if handle is not None:
                     jobs.append((snap, handle))
@@ -474,11 +545,30 @@ class KubeSource:
             return ""
         from tensorwasm.runtime.snapshots.kube import TenantHandle
 
+        move = (obj.get("status") or {}).get("move") or {}
+        if move.get("target") == self.shard_name and move.get("snapshot"):
+            obj = await self._move_restore_choice(obj, str(move["snapshot"]))
+
         handle = TenantHandle(config.name, config.uid, config.module.sha256, config.generation, pool, device)
         result, why = await asyncio.to_thread(self._agent.restore_on_start, handle, obj, self._view.snapshots)
         if result is not None:
             return why
         return "" if why == "no Ready snapshot" else f"not restored: {why}"
+
+    async def _move_restore_choice(self, obj: dict[str, Any], snapshot: str) -> dict[str, Any]:
+        """The Tenant as the restore should see it: restoring exactly the move's Snapshot, once this
+        shard's cache shows it Ready (the operator saw it Ready; our watch may trail by a moment)."""
+        from tensorwasm.api.snapshot import READY, phase_of
+
+        deadline = time.monotonic() + _MOVE_RESTORE_WAIT_S
+        while time.monotonic() < deadline:
+            found = self.informers[SNAPSHOTS].get(snapshot) if SNAPSHOTS in self.informers else None
+            if found is not None and phase_of(found) == READY:
+                self._view.snapshots = list(self.informers[SNAPSHOTS].items().values())
+                return {**obj, "spec": {**(obj.get("spec") or {}), "restoreFrom": snapshot}}
+            await asyncio.sleep(0.05)
+        log.warning("Found move Snapshot name=%s not Ready; restoring the newest Ready one", snapshot)
+        return obj
 
     def _handle(self, tenant: ServedTenant | None) -> TenantHandle | None:
         if tenant is None or not tenant.config.uid:
