@@ -15,12 +15,14 @@ from tensorwasm.runtime.snapshots import codec
 CORPUS = Path(__file__).resolve().parent / "corpus"
 UID = "4f7c1e2a-0000-4000-8000-000000000001"
 MODULE = "ab" * 32
+KEY_ID, KEY = "fuzz-key", bytes(range(64, 96))  # the signed seed's key
 
 
 def seed_blob(kind: str = "small") -> bytes:
-    """Deterministic valid blobs: wasm memory (compressible), globals and, for 'gpu', two buffers."""
+    """Deterministic valid blobs: wasm memory (compressible), globals and, for 'gpu' and 'signed', two
+    buffers ('signed': signed with KEY)."""
     memory = bytes(range(256)) * 256 * 2  # 2 pages, compresses well: zstd chunks
-    gpu = {1: bytes(4096), 7: bytes(range(256)) * 40} if kind == "gpu" else {}
+    gpu = {1: bytes(4096), 7: bytes(range(256)) * 40} if kind in ("gpu", "signed") else {}
     blob, _ = codec.encode_blob(
         tenant_uid=UID,
         module_sha256=MODULE,
@@ -31,6 +33,7 @@ def seed_blob(kind: str = "small") -> bytes:
         chunk_size=64 << 10,
         created_at="2026-11-29T22:00:00.000000Z",
         tenant="alpha",
+        signer=(KEY_ID, KEY) if kind == "signed" else None,
     )
     return blob
 

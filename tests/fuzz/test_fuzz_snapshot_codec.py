@@ -2,7 +2,8 @@
 
 Property: whatever the bytes, `parse` -> `verify_all` -> `check_decodes` (what restore and
 `tensorwasm snapshot inspect` run) either accept the blob or raise SnapshotRejected: never another
-exception, and never before bounding what they would allocate. Blobs are mutated three ways: raw
+exception, and never before bounding what they would allocate; a blob signed with the seed's key
+is accepted by `require` only with the seed's own header and manifest. Blobs are mutated three ways: raw
 byte edits (caught by the checksums), and manifest edits resealed with a valid root checksum (the
 attack from issue 13), at any path in the manifest, with any JSON value.
 Why Hypothesis and not atheris: atheris needs libFuzzer/clang builds and has no wheels for every
@@ -19,11 +20,12 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tensorwasm.runtime.errors import SnapshotRejected
-from tensorwasm.runtime.snapshots import codec
-from tests.fuzz.blobs import corpus, crashes, manifest_of, reseal, seed_blob
+from tensorwasm.runtime.snapshots import codec, signing
+from tests.fuzz.blobs import KEY, KEY_ID, corpus, crashes, manifest_of, reseal, seed_blob
 
 BUDGET = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-SEEDS = [seed_blob("small"), seed_blob("gpu"), *corpus()]
+SEEDS = [seed_blob("small"), seed_blob("gpu"), seed_blob("signed"), *corpus()]
+REQUIRE = signing.SigningPolicy("require", ring=signing.KeyRing({KEY_ID: KEY}, KEY_ID))
 
 json_values = st.recursive(
     st.none()
@@ -46,8 +48,16 @@ def read_like_restore_and_inspect(blob: bytes) -> None:
         assert m.region("globals").size <= codec.MAX_GLOBALS_BYTES
         assert m.region("wasm_memory").size <= codec.MAX_WASM_MEMORY_BYTES
         codec.check_decodes(blob, m)
+        if REQUIRE.check(parsed) and parsed.signature is not None:
+            # A blob the key vouches for has the signed seed's header and manifest, byte for byte.
+            assert parsed.signature.message in {_signed_part(s) for s in SEEDS}
     except SnapshotRejected:
         pass
+
+
+def _signed_part(seed: bytes) -> bytes:
+    p = codec.parse(seed)
+    return p.signature.message if p.signature is not None else b""
 
 
 def paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:

@@ -1,4 +1,5 @@
-"""`tensorwasm snapshot inspect FILE`: print a snapshot blob's manifest and verify every byte of it.
+"""`tensorwasm snapshot inspect FILE`: print a snapshot blob's manifest and signature state, and verify
+every byte of it (the signature too, given the key ring with --signing-keys).
 
 Owns the command only; the format lives in tensorwasm.runtime.snapshots.codec (imported lazily so
 `tensorwasm --help` works with the base install). Exit 0 = intact, 1 = refused (the reason is printed
@@ -20,18 +21,35 @@ def register(subparsers: Any) -> None:
     inspect = actions.add_parser("inspect", help="print the manifest and verify every chunk of a blob")
     inspect.add_argument("file", type=Path, help="a .twsnap blob")
     inspect.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    inspect.add_argument(
+        "--signing-keys",
+        type=Path,
+        metavar="DIR",
+        help="verify the signature with this key ring (a directory like the mounted Secret: <key id> files)",
+    )
     inspect.set_defaults(handler=inspect_command)
 
 
 def inspect_command(args: argparse.Namespace) -> int:
     from tensorwasm.runtime.errors import SnapshotRejected
-    from tensorwasm.runtime.snapshots import codec
+    from tensorwasm.runtime.snapshots import codec, signing
     from tensorwasm.runtime.snapshots.store import open_blob
 
+    try:
+        ring = signing.KeyRing.from_dir(args.signing_keys) if args.signing_keys else None
+    except signing.KeyRingError as exc:
+        print(f"error: --signing-keys: {exc}", file=sys.stderr)
+        return 2
     try:
         with open_blob(args.file) as blob:
             parsed = codec.verify_all(blob)
             codec.check_decodes(blob, parsed.manifest)  # "verified" means every chunk decodes too
+            if parsed.signature is None:
+                state = "unsigned"
+            elif ring is None:
+                state = f"signed with key {parsed.signature.key_id!r} (not verified: no --signing-keys given)"
+            else:
+                state = signing.verify(parsed.signature, ring)
     except OSError as exc:
         print(f"error: cannot read {args.file}: {exc.strerror or exc}", file=sys.stderr)
         return 2
@@ -43,19 +61,23 @@ def inspect_command(args: argparse.Namespace) -> int:
         return 1
     m = parsed.manifest
     if args.json:
-        print(
-            json.dumps({"digest": parsed.digest, "size_bytes": parsed.file_length, **m.to_json()}, indent=2)
-        )
+        sig = None
+        if parsed.signature is not None:
+            sig = {"key_id": parsed.signature.key_id, "state": "verified" if ring else "not verified"}
+        doc = {"digest": parsed.digest, "size_bytes": parsed.file_length, "signature": sig, **m.to_json()}
+        print(json.dumps(doc, indent=2))
         return 0
-    print(render(parsed))
+    print(render(parsed, state))
     return 0
 
 
-def render(parsed: Any) -> str:
+def render(parsed: Any, signature: str = "unsigned") -> str:
     m = parsed.manifest
     ratio = m.raw_bytes / m.stored_bytes if m.stored_bytes else 1.0
     lines = [
-        f"snapshot     {parsed.digest}  (format v1, verified: header, manifest and {len(m.chunks)} chunks)",
+        f"snapshot     {parsed.digest}  (format v{m.version}, verified: header, manifest and "
+        f"{len(m.chunks)} chunks)",
+        f"signature    {signature}",
         f"tenant       {m.tenant or '-'} (uid {m.tenant_uid})",
         f"module       sha256:{m.module_sha256}",
         f"generation   {m.generation}",
