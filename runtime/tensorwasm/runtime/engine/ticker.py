@@ -15,9 +15,12 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-# Shutdown catch-up: ticks per GIL hold (about 2.5 ms at 0.6 us a tick) and the pause between
-# holds. 600,000 ticks (the longest timeoutMs at 1 ms ticks) pass in about half a second.
+# Shutdown catch-up: at least this many ticks per burst (about 2.5 ms at 0.6 us a tick; the
+# interpreter still hands the GIL over every switch interval), at most this many pauses between
+# bursts (each may cost a whole time slice on a CPU shared with a spinning guest), each this long.
+# 600,000 ticks (the longest timeoutMs at 1 ms ticks) pass in about half a second.
 _CATCH_UP_BATCH = 4096
+_CATCH_UP_PAUSES = 8
 _CATCH_UP_PAUSE_S = 0.0005
 
 
@@ -113,13 +116,15 @@ class EpochTicker:
                 # are caught up at the next tick). Never an endless spin: a thread that only yields
                 # keeps its CPU under SCHED_RR or on a loaded core, and the event loop it shares
                 # the GIL with could not finish the shutdown (seen: 25 s in bench_http's pinned run).
-                target = self._busy_until() + _CATCH_UP_BATCH + 1  # a runner's epoch read may lag a batch
+                target = self._busy_until() + 1
                 while epoch < target and not self._closed:
-                    n = min(_CATCH_UP_BATCH, target - epoch)
+                    n = min(max(_CATCH_UP_BATCH, -(-(target - epoch) // _CATCH_UP_PAUSES)), target - epoch)
+                    epoch += n
+                    # Published before the burst: a guest starting meanwhile over-counts its deadline
+                    # (harmless, the next look catches up to it), never under-counts it.
+                    self._epoch = epoch
                     for _ in range(n):
                         increment(ptr)
-                    epoch += n
-                    self._epoch = epoch
                     sleep(_CATCH_UP_PAUSE_S)  # blocks: interrupted guests and the loop take the GIL
                 sleep(tick)
                 continue
