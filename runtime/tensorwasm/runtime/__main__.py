@@ -19,7 +19,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tensorwasm.api.logs import configure_logging
 from tensorwasm.runtime.settings import (
@@ -113,7 +113,10 @@ async def _run(settings: RuntimeSettings) -> int:
     loader = ModuleLoader(
         engine, settings.max_module_bytes, settings.fetch_timeout_s, allowed_dirs=_module_dirs(settings)
     )
-    shard = Shard(engine, accelerator, loader, default_gpu_memory_bytes=settings.default_gpu_memory_bytes)
+    shard = Shard(
+        engine, accelerator, loader, default_gpu_memory_bytes=settings.default_gpu_memory_bytes,
+        **_sleep_options(settings),
+    )  # fmt: skip
     metrics.TENANT_LOAD.source = shard.load_report
     metrics.INVOKES.source = shard.invoke_report
     runner, port = await serve(build_app(shard), settings.host, settings.port)
@@ -195,6 +198,22 @@ def _start_exit_watchdog(code: int) -> None:
     timer = threading.Timer(SHUTDOWN_HARD_S, expire)
     timer.daemon = True
     timer.start()
+
+
+def _sleep_options(settings: RuntimeSettings) -> dict[str, Any]:
+    """Idle sleep needs a snapshot store (the sleepers' blobs and records live there, durably)."""
+    from tensorwasm.api.tenant import idle_seconds
+    from tensorwasm.runtime.snapshots.store import SnapshotStore
+
+    if settings.snapshot_dir is None:
+        if settings.idle_after != "never":
+            log.warning("Idle sleep is off: --idle-after %s needs --snapshot-dir", settings.idle_after)
+        return {}
+    return {
+        "sleep_store": SnapshotStore(settings.snapshot_dir),
+        "idle_after_s": idle_seconds(settings.idle_after),
+        "resident_gpu_bytes": settings.resident_gpu_bytes or None,
+    }
 
 
 def _exit_now(code: int) -> None:

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tensorwasm.api.fields import matches
 from tensorwasm.api.logs import FORMATS
+from tensorwasm.api.tenant import IDLE_AFTER_PATTERN
 
 ENV_PREFIX = "TENSORWASM_RUNTIME_"
 ACCELERATORS = ("auto", "cuda", "cpu")
@@ -61,6 +63,9 @@ class RuntimeSettings:
     cache_key_file: Path | None = None  # HMAC key of the compile cache (default: <cache dir>/.cache-key)
     module_dirs: tuple[Path, ...] = ()  # module paths must lie inside these (default: file dir + cwd)
     default_gpu_memory_bytes: int = 1 << 30  # cap of a tenant that sets none
+    # Idle sleep (runtime/sleep.py; needs --snapshot-dir): spec.idle.after of a tenant setting none.
+    idle_after: str = "never"
+    resident_gpu_bytes: int = 0  # awake tenants' caps stay within this (0: no budget)
 
     @property
     def source(self) -> str:
@@ -113,6 +118,8 @@ _FLAGS: tuple[tuple[str, str, str, str | None], ...] = (
         "DIR:DIR module paths must lie in (default: tenants file dir, cwd)",
         "DIRS",
     ),
+    ("--idle-after", "idle_after", "idle sleep of a tenant setting no idle.after: 5m, 30s, never", "DUR"),
+    ("--resident-gpu-memory", "resident_gpu_bytes", "awake tenants' GPU caps within N bytes (0: none)", "N"),
     (
         "--default-gpu-memory",
         "default_gpu_memory_bytes",
@@ -196,6 +203,15 @@ def settings_from_namespace(ns: argparse.Namespace, environ: Mapping[str, str]) 
     if "snapshot_hot_tier_bytes" in raw:
         hot = raw["snapshot_hot_tier_bytes"]
         out["snapshot_hot_tier_bytes"] = int(_number(*hot, 0, 1 << 40, integer=True))
+    if "idle_after" in raw:
+        value, where = raw["idle_after"]
+        if not matches(IDLE_AFTER_PATTERN, value.strip()):
+            raise SettingsError(
+                f"{where}: expected a duration (500ms, 30s, 5m, 2h) or 'never', got {value!r}"
+            )
+        out["idle_after"] = value.strip()
+    if "resident_gpu_bytes" in raw:
+        out["resident_gpu_bytes"] = int(_number(*raw["resident_gpu_bytes"], 0, 1 << 50, integer=True))
     if "max_module_bytes" in raw:
         out["max_module_bytes"] = int(_number(*raw["max_module_bytes"], 1024, 1 << 32, integer=True))
     for dest, lo, hi in (
