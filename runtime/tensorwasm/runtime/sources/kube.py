@@ -86,6 +86,11 @@ _MAYBE_IN_FLIGHT = (SECRET_MISSING, CONFIGMAP_MISSING)
 # A tenant that moved away answers 503 tenant_moving this long here: kube-proxy re-programs a
 # Service's ClusterIP seconds after it changes (more on a busy node).
 MOVED_GRACE_S = 60.0
+# On SIGTERM a shard that is being scaled in hands its tenants off before it stops serving: moves
+# must start within HANDOFF_START_S (else this is a restart, not a scale-in), all end within
+# HANDOFF_MAX_S (the chart's grace period covers it plus the shutdown), and the shard answers
+# "moving" HANDOFF_LINGER_S longer for clients that kube-proxy still routes here.
+HANDOFF_START_S, HANDOFF_MAX_S, HANDOFF_LINGER_S = 5.0, 45.0, 5.0
 _MOVE_RESTORE_WAIT_S = 10.0  # a target waits this long for its cache to show the move's Snapshot Ready
 HOLDING, MOVE_PURPOSE = "Holding", "move"
 # Top-level status keys a shard report decides (the shard writes them with status.runtime).
@@ -325,6 +330,43 @@ class KubeSource:
                 task.cancel()
             if api is None:
                 await self.api.close()
+
+    async def hand_off(self) -> int:
+        """On SIGTERM, while still serving: wait until the operator moved every tenant of this shard
+        away (a scale-in), bounded as HANDOFF_* say; the number of tenants handed off."""
+        tenants = self.informers.get(PLURAL)
+        if tenants is None or not tenants.synced.is_set():
+            return 0
+        start, handed = time.monotonic(), set(self._left)
+
+        def ours() -> dict[str, dict[str, Any]]:
+            return {
+                n: t
+                for n, t in tenants.items().items()
+                if (t.get("status") or {}).get("shard") == self.shard_name
+                and not (t.get("metadata") or {}).get("deletionTimestamp")
+            }
+
+        remaining = ours()
+        while remaining and time.monotonic() - start < HANDOFF_MAX_S:
+            moves = {n: (t.get("status") or {}).get("move") or {} for n, t in remaining.items()}
+            handed |= {n for n, m in moves.items() if m.get("source") == self.shard_name} | set(self._left)
+            if not handed and time.monotonic() - start >= HANDOFF_START_S:
+                return 0  # nobody moves our tenants: a restart (upgrade, eviction), not a scale-in
+            await asyncio.sleep(0.1)
+            remaining = ours()
+        if remaining:
+            log.warning(
+                "Stopped handing off Tenants after %.0fs remaining=%s",
+                HANDOFF_MAX_S,
+                ",".join(sorted(remaining)),
+            )
+        if handed:
+            log.info(
+                "Handed off Tenants count=%d; answering 'moving' %.0fs more", len(handed), HANDOFF_LINGER_S
+            )
+            await asyncio.sleep(HANDOFF_LINGER_S)
+        return len(handed)
 
     def _informers(self) -> dict[str, Informer]:
         assert self.api is not None
