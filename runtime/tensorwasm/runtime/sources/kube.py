@@ -550,6 +550,7 @@ class KubeSource:
                     self._holding.get(tenant) == meta.get("name") and shard.drained(tenant)
                 ):
                     continue  # only at the barrier: held and drained, so no later write is lost
+                await shard.wake(tenant)  # a sleeping tenant's Snapshot captures its live state
                 handle = self._handle(shard.served.get(tenant))
                 if handle is not None:
                     jobs.append((snap, handle))
