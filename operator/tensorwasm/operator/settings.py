@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from tensorwasm.api.logs import check_format
 from tensorwasm.api.quantity import quantity_bytes
 from tensorwasm.planner.admission import ShardCapacity
 
@@ -46,17 +48,33 @@ class OperatorSettings:
     shard_hot_tier_bytes: int = 256 << 20  # each shard's snapshot hot tier (pinned host memory on GPUs)
     owner_deployment: str = ""  # the operator's Deployment: owns the shard set, so uninstall removes it
     shard_snapshot_claim: str = ""  # PVC every shard mounts for snapshots; "" = an emptyDir per pod
+    # Shards' snapshot signing (docs/snapshot-format.md): the mode, and the Secret of HMAC keys
+    # (<key id> entries + `active`) mounted into every shard pod; "" = no keys.
+    shard_snapshot_signing: str = "verify-if-present"
+    shard_snapshot_signing_secret: str = ""
     shard_resources: Mapping[str, Mapping[str, str]] = field(
         default_factory=lambda: {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}}
     )
     standalone: bool = True
     peering_name: str = "tensorwasm"
     log_level: str = "INFO"
+    log_format: str = "text"  # or json: tensorwasm.api.logs, the runtime's format too
     reconcile_retry_s: float = 2.0
     move_snapshot_timeout_s: int = 120  # a move waits this long for its Snapshot, then goes anyway
     # kopf's liveness endpoint (GET /healthz). Off (0) unless set: operators started side by side on
     # one host (tests, the dev stack) would fight over a fixed port; the chart sets 8081.
     liveness_port: int = 0
+    # Our own health server: /healthz, /readyz and /metrics. It answers on standby replicas too
+    # (kopf's endpoint only exists once kopf runs, i.e. on the leader). Off (0) unless set.
+    health_port: int = 0
+    # Unreachable API server, refused credentials, missing CRDs: retried this long, then exit 1.
+    startup_timeout_s: int = 30
+    # Leader election through a coordination.k8s.io Lease of this name ("" = off: run at once).
+    leader_election_lease: str = ""
+    lease_duration_s: int = 8  # a standby takes over once the lease went unrenewed this long
+    renew_deadline_s: int = 6  # the leader exits when it could not renew for this long (< duration)
+    lease_retry_s: int = 2  # how often the leader renews and a standby tries to acquire
+    identity: str = ""  # this replica in the Lease (POD_NAME, else host name and pid)
 
     @property
     def liveness_endpoint(self) -> str | None:
@@ -152,6 +170,10 @@ class _Recorded(Mapping[str, str]):
         return len(self.env)
 
 
+# The runtime's --snapshot-signing modes (the operator must not import the runtime; a test compares).
+SNAPSHOT_SIGNING_MODES = ("require", "verify-if-present", "off")
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> OperatorSettings:
     """Settings from the environment (os.environ by default); raises SettingsError on bad values
     and on TENSORWASM_OPERATOR_* variables it does not know (a misspelt one would be ignored)."""
@@ -168,6 +190,19 @@ def _parse(env: Mapping[str, str]) -> OperatorSettings:
     cap = defaults.shard_capacity
     namespace = _get(env, "NAMESPACE") or env.get("POD_NAMESPACE") or defaults.namespace
     log_level = (_get(env, "LOG_LEVEL") or defaults.log_level).upper()
+    try:
+        log_format = check_format(_get(env, "LOG_FORMAT") or defaults.log_format)
+    except ValueError as exc:
+        raise SettingsError(f"{PREFIX}LOG_FORMAT {exc}") from None
+    lease_duration = _int(env, "LEASE_DURATION", defaults.lease_duration_s, 2, 300)
+    renew_deadline = _int(env, "RENEW_DEADLINE", defaults.renew_deadline_s, 1, 300)
+    lease_retry = _int(env, "LEASE_RETRY", defaults.lease_retry_s, 1, 60)
+    if not lease_retry < renew_deadline < lease_duration:
+        # A leader must give up before a standby may take over, or both would write for a while.
+        raise SettingsError(
+            f"{PREFIX}LEASE_RETRY ({lease_retry}) < {PREFIX}RENEW_DEADLINE ({renew_deadline}) < "
+            f"{PREFIX}LEASE_DURATION ({lease_duration}) must hold"
+        )
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise SettingsError(f"{PREFIX}LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
     try:
@@ -183,6 +218,19 @@ def _parse(env: Mapping[str, str]) -> OperatorSettings:
     if len(shard_name) > 52:  # leaves room for "-<ordinal>" and the controller-revision label
         raise SettingsError(f"{PREFIX}SHARD_NAME must be at most 52 characters, got {shard_name!r}")
     tolerations = _json(env, "SHARD_TOLERATIONS", list)
+    signing_mode = _get(env, "SHARD_SNAPSHOT_SIGNING") or defaults.shard_snapshot_signing
+    signing_secret = _get(env, "SHARD_SNAPSHOT_SIGNING_SECRET") or ""
+    if signing_mode not in SNAPSHOT_SIGNING_MODES:
+        raise SettingsError(
+            f"{PREFIX}SHARD_SNAPSHOT_SIGNING must be one of {', '.join(SNAPSHOT_SIGNING_MODES)}, "
+            f"got {signing_mode!r}"
+        )
+    if signing_mode == "require" and not signing_secret:
+        # The shards would refuse to start: say so here, once, instead of in a crash loop.
+        raise SettingsError(
+            f"{PREFIX}SHARD_SNAPSHOT_SIGNING=require needs {PREFIX}SHARD_SNAPSHOT_SIGNING_SECRET "
+            "(a Secret with the keys and `active`)"
+        )
     mps_pipe_dir = _get(env, "SHARD_MPS_PIPE_DIR") or ""
     if mps_pipe_dir and not mps_pipe_dir.startswith("/"):
         raise SettingsError(f"{PREFIX}SHARD_MPS_PIPE_DIR must be an absolute path, got {mps_pipe_dir!r}")
@@ -202,6 +250,8 @@ def _parse(env: Mapping[str, str]) -> OperatorSettings:
         shard_service_account=_get(env, "SHARD_SERVICE_ACCOUNT") or "",
         shard_mps_pipe_dir=mps_pipe_dir,
         shard_snapshot_claim=_get(env, "SHARD_SNAPSHOT_CLAIM") or "",
+        shard_snapshot_signing=signing_mode,
+        shard_snapshot_signing_secret=signing_secret,
         owner_deployment=_get(env, "OWNER_DEPLOYMENT") or "",
         shard_hot_tier_bytes=_bytes(env, "SHARD_HOT_TIER_BYTES", defaults.shard_hot_tier_bytes),
         shard_resources=_resources(env, defaults.shard_resources),
@@ -210,4 +260,12 @@ def _parse(env: Mapping[str, str]) -> OperatorSettings:
         log_level=log_level,
         move_snapshot_timeout_s=_int(env, "MOVE_SNAPSHOT_TIMEOUT", defaults.move_snapshot_timeout_s, 1, 3600),
         liveness_port=_int(env, "LIVENESS_PORT", defaults.liveness_port, 0, 65535),
+        log_format=log_format,
+        health_port=_int(env, "HEALTH_PORT", defaults.health_port, 0, 65535),
+        startup_timeout_s=_int(env, "STARTUP_TIMEOUT", defaults.startup_timeout_s, 1, 3600),
+        leader_election_lease=_get(env, "LEADER_ELECTION_LEASE") or "",
+        lease_duration_s=lease_duration,
+        renew_deadline_s=renew_deadline,
+        lease_retry_s=lease_retry,
+        identity=env.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}",
     )

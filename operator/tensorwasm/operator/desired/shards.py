@@ -57,6 +57,7 @@ def build_shard_service(settings: OperatorSettings, owner: Mapping[str, Any] | N
 
 SNAPSHOT_DIR = "/var/lib/tensorwasm/snapshots"
 CACHE_DIR = "/var/cache/tensorwasm"
+SIGNING_KEYS_DIR = "/var/run/tensorwasm/snapshot-keys"  # the signing Secret, read-only
 # Pod Security Admission "restricted": non-root, no privilege escalation, no capabilities, RuntimeDefault
 # seccomp. The image's user is 65532; a read-only root keeps a compromised guest from changing the runtime.
 RESTRICTED_POD_SECURITY: dict[str, Any] = {
@@ -84,6 +85,8 @@ def build_shard_args(settings: OperatorSettings) -> list[str]:
         f"--snapshot-dir={SNAPSHOT_DIR}",
         f"--cache-dir={CACHE_DIR}",
         f"--snapshot-hot-tier-bytes={settings.shard_hot_tier_bytes}",
+        f"--snapshot-signing={settings.shard_snapshot_signing}",
+        *([f"--snapshot-signing-keys={SIGNING_KEYS_DIR}"] if settings.shard_snapshot_signing_secret else []),
     ]
 
 
@@ -94,11 +97,17 @@ def build_shard_volumes(settings: OperatorSettings) -> list[dict[str, Any]]:
         if settings.shard_snapshot_claim
         else {"emptyDir": {}}
     )
-    return [
+    volumes = [
         {"name": "snapshots", **snapshots},
         {"name": "module-cache", "emptyDir": {}},
         {"name": "tmp", "emptyDir": {}},
     ]
+    if settings.shard_snapshot_signing_secret:
+        # A Secret volume, not env: kubelet updates it in place, so keys rotate without a restart.
+        # 0440 + the pod's fsGroup: readable by the runtime's group only.
+        secret = {"secretName": settings.shard_snapshot_signing_secret, "defaultMode": 0o440}
+        volumes.append({"name": "snapshot-keys", "secret": secret})
+    return volumes
 
 
 def build_shard_statefulset(
@@ -141,14 +150,19 @@ def build_shard_statefulset(
             {"name": "snapshots", "mountPath": SNAPSHOT_DIR},
             {"name": "module-cache", "mountPath": CACHE_DIR},
             {"name": "tmp", "mountPath": "/tmp"},
+            *(
+                [{"name": "snapshot-keys", "mountPath": SIGNING_KEYS_DIR, "readOnly": True}]
+                if settings.shard_snapshot_signing_secret
+                else []
+            ),
         ],
     }
     pod_spec: dict[str, Any] = {
         "containers": [container],
         "securityContext": dict(RESTRICTED_POD_SECURITY),
         "volumes": build_shard_volumes(settings),
-        # In-flight invokes drain on SIGTERM; snapshots are already durable on the claim.
-        "terminationGracePeriodSeconds": 30,
+        # SIGTERM: a scaled-in shard hands its tenants off (<= 45 s, sources/kube.py), then drains.
+        "terminationGracePeriodSeconds": 75,
     }
     if settings.shard_mps_pipe_dir:
         add_mps_client(pod_spec, settings)
