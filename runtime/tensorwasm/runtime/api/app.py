@@ -1,6 +1,10 @@
 """The shard's HTTP API (aiohttp): routes, auth, body limits and the JSON error envelope.
 
-Owns `build_app` and every handler. HTTP <-> domain only: a handler resolves the tenant from the
+Owns `build_app` and every handler. Issue 14 adds the invoke modes (`?mode=async`: 202 and a job,
+api/jobs.py; `?mode=stream`: Server-Sent Events fed by the guest's stream_write, api/streams.py),
+the token scopes (invoke or read, several tokens per tenant), the tenant's request rate limit
+(tenancy/ratelimit.py) and one audit record per invocation and job action (audit.py).
+HTTP <-> domain only: a handler resolves the tenant from the
 bearer token (one dict lookup, see Shard.by_auth), checks the function and the body size, submits
 the blocking invoke to the tenant's queue (its worker threads; never the event loop), and renders
 either the guest's output bytes or `RuntimeFault.to_json()` with the fault's status (plus
@@ -11,8 +15,13 @@ answer labelled application/json (the bytes are the guest's either way). Must no
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import json
 import logging
+import os
+import re
+import time
 from collections.abc import Awaitable, Callable
 from time import perf_counter
 from typing import Any
@@ -23,13 +32,20 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tensorwasm.runtime import metrics
 from tensorwasm.runtime.api.admission import AdmissionLimits, AuthFailures, BodyBudget
 from tensorwasm.runtime.api.guard import ConnectionLimits
+from tensorwasm.runtime.api.jobs import JobBoard, JobLimits, JobOutput
+from tensorwasm.runtime.api.streams import SSE_CONTENT_TYPE, StreamBuffer, StreamLimits, sse_chunk, sse_json
+from tensorwasm.runtime.audit import AuditLog
+from tensorwasm.runtime.engine.streaming import GuestRun
 from tensorwasm.runtime.errors import (
     AcceleratorFailed,
+    BadRequest,
     Forbidden,
+    GuestLimitExceeded,
     NotFound,
     Overloaded,
     PayloadTooLarge,
     QueueFull,
+    RateLimited,
     RequestTimeout,
     RuntimeFault,
     TenantMoving,
@@ -37,7 +53,9 @@ from tensorwasm.runtime.errors import (
     Unauthenticated,
 )
 from tensorwasm.runtime.shard import ServedTenant, Shard
+from tensorwasm.runtime.tenancy.config import SCOPE_INVOKE, SCOPE_READ, TOKEN_KEY
 from tensorwasm.runtime.tenancy.queue import retry_after_header
+from tensorwasm.runtime.tenancy.ratelimit import RequestRates
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +68,8 @@ _JSON_HEADERS = {"Content-Type": "application/json"}  # JSON in, JSON out: the g
 # Retry-After of the 503s (whole seconds on the wire): a move barrier lasts about one capture.
 MOVING_RETRY_AFTER_S = NOT_READY_RETRY_AFTER_S = 1.0
 _UNKNOWN_FUNCTION = "<unknown>"  # metric label for names a tenant does not export (bounded cardinality)
+MODES = ("sync", "async", "stream")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")  # a caller's X-Request-Id, kept as given
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -67,10 +87,16 @@ def fault_response(exc: RuntimeFault) -> web.Response:
 # (method, path, handler name, status codes it can answer): the router is built from this table and
 # tests/unit/test_api_openapi.py holds docs/openapi.yaml to it.
 INVOKE_STATUSES = (200, 400, 401, 404, 408, 413, 429, 500, 503, 504, 507)
+# ?mode=async answers 202 with a job; a read-only token is 403 on the invoke routes.
+INVOKE_ROUTE_STATUSES = (*INVOKE_STATUSES, 202, 403)
+READ_STATUSES = (200, 401, 429, 503)
 ROUTES: tuple[tuple[str, str, str, tuple[int, ...]], ...] = (
-    ("POST", "/v1/functions/{function}/invoke", "invoke", INVOKE_STATUSES),
-    ("POST", "/v1/tenants/{tenant}/functions/{function}/invoke", "invoke_as", (*INVOKE_STATUSES, 403)),
-    ("GET", "/v1/functions", "list_functions", (200, 401, 429, 503)),
+    ("POST", "/v1/functions/{function}/invoke", "invoke", INVOKE_ROUTE_STATUSES),
+    ("POST", "/v1/tenants/{tenant}/functions/{function}/invoke", "invoke_as", INVOKE_ROUTE_STATUSES),
+    ("GET", "/v1/functions", "list_functions", READ_STATUSES),
+    ("GET", "/v1/jobs", "list_jobs", READ_STATUSES),
+    ("GET", "/v1/jobs/{job}", "get_job", (*READ_STATUSES, 404)),
+    ("DELETE", "/v1/jobs/{job}", "cancel_job", (*READ_STATUSES, 403, 404)),
     ("GET", "/healthz", "healthz", (200,)),
     ("GET", "/readyz", "ready", (200, 503)),
 )
@@ -88,12 +114,17 @@ def build_app(
     admission: AdmissionLimits | None = None,
     connections: ConnectionLimits | None = None,
     include_admin: bool = False,
+    jobs: JobLimits | None = None,
+    streams: StreamLimits | None = None,
+    audit: AuditLog | None = None,
 ) -> web.Application:
     """The tenant-facing application serving `shard`; `include_admin` adds the admin routes too
-    (in-process tests, which have one listener)."""
+    (in-process tests, which have one listener). `audit` None: no audit records (its owner starts
+    and closes it)."""
     app = web.Application(client_max_size=CLIENT_MAX_SIZE, middlewares=[_envelope])
     app[SHARD_KEY] = shard
-    api = _Api(shard, admission or AdmissionLimits(), connections or ConnectionLimits())
+    api = _Api(shard, admission or AdmissionLimits(), connections or ConnectionLimits(), jobs, streams, audit)
+    metrics.JOBS.source = api.jobs.report
     routes = ROUTES if not include_admin else (*ROUTES[:-1], *ADMIN_ROUTES[1:])
     for method, path, handler, _ in routes:
         app.router.add_route(method, path, getattr(api, handler))
@@ -111,8 +142,26 @@ def build_admin_app(shard: Shard) -> web.Application:
 
 
 class _Api:
-    def __init__(self, shard: Shard, admission: AdmissionLimits, connections: ConnectionLimits) -> None:
+    def __init__(
+        self,
+        shard: Shard,
+        admission: AdmissionLimits,
+        connections: ConnectionLimits,
+        jobs: JobLimits | None = None,
+        streams: StreamLimits | None = None,
+        audit: AuditLog | None = None,
+    ) -> None:
         self.shard = shard
+        self.jobs = JobBoard(jobs)
+        self.stream_limits = streams or StreamLimits()
+        self.rates = RequestRates()
+        self.audit = audit
+        self._request_ids = itertools.count(1)
+        self._boot = os.urandom(4).hex()  # request ids: <boot>-<n>, unique per shard process
+        # "Bearer <token>" -> (tenant, scope, Secret key) for every token but the primary ones
+        # (those are shard.by_auth's: the hot path's one lookup); rebuilt when by_auth is replaced.
+        self._extra: dict[str, tuple[ServedTenant, str, str]] = {}
+        self._extra_for: dict[str, ServedTenant] | None = None
         self.body_budget = BodyBudget(admission.inflight_body_bytes)
         self.auth_failures = AuthFailures(
             admission.auth_failures_per_s, admission.auth_failure_burst, admission.tracked_sources
@@ -124,85 +173,353 @@ class _Api:
     async def invoke(self, request: web.Request) -> web.StreamResponse:
         tenant = self.shard.by_auth.get(request.headers.get("Authorization", ""))
         if tenant is None:
-            return self._no_tenant(request)
-        return await self._invoke(request, tenant, request.match_info["function"])
+            found = self._other_token(request, SCOPE_INVOKE)
+            if isinstance(found, web.StreamResponse):
+                return found
+            tenant, key = found
+            return await self._invoke(request, tenant, request.match_info["function"], key)
+        return await self._invoke(request, tenant, request.match_info["function"], TOKEN_KEY)
 
     async def invoke_as(self, request: web.Request) -> web.StreamResponse:
         tenant = self.shard.by_auth.get(request.headers.get("Authorization", ""))
+        key = TOKEN_KEY
         if tenant is None:
-            return self._no_tenant(request)
+            found = self._other_token(request, SCOPE_INVOKE, request.match_info["tenant"])
+            if isinstance(found, web.StreamResponse):
+                return found
+            tenant, key = found
         if tenant.name != request.match_info["tenant"]:
             # Same answer whether or not the other tenant exists: tokens do not probe the shard.
             return fault_response(
                 Forbidden(f"this token does not belong to tenant {request.match_info['tenant']}")
             )
-        return await self._invoke(request, tenant, request.match_info["function"])
+        return await self._invoke(request, tenant, request.match_info["function"], key)
 
-    async def _invoke(self, request: web.Request, tenant: ServedTenant, function: str) -> web.StreamResponse:
+    async def _invoke(
+        self, request: web.Request, tenant: ServedTenant, function: str, key: str
+    ) -> web.StreamResponse:
+        mode = "sync"
+        if request.query_string:  # the common case has none: no query parsing on the hot path
+            mode = request.query.get("mode", "sync")
+            if mode not in MODES:
+                bad = BadRequest(
+                    f"mode must be one of {', '.join(MODES)}, got {mode[:64]!r}", modes=list(MODES)
+                )
+                return self._refused(request, tenant, _UNKNOWN_FUNCTION, bad, key, "sync")
         if function not in tenant.functions:
-            tenant.record(_UNKNOWN_FUNCTION, NotFound.kind, None)
             missing = NotFound(
                 f"tenant {tenant.name} has no function {function!r}", functions=sorted(tenant.functions)
             )
-            return _closing(fault_response(missing))
-        # Admission before a byte of the body is read: size (413), the tenant's queue (429), the
-        # shard's in-flight body budget (429). A refused body is never read: the connection closes.
+            return self._refused(request, tenant, _UNKNOWN_FUNCTION, missing, key, mode)
+        # Admission before a byte of the body is read: the tenant's request rate (429), size (413),
+        # async job table (429), the tenant's queue (429), the shard's in-flight body budget (429).
+        # A refused body is never read: the connection closes.
+        rate = tenant.config.rate_limit
+        if rate.requests_per_second is not None:
+            wait = self.rates.take(tenant.name, rate)
+            if wait:
+                metrics.RATE_LIMITED.labels(tenant=tenant.name).inc()
+                limited = RateLimited(
+                    f"tenant {tenant.name} is over its rate limit of {rate.requests_per_second} requests/s",
+                    retry_after_s=round(wait, 3),
+                    requests_per_second=rate.requests_per_second,
+                    burst=rate.burst if rate.burst is not None else rate.requests_per_second,
+                )
+                return self._refused(request, tenant, function, limited, key, mode)
         limit = tenant.max_body_bytes
         length = request.content_length
         if length is not None and length > limit:
-            return self._refused(tenant, function, PayloadTooLarge(
+            return self._refused(request, tenant, function, PayloadTooLarge(
                 f"body of {length} bytes is over the {limit}-byte limit", limit=limit
-            ))  # fmt: skip
+            ), key, mode)  # fmt: skip
+        if mode == "async":
+            try:
+                self.jobs.admit(tenant.name)
+            except RuntimeFault as exc:
+                return self._refused(request, tenant, function, exc, key, mode)
         queue = tenant.queue
         try:
             queue.reserve()
         except RuntimeFault as exc:
-            return self._refused(tenant, function, exc)
+            return self._refused(request, tenant, function, exc, key, mode)
         charge = limit if length is None else length  # chunked: the most it may be
         if not self.body_budget.take(charge):
             queue.unreserve()
-            return self._refused(tenant, function, Overloaded(
+            return self._refused(request, tenant, function, Overloaded(
                 "the shard has too many request bytes in flight", retry_after_s=1.0
-            ))  # fmt: skip
+            ), key, mode)  # fmt: skip
         submitted = False
         start = perf_counter()
+        nbytes = 0
         try:
             try:
                 async with asyncio.timeout(self.body_timeout_s):
                     body = await _read_body(request, limit)
             except TimeoutError:
-                return self._refused(tenant, function, RequestTimeout(
+                return self._refused(request, tenant, function, RequestTimeout(
                     f"the request body did not arrive within {self.body_timeout_s} s"
-                ))  # fmt: skip
+                ), key, mode)  # fmt: skip
             except RuntimeFault as exc:
-                return self._refused(tenant, function, exc)
+                return self._refused(request, tenant, function, exc, key, mode)
             start = perf_counter()
+            nbytes = len(body)
             submitted = True  # from here the queue owns the slot (submit gives it back if closed)
+            if mode != "sync":
+                return await (self._start_job if mode == "async" else self._stream)(
+                    request, tenant, function, key, body
+                )
             fut = queue.submit(tenant.invoke, function, body, reserved=True)
             del body  # the job holds it until the guest has copied it in
             output = await fut
         except RuntimeFault as exc:
-            tenant.record(function, exc.kind, perf_counter() - start)
+            took = perf_counter() - start
+            tenant.record(function, exc.kind, took)
             if isinstance(exc, AcceleratorFailed):
                 self.shard.health_poke.set()
+            self._audit(
+                request, "invoke", tenant.name, key, function, mode, exc.status, exc.kind, took, nbytes
+            )
             return fault_response(exc)
         except Exception as exc:  # a bug, not the guest's fault: say so without leaking internals
             log.exception("Failed invoke tenant=%s function=%s", tenant.name, function)
-            tenant.record(function, RuntimeFault.kind, perf_counter() - start)
+            took = perf_counter() - start
+            tenant.record(function, RuntimeFault.kind, took)
+            self._audit(
+                request, "invoke", tenant.name, key, function, mode, 500, RuntimeFault.kind, took, nbytes
+            )
             return fault_response(RuntimeFault(f"internal error ({type(exc).__name__})"))
         finally:
             # Every exit (refusal, error, client gone mid-body) gives back what admission took.
             if not submitted:
                 queue.unreserve()
             self.body_budget.give(charge)
-        tenant.record(function, "ok", perf_counter() - start)
+        took = perf_counter() - start
+        tenant.record(function, "ok", took)
+        if self.audit is not None:
+            self._audit(
+                request, "invoke", tenant.name, key, function, mode, 200, "ok", took, nbytes, len(output)
+            )
         json_in = request.headers.get("Content-Type", "").startswith("application/json")
         return web.Response(body=output, headers=_JSON_HEADERS if json_in else _OCTET_HEADERS)
 
-    def _refused(self, tenant: ServedTenant, function: str, exc: RuntimeFault) -> web.Response:
+    async def _start_job(
+        self, request: web.Request, tenant: ServedTenant, function: str, key: str, body: bytes
+    ) -> web.StreamResponse:
+        """?mode=async: the invoke goes to the tenant's queue as a job; 202 with its id at once."""
+        sink = JobOutput(tenant.config.limits.max_output_bytes)
+        run = GuestRun(sink)
+        fut = tenant.queue.submit(run.call, (tenant.invoke, function), body, reserved=True)
+        if len(self.jobs) > len(self.shard.served):  # tenants that left: their jobs go with them
+            self.jobs.forget_except(set(self.shard.served))
+        job = self.jobs.create(tenant.name, function, run, sink, len(body), fut)
+        started = perf_counter()
+
+        def done(f: asyncio.Future[Any]) -> None:
+            took = perf_counter() - started
+            if f.cancelled():
+                outcome, status, out = "cancelled", 409, 0
+            elif (exc := f.exception()) is not None:
+                outcome = exc.kind if isinstance(exc, RuntimeFault) else RuntimeFault.kind
+                status = exc.status if isinstance(exc, RuntimeFault) else 500
+                out = 0
+            else:
+                outcome, status, out = "ok", 200, len(job.output or b"")
+            tenant.record(function, outcome, took)
+            self._audit(
+                request,
+                "job",
+                tenant.name,
+                key,
+                function,
+                "async",
+                status,
+                outcome,
+                took,
+                job.bytes_in,
+                out,
+                job.id,
+            )
+
+        fut.add_done_callback(done)
+        self._audit(
+            request,
+            "invoke",
+            tenant.name,
+            key,
+            function,
+            "async",
+            202,
+            "accepted",
+            None,
+            job.bytes_in,
+            0,
+            job.id,
+        )
+        return web.json_response(job.view(), status=202, headers={"Location": f"/v1/jobs/{job.id}"})
+
+    async def _stream(
+        self, request: web.Request, tenant: ServedTenant, function: str, key: str, body: bytes
+    ) -> web.StreamResponse:
+        """?mode=stream: Server-Sent Events, one per chunk the guest writes, then `done` or `error`.
+
+        Until the first chunk nothing is sent, so a run that fails before streaming gets the usual
+        status and envelope; after it, a failure is an `error` event carrying the envelope.
+        """
+        buf = StreamBuffer(
+            asyncio.get_running_loop(), self.stream_limits, tenant.config.limits.max_output_bytes
+        )
+        stall_s = self.stream_limits.stall_s
+        run = GuestRun(buf)
+        fut = tenant.queue.submit(run.call, (tenant.invoke, function), body, reserved=True)
+        fut.add_done_callback(_retrieve)  # a client that left never reads the outcome
+        del body
+        start = perf_counter()
+        resp: web.StreamResponse | None = None
+        chunks = sent = 0
+        outcome, status = "ok", 200
+        try:
+            while True:
+                waiter = asyncio.ensure_future(buf.ready())
+                try:
+                    await asyncio.wait((waiter, fut), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    waiter.cancel()
+                pieces = buf.take()
+                if fut.done() and not fut.cancelled() and fut.exception() is None and fut.result():
+                    pieces.append(fut.result())  # the return value is the stream's last chunk
+                for piece in pieces:
+                    if resp is None:
+                        resp = await _start_sse(request)
+                    try:  # a client that reads nothing for stall_s loses the stream (and the guest stops)
+                        async with asyncio.timeout(stall_s):
+                            await resp.write(sse_chunk(piece))
+                    except TimeoutError:
+                        stalled = GuestLimitExceeded(
+                            f"the client read no stream output for {stall_s:g} s",
+                            limit="streamStallSeconds",
+                            value=stall_s,
+                        )
+                        buf.close(stalled)
+                        if request.transport is not None:
+                            request.transport.abort()
+                        raise stalled from None
+                    chunks, sent = chunks + 1, sent + len(piece)
+                if fut.done():
+                    break
+            fut.result()  # raises the guest's fault
+            if resp is None:
+                resp = await _start_sse(request)
+            await resp.write(sse_json("done", {"chunks": chunks, "bytes": sent}))
+            await resp.write_eof()
+        except RuntimeFault as exc:
+            outcome, status = exc.kind, exc.status
+            if isinstance(exc, AcceleratorFailed):
+                self.shard.health_poke.set()
+            if resp is None:
+                return fault_response(exc)
+            if exc.details.get("limit") != "streamStallSeconds":  # a stalled client gets no more bytes
+                with contextlib.suppress(ConnectionError):
+                    await resp.write(sse_json("error", exc.to_json()))
+                    await resp.write_eof()
+        except (ConnectionError, asyncio.CancelledError) as exc:
+            # The client went away: the guest is stopped at its next stream_write (or its deadline).
+            outcome, status = "cancelled", 499
+            run.cancel("the streaming client went away")
+            fut.cancel()
+            if isinstance(exc, asyncio.CancelledError) or resp is None:
+                raise
+            return resp
+        finally:
+            buf.close()
+            took = perf_counter() - start
+            tenant.record(function, outcome, took)
+            self._audit(
+                request, "invoke", tenant.name, key, function, "stream", status, outcome, took, 0, sent
+            )
+        return resp
+
+    def _refused(
+        self,
+        request: web.Request,
+        tenant: ServedTenant,
+        function: str,
+        exc: RuntimeFault,
+        key: str = TOKEN_KEY,
+        mode: str = "sync",
+    ) -> web.Response:
         """Refused before running: counted, and the connection closed if the body was not read."""
         tenant.record(function, exc.kind, None)
+        self._audit(request, "invoke", tenant.name, key, function, mode, exc.status, exc.kind, None, 0)
         return _closing(fault_response(exc))
+
+    def _other_token(
+        self, request: web.Request, need: str, tenant_name: str | None = None
+    ) -> tuple[ServedTenant, str] | web.StreamResponse:
+        """A token that is not a tenant's primary one: another key of its Secret (rotation), or a
+        read-only token. The primary tokens never get here (shard.by_auth)."""
+        by_auth = self.shard.by_auth
+        if by_auth is not self._extra_for:
+            extra: dict[str, tuple[ServedTenant, str, str]] = {}
+            for t in self.shard.served.values():
+                for k, token, scope in t.config.extra_tokens:
+                    header = f"Bearer {token}"
+                    if header not in by_auth:  # a primary token always means its own tenant
+                        extra[header] = (t, scope, k)
+            self._extra, self._extra_for = extra, by_auth
+        found = self._extra.get(request.headers.get("Authorization", ""))
+        if found is None:
+            return self._no_tenant(request)
+        tenant, scope, key = found
+        if tenant.name in self.shard.holds:
+            moving = TenantMoving(f"tenant {tenant.name} is moving to another shard", tenant=tenant.name,
+                                  retry_after_s=MOVING_RETRY_AFTER_S)  # fmt: skip
+            return _closing(fault_response(moving))
+        if (
+            need == SCOPE_INVOKE
+            and scope == SCOPE_READ
+            and (tenant_name is None or tenant_name == tenant.name)
+        ):
+            forbidden = Forbidden(
+                f"token {key} of tenant {tenant.name} is read-only: it lists functions and reads jobs",
+                scope=scope,
+            )
+            self._audit(
+                request, "invoke", tenant.name, key, _UNKNOWN_FUNCTION, "sync", 403, forbidden.kind, None, 0
+            )
+            return _closing(fault_response(forbidden))
+        return tenant, key
+
+    def _reader(self, request: web.Request) -> tuple[ServedTenant, str] | web.StreamResponse:
+        """The tenant of a token of either scope."""
+        tenant = self.shard.by_auth.get(request.headers.get("Authorization", ""))
+        if tenant is not None:
+            return tenant, TOKEN_KEY
+        return self._other_token(request, SCOPE_READ)
+
+    def _audit(
+        self,
+        request: web.Request,
+        action: str,
+        tenant: str,
+        key: str,
+        function: str,
+        mode: str,
+        status: int,
+        outcome: str,
+        seconds: float | None,
+        bytes_in: int,
+        bytes_out: int = 0,
+        job: str = "",
+    ) -> None:
+        if self.audit is None:
+            return
+        rid = request.headers.get("X-Request-Id")
+        if rid is None or not _REQUEST_ID.match(rid):
+            rid = f"{self._boot}-{next(self._request_ids)}"
+        self.audit.record((
+            time.time(), action, rid, tenant, key, function, mode, status, outcome, seconds, bytes_in,
+            bytes_out, request.remote or "", job,
+        ))  # fmt: skip
 
     def _no_tenant(self, request: web.Request) -> web.Response:
         header = request.headers.get("Authorization")
@@ -240,9 +557,10 @@ class _Api:
     # --- the rest ---
 
     async def list_functions(self, request: web.Request) -> web.StreamResponse:
-        tenant = self.shard.by_auth.get(request.headers.get("Authorization", ""))
-        if tenant is None:
-            return self._no_tenant(request)
+        found = self._reader(request)
+        if isinstance(found, web.StreamResponse):
+            return found
+        tenant = found[0]
         limits = tenant.config.limits
         return web.json_response(
             {
@@ -258,6 +576,46 @@ class _Api:
                 },
             }
         )
+
+    # --- async jobs (read: either scope; cancel: invoke scope) ---
+
+    async def list_jobs(self, request: web.Request) -> web.StreamResponse:
+        found = self._reader(request)
+        if isinstance(found, web.StreamResponse):
+            return found
+        jobs = self.jobs.list(found[0].name)
+        return web.json_response({"jobs": [job.view(with_output=False) for job in jobs]})
+
+    async def get_job(self, request: web.Request) -> web.StreamResponse:
+        found = self._reader(request)
+        if isinstance(found, web.StreamResponse):
+            return found
+        try:
+            job = self.jobs.get(found[0].name, request.match_info["job"])
+        except RuntimeFault as exc:
+            return fault_response(exc)
+        return web.json_response(job.view())
+
+    async def cancel_job(self, request: web.Request) -> web.StreamResponse:
+        """DELETE: cancel a queued or running job (it stays, cancelled, until it expires), or
+        forget a finished one now."""
+        tenant = self.shard.by_auth.get(request.headers.get("Authorization", ""))
+        key = TOKEN_KEY
+        if tenant is None:
+            found = self._other_token(request, SCOPE_INVOKE)
+            if isinstance(found, web.StreamResponse):
+                return found
+            tenant, key = found
+        job_id = request.match_info["job"]
+        try:
+            job = self.jobs.cancel(tenant.name, job_id)
+        except RuntimeFault as exc:
+            self._audit(request, "cancel", tenant.name, key, "", "async", exc.status, exc.kind, None, 0)
+            return fault_response(exc)
+        self._audit(
+            request, "cancel", tenant.name, key, job.function, "async", 200, job.state, None, 0, 0, job.id
+        )
+        return web.json_response(job.view(with_output=False))
 
     async def healthz(self, request: web.Request) -> web.StreamResponse:
         return web.json_response({"status": "ok"})
@@ -275,6 +633,25 @@ class _Api:
         # Collected on the loop thread: the tenant-load collector reads loop-owned counters.
         body = generate_latest(metrics.REGISTRY)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # marks it retrieved: no "exception was never retrieved" noise
+
+
+async def _start_sse(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse(
+        status=200,
+        # no-transform/X-Accel-Buffering: proxies must pass each event on as it comes
+        headers={
+            "Content-Type": SSE_CONTENT_TYPE,
+            "Cache-Control": "no-cache, no-transform",
+            "X-Accel-Buffering": "no",
+        },
+    )
+    await resp.prepare(request)
+    return resp
 
 
 def _closing(response: web.Response) -> web.Response:

@@ -1,0 +1,274 @@
+"""Async invocations: the per-tenant job table behind `POST .../invoke?mode=async` and /v1/jobs.
+
+Owns `JobBoard` (every tenant's jobs, event-loop thread only), `Job` and `JobOutput` (the sink
+that collects what an async guest streams with `stream_write`). A job is an ordinary invoke on the
+tenant's own queue and worker threads, under the tenant's deadline; the HTTP request that made it
+returns at once, so a client that goes away loses nothing. Bounds, all per tenant: at most
+`per_tenant` jobs held (any state; the next one is 429 jobs_full with Retry-After until the first
+finished one expires), at most `output_bytes_per_tenant` of finished outputs held (a job whose
+output would pass it fails with guest_limit_exceeded, limit jobOutputBytes), and a finished job is
+forgotten `ttl_s` after it finished. A job id is looked up only in its own tenant's table: another
+tenant's id is 404, the same answer as an id that never existed.
+Must not import wasmtime or cuda.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from tensorwasm.runtime.engine.streaming import GuestRun
+from tensorwasm.runtime.errors import Cancelled, GuestLimitExceeded, JobsFull, NotFound, RuntimeFault
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+JOB_STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+_ACTIVE = (QUEUED, RUNNING)
+
+
+@dataclass(frozen=True)
+class JobLimits:
+    """Defaults are documented in docs/runtime.md ("Async jobs")."""
+
+    per_tenant: int = 256  # jobs held per tenant, any state
+    ttl_s: float = 600.0  # a finished (or cancelled) job is kept this long, then forgotten
+    output_bytes_per_tenant: int = 64 << 20  # outputs of finished jobs held per tenant
+
+
+class JobOutput:
+    """Collects an async guest's streamed chunks (worker thread), bounded by its maxOutputBytes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self._lock = threading.Lock()
+
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            if self.size + len(data) > self.limit:
+                raise GuestLimitExceeded(
+                    f"the job streamed more than its {self.limit}-byte output limit",
+                    limit="maxOutputBytes",
+                    value=self.limit,
+                )
+            self.chunks.append(data)
+            self.size += len(data)
+
+
+class Job:
+    __slots__ = (
+        "bytes_in",
+        "created",
+        "created_real",
+        "created_wall",
+        "error",
+        "expires",
+        "finished",
+        "function",
+        "future",
+        "id",
+        "output",
+        "run",
+        "sink",
+        "state",
+        "tenant",
+    )
+
+    def __init__(
+        self, tenant: str, function: str, run: GuestRun, sink: JobOutput, bytes_in: int, now: float
+    ) -> None:
+        self.id = "job-" + secrets.token_hex(12)  # unguessable: ids are not a way to probe
+        self.tenant, self.function, self.run, self.sink = tenant, function, run, sink
+        self.bytes_in = bytes_in
+        self.state = QUEUED
+        # `now` is the board's clock (expiry); the worker stamps run.started with time.monotonic().
+        self.created, self.created_real, self.created_wall = now, time.monotonic(), time.time()
+        self.finished: float | None = None
+        self.expires: float | None = None
+        self.output: bytes | None = None
+        self.error: dict[str, Any] | None = None
+        self.future: asyncio.Future[Any] | None = None
+
+    def current_state(self) -> str:
+        if self.state == QUEUED and self.run.started is not None:
+            return RUNNING
+        return self.state
+
+    def view(self, with_output: bool = True) -> dict[str, Any]:
+        """The JSON the API answers (output base64, only once succeeded and only if asked)."""
+        out: dict[str, Any] = {
+            "id": self.id,
+            "function": self.function,
+            "state": self.current_state(),
+            "createdAt": _wall(self.created_wall),
+            "inputBytes": self.bytes_in,
+            "location": f"/v1/jobs/{self.id}",
+        }
+        if self.run.started is not None:
+            out["startedAt"] = _wall(self.created_wall + (self.run.started - self.created_real))
+        if self.finished is not None:
+            out["finishedAt"] = _wall(self.created_wall + (self.finished - self.created))
+        if self.expires is not None:
+            out["expiresAt"] = _wall(self.created_wall + (self.expires - self.created))
+        if self.output is not None:
+            out["outputBytes"] = len(self.output)
+            if with_output:
+                out["output"] = base64.b64encode(self.output).decode()
+        if self.error is not None:
+            out["error"] = self.error
+        return out
+
+
+class _Table:
+    __slots__ = ("jobs", "output_bytes")
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, Job] = {}
+        self.output_bytes = 0
+
+
+class JobBoard:
+    """Every tenant's jobs (event-loop thread only)."""
+
+    def __init__(self, limits: JobLimits | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limits = limits or JobLimits()
+        self._tables: dict[str, _Table] = {}
+        self._clock = clock
+
+    def admit(self, tenant: str) -> None:
+        """Raise JobsFull if `tenant` holds as many jobs (or output bytes) as it may."""
+        table = self._purged(tenant)
+        lim = self.limits
+        if table is None or (
+            len(table.jobs) < lim.per_tenant and table.output_bytes < lim.output_bytes_per_tenant
+        ):
+            return
+        expiries = [j.expires for j in table.jobs.values() if j.expires is not None]
+        retry = max(min(expiries) - self._clock(), 0.001) if expiries else 1.0
+        raise JobsFull(
+            f"tenant {tenant} holds {len(table.jobs)} jobs and {table.output_bytes} output bytes "
+            f"(limits {lim.per_tenant} jobs, {lim.output_bytes_per_tenant} bytes; finished jobs "
+            f"are kept {lim.ttl_s:g} s, DELETE forgets one now)",
+            retry_after_s=round(retry, 3),
+            max_jobs=lim.per_tenant,
+        )
+
+    def create(
+        self,
+        tenant: str,
+        function: str,
+        run: GuestRun,
+        sink: JobOutput,
+        bytes_in: int,
+        future: asyncio.Future[Any],
+    ) -> Job:
+        job = Job(tenant, function, run, sink, bytes_in, self._clock())
+        job.future = future
+        self._tables.setdefault(tenant, _Table()).jobs[job.id] = job
+        future.add_done_callback(lambda fut: self._finish(job, fut))
+        return job
+
+    def get(self, tenant: str, job_id: str) -> Job:
+        table = self._purged(tenant)
+        job = table.jobs.get(job_id) if table is not None else None
+        if job is None:
+            raise NotFound(f"no job {job_id!r} for this tenant (unknown, expired or another tenant's)")
+        return job
+
+    def list(self, tenant: str) -> list[Job]:
+        table = self._purged(tenant)
+        return list(table.jobs.values()) if table is not None else []
+
+    def cancel(self, tenant: str, job_id: str) -> Job:
+        """Cancel an active job (it stays, as cancelled, until it expires); forget a finished one."""
+        job = self.get(tenant, job_id)
+        if job.state in _ACTIVE:
+            job.run.cancel("cancelled by DELETE /v1/jobs")
+            job.state = CANCELLED
+            job.error = Cancelled("the job was cancelled").to_json()["error"]
+            self._ended(job)
+            if job.future is not None:
+                job.future.cancel()  # a queued job never starts; a running one is told at its next write
+        else:
+            table = self._tables[tenant]
+            del table.jobs[job_id]
+            table.output_bytes -= len(job.output or b"")
+        return job
+
+    def forget_except(self, tenants: set[str]) -> None:
+        """Drop the tables of tenants no longer served here (their jobs cannot be read any more)."""
+        for name in [n for n in self._tables if n not in tenants]:
+            for job in self._tables[name].jobs.values():
+                job.run.cancel("the tenant left this shard")
+            del self._tables[name]
+
+    def __len__(self) -> int:
+        """Tenants with a table."""
+        return len(self._tables)
+
+    def report(self) -> Iterator[tuple[str, str, int]]:
+        """(tenant, state, count) for every state of every tenant with a table (metrics)."""
+        for tenant, table in self._tables.items():
+            counts = dict.fromkeys(JOB_STATES, 0)
+            for job in table.jobs.values():
+                counts[job.current_state()] += 1
+            for state, n in counts.items():
+                yield tenant, state, n
+
+    # --- internals ---
+
+    def _finish(self, job: Job, fut: asyncio.Future[Any]) -> None:
+        if job.state not in _ACTIVE:  # cancelled meanwhile: its result (if any) is dropped
+            return
+        table = self._tables.get(job.tenant)
+        if table is None or table.jobs.get(job.id) is not job:
+            return
+        error = None if fut.cancelled() else fut.exception()
+        if error is None and not fut.cancelled():
+            result: bytes = fut.result()
+            output = b"".join((*job.sink.chunks, result)) if job.sink.chunks else result
+            room = self.limits.output_bytes_per_tenant - table.output_bytes
+            if len(output) > room:
+                error = GuestLimitExceeded(
+                    f"the job's {len(output)}-byte output does not fit the tenant's "
+                    f"{self.limits.output_bytes_per_tenant}-byte job output budget ({room} bytes left)",
+                    limit="jobOutputBytes",
+                    value=self.limits.output_bytes_per_tenant,
+                )
+            else:
+                job.output = output
+                table.output_bytes += len(output)
+                job.state = SUCCEEDED
+        job.sink.chunks = []
+        if job.state != SUCCEEDED:
+            job.state = FAILED
+            if isinstance(error, RuntimeFault):
+                job.error = error.to_json()["error"]
+            else:  # a bug, not the guest's fault: say so without leaking internals
+                job.error = RuntimeFault(f"internal error ({type(error).__name__})").to_json()["error"]
+        self._ended(job)
+
+    def _ended(self, job: Job) -> None:
+        job.finished = self._clock()
+        job.expires = job.finished + self.limits.ttl_s
+
+    def _purged(self, tenant: str) -> _Table | None:
+        table = self._tables.get(tenant)
+        if table is None:
+            return None
+        now = self._clock()
+        for job in [j for j in table.jobs.values() if j.expires is not None and j.expires <= now]:
+            del table.jobs[job.id]
+            table.output_bytes -= len(job.output or b"")
+        return table
+
+
+def _wall(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -1,0 +1,177 @@
+"""The audit log: one JSON line per invocation and per admin action, written off the hot path.
+
+Owns `AuditLog`. The event loop only appends a tuple of plain values to a bounded deque (no
+formatting, no I/O, no lock); past `capacity` waiting records a record is dropped and counted
+(tensorwasm_audit_records_dropped_total), never waited for. One writer thread wakes at most every
+`flush_s`, formats everything waiting into JSON lines and writes them with one write() per batch:
+a shard at 10,000 invokes/s makes about 1/flush_s writes a second, not 10,000
+(the capacity planner's audit model, tensorwasm.planner.model, uses the same figures).
+
+Where: `stdout` (the default; what Kubernetes users collect with their node's log agent, and the
+kubelet rotates it), or a file path (for a sidecar that tails it), rotated by size: at
+`rotate_bytes` the file moves to `<path>.1` (older ones shift up to `<path>.<keep>`, the oldest is
+deleted). Records carry who (tenant, the token's Secret key, never the token), what (function,
+mode, job id), outcome (HTTP status, ok or the error kind), duration, bytes in and out, the request
+id and the client address; never payloads or tokens.
+Must not import wasmtime, cuda or aiohttp.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from tensorwasm.runtime import metrics
+
+log = logging.getLogger(__name__)
+
+# The record, in order: (wall time, action, request id, tenant, token key, function, mode,
+# HTTP status, outcome, seconds or None, bytes in, bytes out, client address, job id or "").
+Record = tuple[float, str, str, str, str, str, str, int, str, float | None, int, int, str, str]
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """Defaults are documented in docs/runtime.md ("Audit log")."""
+
+    target: str = "stdout"  # "stdout", "off" or a file path
+    capacity: int = 65_536  # records waiting for the writer before new ones are dropped
+    flush_s: float = 0.05  # the writer batches this long: writes per second <= 1 / flush_s
+    rotate_bytes: int = 100 << 20  # file target: rotate at this size
+    keep: int = 5  # file target: rotated files kept
+
+
+# Every JSON key, once (the line is built by hand: every value but the request id is from a closed
+# alphabet the runtime checked, so only that one is escaped).
+_KEYS = ("ts", "type", "action", "requestId", "tenant", "tokenId", "function", "mode", "status",
+         "outcome", "durationMs", "bytesIn", "bytesOut", "remote", "job")  # fmt: skip
+
+
+class AuditLog:
+    """Bounded, asynchronous JSON-lines audit log; `record` is the only hot-path call."""
+
+    def __init__(self, settings: AuditSettings, stream: IO[str] | None = None) -> None:
+        self.settings = settings
+        self._queue: collections.deque[Record] = collections.deque()
+        self._capacity = settings.capacity
+        self._wake = threading.Event()
+        self._stop = False
+        self._path = None if settings.target == "stdout" else Path(settings.target)
+        self._stream = stream
+        self._file: IO[str] | None = None
+        self._size = 0
+        self.written = 0
+        self.dropped = 0
+        self._dropped_metric = metrics.AUDIT_RECORDS_DROPPED
+        self._written_metric = metrics.AUDIT_RECORDS_WRITTEN
+        self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+
+    def start(self) -> AuditLog:
+        if self._path is not None:
+            self._open()
+        self._thread.start()
+        return self
+
+    def record(self, rec: Record) -> None:
+        """Queue one record (event loop); dropped and counted when the writer is this far behind."""
+        q = self._queue
+        if len(q) >= self._capacity:
+            self.dropped += 1
+            self._dropped_metric.inc()
+            return
+        if not q:
+            self._wake.set()
+        q.append(rec)
+
+    def close(self) -> None:
+        """Write what is queued, then stop the writer (shutdown)."""
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+        if self._file is not None:
+            self._file.close()
+
+    # --- writer thread ---
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            if not self._stop:
+                time.sleep(self.settings.flush_s)  # let a batch gather: one write for many records
+            self._wake.clear()
+            self._drain()
+            if self._stop and not self._queue:
+                return
+
+    def _drain(self) -> None:
+        q, lines = self._queue, []
+        while q:
+            lines.append(format_record(q.popleft()))
+        if not lines:
+            return
+        text = "".join(lines)
+        try:
+            self._write(text)
+        except OSError as exc:  # a full disk or a closed stdout must not take the shard down
+            self.dropped += len(lines)
+            self._dropped_metric.inc(len(lines))
+            log.warning("Dropped audit records count=%d error=%s", len(lines), exc)
+            return
+        self.written += len(lines)
+        self._written_metric.inc(len(lines))
+
+    def _write(self, text: str) -> None:
+        if self._path is None:
+            stream = self._stream or sys.stdout
+            stream.write(text)
+            stream.flush()
+            return
+        if self._file is None or self._size + len(text) > self.settings.rotate_bytes:
+            self._rotate()
+        assert self._file is not None
+        self._file.write(text)
+        self._file.flush()
+        self._size += len(text)
+
+    def _open(self) -> None:
+        assert self._path is not None
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self._path, "a", encoding="utf-8")  # noqa: SIM115 (kept open; closed in close())
+        self._size = self._file.tell()
+
+    def _rotate(self) -> None:
+        assert self._path is not None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            if self._size:
+                for i in range(self.settings.keep - 1, 0, -1):
+                    older = self._path.with_name(f"{self._path.name}.{i}")
+                    if older.exists():
+                        os.replace(older, self._path.with_name(f"{self._path.name}.{i + 1}"))
+                os.replace(self._path, self._path.with_name(f"{self._path.name}.1"))
+        self._open()
+
+
+def format_record(r: Record) -> str:
+    """One JSON line (also what tests parse); the request id is the only value escaped."""
+    ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(r[0])) + f".{int(r[0] % 1 * 1000):03d}Z"
+    duration = "null" if r[9] is None else f"{r[9] * 1000:.3f}"
+    return (
+        f'{{"ts":"{ts}","type":"audit","action":"{r[1]}","requestId":{json.dumps(r[2])},'
+        f'"tenant":"{r[3]}","tokenId":"{r[4]}","function":"{r[5]}","mode":"{r[6]}",'
+        f'"status":{r[7]},"outcome":"{r[8]}","durationMs":{duration},"bytesIn":{r[10]},'
+        f'"bytesOut":{r[11]},"remote":"{r[12]}","job":"{r[13]}"}}\n'
+    )
+
+
+def wall() -> float:
+    return time.time()
