@@ -28,11 +28,11 @@ from tensorwasm.runtime.api.server import serve
 from tensorwasm.runtime.api.streams import StreamLimits
 from tensorwasm.runtime.audit import AuditLog, AuditSettings, format_record
 from tensorwasm.runtime.engine import Engine
-from tensorwasm.runtime.engine.streaming import GuestRun
 from tensorwasm.runtime.modules import ModuleLoader
 from tensorwasm.runtime.shard import Shard
 from tensorwasm.runtime.tenancy.config import TenantConfig
 from tensorwasm.runtime.tenancy.ratelimit import RequestRates
+from tensorwasm.runtime.tenancy.runs import GuestRun
 from tests.runtime_fixtures import Reply, RuntimeServer, tenant
 
 DEADLINE_S = 60.0

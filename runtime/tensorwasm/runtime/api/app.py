@@ -35,7 +35,6 @@ from tensorwasm.runtime.api.guard import ConnectionLimits
 from tensorwasm.runtime.api.jobs import JobBoard, JobLimits, JobOutput
 from tensorwasm.runtime.api.streams import SSE_CONTENT_TYPE, StreamBuffer, StreamLimits, sse_chunk, sse_json
 from tensorwasm.runtime.audit import AuditLog
-from tensorwasm.runtime.engine.streaming import GuestRun
 from tensorwasm.runtime.errors import (
     AcceleratorFailed,
     BadRequest,
@@ -56,6 +55,7 @@ from tensorwasm.runtime.shard import ServedTenant, Shard
 from tensorwasm.runtime.tenancy.config import SCOPE_INVOKE, SCOPE_READ, TOKEN_KEY
 from tensorwasm.runtime.tenancy.queue import retry_after_header
 from tensorwasm.runtime.tenancy.ratelimit import RequestRates
+from tensorwasm.runtime.tenancy.runs import GuestRun
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from tensorwasm.runtime.engine.streaming import GuestRun
 from tensorwasm.runtime.errors import Cancelled, GuestLimitExceeded, JobsFull, NotFound, RuntimeFault
+from tensorwasm.runtime.tenancy.runs import GuestRun
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 JOB_STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)

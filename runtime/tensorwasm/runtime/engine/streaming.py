@@ -1,75 +1,28 @@
-"""Guest ABI v1's optional streaming import, `tensorwasm.stream_write`, and the run it writes to.
+"""Guest ABI v1's optional streaming import, `tensorwasm.stream_write` (issue 14).
 
-Owns `GuestRun` (one run's side channel: a cancel flag, an optional sink for streamed chunks, when
-it started) and the host function. A worker thread enters a run with `GuestRun.call`, which makes
-it the thread's current run for the guest's host calls (guest code and its host calls run on that
-one thread), so the plain invoke path pays nothing for it. The sink is the HTTP layer's (a bounded
-buffer, api/streams.py) or an async job's collector (api/jobs.py): its `write` may block (bounded)
-and raises a `RuntimeFault` when the run must stop; the host function then raises `StopGuest`,
-which the trampoline turns into a trap carrying that fault, so a guest that ignores error codes
-still stops at its next write. A run without a sink answers `E_NO_STREAM` and the guest goes on.
-Must not import the HTTP layer, asyncio or the accelerator.
+Owns the host function. It writes to the sink of the worker thread's current `GuestRun`
+(tenancy/runs.py); the sink's `write` may block (bounded) and raises a `RuntimeFault` when the run
+must stop, and so does a cancelled run: the host function then raises `StopGuest`, which the
+trampoline (hostcalls.py) turns into a trap carrying that fault, so a guest that ignores error
+codes still stops at its next write. Outside a run with a sink (a plain invoke) it answers
+`E_NO_STREAM` and the guest goes on. Must not import the HTTP layer, asyncio or the accelerator.
 """
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 from tensorwasm.runtime.engine import abi
 from tensorwasm.runtime.errors import BadRequest, Cancelled, RuntimeFault
+from tensorwasm.runtime.tenancy.runs import StopGuest, current
 
+__all__ = ["StopGuest", "stream_write"]
 _U32 = 0xFFFF_FFFF
-_local = threading.local()
-
-
-class StreamSink(Protocol):
-    def write(self, data: bytes) -> None:
-        """Take one chunk (may block, bounded); raise a RuntimeFault to stop the guest."""
-
-
-class StopGuest(Exception):
-    """Raised by a host function to trap the guest with `fault` as the invoke's error."""
-
-    def __init__(self, fault: RuntimeFault) -> None:
-        super().__init__(fault.message)
-        self.fault = fault
-
-
-class GuestRun:
-    """One invoke's cancel flag and stream sink; `call` runs it on the current (worker) thread."""
-
-    __slots__ = ("cancel_reason", "cancelled", "chunks", "sink", "started")
-
-    def __init__(self, sink: StreamSink | None = None) -> None:
-        self.sink = sink
-        self.cancelled = False  # set from the event loop; read by the guest's next stream_write
-        self.cancel_reason = ""
-        self.started: float | None = None  # monotonic, set by the worker when the guest starts
-        self.chunks = 0
-
-    def cancel(self, reason: str) -> None:
-        self.cancel_reason = reason
-        self.cancelled = True
-
-    def call(self, target: tuple[Callable[[str, bytes], bytes], str], payload: bytes) -> bytes:
-        """`invoke(function, payload)` with this run current (the TenantQueue worker's fn(a, b))."""
-        if self.cancelled:  # cancelled while it waited in the queue: never starts
-            raise Cancelled(self.cancel_reason or "cancelled before it started")
-        invoke, function = target
-        _local.run = self
-        self.started = time.monotonic()
-        try:
-            return invoke(function, payload)
-        finally:
-            _local.run = None
 
 
 def stream_write(g: Any, v: Any) -> int:
     """(ptr, len) -> 0 | E_NO_STREAM | E_INVALID: hand one chunk of output to the caller now."""
-    run: GuestRun | None = getattr(_local, "run", None)
+    run = current()
     if run is None or run.sink is None:
         return abi.E_NO_STREAM
     if run.cancelled:
