@@ -21,13 +21,14 @@ COMMAND_MODULES = (
     "tensorwasm.cli.plan",
     "tensorwasm.cli.snapshot",
     "tensorwasm.cli.tenant",
+    "tensorwasm.cli.invoke",
     "tensorwasm.cli.selftest",
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "tensorwasm") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="tensorwasm",
+        prog=prog,
         description="Run many tenants' WebAssembly functions on shared GPUs, on Kubernetes.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {distribution_version()}")
@@ -45,10 +46,15 @@ def distribution_version() -> str:
         return "unknown"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "tensorwasm") -> int:
+    args = build_parser(prog).parse_args(argv)
     result: int = args.handler(args)
     return result
+
+
+def plugin_main() -> int:
+    """`kubectl tensorwasm ...`: kubectl runs the `kubectl-tensorwasm` executable on PATH."""
+    return main(prog="kubectl tensorwasm")
 
 
 if __name__ == "__main__":
