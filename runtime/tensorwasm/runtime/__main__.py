@@ -119,7 +119,12 @@ async def _run(settings: RuntimeSettings) -> int:
     )  # fmt: skip
     metrics.TENANT_LOAD.source = shard.load_report
     metrics.INVOKES.source = shard.invoke_report
-    runner, port = await serve(build_app(shard), settings.host, settings.port)
+    audit = None
+    if settings.audit_log != "off":
+        from tensorwasm.runtime.audit import AuditLog, AuditSettings
+
+        audit = AuditLog(AuditSettings(target=settings.audit_log)).start()
+    runner, port = await serve(build_app(shard, audit=audit), settings.host, settings.port)
     admin, admin_addr = None, "off"
     if settings.admin_port is not None:
         # Auto: 9090, or an ephemeral port beside an ephemeral tenant port (tests, local stacks).
@@ -170,6 +175,8 @@ async def _run(settings: RuntimeSettings) -> int:
         if admin is not None:
             await admin.cleanup()
         await shard.close()
+        if audit is not None:
+            await asyncio.to_thread(audit.close)  # what is queued is written
 
     try:
         await asyncio.wait_for(shut_down(), SHUTDOWN_GRACE_S)

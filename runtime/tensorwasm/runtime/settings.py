@@ -63,6 +63,7 @@ class RuntimeSettings:
     cache_key_file: Path | None = None  # HMAC key of the compile cache (default: <cache dir>/.cache-key)
     module_dirs: tuple[Path, ...] = ()  # module paths must lie inside these (default: file dir + cwd)
     default_gpu_memory_bytes: int = 1 << 30  # cap of a tenant that sets none
+    audit_log: str = "stdout"  # issue 14: "stdout", "off" or a file path (rotated by size)
     # Idle sleep (runtime/sleep.py; needs --snapshot-dir): spec.idle.after of a tenant setting none.
     idle_after: str = "never"
     resident_gpu_bytes: int = 0  # awake tenants' caps stay within this (0: no budget)
@@ -120,6 +121,7 @@ _FLAGS: tuple[tuple[str, str, str, str | None], ...] = (
     ),
     ("--idle-after", "idle_after", "idle sleep of a tenant setting no idle.after: 5m, 30s, never", "DUR"),
     ("--resident-gpu-memory", "resident_gpu_bytes", "awake tenants' GPU caps within N bytes (0: none)", "N"),
+    ("--audit-log", "audit_log", "audit JSON lines: stdout (default), off, or a file PATH", "WHERE"),
     (
         "--default-gpu-memory",
         "default_gpu_memory_bytes",
@@ -178,6 +180,9 @@ def settings_from_namespace(ns: argparse.Namespace, environ: Mapping[str, str]) 
             out["admin_host"], out["admin_port"] = _listen(value, where)
     if "module_dirs" in raw:
         out["module_dirs"] = tuple(Path(d).expanduser() for d in raw["module_dirs"][0].split(":") if d)
+    if "audit_log" in raw:
+        audit = raw["audit_log"][0].strip()
+        out["audit_log"] = "off" if audit.lower() in ("", "off") else audit
     if "default_gpu_memory_bytes" in raw:
         gpu = raw["default_gpu_memory_bytes"]
         out["default_gpu_memory_bytes"] = int(_number(*gpu, 1 << 20, 1 << 50, integer=True))
