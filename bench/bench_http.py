@@ -27,6 +27,7 @@ import select
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -307,7 +308,8 @@ def _start_runtime() -> tuple[subprocess.Popen[str], int]:
         line = proc.stderr.readline()
         m = re.search(r"Runtime listening addr=[^ ]+:(\d+)", line)
         if m:
-            os.set_blocking(proc.stderr.fileno(), False)
+            # Drained for the rest of the run: a full pipe would block the shard's next log line.
+            threading.Thread(target=proc.stderr.read, daemon=True).start()
             port = int(m.group(1))
             _wait_ready(port)
             return proc, port
@@ -430,7 +432,13 @@ def run() -> dict[str, Any]:
     finally:
         for proc in (runtime, hello):
             proc.terminate()
-            proc.wait(10)
+        for proc in (runtime, hello):
+            try:
+                proc.wait(30)  # a shard's shutdown is bounded at 25 s (Kubernetes' grace is 30 s)
+            except subprocess.TimeoutExpired:
+                proc.kill()  # never leave a server behind; the run still fails below
+                proc.wait()
+                raise RuntimeError(f"{proc.args} did not exit within 30 s of SIGTERM") from None
     for r in (invoke_max, hello_max, *shared_all, *iso_all, *pin_all):
         if set(r["statuses"]) != {"200"} or r["lost"]:
             raise RuntimeError(f"non-200 answers or lost requests during the benchmark: {r}")
