@@ -198,7 +198,7 @@ class FakeKube:
     def _split(path: str) -> tuple[str, str | None, str]:
         parts = path.strip("/").split("/")
         base = 2 if parts[0] == "api" else 3  # /api/v1 | /apis/<group>/<version>
-        rest = parts[base:]
+        rest = parts[base:] or ["(discovery)"]  # /apis/<group>/<version> itself: served by no CRD here
         if rest[:1] == ["namespaces"] and len(rest) >= 3:
             prefix, rest = parts[: base + 2], rest[2:]
         else:

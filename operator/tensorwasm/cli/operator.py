@@ -26,6 +26,11 @@ def register(subparsers: Any) -> None:
         help="coordinate with other operator replicas through kopf peering NAME (default: standalone)",
     )
     parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        help="log lines as text or JSON (TENSORWASM_OPERATOR_LOG_FORMAT)",
+    )
     parser.set_defaults(handler=_run)
 
 
@@ -37,6 +42,7 @@ def _run(args: argparse.Namespace) -> int:
         "NAMESPACE": args.namespace,
         "SHARDS": None if args.shards is None else str(args.shards),
         "LOG_LEVEL": args.log_level,
+        "LOG_FORMAT": args.log_format,
         "PEERING_NAME": args.peering,
         "STANDALONE": None if args.peering is None else "false",
     }
@@ -48,6 +54,15 @@ def _run(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"tensorwasm operator: {exc}", file=sys.stderr)
         return 2
+    import asyncio
+
+    from tensorwasm.operator.preflight import StartupError, preflight
+
+    try:
+        asyncio.run(preflight([settings.namespace], settings.startup_timeout_s))
+    except StartupError as exc:
+        print(f"tensorwasm operator: {exc}", file=sys.stderr)  # one line, no traceback
+        return 1
     from tensorwasm.operator.main import run
 
     run(settings)

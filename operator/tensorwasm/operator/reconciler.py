@@ -32,6 +32,7 @@ from tensorwasm.api.snapshot import is_deleting, phase_of, tenant_of
 from tensorwasm.api.stamps import now_rfc3339
 from tensorwasm.api.tenant import Tenant, parse_tenant
 from tensorwasm.kube.client import KubeApi, KubeError, resource_path, task_writes
+from tensorwasm.operator import health
 from tensorwasm.operator.desired.meta import MANAGED_SELECTOR
 from tensorwasm.operator.desired.shards import (
     build_owner_reference,
@@ -290,6 +291,13 @@ class Reconciler:
             self.wake_pending()
 
     async def reconcile(self, name: str) -> None:
+        health.QUEUE.inc()  # waiting for the Tenant's lock or running
+        try:
+            await self._reconcile_locked(name)
+        finally:
+            health.QUEUE.dec()
+
+    async def _reconcile_locked(self, name: str) -> None:
         lock = self._locks.setdefault(name, asyncio.Lock())
         async with lock:
             body = self.tenants.get(name)
@@ -298,7 +306,12 @@ class Reconciler:
             writes: Counter[str] = Counter()
             task_writes.set(writes)  # this task's own writes, not those of concurrent reconciles
             try:
-                phase = await self._reconcile(body)
+                with health.reconcile_timer() as result:
+                    try:
+                        phase = await self._reconcile(body)
+                    except BaseException:
+                        result[0] = "error"
+                        raise
             except TRANSIENT as exc:
                 if isinstance(exc, KubeError) and exc.status == 404:
                     return  # the Tenant is gone; the DELETED event cleans up
@@ -477,6 +490,7 @@ class Reconciler:
         kind = "Warning" if phase in WARNING_PHASES else "Normal"
         involved = {**body, "apiVersion": API_VERSION, "kind": TENANT.kind}  # list items carry neither
         await self.api.post_event(involved, kind, reason, message, "tensorwasm-operator")
+        health.EVENTS.labels(kind).inc()
         log.info("Posted Event Tenant %s/%s %s reason=%s phase=%s", body["metadata"].get("namespace"),
                  name, kind, reason, phase)  # fmt: skip
 

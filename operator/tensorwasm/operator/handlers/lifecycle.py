@@ -16,6 +16,7 @@ import kopf
 from tensorwasm.api.group import FINALIZER, GROUP
 from tensorwasm.kube.client import connect
 from tensorwasm.kube.config import SERVICE_ACCOUNT, in_cluster, in_cluster_available
+from tensorwasm.operator import health
 from tensorwasm.operator.reconciler import Reconciler
 from tensorwasm.operator.settings import FIELD_MANAGER, OperatorSettings
 
@@ -48,6 +49,7 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> Non
         reconciler = Reconciler(operator_settings, await connect(FIELD_MANAGER))
         await reconciler.start()
         memo["reconciler"] = reconciler
+        health.READINESS.listed = True  # /readyz: every placement is known, reconciles may run
 
     @kopf.on.cleanup(registry=registry, id="operator-cleanup")
     async def operator_cleanup(memo: kopf.Memo, **_: Any) -> None:
