@@ -37,6 +37,7 @@ _WORKLOAD_FLAGS: tuple[tuple[str, str], ...] = (
     ("background_iops", "metrics scrape + OS background IOPS (default 100)"),
     ("snapshots_in_flight", "concurrent snapshot captures/restores (default: the SKU's)"),
     ("snapshot_payload", "largest snapshot payload (default: the SKU's)"),
+    ("active_fraction", "share of tenants awake at once when idle ones sleep, 0.1 or 10%% (default: all)"),
 )
 
 

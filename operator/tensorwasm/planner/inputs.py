@@ -39,6 +39,8 @@ def _parse(field: str, text: str) -> Figure:
         return modeled(parse_bytes(flag, text), "bytes", flag)
     if field == "cpu_per_request":
         return modeled(parse_seconds(flag, text), "s", flag)
+    if field == "active_fraction":
+        return modeled(parse_fraction(flag, text), "fraction", flag)
     if field == "target_utilisation":
         return modeled(parse_fraction(flag, text), "fraction", flag)
     if field == "instances_per_tenant":

@@ -4,8 +4,10 @@ Owns the formulas (memory, GPU memory, CPU, disk IOPS) with their safety multipl
 ceilings, the binding bottleneck, the recommendation and the re-plan triggers. Pure: takes a
 `Workload` and `Sku`s, returns dataclasses; must not import yaml, matplotlib or the CLI.
 
-  memory     2 * (tenants * instances * working_set + snapshots_in_flight * snapshot_payload + runtime)
-  gpuMemory  1.5 * tenants * (context_overhead + gpu_working_set)
+  memory     2 * (resident * instances * working_set + snapshots_in_flight * snapshot_payload + runtime)
+  gpuMemory  1.5 * resident * (context_overhead + gpu_working_set)
+             resident = ceil(tenants * active_fraction): idle tenants sleep in snapshots (no instances,
+             no GPU memory), so only the active fraction counts; 1 when nothing sleeps
              context_overhead = mps_client_overhead with MPS, else instances * cuda_context
   cpu        ceil(qps * cpu_per_request / target_utilisation)
   diskIops   2 * snapshot_ops + audit_writes + background_iops
@@ -48,6 +50,7 @@ class Workload:
     mps: bool | None = None  # None = the SKU's setting
     snapshots_in_flight: Figure | None = None  # None = the SKU's snapshot buffer
     snapshot_payload: Figure | None = None
+    active_fraction: Figure | None = None  # share of tenants awake at once; None = 1 (none sleeps)
 
     def scaled(self, *, tenants: float | None = None, qps: float | None = None, hosts: int = 1) -> Workload:
         """The same workload with a different tenant count / QPS, or split evenly over `hosts`."""
@@ -84,6 +87,23 @@ def default_workload(tenants: float, qps: float) -> Workload:
     )
 
 
+def resident_tenants(w: Workload) -> float:
+    """Tenants awake at once: all of them, or ceil(tenants * active_fraction) when idle ones sleep."""
+    if w.active_fraction is None:
+        return w.tenants.value
+    return float(math.ceil(round(w.tenants.value * w.active_fraction.value, 9)))
+
+
+def tenants_with_sleep(all_resident: int, active_fraction: float) -> int:
+    """How many tenants fit where `all_resident` fit awake, when only `active_fraction` are awake at
+    once: the model the runtime's resident budget enforces (bench/bench_sleep.py measures it)."""
+    return math.floor(round(all_resident / active_fraction, 9))
+
+
+def _who(w: Workload) -> str:
+    return "tenants" if w.active_fraction is None else "ceil(tenants * active_fraction)"
+
+
 def _mps(workload: Workload, sku: Sku) -> bool:
     return sku.mps if workload.mps is None else workload.mps
 
@@ -91,7 +111,8 @@ def _mps(workload: Workload, sku: Sku) -> bool:
 def memory_formula(w: Workload, sku: Sku) -> Formula:
     in_flight = w.snapshots_in_flight or modeled(sku.snapshots_in_flight, "snapshots", f"SKU {sku.name}")
     payload = w.snapshot_payload or modeled(sku.snapshot_payload_bytes, "bytes", f"SKU {sku.name}")
-    instances = w.tenants.value * w.instances_per_tenant.value
+    resident = resident_tenants(w)
+    instances = resident * w.instances_per_tenant.value
     inner = instances * w.working_set.value + in_flight.value * payload.value + w.runtime.value
     required = MEMORY_MULTIPLIER * inner
     terms = {
@@ -101,15 +122,16 @@ def memory_formula(w: Workload, sku: Sku) -> Formula:
         "snapshots_in_flight": in_flight,
         "snapshot_payload": payload,
         "runtime": w.runtime,
+        **({"active_fraction": w.active_fraction} if w.active_fraction is not None else {}),
     }
     return Formula(
         resource="memory",
         expression=(
-            "2 * (tenants * instances_per_tenant * working_set"
+            f"2 * ({_who(w)} * instances_per_tenant * working_set"
             " + snapshots_in_flight * snapshot_payload + runtime)"
         ),
         substituted=(
-            f"2 * ({w.tenants.value:g} * {w.instances_per_tenant.value:g}"
+            f"2 * ({resident:g} * {w.instances_per_tenant.value:g}"
             f" * {format_bytes(w.working_set.value)}"
             f" + {in_flight.value:g} * {format_bytes(payload.value)} + {format_bytes(w.runtime.value)})"
             f" = 2 * {format_bytes(inner)} = {format_bytes(required)}"
@@ -136,15 +158,21 @@ def gpu_formula(w: Workload, sku: Sku) -> Formula:
             f"{w.instances_per_tenant.value:g} * {format_bytes(w.cuda_context.value)} CUDA context"
         )
     per_tenant = overhead.value + w.gpu_working_set.value
-    required = GPU_FRAGMENTATION_HEADROOM * w.tenants.value * per_tenant
+    resident = resident_tenants(w)
+    required = GPU_FRAGMENTATION_HEADROOM * resident * per_tenant
     return Formula(
         resource="gpuMemory",
-        expression="1.5 * tenants * (context_overhead + gpu_working_set)",
+        expression=f"1.5 * {_who(w)} * (context_overhead + gpu_working_set)",
         substituted=(
-            f"1.5 * {w.tenants.value:g} * ({overhead_text} + {format_bytes(w.gpu_working_set.value)})"
-            f" = 1.5 * {format_bytes(w.tenants.value * per_tenant)} = {format_bytes(required)}"
+            f"1.5 * {resident:g} * ({overhead_text} + {format_bytes(w.gpu_working_set.value)})"
+            f" = 1.5 * {format_bytes(resident * per_tenant)} = {format_bytes(required)}"
         ),
-        terms={"tenants": w.tenants, "context_overhead": overhead, "gpu_working_set": w.gpu_working_set},
+        terms={
+            "tenants": w.tenants,
+            "context_overhead": overhead,
+            "gpu_working_set": w.gpu_working_set,
+            **({"active_fraction": w.active_fraction} if w.active_fraction is not None else {}),
+        },
         required=Figure(required, "bytes", "modeled", "formula"),
         available=modeled(sku.gpu.memory_bytes, "bytes", f"SKU {sku.name} ({sku.gpu.name})"),
         notes=(f"MPS {'on' if mps else 'off'}",),
@@ -205,9 +233,9 @@ def ceiling_formulas(w: Workload, sku: Sku) -> list[Formula]:
         Formula(
             resource="tenantCeiling",
             expression="tenants <= tenant_ceiling",
-            substituted=f"{w.tenants.value:g} <= {sku.tenant_ceiling}",
+            substituted=f"{resident_tenants(w):g} <= {sku.tenant_ceiling}",
             terms={"tenants": w.tenants},
-            required=w.tenants,
+            required=replace(w.tenants, value=resident_tenants(w)),
             available=modeled(sku.tenant_ceiling, "tenants", f"SKU {sku.name}"),
         ),
         Formula(
@@ -260,7 +288,12 @@ def max_tenants(w: Workload, sku: Sku, *, limit: int = 1_000_000) -> int:
     """The largest tenant count for which every check fits (0 when none does). Monotone, so bisect."""
     if not evaluate(w.scaled(tenants=1), sku).fits:
         return 0
-    low, high = 1, min(limit, sku.tenant_ceiling)
+    ceiling = (
+        sku.tenant_ceiling
+        if w.active_fraction is None
+        else tenants_with_sleep(sku.tenant_ceiling, w.active_fraction.value)
+    )
+    low, high = 1, min(limit, ceiling)
     while low < high:
         mid = (low + high + 1) // 2
         if evaluate(w.scaled(tenants=mid), sku).fits:
