@@ -69,7 +69,7 @@ chart-readme: install ## Regenerate helm/tensorwasm/README.md (helm show readme)
 
 .PHONY: sample-modules
 sample-modules: install ## Compile examples/modules/*.wasm from their WAT in tests/fixtures
-	$(PY) -c 'import sys, wasmtime; [open(f"examples/modules/{n}.wasm", "wb").write(wasmtime.wat2wasm(open(f"tests/fixtures/{n}.wat").read())) for n in sys.argv[1:]]' echo sum stateful counter
+	$(PY) -c 'import sys, wasmtime; [open(f"examples/modules/{n}.wasm", "wb").write(wasmtime.wat2wasm(open(f"tests/fixtures/{n}.wat").read())) for n in sys.argv[1:]]' echo sum stateful counter streamer
 
 .PHONY: helm-lint
 helm-lint: controlplane ## helm lint --strict the chart (defaults, every feature on); fails if CRDs are out of sync

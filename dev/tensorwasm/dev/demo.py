@@ -12,6 +12,7 @@ import argparse
 import base64
 import hashlib
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -105,6 +106,55 @@ class Demo:
             status, body = counter.invoke("add", struct.pack("<q", delta))
             print(f"  POST {counter.url}/v1/functions/add/invoke (+{delta}) -> {status} {_total(body)}")
 
+    def client(self) -> None:
+        """The client (issue 14): plain, async and streamed invokes, a load test, the kubectl plugin."""
+        banner("The client: tensorwasm invoke reads the token from the Tenant's Secret (kubeconfig)")
+        self._client("invoke", "-n", NAMESPACE, "alpha", "echo", "-d", "hello from tensorwasm invoke")
+        banner("An async job: 202 with a job id, polled until it ends (it outlives the client)")
+        self._client("invoke", "-n", NAMESPACE, "alpha", "echo", "--async", "-d", "hello from a job")
+        self._client(
+            "invoke", "-n", NAMESPACE, "alpha", "echo", "--async", "--no-wait", "-d", "not waited for"
+        )
+        banner("A streamed response: the guest writes chunks, the client prints each as it arrives (SSE)")
+        wasm = (MODULES / "streamer.wasm").read_bytes()
+        module = {"configMapRef": {"name": "streamer-module", "key": "module.wasm"},
+                  "sha256": hashlib.sha256(wasm).hexdigest()}  # fmt: skip
+        meta = {"name": "streamer", "namespace": NAMESPACE}
+        self.release.apply(
+            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {**meta, "name": "streamer-module"},
+             "binaryData": {"module.wasm": base64.b64encode(wasm).decode()}},
+            {"apiVersion": API_VERSION, "kind": "Tenant", "metadata": meta,
+             "spec": {"module": module, "functions": ["chunks"],
+                      "limits": {"linearMemory": "1Mi", "timeoutMs": 2000}}},
+        )  # fmt: skip
+        self.release.wait_tenant_ready("streamer")
+        self._client("invoke", "-n", NAMESPACE, "streamer", "chunks", "--stream", "-d", "a chunk\n")
+        banner("A quick load test: 400 invokes, 8 in flight, and their latency histogram")
+        self._client(
+            "invoke", "-n", NAMESPACE, "alpha", "echo", "-d", "x", "--repeat", "400", "--concurrency", "8"
+        )
+        banner("The same command as a kubectl plugin (kubectl-tensorwasm on PATH)")
+        self._client(
+            "tensorwasm", "invoke", "-n", NAMESPACE, "alpha", "echo", "-d", "hello from kubectl", kubectl=True
+        )
+
+    def _client(self, *args: str, kubectl: bool = False) -> None:
+        exe = (
+            [str(self.release.bin_dir / "kubectl")]
+            if kubectl
+            else [sys.executable, "-m", "tensorwasm.cli.main"]
+        )
+        print(f"$ {'kubectl' if kubectl else 'tensorwasm'} {' '.join(args)}", flush=True)
+        env = {**os.environ, "KUBECONFIG": self.release.state.kubeconfig}
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # kubectl-tensorwasm
+        done = subprocess.run([*exe, *args], env=env, capture_output=True, timeout=300, check=False)
+        for stream in (done.stdout, done.stderr):
+            text = stream.decode(errors="replace").rstrip()
+            if text:
+                print("  " + text.replace("\n", "\n  "), flush=True)
+        if done.returncode != 0:
+            raise ClusterError(f"the client failed (exit {done.returncode})")
+
     def snapshot_and_restart(self) -> None:
         banner("Snapshot the counter (GPU memory into zstd chunks on the shards' volume)")
         snapshot = {"apiVersion": API_VERSION, "kind": "Snapshot",
@@ -177,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         demo.install()
         demo.tenants()
         demo.invoke()
+        demo.client()
         demo.snapshot_and_restart()
         demo.helm_test()
         demo.planner()
