@@ -1,0 +1,546 @@
+"""Idle sleep: wake latency over HTTP, density with 10% of tenants active, a wake storm; one run each.
+
+A real shard in this process (engine, the best accelerator here, the aiohttp API on loopback, a
+snapshot store in a temp dir) serving tests/fixtures/counter.wat tenants (their total lives in a GPU
+buffer, so a lost or doubled request shows in the answer).
+- wake: for 1/16/128/512 MiB of GPU state (random bytes, incompressible), put the tenant to sleep and
+  time the first request's HTTP round trip (wake + invoke + reply): from the hot tier (the capture
+  put the blob there) and from disk (the hot-tier entry dropped and the blob's pages evicted from the
+  page cache with posix_fadvise, so the file is read from the device). Beside them, in the same run:
+  restore_snapshot() of the same blob into the awake tenant (hot, and file with the page cache
+  dropped), the pinned-copy floor (CUDA: one pinned host-to-device copy of the state; CPU: one memcpy)
+  and the round trip of an awake invoke.
+- density: the all-resident case holds N0 = budget / cap tenants, all active; the sleep case places
+  10x (and 20x) as many with the same budget, 10% of them active at any moment (the active set
+  changes: one active tenant is replaced by a sleeping one every CHURN_S). Open-loop Poisson arrivals
+  at the same total rate, latency from each request's scheduled time; P50/P99 against the 100 ms SLO;
+  the planner's prediction (tensorwasm.planner.model.tenants_with_sleep) beside the measurement.
+  Sleepers have idle.after 500ms: one that left the active set sleeps in the background.
+- storm: 100 sleeping tenants (1 MiB of state each) called at once, with room for all and with room
+  for 20: time until all are answered, the most GPU bytes reserved at once vs the budget, requests
+  answered and the counters (none lost, none doubled).
+Env: TENSORWASM_BENCH_SLEEP_SIZES (MiB list), TENSORWASM_BENCH_ACCELERATOR, TENSORWASM_BENCH_SLEEP_SECONDS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import http.client
+import os
+import random
+import statistics
+import struct
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MiB = 1 << 20
+REPO = Path(__file__).resolve().parents[1]
+COUNTER = (REPO / "tests" / "fixtures" / "counter.wat").read_bytes()
+SLO_MS = 100.0
+CHURN_S = 1.0
+IDLE_AFTER = "500ms"
+
+
+def row(*cells: Any) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def pct(samples: list[float], q: float) -> float:
+    s = sorted(samples)
+    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))] if s else float("nan")
+
+
+class Server:
+    """A real shard with idle sleep on loopback, run on its own event loop thread."""
+
+    def __init__(self, acc: Any, work: Path, budget: int | None) -> None:
+        from tensorwasm.runtime.api.app import build_app
+        from tensorwasm.runtime.api.server import serve
+        from tensorwasm.runtime.engine import Engine
+        from tensorwasm.runtime.modules import ModuleLoader
+        from tensorwasm.runtime.shard import Shard
+        from tensorwasm.runtime.snapshots.store import SnapshotStore
+
+        self.acc = acc
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.engine = Engine(cache_dir=work / "cache")
+        self.store = SnapshotStore(work / "store")
+
+        async def start() -> tuple[Any, Any, int]:
+            loader = ModuleLoader(self.engine, 64 << 20, 10.0)
+            shard = Shard(self.engine, acc, loader, sleep_store=self.store, resident_gpu_bytes=budget)
+            runner, port = await serve(build_app(shard), "127.0.0.1", 0)
+            return shard, runner, port
+
+        self.shard, self.runner, self.port = self.run(start())
+        self._local = threading.local()
+
+    def run(self, coro: Any, timeout: float = 600) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def sync(self, configs: list[Any]) -> None:
+        self.run(self.shard.sync(configs))
+
+    def sleep(self, name: str) -> bool:
+        return bool(self.run(self.shard.sleep(name)))
+
+    def call(self, cfg: Any, delta: int = 0) -> tuple[int, int]:
+        """(HTTP status, the counter's total) of one add over a per-thread keep-alive connection."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+        try:
+            conn.request(
+                "POST",
+                "/v1/functions/add/invoke",
+                struct.pack("<q", delta),
+                {"Authorization": f"Bearer {cfg.token}"},
+            )
+            resp = conn.getresponse()
+            body = resp.read()
+        except (http.client.HTTPException, OSError):
+            conn.close()
+            self._local.conn = None
+            raise
+        if resp.getheader("Connection", "").lower() == "close":
+            conn.close()
+            self._local.conn = None
+        return resp.status, struct.unpack("<q", body)[0] if resp.status == 200 else -1
+
+    def close(self) -> None:
+        async def stop() -> None:
+            await self.runner.cleanup()
+            await self.shard.close()
+
+        self.run(stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.engine.close()
+
+
+def tenant(name: str, cap: int) -> Any:
+    from tensorwasm.api.tenant import Limits
+    from tensorwasm.runtime.tenancy.config import ModuleSource, TenantConfig
+
+    module = ModuleSource(sha256=hashlib.sha256(COUNTER).hexdigest(), data=COUNTER, origin="counter.wat")
+    limits = Limits(gpu_memory_bytes=cap, max_concurrency=2, queue_length=64, timeout_ms=30_000)
+    cfg = TenantConfig(
+        name=name, token=f"token-{name}-0123456789", module=module, functions=("add",), limits=limits
+    )
+    return replace(cfg, uid=f"uid-{name}", idle_after="never")
+
+
+def round_cap(nbytes: int) -> int:
+    return -(-nbytes // (2 * MiB)) * 2 * MiB
+
+
+def add_state(server: Server, name: str, nbytes: int, seed: int = 0) -> None:
+    """`nbytes` of random bytes in one more GPU buffer of the tenant (part of what a sleep captures)."""
+    if nbytes <= 0:
+        return
+    device = server.shard.served[name].device
+    handle = device.alloc(nbytes)
+    rng = np.random.default_rng(seed)
+    piece = 64 * MiB
+    for at in range(0, nbytes, piece):
+        n = min(piece, nbytes - at)
+        device.write(handle, at, memoryview(rng.bytes(n)))
+    device.sync()
+
+
+def evict_page_cache(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def floor_ms(acc: Any, nbytes: int, reps: int) -> float:
+    """The pinned-copy floor: CUDA one pinned H2D copy of nbytes; CPU one memcpy of nbytes."""
+    samples = []
+    if acc.name == "cuda":
+        dev = acc.open_tenant("bench-floor", nbytes + 4 * MiB)
+        try:
+            handle = dev.alloc(nbytes)
+            stage = acc.pinned_buffer(nbytes)
+            for _ in range(reps + 1):
+                t = time.perf_counter()
+                dev.write_async(handle, 0, stage[:nbytes])
+                dev.sync()
+                samples.append(time.perf_counter() - t)
+        finally:
+            acc.close_tenant("bench-floor")
+    else:
+        src, dst = np.ones(nbytes, np.uint8), np.ones(nbytes, np.uint8)
+        for _ in range(reps + 1):
+            t = time.perf_counter()
+            np.copyto(dst, src)
+            samples.append(time.perf_counter() - t)
+    return statistics.median(samples[1:]) * 1000
+
+
+def wake_case(acc: Any, work: Path, size_mib: int, reps: int) -> dict[str, float]:
+    from tensorwasm.runtime.snapshots.hot_tier import HOT_TIERS
+    from tensorwasm.runtime.snapshots.restore import restore_snapshot
+
+    nbytes = size_mib * MiB
+    server = Server(acc, work / f"wake-{size_mib}", None)
+    name = f"w{size_mib}"
+    cfg = tenant(name, round_cap(nbytes) + 4 * MiB)
+    try:
+        server.sync([cfg])
+        add_state(server, name, nbytes - 8, seed=size_mib)
+        total = server.call(cfg, 1)[1]
+        rtt = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            server.call(cfg)
+            rtt.append(time.perf_counter() - t)
+        out: dict[str, list[float]] = {"hot": [], "disk": [], "restore_hot": [], "restore_file": []}
+        tier = HOT_TIERS.for_accelerator(acc)
+        sources: set[str] = set()
+        for mode in ("hot", "disk"):
+            for _ in range(reps):
+                assert server.sleep(name), "the tenant did not sleep"
+                sleeper = server.shard.served[name].sleeper
+                path = server.store.path_of(sleeper.key, sleeper.digest)
+                if mode == "disk":
+                    if tier is not None:
+                        tier.drop(sleeper.digest)
+                    evict_page_cache(path)
+                t = time.perf_counter()
+                status, got = server.call(cfg)
+                out[mode].append(time.perf_counter() - t)
+                assert status == 200 and got == total, (status, got, total)
+                # The same blob restored into the awake tenant, no HTTP, no open: the restore figure.
+                pool, device = server.shard.served[name].pool, server.shard.served[name].device
+                if mode == "disk":
+                    if tier is not None:
+                        tier.drop(sleeper.digest)
+                    evict_page_cache(path)
+                t = time.perf_counter()
+                result = restore_snapshot(
+                    path,
+                    tenant_uid=sleeper.key,
+                    module_sha256=cfg.module.sha256,
+                    pool=pool,
+                    device=device,
+                    accelerator=acc,
+                )
+                out["restore_" + ("hot" if mode == "hot" else "file")].append(time.perf_counter() - t)
+                sources.add(f"{mode}:{result.source}")
+        figures = {
+            f"wake_{m}_{q}_ms": pct(out[m], p) * 1000
+            for m in ("hot", "disk")
+            for q, p in (("p50", 50), ("p99", 99))
+        }
+        figures.update(
+            {f"{k}_p50_ms": statistics.median(v) * 1000 for k, v in out.items() if k.startswith("restore")}
+        )
+        figures["awake_rtt_p50_ms"] = statistics.median(rtt) * 1000
+        figures["floor_ms"] = floor_ms(acc, nbytes, min(reps, 10))
+        figures["samples"] = reps
+        assert "hot:hot" in sources or tier is None, sources
+        return figures
+    finally:
+        server.close()
+
+
+def open_loop(server: Server, chooser: Any, rate: float, seconds: float, seed: int) -> dict[str, Any]:
+    """Poisson arrivals at `rate`/s for `seconds`; `chooser(t)` names the tenant config of an arrival."""
+    rng = random.Random(seed)
+    arrivals, t = [], 0.0
+    while t < seconds:
+        t += rng.expovariate(rate)
+        arrivals.append(t)
+    lat: list[float] = []
+    errors: dict[int, int] = {}
+    lock = threading.Lock()
+    start = time.perf_counter() + 0.2
+
+    def one(at: float) -> None:
+        cfg = chooser(at)
+        delay = start + at - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        status, _ = server.call(cfg, 1)
+        took = time.perf_counter() - (start + at)
+        with lock:
+            if status == 200:
+                lat.append(took)
+            else:
+                errors[status] = errors.get(status, 0) + 1
+
+    with ThreadPoolExecutor(64) as pool:
+        list(pool.map(one, arrivals))
+    return {
+        "n": len(arrivals),
+        "p50_ms": pct(lat, 50) * 1000,
+        "p99_ms": pct(lat, 99) * 1000,
+        "errors": errors,
+    }
+
+
+def density_case(acc: Any, work: Path, seconds: float) -> tuple[dict[str, float], list[str]]:
+    from tensorwasm.planner.model import tenants_with_sleep
+
+    cap, n0, rate = 16 * MiB, 8, 200.0
+    budget = n0 * cap
+    figures: dict[str, float] = {}
+    rows = []
+    # All resident: n0 tenants, every one active.
+    server = Server(acc, work / "density-0", budget)
+    try:
+        configs = [tenant(f"r{i:03d}", cap) for i in range(n0)]
+        server.sync(configs)
+        base = open_loop(server, lambda at: configs[int(at * 1000) % n0], rate, seconds, 1)
+    finally:
+        server.close()
+    figures.update(
+        {"resident_tenants": n0, "resident_p50_ms": base["p50_ms"], "resident_p99_ms": base["p99_ms"]}
+    )
+    rows.append(
+        row(
+            "all resident",
+            n0,
+            n0,
+            base["n"],
+            f"{base['p50_ms']:.2f}",
+            f"{base['p99_ms']:.2f}",
+            0,
+            base["errors"] or 0,
+        )
+    )
+    for mult in (10, 20):
+        n = n0 * mult
+        server = Server(acc, work / f"density-{mult}", budget)
+        try:
+            # Tenants that left the active set sleep in the background after IDLE_AFTER, so most
+            # wakes find room without putting a neighbour to sleep on their own path.
+            configs = [replace(tenant(f"s{i:03d}", cap), idle_after=IDLE_AFTER) for i in range(n)]
+            server.sync(configs)  # loading past the budget already puts the least recently used to sleep
+            for cfg in configs:
+                server.sleep(cfg.name)
+            rng = random.Random(mult)
+            active = rng.sample(range(n), n // 10)
+            changes: list[tuple[float, list[int]]] = [(0.0, list(active))]
+            t = CHURN_S
+            while t < seconds + 1:
+                out_i = rng.randrange(len(active))
+                active[out_i] = rng.choice([i for i in range(n) if i not in active])
+                changes.append((t, list(active)))
+                t += CHURN_S
+
+            def chooser(
+                at: float, changes: list[tuple[float, list[int]]] = changes, cfgs: list[Any] = configs
+            ) -> Any:
+                current = next(a for when, a in reversed(changes) if when <= at)
+                return cfgs[current[int(at * 1000) % len(current)]]
+
+            wakes0 = _wakes()
+            res = open_loop(server, chooser, rate, seconds, mult)
+            wakes = _wakes() - wakes0
+            peak = server.shard.residency.peak
+        finally:
+            server.close()
+        meets = res["p99_ms"] <= SLO_MS and not res["errors"]
+        predicted = tenants_with_sleep(n0, 0.10)
+        figures.update(
+            {
+                f"x{mult}_tenants": n,
+                f"x{mult}_p50_ms": res["p50_ms"],
+                f"x{mult}_p99_ms": res["p99_ms"],
+                f"x{mult}_wakes": wakes,
+                f"x{mult}_meets_slo": float(meets),
+                f"x{mult}_peak_reserved_mib": peak / MiB,
+            }
+        )
+        figures["planner_predicted_tenants"] = predicted
+        rows.append(
+            row(
+                "10% active, sleepers",
+                n,
+                n // 10,
+                res["n"],
+                f"{res['p50_ms']:.2f}",
+                f"{res['p99_ms']:.2f}",
+                f"{wakes:.0f}",
+                res["errors"] or 0,
+            )
+        )
+    return figures, rows
+
+
+def _wakes() -> float:
+    from tensorwasm.runtime import metrics
+
+    return sum(
+        s.value for m in metrics.TENANT_WAKES.collect() for s in m.samples if s.name.endswith("_total")
+    )
+
+
+def storm_case(acc: Any, work: Path, room: int, count: int = 100) -> dict[str, float]:
+    cap = 4 * MiB
+    server = Server(acc, work / f"storm-{room}", room * cap)
+    try:
+        configs = [tenant(f"s{i:03d}", cap) for i in range(count)]
+        for i in range(0, count, 10):
+            server.sync(configs[: i + 10])
+            for cfg in configs[i : i + 10]:
+                add_state(server, cfg.name, 1 * MiB, seed=i) if not server.shard.served[
+                    cfg.name
+                ].asleep else None
+        for cfg in configs:
+            server.sleep(cfg.name)
+        assert all(server.shard.served[c.name].asleep for c in configs)
+        barrier = threading.Barrier(count)
+        lat: list[float] = []
+        statuses: list[int] = []
+        lock = threading.Lock()
+        t0 = [0.0]
+
+        def one(cfg: Any) -> None:
+            barrier.wait()
+            if not t0[0]:
+                t0[0] = time.perf_counter()
+            start = time.perf_counter()
+            while True:
+                status, _ = server.call(cfg, 1)
+                if status != 429:
+                    break
+                time.sleep(0.01)
+            with lock:
+                lat.append(time.perf_counter() - start)
+                statuses.append(status)
+
+        started = time.perf_counter()
+        with ThreadPoolExecutor(count) as pool:
+            list(pool.map(one, configs))
+        all_served = time.perf_counter() - started
+        totals = [server.call(c, 0)[1] for c in configs]
+        return {
+            "all_served_ms": all_served * 1000,
+            "p50_ms": pct(lat, 50) * 1000,
+            "max_ms": max(lat) * 1000,
+            "answered": float(statuses.count(200)),
+            "lost_or_doubled": float(sum(1 for t in totals if t != 1)),
+            "peak_reserved_mib": server.shard.residency.peak / MiB,
+            "budget_mib": room * cap / MiB,
+        }
+    finally:
+        server.close()
+
+
+def run() -> dict[str, Any]:
+    from tensorwasm.runtime.accel import select_accelerator
+    from tensorwasm.runtime.snapshots.hot_tier import HOT_TIERS
+
+    sizes = [int(s) for s in os.environ.get("TENSORWASM_BENCH_SLEEP_SIZES", "1,16,128,512").split(",")]
+    seconds = float(os.environ.get("TENSORWASM_BENCH_SLEEP_SECONDS", "15"))
+    acc = select_accelerator(os.environ.get("TENSORWASM_BENCH_ACCELERATOR", "auto"))
+    HOT_TIERS.configure((max(sizes) * 2 + 64) * MiB)
+    work = Path(tempfile.mkdtemp(prefix="tw-bench-sleep-"))
+    figures: dict[str, float] = {}
+    targets: dict[str, str] = {}
+    table = [
+        row(
+            "state",
+            "wake hot P50 / P99",
+            "wake disk P50 / P99",
+            "restore hot",
+            "restore file (cold)",
+            "floor",
+            "awake RTT",
+            "n",
+        ),
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    try:
+        for size in sizes:
+            reps = {1: 30, 16: 30, 128: 12}.get(size, 6)
+            f = wake_case(acc, work, size, reps)
+            for k, v in f.items():
+                figures[f"{size}mib_{k}"] = round(v, 3)
+            table.append(
+                row(
+                    f"{size} MiB",
+                    *(
+                        f"{f[a]:.2f} / {f[b]:.2f} ms"
+                        for a, b in (
+                            ("wake_hot_p50_ms", "wake_hot_p99_ms"),
+                            ("wake_disk_p50_ms", "wake_disk_p99_ms"),
+                        )
+                    ),
+                    *(
+                        f"{f[k]:.2f} ms"
+                        for k in ("restore_hot_p50_ms", "restore_file_p50_ms", "floor_ms", "awake_rtt_p50_ms")
+                    ),
+                    reps,
+                )
+            )
+        if 512 in sizes:
+            targets["512mib_wake_hot_p99_ms"] = "<= 100"
+        dens, rows = density_case(acc, work, seconds)
+        figures.update({f"density_{k}": round(v, 3) for k, v in dens.items()})
+        targets["density_x10_p99_ms"] = f"<= {SLO_MS:.0f}"
+        table += [
+            "",
+            "| density case | tenants | active | requests | P50 ms | P99 ms | wakes | errors |",
+            "|---|---|---|---|---|---|---|---|",
+            *rows,
+        ]
+        table += [
+            "",
+            row(
+                "wake storm: 100 sleepers at once",
+                "all served",
+                "P50",
+                "max",
+                "answered",
+                "lost/doubled",
+                "peak reserved / budget",
+            ),
+            "|---|---|---|---|---|---|---|",
+        ]
+        for room in (100, 20):
+            s = storm_case(acc, work, room)
+            figures.update({f"storm_room{room}_{k}": round(v, 3) for k, v in s.items()})
+            table.append(
+                row(
+                    f"room for {room}",
+                    f"{s['all_served_ms']:.0f} ms",
+                    f"{s['p50_ms']:.1f} ms",
+                    f"{s['max_ms']:.0f} ms",
+                    f"{s['answered']:.0f}",
+                    f"{s['lost_or_doubled']:.0f}",
+                    f"{s['peak_reserved_mib']:.0f} / {s['budget_mib']:.0f} MiB",
+                )
+            )
+            targets[f"storm_room{room}_lost_or_doubled"] = "== 0"
+    finally:
+        acc.close()
+    return {
+        "title": f"Idle sleep: wake on the first request, density, wake storm ({acc.name})",
+        "figures": figures,
+        "targets": targets,
+        "table": "\n".join(table),
+        "notes": (
+            "Wake = HTTP round trip of the first request to a sleeping tenant (room, open, restore, invoke, "
+            "reply); restore = restore_snapshot() of the same blob into the awake tenant; floor = one pinned "
+            "host-to-device copy (CUDA) or memcpy (CPU) of the state. Disk = page cache dropped. Density: "
+            "budget of 8 x 16 MiB caps; 200 req/s Poisson open loop, latency from the scheduled time; the "
+            "active 10% changes every second. Storm: 100 tenants with 1 MiB of GPU state each."
+        ),
+    }
