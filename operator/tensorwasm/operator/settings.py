@@ -74,7 +74,7 @@ class OperatorSettings:
     lease_duration_s: int = 8  # a standby takes over once the lease went unrenewed this long
     renew_deadline_s: int = 6  # the leader exits when it could not renew for this long (< duration)
     lease_retry_s: int = 2  # how often the leader renews and a standby tries to acquire
-    identity: str = ""  # this replica in the Lease (POD_NAME, else host name and pid)
+    identity: str = ""  # this replica in the Lease (IDENTITY, else POD_NAME, else host name and pid)
 
     @property
     def liveness_endpoint(self) -> str | None:
@@ -267,5 +267,5 @@ def _parse(env: Mapping[str, str]) -> OperatorSettings:
         lease_duration_s=lease_duration,
         renew_deadline_s=renew_deadline,
         lease_retry_s=lease_retry,
-        identity=env.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}",
+        identity=_get(env, "IDENTITY") or env.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}",
     )
