@@ -395,7 +395,7 @@ def storm_case(acc: Any, work: Path, room: int, count: int = 100) -> dict[str, f
     cap = 4 * MiB
     server = Server(acc, work / f"storm-{room}", room * cap)
     try:
-        configs = [tenant(f"s{i:03d}", cap) for i in range(count)]
+        configs = [replace(tenant(f"s{i:03d}", cap), idle_after="1h") for i in range(count)]  # evictable
         for i in range(0, count, 10):
             server.sync(configs[: i + 10])
             for cfg in configs[i : i + 10]:

@@ -108,6 +108,16 @@ def test_never_keeps_a_tenant_resident_while_the_shard_default_sleeps_others(
     assert reason(server, "keep") == LOADED and "keep" in open_devices(server)
 
 
+def test_a_tenant_that_never_sleeps_is_never_evicted(runtime_server, tmp_path) -> None:
+    keep, a, b = counter("keep", after="never"), counter("a", after="1h"), counter("b", after="1h")
+    server = sleeping_shard(runtime_server, tmp_path, resident_gpu_bytes=2 * CAP)
+    server.sync([keep])
+    server.sync([keep, a])
+    add(server, a)  # keep is now the least recently used, but pinned
+    server.sync([keep, a, b])
+    assert reason(server, "a") == ASLEEP and set(open_devices(server)) == {"keep", "b"}
+
+
 def test_requests_during_a_wake_wait_within_the_queue_and_none_is_lost(runtime_server, tmp_path) -> None:
     alpha = counter("alpha", max_concurrency=2, queue_length=3)
     server = sleeping_shard(runtime_server, tmp_path, alpha)

@@ -538,6 +538,8 @@ class Shard:
         exported = frozenset(config.functions or module.functions)
         stats = self.stats.setdefault(config.name, {})
         tenant = ServedTenant(config, pool, device, queue, exported, stats, sleeper)
+        if sleeper is not None:
+            sleeper.pinned = self.idle_after(config) is None
         self.served[config.name] = tenant
         self._rebuild_auth()
         if tenant.asleep:

@@ -144,6 +144,7 @@ class Sleeper:
         self._used = time.monotonic()
         self._epoch = 0  # completed wakes
         self._failure: tuple[int, TenantNotReady] | None = None
+        self.pinned = False  # the shard sets it: idle.after is never (stays resident, never evicted)
         if pool is not None:
             parts.residency.attach(self.name, self)
 

@@ -4,8 +4,9 @@ Owns `Residency`: a thread-safe ledger of the GPU bytes each resident (awake) te
 cap: what layers 1 and 2 let it allocate), bounded by the shard's resident budget, and the one rule
 for making room: when a load or a wake would exceed the budget, the least recently used residents
 with nothing in flight are put to sleep first, oldest first, until the newcomer fits. A tenant with
-requests in flight (running or queued) is never chosen; when nobody can be chosen the newcomer
-waits for one (bounded by its deadline), then is refused with 429 + Retry-After.
+requests in flight (running or queued) is never chosen, nor one whose idle.after is `never`; when
+nobody can be chosen the newcomer waits for one (bounded by its deadline), then is refused with 429
++ Retry-After.
 The invariant every test checks: bytes reserved <= budget at every moment, and a tenant's device is
 opened only after its reservation and closed before the reservation is given back, so the sum of
 the caps of open devices (hence of their allocations) never exceeds the budget.
@@ -31,6 +32,7 @@ class Resident(Protocol):
     """What the ledger needs of a resident tenant to choose and evict it."""
 
     name: str
+    pinned: bool  # idle.after is never: it stays resident, never evicted
 
     def last_used(self) -> float: ...
     def busy(self) -> bool: ...
@@ -101,7 +103,7 @@ class Residency:
             (
                 m
                 for n, m in self._members.items()
-                if n != newcomer and n not in self._evicting and not m.busy()
+                if n != newcomer and n not in self._evicting and not m.pinned and not m.busy()
             ),
             key=lambda m: m.last_used(),
         )
