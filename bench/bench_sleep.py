@@ -95,27 +95,30 @@ class Server:
         return bool(self.run(self.shard.sleep(name)))
 
     def call(self, cfg: Any, delta: int = 0) -> tuple[int, int]:
-        """(HTTP status, the counter's total) of one add over a per-thread keep-alive connection."""
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
-        try:
-            conn.request(
-                "POST",
-                "/v1/functions/add/invoke",
-                struct.pack("<q", delta),
-                {"Authorization": f"Bearer {cfg.token}"},
-            )
-            resp = conn.getresponse()
-            body = resp.read()
-        except (http.client.HTTPException, OSError):
-            conn.close()
-            self._local.conn = None
-            raise
-        if resp.getheader("Connection", "").lower() == "close":
-            conn.close()
-            self._local.conn = None
-        return resp.status, struct.unpack("<q", body)[0] if resp.status == 200 else -1
+        """(HTTP status, the counter's total) of one add over a per-thread keep-alive connection; a
+        connection the server closed while idle (a long capture between two calls) is reopened once,
+        as HTTP clients do: the request never reached the server."""
+        for attempt in (0, 1):
+            conn = getattr(self._local, "conn", None)
+            fresh = conn is None
+            if conn is None:
+                conn = self._local.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=300)
+            try:
+                conn.request("POST", "/v1/functions/add/invoke", struct.pack("<q", delta),
+                             {"Authorization": f"Bearer {cfg.token}"})  # fmt: skip
+                resp = conn.getresponse()
+                body = resp.read()
+            except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+                conn.close()
+                self._local.conn = None
+                if fresh or attempt:
+                    raise
+                continue
+            if resp.getheader("Connection", "").lower() == "close":
+                conn.close()
+                self._local.conn = None
+            return resp.status, struct.unpack("<q", body)[0] if resp.status == 200 else -1
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         async def stop() -> None:
