@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from tensorwasm.runtime import metrics
 
@@ -35,7 +35,9 @@ log = logging.getLogger(__name__)
 
 # The record, in order: (wall time, action, request id, tenant, token key, function, mode,
 # HTTP status, outcome, seconds or None, bytes in, bytes out, client address, job id or "").
-Record = tuple[float, str, str, str, str, str, str, int, str, float | None, int, int, str, str]
+# A request id is the caller's X-Request-Id, or a number this shard spells "<BOOT>-<n>".
+Record = tuple[float, str, str | int, str, str, str, str, int, str, float | None, int, int, str, str]
+BOOT = os.urandom(4).hex()  # unique per shard process
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,7 @@ class AuditLog:
         """Write what is queued, then stop the writer (shutdown)."""
         self._stop = True
         self._wake.set()
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=2.0)  # a stdout nobody reads must not hold up shutdown
         if self._file is not None:
             self._file.close()
 
@@ -161,13 +163,25 @@ class AuditLog:
         self._open()
 
 
+_second: list[Any] = [-1, ""]  # (whole second, its "YYYY-mm-ddTHH:MM:SS"): one strftime a second
+
+
 def format_record(r: Record) -> str:
-    """One JSON line (also what tests parse); the request id is the only value escaped."""
-    ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(r[0])) + f".{int(r[0] % 1 * 1000):03d}Z"
+    """One JSON line (also what tests parse). Every value but the request id comes from a closed
+    alphabet the runtime checked; the request id is escaped only when it needs it."""
+    ts = r[0]
+    sec = int(ts)
+    if sec != _second[0]:
+        _second[0], _second[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    rid = r[2]
+    if isinstance(rid, int):
+        rid = f'"{BOOT}-{rid}"'
+    else:
+        rid = json.dumps(rid) if '"' in rid or "\\" in rid or not rid.isprintable() else f'"{rid}"'
     duration = "null" if r[9] is None else f"{r[9] * 1000:.3f}"
     return (
-        f'{{"ts":"{ts}","type":"audit","action":"{r[1]}","requestId":{json.dumps(r[2])},'
-        f'"tenant":"{r[3]}","tokenId":"{r[4]}","function":"{r[5]}","mode":"{r[6]}",'
+        f'{{"ts":"{_second[1]}.{int((ts - sec) * 1000):03d}Z","type":"audit","action":"{r[1]}",'
+        f'"requestId":{rid},"tenant":"{r[3]}","tokenId":"{r[4]}","function":"{r[5]}","mode":"{r[6]}",'
         f'"status":{r[7]},"outcome":"{r[8]}","durationMs":{duration},"bytesIn":{r[10]},'
         f'"bytesOut":{r[11]},"remote":"{r[12]}","job":"{r[13]}"}}\n'
     )

@@ -19,7 +19,6 @@ import contextlib
 import itertools
 import json
 import logging
-import os
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -156,8 +155,7 @@ class _Api:
         self.stream_limits = streams or StreamLimits()
         self.rates = RequestRates()
         self.audit = audit
-        self._request_ids = itertools.count(1)
-        self._boot = os.urandom(4).hex()  # request ids: <boot>-<n>, unique per shard process
+        self._request_ids = itertools.count(1)  # the audit writer spells them <boot id>-<n>
         # "Bearer <token>" -> (tenant, scope, Secret key) for every token but the primary ones
         # (those are shard.by_auth's: the hot path's one lookup); rebuilt when by_auth is replaced.
         self._extra: dict[str, tuple[ServedTenant, str, str]] = {}
@@ -513,9 +511,9 @@ class _Api:
     ) -> None:
         if self.audit is None:
             return
-        rid = request.headers.get("X-Request-Id")
-        if rid is None or not _REQUEST_ID.match(rid):
-            rid = f"{self._boot}-{next(self._request_ids)}"
+        rid: str | int | None = request.headers.get("X-Request-Id")
+        if rid is None or not _REQUEST_ID.match(rid):  # type: ignore[arg-type]
+            rid = next(self._request_ids)
         self.audit.record((
             time.time(), action, rid, tenant, key, function, mode, status, outcome, seconds, bytes_in,
             bytes_out, request.remote or "", job,
