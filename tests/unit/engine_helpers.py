@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import linecache
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -46,3 +48,23 @@ def in_thread(fn: Callable[[], object], done: list[str], tag: str) -> threading.
 
 def pool(engine: Engine, module: CompiledModule, device: Any = None, **limits: Any) -> TenantInstancePool:
     return TenantInstancePool(engine, module, GuestLimits(**limits), device=device, tenant_id="test")
+
+
+def inside(thread: threading.Thread, function: str) -> bool:
+    """Whether `thread` is now inside a Python function named `function` (anywhere on its stack):
+    a blocked or running call observed as state, never guessed from a sleep."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    while frame is not None:
+        if frame.f_code.co_name == function:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def blocked_at(thread: threading.Thread, function: str, line_part: str) -> bool:
+    """Whether `thread`'s innermost Python frame is `function` on a source line containing
+    `line_part` (a blocking C call, e.g. a SimpleQueue get, shows as the line calling it)."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    if frame is None or frame.f_code.co_name != function:
+        return False
+    return line_part in linecache.getline(frame.f_code.co_filename, frame.f_lineno)

@@ -10,7 +10,8 @@ import pytest
 from tensorwasm.runtime import metrics
 from tensorwasm.runtime.engine import Engine
 from tensorwasm.runtime.errors import DeadlineExceeded, GuestMemoryExceeded, GuestTrap
-from tests.unit.engine_helpers import fixture, in_thread, inline, pool
+from tests.conftest import wait_for
+from tests.unit.engine_helpers import fixture, in_thread, inline, inside, pool
 
 
 @pytest.fixture(scope="module")
@@ -82,27 +83,38 @@ def test_guest_failure_without_host_error_is_a_trap(engine: Engine) -> None:
         pool(engine, m).invoke("fails", b"")
 
 
-def test_a_spinning_guest_does_not_block_other_instances(engine: Engine) -> None:
-    spin = pool(engine, fixture(engine, "runaway"), timeout_s=0.5)
-    echo = pool(engine, fixture(engine, "echo"))
+@pytest.fixture
+def own_engine() -> Iterator[Engine]:
+    """An engine of the test's own, so it can interrupt its spinning guest (one-way) when done."""
+    e = Engine()
+    yield e
+    e.interrupt_all()
+    e.close()
+
+
+def test_a_spinning_guest_does_not_block_other_instances(own_engine: Engine) -> None:
+    spin = pool(own_engine, fixture(own_engine, "runaway"), timeout_s=600)
+    echo = pool(own_engine, fixture(own_engine, "echo"))
     done: list[str] = []
     t = in_thread(lambda: spin.invoke("spin", b""), done, "spin")
-    time.sleep(0.05)
-    started = time.perf_counter()
+    wait_for(lambda: inside(t, "call"), 60, "the spinner running guest code", interval=0.005)
     for _ in range(100):
         assert echo.invoke("echo", b"still here") == b"still here"
-    assert time.perf_counter() - started < 0.4  # not serialized behind the spinning guest
-    t.join()
+    # Not serialized behind the spinning guest: it is still spinning (a ten-minute deadline).
+    assert t.is_alive() and done == []
+    own_engine.interrupt_all()
+    t.join(60)
     assert done == ["spin:deadline_exceeded"]
 
 
-def test_no_free_instance_within_the_deadline(engine: Engine) -> None:
-    p = pool(engine, fixture(engine, "runaway"), timeout_s=0.3, max_instances=1)
+def test_no_free_instance_within_the_deadline(own_engine: Engine) -> None:
+    p = pool(own_engine, fixture(own_engine, "runaway"), timeout_s=600, max_instances=1)
     done: list[str] = []
     t = in_thread(lambda: p.invoke("spin", b""), done, "spin")
-    time.sleep(0.05)
+    wait_for(lambda: inside(t, "call"), 60, "the spinner holding the only instance", interval=0.005)
     with pytest.raises(DeadlineExceeded, match="no warm instance"):
         p.invoke("ok", b"", timeout_s=0.05)
-    t.join()
+    own_engine.interrupt_all()
+    t.join(60)
     assert done == ["spin:deadline_exceeded"]
     assert p.invoke("ok", b"") == b""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import struct
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -11,7 +10,7 @@ import pytest
 from tensorwasm.runtime.engine import Engine, WasmState
 from tensorwasm.runtime.errors import SnapshotRejected
 from tests.conftest import wait_for
-from tests.unit.engine_helpers import fixture, in_thread, pool
+from tests.unit.engine_helpers import blocked_at, fixture, in_thread, pool
 
 PAGE = 64 << 10
 
@@ -90,9 +89,15 @@ def test_quiesce_waits_for_in_flight_invokes_and_holds_new_ones(engine: Engine) 
         assert len(p._held) == 2  # the barrier waited for the spinner to give its instance back
         spinner.join(60)
         events.append("barrier")
-        late = in_thread(lambda: p.invoke("ok", b""), events, "late")
-        time.sleep(0.1)
-        assert events == ["spin:deadline_exceeded", "barrier"]  # the late one is held
+        late = in_thread(lambda: p.invoke("ok", b"", timeout_s=60), events, "late")
+        # Held: blocked waiting for a free instance while the barrier holds both (state, not time).
+        wait_for(
+            lambda: blocked_at(late, "invoke", "self._idle.get(timeout"),
+            60,
+            "the late invoke waiting",
+            interval=0.005,
+        )
+        assert events == ["spin:deadline_exceeded", "barrier"]
         with p.quiesce():  # reentrant for the holder (capture/restore inside a barrier)
             p.capture_state()
     late.join(timeout=60)

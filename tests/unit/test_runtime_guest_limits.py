@@ -17,6 +17,7 @@ from tensorwasm.runtime import metrics
 from tensorwasm.runtime.engine import Engine
 from tensorwasm.runtime.engine.cache import MAGIC
 from tensorwasm.runtime.errors import DeadlineExceeded, GuestLimitExceeded, ModuleRejected
+from tests.conftest import wait_for
 from tests.unit.engine_helpers import FIXTURES, fixture, inline, pool
 
 LOG_IMPORT = '(import "tensorwasm" "log" (func $log (param i32 i32 i32)))'
@@ -199,9 +200,9 @@ def test_interrupt_all_stops_a_guest_with_a_long_deadline() -> None:
         t.start()
         ticker = engine._ticker
         # The guest is running once its instance published a deadline an hour away.
-        deadline = time.monotonic() + 60
-        while ticker._busy_until() < ticker._epoch + 1_000_000 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(
+            lambda: ticker._busy_until() >= ticker._epoch + 1_000_000, 60, "the guest running", interval=0.01
+        )
         engine.interrupt_all()
         t.join(60)
         assert outcome == ["stopped"]

@@ -71,6 +71,14 @@ async def response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], b
     return int(status_line.split()[1]), headers, body
 
 
+async def until(predicate: Callable[[], bool], what: str, timeout_s: float = 60) -> None:
+    """Wait for server state (not for time), with a generous deadline for a busy machine."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.005)
+
+
 def kind(body: bytes) -> Any:
     return json.loads(body)["error"]["kind"]
 
@@ -94,8 +102,7 @@ def test_a_full_queue_refuses_before_the_body_is_read() -> None:
             # The tenant's one slot is taken by a request whose body has not arrived yet.
             holder, holder_w = await send(port, invoke_head(100), b"x" * 10)
             queue = shard.served["alpha"].queue
-            while queue.outstanding < 1:
-                await asyncio.sleep(0.01)
+            await until(lambda: queue.outstanding >= 1, "the holder admitted")
             reader, writer = await send(port, invoke_head(1000))
             status, headers, body = await response(reader)
             assert status == 429 and kind(body) == "queue_full" and "retry-after" in headers
@@ -117,8 +124,7 @@ def test_the_global_in_flight_body_budget_refuses_with_429() -> None:
             other = tenant("beta", "echo.wat", ["echo"], max_body_bytes=1024, max_concurrency=4)
             await shard.sync([ALPHA, other])
             holder, holder_w = await send(port, invoke_head(1000), b"z")  # 1,000 bytes admitted
-            while shard.served["alpha"].queue.outstanding < 1:
-                await asyncio.sleep(0.01)
+            await until(lambda: shard.served["alpha"].queue.outstanding >= 1, "the holder admitted")
             reader, writer = await send(port, invoke_head(1000, other.token))  # 2,000 > 1,500
             status, headers, body = await response(reader)
             assert status == 429 and kind(body) == "overloaded" and headers["retry-after"] == "1"

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tensorwasm.runtime.settings import SettingsError, load_settings
+from tests.conftest import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 TENANTS = REPO / "examples" / "tenants.yaml"
@@ -105,14 +106,16 @@ def test_cli_serves_the_tenants_file_and_stops_cleanly_on_sigterm() -> None:
             )
             port, admin = (int(m.group(1)), int(m.group(2))) if m else (None, None)
         assert port, "the runtime did not log its address"
-        ready: dict[str, object] = {}
-        deadline = time.monotonic() + 120  # loads run on their own: wait for readiness, not for time
-        while not ready and time.monotonic() < deadline:
+
+        def readyz() -> dict[str, object] | None:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=5) as resp:
-                    ready = json.load(resp)
+                    return dict(json.load(resp))
             except OSError:  # 503 while loading, or not accepting yet
-                time.sleep(0.05)
+                return None
+
+        # Loads run on their own: wait for readiness, not for time.
+        ready = wait_for(readyz, 120, "the runtime ready", interval=0.05)
         assert ready["ready"] and ready["loaded"] == ["alpha", "beta", "gamma", "runaway"]
         req = urllib.request.Request(
             f"http://127.0.0.1:{port}/v1/functions/echo/invoke", data=b"ping",
