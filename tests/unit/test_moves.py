@@ -29,7 +29,7 @@ from tests.unit.test_reconciler_inprocess import (
 )
 
 S0, S1 = "tensorwasm-shard-0", "tensorwasm-shard-1"
-EVENTS = f"/api/v1/namespaces/{NS}/events"
+EVENTS, PODS = f"/api/v1/namespaces/{NS}/events", f"/api/v1/namespaces/{NS}/pods"
 ONE_SHARD = replace(SETTINGS, shards=1, move_snapshot_timeout_s=120)
 NAMES = [f"t{i}" for i in range(8)]
 
@@ -43,9 +43,9 @@ class Clock:
 
 
 @asynccontextmanager
-async def operator(fake: FakeKube, clock: Clock) -> AsyncIterator[Reconciler]:
+async def operator(fake: FakeKube, clock: Clock, shards: int = 1) -> AsyncIterator[Reconciler]:
     api = fake.client("tensorwasm-operator")
-    reconciler = Reconciler(ONE_SHARD, api, clock=clock)
+    reconciler = Reconciler(replace(ONE_SHARD, shards=shards), api, clock=clock)
     await reconciler.start()
     watcher = asyncio.create_task(Watcher(fake, reconciler).run())
     try:
@@ -187,5 +187,33 @@ def test_without_the_onmove_policy_a_move_skips_the_capture_but_still_waits_for_
             for name in movers:
                 await fake.put_status(TENANTS, name, {"runtime": {"shard": S1, "loaded": True}})
             await fake.wait_for(lambda: all(not move(fake, n) and selected(fake, n) == S1 for n in movers))
+
+    with_fake_kube(body)
+
+
+def test_a_scaled_in_shard_hands_its_tenants_off_while_its_pod_terminates() -> None:
+    async def body(fake: FakeKube) -> None:
+        await fake.put(PODS, {"metadata": {"name": S1}})  # terminating, still serving
+        async with operator(fake, Clock(), shards=2):
+            for name in NAMES:
+                await fake.put(TENANTS, tenant(name))
+            await fake.wait_for(lambda: all(status(fake, n).get("shard") for n in NAMES))
+            leaving = [n for n in NAMES if status(fake, n)["shard"] == S1]
+            assert leaving, "eight tenants spread over two shards"
+            sts = fake.get(STATEFULSETS, "tensorwasm-shard")
+            assert sts is not None
+            await fake.put(STATEFULSETS, {**sts, "spec": {**sts["spec"], "replicas": 1}})
+            # The removed shard's pod still runs: it holds and captures, as any source does.
+            await fake.wait_for(lambda: all(move(fake, n).get("phase") == "Holding" for n in leaving))
+            first, *rest = leaving
+            assert move(fake, first)["source"] == S1 and selected(fake, first) == S1
+            await fake.put_status(SNAPSHOTS, move(fake, first)["snapshot"], {"phase": "Ready"})
+            await fake.wait_for(lambda: move(fake, first).get("phase") == "Restoring")
+            await fake.put_status(TENANTS, first, {"runtime": {"shard": S0, "loaded": True}})
+            await fake.wait_for(lambda: not move(fake, first) and selected(fake, first) == S0)
+            # The pod is gone before the others were captured: nothing to wait for, they go now.
+            await fake.remove(PODS, S1)
+            await fake.wait_for(lambda: all(not move(fake, n) and selected(fake, n) == S0 for n in rest))
+            assert all(status(fake, n)["shard"] == S0 for n in NAMES)
 
     with_fake_kube(body)

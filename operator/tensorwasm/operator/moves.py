@@ -19,7 +19,10 @@ A move not done `timeout_s` after it started, or whose Snapshot Failed, rolls ba
 and the Service stay (or go back) on S, status.move is cleared, an unfinished move Snapshot is
 deleted, S serves again (restoring the newest Ready Snapshot if it had already let the tenant go),
 and a Warning Event (reason MoveRolledBack) says why.
-A source shard that is gone never reaches this seam: the reconciler moves those tenants at once.
+A source that left the shard set (scaled in) runs the same protocol while its pod terminates: the
+shard keeps serving until its tenants are handed off (sources/kube.py). With no pod left there is
+nothing to hold: the tenant goes at once. Such a move that fails or times out cannot roll back: it
+goes on to the target (newest Ready Snapshot) with a MovedWithoutCapture Warning.
 Must not import kopf; I/O only through the KubeApi it is given, never sleeps.
 """
 
@@ -41,7 +44,7 @@ log = logging.getLogger("tensorwasm.operator")
 
 ON_MOVE = "OnMove"
 HOLDING, RESTORING = "Holding", "Restoring"
-ROLLED_BACK = "MoveRolledBack"
+ROLLED_BACK, NOT_CAPTURED = "MoveRolledBack", "MovedWithoutCapture"
 
 JSON = dict[str, Any]
 
@@ -112,30 +115,41 @@ class SnapshotMove:
         move = move_record(tenant)
         if move is None:
             source = tenant.shard
-            if source is None or source == target or not runs(source):
+            if source is None or source == target:
                 return settled(target)
+            if not runs(source) and not await self._alive(tenant, source):
+                return settled(target)  # gone: nothing to hold, capture or roll back to
             return await self._begin(tenant, source, target)
         source, to, phase = str(move["source"]), str(move["target"]), str(move["phase"])
-        if not runs(source):  # the source went away mid-move: nothing to hold or roll back to
+        leaving = not runs(source)  # scaled in: its pod hands its tenants off while it terminates
+        if leaving and not await self._alive(tenant, source):
             return settled(target)
         if target == source:  # the shard set changed back: the tenant stays where it was
-            return await self._rollback(tenant, move, "the shard set changed back before the move finished")
+            why = "the shard set changed back before the move finished"
+            return await self._give_up(tenant, move, target, why, leaving)
         if not runs(to):
-            return await self._rollback(tenant, move, f"target shard {to} left the shard set")
+            if phase == HOLDING or leaving:
+                move, to = {**move, "target": target}, target  # the same capture serves the new target
+            else:
+                return await self._give_up(
+                    tenant, move, target, f"target shard {to} left the shard set", leaving
+                )
         if phase == HOLDING and to != target:
-            move = {**move, "target": target}  # the same capture serves the new target
-            to = target
+            move, to = {**move, "target": target}, target
         waited = self._waited(move)
         if phase == HOLDING:
-            return await self._holding(tenant, move, source, to, waited)
+            return await self._holding(tenant, move, source, to, waited, leaving)
         if target_reported(tenant, to):
             log.info("Moved Tenant %s from=%s to=%s after %.0fs", tenant.name, source, to, waited)
             return settled(to)
         if waited >= self.timeout_s:
-            return await self._rollback(
-                tenant, move, f"shard {to} did not report the tenant loaded in {waited:.0f}s"
-            )
+            why = f"shard {to} did not report the tenant loaded in {waited:.0f}s"
+            return await self._give_up(tenant, move, to, why, leaving)
         return MoveStep(to, source, move)
+
+    async def _alive(self, tenant: Tenant, shard: str) -> bool:
+        """The shard's pod exists (terminating included: a scaled-in shard hands off until it exits)."""
+        return await self.api.get(resource_path("v1", "pods", tenant.namespace, shard)) is not None
 
     async def _begin(self, tenant: Tenant, source: str, target: str) -> MoveStep:
         now = self.clock()
@@ -149,7 +163,7 @@ class SnapshotMove:
         return MoveStep(source, source, {**record, "snapshot": name, "phase": HOLDING})
 
     async def _holding(
-        self, tenant: Tenant, move: Mapping[str, Any], source: str, target: str, waited: float
+        self, tenant: Tenant, move: Mapping[str, Any], source: str, target: str, waited: float, leaving: bool
     ) -> MoveStep:
         name = str(move.get("snapshot") or "")
         snapshot = self.snapshots.get(name)
@@ -159,20 +173,30 @@ class SnapshotMove:
             return MoveStep(target, source, {**move, "phase": RESTORING})
         if phase == FAILED:
             message = str((snapshot or {}).get("status", {}).get("message") or "")
-            return await self._rollback(tenant, move, f"move Snapshot {name} Failed: {message}".rstrip(": "))
+            why = f"move Snapshot {name} Failed: {message}".rstrip(": ")
+            return await self._give_up(tenant, move, target, why, leaving)
         if waited >= self.timeout_s:
-            return await self._rollback(tenant, move, f"move Snapshot {name} not Ready after {waited:.0f}s")
+            why = f"move Snapshot {name} not Ready after {waited:.0f}s"
+            return await self._give_up(tenant, move, target, why, leaving)
         if snapshot is None and name not in self._created:  # lost (deleted, or a restart): again
             await self._create(tenant, name)
         return MoveStep(source, source, move)
 
-    async def _rollback(self, tenant: Tenant, move: Mapping[str, Any], why: str) -> MoveStep:
+    async def _give_up(
+        self, tenant: Tenant, move: Mapping[str, Any], to: str, why: str, leaving: bool
+    ) -> MoveStep:
+        """Roll back to the source; a source leaving the shard set has nothing to roll back to, so
+        the tenant goes on to `to`, which restores its newest Ready Snapshot."""
         source, name = str(move["source"]), str(move.get("snapshot") or "")
         snapshot = self.snapshots.get(name)
         if name and (snapshot is None or phase_of(snapshot) not in (READY, FAILED)):
             # Unfinished: a source serving again must never capture it later (writes after it would
             # look lost to the next move); shards capture a move Snapshot only at the barrier anyway.
             await self.api.delete(resource_path(API_VERSION, SNAPSHOT.plural, tenant.namespace, name))
+        if leaving:
+            message = f"move from {source} (leaving) to {to} without its capture: {why}"
+            log.warning("Moved Tenant %s without a capture: %s", tenant.name, message)
+            return MoveStep(to, to, None, (NOT_CAPTURED, message))
         message = f"move from {source} to {move.get('target')} rolled back: {why}; {source} serves it again"
         log.warning("Rolled back moving Tenant %s: %s", tenant.name, message)
         return MoveStep(source, source, None, (ROLLED_BACK, message))

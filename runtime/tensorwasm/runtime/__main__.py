@@ -156,6 +156,8 @@ async def _run(settings: RuntimeSettings) -> int:
         "stop": asyncio.create_task(stop.wait()),
     }
     done, _ = await asyncio.wait(tasks.values(), return_when=asyncio.FIRST_COMPLETED)
+    if tasks["stop"] in done and hasattr(source, "hand_off"):
+        await source.hand_off()  # a scaled-in shard serves until its tenants moved (bounded)
     code = EXIT_OK
     if tasks["health"] in done:
         code = EXIT_ACCELERATOR
