@@ -101,13 +101,7 @@ class Ledger:
         if entry is None:
             return None
         shard, demand = entry
-        u = self._usage[shard]
-        self._usage[shard] = ShardUsage(
-            gpu_memory_bytes=u.gpu_memory_bytes - demand.gpu_memory_bytes,
-            sm_percent=u.sm_percent - demand.sm_percent,
-            host_memory_bytes=u.host_memory_bytes - demand.host_memory_bytes,
-            tenants=u.tenants - 1,
-        )
+        self._usage[shard] = self._usage[shard].minus(demand)
         return shard
 
     def place(self, tenant: str, demand: TenantDemand, preferred: int | None = None) -> Decision:

@@ -16,12 +16,19 @@ Rules (seeds' capacity model, applied to one shard's slice):
   overhead. The slice is the memory the shard gives to tenant instances; the host-level 2x
   multiplier, snapshot buffer and runtime budget are applied when the planner derives it.
 - tenants: ``used + 1 <= max_tenants``.
+- Idle sleep (docs/operator.md "Idle tenants sleep"): a tenant that may sleep holds GPU and host
+  memory only while awake, so with ``active_fraction`` f < 1 its share counts ``ceil(f * share)``
+  (the expected awake part of the sleepers); tenants pinned awake (idle.after never) count whole.
+  Whatever the active set turns out to be, the shard's resident budget (its runtime flag
+  --resident-gpu-memory, the slice / 1.5) keeps awake caps within the slice by putting the least
+  recently used idle tenants to sleep. A single cap must still fit the slice on its own.
 Resources are checked in that order (``RESOURCE_ORDER``); the first one exceeded is reported.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 from tensorwasm.api.tenant import TenantSpec, parse_spec
 from tensorwasm.planner.units import format_bytes
@@ -55,12 +62,16 @@ class ShardCapacity:
     sm_percent: int
     host_memory_bytes: int
     max_tenants: int
+    active_fraction: float = 1.0  # share of the sleepers expected awake at once (1: count them whole)
+    idle_by_default: bool = False  # the shards' default idle.after is not `never`
 
     def __post_init__(self) -> None:
         _require_non_negative("gpuMemory", self.gpu_memory_bytes)
         _require_percent("smPercent", self.sm_percent)
         _require_non_negative("hostMemory", self.host_memory_bytes)
         _require_non_negative("maxTenants", self.max_tenants)
+        if not 0 < self.active_fraction <= 1:
+            raise ValueError(f"activeFraction must be above 0 and at most 1, got {self.active_fraction}")
 
 
 @dataclass(frozen=True)
@@ -70,6 +81,7 @@ class TenantDemand:
     gpu_memory_bytes: int
     sm_percent: int
     host_memory_bytes: int
+    sleeps: bool | None = None  # may sleep: True, False (idle.after never), None (the shards default)
 
     def __post_init__(self) -> None:
         _require_non_negative("gpuMemory", self.gpu_memory_bytes)
@@ -85,13 +97,40 @@ class ShardUsage:
     sm_percent: int = 0
     host_memory_bytes: int = 0
     tenants: int = 0
+    # The parts of gpu_memory_bytes / host_memory_bytes held by tenants that may sleep: always
+    # (sleeps True) and by the shards' default (sleeps None).
+    gpu_sleeping: int = 0
+    host_sleeping: int = 0
+    gpu_default: int = 0
+    host_default: int = 0
 
-    def plus(self, demand: TenantDemand) -> ShardUsage:
-        return ShardUsage(
-            gpu_memory_bytes=self.gpu_memory_bytes + demand.gpu_memory_bytes,
-            sm_percent=self.sm_percent + demand.sm_percent,
-            host_memory_bytes=self.host_memory_bytes + demand.host_memory_bytes,
-            tenants=self.tenants + 1,
+    def plus(self, demand: TenantDemand, sign: int = 1) -> ShardUsage:
+        gpu, host = sign * demand.gpu_memory_bytes, sign * demand.host_memory_bytes
+        out = ShardUsage(
+            gpu_memory_bytes=self.gpu_memory_bytes + gpu,
+            sm_percent=self.sm_percent + sign * demand.sm_percent,
+            host_memory_bytes=self.host_memory_bytes + host,
+            tenants=self.tenants + sign,
+            gpu_sleeping=self.gpu_sleeping, host_sleeping=self.host_sleeping,
+            gpu_default=self.gpu_default, host_default=self.host_default,
+        )  # fmt: skip
+        if demand.sleeps is True:
+            out = replace(out, gpu_sleeping=out.gpu_sleeping + gpu, host_sleeping=out.host_sleeping + host)
+        elif demand.sleeps is None:
+            out = replace(out, gpu_default=out.gpu_default + gpu, host_default=out.host_default + host)
+        return out
+
+    def minus(self, demand: TenantDemand) -> ShardUsage:
+        return self.plus(demand, -1)
+
+    def expected(self, capacity: ShardCapacity) -> tuple[int, int]:
+        """(GPU, host) bytes expected awake: pinned tenants whole, sleepers at the active fraction."""
+        gpu_asleep = self.gpu_sleeping + (self.gpu_default if capacity.idle_by_default else 0)
+        host_asleep = self.host_sleeping + (self.host_default if capacity.idle_by_default else 0)
+        f = capacity.active_fraction
+        return (
+            self.gpu_memory_bytes - gpu_asleep + math.ceil(f * gpu_asleep),
+            self.host_memory_bytes - host_asleep + math.ceil(f * host_asleep),
         )
 
 
@@ -102,9 +141,11 @@ def tenant_demand(spec: TenantSpec) -> TenantDemand:
     """
     limits = spec.limits
     host = limits.max_concurrency * (limits.linear_memory_bytes + INSTANCE_OVERHEAD_BYTES)
+    after = spec.idle.after
     return TenantDemand(
-        gpu_memory_bytes=limits.gpu_memory_bytes or 0, sm_percent=spec.sm_percent, host_memory_bytes=host
-    )
+        gpu_memory_bytes=limits.gpu_memory_bytes or 0, sm_percent=spec.sm_percent, host_memory_bytes=host,
+        sleeps=None if after is None else after != "never",
+    )  # fmt: skip
 
 
 def admit_spec(spec: object) -> TenantDemand:
@@ -122,10 +163,11 @@ def _needed_and_available(
     capacity: ShardCapacity, used: ShardUsage, demand: TenantDemand
 ) -> dict[str, tuple[int, int]]:
     after = used.plus(demand)
+    gpu, host = after.expected(capacity)  # all of it when nothing sleeps (active fraction 1)
     return {
-        "gpuMemory": (gpu_bytes_needed(after.gpu_memory_bytes), capacity.gpu_memory_bytes),
+        "gpuMemory": (gpu_bytes_needed(max(gpu, demand.gpu_memory_bytes)), capacity.gpu_memory_bytes),
         "smPercent": (after.sm_percent, capacity.sm_percent),
-        "hostMemory": (after.host_memory_bytes, capacity.host_memory_bytes),
+        "hostMemory": (max(host, demand.host_memory_bytes), capacity.host_memory_bytes),
         "tenants": (after.tenants, capacity.max_tenants),
     }
 
