@@ -24,6 +24,8 @@ from tensorwasm.operator.desired.admission import build_finalizer_binding, build
 from tensorwasm.operator.desired.shards import build_shard_service
 from tensorwasm.operator.settings import load_settings
 from tensorwasm.runtime import errors, metrics
+from tests import chart
+from tests.chart import set_args
 
 from .conftest import kube_json, wait_for
 
@@ -38,7 +40,7 @@ EVERYTHING = [
     "shard.gpus=1",
     "str:shard.nodeSelector.nvidia\\.com/gpu\\.present=true",
 ]
-PROMETHEUS_OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule"}
+PROMETHEUS_OPERATOR_KINDS = {"ServiceMonitor", "PrometheusRule", "PodMonitor"}
 MAP_API = "admissionregistration.k8s.io/v1/MutatingAdmissionPolicy"
 FINALIZER_POLICY_KINDS = {"MutatingAdmissionPolicy", "MutatingAdmissionPolicyBinding"}
 
@@ -57,21 +59,12 @@ def helm(kube: Any, *args: str, check: bool = True) -> subprocess.CompletedProce
     return proc
 
 
-def set_args(values: list[str] | tuple[str, ...]) -> list[str]:
-    """--set per value; a "str:" prefix means --set-string (label values such as "true")."""
-    args: list[str] = []
-    for value in values:
-        args += ["--set-string", value[4:]] if value.startswith("str:") else ["--set", value]
-    return args
-
-
 def render(
     kube: Any, *sets: str, namespace: str = "tw-chart", extra: tuple[str, ...] = (), only: str = ""
 ) -> list[dict[str, Any]]:
-    """The chart's objects; the `helm test` hooks only when `only` names their template."""
-    selected = ("--show-only", only) if only else ("--skip-tests",)
-    args = ["template", RELEASE, str(CHART), "--namespace", namespace, *selected, *extra, *set_args(sets)]
-    return [doc for doc in yaml.safe_load_all(helm(kube, *args).stdout) if doc]
+    """The chart's objects (tests/chart.py) with the session's helm."""
+    helm_bin = kube.bin_dir / "helm"
+    return chart.render(helm_bin, *sets, namespace=namespace, extra=extra, only=only, env=kube.env)
 
 
 def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:

@@ -22,10 +22,10 @@ import yaml
 
 from tensorwasm.dev.cluster import build_binaries
 from tensorwasm.runtime import errors, metrics
+from tests import chart
 
 REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "helm" / "tensorwasm"
-DASHBOARD = CHART / "files" / "dashboards" / "tensorwasm.json"
+DASHBOARD = chart.CHART / "files" / "dashboards" / "tensorwasm.json"
 CASES = Path(__file__).with_name("test_alerts_cases.yaml")
 NAMESPACE = "tw"  # the release namespace the cases are written for
 # Grafana's variables, as a user who picked namespace tw and every tenant would get them.
@@ -62,14 +62,9 @@ def _needs_promtool() -> None:
 def rule_spec() -> dict[str, Any]:
     """The PrometheusRule's spec (a Prometheus rule file) as `helm template` renders it by default."""
     helm = build_binaries(log=lambda _: None) / "helm"
-    proc = subprocess.run(
-        [
-            str(helm), "template", "tensorwasm", str(CHART), "--namespace", NAMESPACE,
-            "--set", "monitoring.force=true", "--show-only", "templates/shard-prometheusrule.yaml",
-        ],
-        capture_output=True, text=True, check=True, timeout=120,
-    )  # fmt: skip
-    rule = yaml.safe_load(proc.stdout)
+    (rule,) = chart.render(
+        helm, "monitoring.force=true", namespace=NAMESPACE, only="templates/shard-prometheusrule.yaml"
+    )
     assert rule["kind"] == "PrometheusRule"
     spec: dict[str, Any] = rule["spec"]
     return spec

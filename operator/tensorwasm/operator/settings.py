@@ -46,6 +46,7 @@ class OperatorSettings:
     shard_service_account: str = ""  # "" = the namespace's default ServiceAccount
     shard_mps_pipe_dir: str = ""  # "" = no MPS; else the host's MPS pipe directory (absolute)
     shard_hot_tier_bytes: int = 256 << 20  # each shard's snapshot hot tier (pinned host memory on GPUs)
+    shard_idle_after: str = "never"  # the shards' idle.after for tenants setting none (docs/operator.md)
     owner_deployment: str = ""  # the operator's Deployment: owns the shard set, so uninstall removes it
     shard_snapshot_claim: str = ""  # PVC every shard mounts for snapshots; "" = an emptyDir per pod
     # Shards' snapshot signing (docs/snapshot-format.md): the mode, and the Secret of HMAC keys
@@ -110,6 +111,18 @@ def _bytes(env: Mapping[str, str], name: str, default: int) -> int:
         return quantity_bytes(raw)
     except ValueError as exc:
         raise SettingsError(f"{PREFIX}{name} {exc}") from None
+
+
+def _idle_after(env: Mapping[str, str], default: str) -> str:
+    from tensorwasm.api.fields import matches
+    from tensorwasm.api.tenant import IDLE_AFTER_PATTERN
+
+    raw = _get(env, "SHARD_IDLE_AFTER")
+    if raw is None:
+        return default
+    if not matches(IDLE_AFTER_PATTERN, raw):
+        raise SettingsError(f"{PREFIX}SHARD_IDLE_AFTER must be a duration (500ms, 30s, 5m, 2h) or never, got {raw!r}")
+    return raw
 
 
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -211,6 +224,8 @@ def _parse(env: Mapping[str, str]) -> OperatorSettings:
             sm_percent=_int(env, "SHARD_SM_PERCENT", cap.sm_percent, 1, 100),
             host_memory_bytes=_bytes(env, "SHARD_HOST_MEMORY", cap.host_memory_bytes),
             max_tenants=_int(env, "SHARD_MAX_TENANTS", cap.max_tenants, 1),
+            active_fraction=_int(env, "SHARD_ACTIVE_PERCENT", round(cap.active_fraction * 100), 1, 100) / 100,
+            idle_by_default=_idle_after(env, defaults.shard_idle_after) != "never",
         )
     except ValueError as exc:
         raise SettingsError(f"shard capacity: {exc}") from None
@@ -254,6 +269,7 @@ def _parse(env: Mapping[str, str]) -> OperatorSettings:
         shard_snapshot_signing_secret=signing_secret,
         owner_deployment=_get(env, "OWNER_DEPLOYMENT") or "",
         shard_hot_tier_bytes=_bytes(env, "SHARD_HOT_TIER_BYTES", defaults.shard_hot_tier_bytes),
+        shard_idle_after=_idle_after(env, defaults.shard_idle_after),
         shard_resources=_resources(env, defaults.shard_resources),
         standalone=_bool(env, "STANDALONE", defaults.standalone),
         peering_name=_get(env, "PEERING_NAME") or defaults.peering_name,
