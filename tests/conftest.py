@@ -79,7 +79,9 @@ class Kube:
     def api_client(self) -> Any:
         from kubernetes import config
 
-        return config.new_client_from_config(config_file=str(self.kubeconfig))
+        # The kubernetes package ships no type hints: call it through an explicitly Any-typed name.
+        new_client: Callable[..., Any] = config.new_client_from_config
+        return new_client(config_file=str(self.kubeconfig))
 
     @property
     def env(self) -> dict[str, str]:
