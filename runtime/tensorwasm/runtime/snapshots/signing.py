@@ -117,8 +117,12 @@ class SigningPolicy:
         """Fail fast at start: `require` needs an active key; a named directory must be a usable ring."""
         ring = self.current_ring()
         if self.mode == "require" and ring.active is None:
-            where = f"{self.keys_dir}/{ACTIVE_ENTRY}" if self.keys_dir else "a key directory"
-            raise KeyRingError(f"snapshot signing mode require needs an active key ({where} names it)")
+            where = (
+                f"{self.keys_dir}/{ACTIVE_ENTRY} must name one of its keys"
+                if self.keys_dir
+                else f"pass --snapshot-signing-keys DIR holding the keys and an {ACTIVE_ENTRY!r} entry"
+            )
+            raise KeyRingError(f"snapshot signing mode require needs an active key: {where}")
         return ring
 
     def signer(self) -> codec.Signer | None:
