@@ -60,9 +60,11 @@ def test_cpu_formula_rounds_up() -> None:
 
 
 def test_iops_formula() -> None:
-    # 2 * 60/60 + 1000 audit + 100 background = 1102
+    # 2 * 60/60 + 20 audit (1000 records/s, one write per 50 ms batch) + 100 background = 122
     f = iops_formula(default_workload(60, 1000), MEDIUM)
-    assert f.required.value == pytest.approx(1102)
+    assert f.required.value == pytest.approx(122)
+    # below 20 requests/s each record is its own batch
+    assert iops_formula(default_workload(60, 10), MEDIUM).required.value == pytest.approx(112)
 
 
 def test_binding_bottleneck_and_headroom() -> None:

@@ -510,3 +510,11 @@ def test_audit_to_stdout_writes_json_lines() -> None:
     audit.close()
     line = json.loads(out.getvalue())
     assert line["requestId"] == 'weird"id' and line["durationMs"] is None and line["type"] == "audit"
+
+
+def test_the_planner_models_the_audit_writer_as_it_batches() -> None:
+    from tensorwasm.planner.model import AUDIT_WRITES_PER_S_PER_SHARD, audit_writes, default_workload
+
+    assert AUDIT_WRITES_PER_S_PER_SHARD == 1 / AuditSettings().flush_s
+    assert audit_writes(default_workload(10, 1000)).value == AUDIT_WRITES_PER_S_PER_SHARD
+    assert audit_writes(default_workload(10, 5)).value == 5  # fewer requests than batches

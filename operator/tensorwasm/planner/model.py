@@ -24,6 +24,10 @@ from tensorwasm.planner.figures import Figure, Formula, combined_source, modeled
 from tensorwasm.planner.skus import Sku
 from tensorwasm.planner.units import format_bytes, format_seconds
 
+# The runtime's audit log (runtime/tensorwasm/runtime/audit.py) writes one batch per 50 ms flush,
+# however many records it holds: a shard makes at most this many audit writes a second.
+# tests/unit/test_runtime_jobs.py holds it equal to 1 / AuditSettings.flush_s.
+AUDIT_WRITES_PER_S_PER_SHARD = 20.0
 MEMORY_MULTIPLIER = 2.0  # live + snapshot coexistence in a rolling restart, GC, one tenant doubling
 SNAPSHOT_IOPS_MULTIPLIER = 2.0  # snapshot I/O is bursty
 DEFAULTS = "default (capacity model)"
@@ -209,7 +213,13 @@ def snapshot_ops(w: Workload) -> Figure:
 def audit_writes(w: Workload) -> Figure:
     if w.audit_writes is not None:
         return w.audit_writes
-    return Figure(w.qps.value, "writes/s", w.qps.source, "default: one audit record per request")
+    # One record per request, written in batches: min(qps, batches a second) writes (one shard a host).
+    return Figure(
+        min(w.qps.value, AUDIT_WRITES_PER_S_PER_SHARD),
+        "writes/s",
+        w.qps.source,
+        "default: one audit record per request, one write per 50 ms batch",
+    )
 
 
 def iops_formula(w: Workload, sku: Sku) -> Formula:
