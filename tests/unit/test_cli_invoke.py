@@ -88,6 +88,15 @@ def test_stream_prints_every_chunk_then_the_return_value(runtime_server, run: Ru
     assert (code, out) == (0, raw * 3 + b"end")
 
 
+def test_a_chunk_larger_than_a_line_buffer_streams_whole(runtime_server, run: Run) -> None:
+    """A `bytes` event holds a whole chunk in one line: 300 KB of binary is 400 KB of base64."""
+    cfg = tenant("streamer", "streamer.wat", max_body_bytes=1 << 20)
+    server = runtime_server([cfg])
+    big = bytes(range(256)) * 1200
+    code, out, err = _run_with_stdin(run, server, cfg, big, "chunks", "--stream")
+    assert (code, out) == (0, big * 3 + b"end"), err
+
+
 def _run_with_stdin(
     run: Run, server: RuntimeServer, cfg: TenantConfig, data: bytes, *args: str
 ) -> tuple[int, bytes, str]:

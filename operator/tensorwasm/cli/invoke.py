@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 MAX_REPEAT = 100_000
 MAX_CONCURRENCY = 256
 MAX_DATA_BYTES = 256 << 20  # a body larger than any tenant's maxBodyBytes is refused before sending
+MAX_EVENT_BYTES = 64 << 20  # one streamed event (a chunk, base64 when binary) held before it is printed
 MAX_WAIT_S = 86_400.0
 CONNECT_PROBE_S = 1.5  # how long a ClusterIP gets to accept a TCP connection before port-forwarding
 PORT_FORWARD_START_S = 30.0
@@ -452,27 +453,32 @@ def _retry_after(resp: aiohttp.ClientResponse) -> float | None:
         return None
 
 
-async def sse_events(lines: aiohttp.StreamReader) -> AsyncIterator[tuple[str, str]]:
-    """(event, data) of a text/event-stream; multi-line data joined with newlines (the SSE rules)."""
-    event, data = "message", list[str]()
-    while True:
-        raw = await lines.readline()
-        if not raw:
-            return
-        line = raw.decode().rstrip("\r\n")
-        if not line:
-            if data:
-                yield event, "\n".join(data)
-            event, data = "message", []
-        elif line.startswith(":"):
-            continue
-        else:
-            name, _, value = line.partition(":")
-            value = value.removeprefix(" ")
-            if name == "event":
-                event = value
-            elif name == "data":
-                data.append(value)
+async def sse_events(content: aiohttp.StreamReader) -> AsyncIterator[tuple[str, str]]:
+    """(event, data) of a text/event-stream; multi-line data joined with newlines (the SSE rules).
+
+    Lines are split here rather than by StreamReader.readline, which refuses lines over 64 KiB: a
+    `bytes` event carries a whole chunk in one line. One event is bounded by MAX_EVENT_BYTES."""
+    event, data, pending = "message", list[str](), bytearray()
+    size = 0
+    async for piece in content.iter_any():
+        pending += piece
+        while (nl := pending.find(b"\n")) >= 0:
+            line = pending[:nl].decode().removesuffix("\r")
+            del pending[: nl + 1]
+            if not line:
+                if data:
+                    yield event, "\n".join(data)
+                event, data, size = "message", [], 0
+            elif not line.startswith(":"):
+                name, _, value = line.partition(":")
+                value = value.removeprefix(" ")
+                if name == "event":
+                    event = value
+                elif name == "data":
+                    data.append(value)
+                    size += len(value)
+        if size + len(pending) > MAX_EVENT_BYTES:
+            raise ClientError(f"a streamed event is over {MAX_EVENT_BYTES >> 20} MiB; stopped reading")
 
 
 # --- --repeat -------------------------------------------------------------------------------------
