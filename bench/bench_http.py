@@ -453,7 +453,7 @@ def _audit_accounting(n: int = 100_000) -> dict[str, float]:
     loop_us = (time.process_time() - t0) / n * 1e6
     t0 = time.process_time()  # the main thread only waits in join from here: the writer's time
     log.start()
-    log.close()
+    log.close(timeout_s=None)
     writer_us = (time.process_time() - t0) / n * 1e6
     written = log.written
     path.unlink(missing_ok=True)

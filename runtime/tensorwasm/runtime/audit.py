@@ -93,11 +93,13 @@ class AuditLog:
             self._wake.set()
         q.append(rec)
 
-    def close(self) -> None:
-        """Write what is queued, then stop the writer (shutdown)."""
+    def close(self, timeout_s: float | None = 2.0) -> None:
+        """Write what is queued, then stop the writer; waits at most `timeout_s` (shutdown: a
+        stdout nobody reads must not hold it up; None waits for every record)."""
         self._stop = True
         self._wake.set()
-        self._thread.join(timeout=2.0)  # a stdout nobody reads must not hold up shutdown
+        if self._thread.is_alive():
+            self._thread.join(timeout=timeout_s)
         if self._file is not None:
             self._file.close()
 
