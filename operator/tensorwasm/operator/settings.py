@@ -121,7 +121,7 @@ def _idle_after(env: Mapping[str, str], default: str) -> str:
     if raw is None:
         return default
     if not matches(IDLE_AFTER_PATTERN, raw):
-        raise SettingsError(f"{PREFIX}SHARD_IDLE_AFTER must be a duration (500ms, 30s, 5m, 2h) or never, got {raw!r}")
+        raise SettingsError(f"{PREFIX}SHARD_IDLE_AFTER must be a duration (5m, 2h) or never, got {raw!r}")
     return raw
 
 

@@ -85,9 +85,18 @@ def build_shard_args(settings: OperatorSettings) -> list[str]:
         f"--snapshot-dir={SNAPSHOT_DIR}",
         f"--cache-dir={CACHE_DIR}",
         f"--snapshot-hot-tier-bytes={settings.shard_hot_tier_bytes}",
+        f"--idle-after={settings.shard_idle_after}",
+        # Placement counts sleepers at the active fraction; the shard then keeps the caps of its awake
+        # tenants within the slice (less the 1.5x fragmentation headroom) by putting idle ones to sleep.
+        *_resident_args(settings),
         f"--snapshot-signing={settings.shard_snapshot_signing}",
         *([f"--snapshot-signing-keys={SIGNING_KEYS_DIR}"] if settings.shard_snapshot_signing_secret else []),
     ]
+
+
+def _resident_args(settings: OperatorSettings) -> list[str]:
+    cap = settings.shard_capacity
+    return [f"--resident-gpu-memory={cap.gpu_memory_bytes * 2 // 3}"] if cap.active_fraction < 1 else []
 
 
 def build_shard_volumes(settings: OperatorSettings) -> list[dict[str, Any]]:
