@@ -59,8 +59,9 @@ def test_token_secret_uses_the_named_secret_or_a_default() -> None:
     assert default["metadata"]["name"] == "tw-alpha-token"
     assert default["stringData"] == {"token": "t0k"}
     assert default["metadata"]["ownerReferences"] == [OWNER]
-    named = build_token_secret(tenant(authSecretRef={"name": "mine"}), "t0k")
+    named = build_token_secret(tenant(authSecretRef={"name": "mine"}), "t0k", "r3ad")
     assert named["metadata"]["name"] == "mine"
+    assert named["stringData"] == {"token": "t0k", "read-token": "r3ad"}  # a read-only token beside it
 
 
 def test_shard_statefulset_and_headless_service() -> None:

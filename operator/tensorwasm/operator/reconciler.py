@@ -453,7 +453,8 @@ class Reconciler:
         user_named = tenant.spec is not None and tenant.spec.auth_secret_name
         if user_named and await self.api.get(f"{path}/{name}") is not None:
             return name
-        created = await self.api.create(path, build_token_secret(tenant, secrets.token_urlsafe(32)))
+        tokens = secrets.token_urlsafe(32), secrets.token_urlsafe(32)  # invoke, read-only (issue 14)
+        created = await self.api.create(path, build_token_secret(tenant, *tokens))
         if created is not None:
             self.secrets[name] = created
         return name
