@@ -376,6 +376,8 @@ def create_cgroups(net: NodeNetwork) -> list[Path]:
             path = hierarchy / rel
             path.mkdir(exist_ok=True)
             for knob in ("cpuset.cpus", "cpuset.mems"):  # a new v1 cpuset starts empty: nothing could run
+                if hierarchy == CGROUP_ROOT:
+                    break  # cgroup v2: an empty cpuset inherits its parent's (and the root has no such file)
                 if (path / knob).exists() and not (path / knob).read_text().strip():
                     (path / knob).write_text((path.parent / knob).read_text())
         if hierarchy == CGROUP_ROOT and (hierarchy / "cgroup.controllers").exists():
