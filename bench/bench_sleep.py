@@ -29,6 +29,7 @@ import hashlib
 import http.client
 import os
 import random
+import shutil
 import statistics
 import struct
 import tempfile
@@ -534,6 +535,7 @@ def run() -> dict[str, Any]:
             targets[f"storm_room{room}_lost_or_doubled"] = "== 0"
     finally:
         acc.close()
+        shutil.rmtree(work, ignore_errors=True)
     return {
         "title": f"Idle sleep: wake on the first request, density, wake storm ({acc.name})",
         "figures": figures,
