@@ -515,6 +515,48 @@ def test_audit_to_stdout_writes_json_lines() -> None:
 def test_the_planner_models_the_audit_writer_as_it_batches() -> None:
     from tensorwasm.planner.model import AUDIT_WRITES_PER_S_PER_SHARD, audit_writes, default_workload
 
-    assert AUDIT_WRITES_PER_S_PER_SHARD == 1 / AuditSettings().flush_s
+    assert 1 / AuditSettings().flush_s == AUDIT_WRITES_PER_S_PER_SHARD
     assert audit_writes(default_workload(10, 1000)).value == AUDIT_WRITES_PER_S_PER_SHARD
     assert audit_writes(default_workload(10, 5)).value == 5  # fewer requests than batches
+
+
+def test_tenants_file_tokens_and_rate_limit_and_their_refusals(tmp_path: Path) -> None:
+    from tensorwasm.api.fields import InvalidSpec
+    from tensorwasm.runtime.tenancy.config import parse_local_tenant, token_key_scope
+
+    (tmp_path / "ci.token").write_text("read-only-ci-token-01\n")
+    base = {"name": "alpha", "token": "primary-token-0001", "module": {"path": "m.wat", "sha256": "0" * 64}}
+    cfg = parse_local_tenant(
+        {
+            **base,
+            "rateLimit": {"requestsPerSecond": 5},
+            "tokens": [
+                {"id": "next", "token": "next-token-00001"},
+                {"id": "ci", "tokenFile": "ci.token", "scope": "read"},
+            ],
+        },
+        "tenants[0]",
+        tmp_path,
+    )
+    assert cfg.rate_limit == RateLimit(requests_per_second=5)
+    assert cfg.all_tokens() == (
+        ("token", "primary-token-0001", "invoke"),
+        ("token.next", "next-token-00001", "invoke"),
+        ("read-token.ci", "read-only-ci-token-01", "read"),
+    )
+    for bad, message in (
+        ({"tokens": [{"id": "x", "token": "tok-000000001", "scope": "admin"}]}, "scope: must be one of"),
+        (
+            {"tokens": [{"id": "x", "token": "tok-000000001"}, {"id": "x", "token": "tok-000000002"}]},
+            "used twice",
+        ),
+        ({"tokens": [{"id": "x", "token": "short"}]}, "at least 8 characters"),
+        ({"tokens": [{"id": "no spaces", "token": "tok-000000001"}]}, "does not match"),
+        ({"rateLimit": {"requestsPerSecond": 0}}, "requestsPerSecond"),
+        ({"rateLimit": {"burst": 10, "perMinute": 3}}, "perMinute"),
+    ):
+        with pytest.raises(InvalidSpec, match=message):
+            parse_local_tenant({**base, **bad}, "tenants[0]", tmp_path)
+    # Secret keys: which grant what (a key that merely starts with "token" grants nothing).
+    keys = ("token", "token.a", "read-token", "read-token.b", "tokens", "token.", "x")
+    assert [token_key_scope(k) for k in keys] == ["invoke", "invoke", "read", "read", None, None, None]
