@@ -560,3 +560,31 @@ def test_tenants_file_tokens_and_rate_limit_and_their_refusals(tmp_path: Path) -
     # Secret keys: which grant what (a key that merely starts with "token" grants nothing).
     keys = ("token", "token.a", "read-token", "read-token.b", "tokens", "token.", "x")
     assert [token_key_scope(k) for k in keys] == ["invoke", "invoke", "read", "read", None, None, None]
+
+
+def test_the_kube_source_reads_every_token_key_of_the_secret() -> None:
+    from tensorwasm.runtime.sources.kube import ClusterView, _resolve_or_refuse
+
+    obj = {
+        "metadata": {"name": "alpha", "namespace": "ns", "generation": 1, "uid": "u1"},
+        "spec": {
+            "module": {"url": "https://example.com/m.wasm", "sha256": "0" * 64},
+            "functions": ["echo"],
+            "rateLimit": {"requestsPerSecond": 3, "burst": 6},
+        },
+    }
+    secret = {
+        "token": b"primary-0001\n",
+        "token.next": b"next-0002",
+        "read-token": b"reader-0003",
+        "read-token.ci": b"  ",  # empty: ignored, not a token that matches an empty header
+        "notes": b"not a token",
+    }
+    cfg = _resolve_or_refuse(obj, ClusterView([obj], secrets={"tw-alpha-token": secret}))
+    assert isinstance(cfg, TenantConfig)
+    assert cfg.all_tokens() == (
+        ("token", "primary-0001", "invoke"),
+        ("read-token", "reader-0003", "read"),
+        ("token.next", "next-0002", "invoke"),
+    )
+    assert cfg.rate_limit == RateLimit(requests_per_second=3, burst=6)
