@@ -19,7 +19,8 @@ buffer, so a lost or doubled request shows in the answer).
 - storm: 100 sleeping tenants (1 MiB of state each) called at once, with room for all and with room
   for 20: time until all are answered, the most GPU bytes reserved at once vs the budget, requests
   answered and the counters (none lost, none doubled).
-Env: TENSORWASM_BENCH_SLEEP_SIZES (MiB list), TENSORWASM_BENCH_ACCELERATOR, TENSORWASM_BENCH_SLEEP_SECONDS.
+Env: TENSORWASM_BENCH_SLEEP_SIZES (MiB list), TENSORWASM_BENCH_ACCELERATOR, TENSORWASM_BENCH_SLEEP_SECONDS,
+TENSORWASM_BENCH_SLEEP_RATE (density's arrivals per second, 200).
 """
 
 from __future__ import annotations
@@ -297,10 +298,10 @@ def open_loop(server: Server, chooser: Any, rate: float, seconds: float, seed: i
     }
 
 
-def density_case(acc: Any, work: Path, seconds: float) -> tuple[dict[str, float], list[str]]:
+def density_case(acc: Any, work: Path, seconds: float, rate: float) -> tuple[dict[str, float], list[str]]:
     from tensorwasm.planner.model import tenants_with_sleep
 
-    cap, n0, rate = 16 * MiB, 8, 200.0
+    cap, n0 = 16 * MiB, 8
     budget = n0 * cap
     figures: dict[str, float] = {}
     rows = []
@@ -453,6 +454,7 @@ def run() -> dict[str, Any]:
 
     sizes = [int(s) for s in os.environ.get("TENSORWASM_BENCH_SLEEP_SIZES", "1,16,128,512").split(",")]
     seconds = float(os.environ.get("TENSORWASM_BENCH_SLEEP_SECONDS", "15"))
+    rate = float(os.environ.get("TENSORWASM_BENCH_SLEEP_RATE", "200"))
     acc = select_accelerator(os.environ.get("TENSORWASM_BENCH_ACCELERATOR", "auto"))
     HOT_TIERS.configure((max(sizes) * 2 + 64) * MiB)
     work = Path(tempfile.mkdtemp(prefix="tw-bench-sleep-"))
@@ -496,7 +498,8 @@ def run() -> dict[str, Any]:
             )
         if 512 in sizes:
             targets["512mib_wake_hot_p99_ms"] = "<= 100"
-        dens, rows = density_case(acc, work, seconds)
+        dens, rows = density_case(acc, work, seconds, rate)
+        figures["density_rate_per_s"] = rate
         figures.update({f"density_{k}": round(v, 3) for k, v in dens.items()})
         targets["density_x10_p99_ms"] = f"<= {SLO_MS:.0f}"
         table += [
@@ -545,7 +548,8 @@ def run() -> dict[str, Any]:
             "Wake = HTTP round trip of the first request to a sleeping tenant (room, open, restore, invoke, "
             "reply); restore = restore_snapshot() of the same blob into the awake tenant; floor = one pinned "
             "host-to-device copy (CUDA) or memcpy (CPU) of the state. Disk = page cache dropped. Density: "
-            "budget of 8 x 16 MiB caps; 200 req/s Poisson open loop, latency from the scheduled time; the "
-            "active 10% changes every second. Storm: 100 tenants with 1 MiB of GPU state each."
+            "budget of 8 x 16 MiB caps; Poisson open loop at density_rate_per_s, latency from the "
+            "scheduled time; the active 10% changes every second. Storm: 100 tenants with 1 MiB of GPU "
+            "state each."
         ),
     }
