@@ -370,6 +370,7 @@ class _Api:
         run = GuestRun(buf)
         fut = tenant.queue.submit(run.call, (tenant.invoke, function), body, reserved=True)
         fut.add_done_callback(_retrieve)  # a client that left never reads the outcome
+        nbytes = len(body)
         del body
         start = perf_counter()
         resp: web.StreamResponse | None = None
@@ -427,12 +428,20 @@ class _Api:
             if isinstance(exc, asyncio.CancelledError) or resp is None:
                 raise
             return resp
+        except Exception as exc:  # a bug, not the guest's fault: say so without leaking internals
+            log.exception("Failed stream tenant=%s function=%s", tenant.name, function)
+            internal = RuntimeFault(f"internal error ({type(exc).__name__})")
+            outcome, status = internal.kind, 500
+            if resp is None:
+                return fault_response(internal)
+            with contextlib.suppress(ConnectionError):
+                await resp.write(sse_json("error", internal.to_json()))
         finally:
             buf.close()
             took = perf_counter() - start
             tenant.record(function, outcome, took)
             self._audit(
-                request, "invoke", tenant.name, key, function, "stream", status, outcome, took, 0, sent
+                request, "invoke", tenant.name, key, function, "stream", status, outcome, took, nbytes, sent
             )
         return resp
 
