@@ -133,8 +133,8 @@ class CpuTenantDevice:
         probe.reserve_all(wanted.values())  # refuses before anything is freed
         self._release_all()
         charges = self._cap.reserve_all(wanted.values())
-        for (handle, size), charged in zip(wanted.items(), charges, strict=True):
-            self._bufs[handle] = (np.zeros(size, dtype=np.uint8), size, charged)
+        made = self._make_buffers(wanted, charges, dict(zip(wanted, wanted, strict=True)))
+        self._bufs.update(made)
         self._ids = itertools.count(max(wanted, default=0) + 1)
 
     def stage_restore(self, sizes: Mapping[int, int]) -> dict[int, int]:
@@ -142,12 +142,31 @@ class CpuTenantDevice:
         if self._closed:
             raise closed(self.tenant_id)
         charges = self._cap.reserve_all(wanted.values())  # beside the live buffers; refused as a whole
-        staged: dict[int, int] = {}
-        for (handle, size), charged in zip(wanted.items(), charges, strict=True):
-            temp = next(self._ids)
-            self._bufs[temp] = (np.zeros(size, dtype=np.uint8), size, charged)
-            staged[handle] = temp
+        staged = {handle: next(self._ids) for handle in wanted}
+        made = self._make_buffers(wanted, charges, staged)
+        self._bufs.update(made)
         return staged
+
+    def _make_buffers(
+        self, wanted: Mapping[int, int], charges: Sequence[int], keys: Mapping[int, int]
+    ) -> dict[int, _Buf]:
+        """Host buffers for reserved `charges`, keyed by `keys[handle]`; all or nothing: if host
+        memory runs out part way, every charge goes back and the caller's state is untouched."""
+        made: dict[int, _Buf] = {}
+        try:
+            for (handle, size), charged in zip(wanted.items(), charges, strict=True):
+                made[keys[handle]] = (np.zeros(size, dtype=np.uint8), size, charged)
+        except BaseException as exc:
+            made.clear()
+            self._cap.release(sum(charges))
+            if isinstance(exc, MemoryError | ValueError):
+                metrics.count_gpu_refusal(self.tenant_id, "host")
+                total = sum(charges)
+                raise GpuMemoryExhausted(
+                    requested=total, limit=self._cap.limit or 0, current=self._cap.current
+                ) from None
+            raise
+        return made
 
     def publish_restore(self, staged: Mapping[int, int]) -> None:
         if self._closed:
