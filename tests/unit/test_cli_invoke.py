@@ -209,3 +209,15 @@ def test_the_kubectl_plugin_is_the_same_command() -> None:
     plugin = Path(sys.executable).with_name("kubectl-tensorwasm")
     done = subprocess.run([str(plugin), "invoke", "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.startswith("usage: kubectl tensorwasm invoke")
+
+
+def test_the_namespace_defaults_to_the_kubeconfig_contexts(tmp_path: Path) -> None:
+    config = tmp_path / "config"
+    config.write_text(
+        "current-context: b\ncontexts:\n- name: a\n  context: {namespace: team-a}\n"
+        "- name: b\n  context: {namespace: team-b}\n"
+    )
+    assert invoke.default_namespace(config, {}) == "team-b"
+    assert invoke.default_namespace(None, {"KUBECONFIG": str(config)}) == "team-b"
+    config.write_text("current-context: a\ncontexts:\n- name: a\n  context: {}\n")
+    assert invoke.default_namespace(config, {}) == "default"

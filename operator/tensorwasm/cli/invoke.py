@@ -26,9 +26,10 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -65,7 +66,9 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("tenant", help="the Tenant's name")
     parser.add_argument("function", help="an exported function of its module")
-    parser.add_argument("-n", "--namespace", default=None, help="the Tenant's namespace (default: default)")
+    parser.add_argument(
+        "-n", "--namespace", default=None, help="the Tenant's namespace (default: the kubeconfig context's)"
+    )
     parser.add_argument("--kubeconfig", type=Path, default=None, help="kubeconfig (default: $KUBECONFIG)")
     parser.add_argument(
         "-d", "--data", default=None, help="input bytes: a literal, @FILE, or - for stdin (default: none)"
@@ -209,7 +212,7 @@ async def _from_cluster(args: argparse.Namespace, token: str) -> Target:
     from tensorwasm.api.tenant import parse_tenant
     from tensorwasm.kube.client import KubeError, connect, resource_path
 
-    ns = args.namespace or "default"
+    ns = args.namespace or default_namespace(args.kubeconfig, os.environ)
     api = await connect("tensorwasm-cli", args.kubeconfig)
     try:
         body = await api.get(resource_path(API_VERSION, TENANT.plural, ns, args.tenant))
@@ -249,6 +252,31 @@ async def _from_cluster(args: argparse.Namespace, token: str) -> Target:
     return await _port_forward(args, ns, service_name, port, token)
 
 
+def default_namespace(kubeconfig: Path | None, env: Mapping[str, str]) -> str:
+    """What kubectl uses without -n: the current context's namespace, in a pod its own, else default."""
+    import yaml
+
+    paths = (
+        [kubeconfig] if kubeconfig else [Path(p) for p in env.get("KUBECONFIG", "").split(os.pathsep) if p]
+    )
+    for path in paths or [Path.home() / ".kube" / "config"]:
+        try:
+            doc = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        current = doc.get("current-context")
+        for ctx in doc.get("contexts") or []:
+            if isinstance(ctx, dict) and ctx.get("name") == current:
+                namespace = (ctx.get("context") or {}).get("namespace")
+                if isinstance(namespace, str) and namespace:
+                    return namespace
+        break
+    in_pod = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+    if not paths and "KUBERNETES_SERVICE_HOST" in env and in_pod.is_file():
+        return in_pod.read_text().strip() or "default"
+    return "default"
+
+
 async def _reachable(host: str, port: int) -> bool:
     try:
         _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_PROBE_S)
@@ -285,7 +313,16 @@ async def _port_forward(args: argparse.Namespace, ns: str, service: str, port: i
         err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
         raise ClientError(f"kubectl port-forward to {ns}/{service} failed: {err or line or 'no output'}")
     target.url = f"http://127.0.0.1:{found.group(1)}"
+    # kubectl prints a line per connection it forwards: keep reading, or a full pipe stalls it.
+    for stream in (proc.stdout, proc.stderr):
+        threading.Thread(target=_drain, args=(stream,), name="port-forward-output", daemon=True).start()
     return target
+
+
+def _drain(stream: IO[bytes] | None) -> None:
+    if stream is not None:
+        for _ in iter(lambda: stream.read(65536), b""):
+            pass
 
 
 def _forwarded_port_line(proc: subprocess.Popen[bytes]) -> str:
