@@ -120,13 +120,14 @@ class RuntimeServer:
 
 
 def start_runtime_server(
-    configs: Sequence[TenantConfig] = (), **shard_options: Any
+    configs: Sequence[TenantConfig] = (), *, accelerator_mode: str = "cpu", **shard_options: Any
 ) -> Iterator[RuntimeServer]:
-    """Start a shard serving `configs` (`shard_options`: more Shard fields); yields the handle, then stops everything."""
+    """Start a shard serving `configs` on `accelerator_mode` (`shard_options`: more Shard fields);
+    yields the handle, then stops everything."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="runtime-server", daemon=True)
     thread.start()
-    accelerator = select_accelerator("cpu")
+    accelerator = select_accelerator(accelerator_mode)
     engine = Engine(epoch_tick_s=0.001)
     shard_box: list[Shard] = []
 
