@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tensorwasm.cli import dev_prometheus
+from tensorwasm.cli import dev_autoscaler, dev_prometheus
 
 
 def register(subparsers: Any) -> None:
@@ -43,6 +43,26 @@ def register(subparsers: Any) -> None:
     )
     cluster.set_defaults(handler=run_cluster)
     dev_prometheus.register(dev_sub)  # `dev prometheus`: its own module
+    dev_autoscaler.register(dev_sub)  # `dev autoscaler`: likewise
+
+
+def log(msg: str) -> None:
+    """The dev tools' progress: stderr, so stdout keeps only what a script reads (URLs, exports)."""
+    print(msg, file=sys.stderr)
+
+
+def recorded_cluster(state_dir: Path | None) -> tuple[Any, Any]:
+    """The LocalControlPlane and its recorded ClusterState, or ClusterError saying how to start one.
+
+    The preamble every `tensorwasm dev` tool after `cluster up` shares (prometheus, autoscaler).
+    """
+    from tensorwasm.dev.cluster import ClusterError, LocalControlPlane
+
+    plane = LocalControlPlane(state_dir, log=log)
+    state = plane.state()
+    if state is None:
+        raise ClusterError(f"no cluster recorded in {plane.state_dir}: tensorwasm dev cluster up")
+    return plane, state
 
 
 def dev_tools_missing() -> bool:
@@ -61,9 +81,6 @@ def run_cluster(args: argparse.Namespace) -> int:
     if dev_tools_missing():
         return 2
     from tensorwasm.dev.cluster import ClusterError, LocalControlPlane
-
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr)
 
     plane = LocalControlPlane(args.dir, log=log)
     try:
@@ -89,9 +106,7 @@ def run_cluster(args: argparse.Namespace) -> int:
             log(f"Restarted {args.target}")
             return 0
         if args.action in ("kubeconfig", "import-image"):
-            recorded = plane.state()
-            if recorded is None:
-                raise ClusterError(f"no cluster recorded in {plane.state_dir}")
+            _, recorded = recorded_cluster(args.dir)
             if args.action == "kubeconfig":
                 print(recorded.kubeconfig)
                 return 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -38,21 +37,15 @@ def register(dev_sub: Any) -> None:
 
 
 def run_prometheus(args: argparse.Namespace) -> int:
-    from tensorwasm.cli.dev import dev_tools_missing
+    from tensorwasm.cli.dev import dev_tools_missing, log, recorded_cluster
 
     if dev_tools_missing():
         return 2
     from tensorwasm.dev import prometheus
-    from tensorwasm.dev.cluster import ClusterError, LocalControlPlane
+    from tensorwasm.dev.cluster import ClusterError
 
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr)
-
-    plane = LocalControlPlane(args.dir, log=log)
     try:
-        state = plane.state()
-        if state is None:
-            raise ClusterError(f"no cluster recorded in {plane.state_dir}: tensorwasm dev cluster up")
+        plane, state = recorded_cluster(args.dir)
         dev = prometheus.DevPrometheus(
             plane, state, args.namespace, args.watch or ["tensorwasm"],
             args.discovery_image or prometheus.DEFAULT_DISCOVERY_IMAGE, log=log,
