@@ -588,3 +588,37 @@ def test_the_kube_source_reads_every_token_key_of_the_secret() -> None:
         ("token.next", "next-0002", "invoke"),
     )
     assert cfg.rate_limit == RateLimit(requests_per_second=3, burst=6)
+
+
+def test_an_audit_log_path_that_cannot_be_written_stops_the_shard_at_start(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    proc = subprocess.run(
+        [sys.executable, "-m", "tensorwasm.runtime", "--tenants-file", "examples/tenants.yaml",
+         "--listen", "127.0.0.1:0", "--admin-listen", "off", "--accelerator", "cpu",
+         "--audit-log", str(blocker / "audit.log")],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "--audit-log: cannot write" in proc.stderr
+
+
+def test_a_job_survives_its_client_going_away(shard_server) -> None:
+    cfg = tenant("alpha")
+    server = shard_server([cfg])
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    sock.sendall(
+        b"POST /v1/functions/echo/invoke?mode=async HTTP/1.1\r\nHost: x\r\n"
+        + f"Authorization: Bearer {cfg.token}\r\nContent-Length: 7\r\n\r\nsurvive".encode()
+    )
+    sock.close()  # gone before reading the 202
+
+    def finished() -> list[dict[str, Any]] | None:
+        jobs = server.request("GET", "/v1/jobs", token=cfg.token).json()["jobs"]
+        return jobs if jobs and jobs[0]["state"] == "succeeded" else None
+
+    job = _until(finished, "the job to finish without its client")[0]
+    assert base64.b64decode(_job(server, cfg, job["id"]).json()["output"]) == b"survive"

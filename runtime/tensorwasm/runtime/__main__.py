@@ -123,7 +123,10 @@ async def _run(settings: RuntimeSettings) -> int:
     if settings.audit_log != "off":
         from tensorwasm.runtime.audit import AuditLog, AuditSettings
 
-        audit = AuditLog(AuditSettings(target=settings.audit_log)).start()
+        try:
+            audit = AuditLog(AuditSettings(target=settings.audit_log)).start()
+        except OSError as exc:
+            raise SettingsError(f"--audit-log: cannot write {settings.audit_log}: {exc.strerror}") from exc
     runner, port = await serve(build_app(shard, audit=audit), settings.host, settings.port)
     admin, admin_addr = None, "off"
     if settings.admin_port is not None:
