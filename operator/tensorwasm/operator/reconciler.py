@@ -42,6 +42,7 @@ from tensorwasm.operator.desired.shards import (
 from tensorwasm.operator.desired.tenant import build_tenant_service, build_token_secret, tenant_endpoint
 from tensorwasm.operator.moves import MoveStrategy, SnapshotMove
 from tensorwasm.operator.placement import Ledger
+from tensorwasm.operator.roll import ShardRoll
 from tensorwasm.operator.settings import OperatorSettings
 from tensorwasm.operator.snapshots import (
     PERIODIC,
@@ -124,6 +125,9 @@ class Reconciler:
         # Tenant -> the resourceVersion a reconcile last converged on: the watch echoes our own
         # writes (finalizer, status) back, and reconciling a version we produced changes nothing.
         self._settled: dict[str, str] = {}
+        self.roll = ShardRoll(api, settings.namespace, settings.shard_name, self._placements, self._moving,
+                              self._place_on)  # fmt: skip
+        self._roll_lock = asyncio.Lock()
         # Tenant -> the status.phase last seen, whoever wrote it (we or the shard): an Event per change.
         self._phases: dict[str, str] = {}
 
@@ -155,6 +159,7 @@ class Reconciler:
             len(bodies),
             len(self.ledger.tenants()),
         )
+        await self.roll_tick()  # resume a roll a previous process began (its state is on the StatefulSet)
 
     async def ensure_shards(self) -> int:
         """Apply the shard StatefulSet and headless Service when they differ; return the replicas."""
@@ -250,6 +255,37 @@ class Reconciler:
         replicas = int(body.get("spec", {}).get("replicas", 0))
         if replicas != self.ledger.shards:
             await self.resize(replicas)
+        await self.roll_tick()  # a new revision, a pod's readiness: the roll's next step may be due
+
+    # -- shard roll (roll.py) --------------------------------------------------------------------
+    async def roll_tick(self) -> None:
+        """One step of the operator's shard roll; while one is under way, again every retry period."""
+        if self._roll_lock.locked():
+            return
+        async with self._roll_lock:
+            try:
+                step = await self.roll.tick()
+            except TRANSIENT as exc:
+                log.warning("Failed a shard roll step, retrying: %s", exc)
+                step = "retry"
+        if step not in ("none", "done"):
+            log.debug("Shard roll step=%s", step)
+            loop = asyncio.get_running_loop()
+            loop.call_later(self.settings.reconcile_retry_s, lambda: loop.create_task(self.roll_tick()))
+
+    def _placements(self) -> dict[str, str | None]:
+        return {n: (b.get("status") or {}).get("shard") for n, b in self.tenants.items()}
+
+    def _moving(self) -> dict[str, Mapping[str, Any]]:
+        moves = {n: (b.get("status") or {}).get("move") for n, b in self.tenants.items()}
+        return {n: m for n, m in moves.items() if isinstance(m, Mapping) and m}
+
+    def _place_on(self, name: str, ordinal: int) -> None:
+        demand = self.ledger.demand_of(name)
+        if demand is None or ordinal >= self.ledger.shards or self.ledger.shard_of(name) == ordinal:
+            return
+        self.ledger.assign(name, ordinal, demand)
+        self.spawn(name)
 
     # -- shard set changes ---------------------------------------------------------------------
     async def resize(self, replicas: int) -> None:

@@ -190,9 +190,9 @@ def build_shard_statefulset(
             "serviceName": settings.shard_name,
             # Shards are independent: start and stop them all at once, not one by one.
             "podManagementPolicy": "Parallel",
-            # An image upgrade replaces one shard at a time; its tenants answer 503 + Retry-After
-            # meanwhile, which clients retry (docs/helm.md, "Upgrades").
-            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},
+            # The operator replaces the pods itself (roll.py): it moves a shard's tenants to a
+            # surge shard before it deletes the pod, so no tenant is ever without a shard.
+            "updateStrategy": {"type": "OnDelete"},
             "selector": {"matchLabels": labels},
             "template": {"metadata": {"labels": labels}, "spec": pod_spec},
         },
