@@ -209,6 +209,37 @@ class Demo:
         return pod["metadata"]["uid"] != other_than and conditions.get("Ready") == "True"
 
 
+def scaling_signal(demo: Demo) -> None:
+    """The autoscaling signal as the autoscalers read it: the dev Prometheus scraping the shard pods."""
+    from tensorwasm.dev import prometheus
+
+    banner("The scaling signal: a Prometheus pod scrapes the shards as the chart's ServiceMonitor would")
+    release = demo.release
+    dev = prometheus.DevPrometheus(
+        release.plane, release.state, "tensorwasm-monitoring", [NAMESPACE], log=lambda m: print(f"  {m}")
+    )
+    url = dev.up()
+    ns = f'namespace="{NAMESPACE}"'
+    queries = {
+        # What the ScaledObject's trigger and the HPA path's rule read (targetAverageValue per shard).
+        "queue depth per shard": f"sum by (pod) (tensorwasm_queue_depth{{{ns}}})",
+        "saturation, worst tenant per shard (1 = next invoke gets 429)": (
+            f"max by (pod) ((tensorwasm_queue_depth{{{ns}}} + tensorwasm_invocations_in_flight{{{ns}}})"
+            f" / tensorwasm_tenant_queue_capacity{{{ns}}})"
+        ),
+        "invokes admitted through the queue": f"sum by (pod) (tensorwasm_queue_wait_seconds_count{{{ns}}})",
+        "p99 wait for a worker over the last 5 minutes (s)": (
+            "histogram_quantile(0.99, sum by (pod, le) "
+            f"(rate(tensorwasm_queue_wait_seconds_bucket{{{ns}}}[5m])))"
+        ),
+    }
+    prometheus.wait_for_series(url, f"tensorwasm_queue_wait_seconds_count{{{ns}}} > 0", timeout_s=120)
+    for what, promql in queries.items():
+        print(f"$ tensorwasm dev prometheus query '{promql}'")
+        for series in prometheus.query(url, promql):
+            print(f"  {what}: {series['metric'].get('pod', '')} = {float(series['value'][1]):g}")
+
+
 def _total(body: bytes) -> object:
     return struct.unpack("<q", body)[0] if len(body) == 8 else body
 
@@ -228,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         demo.tenants()
         demo.invoke()
         demo.client()
+        scaling_signal(demo)
         demo.snapshot_and_restart()
         demo.helm_test()
         demo.planner()
