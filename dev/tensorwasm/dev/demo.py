@@ -240,6 +240,33 @@ def scaling_signal(demo: Demo) -> None:
             print(f"  {what}: {series['metric'].get('pod', '')} = {float(series['value'][1]):g}")
 
 
+def scale_out_and_in(demo: Demo) -> None:
+    """Shards 1 -> 2 -> 1 under load: the shard count, the tenants that move, and every answer counted."""
+    from tensorwasm.dev.scaling import ScalingRun
+
+    banner("Scale the shards 1 -> 2 -> 1 while a client per tenant keeps counting (Retry-After honoured)")
+    release = demo.release
+    names = ("alpha", "counter")
+    counter = {"counter": (release.access("counter").url, release.access("counter").token)}
+    run = ScalingRun(release.kubectl, NAMESPACE, log=lambda m: print(f"  {m}", flush=True))
+    run.start(counter, max_seconds=600)
+    try:
+        for replicas in (2, 1):
+            print(f"$ kubectl scale statefulset tensorwasm-shard --replicas={replicas} -n {NAMESPACE}")
+            step = run.scale(replicas)
+            shards = sorted(run.shard_pods())
+            moved = ", ".join(f"{n}: {a} -> {b}" for n, (a, b) in step.moved.items()) or "none"
+            print(f"  shards now {len(shards)} ({', '.join(shards)}); moved tenants: {moved}")
+            print(
+                f"  new pods Ready {step.pods_ready_s or 0:.1f}s, moved tenants serving {step.serving_s:.1f}s"
+            )
+            demo.kubectl("get", "tenants", *names, "-n", NAMESPACE)
+    finally:
+        totals = run.stop()
+    client = run.clients["counter"]
+    print(f"  counter client: {dict(totals)}; total now {client.total}; errors: {run.errors() or 'none'}")
+
+
 def _total(body: bytes) -> object:
     return struct.unpack("<q", body)[0] if len(body) == 8 else body
 
@@ -261,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         demo.client()
         scaling_signal(demo)
         demo.snapshot_and_restart()
+        scale_out_and_in(demo)
         demo.helm_test()
         demo.planner()
     except ClusterError as exc:
