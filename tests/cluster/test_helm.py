@@ -296,7 +296,16 @@ def test_operator_env_is_what_the_operator_settings_parser_reads(kube: Any) -> N
     assert settings.image == "registry.local/tw:1.2.3"
     assert settings.log_level == "DEBUG"
     deployment = one(docs, "Deployment")
-    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+    # Two replicas elect a leader on a Lease the operator's Role may renew; without election, one.
+    assert deployment["spec"]["replicas"] == 2 and deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert settings.leader_election_lease == deployment["metadata"]["name"]
+    assert settings.lease_retry_s < settings.renew_deadline_s < settings.lease_duration_s
+    role = next(r for r in by_kind(docs, "Role") if r["metadata"]["name"] == deployment["metadata"]["name"])
+    lease_rules = [r for r in role["rules"] if r["apiGroups"] == ["coordination.k8s.io"]]
+    assert {"resourceNames": [settings.leader_election_lease]}.items() <= lease_rules[1].items()
+    single = one(render(kube, "operator.leaderElection.enabled=false", "operator.replicas=3"), "Deployment")
+    assert single["spec"]["replicas"] == 1 and single["spec"]["strategy"]["type"] == "Recreate"
+    assert "TENSORWASM_OPERATOR_LEADER_ELECTION_LEASE" not in operator_env([single])
     assert (
         deployment["spec"]["template"]["spec"]["containers"][0]["image"]
         == "ghcr.io/tensorwasm/tensorwasm:1.2.3"
@@ -456,7 +465,8 @@ def test_install_runs_the_operator_with_its_rbac_and_uninstall_removes_it(
     cluster_name = f"{RELEASE}-operator-{namespace}"
     deployment = kube_json(kube, "get", "deployment", operator, "-n", namespace)
     available = {c["type"]: c["status"] for c in deployment["status"]["conditions"]}
-    assert available.get("Available") == "True" and deployment["status"]["readyReplicas"] == 1
+    # Two replicas (kwok runs no container: both pods are ready without electing).
+    assert available.get("Available") == "True" and deployment["status"]["readyReplicas"] == 2
     gpu_nodes = len(kube_json(kube, "get", "nodes", "-l", "nvidia.com/gpu.present=true")["items"])
     assert gpu_nodes > 0
 
@@ -476,6 +486,8 @@ def test_install_runs_the_operator_with_its_rbac_and_uninstall_removes_it(
     assert _can(kube, namespace, operator, "create", "events")
     assert _can(kube, namespace, operator, "watch", "customresourcedefinitions.apiextensions.k8s.io")
     assert not _can(kube, namespace, operator, "delete", "tenants.tensorwasm.io")
+    assert _can(kube, namespace, operator, "patch", f"leases.coordination.k8s.io/{operator}")  # election
+    assert not _can(kube, namespace, operator, "patch", "leases.coordination.k8s.io/another-lease")
     assert _can(kube, namespace, operator, "create", "snapshots.tensorwasm.io")  # moves, Periodic
     assert _can(kube, namespace, operator, "delete", "snapshots.tensorwasm.io")  # retention
     assert not _can(kube, namespace, operator, "delete", "secrets")

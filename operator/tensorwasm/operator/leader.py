@@ -48,11 +48,13 @@ class LeaderElector:
         renew_deadline_s: int,
         retry_s: int,
         clock: Callable[[], float] = time.monotonic,
+        owner: dict[str, Any] | None = None,
     ) -> None:
         assert retry_s < renew_deadline_s < duration_s
         self.api, self.namespace, self.name, self.identity = api, namespace, name, identity
         self.duration_s, self.renew_deadline_s, self.retry_s = duration_s, renew_deadline_s, retry_s
         self.clock = clock
+        self.owner = owner  # the operator's Deployment: helm uninstall removes the Lease with it
         self.path = resource_path(*LEASES, namespace, name)
         self._seen: tuple[str, float] = ("", 0.0)  # (resourceVersion, when this process first saw it)
         self._version = ""  # resourceVersion of our own last write
@@ -144,7 +146,11 @@ class LeaderElector:
             body = {
                 "apiVersion": LEASES[0],
                 "kind": "Lease",
-                "metadata": {"name": self.name, "namespace": self.namespace},
+                "metadata": {
+                    "name": self.name,
+                    "namespace": self.namespace,
+                    **({"ownerReferences": [self.owner]} if self.owner else {}),
+                },
                 "spec": self._spec(0),
             }
             created = await self.api.create(resource_path(*LEASES, self.namespace), body)

@@ -12,12 +12,15 @@ import logging
 import os
 import signal
 import threading
+from typing import Any
 
+import aiohttp
 import kopf
 
 from tensorwasm.api.logs import configure_logging
-from tensorwasm.kube.client import KubeApi
+from tensorwasm.kube.client import KubeApi, KubeError, resource_path
 from tensorwasm.operator import health
+from tensorwasm.operator.desired.shards import build_owner_reference
 from tensorwasm.operator.handlers import build_registry
 from tensorwasm.operator.leader import LeaderElector
 from tensorwasm.operator.preflight import connection
@@ -49,14 +52,16 @@ async def _main(
     elector: LeaderElector | None = None
     try:
         if settings.leader_election_lease:
+            api = KubeApi(connection(), FIELD_MANAGER)  # its own client: Lease writes are not reconciles
             elector = LeaderElector(
-                KubeApi(connection(), FIELD_MANAGER),  # its own client: Lease writes are not reconciles
+                api,
                 settings.namespace,
                 settings.leader_election_lease,
                 settings.identity,
                 settings.lease_duration_s,
                 settings.renew_deadline_s,
                 settings.lease_retry_s,
+                owner=await _owner(api, settings),
             )
             if not await _campaign(elector):
                 return
@@ -83,6 +88,19 @@ async def _main(
             await elector.api.close()
         if server is not None:
             await server.cleanup()
+
+
+async def _owner(api: KubeApi, settings: OperatorSettings) -> dict[str, Any] | None:
+    """The operator's own Deployment as an owner reference (None outside the chart or unreadable)."""
+    if not settings.owner_deployment:
+        return None
+    path = resource_path("apps/v1", "deployments", settings.namespace, settings.owner_deployment)
+    try:
+        deployment = await api.get(path)
+    except (KubeError, aiohttp.ClientError, TimeoutError) as exc:
+        log.warning("Failed to read Deployment %s for the Lease's owner: %s", settings.owner_deployment, exc)
+        return None
+    return build_owner_reference(deployment) if deployment else None
 
 
 async def _campaign(elector: LeaderElector) -> bool:
