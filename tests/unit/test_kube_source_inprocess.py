@@ -46,9 +46,9 @@ def b64(data: bytes) -> str:
 
 
 @asynccontextmanager
-async def running_source(fake: FakeKube) -> AsyncIterator[tuple[Shard, KubeSource]]:
+async def running_source(fake: FakeKube, **shard_options: Any) -> AsyncIterator[tuple[Shard, KubeSource]]:
     engine, accelerator = Engine(epoch_tick_s=0.001), select_accelerator("cpu")
-    shard = Shard(engine, accelerator, ModuleLoader(engine, 64 << 20, 10.0))
+    shard = Shard(engine, accelerator, ModuleLoader(engine, 64 << 20, 10.0), **shard_options)
     source = KubeSource(RuntimeSettings(namespace=NS, shard_name=SHARD))
     api = fake.client("tensorwasm-shard")
     task = asyncio.create_task(source.run(shard, api))
