@@ -26,7 +26,7 @@ from tensorwasm.dev.cluster import LocalControlPlane, default_state_dir
 from tensorwasm.dev.scaling import ScalingRun
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.node
+pytestmark = [pytest.mark.node, pytest.mark.timeout(1800)]  # a first image build included
 
 NAMESPACE = "tw-scaling-e2e"
 COUNTER = REPO / "examples" / "modules" / "counter.wasm"

@@ -94,7 +94,7 @@ HANDOFF_START_S, HANDOFF_MAX_S, HANDOFF_LINGER_S = 5.0, 45.0, 5.0
 _MOVE_RESTORE_WAIT_S = 10.0  # a target waits this long for its cache to show the move's Snapshot Ready
 HOLDING, MOVE_PURPOSE = "Holding", "move"
 # Top-level status keys a shard report decides (the shard writes them with status.runtime).
-READINESS_KEYS = ("phase", "conditions", "gpuBytesInUse")
+READINESS_KEYS = ("phase", "conditions", "gpuBytesInUse", "gpuInUse")  # gpuInUse: the same bytes, for kubectl
 
 
 @dataclass
@@ -335,7 +335,7 @@ class KubeSource:
         """On SIGTERM, while still serving: wait until the operator moved every tenant of this shard
         away (a scale-in), bounded as HANDOFF_* say; the number of tenants handed off."""
         tenants = self.informers.get(PLURAL)
-        if tenants is None or not tenants.synced.is_set():
+        if tenants is None or not tenants.synced.is_set() or not await self._scaled_in():
             return 0
         start, handed = time.monotonic(), set(self._left)
 
@@ -367,6 +367,22 @@ class KubeSource:
             )
             await asyncio.sleep(HANDOFF_LINGER_S)
         return len(handed)
+
+    async def _scaled_in(self) -> bool:
+        """This shard's ordinal is beyond its StatefulSet's replicas; True when that cannot be read
+        (then the HANDOFF_START_S wait tells a scale-in from a restart)."""
+        prefix, _, ordinal = self.shard_name.rpartition("-")
+        if not prefix or not ordinal.isdigit() or self.api is None:
+            return True
+        try:
+            sts = await self.api.get(resource_path("apps/v1", "statefulsets", self.namespace, prefix))
+        except (KubeError, aiohttp.ClientError) as exc:
+            log.info("Found no StatefulSet replicas to tell a scale-in (%s); waiting for moves instead", exc)
+            return True
+        if sts is None:
+            return True
+        replicas = int((sts.get("spec") or {}).get("replicas") or 0)
+        return int(ordinal) >= replicas
 
     def _informers(self) -> dict[str, Informer]:
         assert self.api is not None
