@@ -41,6 +41,11 @@ _EWMA_WEIGHT = 0.1
 _MISBEHAVED = (DeadlineExceeded, GuestTrap, GuestMemoryExceeded)
 _BACKOFF_FIRST_S, _BACKOFF_MAX_S = 0.005, 0.25
 DEMOTED_NICE = 10
+# Experiment (issue 16, off by default): after handing a short job to a worker, the event-loop thread
+# waits for its result for up to this long, yielding the GIL, instead of going back to its poller;
+# a loop thread that went idle costs a wake-up (in a VM, a halted vCPU's) when the result arrives.
+# Only while the tenant's jobs have been short and nothing else is pending on the loop.
+_SPIN_S = int(os.environ.get("TENSORWASM_RUNTIME_QUEUE_SPIN_US", "0") or 0) / 1e6
 
 # A job carries when it was admitted; a finished one how long it waited for a worker.
 Job = tuple[Callable[[Any, Any], Any], Any, Any, "asyncio.Future[Any]", float]
@@ -113,7 +118,19 @@ class TenantQueue:
             self._spawn()
         fut: asyncio.Future[Any] = self._loop.create_future()
         self._jobs.put((fn, a, b, fut, perf_counter()))
+        if _SPIN_S and self._service_s < _SPIN_S and not getattr(self._loop, "_ready", None):
+            self._spin(fut)
         return fut
+
+    def _spin(self, fut: asyncio.Future[Any]) -> None:
+        until = perf_counter() + _SPIN_S
+        sleep0 = time.sleep
+        while perf_counter() < until:
+            if self._finished:
+                self._collect()
+                if fut.done():
+                    return
+            sleep0(0)
 
     def reserve(self) -> None:
         """Take a slot now (raises QueueFull); hand it to `submit(..., reserved=True)` or `unreserve()`."""
