@@ -34,6 +34,10 @@ def apply(kube: Any, namespace: str, manifest: dict[str, Any]) -> tuple[int, str
         ({"limits": {"timeoutMs": 0}}, "spec.limits.timeoutMs"),
         # Quantity bounds are CEL rules generated from the spec model (tensorwasm.api.tenant).
         ({"limits": {"gpuMemory": 0}}, "gpuMemory must be a whole number of bytes from 1 to 512Ti"),
+        # No integer bypass, no regex dump: the same plain message for every spelling.
+        ({"limits": {"gpuMemory": -5}}, "spec.limits.gpuMemory: Invalid value: -5: gpuMemory must be"),
+        ({"limits": {"gpuMemory": "12XB"}}, "gpuMemory must be a whole number of bytes from 1 to 512Ti, e"),
+        ({"limits": {"gpuMemory": "-1Gi"}}, "gpuMemory must be a whole number of bytes from 1 to 512Ti, e"),
         (
             {"limits": {"linearMemory": "8Gi"}},
             "linearMemory must be a whole number of bytes from 64Ki to 4Gi",
@@ -59,6 +63,12 @@ def test_invalid_tenants_are_refused_with_readable_messages(
 def test_tenant_name_must_fit_a_service_name(kube: Any, namespace: str) -> None:
     rc, err = apply(kube, namespace, tenant_manifest("x" * 61))
     assert rc != 0 and "at most 60 characters" in err
+    assert "metadata.name: Invalid value" in err and "<nil>" not in err, err
+
+
+def test_a_refused_quantity_shows_no_regex(kube: Any, namespace: str) -> None:
+    rc, err = apply(kube, namespace, tenant_manifest("bad", limits={"gpuMemory": "12XB"}))
+    assert rc != 0 and "should match" not in err and "[KMGTPE]" not in err, err
 
 
 def test_defaults_are_filled_and_columns_print(kube: Any, namespace: str) -> None:
@@ -71,6 +81,8 @@ def test_defaults_are_filled_and_columns_print(kube: Any, namespace: str) -> Non
     assert defaults["linearMemory"] == "64Mi" and defaults["timeoutMs"] == 1000
     header = kube.kubectl("get", "tenants", "-n", namespace).splitlines()[0].split()
     assert header == ["NAME", "PHASE", "SHARD", "GPU-CAP", "GPU-USED", "READY", "AGE"]
+    wide = kube.kubectl("get", "tenants", "-n", namespace, "-o", "wide").splitlines()[0].split()
+    assert wide == [*header, "ENDPOINT", "REASON", "MESSAGE"]
     row = kube.kubectl("get", "tenants", "-n", namespace).splitlines()[1].split()
     assert row[0] == "alpha" and "256Mi" in row
 

@@ -82,7 +82,9 @@ def tenant_phase(tenant: Tenant, placement: Placement) -> tuple[str, list[Condit
         return PHASE_ASLEEP, [
             placed,
             Condition(MODULE_READY, "True", ASLEEP, report.message or "asleep in a snapshot"),
-            Condition(READY, "True", ASLEEP, f"asleep on shard {placement.shard}; wakes on the first request"),
+            Condition(
+                READY, "True", ASLEEP, f"asleep on shard {placement.shard}; wakes on the first request"
+            ),
         ]
     if report.loaded:
         reason = report.reason or MODULE_LOADED
@@ -98,6 +100,16 @@ def tenant_phase(tenant: Tenant, placement: Placement) -> tuple[str, list[Condit
         Condition(MODULE_READY, "False", reason, message),
         Condition(READY, "False", reason, message),
     ]
+
+
+def human_bytes(count: int) -> str:
+    """Bytes as kubectl users read them: 0, 512, 1.5Ki, 12Mi, 3Gi (one decimal, binary units)."""
+    value, unit = float(count), ""
+    for unit in ("", "Ki", "Mi", "Gi", "Ti", "Pi"):
+        if abs(value) < 1024 or unit == "Pi":
+            break
+        value /= 1024
+    return f"{value:.1f}".removesuffix(".0") + unit if unit else str(count)
 
 
 def truncate_message(message: str) -> str:
@@ -144,6 +156,7 @@ def desired_status(
         "endpoint": endpoint if placement.shard is not None else None,
         "tokenSecretName": token_secret,
         "gpuBytesInUse": gpu,
+        "gpuInUse": human_bytes(gpu),
         "observedGeneration": tenant.generation,
         "conditions": merge_conditions(tenant.status.get("conditions") or [], conds, tenant.generation, now),
     }

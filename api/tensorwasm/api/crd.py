@@ -60,6 +60,10 @@ TENANT_STATUS: JSON = {
             "description": 'Secret holding the tenant\'s bearer token (key "token").',
         },
         "gpuBytesInUse": _INT64,
+        "gpuInUse": {
+            "type": "string",
+            "description": "gpuBytesInUse for people (e.g. 12Mi), for kubectl get.",
+        },
         "observedGeneration": _INT64,
         "lastSnapshot": {
             "type": "object",
@@ -132,10 +136,17 @@ TENANT_COLUMNS = [
      "description": "The runtime shard (pod) serving the tenant."},
     {"name": "GPU-Cap", "type": "string", "jsonPath": ".spec.limits.gpuMemory",
      "description": "GPU memory cap; empty means accounting only."},
-    {"name": "GPU-Used", "type": "integer", "format": "int64", "jsonPath": ".status.gpuBytesInUse",
-     "description": "GPU bytes in use as reported by the shard."},
+    {"name": "GPU-Used", "type": "string", "jsonPath": ".status.gpuInUse",
+     "description": "GPU memory in use as reported by the shard (status.gpuBytesInUse in bytes)."},
     {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    # kubectl get -o wide
+    {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint", "priority": 1,
+     "description": "In-cluster URL of the tenant's Service."},
+    {"name": "Reason", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].reason',
+     "priority": 1, "description": "Why the tenant is (not) Ready."},
+    {"name": "Message", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].message',
+     "priority": 1, "description": "The Ready condition's message."},
 ]  # fmt: skip
 
 SNAPSHOT_COLUMNS = [
@@ -152,11 +163,17 @@ SNAPSHOT_COLUMNS = [
 def _crd(kind: Kind, description: str, spec: JSON, status: JSON, version_extra: JSON) -> JSON:
     root: JSON = {"type": "object", "description": description}
     if kind is TENANT:
-        root["x-kubernetes-validations"] = [{"rule": NAME_RULE.cel, "message": NAME_RULE.message}]
+        # fieldPath: the error names metadata.name, not "<nil>".
+        root["x-kubernetes-validations"] = [
+            {"rule": NAME_RULE.cel, "message": NAME_RULE.message, "fieldPath": ".metadata.name"}
+        ]
     root["properties"] = {
         "apiVersion": {"type": "string"},
         "kind": {"type": "string"},
-        "metadata": {"type": "object"},
+        # metadata.name declared (the one field a CRD may constrain) so the name rule's fieldPath is valid.
+        "metadata": {"type": "object", "properties": {"name": {"type": "string"}}}
+        if kind is TENANT
+        else {"type": "object"},
         "spec": spec,
         "status": status,
     }

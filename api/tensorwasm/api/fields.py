@@ -21,6 +21,9 @@ from tensorwasm.api.quantity import QUANTITY_PATTERN, format_quantity, quantity_
 META = "tensorwasm.api"  # key of a field's `Field` in its dataclass metadata
 # Longest quantity string: bounds what the API server estimates a CEL rule on it may cost.
 QUANTITY_MAX_LENGTH = 64
+# QUANTITY_PATTERN without backslashes (a CEL string literal would need them doubled).
+CEL_QUANTITY_PATTERN = QUANTITY_PATTERN.replace(r"(\+)?", "[+]?").replace(r"\.", "[.]")
+assert "\\" not in CEL_QUANTITY_PATTERN
 T = TypeVar("T")
 
 
@@ -143,14 +146,17 @@ def _bytes_rule(name: str, minimum: int, maximum: int) -> Rule:
     # Whole bytes without isInteger(), which the API server answers false for exact spellings such as
     # "1.5Ki" or "1023Ti": within the bounds (at most 2^53) a double holds every whole number exactly.
     assert maximum <= 1 << 53, "quantity bounds past 2^53 bytes need another whole-number test"
+    # The spelling check lives here, not in an OpenAPI `pattern`: a pattern's error shows the regex,
+    # this rule's shows its message. An integer (-5) goes through string(self) and the same checks.
     q = "quantity(string(self))"
     lo, hi = format_quantity(minimum), format_quantity(maximum)
     cel = (
+        f"string(self).matches('{CEL_QUANTITY_PATTERN}') && "
         f"isQuantity(string(self)) && {q}.compareTo(quantity('{lo}')) >= 0 && "
         f"{q}.compareTo(quantity('{hi}')) <= 0 && "
         f"double(int({q}.asApproximateFloat())) == {q}.asApproximateFloat()"
     )
-    return Rule(cel, f"{name} must be a whole number of bytes from {lo} to {hi}")
+    return Rule(cel, f"{name} must be a whole number of bytes from {lo} to {hi}, e.g. 256Mi or 1048576")
 
 
 def fields_of(model: type) -> list[tuple[str, Field]]:
@@ -345,7 +351,7 @@ def _property(spec: Field) -> dict[str, Any]:
         out["items"] = _drop_none({**item, "pattern": spec.pattern})
     elif spec.kind == "quantity":
         out = {"description": spec.description, "anyOf": [{"type": "integer"}, {"type": "string"}]}
-        out |= {"x-kubernetes-int-or-string": True, "pattern": QUANTITY_PATTERN, "maxLength": spec.max_length}
+        out |= {"x-kubernetes-int-or-string": True, "maxLength": spec.max_length}
     elif spec.kind == "integer":
         out = {"type": "integer", "description": spec.description}
         out |= _drop_none({"minimum": spec.minimum, "maximum": spec.maximum})
