@@ -54,6 +54,12 @@ def test_kube_source_takes_the_shard_name_from_hostname() -> None:
         (["--accelerator", "tpu"], {}, r"--accelerator: expected one of auto, cuda, cpu"),
         (["--fetch-timeout", "soon"], {}, r"--fetch-timeout: expected a number"),
         (["--max-module-bytes", "12"], {}, r"--max-module-bytes: 12 is outside"),
+        (["--gil-switch-ms", "0"], {}, r"--gil-switch-ms: 0.0 is outside \[0.05, 100\]"),
+        (
+            [],
+            {"TENSORWASM_RUNTIME_GIL_SWITCH_MS": "fast"},
+            r"TENSORWASM_RUNTIME_GIL_SWITCH_MS: expected a number",
+        ),
         (
             [],
             {"TENSORWASM_RUNTIME_MPS_START": "maybe"},

@@ -55,6 +55,9 @@ class RuntimeSettings:
     resync_s: float = 30.0
     health_interval_s: float = 1.0
     epoch_tick_ms: float = 1.0
+    # The interpreter's GIL switch interval: how long a thread waiting for the GIL (the event loop)
+    # waits before forcing a hand-over from threads that keep re-taking it (guests' host calls).
+    gil_switch_ms: float = 0.5
     log_level: str = "info"
     log_format: str = "text"  # text or json (tensorwasm.api.logs, the operator's format too)
     # Hardening (issue 13): /metrics and /readyz detail on their own port; None = no admin listener.
@@ -99,6 +102,7 @@ _FLAGS: tuple[tuple[str, str, str, str | None], ...] = (
     ("--resync", "resync_s", "a reconcile pass at least every S s; caches re-list every max(S, 300) s", "S"),
     ("--health-interval", "health_interval_s", "accelerator health check period, s (default: 1)", "S"),
     ("--epoch-tick-ms", "epoch_tick_ms", "deadline ticker resolution, ms (default: 1)", "MS"),
+    ("--gil-switch-ms", "gil_switch_ms", "GIL switch interval, ms (default: 0.5; Python's is 5)", "MS"),
     ("--log-level", "log_level", "debug, info, warning or error (default: info)", "LEVEL"),
     ("--log-format", "log_format", "text or json lines (default: text)", "FORMAT"),
     (
@@ -224,6 +228,7 @@ def settings_from_namespace(ns: argparse.Namespace, environ: Mapping[str, str]) 
         ("resync_s", 0.1, 86400),
         ("health_interval_s", 0.05, 3600),
         ("epoch_tick_ms", 0.1, 1000),
+        ("gil_switch_ms", 0.05, 100),
     ):
         if dest in raw:
             out[dest] = _number(*raw[dest], lo, hi)

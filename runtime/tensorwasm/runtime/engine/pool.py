@@ -141,6 +141,7 @@ class TenantInstancePool:
             raise
         finally:
             set_deadline(None)
+            inst.host.flush()
         if inst.reset():
             self._idle.put(inst)
         else:
