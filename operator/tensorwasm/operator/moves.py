@@ -20,9 +20,10 @@ and the Service stay (or go back) on S, status.move is cleared, an unfinished mo
 deleted, S serves again (restoring the newest Ready Snapshot if it had already let the tenant go),
 and a Warning Event (reason MoveRolledBack) says why.
 A source that left the shard set (scaled in) runs the same protocol while its pod terminates: the
-shard keeps serving until its tenants are handed off (sources/kube.py). With no pod left there is
-nothing to hold: the tenant goes at once. Such a move that fails or times out cannot roll back: it
-goes on to the target (newest Ready Snapshot) with a MovedWithoutCapture Warning.
+shard keeps serving until its tenants are handed off (sources/kube.py). With no pod left it gets
+`GONE_SOURCE_WAIT_S` (10 s) to capture instead of the full timeout. Such a move that fails or times
+out cannot roll back: it goes on to the target (newest Ready Snapshot) with a MovedWithoutCapture
+Warning.
 Must not import kopf; I/O only through the KubeApi it is given, never sleeps.
 """
 
@@ -45,6 +46,7 @@ log = logging.getLogger("tensorwasm.operator")
 ON_MOVE = "OnMove"
 HOLDING, RESTORING = "Holding", "Restoring"
 ROLLED_BACK, NOT_CAPTURED = "MoveRolledBack", "MovedWithoutCapture"
+GONE_SOURCE_WAIT_S = 10.0  # a leaving source without a pod gets this long to capture
 
 JSON = dict[str, Any]
 
@@ -117,13 +119,9 @@ class SnapshotMove:
             source = tenant.shard
             if source is None or source == target:
                 return settled(target)
-            if not runs(source) and not await self._alive(tenant, source):
-                return settled(target)  # gone: nothing to hold, capture or roll back to
             return await self._begin(tenant, source, target)
         source, to, phase = str(move["source"]), str(move["target"]), str(move["phase"])
         leaving = not runs(source)  # scaled in: its pod hands its tenants off while it terminates
-        if leaving and not await self._alive(tenant, source):
-            return settled(target)
         if target == source:  # the shard set changed back: the tenant stays where it was
             why = "the shard set changed back before the move finished"
             return await self._give_up(tenant, move, target, why, leaving)
@@ -138,7 +136,12 @@ class SnapshotMove:
             move, to = {**move, "target": target}, target
         waited = self._waited(move)
         if phase == HOLDING:
-            return await self._holding(tenant, move, source, to, waited, leaving)
+            limit = self.timeout_s
+            if leaving and not await self._alive(tenant, source):
+                # No pod object: most likely nobody captures (a crash, a hand-off past its bound);
+                # a process may still run where pods are not real processes (a local stack).
+                limit = min(limit, GONE_SOURCE_WAIT_S)
+            return await self._holding(tenant, move, source, to, waited, leaving, limit)
         if target_reported(tenant, to):
             log.info("Moved Tenant %s from=%s to=%s after %.0fs", tenant.name, source, to, waited)
             return settled(to)
@@ -163,7 +166,14 @@ class SnapshotMove:
         return MoveStep(source, source, {**record, "snapshot": name, "phase": HOLDING})
 
     async def _holding(
-        self, tenant: Tenant, move: Mapping[str, Any], source: str, target: str, waited: float, leaving: bool
+        self,
+        tenant: Tenant,
+        move: Mapping[str, Any],
+        source: str,
+        target: str,
+        waited: float,
+        leaving: bool,
+        limit: float,
     ) -> MoveStep:
         name = str(move.get("snapshot") or "")
         snapshot = self.snapshots.get(name)
@@ -175,7 +185,7 @@ class SnapshotMove:
             message = str((snapshot or {}).get("status", {}).get("message") or "")
             why = f"move Snapshot {name} Failed: {message}".rstrip(": ")
             return await self._give_up(tenant, move, target, why, leaving)
-        if waited >= self.timeout_s:
+        if waited >= limit:
             why = f"move Snapshot {name} not Ready after {waited:.0f}s"
             return await self._give_up(tenant, move, target, why, leaving)
         if snapshot is None and name not in self._created:  # lost (deleted, or a restart): again
