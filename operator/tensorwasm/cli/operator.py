@@ -31,6 +31,12 @@ def register(subparsers: Any) -> None:
         choices=["text", "json"],
         help="log lines as text or JSON (TENSORWASM_OPERATOR_LOG_FORMAT)",
     )
+    parser.add_argument(
+        "--release-finalizers",
+        action="store_true",
+        help="recovery after uninstalling in the wrong order: free the namespace's Tenants and Snapshots"
+        " left Terminating (removes tensorwasm.io finalizers), then exit",
+    )
     parser.set_defaults(handler=_run)
 
 
@@ -58,6 +64,9 @@ def _run(args: argparse.Namespace) -> int:
 
     from tensorwasm.operator.preflight import StartupError, preflight
 
+    if args.release_finalizers:
+        return _release(settings.namespace)
+
     try:
         asyncio.run(preflight([settings.namespace], settings.startup_timeout_s))
     except StartupError as exc:
@@ -66,4 +75,22 @@ def _run(args: argparse.Namespace) -> int:
     from tensorwasm.operator.main import run
 
     run(settings)
+    return 0
+
+
+def _release(namespace: str) -> int:
+    import asyncio
+
+    from tensorwasm.kube.client import KubeError
+    from tensorwasm.operator.preflight import StartupError
+    from tensorwasm.operator.release import release_finalizers
+
+    try:
+        freed = asyncio.run(release_finalizers(namespace))
+    except (StartupError, KubeError, OSError) as exc:
+        print(f"tensorwasm operator: {exc}", file=sys.stderr)
+        return 1
+    for name in freed:
+        print(f"released {name} in {namespace}")
+    print(f"{len(freed)} object(s) released in namespace {namespace}")
     return 0
