@@ -131,7 +131,7 @@ SNAPSHOT_STATUS: JSON = {
 
 TENANT_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase",
-     "description": "Pending, Placed, Ready, Asleep (in a snapshot: wakes on the first request), Degraded or Failed."},
+     "description": "Pending, Placed, Ready, Asleep (wakes on the first request), Degraded or Failed."},
     {"name": "Shard", "type": "string", "jsonPath": ".status.shard",
      "description": "The runtime shard (pod) serving the tenant."},
     {"name": "GPU-Cap", "type": "string", "jsonPath": ".spec.limits.gpuMemory",
