@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -34,6 +35,7 @@ from tensorwasm.dev.chart import DevRelease, TenantAccess, build_image
 from tensorwasm.dev.cluster import REPO_ROOT, LocalControlPlane, default_state_dir
 
 NAMESPACE = "tw-bench-chart"
+CRDS = ["true"]  # "false" on a reused cluster, whose CRDs another owner applied
 ECHO = REPO_ROOT / "examples" / "modules" / "echo.wasm"
 
 
@@ -67,7 +69,7 @@ def _install_to_first_invoke(release: DevRelease, image: Any, cold: bool) -> dic
     else:
         release.prepare_storage()
     prepared = time.monotonic()
-    release.install("crds.enabled=true")
+    release.install(f"crds.enabled={CRDS[0]}")
     installed = time.monotonic()
     tenant_s = _first_invoke(release)
     return {
@@ -157,7 +159,7 @@ def _upgrade_under_load(release: DevRelease, access: TenantAccess) -> dict[str, 
     client.start()
     time.sleep(2)
     started = time.monotonic()
-    release.install("crds.enabled=true", "image.tag=0.1.0-upgrade")
+    release.install(f"crds.enabled={CRDS[0]}", "image.tag=0.1.0-upgrade")
     while not _rolled(release, ref):
         time.sleep(0.2)
     release.wait_tenant_ready("alpha")
@@ -169,12 +171,19 @@ def _upgrade_under_load(release: DevRelease, access: TenantAccess) -> dict[str, 
 
 
 def run() -> dict[str, Any]:
-    state_dir = default_state_dir().parent / "bench-chart-cluster"
+    # TENSORWASM_BENCH_CLUSTER_DIR: measure on a running cluster with a real node (its CRDs applied;
+    # it stays up). Else a cluster of its own, removed after.
+    reuse = os.environ.get("TENSORWASM_BENCH_CLUSTER_DIR")
+    state_dir = Path(reuse) if reuse else default_state_dir().parent / "bench-chart-cluster"
     plane = LocalControlPlane(state_dir, log=lambda m: None)
-    state = plane.up(nodes=1, timeout_s=240)
+    state = plane.state() if reuse else plane.up(nodes=1, timeout_s=240)
+    if state is None:
+        raise RuntimeError(f"no running cluster in {state_dir}")
+    CRDS[0] = "false" if reuse else "true"
     try:
         image = build_image(log=lambda m: None)
         release = DevRelease(plane, state, NAMESPACE, log=lambda m: None)
+        release.uninstall()  # an interrupted run's
         cold = _install_to_first_invoke(release, image, cold=True)
         access = release.access("alpha")
         restarts = [_shard_restart(release, access) for _ in range(3)]
@@ -183,7 +192,8 @@ def run() -> dict[str, Any]:
         warm = _install_to_first_invoke(release, image, cold=False)
         release.uninstall()
     finally:
-        plane.down()
+        if not reuse:
+            plane.down()
     ready = [r for r, _ in restarts]
     serving = [s for _, s in restarts]
     figures = {
