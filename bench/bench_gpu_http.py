@@ -88,9 +88,10 @@ class Runtime:
                     # Readiness detail (loaded tenants) is on the admin listener where there is one.
                     self.admin_port = int(m.group(2)) if m.group(2) else self.port
                     found.set()
+            found.set()  # it exited before listening: say so now, not after the timeout
 
         threading.Thread(target=pump, daemon=True).start()
-        if not found.wait(300):
+        if not found.wait(300) or not self.port:
             self.stop()
             raise RuntimeError("runtime did not start:\n" + "".join(self.lines[-30:]))
         self.ready_s = self._wait_ready()

@@ -25,7 +25,9 @@ decompress() {
   if command -v zstd >/dev/null; then
     zstd -d -q --long=27 -c
   else  # the zstandard wheel from .whl (bench/run_gpu.sh installs it in /tmp/site)
-    python3 -c 'import sys, zstandard; zstandard.ZstdDecompressor(max_window_size=1 << 27).copy_stream(sys.stdin.buffer, sys.stdout.buffer)'
+    python3 -c 'import sys, zstandard
+r = zstandard.ZstdDecompressor(max_window_size=1 << 27).stream_reader(sys.stdin.buffer, read_across_frames=True)
+while chunk := r.read(1 << 22): sys.stdout.buffer.write(chunk)'
   fi
 }
 
@@ -34,7 +36,7 @@ unpack() {
   rm -rf "$ROOT"
   mkdir -p "$ROOT"
   local started=$SECONDS
-  cat "$PARTS"/part-* | decompress | tar -C "$ROOT" -xf -
+  cat "$PARTS"/part-* | decompress | tar -C "$ROOT" -xif -  # two tar streams, one after the other
   say "unpacked $(du -sh "$ROOT" | cut -f1) in $((SECONDS - started)) s"
   local r=$ROOT/root libs="$ROOT/root/usr/lib/x86_64-linux-gnu:$ROOT/root/lib/x86_64-linux-gnu"
   mkdir -p "$ROOT/wrap"

@@ -11,7 +11,7 @@
 #   images/  the pause image and the project's image (`make image`), OCI archives
 #   root/    Debian packages unpacked (runc, CNI plugins, iptables, iproute2 and their libraries),
 #            used through wrappers (hack/gpunode/node-host.sh) and never unpacked over the host's /
-#   wasm/    the tenants' modules the checks use
+#   wasm/    the tenants' modules the checks use; chart/ the chart the image was built with
 # kwok is left out (the GPU node needs no fake nodes).
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
@@ -23,17 +23,39 @@ trap 'rm -rf "$STAGE"' EXIT
 say() { echo "[gpunode pack $(date -u +%T)] $*" >&2; }
 
 BIN=${TENSORWASM_CONTROLPLANE_BIN:-$(bash hack/controlplane/build.sh | tail -1)}
-say "binaries from $BIN"
-mkdir -p "$STAGE"/{bin,images,root,wasm,debs}
-cp "$BIN"/{tensorwasm-kube,containerd,containerd-shim-runc-v2,ctr,helm} "$STAGE/bin/"
-for name in etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy; do
-  ln -s tensorwasm-kube "$STAGE/bin/$name"
-done
-cp "$(dirname "$BIN")/images/pause.oci.tar" "$STAGE/images/pause.oci.tar"
+CACHE=${GPU_NODE_CACHE:-$HOME/.cache/tensorwasm/gpunode}
+mkdir -p "$CACHE" "$STAGE"/{node,app}
+# Two zstd streams, concatenated and then split: the node (binaries, Debian packages; reused while
+# its inputs are unchanged) and the app (the image, the chart it matches, the tenants' modules).
+node_key=$( (sha256sum "$BIN"/{tensorwasm-kube,containerd,containerd-shim-runc-v2,ctr,helm}; \
+  cat hack/gpunode/deviceplugin/*.go hack/gpunode/deviceplugin/go.mod hack/gpunode/pack.sh) | sha256sum | cut -c1-16)
+if [[ ! -s $CACHE/node-$node_key.tar.zst ]]; then
+  say "node binaries from $BIN"
+  N=$STAGE/node
+  mkdir -p "$N"/{bin,images,root,debs}
+  cp "$BIN"/{tensorwasm-kube,containerd,containerd-shim-runc-v2,ctr,helm} "$N/bin/"
+  for name in etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy; do
+    ln -s tensorwasm-kube "$N/bin/$name"
+  done
+  cp "$(dirname "$BIN")/images/pause.oci.tar" "$N/images/pause.oci.tar"
+  say "building the device plugin"
+  (cd hack/gpunode/deviceplugin && CGO_ENABLED=0 go build -trimpath -ldflags="-s -w" -o "$N/bin/tensorwasm-gpu-plugin" .)
+  say "Debian packages"
+  debs=(runc libseccomp2 containernetworking-plugins iptables libip4tc2 libip6tc2 libxtables12 libnftnl11 libmnl0
+        libnetfilter-conntrack3 libnfnetlink0 iproute2 libbpf1 libelf1 libbsd0 libmd0 libcap2 libdb5.3 libtirpc3
+        libgssapi-krb5-2 libkrb5-3 libk5crypto3 libkrb5support0 libkeyutils1 libcom-err2 libselinux1 libpcre2-8-0
+        zlib1g libzstd1 openssl libssl3)
+  (cd "$N/debs" && apt-get download "${debs[@]}" >/dev/null 2>&1)
+  for deb in "$N"/debs/*.deb; do dpkg -x "$deb" "$N/root"; done
+  rm -rf "$N/debs" "$N"/root/usr/share/{doc,man,locale,bash-completion,lintian}
+  say "compressing the node ($(du -sh "$N" | cut -f1))"
+  rm -f "$CACHE"/node-*.tar.zst
+  tar -C "$N" -cf - . | zstd -q -9 -T0 --long=27 >"$CACHE/node-$node_key.tar.zst.tmp"
+  mv "$CACHE/node-$node_key.tar.zst.tmp" "$CACHE/node-$node_key.tar.zst"
+fi
 
-say "building the device plugin"
-(cd hack/gpunode/deviceplugin && CGO_ENABLED=0 go build -trimpath -ldflags="-s -w" -o "$STAGE/bin/tensorwasm-gpu-plugin" .)
-
+A=$STAGE/app
+mkdir -p "$A"/{images,wasm}
 if [[ -n ${TENSORWASM_GPU_NODE_IMAGE:-} ]]; then
   archive=$TENSORWASM_GPU_NODE_IMAGE
   ref=${TENSORWASM_GPU_NODE_IMAGE_REF:-tensorwasm.io/tensorwasm:0.1.0-dev}
@@ -43,31 +65,25 @@ else
   ref=$(sed -n 's/^image: *//p' <<<"$info")
 fi
 say "image $ref from $archive"
-cp "$archive" "$STAGE/images/tensorwasm.oci.tar"
-echo "$ref" >"$STAGE/images/tensorwasm.ref"
-
-say "Debian packages"
-debs=(runc libseccomp2 containernetworking-plugins iptables libip4tc2 libip6tc2 libxtables12 libnftnl11 libmnl0
-      libnetfilter-conntrack3 libnfnetlink0 iproute2 libbpf1 libelf1 libbsd0 libmd0 libcap2 libdb5.3 libtirpc3
-      libgssapi-krb5-2 libkrb5-3 libk5crypto3 libkrb5support0 libkeyutils1 libcom-err2 libselinux1 libpcre2-8-0
-      zlib1g libzstd1 openssl libssl3)
-(cd "$STAGE/debs" && apt-get download "${debs[@]}" >/dev/null)
-for deb in "$STAGE"/debs/*.deb; do dpkg -x "$deb" "$STAGE/root"; done
-rm -rf "$STAGE/debs" "$STAGE"/root/usr/share/{doc,man,locale,bash-completion,lintian}
+cp "$archive" "$A/images/tensorwasm.oci.tar"
+echo "$ref" >"$A/images/tensorwasm.ref"
+# The chart as it was when the image was built: the operator refuses settings it does not know.
+cp -r "${TENSORWASM_GPU_NODE_CHART:-helm/tensorwasm}" "$A/chart"
 
 say "tenant modules"
-"$REPO/.venv/bin/python" - "$STAGE/wasm" <<'EOF'
+"$REPO/.venv/bin/python" - "$A/wasm" <<'PY'
 import sys, pathlib, wasmtime
 out = pathlib.Path(sys.argv[1])
 for wat in ("tests/fixtures/vector_add.wat", "bench/fixtures/gpu_step.wat", "tests/fixtures/counter.wat"):
     p = pathlib.Path(wat)
     (out / (p.stem + ".wasm")).write_bytes(wasmtime.wat2wasm(p.read_text()))
-EOF
+PY
 
-say "compressing ($(du -sh "$STAGE" | cut -f1) in all)"
+say "compressing the app ($(du -sh "$A" | cut -f1))"
 rm -rf "$OUT_DIR"
 mkdir -p "$OUT_DIR"
-tar -C "$STAGE" -cf - . | zstd -q -9 -T0 --long=27 | split -b "${PART_MIB}m" -d -a 1 - "$OUT_DIR/part-"
+tar -C "$A" -cf - . | zstd -q -9 -T0 --long=27 >"$STAGE/app.tar.zst"
+cat "$CACHE/node-$node_key.tar.zst" "$STAGE/app.tar.zst" | split -b "${PART_MIB}m" -d -a 1 - "$OUT_DIR/part-"
 (cd "$OUT_DIR" && sha256sum part-* >SHA256SUMS)
 grep -qxF '/.gpunode/' .git/info/exclude 2>/dev/null || echo '/.gpunode/' >>.git/info/exclude
 du -b "$OUT_DIR"/part-* >&2
