@@ -171,6 +171,8 @@ def test_helm_lint_strict_is_clean(kube: Any, sets: list[str]) -> None:
         ("monitoring.serviceMonitor.interval=often", "at '/monitoring/serviceMonitor/interval'"),
         ("autoscaling.maxReplicas=0", "at '/autoscaling/maxReplicas': minimum: got 0, want 1"),
         ("admission.finalizerPolicy=yes", "at '/admission/finalizerPolicy': got string, want boolean"),
+        ("shard.snapshots.signing.mode=always", "at '/shard/snapshots/signing/mode': value must be one of"),
+        ("shard.snapshots.signing.mode=require", "at '/shard/snapshots/signing/existingSecret': minLength"),
     ],
 )
 def test_schema_refuses_bad_values_with_a_readable_message(kube: Any, value: str, message: str) -> None:
