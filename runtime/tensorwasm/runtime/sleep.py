@@ -145,6 +145,9 @@ class Sleeper:
         self._epoch = 0  # completed wakes
         self._failure: tuple[int, TenantNotReady] | None = None
         self.pinned = False  # the shard sets it: idle.after is never (stays resident, never evicted)
+        self.last_wake: dict[
+            str, float
+        ] = {}  # seconds of the last wake: open (room + device + instances), restore
         if pool is not None:
             parts.residency.attach(self.name, self)
 
@@ -235,6 +238,7 @@ class Sleeper:
         started = perf_counter()
         parts, cfg = self.parts, self.config
         pool, device = parts.open(cfg, self.module)  # reserves GPU room first (may evict); raises 429
+        opened = perf_counter()
         source = "module"
         if self.digest:
             try:
@@ -250,6 +254,7 @@ class Sleeper:
         parts.records.remove(self.key)
         self._epoch += 1
         took = perf_counter() - started
+        self.last_wake = {"open": opened - started, "restore": took - (opened - started), "total": took}
         metrics.TENANT_WAKES.labels(source).inc()
         metrics.TENANT_WAKE_SECONDS.observe(took)
         metrics.TENANTS_ASLEEP.dec()
