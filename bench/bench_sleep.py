@@ -571,8 +571,8 @@ def run() -> dict[str, Any]:
                     f"{s['max_open_caps_mib']:.0f} / {s['max_gpu_in_use_mib']:.0f} MiB",
                 )
             )
-            targets[f"storm_room{room}_lost_or_doubled"] = "== 0"
-            targets[f"storm_room{room}_samples_over_cap"] = "== 0"
+            targets[f"storm_room{room}_lost_or_doubled"] = "<= 0"
+            targets[f"storm_room{room}_samples_over_cap"] = "<= 0"
     finally:
         acc.close()
         shutil.rmtree(work, ignore_errors=True)
