@@ -175,6 +175,7 @@ def _plan(args: argparse.Namespace) -> int:
             f"Tenants per host ({workload.working_set.value / (1 << 20):g} MiB working set,"
             f" {workload.gpu_working_set.value / (1 << 20):g} MiB GPU,"
             f" {workload.cpu_per_request.value * 1e3:g} ms CPU per request)",
+            asked=(workload.qps.value, workload.tenants.value),
         )
         try:
             args.plot.write_bytes(png)
