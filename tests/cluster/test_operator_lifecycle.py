@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import random
 import re
-import time
 from typing import Any
 
 from .conftest import TenantOps, kube_json, tenant_manifest, wait_for
@@ -64,12 +63,20 @@ def test_kill_9_mid_reconcile_converges_without_duplicates_or_orphans(
 ) -> None:
     names = [f"k{i:02d}" for i in range(30)]
     tenants.apply(*(tenant_manifest(n, limits={"gpuMemory": "256Mi"}) for n in names))
-    op = operator_runner(shards="3", shard_max_tenants="12", shard_gpu_memory="6Gi")
+    # DEBUG: every reconcile logs a line, the points the kills below are placed at.
+    op = operator_runner(shards="3", shard_max_tenants="12", shard_gpu_memory="6Gi", log_level="DEBUG")
     rng = random.Random(6)
     for round_ in range(20):
-        # Deliberately random, not a wait: start-up is ~0.5 s, so kills land before, during and after
-        # reconciles. Convergence is then awaited on state below.
-        time.sleep(rng.uniform(0.3, 1.5))
+        # Kills land at observable points, not after a random sleep: before the first reconcile of
+        # this run, after a random number of them (mid-pass: some tenants written, some not), or
+        # after the whole pass. Convergence is then awaited on state below.
+        target = rng.choice([0, rng.randint(1, len(names) - 1), len(names)])
+        wait_for(
+            lambda target=target: len(re.findall(r"Reconciled Tenant ", op.current_log())) >= target,
+            120,
+            f"{target} reconciles in operator run {round_ + 1}",
+            interval=0.02,
+        )
         op.kill()
         if round_ == 9:  # halfway, change the world while it is down: a delete and a new tenant
             kube.kubectl("delete", "tenant", "k00", "-n", namespace, "--wait=false")
