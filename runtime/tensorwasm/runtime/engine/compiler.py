@@ -87,6 +87,11 @@ class Engine:
         self.fingerprint = hashlib.sha256(
             repr((_ARTIFACT_VERSION, version, sorted(settings.items()))).encode()
         ).hexdigest()[:16]
+        if lowlevel.FALLBACKS:
+            log.warning(
+                "Engine runs on public-API fallbacks: wasmtime-py moved names=%s (port engine/lowlevel.py)",
+                ",".join(lowlevel.FALLBACKS),
+            )
         self._linker = wasmtime.Linker(self._wt)
         hostcalls.define_all(self._linker)
         self._cache: CompileCache | None = None

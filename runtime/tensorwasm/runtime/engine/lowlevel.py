@@ -10,6 +10,12 @@ This is the ONLY module that touches wasmtime-py's private API (`wasmtime._ffi`,
 `_memory`, `_global`, `_table` structs, `Store._context()`, `Trap._from_ptr`,
 `WasmtimeError._from_ptr`); `PRIVATE_NAMES` lists them and
 tests/unit/test_runtime_wasmtime_private.py fails, naming the one that moved, on an upstream change.
+Each has a fallback on public ground, used when the private name is missing (`FALLBACKS` says which
+ones this process runs on, and the shard logs them): the library file where wasmtime-py's package
+puts it, the value and callback types declared here from wasmtime's C header, the store context
+from the public `Store.ptr()` through `wasmtime_store_context`, an object's struct found by its type
+rather than its attribute name, and trap and error messages read through the C API. The test proves
+each fallback gives what the private path gives, so an upgrade that moves a name keeps running.
 Only engine/ imports this module; it must not import the accelerator.
 """
 
@@ -17,15 +23,43 @@ from __future__ import annotations
 
 import ctypes
 from ctypes import c_size_t, c_uint64, c_void_p
+from pathlib import Path
 from typing import Any
 
+import wasmtime
 from wasmtime import Trap, WasmtimeError
-from wasmtime import _ffi as ffi
 
-_lib = ctypes.CDLL(ffi.dll._name)  # releases the GIL: for calls that run guest code
+ffi: Any
+try:
+    from wasmtime import _ffi as ffi
+except ImportError:  # pragma: no cover - an upstream layout change: every use below falls back
+    ffi = None
+
+FALLBACKS: list[str] = []  # private names missing in this wasmtime-py: their fallback is in use
+
+
+def _library_path() -> str:
+    try:
+        return str(ffi.dll._name)
+    except AttributeError:
+        FALLBACKS.append("wasmtime._ffi.dll._name")
+        return str(public_library_path())
+
+
+def public_library_path() -> Path:
+    """libwasmtime where the wasmtime package installs it (wasmtime/<platform>-<arch>/)."""
+    found = sorted(Path(wasmtime.__file__).parent.glob("*/*wasmtime.*"))
+    libs = [p for p in found if p.suffix in (".so", ".dylib", ".dll")]
+    if not libs:
+        raise ImportError(f"no libwasmtime under {Path(wasmtime.__file__).parent}")
+    return libs[0]
+
+
+_LIB_PATH = _library_path()
+_lib = ctypes.CDLL(_LIB_PATH)  # releases the GIL: for calls that run guest code
 # Holds the GIL: for tiny accessors, so a hot-path call does not hand the GIL to another thread
 # (the epoch ticker, other invokes) and wait to get it back. Never for anything that runs wasm.
-_quick = ctypes.PyDLL(ffi.dll._name)
+_quick = ctypes.PyDLL(_LIB_PATH)
 
 
 def _fn(name: str, restype: Any, *argtypes: Any, lib: Any = _lib) -> Any:
@@ -80,9 +114,53 @@ def discard_pages(addr: int, nbytes: int) -> bool:
     return int(_libc.madvise(addr, nbytes, MADV_DONTNEED)) == 0
 
 
-ValRaw = ffi.wasmtime_val_raw_t  # 16-byte union
-Val = ffi.wasmtime_val_t  # {kind u8, union}
-HostCallback = ffi.wasmtime_func_unchecked_callback_t
+# --- value and callback types: wasmtime-py's declarations, else ours from wasmtime.h (v50) ---
+
+
+class PublicValRaw(ctypes.Union):
+    """wasmtime_val_raw_t: 16 bytes; the engine reads and writes only the numeric members."""
+
+    _fields_ = [
+        ("i32", ctypes.c_int32),
+        ("i64", ctypes.c_int64),
+        ("f32", ctypes.c_float),
+        ("f64", ctypes.c_double),
+        ("v128", ctypes.c_uint8 * 16),
+        ("funcref", c_void_p),
+    ]
+
+
+class _PublicValUnion(ctypes.Union):
+    _fields_ = [
+        ("i32", ctypes.c_int32),
+        ("i64", ctypes.c_int64),
+        ("f32", ctypes.c_float),
+        ("f64", ctypes.c_double),
+        ("ref", ctypes.c_uint64 * 3),  # anyref/externref/exnref {u64, u32, u32, void*}: the largest
+        ("v128", ctypes.c_uint8 * 16),
+    ]
+
+
+class PublicVal(ctypes.Structure):
+    """wasmtime_val_t: {kind u8, union}."""
+
+    _fields_ = [("kind", ctypes.c_uint8), ("of", _PublicValUnion)]
+
+
+PublicHostCallback = ctypes.CFUNCTYPE(c_size_t, c_void_p, c_void_p, ctypes.POINTER(PublicValRaw), c_size_t)
+
+
+def _ffi_type(name: str, fallback: Any) -> Any:
+    found = getattr(ffi, name, None)
+    if found is None:
+        FALLBACKS.append(f"wasmtime._ffi.{name}")
+        return fallback
+    return found
+
+
+ValRaw = _ffi_type("wasmtime_val_raw_t", PublicValRaw)  # 16-byte union
+Val = _ffi_type("wasmtime_val_t", PublicVal)  # {kind u8, union}
+HostCallback = _ffi_type("wasmtime_func_unchecked_callback_t", PublicHostCallback)
 
 
 def address(obj: Any) -> int:
@@ -100,15 +178,62 @@ def pointer_value(ptr: Any) -> int:
 
 def take_trap(trap_addr: int) -> tuple[str, int | None]:
     """Message and trap code of a trap returned by a call; frees it."""
-    trap = Trap._from_ptr(ctypes.cast(trap_addr, ctypes.POINTER(ffi.wasm_trap_t)))
+    from_ptr = getattr(Trap, "_from_ptr", None)
+    if from_ptr is None or ffi is None:
+        return public_take_trap(trap_addr)
+    trap = from_ptr(ctypes.cast(trap_addr, ctypes.POINTER(ffi.wasm_trap_t)))
     code = trap.trap_code
     return trap.message, (code.value if code is not None else None)
 
 
 def take_error(error_addr: int) -> str:
     """Message of a wasmtime_error_t returned by a call; frees it."""
-    err = WasmtimeError._from_ptr(ctypes.cast(error_addr, ctypes.POINTER(ffi.wasmtime_error_t)))
-    return str(err)
+    from_ptr = getattr(WasmtimeError, "_from_ptr", None)
+    if from_ptr is None or ffi is None:
+        return public_take_error(error_addr)
+    return str(from_ptr(ctypes.cast(error_addr, ctypes.POINTER(ffi.wasmtime_error_t))))
+
+
+class _ByteVec(ctypes.Structure):
+    _fields_ = [("size", c_size_t), ("data", c_void_p)]
+
+
+_trap_message = _fn("wasm_trap_message", None, c_void_p, ctypes.POINTER(_ByteVec))
+_trap_code = _fn("wasmtime_trap_code", ctypes.c_bool, c_void_p, ctypes.POINTER(ctypes.c_uint8))
+_trap_delete = _fn("wasm_trap_delete", None, c_void_p)
+_error_message = _fn("wasmtime_error_message", None, c_void_p, ctypes.POINTER(_ByteVec))
+_error_delete = _fn("wasmtime_error_delete", None, c_void_p)
+_byte_vec_delete = _fn("wasm_byte_vec_delete", None, ctypes.POINTER(_ByteVec))
+_store_context = _fn("wasmtime_store_context", c_void_p, c_void_p, lib=_quick)
+
+
+def _take_message(getter: Any, addr: int) -> str:
+    vec = _ByteVec()
+    getter(addr, ctypes.byref(vec))
+    try:
+        raw = ctypes.string_at(vec.data, vec.size) if vec.size else b""
+    finally:
+        _byte_vec_delete(ctypes.byref(vec))
+    return raw.rstrip(b"\0").decode("utf-8", "replace")
+
+
+def public_take_trap(trap_addr: int) -> tuple[str, int | None]:
+    """take_trap through the C API alone (wasm_trap_message, wasmtime_trap_code)."""
+    try:
+        message = _take_message(_trap_message, trap_addr)
+        code = ctypes.c_uint8()
+        has_code = bool(_trap_code(trap_addr, ctypes.byref(code)))
+    finally:
+        _trap_delete(trap_addr)
+    return message, (int(code.value) if has_code else None)
+
+
+def public_take_error(error_addr: int) -> str:
+    """take_error through the C API alone (wasmtime_error_message)."""
+    try:
+        return _take_message(_error_message, error_addr)
+    finally:
+        _error_delete(error_addr)
 
 
 # --- the private attributes of wasmtime-py objects this module reads (see PRIVATE_NAMES) ---
@@ -130,20 +255,52 @@ PRIVATE_NAMES = (
 
 def store_context(store: Any) -> int:
     """Address of a Store's wasmtime_context_t."""
-    return pointer_value(store._context())
+    context = getattr(store, "_context", None)
+    if context is None:
+        return public_store_context(store)
+    return pointer_value(context())
+
+
+def public_store_context(store: Any) -> int:
+    """store_context from the public `Store.ptr()` through the C API's wasmtime_store_context."""
+    context = _store_context(pointer_value(store.ptr()))
+    if not context:
+        raise ValueError("wasmtime_store_context returned null")
+    return int(context)
+
+
+def _struct_address(obj: Any, attr: str, struct: str) -> int:
+    found = getattr(obj, attr, None)
+    if found is None:
+        return public_struct_address(obj, struct)
+    return ctypes.addressof(found)
+
+
+def public_struct_address(obj: Any, struct: str) -> int:
+    """Address of the ctypes struct named `struct` (wasmtime_func, ...) that `obj` holds, found by
+    its type, whatever the attribute is called."""
+    values = [getattr(obj, n, None) for n in getattr(obj, "__slots__", ())] + list(
+        getattr(obj, "__dict__", {}).values()
+    )
+    for value in values:
+        if isinstance(value, ctypes.Structure) and type(value).__name__ in (struct, f"{struct}_t"):
+            return ctypes.addressof(value)
+    raise RuntimeError(
+        f"no {struct} struct on {type(obj).__name__}: wasmtime-py changed, port engine/lowlevel.py"
+    )
 
 
 def func_address(func: Any) -> int:
-    return ctypes.addressof(func._func)
+    return _struct_address(func, "_func", "wasmtime_func")
 
 
 def memory_address(memory: Any) -> int:
-    return ctypes.addressof(memory._memory)
+    return _struct_address(memory, "_memory", "wasmtime_memory")
 
 
 def global_address(global_: Any) -> int:
-    return ctypes.addressof(global_._global)
+    return _struct_address(global_, "_global", "wasmtime_global")
 
 
 def table_address(table: Any) -> int:
-    return ctypes.addressof(table._table)
+    return _struct_address(table, "_table", "wasmtime_table")
