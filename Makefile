@@ -94,6 +94,10 @@ fmt: install ## Format the code with ruff
 bench: install controlplane ## Run the benchmarks; results in bench/results, table in docs/performance.md
 	$(PY) bench/run.py
 
+.PHONY: gpu-node-plan
+gpu-node-plan: install controlplane image ## Pack the GPU node (issue 19) into .gpunode/ and print the device calls that run it on the GPU machine
+	bash hack/gpunode/pack.sh
+
 ##@ Local cluster
 
 .PHONY: cluster-up
