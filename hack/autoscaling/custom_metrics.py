@@ -4,8 +4,9 @@ The dev cluster's stand-in for prometheus-adapter, which this workplace cannot b
 proxy does not serve sigs.k8s.io/prometheus-adapter) and which is proposed for deprecation
 (kubernetes-sigs/prometheus-adapter #701). It answers exactly what docs/helm.md's adapter rule
 answers and nothing more: for `GET .../namespaces/NS/pods/*/METRIC?labelSelector=S`, the pods
-matching S (listed from the API server) each with `sum by (pod) (METRIC{namespace="NS"})` from
-Prometheus, 0 for a pod Prometheus has no series of yet. Only Pods metrics, only the names given
+matching S (listed from the API server) that Prometheus has series of, each with
+`sum by (pod) (METRIC{namespace="NS"})` (a pod not scraped yet is left out, as prometheus-adapter
+leaves it, and the HPA then assumes the least for it). Only Pods metrics, only the names given
 on the command line. It serves TLS with its own certificate (the APIService's caBundle) and takes
 requests only from the aggregation layer: a client certificate signed by the request-header CA in
 kube-system/extension-apiserver-authentication, with the allowed name. Standard library only (the
@@ -78,8 +79,8 @@ def build_value_list(
         "kind": "MetricValueList", "apiVersion": f"{GROUP}/{VERSION}", "metadata": {},
         "items": [{
             "describedObject": {"kind": "Pod", "namespace": namespace, "name": pod, "apiVersion": "/v1"},
-            "metric": {"name": metric}, "timestamp": now, "value": quantity(values.get(pod, 0.0)),
-        } for pod in sorted(pods)],
+            "metric": {"name": metric}, "timestamp": now, "value": quantity(values[pod]),
+        } for pod in sorted(pods) if pod in values],
     }  # fmt: skip
 
 
@@ -117,7 +118,7 @@ class Handler(BaseHTTPRequestHandler):
         if url.path == PREFIX:
             self.reply(200, build_resource_list(self.metrics))
             return
-        parts = url.path.removeprefix(PREFIX + "/").split("/")
+        parts = [urllib.parse.unquote(p) for p in url.path.removeprefix(PREFIX + "/").split("/")]
         # namespaces/NS/pods/*/METRIC
         if len(parts) != 5 or parts[0] != "namespaces" or parts[2] != "pods" or parts[3] != "*":
             self.reply(
