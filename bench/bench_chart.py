@@ -215,5 +215,7 @@ def run() -> dict[str, Any]:
         "title": "The chart on the real node: install to first invoke, shard restarts, upgrade under load",
         "figures": figures,
         "targets": {"upgrade_other_failures": "== 0", "upgrade_connection_failed": "== 0"},
-        "notes": __doc__.split("\n\n", 1)[1].replace("\n", " ") + f" Restarts (ready, serving): {restarts}.",
+        "notes": __doc__.split("\n\n", 1)[1].replace("\n", " ")
+        + (f" This run: on the running cluster in {reuse} (TENSORWASM_BENCH_CLUSTER_DIR)." if reuse else "")
+        + f" Restarts (ready, serving): {restarts}.",
     }

@@ -114,5 +114,6 @@ def run() -> dict[str, Any]:
             "writes_lost_or_repeated": "<= 0",
             "client_errors": "<= 0",
         },
-        "notes": __doc__.split("\n\n", 1)[1].replace("\n", " "),
+        "notes": __doc__.split("\n\n", 1)[1].replace("\n", " ")
+        + (f" This run: on the running cluster in {reuse} (TENSORWASM_BENCH_CLUSTER_DIR)." if reuse else ""),
     }
