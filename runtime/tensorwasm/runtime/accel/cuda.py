@@ -669,8 +669,13 @@ class CudaAccelerator:
         return f"sm_{self.compute_capability[0]}{self.compute_capability[1]}"
 
     def _builtin_cubin(self) -> bytes:
-        """NVRTC-compile the built-in library once per (source, arch, NVRTC version); cached on disk."""
-        err, major, minor = nvrtc.nvrtcVersion()
+        """NVRTC-compile the built-in library once per (source, arch, NVRTC version); cached on disk.
+        Without NVRTC (the image ships none; the NVIDIA container runtime mounts only the driver), the
+        driver links the PTX generated from the same source (accel/builtins_ptx.py), as for tenant PTX."""
+        try:
+            err, major, minor = nvrtc.nvrtcVersion()
+        except Exception as exc:  # the library is loaded on first use: DynamicLibNotFoundError, OSError
+            return self._builtin_cubin_from_ptx(exc)
         if err:
             raise AcceleratorFailed(f"nvrtcVersion failed: {error_name(err)}")
         opts = (f"--gpu-architecture={self._arch()}".encode(), *_NVRTC_OPTIONS)
@@ -705,6 +710,20 @@ class CudaAccelerator:
                 log.error("Failed NVRTC cleanup call=nvrtcDestroyProgram error=%s", error_name(derr))
         _write_atomic(path, cubin)
         log.info("Compiled built-in kernels arch=%s cache=%s", self._arch(), path)
+        return cubin
+
+    def _builtin_cubin_from_ptx(self, why: BaseException) -> bytes:
+        from tensorwasm.runtime.accel import builtins_ptx
+
+        if hashlib.sha256(CUDA_SOURCE.encode()).hexdigest() != builtins_ptx.SOURCE_SHA256:
+            raise AcceleratorFailed(f"NVRTC unavailable ({why}) and the shipped PTX is stale")
+        try:
+            cubin = self._ptx_cubin("builtins", builtins_ptx.PTX)
+        except ModuleRejected as exc:
+            raise AcceleratorFailed(
+                f"NVRTC unavailable ({why}) and the driver refused the shipped PTX: {exc}"
+            ) from exc
+        log.info("Built-in kernels linked from the shipped PTX (no NVRTC: %s) arch=%s", why, self._arch())
         return cubin
 
     def _ptx_cubin(self, kernel: str, ptx: str) -> bytes:
