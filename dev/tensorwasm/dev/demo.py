@@ -13,6 +13,7 @@ import base64
 import hashlib
 import json
 import os
+import shlex
 import struct
 import subprocess
 import sys
@@ -144,11 +145,11 @@ class Demo:
             if kubectl
             else [sys.executable, "-m", "tensorwasm.cli.main"]
         )
-        print(f"$ {'kubectl' if kubectl else 'tensorwasm'} {' '.join(args)}", flush=True)
+        print(f"$ {'kubectl' if kubectl else 'tensorwasm'} {shlex.join(args)}", flush=True)
         env = {**os.environ, "KUBECONFIG": self.release.state.kubeconfig}
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # kubectl-tensorwasm
         done = subprocess.run([*exe, *args], env=env, capture_output=True, timeout=300, check=False)
-        for stream in (done.stdout, done.stderr):
+        for stream in (done.stderr, done.stdout):  # the client's notes (job id, route) come first
             text = stream.decode(errors="replace").rstrip()
             if text:
                 print("  " + text.replace("\n", "\n  "), flush=True)
