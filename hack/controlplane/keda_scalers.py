@@ -20,6 +20,14 @@ from pathlib import Path
 
 KEEP_TRIGGERS = ("prometheus", "cpu", "memory")
 KEEP_FILES = {"scaler.go", "prometheus_scaler.go", "cpu_memory_scaler.go"}
+# Declared in a removed scaler's file and used by a kept one (v2.21.0: azure_queue_scaler.go).
+SHARED_DECLARATIONS = "\n".join([
+    "package scalers",
+    "",
+    "// Written by hack/controlplane/keda_scalers.py.",
+    'const externalMetricType = "External"',
+    "",
+])  # fmt: skip
 
 
 def trim_switch(source: str, keep: tuple[str, ...]) -> str:
@@ -48,6 +56,7 @@ def main(argv: list[str]) -> int:
         if path.name not in KEEP_FILES:  # other scalers, their tests and the test mocks
             path.unlink()
             removed += 1
+    (scalers / "trimmed_shared.go").write_text(SHARED_DECLARATIONS)
     print(
         f"keda_scalers: kept triggers {list(keep)}, removed {removed} files from pkg/scalers", file=sys.stderr
     )
