@@ -149,9 +149,8 @@ async def _run(settings: RuntimeSettings) -> int:
     )
     # Startup objects (modules, engine, imports) never die: keep them out of every GC pass.
     gc.freeze()
-    # Guests' host calls re-take the GIL thousands of times a second from worker threads; with
-    # Python's 5 ms interval a waiting event loop can lose each hand-over to them for up to 5 ms
-    # (bench_noisy: log spam took a neighbour's P99 to 3.4x idle). Shorter: bounded at this.
+    # Guests' host calls re-take the GIL thousands of times a second from worker threads: a waiting
+    # event loop may wait up to this long for a hand-over (--gil-switch-ms; Python's 5 ms default).
     sys.setswitchinterval(settings.gil_switch_ms / 1000)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
