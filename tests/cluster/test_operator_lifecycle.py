@@ -7,7 +7,9 @@ import random
 import re
 from typing import Any
 
-from .conftest import TenantOps, kube_json, tenant_manifest, wait_for
+from tests.conftest import wait_for
+
+from .conftest import TenantOps, kube_json, tenant_manifest
 
 SHARD = "tensorwasm-shard"
 
@@ -71,12 +73,11 @@ def test_kill_9_mid_reconcile_converges_without_duplicates_or_orphans(
         # this run, after a random number of them (mid-pass: some tenants written, some not), or
         # after the whole pass. Convergence is then awaited on state below.
         target = rng.choice([0, rng.randint(1, len(names) - 1), len(names)])
-        wait_for(
-            lambda target=target: len(re.findall(r"Reconciled Tenant ", op.current_log())) >= target,
-            120,
-            f"{target} reconciles in operator run {round_ + 1}",
-            interval=0.02,
-        )
+
+        def reached(target: int = target) -> bool:
+            return len(re.findall(r"Reconciled Tenant ", op.current_log())) >= target
+
+        wait_for(reached, 120, f"{target} reconciles in operator run {round_ + 1}", interval=0.02)
         op.kill()
         if round_ == 9:  # halfway, change the world while it is down: a delete and a new tenant
             kube.kubectl("delete", "tenant", "k00", "-n", namespace, "--wait=false")
