@@ -84,6 +84,14 @@ def test_a_new_revision_rolls_the_only_shard_through_a_surge_shard_without_a_gap
                 )
                 assert json.loads(sts["metadata"]["annotations"][ROLL_ANNOTATION]) == {"replicas": 1}
                 assert sts["spec"]["replicas"] == 2 and sts["spec"]["updateStrategy"] == {"type": "OnDelete"}
+                # An autoscaler scales it back to 1 mid-roll: the roll needs its surge and takes it back.
+                await fake.put(
+                    STATEFULSETS, {"metadata": {"name": "tensorwasm-shard"}, "spec": {"replicas": 1}}
+                )
+                await fake.wait_for(
+                    lambda: (s := fake.get(STATEFULSETS, "tensorwasm-shard")) and s["spec"]["replicas"] == 2,
+                    60,
+                )
                 # Shard 0 is drained onto the surge shard, replaced on r2, and the surge goes.
                 await fake.wait_for(
                     lambda: (

@@ -95,6 +95,12 @@ class ShardRoll:
                 stale,
             )
             return "surge"
+        if int((sts.get("spec") or {}).get("replicas") or 0) != replicas + 1:
+            # Scaled meanwhile (an autoscaler, a user): the roll needs its surge shard back; it
+            # restores R at the end.
+            await self.api.merge_patch(path, {"spec": {"replicas": replicas + 1}})
+            log.warning("Scaled shards back to replicas=%d: a roll is under way", replicas + 1)
+            return "surge again"
         surge = shard_pod_name(self.shard_name, replicas)
         if not pod_ready(pods.get(surge)):
             return "waiting for the surge shard"
