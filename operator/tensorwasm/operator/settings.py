@@ -61,7 +61,7 @@ class OperatorSettings:
     log_level: str = "INFO"
     log_format: str = "text"  # or json: tensorwasm.api.logs, the runtime's format too
     reconcile_retry_s: float = 2.0
-    move_snapshot_timeout_s: int = 120  # a move waits this long for its Snapshot, then goes anyway
+    move_snapshot_timeout_s: int = 120  # a move not done this long after it began rolls back
     # kopf's liveness endpoint (GET /healthz). Off (0) unless set: operators started side by side on
     # one host (tests, the dev stack) would fight over a fixed port; the chart sets 8081.
     liveness_port: int = 0
