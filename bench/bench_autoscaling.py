@@ -29,8 +29,9 @@ ROUNDS = 2  # each round runs both paths once
 def cycles(rounds: int = ROUNDS) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
         record = Path(tmp) / "timings.jsonl"
-        env = {**os.environ, "TENSORWASM_AUTOSCALE_TIMINGS": str(record),
-               "TENSORWASM_TEST_CLUSTER_DIR": str(CLUSTER)}  # fmt: skip
+        # A running cluster named by TENSORWASM_TEST_CLUSTER_DIR is reused (and left running).
+        env = {"TENSORWASM_TEST_CLUSTER_DIR": str(CLUSTER), **os.environ,
+               "TENSORWASM_AUTOSCALE_TIMINGS": str(record)}  # fmt: skip
         env.pop("TENSORWASM_KEEP_CLUSTER", None)
         for _ in range(rounds):
             subprocess.run(
@@ -57,7 +58,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run() -> dict[str, Any]:
-    summary = summarise(cycles())
+    summary = summarise(cycles(int(os.environ.get("TENSORWASM_BENCH_ROUNDS", ROUNDS))))
     return {
         "title": "Autoscaling: load step to first scale decision (both paths)",
         "notes": (__doc__ or "").split("\n\n", 1)[1].strip(),
