@@ -12,7 +12,7 @@
 # `build.sh keda` runs only lane 3, the autoscaler: KEDA's operator (keda) and metrics API server
 # (keda-adapter) from its Go module at KEDA_VERSION, trimmed by keda_scalers.py to the prometheus,
 # cpu and memory triggers (all of KEDA is ~3,450 packages, well over an hour on 2 busy cores; trimmed
-# ~1,700), with KEDA's own manifests (config/, the kustomize base tensorwasm.dev.autoscalers applies)
+# ~1,700, 47 min cold on 2 busy cores, docs/dev-cluster.md), with KEDA's own manifests (config/, the kustomize base tensorwasm.dev.autoscalers applies)
 # beside them, cached under keda/<version>-<hash of the trim>. Not part of the default build: only
 # the autoscaler tests and `tensorwasm dev autoscaler keda` need it.
 set -euo pipefail
@@ -46,7 +46,7 @@ KUBE_COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler kube
 export GOTOOLCHAIN=local CGO_ENABLED=0
 # Cold-build seconds on an idle 2-core machine (projected from CPU time, docs/dev-cluster.md), shown
 # before the package count gives a better estimate; a warm build is much faster.
-declare -A COLD_S=([tensorwasm-kube]=1200 [containerd]=240 [kwok]=300 [helm]=240 [pause]=30 [keda]=3600)
+declare -A COLD_S=([tensorwasm-kube]=1200 [containerd]=240 [kwok]=300 [helm]=240 [pause]=30 [keda]=2800)
 
 start=$(date +%s)
 step() { printf '[controlplane %4ss] %s\n' "$(( $(date +%s) - start ))" "$*" >&2; }
