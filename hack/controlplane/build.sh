@@ -12,9 +12,10 @@
 # `build.sh keda` runs only lane 3, the autoscaler: KEDA's operator (keda) and metrics API server
 # (keda-adapter) from its Go module at KEDA_VERSION, trimmed by keda_scalers.py to the prometheus,
 # cpu and memory triggers (all of KEDA is ~3,450 packages, well over an hour on 2 busy cores; trimmed
-# ~1,700, 47 min cold on 2 busy cores, docs/dev-cluster.md), with KEDA's own manifests (config/, the kustomize base tensorwasm.dev.autoscalers applies)
-# beside them, cached under keda/<version>-<hash of the trim>. Not part of the default build: only
-# the autoscaler tests and `tensorwasm dev autoscaler keda` need it.
+# ~1,700, 47 min cold on 2 busy cores, docs/dev-cluster.md), with KEDA's own manifests (config/,
+# the kustomize base tensorwasm.dev.autoscalers applies) beside them, cached under
+# keda/<version>-<hash of the trim>. Not part of the default build: only the autoscaler tests and
+# `tensorwasm dev autoscaler keda` need it.
 set -euo pipefail
 
 KUBE_VERSION=v1.37.2
