@@ -3,7 +3,7 @@
 Covers: exactly one autoscaler per provider; the ScaledObject targets the StatefulSet the operator
 builds, and its Prometheus trigger's query parses and sums the shards' queue depths when promtool
 evaluates it; a server-side dry-run where keda.sh is served (skipped otherwise, as the
-ServiceMonitor's). Not tested against a running KEDA yet.
+ServiceMonitor's). Both paths scaling a real StatefulSet: tests/cluster/test_autoscalers.py.
 """
 
 from __future__ import annotations
