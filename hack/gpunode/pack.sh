@@ -39,7 +39,7 @@ if [[ ! -s $CACHE/node-$node_key.tar.zst ]]; then
   done
   cp "$(dirname "$BIN")/images/pause.oci.tar" "$N/images/pause.oci.tar"
   say "building the device plugin"
-  (cd hack/gpunode/deviceplugin && CGO_ENABLED=0 go build -trimpath -ldflags="-s -w" -o "$N/bin/tensorwasm-gpu-plugin" .)
+  (cd hack/gpunode/deviceplugin && go test ./... >&2 && CGO_ENABLED=0 go build -trimpath -ldflags="-s -w" -o "$N/bin/tensorwasm-gpu-plugin" .)
   say "Debian packages"
   debs=(runc libseccomp2 containernetworking-plugins iptables libip4tc2 libip6tc2 libxtables12 libnftnl11 libmnl0
         libnetfilter-conntrack3 libnfnetlink0 iproute2 libbpf1 libelf1 libbsd0 libmd0 libcap2 libdb5.3 libtirpc3
