@@ -176,12 +176,24 @@ class ScalingRun:
         return out
 
     def scale(self, replicas: int, timeout_s: float = 300) -> ScaleResult:
+        """`kubectl scale` (what an autoscaler writes to /scale), then `settle`."""
         before = {n: s.get("shard") for n, s in self.placements().items()}
         old = len(self.shard_pods())
-        wanted = {f"{self.statefulset}-{i}" for i in range(replicas)}
         start = time.monotonic()
         self.kubectl("scale", "statefulset", self.statefulset, f"--replicas={replicas}", "-n", self.namespace)
         self.log(f"scaled {self.statefulset} {old} -> {replicas}")
+        return self.settle(replicas, start, before, old, timeout_s)
+
+    def replicas(self) -> int:
+        return int(self.get("statefulset", self.statefulset)["spec"]["replicas"])
+
+    def settle(
+        self, replicas: int, start: float, before: dict[str, Any], old: int, timeout_s: float = 300
+    ) -> ScaleResult:
+        """Wait until `replicas` shard pods are Ready and every tenant is placed on one of them, loaded,
+        its Service re-pointed and (for those that moved since `before`) answering its client; the
+        seconds since `start` of each milestone."""
+        wanted = {f"{self.statefulset}-{i}" for i in range(replicas)}
         pods_ready: float | None = None
         while True:
             now = time.monotonic()
@@ -208,7 +220,9 @@ class ScalingRun:
             time.sleep(0.25)
         settled = time.monotonic()
         moved = {
-            n: (str(before[n]), str(s["shard"])) for n, s in status.items() if s.get("shard") != before[n]
+            n: (str(before.get(n)), str(s["shard"]))
+            for n, s in status.items()
+            if s.get("shard") != before.get(n)
         }
         self.log(f"tenants settled after {settled - start:.1f}s; moved {len(moved)}: {moved}")
         movers = [self.clients[n] for n in moved if n in self.clients]
