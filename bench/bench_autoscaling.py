@@ -8,7 +8,18 @@ timings, measured from the moment a bounded load starts filling one tenant's que
 decision is read), (b) the HPA's status.desiredReplicas > 1 (the first scale decision), (c) the
 StatefulSet's replicas follow, and scale-in from the load's end to 1 replica with the test's 20 s
 scale-down window. Settings: scrape interval 5 s, HPA sync period 15 s (kube-controller-manager's
-default), KEDA pollingInterval 5 s. Needs root (the real node) and `build.sh keda` (KEDA's build).
+default), KEDA pollingInterval 5 s, targetAverageValue 1, scale-up without a window.
+
+Reading it: the decision lands on the HPA controller's next sync after Prometheus has the step, so it
+is the scrape delay plus 0..15 s, and both paths are alike (the HPA KEDA makes asks KEDA's metrics
+server on each sync; KEDA's pollingInterval, 30 s by default, only gates activation from 0 replicas,
+so it is not on this path with minReplicas 1). The 15 s goal sits exactly on the default sync
+period: `--horizontal-pod-autoscaler-sync-period=5s` (a cluster-wide setting; managed clusters may
+not expose it) would bound the decision near scrape + 5 s at three times the HPA controller's API
+reads. Knative's KPA decides within its 6 s panic window because it reads concurrency pushed by its
+own queue-proxies instead of a scrape; the equivalent here would be the shard pushing its queue depth
+to the autoscaler, which neither KEDA nor an HPA supports. Needs root (the real node) and
+`build.sh keda` (KEDA's build).
 """
 
 from __future__ import annotations
