@@ -71,6 +71,24 @@ chart-readme: install ## Regenerate helm/tensorwasm/README.md (helm show readme)
 sample-modules: install ## Compile examples/modules/*.wasm from their WAT in tests/fixtures
 	$(PY) -c 'import sys, wasmtime; [open(f"examples/modules/{n}.wasm", "wb").write(wasmtime.wat2wasm(open(f"tests/fixtures/{n}.wat").read())) for n in sys.argv[1:]]' echo sum stateful counter streamer
 
+CHART_DIST ?= dist
+# Where `make chart-publish` pushes: an OCI repository (helm push appends the chart name).
+CHART_REGISTRY ?= oci://ghcr.io/tensorwasm/charts
+HELM_PUSH_FLAGS ?=
+
+.PHONY: chart-package
+chart-package: controlplane ## helm package the chart into $(CHART_DIST)/
+	@mkdir -p $(CHART_DIST)
+	$(HELM) package $(CHART) -d $(CHART_DIST)
+
+.PHONY: chart-publish
+chart-publish: chart-package ## Push the chart as an OCI artifact: make chart-publish CHART_REGISTRY=oci://host/path
+	$(HELM) push $(CHART_DIST)/tensorwasm-$$(sed -n 's/^version: *//p' $(CHART)/Chart.yaml).tgz $(CHART_REGISTRY) $(HELM_PUSH_FLAGS)
+
+.PHONY: registry
+registry: ## Build (once, cached) a local OCI registry (distribution) for the chart-publish test
+	@bash hack/controlplane/build.sh registry | tail -1
+
 .PHONY: helm-lint
 helm-lint: controlplane ## helm lint --strict the chart (defaults, every feature on); fails if CRDs are out of sync
 	@diff -r -x '.*' crds $(CHART)/files/crds --exclude=samples >/dev/null || \

@@ -25,6 +25,7 @@ KWOK_VERSION=v0.8.0
 HELM_VERSION=v3.22.0
 PAUSE_IMAGE=tensorwasm.io/pause:3.10
 KEDA_VERSION=v2.21.0  # its go.mod needs Go 1.26 and k8s.io v0.36: a separate module graph, its own lane
+REGISTRY_VERSION=v3.0.0  # distribution's OCI registry: `make chart-publish` pushes the chart to it in tests
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
@@ -35,6 +36,9 @@ cache_root="${TENSORWASM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tensorwasm}"
 key="kube-$KUBE_VERSION-etcd-$ETCD_VERSION-containerd-$CONTAINERD_VERSION-kwok-$KWOK_VERSION-helm-$HELM_VERSION-$sources_hash"
 if [[ ${1:-} == keda ]]; then
   key="../keda/keda-$KEDA_VERSION-$(sha256sum "$here/keda_scalers.py" | cut -c1-10)"
+fi
+if [[ ${1:-} == registry ]]; then
+  key="../registry/registry-$REGISTRY_VERSION"
 fi
 bin="$cache_root/controlplane/$key/bin"
 images="$cache_root/controlplane/$key/images"
@@ -47,7 +51,7 @@ KUBE_COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler kube
 export GOTOOLCHAIN=local CGO_ENABLED=0
 # Cold-build seconds on an idle 2-core machine (projected from CPU time, docs/dev-cluster.md), shown
 # before the package count gives a better estimate; a warm build is much faster.
-declare -A COLD_S=([tensorwasm-kube]=1200 [containerd]=240 [kwok]=300 [helm]=240 [pause]=30 [keda]=2800)
+declare -A COLD_S=([tensorwasm-kube]=1200 [containerd]=240 [kwok]=300 [helm]=240 [pause]=30 [keda]=2800 [registry]=600)
 
 start=$(date +%s)
 step() { printf '[controlplane %4ss] %s\n' "$(( $(date +%s) - start ))" "$*" >&2; }
@@ -181,6 +185,13 @@ build_keda() {
 
 if [[ ${1:-} == keda ]]; then
   build_keda
+  echo "$bin"
+  exit 0
+fi
+# Lane 4 (`build.sh registry`): an OCI registry (distribution) for the chart-publish test; measured
+# 10 minutes cold on the busy 2-core box (it links the Azure, GCS and S3 storage drivers too).
+if [[ ${1:-} == registry ]]; then
+  install registry "github.com/distribution/distribution/v3/cmd/registry@$REGISTRY_VERSION"
   echo "$bin"
   exit 0
 fi
