@@ -519,7 +519,8 @@ class Reconciler:
         if not phase or phase == old or is_deleting(body):
             return
         status = body.get("status") or {}
-        ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+        conditions = status.get("conditions") or []
+        ready: Mapping[str, Any] = next((c for c in conditions if c.get("type") == "Ready"), {})
         reason = str(ready.get("reason") or phase)
         message = (
             f"{old or 'New'} -> {phase} on shard {status.get('shard') or '-'}: {ready.get('message', '')}"
