@@ -33,6 +33,7 @@ from tensorwasm.dev import node as real_node
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 BUILD_SCRIPT = REPO_ROOT / "hack" / "controlplane" / "build.sh"
+HPA_SYNC_ENV = "TENSORWASM_DEV_HPA_SYNC_PERIOD"  # read at `up`: the HPA controller's sync period
 STATE_FILE = "cluster.json"
 FAKE_NODE_ANNOTATION = "kwok.x-k8s.io/node"
 SERVICE_CLUSTER_IP_RANGE = "10.96.0.0/16"
@@ -369,6 +370,8 @@ class LocalControlPlane:
             "--use-service-account-credentials=false", "--controllers=*",
             f"--service-cluster-ip-range={state.service_cidr}",
             "--concurrent-statefulset-syncs=5", "--v=0",
+            # How often HPAs read their metrics: Kubernetes' 15 s unless set (docs/helm.md, Autoscaling).
+            f"--horizontal-pod-autoscaler-sync-period={os.environ.get(HPA_SYNC_ENV, '15s')}",
         ])  # fmt: skip
         self._spawn(state, "kube-scheduler", [
             str(bd / "kube-scheduler"), f"--kubeconfig={kubeconfig}",
