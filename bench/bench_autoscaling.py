@@ -70,9 +70,11 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run() -> dict[str, Any]:
     summary = summarise(cycles(int(os.environ.get("TENSORWASM_BENCH_ROUNDS", ROUNDS))))
+    # Applied when the cluster starts (dev/cluster.py): a reused cluster must have been started with it.
+    sync = os.environ.get("TENSORWASM_DEV_HPA_SYNC_PERIOD", "15s")
     return {
-        "title": "Autoscaling: load step to first scale decision (both paths)",
-        "notes": (__doc__ or "").split("\n\n", 1)[1].strip(),
+        "title": f"Autoscaling: load step to first scale decision (both paths, HPA sync period {sync})",
+        "notes": (__doc__ or "").split("\n\n", 1)[1].strip() + f"\n\nHPA sync period in this run: {sync}.",
         **summary,
         "targets": {k: "<= 15" for k in summary["figures"]},
     }
