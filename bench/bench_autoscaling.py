@@ -2,13 +2,17 @@
 
 Runs tests/cluster/test_autoscalers.py (both paths: the HPA on custom.metrics.k8s.io, and KEDA's
 ScaledObject on external.metrics.k8s.io) in a cluster of its own
-(`~/.cache/tensorwasm/bench-autoscaling-cluster`, removed after) and collects each scale cycle's
+(`~/.cache/tensorwasm/bench-autoscaling-cluster`, removed after; a running one named by
+TENSORWASM_TEST_CLUSTER_DIR is reused, as in the runs below) and collects each scale cycle's
 timings, measured from the moment a bounded load starts filling one tenant's queue on shard 0:
 (a) the dev Prometheus returns the depth (the floor of any scrape-driven autoscaler, beside which the
 decision is read), (b) the HPA's status.desiredReplicas > 1 (the first scale decision), (c) the
 StatefulSet's replicas follow, and scale-in from the load's end to 1 replica with the test's 20 s
-scale-down window. Settings: scrape interval 5 s, HPA sync period 15 s (kube-controller-manager's
-default), KEDA pollingInterval 5 s, targetAverageValue 1, scale-up without a window.
+scale-down window. Settings: scrape interval 5 s, the HPA sync period named in the title
+(Kubernetes' default is 15 s; TENSORWASM_DEV_HPA_SYNC_PERIOD when the cluster starts), KEDA
+pollingInterval 5 s, targetAverageValue 1, scale-up without a window. The load is 1 + queueLength
+invokes of a tenant whose guest spins to its 3 s deadline (so each ends 504), re-sent as they end:
+the queue stays full without a refusal.
 
 Reading it: the decision lands on the HPA controller's next sync after Prometheus has the step, so it
 is the scrape delay plus 0..15 s, and both paths are alike (the HPA KEDA makes asks KEDA's metrics
