@@ -14,6 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
+import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,10 +24,14 @@ from typing import Any
 import pytest
 
 from tensorwasm.api.group import API_VERSION
+from tensorwasm.dev import autoscalers
+from tensorwasm.dev import prometheus as dev_prometheus
 from tensorwasm.dev.chart import DevRelease, build_image
 from tensorwasm.dev.cluster import LocalControlPlane, default_state_dir
 from tensorwasm.dev.scaling import ScalingRun
-from tests.conftest import REPO
+from tests.conftest import REPO, wait_for
+
+from .test_helm import one, render
 
 pytestmark = [pytest.mark.node, pytest.mark.timeout(1800)]  # a first image build included
 
@@ -101,3 +108,128 @@ def test_scale_out_and_in_under_load_keeps_every_request_and_every_write(release
         assert client.outcomes["200"] > 0
     status = run.placements()
     assert all(s["shard"] == "tensorwasm-shard-0" for s in status.values()), json.dumps(status)[:2000]
+
+
+SPIN = REPO / "tests" / "fixtures" / "runaway.wat"
+SPIN_MS, SPIN_QUEUE = 3000, 4
+# Scale in 20 s after the load is gone (the chart's default waits 600 s: each move costs a snapshot).
+FAST_BEHAVIOR = {
+    "scaleDown": {"stabilizationWindowSeconds": 20,
+                  "policies": [{"type": "Percent", "value": 100, "periodSeconds": 15}]},
+    "scaleUp": {"stabilizationWindowSeconds": 0,
+                "policies": [{"type": "Pods", "value": 4, "periodSeconds": 15}]},
+}  # fmt: skip
+
+
+def spin_objects() -> list[dict[str, Any]]:
+    import base64
+
+    import wasmtime
+
+    wasm = bytes(wasmtime.wat2wasm(SPIN.read_text()))
+    module = {"apiVersion": "v1", "kind": "ConfigMap",
+              "metadata": {"name": "spin-module", "namespace": NAMESPACE},
+              "binaryData": {"module.wasm": base64.b64encode(wasm).decode()}}  # fmt: skip
+    tenant = {
+        "apiVersion": API_VERSION, "kind": "Tenant", "metadata": {"name": "spin", "namespace": NAMESPACE},
+        "spec": {"module": {"configMapRef": {"name": "spin-module", "key": "module.wasm"},
+                            "sha256": hashlib.sha256(wasm).hexdigest()},
+                 "functions": ["spin"], "snapshot": {"policy": "Manual"},
+                 "limits": {"linearMemory": "1Mi", "timeoutMs": SPIN_MS, "maxConcurrency": 1,
+                            "queueLength": SPIN_QUEUE}},
+    }  # fmt: skip
+    return [module, tenant]
+
+
+class SpinLoad:
+    """Keeps the spin tenant's worker and queue full (1 + SPIN_QUEUE callers), honouring Retry-After
+    on 429/503 like any good client; bounded in time; every status counted (0: no HTTP answer)."""
+
+    def __init__(self, url: str, token: str, max_s: float = 300) -> None:
+        self.url, self.token, self.max_s = url, token, max_s
+        self.statuses: Counter[int] = Counter()
+        self.stop_event = threading.Event()
+        self.threads = [threading.Thread(target=self.run, daemon=True) for _ in range(1 + SPIN_QUEUE)]
+        self.started_at = 0.0
+
+    def start(self) -> None:
+        self.started_at = time.monotonic()
+        for thread in self.threads:
+            thread.start()
+
+    def run(self) -> None:
+        while not self.stop_event.is_set() and time.monotonic() - self.started_at < self.max_s:
+            status, retry_after = autoscalers.invoke(self.url, "spin", self.token)
+            self.statuses[status] += 1
+            if status in (429, 503):
+                self.stop_event.wait(min(float(retry_after or 1), 2.0))
+            elif status == 0:
+                self.stop_event.wait(0.2)
+
+    def stop(self) -> dict[int, int]:
+        self.stop_event.set()
+        for thread in self.threads:
+            thread.join(SPIN_MS / 1000 * 3)
+        return dict(self.statuses)
+
+
+def test_the_hpa_scales_on_queue_depth_and_moved_tenants_keep_every_write(
+    release: DevRelease, kube: Any, tmp_path: Path
+) -> None:
+    """Load fills a tenant's queue -> Prometheus -> custom metrics API -> the chart's HPA scales the
+    operator's StatefulSet 1 -> 2 -> the moved counters keep their totals -> load stops -> after the
+    stabilization window the HPA scales in and they move back. Every counting request is counted."""
+    state = release.plane.state()
+    assert state is not None
+    image = build_image()
+    prom = dev_prometheus.DevPrometheus(
+        release.plane, state, f"{NAMESPACE}-monitoring", [NAMESPACE], image.ref
+    )
+    dev = autoscalers.DevAutoscalers(release.plane, state, log=print)
+    release.apply(counter_module(), *(counter_tenant(n) for n in TENANTS), *spin_objects())
+    for tenant in [*TENANTS, "spin"]:
+        release.wait_tenant_ready(tenant)
+    for tenant in TENANTS:  # each ClusterIP programmed before the clock starts
+        assert release.access(tenant).invoke("add", b"")[0] == 200
+    values = tmp_path / "behavior.yaml"
+    values.write_text(json.dumps({"autoscaling": {"behavior": FAST_BEHAVIOR}}))
+    hpa = one(render(kube, "autoscaling.enabled=true", "autoscaling.targetAverageValue=1",
+                     "autoscaling.maxReplicas=2", namespace=NAMESPACE, extra=("--values", str(values))),
+              "HorizontalPodAutoscaler")  # fmt: skip
+    name = hpa["metadata"]["name"]
+    run = ScalingRun(release.kubectl, NAMESPACE)
+    try:
+        url = prom.up()
+        dev.custom_metrics_up(url, image.ref)
+        release.apply(hpa)
+        wait_for(lambda: autoscalers.hpa_state(release.kubectl, NAMESPACE, name)[1] is not None, 240,
+                 "the HPA to report the queue depth", interval=1)  # fmt: skip
+        assert run.replicas() == 1
+        run.start({n: (a.url, a.token) for n in TENANTS for a in [release.access(n)]}, max_seconds=900)
+        spin = release.access("spin")
+        assert spin.invoke("spin", b"x")[0] == 504, "the spin runs to its deadline"  # ClusterIP programmed
+        before = {n: s.get("shard") for n, s in run.placements().items()}
+        load = SpinLoad(spin.url, spin.token)
+        load.start()
+        try:
+            wait_for(lambda: run.replicas() == 2, 240, "the HPA to scale the shards out", interval=0.5)
+            decided = time.monotonic() - load.started_at
+            out = run.settle(2, load.started_at, before, 1)
+        finally:
+            statuses = load.stop()
+        stopped = time.monotonic()
+        before = {n: s.get("shard") for n, s in run.placements().items()}
+        wait_for(lambda: run.replicas() == 1, 300, "the HPA to scale back in", interval=1)
+        back = run.settle(1, stopped, before, 2)
+    finally:
+        totals = run.stop()
+        release.kubectl("delete", "hpa", name, "-n", NAMESPACE, "--ignore-not-found", check=False)
+        dev.custom_metrics_down()
+        prom.down()
+    print(f"HPA: decision {decided:.1f}s after the load step; scale-out {out}; scale-in {back}; "
+          f"counters {dict(totals)}; spin load {statuses}")  # fmt: skip
+    assert run.errors() == []
+    assert set(totals) <= {"200", "503:tenant_moving", "503:tenant_not_ready", "429:queue_full"}, totals
+    assert 0 not in statuses, "the load's own requests all got an HTTP answer"
+    assert set(back.moved) == set(out.moved), "scale-in brings back exactly the tenants that moved"
+    assert all(s["shard"] == "tensorwasm-shard-0" for s in run.placements().values())
