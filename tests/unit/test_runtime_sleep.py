@@ -119,23 +119,35 @@ def test_a_tenant_that_never_sleeps_is_never_evicted(runtime_server, tmp_path) -
 
 
 def test_requests_during_a_wake_wait_within_the_queue_and_none_is_lost(runtime_server, tmp_path) -> None:
-    alpha = counter("alpha", max_concurrency=2, queue_length=3)
-    server = sleeping_shard(runtime_server, tmp_path, alpha)
+    # One worker: the counter's read-add-write is the guest's own and not atomic across instances.
+    alpha = counter("alpha", after="1h", max_concurrency=1, queue_length=4)
+    # Four workers: concurrent requests wait on the wake itself; echo shows each got its own answer.
+    echo = replace(tenant("echo", "echo.wat", ["echo"], max_concurrency=4, queue_length=2), uid="uid-echo",
+                   idle_after="1h")  # fmt: skip
+    server = sleeping_shard(runtime_server, tmp_path, alpha, echo)
     add(server, alpha, 100)
-    assert server.run(server.shard.sleep("alpha"))
-    start = threading.Barrier(12)
+    assert server.run(server.shard.sleep("alpha")) and server.run(server.shard.sleep("echo"))
+    start = threading.Barrier(24)
 
-    def call(_: int) -> tuple[int, str | None]:
+    def call(i: int) -> tuple[int, str | None, bool]:
         start.wait()
+        if i % 2:
+            reply = server.invoke(echo, "echo", f"body-{i}".encode())
+            return (
+                reply.status,
+                reply.headers.get("retry-after"),
+                reply.status != 200 or reply.body == f"body-{i}".encode(),
+            )
         reply = server.invoke(alpha, "add", struct.pack("<q", 1))
-        return reply.status, reply.headers.get("retry-after")
+        return reply.status, reply.headers.get("retry-after"), True
 
-    with ThreadPoolExecutor(12) as pool:
-        results = list(pool.map(call, range(12)))
-    served = sum(1 for status, _ in results if status == 200)
-    refused = [retry for status, retry in results if status == 429]
-    assert served + len(refused) == 12 and served >= 1
-    assert all(retry is not None and int(retry) >= 1 for retry in refused)  # 429 says when to come back
+    with ThreadPoolExecutor(24) as pool:
+        results = list(pool.map(call, range(24)))
+    assert all(ok for _, _, ok in results)  # every answered echo is its own request's
+    assert {status for status, _, _ in results} <= {200, 429}
+    assert all(retry is not None and int(retry) >= 1 for status, retry, _ in results if status == 429)
+    served = sum(1 for i, (status, _, _) in enumerate(results) if status == 200 and i % 2 == 0)
+    assert served >= 1 and sum(1 for i, (st, _, _) in enumerate(results) if st == 200 and i % 2) >= 1
     assert add(server, alpha, 0) == 100 + served  # every answered request counted once, none lost
 
 
