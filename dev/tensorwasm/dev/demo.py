@@ -229,16 +229,20 @@ def scaling_signal(demo: Demo) -> None:
             f" / tensorwasm_tenant_queue_capacity{{{ns}}})"
         ),
         "invokes admitted through the queue": f"sum by (pod) (tensorwasm_queue_wait_seconds_count{{{ns}}})",
-        "p99 wait for a worker over the last 5 minutes (s)": (
-            "histogram_quantile(0.99, sum by (pod, le) "
-            f"(rate(tensorwasm_queue_wait_seconds_bucket{{{ns}}}[5m])))"
+        # Since the shard started (Prometheus starts after the load test: a rate would have one sample).
+        "mean wait for a worker (s)": (
+            f"sum by (pod) (tensorwasm_queue_wait_seconds_sum{{{ns}}})"
+            f" / sum by (pod) (tensorwasm_queue_wait_seconds_count{{{ns}}})"
         ),
     }
     prometheus.wait_for_series(url, f"tensorwasm_queue_wait_seconds_count{{{ns}}} > 0", timeout_s=120)
     for what, promql in queries.items():
         print(f"$ tensorwasm dev prometheus query '{promql}'")
-        for series in prometheus.query(url, promql):
+        found = prometheus.query(url, promql)
+        for series in found:
             print(f"  {what}: {series['metric'].get('pod', '')} = {float(series['value'][1]):g}")
+        if not found:
+            print(f"  {what}: no series yet")
 
 
 def scale_out_and_in(demo: Demo) -> None:
