@@ -34,7 +34,7 @@ sources_hash="$(cat "$here/go.mod" "$here/go.sum" "$here/cmd/tensorwasm-kube/mai
 pause_hash="$(cat "$repo/hack/node/pause/main.go" "$repo/hack/image/ociarchive.py" | sha256sum | cut -c1-10)"
 cache_root="${TENSORWASM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tensorwasm}"
 key="kube-$KUBE_VERSION-etcd-$ETCD_VERSION-containerd-$CONTAINERD_VERSION-kwok-$KWOK_VERSION-helm-$HELM_VERSION-$sources_hash"
-if [[ ${1:-} == keda ]]; then
+if [[ ${1:-} == keda || ${1:-} == keda-cached ]]; then
   key="../keda/keda-$KEDA_VERSION-$(sha256sum "$here/keda_scalers.py" | cut -c1-10)"
 fi
 if [[ ${1:-} == registry ]]; then
@@ -183,6 +183,13 @@ build_keda() {
   step "keda $KEDA_VERSION: done"
 }
 
+# `build.sh keda-cached`: the bin directory if KEDA is built, else exit 3 (tests skip rather than
+# start an hour's build unasked).
+if [[ ${1:-} == keda-cached ]]; then
+  [[ -x "$bin/keda" && -x "$bin/keda-adapter" && -d "$bin/../config" ]] || exit 3
+  echo "$bin"
+  exit 0
+fi
 if [[ ${1:-} == keda ]]; then
   build_keda
   echo "$bin"

@@ -71,6 +71,16 @@ def build_keda(log: Callable[[str], None] = print) -> Path:
     return Path(proc.stdout.strip().splitlines()[-1])
 
 
+def keda_built() -> Path | None:
+    """KEDA's bin directory when `build.sh keda` has built this version (and trim) already, else None."""
+    if os.environ.get("TENSORWASM_KEDA_BIN"):
+        return Path(os.environ["TENSORWASM_KEDA_BIN"])
+    proc = subprocess.run(
+        ["bash", str(BUILD_SCRIPT), "keda-cached"], capture_output=True, text=True, check=False
+    )
+    return Path(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else None
+
+
 def build_keda_image(bin_dir: Path, log: Callable[[str], None] = print) -> tuple[str, Path]:
     """One image with /keda and /keda-adapter (static: nothing else in it), tagged by their digest."""
     digest = hashlib.sha256()
