@@ -162,7 +162,7 @@ def test_status_follows_the_shard_report(
     row = next(
         line for line in kube.kubectl("get", "tenants", "-n", namespace).splitlines() if "good" in line
     )
-    assert row.split()[1:6] == ["Ready", f"{SHARD}-0", "64Mi", str(1 << 20), "True"]
+    assert row.split()[1:6] == ["Ready", f"{SHARD}-0", "64Mi", "1Mi", "True"]  # GPU-USED in human units
     # A new generation is not Ready until the shard reports that generation.
     kube.kubectl("patch", "tenant", "good", "-n", namespace, "--type=merge", "-p",
                  json.dumps({"spec": {"functions": ["echo", "sum"]}}))  # fmt: skip
