@@ -154,7 +154,7 @@ def test_unchanged_status_gives_an_empty_patch() -> None:
         == {}
     )
     moved = desired_status(tenant(live), Placement("shard-1"), want["endpoint"], "tw-alpha-token", "T9")
-    assert set(status_patch(live, moved)) == {"shard", "phase", "conditions", "gpuBytesInUse"}
+    assert set(status_patch(live, moved)) == {"shard", "phase", "conditions", "gpuBytesInUse", "gpuInUse"}
 
 
 def test_is_subset_ignores_server_defaults() -> None:

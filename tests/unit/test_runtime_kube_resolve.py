@@ -107,7 +107,7 @@ def test_the_shards_readiness_is_what_the_operator_derives(report: TenantStatus,
     obj = placed_by_operator(tenant_obj("k"), "2026-11-23T10:00:00Z")
     runtime = build_runtime_status("shard-0", report)
     patch = readiness_patch(obj, runtime, "2026-11-23T10:00:05Z")
-    assert patch["phase"] == phase and set(patch) <= {"phase", "conditions", "gpuBytesInUse"}
+    assert patch["phase"] == phase and set(patch) <= {"phase", "conditions", "gpuBytesInUse", "gpuInUse"}
     written = {**obj, "status": {**obj["status"], **patch, "runtime": runtime}}
     # The operator reconciling the shard's write a minute later finds nothing to change.
     assert operator_patch(written, "2026-11-23T10:01:00Z") == {}
@@ -127,7 +127,10 @@ def test_an_unchanged_readiness_adds_nothing_and_an_unplaced_tenant_gets_none() 
     first = readiness_patch(obj, runtime, "2026-11-23T10:00:05Z")
     written = {**obj, "status": {**obj["status"], **first, "runtime": runtime}}
     more_gpu = build_runtime_status("shard-0", TenantStatus(True, "ModuleLoaded", "", 4, 4096))
-    assert readiness_patch(written, more_gpu, "2026-11-23T10:02:00Z") == {"gpuBytesInUse": 4096}
+    assert readiness_patch(written, more_gpu, "2026-11-23T10:02:00Z") == {
+        "gpuBytesInUse": 4096,
+        "gpuInUse": "4Ki",
+    }
     assert readiness_patch(written, runtime, "2026-11-23T10:02:00Z") == {}
     unplaced = {**tenant_obj("k"), "status": {}}
     assert readiness_patch(unplaced, runtime, "2026-11-23T10:02:00Z") == {}
