@@ -1,4 +1,4 @@
-"""Snapshot format v2 (v1 still read): bit-exact round trips, chunk encoding choices, structural refusals, golden blobs."""
+"""Snapshot format v2 (v1 still read): exact round trips, chunk encodings, refusals, golden blobs."""
 
 from __future__ import annotations
 
