@@ -43,6 +43,7 @@ NOT_ON_DASHBOARD = {
     "tensorwasm_snapshot_hot_tier_lookups_total": "tuning of shard.snapshots.hotTier",
     "tensorwasm_snapshot_hot_tier_evictions_total": "tuning of shard.snapshots.hotTier",
     "tensorwasm_snapshot_hot_tier_bytes": "tuning of shard.snapshots.hotTier",
+    "tensorwasm_resident_gpu_bytes": "tuning of the shard's resident GPU budget for idle sleep",
 }
 
 
