@@ -10,7 +10,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     || exit 1
   export PYTHONPATH=/tmp/site
 fi
-export PYTHONPATH=$PWD/runtime:$PWD/operator:$PWD/api${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=$PWD/runtime:$PWD/operator:$PWD/api:$PWD/dev${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 {
   date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv

@@ -6,6 +6,7 @@ folder is safe to collect on CI (which has no GPU).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,6 +49,23 @@ def kernel_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def cuda_acc(kernel_cache: Path) -> Iterator[object]:
     from tensorwasm.runtime.accel.cuda import CudaAccelerator
 
-    acc = CudaAccelerator(0, cache_dir=kernel_cache)
-    yield acc
-    acc.close()
+    with pytest.MonkeyPatch.context() as patch:
+        if os.environ.get(HIDE_NVRTC):
+            # As in an image on a GPU node: the NVIDIA runtime mounts the driver, never NVRTC.
+            patch.setattr(cuda_nvrtc(), "nvrtcVersion", _no_nvrtc)
+        acc = CudaAccelerator(0, cache_dir=kernel_cache)
+        yield acc
+        acc.close()
+
+
+HIDE_NVRTC = "TENSORWASM_TEST_HIDE_NVRTC"
+
+
+def cuda_nvrtc() -> object:
+    from tensorwasm.runtime.accel import cuda
+
+    return cuda.nvrtc
+
+
+def _no_nvrtc() -> object:
+    raise OSError("libnvrtc.so.13: cannot open shared object file (hidden by the test)")
