@@ -11,10 +11,12 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -151,13 +153,15 @@ def test_pod_runs_with_its_own_address_and_serves_through_a_cluster_ip(
 
 
 @pytest.fixture
-def private_cluster(tmp_path: Path, kube: Kube) -> Iterator[Path]:
-    """A second cluster with its own real node (beside the session's: two clusters on one machine)."""
-    state_dir = tmp_path / "cluster"
+def private_cluster(kube: Kube) -> Iterator[Path]:
+    """A second cluster with its own real node (beside the session's: two clusters on one machine).
+    In a short directory: pytest's tmp_path can be too long for the kubelet's unix sockets."""
+    state_dir = Path(tempfile.mkdtemp(prefix="twc-", dir="/tmp")) / "cluster"
     up = tensorwasm_cluster("up", "--nodes", "1", state_dir=state_dir)
     assert up.returncode == 0, up.stderr
     yield state_dir
     tensorwasm_cluster("down", state_dir=state_dir)
+    shutil.rmtree(state_dir.parent, ignore_errors=True)
 
 
 def test_killed_node_daemons_come_back_and_down_after_a_crash_cleans_the_host(

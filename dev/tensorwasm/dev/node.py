@@ -30,6 +30,7 @@ REAL_NODE_LABEL = "tensorwasm.io/real-node"
 PAUSE_IMAGE = "tensorwasm.io/pause:3.10"
 MAX_SLOTS = 16  # one slot per cluster with a real node on this machine; 10.96-10.111 Service ranges
 NODE_COMPONENTS = ("containerd", "kubelet", "kube-proxy")
+UNIX_SOCKET_PATH_MAX = 107
 CNI_BIN_DIR = "/usr/lib/cni"
 RUNC = "/usr/sbin/runc"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -87,6 +88,16 @@ class NodePaths:
     """The node's files, all under one directory of the cluster's state directory."""
 
     root: Path
+
+    def __post_init__(self) -> None:
+        # The kubelet binds unix sockets below its root (pod-resources/<random>, device-plugins/...):
+        # a socket path longer than the kernel's 107 bytes fails there with "bind: invalid argument".
+        longest = len(str(self.kubelet_root / "pod-resources" / "1234567890")) + 8
+        if longest > UNIX_SOCKET_PATH_MAX:
+            raise NodeError(
+                f"the cluster directory {self.root.parent} is too long for the kubelet's sockets "
+                f"({longest} > {UNIX_SOCKET_PATH_MAX} bytes): choose a shorter --dir"
+            )
 
     @property
     def containerd_root(self) -> Path:
