@@ -161,9 +161,14 @@ def test_hpa_path_scales_on_the_custom_metrics_api(env: Env, tmp_path: Path) -> 
     hpa = chart_autoscaler(env, tmp_path)  # provider hpa is the default
     try:
         # The metrics API answers through the aggregation layer (TLS to the APIService's caBundle).
-        raw = env.kubectl("get", "--raw", f"/apis/custom.metrics.k8s.io/v1beta2/namespaces/{env.namespace}"
-                          "/pods/*/tensorwasm_queue_depth")  # fmt: skip
-        assert [i["describedObject"]["name"] for i in json.loads(raw)["items"]] == [f"{env.shard}-0"]
+        # Prometheus has the series only after its first scrape of the shard (slow on a busy machine).
+        path = f"/apis/custom.metrics.k8s.io/v1beta2/namespaces/{env.namespace}/pods/*/tensorwasm_queue_depth"
+
+        def described() -> list[str] | None:
+            items = json.loads(env.kubectl("get", "--raw", path))["items"]
+            return [i["describedObject"]["name"] for i in items] or None
+
+        assert wait_for(described, 120, "the custom metrics API to describe the shard") == [f"{env.shard}-0"]
         env.apply(hpa)
         scale_cycle(env, env.shard)
     finally:

@@ -476,7 +476,8 @@ def test_install_runs_the_operator_with_its_rbac_and_uninstall_removes_it(
         ds: dict[str, Any] = kube_json(kube, "get", "daemonset", f"{RELEASE}-mps", "-n", namespace)
         return ds if ds["status"].get("numberReady") == gpu_nodes else None
 
-    daemonset = wait_for(daemons_ready, 60, "MPS daemon ready on every GPU node")
+    # helm --wait accepts a DaemonSet with maxUnavailable pods not ready yet: wait for all of them.
+    daemonset = wait_for(daemons_ready, 180, "MPS daemon ready on every GPU node")
     assert daemonset["status"]["desiredNumberScheduled"] == gpu_nodes
     kube_json(kube, "get", "hpa", "tensorwasm-shard", "-n", namespace)
 

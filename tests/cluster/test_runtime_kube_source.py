@@ -205,9 +205,21 @@ def test_shard_serves_reports_and_converges(kube: Any, namespace: str, shard: Ca
     wait_for(lambda: s.invoke("alpha-token-0002", "echo", b"x")[0] == 200, 30, "rotated token")
     assert s.invoke("alpha-token-0001", "echo", b"x")[0] == 401
 
-    # Moved to another shard: this one lets go.
+    # Moved to another shard: this one lets go, and for a while (kube-proxy and kept-alive
+    # connections lag) tells a caller it moved (503 tenant_moving: retry) rather than 401.
     place(kube, namespace, "alpha", "shard-1")
-    wait_for(lambda: s.invoke("alpha-token-0002", "echo", b"x")[0] == 401, 30, "alpha released")
+
+    def released() -> bool:
+        status, body = s.invoke("alpha-token-0002", "echo", b"x")
+        return status == 503 and json.loads(body)["error"]["kind"] == "tenant_moving"
+
+    wait_for(released, 30, "alpha released")
+    assert (
+        "alpha"
+        not in json.loads(
+            urllib.request.urlopen(f"http://127.0.0.1:{s.admin_port}/readyz", timeout=5).read()
+        )["loaded"]
+    )
 
     # Restart: a fresh process re-lists and converges (alpha back on shard-0).
     assert s.stop() == 0

@@ -337,7 +337,10 @@ class KubeSource:
         tenants = self.informers.get(PLURAL)
         if tenants is None or not tenants.synced.is_set() or not await self._scaled_in():
             return 0
-        start, handed = time.monotonic(), set(self._left)
+        # Only departures from now on count: a tenant that moved away before SIGTERM says nothing
+        # about a scale-in (counting it kept a restarting shard waiting HANDOFF_MAX_S).
+        start, left_before = time.monotonic(), set(self._left)
+        handed: set[str] = set()
 
         def ours() -> dict[str, dict[str, Any]]:
             return {
@@ -350,7 +353,8 @@ class KubeSource:
         remaining = ours()
         while remaining and time.monotonic() - start < HANDOFF_MAX_S:
             moves = {n: (t.get("status") or {}).get("move") or {} for n, t in remaining.items()}
-            handed |= {n for n, m in moves.items() if m.get("source") == self.shard_name} | set(self._left)
+            handed |= {n for n, m in moves.items() if m.get("source") == self.shard_name}
+            handed |= set(self._left) - left_before
             if not handed and time.monotonic() - start >= HANDOFF_START_S:
                 return 0  # nobody moves our tenants: a restart (upgrade, eviction), not a scale-in
             await asyncio.sleep(0.1)
