@@ -53,6 +53,27 @@ def test_a_refused_alloc_is_not_counted(cuda_acc: Any, monkeypatch: pytest.Monke
         assert dev.bytes_in_use() == 0
 
 
+def test_an_alloc_whose_binding_raises_is_not_counted(cuda_acc: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tensorwasm.runtime.accel import cuda
+
+    def raising(*_args: Any) -> Any:
+        raise RuntimeError("binding failed")
+
+    dev = cuda_acc.open_tenant("raising", 64 * MiB)
+    try:
+        held = dev.bytes_in_use()
+        for where in ("_alloc_async", "_stream_sync"):  # the first try, and the trim-and-retry
+            with monkeypatch.context() as m:
+                if where == "_stream_sync":
+                    _refuse_from(m, 1)
+                m.setattr(cuda, where, raising)
+                with pytest.raises(RuntimeError, match="binding failed"):
+                    dev.alloc(MiB)
+            assert dev.bytes_in_use() == held, where
+    finally:
+        cuda_acc.close_tenant("raising")
+
+
 @pytest.mark.parametrize("fail_from", [1, 2, 3])
 def test_a_staged_restore_refused_part_way_leaves_the_live_buffers_and_their_count(
     cuda_acc: Any, monkeypatch: pytest.MonkeyPatch, fail_from: int

@@ -244,7 +244,11 @@ class CudaTenantDevice:
             metrics.count_gpu_refusal(self.tenant_id, "host")
             raise
         # Ask the pool for whole pages: the driver's used bytes then equal the host counter exactly.
-        err, dptr = _alloc_async(charged, self._pool, self._stream)
+        try:
+            err, dptr = _alloc_async(charged, self._pool, self._stream)
+        except BaseException:
+            self._cap.release(charged)  # the binding raised instead of answering an error code
+            raise
         if err:
             dptr = self._alloc_retry(charged, err)
         handle = next(self._ids)
@@ -266,7 +270,7 @@ class CudaTenantDevice:
                 err, dptr = _alloc_async(charged, self._pool, self._stream)
                 if not err:
                     return dptr
-        except AcceleratorFailed:
+        except BaseException:  # AcceleratorFailed, or the binding itself raising
             if release:
                 self._cap.release(charged)
             raise
