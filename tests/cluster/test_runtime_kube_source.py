@@ -345,3 +345,29 @@ def test_snapshot_of_a_removed_shard_is_deleted_by_a_live_one(
     kube.kubectl("delete", "pod", "shard-0", "-n", namespace, "--grace-period=0", "--force")
     wait_for(lambda: snapshot_gone(kube, namespace, "alpha-1"), 20, "snapshot deleted by shard-1")
     assert not [p for p in store.rglob("*") if p.is_file()], "the blob outlived its Snapshot"
+
+
+def test_kubectl_shows_a_sleeping_tenant_and_a_request_wakes_it(
+    kube: Any, namespace: str, shard: Callable[..., Shard], tmp_path: Path
+) -> None:
+    # Idle sleep against the real API server (issue 18): the shard's report makes kubectl's PHASE
+    # column say Asleep while Ready stays True (a request wakes it), and the wake is reported back.
+    apply(kube, namespace, module_configmap())
+    apply(kube, namespace, secret("sleepy-token", "sleepy-token-001"))
+    sleepy = tenant_obj("sleepy", ECHO_SHA)
+    sleepy["spec"]["idle"] = {"after": "2s"}
+    apply(kube, namespace, sleepy)
+    place(kube, namespace, "sleepy", "shard-0")
+    s = shard("--snapshot-dir", str(tmp_path / "snapshots"))
+
+    def phase() -> str:
+        phase_only = ("-o", "custom-columns=PHASE:.status.phase", "--no-headers")
+        return kube.kubectl("get", "tenants", "sleepy", "-n", namespace, *phase_only).strip()
+
+    wait_for(lambda: phase() == "Asleep", 60, "kubectl get tenants to show sleepy Asleep")
+    ready = {c["type"]: c for c in tenant_status(kube, namespace, "sleepy")["conditions"]}["Ready"]
+    assert ready["status"] == "True" and ready["reason"] == "Asleep"
+    listed = kube.kubectl("get", "tenants", "-n", namespace)
+    assert any(line.split()[:2] == ["sleepy", "Asleep"] for line in listed.splitlines()), listed
+    assert s.invoke("sleepy-token-001", "echo", b"wake up") == (200, b"wake up")
+    wait_for(lambda: phase() == "Ready", 60, "the woken tenant reported Ready")

@@ -190,7 +190,7 @@ class IdlePolicy:
 
     after: str | None = string(
         "after", "Sleep after this long without a request: a duration (500ms, 30s, 5m, 2h) or 'never'. "
-        "Absent means the shard's default (chart value runtime.idleAfter). A sleeping tenant holds no "
+        "Absent means the shard's default (chart value shard.idle.after). A sleeping tenant holds no "
         "instances and no GPU memory; its first request wakes it from the snapshot.",
         max_length=16, pattern=IDLE_AFTER_PATTERN,
     )  # fmt: skip
