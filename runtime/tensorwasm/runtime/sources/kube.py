@@ -308,8 +308,11 @@ class KubeSource:
             await asyncio.gather(*(i.synced.wait() for i in self.informers.values()))
             took = 0.0
             while True:
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+                # that lands as the event fires, and this loop would then never stop.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._dirty.wait(), self.resync_s)
+                    async with asyncio.timeout(self.resync_s):
+                        await self._dirty.wait()
                 # Let a burst of events settle into one pass; under a long burst (500 Tenants
                 # placed at once) wait as long as the last pass used CPU (this process's, loads and
                 # informers included), so passes use at most about half a core and leave the rest
