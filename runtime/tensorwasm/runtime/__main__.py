@@ -245,8 +245,9 @@ async def _watch_health(shard: Shard, interval_s: float) -> None:
         if health is not None and not health.ok:
             log.error("Accelerator poisoned, exiting so the pod restarts: %s", health.reason)
             return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(shard.health_poke.wait(), interval_s)
+        with contextlib.suppress(TimeoutError):  # asyncio.timeout: 3.11's wait_for can lose a cancel
+            async with asyncio.timeout(interval_s):
+                await shard.health_poke.wait()
         shard.health_poke.clear()
 
 
