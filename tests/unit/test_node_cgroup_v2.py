@@ -31,3 +31,10 @@ def test_cgroups_on_v2_take_no_cpuset_from_the_root(tmp_path: Path, monkeypatch:
         assert (root / rel / "cpuset.cpus").read_text() == ""  # left to inherit
     enabled = (root / net.cgroup / "cgroup.subtree_control").read_text().split()
     assert enabled == ["+cpuset", "+cpu", "+io", "+memory", "+hugetlb", "+pids"]
+
+
+def test_a_cluster_directory_too_long_for_the_kubelets_sockets_is_refused_up_front() -> None:
+    real_node.check_socket_room(real_node.NodePaths(Path("/root/.cache/tensorwasm/dev-cluster/node")))
+    too_long = Path("/tmp/pytest-of-root/pytest-229/test_killed_node_daemons_come_0/cluster/node")
+    with pytest.raises(real_node.NodeError, match="choose a shorter --dir"):
+        real_node.check_socket_room(real_node.NodePaths(too_long))

@@ -400,6 +400,7 @@ class LocalControlPlane:
     # ----- the real node ----------------------------------------------------------------------
 
     def _claim_node_network(self, state: ClusterState) -> None:
+        real_node.check_socket_room(state.node_paths)  # before claiming anything
         net = real_node.claim_network(state.node_paths)
         state.node_slot, state.service_cidr = net.slot, net.service_cidr
         state.save()  # recorded before anything else exists: `down` after a crash finds it

@@ -89,16 +89,6 @@ class NodePaths:
 
     root: Path
 
-    def __post_init__(self) -> None:
-        # The kubelet binds unix sockets below its root (pod-resources/<random>, device-plugins/...):
-        # a socket path longer than the kernel's 107 bytes fails there with "bind: invalid argument".
-        longest = len(str(self.kubelet_root / "pod-resources" / "1234567890")) + 8
-        if longest > UNIX_SOCKET_PATH_MAX:
-            raise NodeError(
-                f"the cluster directory {self.root.parent} is too long for the kubelet's sockets "
-                f"({longest} > {UNIX_SOCKET_PATH_MAX} bytes): choose a shorter --dir"
-            )
-
     @property
     def containerd_root(self) -> Path:
         return self.root / "containerd"
@@ -283,6 +273,17 @@ def build_containerd_argv(bin_dir: Path, paths: NodePaths) -> list[str]:
 
 def build_kube_proxy_argv(bin_dir: Path, paths: NodePaths) -> list[str]:
     return [str(bin_dir / "kube-proxy"), f"--config={paths.kube_proxy_config}", "--v=1"]
+
+
+def check_socket_room(paths: NodePaths) -> None:
+    """The kubelet binds unix sockets below its root (pod-resources/<random>, device-plugins/...): a
+    socket path over the kernel's 107 bytes fails there with "bind: invalid argument". Say it first."""
+    longest = len(str(paths.kubelet_root / "pod-resources" / "1234567890")) + 8
+    if longest > UNIX_SOCKET_PATH_MAX:
+        raise NodeError(
+            f"the cluster directory {paths.root.parent} is too long for the kubelet's sockets "
+            f"({longest} > {UNIX_SOCKET_PATH_MAX} bytes): choose a shorter --dir"
+        )
 
 
 def write_node_files(paths: NodePaths, net: NodeNetwork, kubeconfig: str) -> None:
