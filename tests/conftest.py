@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from tensorwasm.dev.chart import DevRelease, build_image
 from tensorwasm.dev.cluster import LocalControlPlane, default_state_dir
 from tensorwasm.runtime.engine import CompiledModule, Engine
 
@@ -120,12 +121,27 @@ def apply_crds(kube: Kube) -> None:
     kube.kubectl("wait", "--for=condition=Established", "--timeout=60s", *args)
 
 
+def session_cluster_dir() -> Path:
+    """The session's cluster: TENSORWASM_TEST_CLUSTER_DIR, or test-cluster beside the dev cluster."""
+    return Path(os.environ.get("TENSORWASM_TEST_CLUSTER_DIR", default_state_dir().parent / "test-cluster"))
+
+
+def real_node_release(namespace: str) -> DevRelease:
+    """A DevRelease in `namespace` on the test cluster's real node with the image imported (an
+    interrupted earlier run's release removed first); skips when the cluster runs without the node."""
+    plane = LocalControlPlane(session_cluster_dir())
+    state = plane.state()
+    if state is None or state.node_slot is None:
+        pytest.skip("the test cluster runs without its real node (TENSORWASM_TEST_REAL_NODE=0)")
+    dev = DevRelease(plane, state, namespace)
+    dev.uninstall()
+    dev.prepare(build_image())
+    return dev
+
+
 @pytest.fixture(scope="session")
 def kube() -> Iterator[Kube]:
-    state_dir = Path(
-        os.environ.get("TENSORWASM_TEST_CLUSTER_DIR", default_state_dir().parent / "test-cluster")
-    )
-    plane = LocalControlPlane(state_dir, log=lambda msg: print(msg, flush=True))
+    plane = LocalControlPlane(session_cluster_dir(), log=lambda msg: print(msg, flush=True))
     reused = plane.state() is not None and plane.status().ready
     # With the real node (containerd, kubelet, kube-proxy) unless TENSORWASM_TEST_REAL_NODE=0.
     with_real_node = os.environ.get("TENSORWASM_TEST_REAL_NODE", "1") != "0"

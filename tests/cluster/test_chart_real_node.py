@@ -14,15 +14,13 @@ import os
 import signal
 import struct
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tensorwasm.api.group import API_VERSION
-from tensorwasm.dev.chart import DevRelease, TenantAccess, build_image
-from tensorwasm.dev.cluster import LocalControlPlane, default_state_dir
-from tests.conftest import REPO, Kube, wait_for
+from tensorwasm.dev.chart import DevRelease, TenantAccess
+from tests.conftest import REPO, Kube, real_node_release, wait_for
 
 pytestmark = pytest.mark.node
 
@@ -32,16 +30,7 @@ COUNTER = REPO / "examples" / "modules" / "counter.wasm"
 
 @pytest.fixture(scope="module")
 def release(kube: Kube) -> Iterator[DevRelease]:
-    state_dir = Path(
-        os.environ.get("TENSORWASM_TEST_CLUSTER_DIR", default_state_dir().parent / "test-cluster")
-    )
-    plane = LocalControlPlane(state_dir)
-    state = plane.state()
-    if state is None or state.node_slot is None:
-        pytest.skip("the test cluster runs without its real node (TENSORWASM_TEST_REAL_NODE=0)")
-    dev = DevRelease(plane, state, NAMESPACE)
-    dev.uninstall()  # an earlier run's, if it was interrupted
-    dev.prepare(build_image())
+    dev = real_node_release(NAMESPACE)
     # The session applied crds/ already (tests/conftest.py): this release must not claim them.
     dev.install("crds.enabled=false")
     yield dev

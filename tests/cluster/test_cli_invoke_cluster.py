@@ -21,9 +21,8 @@ from typing import Any
 import pytest
 
 from tensorwasm.api.group import API_VERSION
-from tensorwasm.dev.chart import DevRelease, build_image
-from tensorwasm.dev.cluster import LocalControlPlane, default_state_dir
-from tests.conftest import REPO, Kube, wait_for
+from tensorwasm.dev.chart import DevRelease
+from tests.conftest import REPO, Kube, real_node_release, wait_for
 
 # The module's setup builds the image when the tree changed (minutes on a busy two-core machine).
 pytestmark = [pytest.mark.node, pytest.mark.timeout(1800)]
@@ -36,16 +35,7 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture(scope="module")
 def release(kube: Kube) -> Iterator[DevRelease]:
-    state_dir = Path(
-        os.environ.get("TENSORWASM_TEST_CLUSTER_DIR", default_state_dir().parent / "test-cluster")
-    )
-    plane = LocalControlPlane(state_dir)
-    state = plane.state()
-    if state is None or state.node_slot is None:
-        pytest.skip("the test cluster runs without its real node (TENSORWASM_TEST_REAL_NODE=0)")
-    dev = DevRelease(plane, state, NAMESPACE)
-    dev.uninstall()
-    dev.prepare(build_image())
+    dev = real_node_release(NAMESPACE)
     secret = {
         "apiVersion": "v1",
         "kind": "Secret",

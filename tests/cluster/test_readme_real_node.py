@@ -16,13 +16,12 @@ import json
 import os
 import re
 import subprocess
-from pathlib import Path
 
 import pytest
 
 from tensorwasm.dev.chart import DEV_VALUES, DevRelease, build_image
-from tensorwasm.dev.cluster import LocalControlPlane, default_state_dir
-from tests.conftest import REPO, Kube, wait_for
+from tensorwasm.dev.cluster import LocalControlPlane
+from tests.conftest import REPO, Kube, session_cluster_dir, wait_for
 
 pytestmark = pytest.mark.node
 
@@ -44,9 +43,7 @@ def service_ip(kube: Kube, name: str) -> str:
 
 
 def test_readme_using_it_runs_as_written_until_the_curl_answers(kube: Kube) -> None:
-    default = default_state_dir().parent / "test-cluster"
-    state_dir = Path(os.environ.get("TENSORWASM_TEST_CLUSTER_DIR", default))
-    plane = LocalControlPlane(state_dir)
+    plane = LocalControlPlane(session_cluster_dir())
     state = plane.state()
     if state is None or state.node_slot is None:
         pytest.skip("the test cluster runs without its real node (TENSORWASM_TEST_REAL_NODE=0)")

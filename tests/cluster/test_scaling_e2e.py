@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
 import time
 from collections import Counter
@@ -27,9 +26,8 @@ from tensorwasm.api.group import API_VERSION
 from tensorwasm.dev import autoscalers
 from tensorwasm.dev import prometheus as dev_prometheus
 from tensorwasm.dev.chart import DevRelease, build_image
-from tensorwasm.dev.cluster import LocalControlPlane, default_state_dir
 from tensorwasm.dev.scaling import ScalingRun
-from tests.conftest import REPO, wait_for
+from tests.conftest import REPO, real_node_release, wait_for
 
 from .test_helm import one, render
 
@@ -42,16 +40,7 @@ TENANTS = [f"c{i}" for i in range(6)]
 
 @pytest.fixture(scope="module")
 def release(kube: Any) -> Iterator[DevRelease]:
-    state_dir = Path(
-        os.environ.get("TENSORWASM_TEST_CLUSTER_DIR", default_state_dir().parent / "test-cluster")
-    )
-    plane = LocalControlPlane(state_dir)
-    state = plane.state()
-    if state is None or state.node_slot is None:
-        pytest.skip("the test cluster runs without its real node (TENSORWASM_TEST_REAL_NODE=0)")
-    dev = DevRelease(plane, state, NAMESPACE)
-    dev.uninstall()  # an earlier run's, if it was interrupted
-    dev.prepare(build_image())
+    dev = real_node_release(NAMESPACE)
     dev.install("crds.enabled=false", "shard.replicas=1")
     yield dev
     dev.uninstall()
