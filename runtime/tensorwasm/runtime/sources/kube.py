@@ -282,6 +282,9 @@ class KubeSource:
         self._live: tuple[float, frozenset[str]] = (0.0, frozenset())
         self._holding: dict[str, str] = {}  # tenant held at its move barrier -> its move Snapshot
         self._left: dict[str, float] = {}  # tenant that moved away -> monotonic time its hold ends
+        # Tenants that left the cache after it saw them marked for deletion: a debounced pass may
+        # see only the object before and its absence after, as for a move (the field selector).
+        self._deleted: set[str] = set()
         self._draining: set[str] = set()  # held tenants a drain watcher waits for
         self._tenant_selector = ""  # set by run
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -412,6 +415,9 @@ class KubeSource:
     def _on_change(self, kind: str) -> Callable[[dict[str, Any] | None, dict[str, Any] | None], None]:
         def changed(old: dict[str, Any] | None, new: dict[str, Any] | None) -> None:
             relisted = old is None and new is None
+            gone = (old.get("metadata") or {}) if old and new is None and kind == PLURAL else {}
+            if gone.get("deletionTimestamp"):
+                self._deleted.add(str(gone["name"]))
             if relisted or any(self._concerns_us(kind, o) for o in (old, new) if o):
                 self._mark_dirty()
 
@@ -466,11 +472,15 @@ class KubeSource:
                 self._holding.pop(name, None)
                 self._left.pop(name, None)
                 shard.release(name)
+        self._deleted -= ours.keys()  # created again since
         for name, last in before.items():
             if name in ours or name in self._left:
                 continue
             current = self.informers[PLURAL].get(name)
-            deleted = any((o.get("metadata") or {}).get("deletionTimestamp") for o in (last, current) if o)
+            deleted = name in self._deleted or any(
+                (o.get("metadata") or {}).get("deletionTimestamp") for o in (last, current) if o
+            )
+            self._deleted.discard(name)
             self._holding.pop(name, None)
             if not deleted and shard.hold(name):
                 self._left[name] = now + MOVED_GRACE_S
