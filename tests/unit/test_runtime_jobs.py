@@ -33,6 +33,7 @@ from tensorwasm.runtime.shard import Shard
 from tensorwasm.runtime.tenancy.config import TenantConfig
 from tensorwasm.runtime.tenancy.ratelimit import RequestRates
 from tensorwasm.runtime.tenancy.runs import GuestRun
+from tests.conftest import wait_for
 from tests.runtime_fixtures import Reply, RuntimeServer, tenant
 
 DEADLINE_S = 60.0
@@ -40,14 +41,7 @@ DEADLINE_S = 60.0
 
 def _until(check: Callable[[], Any], what: str, deadline_s: float = DEADLINE_S) -> Any:
     """Poll `check` until it returns something truthy (state, not time, is what is asserted)."""
-    end = time.monotonic() + deadline_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.02)
+    return wait_for(check, deadline_s, what, interval=0.02)
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from typing import Any
 from tensorwasm.runtime.shard import ASLEEP, LOADED
 from tensorwasm.runtime.snapshots.store import SnapshotStore
 from tensorwasm.runtime.tenancy.config import TenantConfig
+from tests.conftest import wait_for as poll_until
 from tests.runtime_fixtures import RuntimeServer, runtime_server, start_runtime_server, tenant  # noqa: F401
 
 CAP = 4 << 20  # two 2 MiB pages of the CPU backend's pool granularity
@@ -36,10 +37,7 @@ def add(server: RuntimeServer, cfg: TenantConfig, n: int = 1) -> int:
 
 
 def wait_for(what: Callable[[], bool], deadline_s: float = 60.0) -> None:
-    end = time.monotonic() + deadline_s
-    while not what():
-        assert time.monotonic() < end, "condition not reached before the deadline"
-        time.sleep(0.01)
+    poll_until(what, deadline_s, "the condition", interval=0.01)
 
 
 def reason(server: RuntimeServer, name: str) -> str:

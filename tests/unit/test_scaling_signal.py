@@ -73,7 +73,9 @@ def test_every_wait_is_counted_in_the_queue_wait_histogram() -> None:
         gate = threading.Event()
         futs = [q.submit(lambda _a, _b: gate.wait(), None, None) for _ in range(5)]
         # The four queued invokes wait at least until the gate opens: hold it until they are queued.
-        await asyncio.sleep(0.05)
+        while q.depth < 4:  # state, not time: every one of them is waiting in the queue
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.05)  # the measured wait (asserted as a lower bound: never flaky)
         gate.set()
         await asyncio.gather(*futs)
         q.close()
