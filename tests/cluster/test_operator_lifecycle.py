@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 import random
 import re
 from typing import Any
@@ -15,12 +16,26 @@ SHARD = "tensorwasm-shard"
 
 
 def versions(kube: Any, namespace: str) -> dict[str, str]:
-    """resourceVersion of every object the operator writes (a write, even a no-op one, bumps it)."""
+    """resourceVersion of every object the operator writes (a write, even a no-op one, bumps it).
+
+    The StatefulSet's status belongs to the statefulset controller, which rewrites it as its pods
+    come and go (a new resourceVersion each time), so it stands as everything but its status.
+    """
     out: dict[str, str] = {}
     for kind in ("tenants", "services", "secrets", "statefulsets"):
         for item in kube_json(kube, "get", kind, "-n", namespace)["items"]:
-            out[f"{kind}/{item['metadata']['name']}"] = item["metadata"]["resourceVersion"]
+            key = f"{kind}/{item['metadata']['name']}"
+            sts = kind == "statefulsets"
+            out[key] = statefulset_without_status(item) if sts else item["metadata"]["resourceVersion"]
     return out
+
+
+def statefulset_without_status(item: dict[str, Any]) -> str:
+    """The StatefulSet as the operator writes it: spec and metadata, without what status writes touch."""
+    meta = {k: v for k, v in item["metadata"].items() if k not in ("resourceVersion", "managedFields")}
+    # An apply that changes a field stamps its manager's entry with a new time; status writes are apart.
+    managers = [m for m in item["metadata"].get("managedFields") or [] if m.get("subresource") != "status"]
+    return json.dumps({"metadata": meta, "managers": managers, "spec": item["spec"]}, sort_keys=True)
 
 
 def reconciled(op: Any, namespace: str, name: str, phase: str = r"\S+") -> int:
