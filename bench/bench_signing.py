@@ -18,37 +18,19 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 import zlib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_snapshot import MODULE_WAT, UID, MiB, _Case, _p50
+from bench_snapshot import MODULE_WAT, UID, _Case, _p50, piece_rates
 
 
 def _hash_rates(data: np.ndarray) -> dict[str, float]:
     """GB/s of CRC-32 and SHA-256 over `data` in 4 MiB pieces on the worker threads (best of 3)."""
-    from tensorwasm.runtime.snapshots.pipeline import workers
-
-    view = memoryview(data.data)
-    piece = 4 * MiB
-    fns: dict[str, Callable[[memoryview], Any]] = {
-        "crc32": zlib.crc32,
-        "sha256": lambda b: hashlib.sha256(b).digest(),
-    }
-    rates = {}
-    for name, fn in fns.items():
-        best = float("inf")
-        for _ in range(3):
-            t0 = time.perf_counter()
-            list(workers().map(lambda at, fn=fn: fn(view[at : at + piece]), range(0, len(view), piece)))
-            best = min(best, time.perf_counter() - t0)
-        rates[name] = round(len(view) / best / 1e9, 2)
-    return rates
+    return piece_rates(data, {"crc32": zlib.crc32, "sha256": lambda b: hashlib.sha256(b).digest()}, digits=2)
 
 
 def run() -> dict[str, Any]:
