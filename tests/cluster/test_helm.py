@@ -275,6 +275,7 @@ def test_operator_env_is_what_the_operator_settings_parser_reads(kube: Any) -> N
         "str:shard.nodeSelector.nvidia\\.com/gpu\\.present=true", "shard.tolerations[0].key=nvidia.com/gpu",
         "shard.tolerations[0].operator=Exists", "shard.tolerations[0].effect=NoSchedule",
         "image.tag=1.2.3", "shard.image.repository=registry.local/tw", "operator.logLevel=DEBUG",
+        "shard.audit.log=file", "shard.audit.existingClaim=tw-audit",
         namespace="prod",
     )  # fmt: skip
     env = operator_env(docs)
@@ -297,6 +298,7 @@ def test_operator_env_is_what_the_operator_settings_parser_reads(kube: Any) -> N
     assert settings.shard_service_account == shard_sa["metadata"]["name"]
     assert settings.image == "registry.local/tw:1.2.3"
     assert settings.log_level == "DEBUG"
+    assert (settings.shard_audit_log, settings.shard_audit_claim) == ("file", "tw-audit")
     deployment = one(docs, "Deployment")
     # Two replicas elect a leader on a Lease the operator's Role may renew; without election, one.
     assert deployment["spec"]["replicas"] == 2 and deployment["spec"]["strategy"]["type"] == "RollingUpdate"

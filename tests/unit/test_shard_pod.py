@@ -13,7 +13,12 @@ from typing import Any
 
 import pytest
 
-from tensorwasm.operator.desired.shards import SNAPSHOT_DIR, build_shard_statefulset
+from tensorwasm.operator.desired.shards import (
+    AUDIT_DIR,
+    AUDIT_EMPTYDIR_LIMIT,
+    SNAPSHOT_DIR,
+    build_shard_statefulset,
+)
 from tensorwasm.operator.settings import OperatorSettings, SettingsError, load_settings
 from tensorwasm.runtime.settings import load_settings as load_runtime_settings
 
@@ -88,3 +93,40 @@ def test_the_operator_deployment_owns_the_shard_set() -> None:
             {"apiVersion": "apps/v1", "kind": "Deployment", "name": "tensorwasm-operator", "uid": "u-1"}
         ]
     assert "ownerReferences" not in build_shard_statefulset(settings, 2)["metadata"]
+
+
+@pytest.mark.parametrize(
+    ("env", "volume"),
+    [
+        ({}, {"emptyDir": {"sizeLimit": AUDIT_EMPTYDIR_LIMIT}}),
+        (
+            {"TENSORWASM_OPERATOR_SHARD_AUDIT_CLAIM": "tw-audit"},
+            {"persistentVolumeClaim": {"claimName": "tw-audit"}},
+        ),
+    ],
+)
+def test_audit_file_target_gets_a_volume_and_a_file_per_pod(
+    env: dict[str, str], volume: dict[str, Any]
+) -> None:
+    pod = _pod(load_settings({"TENSORWASM_OPERATOR_SHARD_AUDIT_LOG": "file", **env}))
+    container = pod["containers"][0]
+    args = [_expand(a, {"POD_NAME": "tensorwasm-shard-3", "POD_NAMESPACE": "tw"}) for a in container["args"]]
+    settings = load_runtime_settings(args[1:], environ={})
+    assert settings.audit_log == f"{AUDIT_DIR}/tensorwasm-shard-3.audit.log"
+    assert next(v for v in pod["volumes"] if v["name"] == "audit") == {"name": "audit", **volume}
+    assert {"name": "audit", "mountPath": AUDIT_DIR} in container["volumeMounts"]
+
+
+@pytest.mark.parametrize("target", ["stdout", "off"])
+def test_audit_stdout_or_off_needs_no_volume(target: str) -> None:
+    pod = _pod(load_settings({"TENSORWASM_OPERATOR_SHARD_AUDIT_LOG": target}))
+    args = [_expand(a, {"POD_NAME": "s-0", "POD_NAMESPACE": "tw"}) for a in pod["containers"][0]["args"]]
+    assert load_runtime_settings(args[1:], environ={}).audit_log == target
+    assert all(v["name"] != "audit" for v in pod["volumes"])
+
+
+def test_an_unknown_audit_target_is_refused_by_name() -> None:
+    with pytest.raises(
+        SettingsError, match="SHARD_AUDIT_LOG must be one of stdout, off, file, got '/var/log/x'"
+    ):
+        load_settings({"TENSORWASM_OPERATOR_SHARD_AUDIT_LOG": "/var/log/x"})

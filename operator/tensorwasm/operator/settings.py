@@ -53,6 +53,10 @@ class OperatorSettings:
     # (<key id> entries + `active`) mounted into every shard pod; "" = no keys.
     shard_snapshot_signing: str = "verify-if-present"
     shard_snapshot_signing_secret: str = ""
+    # Shards' audit log (docs/runtime.md "Audit log"): stdout (the node's log pipeline collects it),
+    # off, or file: rotated files on a volume of their own, the PVC below or an emptyDir.
+    shard_audit_log: str = "stdout"
+    shard_audit_claim: str = ""
     shard_resources: Mapping[str, Mapping[str, str]] = field(
         default_factory=lambda: {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}}
     )
@@ -185,6 +189,7 @@ class _Recorded(Mapping[str, str]):
 
 # The runtime's --snapshot-signing modes (the operator must not import the runtime; a test compares).
 SNAPSHOT_SIGNING_MODES = ("require", "verify-if-present", "off")
+AUDIT_LOG_TARGETS = ("stdout", "off", "file")
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> OperatorSettings:
@@ -246,6 +251,11 @@ def _parse(env: Mapping[str, str]) -> OperatorSettings:
             f"{PREFIX}SHARD_SNAPSHOT_SIGNING=require needs {PREFIX}SHARD_SNAPSHOT_SIGNING_SECRET "
             "(a Secret with the keys and `active`)"
         )
+    audit_log = _get(env, "SHARD_AUDIT_LOG") or defaults.shard_audit_log
+    if audit_log not in AUDIT_LOG_TARGETS:
+        raise SettingsError(
+            f"{PREFIX}SHARD_AUDIT_LOG must be one of {', '.join(AUDIT_LOG_TARGETS)}, got {audit_log!r}"
+        )
     mps_pipe_dir = _get(env, "SHARD_MPS_PIPE_DIR") or ""
     if mps_pipe_dir and not mps_pipe_dir.startswith("/"):
         raise SettingsError(f"{PREFIX}SHARD_MPS_PIPE_DIR must be an absolute path, got {mps_pipe_dir!r}")
@@ -267,6 +277,8 @@ def _parse(env: Mapping[str, str]) -> OperatorSettings:
         shard_snapshot_claim=_get(env, "SHARD_SNAPSHOT_CLAIM") or "",
         shard_snapshot_signing=signing_mode,
         shard_snapshot_signing_secret=signing_secret,
+        shard_audit_log=audit_log,
+        shard_audit_claim=_get(env, "SHARD_AUDIT_CLAIM") or "",
         owner_deployment=_get(env, "OWNER_DEPLOYMENT") or "",
         shard_hot_tier_bytes=_bytes(env, "SHARD_HOT_TIER_BYTES", defaults.shard_hot_tier_bytes),
         shard_idle_after=_idle_after(env, defaults.shard_idle_after),

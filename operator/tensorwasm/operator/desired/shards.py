@@ -58,6 +58,9 @@ def build_shard_service(settings: OperatorSettings, owner: Mapping[str, Any] | N
 SNAPSHOT_DIR = "/var/lib/tensorwasm/snapshots"
 CACHE_DIR = "/var/cache/tensorwasm"
 SIGNING_KEYS_DIR = "/var/run/tensorwasm/snapshot-keys"  # the signing Secret, read-only
+AUDIT_DIR = "/var/log/tensorwasm"  # shard.audit.log=file: one rotated file set per pod
+# The runtime keeps the current file and 5 rotated ones of 100 MiB (runtime/audit.py): 600 MiB at most.
+AUDIT_EMPTYDIR_LIMIT = "700Mi"
 # Pod Security Admission "restricted": non-root, no privilege escalation, no capabilities, RuntimeDefault
 # seccomp. The image's user is 65532; a read-only root keeps a compromised guest from changing the runtime.
 RESTRICTED_POD_SECURITY: dict[str, Any] = {
@@ -91,7 +94,17 @@ def build_shard_args(settings: OperatorSettings) -> list[str]:
         *_resident_args(settings),
         f"--snapshot-signing={settings.shard_snapshot_signing}",
         *([f"--snapshot-signing-keys={SIGNING_KEYS_DIR}"] if settings.shard_snapshot_signing_secret else []),
+        f"--audit-log={_audit_target(settings)}",
     ]
+
+
+def _audit_target(settings: OperatorSettings) -> str:
+    # Named by pod: on a claim every shard shares, each writes (and rotates) files of its own.
+    return (
+        f"{AUDIT_DIR}/$(POD_NAME).audit.log"
+        if settings.shard_audit_log == "file"
+        else settings.shard_audit_log
+    )
 
 
 def _resident_args(settings: OperatorSettings) -> list[str]:
@@ -116,6 +129,13 @@ def build_shard_volumes(settings: OperatorSettings) -> list[dict[str, Any]]:
         # 0440 + the pod's fsGroup: readable by the runtime's group only.
         secret = {"secretName": settings.shard_snapshot_signing_secret, "defaultMode": 0o440}
         volumes.append({"name": "snapshot-keys", "secret": secret})
+    if settings.shard_audit_log == "file":
+        audit: dict[str, Any] = (
+            {"persistentVolumeClaim": {"claimName": settings.shard_audit_claim}}
+            if settings.shard_audit_claim
+            else {"emptyDir": {"sizeLimit": AUDIT_EMPTYDIR_LIMIT}}
+        )
+        volumes.append({"name": "audit", **audit})
     return volumes
 
 
@@ -164,6 +184,7 @@ def build_shard_statefulset(
                 if settings.shard_snapshot_signing_secret
                 else []
             ),
+            *([{"name": "audit", "mountPath": AUDIT_DIR}] if settings.shard_audit_log == "file" else []),
         ],
     }
     pod_spec: dict[str, Any] = {
