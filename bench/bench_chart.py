@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -32,7 +31,10 @@ from typing import Any
 
 from tensorwasm.api.group import API_VERSION
 from tensorwasm.dev.chart import DevRelease, TenantAccess, build_image
-from tensorwasm.dev.cluster import REPO_ROOT, LocalControlPlane, default_state_dir
+from tensorwasm.dev.cluster import REPO_ROOT
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from real_cluster import bench_cluster
 
 NAMESPACE = "tw-bench-chart"
 CRDS = ["true"]  # "false" on a reused cluster, whose CRDs another owner applied
@@ -171,16 +173,8 @@ def _upgrade_under_load(release: DevRelease, access: TenantAccess) -> dict[str, 
 
 
 def run() -> dict[str, Any]:
-    # TENSORWASM_BENCH_CLUSTER_DIR: measure on a running cluster with a real node (its CRDs applied;
-    # it stays up). Else a cluster of its own, removed after.
-    reuse = os.environ.get("TENSORWASM_BENCH_CLUSTER_DIR")
-    state_dir = Path(reuse) if reuse else default_state_dir().parent / "bench-chart-cluster"
-    plane = LocalControlPlane(state_dir, log=lambda m: None)
-    state = plane.state() if reuse else plane.up(nodes=1, timeout_s=240)
-    if state is None:
-        raise RuntimeError(f"no running cluster in {state_dir}")
-    CRDS[0] = "false" if reuse else "true"
-    try:
+    with bench_cluster("bench-chart-cluster") as (plane, state, reuse):
+        CRDS[0] = "false" if reuse else "true"
         image = build_image(log=lambda m: None)
         release = DevRelease(plane, state, NAMESPACE, log=lambda m: None)
         release.uninstall()  # an interrupted run's
@@ -191,9 +185,6 @@ def run() -> dict[str, Any]:
         release.uninstall()
         warm = _install_to_first_invoke(release, image, cold=False)
         release.uninstall()
-    finally:
-        if not reuse:
-            plane.down()
     ready = [r for r, _ in restarts]
     serving = [s for _, s in restarts]
     figures = {

@@ -19,13 +19,16 @@ import json
 import os
 import signal
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from tensorwasm.api.group import API_VERSION
 from tensorwasm.dev.chart import DevRelease, build_image
-from tensorwasm.dev.cluster import LocalControlPlane, default_state_dir
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from real_cluster import bench_cluster
 
 NAMESPACE = "tw-bench-failover"
 LEASE = "tensorwasm-operator"
@@ -121,13 +124,7 @@ def _round(release: DevRelease, name: str, how: str) -> dict[str, Any]:
 
 
 def run() -> dict[str, Any]:
-    reuse = os.environ.get("TENSORWASM_BENCH_CLUSTER_DIR")
-    state_dir = Path(reuse) if reuse else default_state_dir().parent / "bench-failover-cluster"
-    plane = LocalControlPlane(state_dir, log=lambda m: None)
-    state = plane.state() if reuse else plane.up(nodes=1, timeout_s=240)
-    if state is None:
-        raise RuntimeError(f"no running cluster in {state_dir}")
-    try:
+    with bench_cluster("bench-failover-cluster") as (plane, state, reuse):
         release = DevRelease(plane, state, NAMESPACE, log=lambda m: None)
         release.uninstall()
         release.prepare(build_image(log=lambda m: None))
@@ -136,9 +133,6 @@ def run() -> dict[str, Any]:
         killed = [_round(release, f"killed-{i}", "kill") for i in range(ROUNDS)]
         graceful = [_round(release, f"graceful-{i}", "delete") for i in range(3)]
         release.uninstall()
-    finally:
-        if not reuse:
-            plane.down()
     kill_s = [r["s"] for r in killed]
     figures = {
         "sigkill_to_reconcile_median_s": round(statistics.median(kill_s), 1),

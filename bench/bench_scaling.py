@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
+import sys
 from pathlib import Path
 from typing import Any
 
 from tensorwasm.api.group import API_VERSION
 from tensorwasm.dev.chart import DevRelease, build_image
-from tensorwasm.dev.cluster import REPO_ROOT, LocalControlPlane, default_state_dir
+from tensorwasm.dev.cluster import REPO_ROOT
 from tensorwasm.dev.scaling import ScalingRun
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from real_cluster import bench_cluster
 
 NAMESPACE = "tw-bench-scaling"
 COUNTER = REPO_ROOT / "examples" / "modules" / "counter.wasm"
@@ -87,24 +90,14 @@ def measure(release: DevRelease) -> dict[str, Any]:
 
 
 def run() -> dict[str, Any]:
-    # TENSORWASM_BENCH_CLUSTER_DIR: measure on a running cluster with a real node (the test cluster's
-    # state directory, say), its CRDs applied; it stays up. Else a cluster of its own, removed after.
-    reuse = os.environ.get("TENSORWASM_BENCH_CLUSTER_DIR")
-    state_dir = Path(reuse) if reuse else default_state_dir().parent / "bench-scaling-cluster"
-    plane = LocalControlPlane(state_dir, log=lambda m: None)
-    state = plane.state() if reuse else plane.up(nodes=1, timeout_s=240)
-    if state is None:
-        raise RuntimeError(f"no running cluster in {state_dir}")
-    try:
+    # TENSORWASM_BENCH_CLUSTER_DIR (the test cluster's state directory, say): see real_cluster.py.
+    with bench_cluster("bench-scaling-cluster") as (plane, state, reuse):
         release = DevRelease(plane, state, NAMESPACE, log=lambda m: None)
         release.uninstall()  # an interrupted run's
         release.prepare(build_image(log=lambda m: None))
         release.install(f"crds.enabled={'false' if reuse else 'true'}", "shard.replicas=1")
         figures = measure(release)
         release.uninstall()
-    finally:
-        if not reuse:
-            plane.down()
     return {
         "title": "Shard scale-out and scale-in on the real node under load (kubectl scale 1 -> 2 -> 1)",
         "figures": figures,
