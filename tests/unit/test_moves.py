@@ -9,8 +9,7 @@ test moves it, so nothing depends on how fast this machine is.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
 from typing import Any
 
@@ -23,10 +22,10 @@ from tests.unit.test_reconciler_inprocess import (
     SNAPSHOTS,
     STATEFULSETS,
     TENANTS,
-    Watcher,
     status,
     tenant,
 )
+from tests.unit.test_reconciler_inprocess import operator as reconciler_running
 
 S0, S1 = "tensorwasm-shard-0", "tensorwasm-shard-1"
 EVENTS, PODS = f"/api/v1/namespaces/{NS}/events", f"/api/v1/namespaces/{NS}/pods"
@@ -42,18 +41,8 @@ class Clock:
         return f"2026-11-29T12:{self.seconds // 60:02d}:{self.seconds % 60:02d}Z"
 
 
-@asynccontextmanager
-async def operator(fake: FakeKube, clock: Clock, shards: int = 1) -> AsyncIterator[Reconciler]:
-    api = fake.client("tensorwasm-operator")
-    reconciler = Reconciler(replace(ONE_SHARD, shards=shards), api, clock=clock)
-    await reconciler.start()
-    watcher = asyncio.create_task(Watcher(fake, reconciler).run())
-    try:
-        yield reconciler
-    finally:
-        watcher.cancel()
-        await reconciler.drain()
-        await api.close()
+def operator(fake: FakeKube, clock: Clock, shards: int = 1) -> AbstractAsyncContextManager[Reconciler]:
+    return reconciler_running(fake, replace(ONE_SHARD, shards=shards), clock)
 
 
 def selected(fake: FakeKube, name: str) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
@@ -65,9 +65,14 @@ class Watcher:
 
 
 @asynccontextmanager
-async def operator(fake: FakeKube, settings: OperatorSettings = SETTINGS) -> AsyncIterator[Reconciler]:
-    ticks = itertools.count()
-    clock = lambda: f"2026-11-29T12:{next(ticks) // 60 % 60:02d}:{next(ticks) % 60:02d}Z"  # noqa: E731
+async def operator(
+    fake: FakeKube, settings: OperatorSettings = SETTINGS, clock: Callable[[], str] | None = None
+) -> AsyncIterator[Reconciler]:
+    """The real Reconciler against `fake`, fed by a Watcher; `clock` defaults to one that ticks on
+    every reading (a test that needs timeouts to pass moves its own)."""
+    if clock is None:
+        ticks = itertools.count()
+        clock = lambda: f"2026-11-29T12:{next(ticks) // 60 % 60:02d}:{next(ticks) % 60:02d}Z"  # noqa: E731
     api = fake.client("tensorwasm-operator")
     reconciler = Reconciler(settings, api, clock=clock)
     await reconciler.start()
