@@ -7,7 +7,8 @@ we set), the status subresource, delete with finalizers (deletionTimestamp, then
 last finalizer goes). Every object gets uid, resourceVersion, generation (bumped by spec changes)
 and creationTimestamp. `fail()` makes the next calls on a path answer an error; `wait_for()`
 waits on observable state, never on time. Not a validator: the real API server's schema and CEL
-are tested in tests/cluster.
+are tested in tests/cluster. `running_shard()` runs a real shard (engine, CPU backend, KubeSource,
+optionally its HTTP app) against a FakeKube, for the in-process tests of the shard's side.
 """
 
 from __future__ import annotations
@@ -18,14 +19,20 @@ import contextlib
 import copy
 import itertools
 import json
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from aiohttp import web
 
 from tensorwasm.kube.client import KubeApi
 from tensorwasm.kube.config import Connection
+
+if TYPE_CHECKING:
+    from tensorwasm.runtime.settings import RuntimeSettings
+    from tensorwasm.runtime.shard import Shard
+    from tensorwasm.runtime.sources.kube import KubeSource
 
 JSON = dict[str, Any]
 STAMP = "2026-11-29T12:00:00Z"
@@ -334,3 +341,54 @@ def with_fake_kube(body: Callable[[FakeKube], Awaitable[None]]) -> None:
             await fake.stop()
 
     asyncio.run(main())
+
+
+class RunningShard(NamedTuple):
+    shard: Shard
+    source: KubeSource
+    url: str  # the shard's HTTP app, "http://127.0.0.1:<port>"; "" unless served
+
+
+STOP_S = 30.0  # a source cancelled at teardown must stop within this; only a broken one takes it
+
+
+@asynccontextmanager
+async def running_shard(
+    fake: FakeKube, settings: RuntimeSettings, serve_http: bool = False, **shard_options: Any
+) -> AsyncIterator[RunningShard]:
+    """A real Shard (engine, CPU backend) fed by the real KubeSource from `fake`, its HTTP app on an
+    ephemeral port with `serve_http`; all of it stopped and closed on the way out."""
+    from tensorwasm.runtime.accel import select_accelerator
+    from tensorwasm.runtime.api.app import build_app
+    from tensorwasm.runtime.api.server import serve
+    from tensorwasm.runtime.engine import Engine
+    from tensorwasm.runtime.modules import ModuleLoader
+    from tensorwasm.runtime.shard import Shard
+    from tensorwasm.runtime.sources.kube import KubeSource
+
+    engine, accelerator = Engine(epoch_tick_s=0.001), select_accelerator("cpu")
+    shard = Shard(engine, accelerator, ModuleLoader(engine, 64 << 20, 10.0), **shard_options)
+    source = KubeSource(settings)
+    api = fake.client("tensorwasm-shard")
+    task = asyncio.create_task(source.run(shard, api))
+    runner, url = None, ""
+    try:
+        if serve_http:
+            runner, port = await serve(build_app(shard), "127.0.0.1", 0)
+            url = f"http://127.0.0.1:{port}"
+        yield RunningShard(shard, source, url)
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        task.cancel()
+        # Bounded, and not pytest.raises(CancelledError): a source that swallows its cancellation
+        # fails here with this message instead of hanging the suite.
+        await asyncio.wait([task], timeout=STOP_S)
+        assert task.done(), f"the shard's KubeSource did not stop within {STOP_S:g} s of its cancellation"
+        if not task.cancelled():
+            task.result()  # it ended on its own: its error is the test's
+            raise AssertionError("the shard's KubeSource returned although it serves until cancelled")
+        await api.close()
+        await shard.close()
+        engine.close()
+        accelerator.close()

@@ -7,25 +7,19 @@ user could observe (the Tenant's status, the shard's served set), never on time.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tensorwasm.api.group import API_VERSION
-from tensorwasm.runtime.accel import select_accelerator
-from tensorwasm.runtime.engine import Engine
-from tensorwasm.runtime.modules import ModuleLoader
 from tensorwasm.runtime.settings import RuntimeSettings
-from tensorwasm.runtime.shard import Shard
 from tensorwasm.runtime.sources import kube as source_module
-from tensorwasm.runtime.sources.kube import KubeSource
-from tests.fake_kube import FakeKube, until, with_fake_kube
+from tests.fake_kube import FakeKube, RunningShard, running_shard, until, with_fake_kube
 
 NS, SHARD = "team-a", "tensorwasm-shard-0"
 TENANTS = f"/apis/{API_VERSION}/namespaces/{NS}/tenants"
@@ -45,23 +39,12 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-@asynccontextmanager
-async def running_source(fake: FakeKube, **shard_options: Any) -> AsyncIterator[tuple[Shard, KubeSource]]:
-    engine, accelerator = Engine(epoch_tick_s=0.001), select_accelerator("cpu")
-    shard = Shard(engine, accelerator, ModuleLoader(engine, 64 << 20, 10.0), **shard_options)
-    source = KubeSource(RuntimeSettings(namespace=NS, shard_name=SHARD))
-    api = fake.client("tensorwasm-shard")
-    task = asyncio.create_task(source.run(shard, api))
-    try:
-        yield shard, source
-    finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        await api.close()
-        await shard.close()
-        engine.close()
-        accelerator.close()
+def running_source(
+    fake: FakeKube, snapshot_dir: Path | None = None, **options: Any
+) -> AbstractAsyncContextManager[RunningShard]:
+    """Shard SHARD of namespace NS against `fake` (tests.fake_kube.running_shard)."""
+    settings = RuntimeSettings(namespace=NS, shard_name=SHARD, snapshot_dir=snapshot_dir)
+    return running_shard(fake, settings, **options)
 
 
 def scenario(body: Callable[[FakeKube], Awaitable[None]]) -> None:
@@ -86,7 +69,7 @@ def runtime_of(fake: FakeKube, name: str) -> dict[str, Any]:
 def test_a_placed_tenant_is_served_and_ready_in_one_status_write() -> None:
     async def body(fake: FakeKube) -> None:
         await fake.put(TENANTS, tenant("alpha"))
-        async with running_source(fake) as (shard, _):
+        async with running_source(fake) as (shard, _, _):
             await fake.wait_for(lambda: runtime_of(fake, "alpha").get("loaded"))
             status = fake.get(TENANTS, "alpha")["status"]  # type: ignore[index]
             # The shard wrote the readiness its report implies, with the operator's maths.
@@ -107,7 +90,7 @@ def test_a_tenant_moved_away_is_unloaded_and_an_invalid_one_is_refused() -> None
         )
         await fake.put(TENANTS, tenant("gamma", limits={"gpuMemory": 0}))
         await fake.put(TENANTS, tenant("other", shard="tensorwasm-shard-1"))
-        async with running_source(fake) as (shard, _):
+        async with running_source(fake) as (shard, _, _):
             await fake.wait_for(lambda: runtime_of(fake, "alpha").get("loaded"))
             refused = await fake.wait_for(lambda: runtime_of(fake, "gamma").get("reason"))
             assert (
@@ -126,7 +109,7 @@ def test_a_missing_secret_is_reported_once_it_stays_missing(monkeypatch: pytest.
 
     async def body(fake: FakeKube) -> None:
         await fake.put(TENANTS, tenant("beta"))
-        async with running_source(fake) as (shard, _):
+        async with running_source(fake) as (shard, _, _):
             assert await fake.wait_for(lambda: runtime_of(fake, "beta").get("reason")) == "SecretMissing"
             await fake.put(
                 SECRETS, {"metadata": {"name": "tw-beta-token"}, "data": {"token": b64(b"tok-beta-123")}}
@@ -141,7 +124,7 @@ def test_the_watch_survives_an_api_error_and_a_dropped_stream() -> None:
     async def body(fake: FakeKube) -> None:
         fake.fail("GET", CONFIGMAPS, 500)  # the first list fails: the informer lists again
         await fake.put(TENANTS, tenant("alpha"))
-        async with running_source(fake) as (_, source):
+        async with running_source(fake) as (_, source, _):
             await fake.wait_for(lambda: runtime_of(fake, "alpha").get("loaded"))
             assert source.informers["configmaps"].lists >= 1
             fake.fail(

@@ -7,26 +7,25 @@ state a client or the API would show, never on time.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from tensorwasm.api.group import API_VERSION
-from tensorwasm.runtime.accel import select_accelerator
-from tensorwasm.runtime.api.app import build_app
-from tensorwasm.runtime.api.server import serve
-from tensorwasm.runtime.engine import Engine
-from tensorwasm.runtime.modules import ModuleLoader
-from tensorwasm.runtime.settings import RuntimeSettings
 from tensorwasm.runtime.shard import Shard
-from tensorwasm.runtime.sources.kube import KubeSource
 from tests.fake_kube import FakeKube, until
-from tests.unit.test_kube_source_inprocess import NS, SHARD, TENANTS, runtime_of, scenario, tenant
+from tests.unit.test_kube_source_inprocess import (
+    NS,
+    SHARD,
+    TENANTS,
+    running_source,
+    runtime_of,
+    scenario,
+    tenant,
+)
 
 SNAPSHOTS = f"/apis/{API_VERSION}/namespaces/{NS}/snapshots"
 TARGET = "tensorwasm-shard-1"
@@ -34,24 +33,12 @@ AUTH = {"Authorization": "Bearer s3cret-token-1"}
 
 
 @asynccontextmanager
-async def serving_source(fake: FakeKube, store: Path) -> AsyncIterator[tuple[Shard, str]]:
-    engine, accelerator = Engine(epoch_tick_s=0.001), select_accelerator("cpu")
-    shard = Shard(engine, accelerator, ModuleLoader(engine, 64 << 20, 10.0))
-    source = KubeSource(RuntimeSettings(namespace=NS, shard_name=SHARD, snapshot_dir=store))
-    api = fake.client("tensorwasm-shard")
-    task = asyncio.create_task(source.run(shard, api))
-    runner, port = await serve(build_app(shard), "127.0.0.1", 0)
-    try:
-        yield shard, f"http://127.0.0.1:{port}/v1/functions/echo/invoke"
-    finally:
-        await runner.cleanup()
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        await api.close()
-        await shard.close()
-        engine.close()
-        accelerator.close()
+async def serving_alpha(fake: FakeKube, store: Path) -> AsyncIterator[tuple[Shard, str]]:
+    """Tenant alpha placed here, served over HTTP and reported loaded: (the shard, alpha's echo URL)."""
+    await fake.put(TENANTS, tenant("alpha"))
+    async with running_source(fake, store, serve_http=True) as (shard, _, base):
+        await fake.wait_for(lambda: runtime_of(fake, "alpha").get("loaded"))
+        yield shard, f"{base}/v1/functions/echo/invoke"
 
 
 async def call(url: str) -> tuple[int, dict[str, Any], str | None]:
@@ -75,9 +62,7 @@ def test_the_source_holds_a_moving_tenant_captures_at_the_barrier_and_answers_mo
     tmp_path: Path,
 ) -> None:
     async def body(fake: FakeKube) -> None:
-        await fake.put(TENANTS, tenant("alpha"))
-        async with serving_source(fake, tmp_path) as (shard, url):
-            await fake.wait_for(lambda: runtime_of(fake, "alpha").get("loaded"))
+        async with serving_alpha(fake, tmp_path) as (shard, url):
             assert (await call(url))[0] == 200
             # The move Snapshot may reach the shard before status.move: it waits for the barrier.
             await fake.put(SNAPSHOTS, move_snapshot("alpha-move-1"))
@@ -111,9 +96,7 @@ def test_a_move_rolled_back_while_holding_serves_again_and_a_deleted_tenant_is_n
     tmp_path: Path,
 ) -> None:
     async def body(fake: FakeKube) -> None:
-        await fake.put(TENANTS, tenant("alpha"))
-        async with serving_source(fake, tmp_path) as (shard, url):
-            await fake.wait_for(lambda: runtime_of(fake, "alpha").get("loaded"))
+        async with serving_alpha(fake, tmp_path) as (shard, url):
             move = {"source": SHARD, "target": TARGET, "phase": "Holding", "snapshot": "alpha-move-2"}
             await fake.put_status(TENANTS, "alpha", {"move": move})
             await until(lambda: "alpha" in shard.holds)
