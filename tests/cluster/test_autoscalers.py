@@ -23,14 +23,14 @@ from typing import Any
 import pytest
 import yaml
 
-from tensorwasm.dev import autoscalers, chart
+from tensorwasm.dev import autoscalers
 from tensorwasm.dev import prometheus as dev_prometheus
 from tensorwasm.dev.cluster import LocalControlPlane
 from tensorwasm.operator.settings import load_settings
 from tests.conftest import Kube, wait_for
 
 from .test_helm import one, render
-from .test_prometheus import SPIN_QUEUE, SPIN_TOKEN, build_standalone_shard, pod_ip_when_ready
+from .test_prometheus import SPIN_QUEUE, SPIN_TOKEN, build_standalone_shard, scraped_workload
 
 pytestmark = pytest.mark.node
 
@@ -76,26 +76,14 @@ def build_shard_statefulset(pod: dict[str, Any], name: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def env(kube: Kube) -> Iterator[Env]:
-    plane = LocalControlPlane(Path(kube.kubeconfig).parent, log=lambda _m: None)
-    state = plane.state()
-    assert state is not None and state.node_slot is not None, "the test cluster has no real node"
-    namespace = f"t-autoscale-{os.getpid()}-{time.time_ns() % 10**6}"
-    kube.kubectl("create", "namespace", namespace)
-    try:
-        image = chart.build_image(log=print)
-        plane.import_image(state, image.archive)
-        files, service, pod = build_standalone_shard(namespace, image.ref)
-        shard = load_settings({"POD_NAMESPACE": namespace}).shard_name
-        statefulset = build_shard_statefulset(pod, shard)
-        items = [files, service, statefulset]
-        kube.kubectl(
-            "apply", "-f", "-", input_text=json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
-        )
-        pod_ip = wait_for(lambda: pod_ip_when_ready(kube, namespace, f"{shard}-0"), 180, "shard 0 Ready")
-        prom = dev_prometheus.DevPrometheus(plane, state, namespace, [namespace], image.ref, log=print)
-        yield Env(kube, plane, namespace, shard, pod_ip, prom.up(), image.ref)
-    finally:
-        kube.kubectl("delete", "namespace", namespace, "--wait=false", "--ignore-not-found")
+    shard = load_settings({}).shard_name
+
+    def workload(namespace: str, image: str) -> tuple[list[dict[str, Any]], str]:
+        files, service, pod = build_standalone_shard(namespace, image)
+        return [files, service, build_shard_statefulset(pod, shard)], f"{shard}-0"
+
+    with scraped_workload(kube, "autoscale", workload) as s:
+        yield Env(kube, s.plane, s.namespace, shard, s.pod_ip, s.prometheus_url, s.image)
 
 
 def chart_autoscaler(env: Env, tmp_path: Path, *sets: str) -> dict[str, Any]:

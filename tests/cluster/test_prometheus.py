@@ -16,8 +16,9 @@ import os
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,26 +135,46 @@ class Deployed:
         return f'namespace="{self.namespace}", job="tensorwasm-shard", pod="{SHARD}"'
 
 
-@pytest.fixture(scope="module")
-def deployed(kube: Kube) -> Iterator[Deployed]:
-    """A standalone shard and the dev Prometheus watching it, in a namespace of their own."""
+@dataclass(frozen=True)
+class Scraped:
+    plane: LocalControlPlane
+    namespace: str
+    pod_ip: str
+    prometheus_url: str
+    image: str
+
+
+Workload = Callable[[str, str], tuple[list[dict[str, Any]], str]]  # (namespace, image) -> (objects, pod)
+
+
+@contextmanager
+def scraped_workload(kube: Kube, prefix: str, workload: Workload) -> Iterator[Scraped]:
+    """On the test cluster's real node, in a namespace of its own (deleted after): the project's image
+    imported, the objects `workload` builds applied, its pod Ready, the dev Prometheus scraping it."""
     plane = LocalControlPlane(Path(kube.kubeconfig).parent, log=lambda _m: None)
     state = plane.state()
     assert state is not None and state.node_slot is not None, "the test cluster has no real node"
-    namespace = f"t-prometheus-{os.getpid()}-{time.time_ns() % 10**6}"
+    namespace = f"t-{prefix}-{os.getpid()}-{time.time_ns() % 10**6}"
     kube.kubectl("create", "namespace", namespace)
     try:
         image = chart.build_image(log=print)
         plane.import_image(state, image.archive)
-        items = build_standalone_shard(namespace, image.ref)
+        items, pod = workload(namespace, image.ref)
         kube.kubectl(
             "apply", "-f", "-", input_text=json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
         )
-        pod_ip = wait_for(lambda: pod_ip_when_ready(kube, namespace, SHARD), 180, "the shard pod Ready")
+        pod_ip = wait_for(lambda: pod_ip_when_ready(kube, namespace, pod), 180, f"pod {pod} Ready")
         prom = dev_prometheus.DevPrometheus(plane, state, namespace, [namespace], image.ref, log=print)
-        yield Deployed(namespace, pod_ip, prom.up())
+        yield Scraped(plane, namespace, pod_ip, prom.up(), image.ref)
     finally:
         kube.kubectl("delete", "namespace", namespace, "--wait=false", "--ignore-not-found")
+
+
+@pytest.fixture(scope="module")
+def deployed(kube: Kube) -> Iterator[Deployed]:
+    """A standalone shard and the dev Prometheus watching it, in a namespace of their own."""
+    with scraped_workload(kube, "prometheus", lambda ns, ref: (build_standalone_shard(ns, ref), SHARD)) as s:
+        yield Deployed(s.namespace, s.pod_ip, s.prometheus_url)
 
 
 def test_discovery_selects_what_the_operator_labels_shard_services() -> None:
