@@ -403,6 +403,26 @@ RESIDENT_GPU_BYTES = Gauge(
     ["kind"],
     registry=REGISTRY,
 )
+SLEEP_SNAPSHOTS = Gauge(
+    "tensorwasm_sleep_snapshots",
+    "Sleep snapshots in this shard's store by the key id that signed them ('unsigned' for none) and "
+    "whether this shard's key ring still verifies them (false: the tenant restarts from its module "
+    "at its next wake, losing its state; list the key again, or wait for 0 before removing a key).",
+    ["key_id", "verifiable"],
+    registry=REGISTRY,
+)
+SLEEP_SNAPSHOTS_SWEPT = Counter(
+    "tensorwasm_sleep_snapshots_swept_total",
+    "Sleep snapshots (record and blobs) removed because no Tenant owns their uid any more.",
+    registry=REGISTRY,
+)
+TENANT_PREWARMS = Counter(
+    "tensorwasm_tenant_prewarms_total",
+    "Sleeping tenants woken ahead of predicted use (spec.idle.prewarm), by outcome: hit (a request "
+    "came while it was prewarmed) or miss (it went back to sleep, or was evicted, unused).",
+    ["outcome"],
+    registry=REGISTRY,
+)
 
 # --- async jobs, rate limits, audit log (issue 14: api/jobs.py, tenancy/ratelimit.py, audit.py) ---
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +28,7 @@ from tensorwasm.runtime.tenancy.queue import TenantQueue
 if TYPE_CHECKING:
     from tensorwasm.runtime.accel.base import Accelerator, AcceleratorHealth, TenantDevice
     from tensorwasm.runtime.engine import CompiledModule, Engine, TenantInstancePool
-    from tensorwasm.runtime.sleep import Sleeper, SleepParts
+    from tensorwasm.runtime.sleep import Sleeper, SleepParts, Swept
     from tensorwasm.runtime.snapshots.store import SnapshotStore
 
 log = logging.getLogger(__name__)
@@ -144,6 +144,12 @@ class Shard:
     idle_after_s: float | None = None
     resident_gpu_bytes: int | None = None
     residency: Residency = field(default_factory=lambda: Residency(None))
+    # The orphan sweep (runtime/sleep.py sweep_orphans) runs every `sweep_interval_s` once synced.
+    # `live_uids` (the Kubernetes source's) lists every Tenant uid of the namespace: a tenant living
+    # on another shard or moving here keeps its blob. None: the assigned set is the whole world.
+    sweep_interval_s: float = 600.0
+    live_uids: Callable[[], Awaitable[Collection[str]]] | None = None
+    _swept_at: float = float("-inf")
     _sleep_parts: SleepParts | None = None
     _idle_task: asyncio.Task[None] | None = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -322,6 +328,34 @@ class Shard:
                         await asyncio.to_thread(sleeper.try_sleep, "idle")
                     except Exception as exc:  # one tenant's trouble must not stop the scan
                         log.warning("Failed idle sleep of Tenant name=%s: %s", tenant.name, exc, exc_info=exc)
+            if self.synced and now - self._swept_at >= self.sweep_interval_s:
+                self._swept_at = now
+                try:
+                    await self.sweep_sleep_blobs()
+                except Exception as exc:  # the API server away (live uids): sweep nothing, try later
+                    log.warning("Skipped sweeping sleep snapshots: %s", exc)
+
+    async def sweep_sleep_blobs(self, **options: Any) -> Swept | None:
+        """Remove sleep snapshots no Tenant owns; tell the tenants whose snapshot the key ring can no
+        longer verify. `options`: sweep_orphans' limit, grace_s, now (tests)."""
+        from tensorwasm.runtime.sleep import sleep_key, sleep_key_of, sweep_orphans
+
+        parts = self._parts()
+        if parts is None or not self.synced:
+            return None
+        live = await self.live_uids() if self.live_uids is not None else ()
+        keep = {sleep_key(c) for c in self.assigned.values()} | {sleep_key_of(u) for u in live if u}
+        keep |= {t.sleeper.key for t in self.served.values() if t.sleeper is not None}
+        keep |= {sleep_key_of("local-" + n) for n in self.statuses}  # refused by the source, not gone
+        swept = await asyncio.to_thread(sweep_orphans, parts, keep, **options)
+        for tenant in self.served.values():
+            key_id = swept.stranded.get(tenant.sleeper.key) if tenant.sleeper is not None else None
+            if key_id is not None and tenant.asleep:
+                self._slept_or_woke(tenant.name, True, (
+                    f"asleep in a snapshot signed with key {key_id!r}, which this shard's key ring no "
+                    "longer lists: its next wake restarts it from its module (state lost) unless the "
+                    "key is listed again"), tenant.config.generation)  # fmt: skip
+        return swept
 
     async def wake(self, name: str) -> None:
         """Wake a sleeping tenant now (outside a request: e.g. a Snapshot wants its live state)."""

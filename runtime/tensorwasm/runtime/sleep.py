@@ -16,6 +16,10 @@ sleeper of one shard shares).
   request and every request that waited for that wake with a clear `tenant_not_ready`
   (reason WakeFailed), drops the blob, and restarts the tenant from its module (fresh state), so
   the next request is served.
+- Sweep (`sweep_orphans`, the shard's periodic pass): the records and blobs of sleep keys no Tenant
+  owns any more (deleted while asleep and unserved, or while its shard was down) are removed,
+  record first, bounded per pass; the sleep snapshots left are counted by signing key, and those
+  signed with a key the ring no longer lists are named (their wake would lose their state).
 Must not import wasmtime, cuda or aiohttp (the shard hands in how to open and close a tenant).
 """
 
@@ -27,17 +31,19 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 from pathlib import Path
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 from tensorwasm.runtime import metrics
 from tensorwasm.runtime.errors import BadRequest, QueueFull, RuntimeFault, TenantNotReady
+from tensorwasm.runtime.snapshots import signing
 from tensorwasm.runtime.snapshots.capture import capture_snapshot
+from tensorwasm.runtime.snapshots.hot_tier import HOT_TIERS, HotTier, digest_of
 from tensorwasm.runtime.snapshots.restore import restore_snapshot
-from tensorwasm.runtime.snapshots.store import SnapshotStore
+from tensorwasm.runtime.snapshots.store import SnapshotStore, read_manifest
 from tensorwasm.runtime.tenancy.idle import Residency
 
 if TYPE_CHECKING:
@@ -51,10 +57,24 @@ WAKE_FAILED = "WakeFailed"
 Opened = tuple["TenantInstancePool", "TenantDevice | None"]
 
 
+KEY_SUFFIX = ".sleep"
+# The orphan sweep (sweep_orphans): at most this many sleep keys removed per pass, so a pass stays
+# short however many Tenants went away; the rest wait for the next pass (counted in `Swept.left`).
+SWEEP_LIMIT = 64
+# ... and none younger than this (its newest file's mtime): a tenant assigned after the sweep took
+# its list of live keys may already be sleeping into a fresh key.
+SWEEP_GRACE_S = 300.0
+
+
 def sleep_key(config: TenantConfig) -> str:
     """The store directory of a tenant's sleep blob: its uid (a re-created Tenant never wakes in
     its predecessor's state), apart from the Snapshot blobs so retention never removes it."""
-    return f"{config.uid or 'local-' + config.name}.sleep"
+    return sleep_key_of(config.uid or "local-" + config.name)
+
+
+def sleep_key_of(uid: str) -> str:
+    """The sleep key of a Tenant uid (or of `local-<name>` for a tenants-file tenant)."""
+    return f"{uid}{KEY_SUFFIX}"
 
 
 @dataclass(frozen=True)
@@ -319,3 +339,146 @@ class Sleeper:
         with self._lock:
             if self.pool is None:
                 self._wake()
+
+
+# --- sleep blobs no Tenant owns (a Tenant deleted while asleep and unserved, or while its shard was down) ---
+
+
+@dataclass(frozen=True)
+class Swept:
+    """What one orphan sweep did."""
+
+    removed: tuple[str, ...] = ()  # sleep keys whose record and blobs were removed
+    left: int = 0  # orphans past the limit or still within the grace time: a later pass takes them
+    stranded: dict[str, str] = field(default_factory=dict)  # kept key -> key id no longer in the ring
+
+
+def sweep_orphans(
+    parts: SleepParts,
+    keep: Collection[str],
+    *,
+    limit: int = SWEEP_LIMIT,
+    grace_s: float = SWEEP_GRACE_S,
+    now: float | None = None,
+) -> Swept:
+    """Remove the sleep records and blobs of keys not in `keep` (the shard's tenants and every live
+    Tenant uid), at most `limit` keys, none touched within `grace_s`; then count the sleep
+    snapshots left by signing key and name those whose key the ring no longer lists.
+
+    Crash-safe: a key's record goes first (unlinked, directory fsynced), so from then on nothing
+    points at its blobs; they go next, each unlink atomic, then their directory. A crash at any
+    point leaves either a record with its complete blob (untouched) or blobs nobody points at, which
+    the next pass removes. Blobs of a kept key (the same name re-created has another uid, hence
+    another key) are never touched."""
+    store, records = parts.store, parts.records
+    now = time.time() if now is None else now
+    found = _keys_on_disk(store, records)
+    orphans = sorted(k for k in found if k not in keep)
+    due = [k for k in orphans if now - _newest_mtime(found[k]) >= grace_s]
+    removed: list[str] = []
+    tier = HOT_TIERS.for_accelerator(parts.accelerator)
+    for key in due[: max(0, limit)]:
+        try:
+            _remove_key(store, records, key, found[key], tier)
+        except OSError as exc:  # a read-only or failing volume: say so, try again next pass
+            log.warning("Failed removing the sleep snapshot of a deleted Tenant key=%s: %s", key, exc)
+            continue
+        removed.append(key)
+        metrics.SLEEP_SNAPSHOTS_SWEPT.inc()
+        log.info("Removed the sleep snapshot of a Tenant that no longer exists key=%s", key)
+    stranded = _count_by_signing_key(store, records)
+    return Swept(tuple(removed), len(orphans) - len(removed), stranded)
+
+
+def _keys_on_disk(store: SnapshotStore, records: SleepRecords) -> dict[str, list[Path]]:
+    """Sleep key -> its paths: the record (and any temp file of one) and the blob directory."""
+    found: dict[str, list[Path]] = {}
+    if records.directory.is_dir():
+        for path in records.directory.iterdir():
+            key = path.name.removesuffix(".json").split(".tmp-", 1)[0]
+            if key.endswith(KEY_SUFFIX):
+                found.setdefault(key, []).append(path)
+    tenants = store.root / "tenants"
+    if tenants.is_dir():
+        for path in tenants.iterdir():
+            if path.name.endswith(KEY_SUFFIX) and path.is_dir():
+                found.setdefault(path.name, []).append(path)
+    return found
+
+
+def _newest_mtime(paths: list[Path]) -> float:
+    newest = 0.0
+    for path in paths:
+        with contextlib.suppress(OSError):
+            newest = max(newest, path.stat().st_mtime)
+            if path.is_dir():
+                newest = max([newest, *(f.stat().st_mtime for f in path.iterdir())])
+    return newest
+
+
+def _remove_key(
+    store: SnapshotStore, records: SleepRecords, key: str, paths: list[Path], tier: HotTier | None
+) -> None:
+    files = [p for p in paths if not p.is_dir()]
+    for path in files:  # the record first: from here on nothing points at the blobs
+        path.unlink(missing_ok=True)
+    if files:
+        _fsync_dir(records.directory)
+    for directory in (p for p in paths if p.is_dir()):
+        for blob in directory.iterdir():
+            digest = digest_of(blob)
+            if tier is not None and digest is not None:
+                tier.drop(digest)
+            blob.unlink(missing_ok=True)
+        directory.rmdir()
+        _fsync_dir(directory.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_warned_stranded: set[tuple[str, str]] = set()
+
+
+def _count_by_signing_key(store: SnapshotStore, records: SleepRecords) -> dict[str, str]:
+    """Set tensorwasm_sleep_snapshots{key_id, verifiable}; the keys whose blob is signed with a key
+    id the current ring does not list (its wake would be refused UnknownKey: state lost)."""
+    policy = signing.current()
+    try:
+        ring: signing.KeyRing | None = policy.current_ring() if policy.mode != "off" else None
+    except signing.KeyRingError:
+        ring = None  # an unreadable ring is the restore's to report; nothing to judge here
+    counts: dict[tuple[str, str], int] = {}
+    stranded: dict[str, str] = {}
+    directory = records.directory
+    for path in sorted(directory.glob(f"*{KEY_SUFFIX}.json")) if directory.is_dir() else []:
+        key = path.name.removesuffix(".json")
+        record = records.read(key)
+        if record is None:
+            continue
+        try:
+            parsed = read_manifest(store.path_of(key, record.digest))
+        except (RuntimeFault, OSError, ValueError):
+            continue  # a missing or damaged blob: its wake reports it (WakeFailed)
+        key_id = parsed.signature.key_id if parsed.signature is not None else "unsigned"
+        ok = ring is None or parsed.signature is None or key_id in ring.keys
+        label = (key_id, "true" if ok else "false")
+        counts[label] = counts.get(label, 0) + 1
+        if not ok:
+            stranded[key] = key_id
+            if (key, key_id) not in _warned_stranded:
+                _warned_stranded.add((key, key_id))
+                log.warning(
+                    "Found a sleeping Tenant whose snapshot is signed with a key no longer in the key "
+                    "ring tenant=%s key=%s key_id=%s: its next wake restarts it from its module "
+                    "(state lost) unless the key is listed again", record.tenant, key, key_id,
+                )  # fmt: skip
+    metrics.SLEEP_SNAPSHOTS.clear()
+    for (key_id, verifiable), n in counts.items():
+        metrics.SLEEP_SNAPSHOTS.labels(key_id, verifiable).set(n)
+    return stranded

@@ -304,6 +304,15 @@ class KubeSource:
             shard.prepare = self._restore
         self._loop = asyncio.get_running_loop()
         shard.on_load_done = self._mark_dirty  # a load that finishes after its pass gets its own report
+
+        async def live_uids() -> frozenset[str]:
+            # Every Tenant of the namespace, not only ours: a sleeper moving here or living on another
+            # shard keeps its sleep blob; only blobs of uids no Tenant has are swept (runtime/sleep.py).
+            assert self.api is not None
+            items, _ = await self.api.list_versioned(resource_path(API_VERSION, PLURAL, self.namespace))
+            return frozenset(str((t.get("metadata") or {}).get("uid") or "") for t in items)
+
+        shard.live_uids = live_uids
         self.informers = self._informers()
         tasks = [asyncio.create_task(i.run(), name=f"watch-{i.kind}") for i in self.informers.values()]
         try:
