@@ -15,12 +15,16 @@ buffer, so a lost or doubled request shows in the answer).
   changes: one active tenant is replaced by a sleeping one every CHURN_S). Open-loop Poisson arrivals
   at the same total rate, latency from each request's scheduled time; P50/P99 against the 100 ms SLO;
   the planner's prediction (tensorwasm.planner.model.tenants_with_sleep) beside the measurement.
+  The active set is the planner's `active_set` (ceil(10% of the tenants)); the predicted swap onset
+  (`swap_onset`, 10x + 1) runs too, and `onset_measured_tenants` is the fewest tenants seen swapping
+  (evicting more than twice per active-set change: churn alone evicts at most the tenant that left).
   Sleepers have idle.after 500ms: one that left the active set sleeps in the background.
 - storm: 100 sleeping tenants (1 MiB of state each) called at once, with room for all and with room
   for 20: time until all are answered, the most GPU bytes reserved at once vs the budget, requests
   answered and the counters (none lost, none doubled).
 Env: TENSORWASM_BENCH_SLEEP_SIZES (MiB list), TENSORWASM_BENCH_ACCELERATOR, TENSORWASM_BENCH_SLEEP_SECONDS,
-TENSORWASM_BENCH_SLEEP_RATE (density's arrivals per second, 200).
+TENSORWASM_BENCH_SLEEP_RATE (density's arrivals per second, 200), TENSORWASM_BENCH_SLEEP_CASES (which of
+wake,density,storm to run; all by default).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import http.client
+import math
 import os
 import random
 import shutil
@@ -48,6 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 COUNTER = (REPO / "tests" / "fixtures" / "counter.wat").read_bytes()
 SLO_MS = 100.0
 CHURN_S = 1.0
+CASE_TITLES = {"wake": "wake on the first request", "density": "density", "storm": "wake storm"}
 IDLE_AFTER = "500ms"
 
 
@@ -309,13 +315,19 @@ def open_loop(server: Server, chooser: Any, rate: float, seconds: float, seed: i
 
 def density_case(acc: Any, work: Path, seconds: float, rate: float) -> tuple[dict[str, float], list[str]]:
     try:
-        from tensorwasm.planner.model import tenants_with_sleep
-    except ImportError:  # the GPU machine's image has no PyYAML (the planner's SKU catalog): same formula
+        from tensorwasm.planner.model import active_set, swap_onset, tenants_with_sleep
+    except ImportError:  # the GPU machine's image has no PyYAML (the planner's SKU catalog): same formulas
+
+        def active_set(tenants: float, active_fraction: float) -> int:
+            return math.ceil(round(tenants * active_fraction, 9))
 
         def tenants_with_sleep(all_resident: int, active_fraction: float) -> int:
             return int(all_resident / active_fraction + 1e-9)
 
-    cap, n0 = 16 * MiB, 8
+        def swap_onset(all_resident: int, active_fraction: float) -> int:
+            return tenants_with_sleep(all_resident, active_fraction) + 1
+
+    cap, n0, fraction = 16 * MiB, 8, 0.10
     budget = n0 * cap
     figures: dict[str, float] = {}
     rows = []
@@ -339,12 +351,19 @@ def density_case(acc: Any, work: Path, seconds: float, rate: float) -> tuple[dic
             f"{base['p50_ms']:.2f}",
             f"{base['p99_ms']:.2f}",
             0,
+            0,
+            "no",
             base["errors"] or 0,
         )
     )
-    for mult in (10, 12, 20):  # 12x: one more active tenant than the GPU holds awake
-        n = n0 * mult
-        server = Server(acc, work / f"density-{mult}", budget)
+    last_fit, onset = tenants_with_sleep(n0, fraction), swap_onset(n0, fraction)
+    # 10x, 12x, 20x, and the predicted swap onset: the last count whose active set fits awake (10x)
+    # and the next one, so the onset is measured at tenant resolution, not between 10x and 12x.
+    cases = [("x10", last_fit), ("onset", onset), ("x12", n0 * 12), ("x20", n0 * 20)]
+    swapping_at: list[int] = []
+    for label, n in cases:
+        server = Server(acc, work / f"density-{label}", budget)
+        active_n = active_set(n, fraction)  # the planner's count of tenants awake at once
         try:
             # Tenants that left the active set sleep in the background after IDLE_AFTER, so most
             # wakes find room without putting a neighbour to sleep on their own path.
@@ -352,8 +371,8 @@ def density_case(acc: Any, work: Path, seconds: float, rate: float) -> tuple[dic
             server.sync(configs)  # loading past the budget already puts the least recently used to sleep
             for cfg in configs:
                 server.sleep(cfg.name)
-            rng = random.Random(mult)
-            active = rng.sample(range(n), n // 10)
+            rng = random.Random(n)
+            active = rng.sample(range(n), active_n)
             changes: list[tuple[float, list[int]]] = [(0.0, list(active))]
             t = CHURN_S
             while t < seconds + 1:
@@ -368,38 +387,64 @@ def density_case(acc: Any, work: Path, seconds: float, rate: float) -> tuple[dic
                 current = next(a for when, a in reversed(changes) if when <= at)
                 return cfgs[current[int(at * 1000) % len(current)]]
 
-            wakes0 = _wakes()
-            res = open_loop(server, chooser, rate, seconds, mult)
-            wakes = _wakes() - wakes0
+            wakes0, evicted0 = _wakes(), _evictions()
+            res = open_loop(server, chooser, rate, seconds, n)
+            wakes, evicted = _wakes() - wakes0, _evictions() - evicted0
             peak = server.shard.residency.peak
         finally:
             server.close()
+        # Swapping: active tenants put to sleep to wake other active ones, many per active-set
+        # change. Following the churn alone evicts at most the one tenant that left, per change.
+        # Evictions, not wakes: a stalled client on a busy box lets active tenants idle out and
+        # wake again, which is no shortage of room.
+        churn = sum(1 for when, _ in changes[1:] if when <= seconds)
+        swapping = evicted > 2 * churn + max(0, active_n - n0)
+        if swapping:
+            swapping_at.append(n)
         meets = res["p99_ms"] <= SLO_MS and not res["errors"]
-        predicted = tenants_with_sleep(n0, 0.10)
         figures.update(
             {
-                f"x{mult}_tenants": n,
-                f"x{mult}_p50_ms": res["p50_ms"],
-                f"x{mult}_p99_ms": res["p99_ms"],
-                f"x{mult}_wakes": wakes,
-                f"x{mult}_meets_slo": float(meets),
-                f"x{mult}_peak_reserved_mib": peak / MiB,
+                f"{label}_tenants": n,
+                f"{label}_active": active_n,
+                f"{label}_p50_ms": res["p50_ms"],
+                f"{label}_p99_ms": res["p99_ms"],
+                f"{label}_wakes": wakes,
+                f"{label}_evictions": evicted,
+                f"{label}_swapping": float(swapping),
+                f"{label}_meets_slo": float(meets),
+                f"{label}_peak_reserved_mib": peak / MiB,
             }
         )
-        figures["planner_predicted_tenants"] = predicted
         rows.append(
             row(
                 "10% active, sleepers",
                 n,
-                n // 10,
+                active_n,
                 res["n"],
                 f"{res['p50_ms']:.2f}",
                 f"{res['p99_ms']:.2f}",
                 f"{wakes:.0f}",
+                f"{evicted:.0f}",
+                "yes" if swapping else "no",
                 res["errors"] or 0,
             )
         )
+    figures["planner_predicted_tenants"] = last_fit
+    figures["planner_predicted_onset_tenants"] = onset
+    if swapping_at:
+        figures["onset_measured_tenants"] = min(swapping_at)
     return figures, rows
+
+
+def _evictions() -> float:
+    from tensorwasm.runtime import metrics
+
+    return sum(
+        s.value
+        for m in metrics.TENANT_SLEEPS.collect()
+        for s in m.samples
+        if s.name.endswith("_total") and s.labels.get("reason") == "evicted"
+    )
 
 
 def _wakes() -> float:
@@ -487,7 +532,10 @@ def run() -> dict[str, Any]:
     sizes = [int(s) for s in os.environ.get("TENSORWASM_BENCH_SLEEP_SIZES", "1,16,128,512").split(",")]
     seconds = float(os.environ.get("TENSORWASM_BENCH_SLEEP_SECONDS", "15"))
     rate = float(os.environ.get("TENSORWASM_BENCH_SLEEP_RATE", "200"))
-    scale = float(os.environ.get("TENSORWASM_BENCH_SLEEP_REPS_SCALE", "1"))  # fewer samples: a short lease
+    scale = float(os.environ.get("TENSORWASM_BENCH_SLEEP_REPS_SCALE", "1"))
+    cases = os.environ.get("TENSORWASM_BENCH_SLEEP_CASES", "wake,density,storm").split(
+        ","
+    )  # fewer samples: a short lease
     acc = select_accelerator(os.environ.get("TENSORWASM_BENCH_ACCELERATOR", "auto"))
     HOT_TIERS.configure((max(sizes) * 2 + 64) * MiB)
     work = Path(tempfile.mkdtemp(prefix="tw-bench-sleep-"))
@@ -507,8 +555,10 @@ def run() -> dict[str, Any]:
         ),
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    if "wake" not in cases:
+        table = []
     try:
-        for size in sizes:
+        for size in sizes if "wake" in cases else []:
             reps = max(3, round({1: 30, 16: 30, 128: 12}.get(size, 6) * scale))
             f = wake_case(acc, work, size, reps)
             for k, v in f.items():
@@ -531,63 +581,81 @@ def run() -> dict[str, Any]:
                     reps,
                 )
             )
-        if 512 in sizes:
+        if 512 in sizes and "wake" in cases:
             targets["512mib_wake_hot_p99_ms"] = "<= 100"
-        dens, rows = density_case(acc, work, seconds, rate)
-        figures["density_rate_per_s"] = rate
-        figures.update({f"density_{k}": round(v, 3) for k, v in dens.items()})
-        targets["density_x10_p99_ms"] = f"<= {SLO_MS:.0f}"
-        table += [
-            "",
-            "| density case | tenants | active | requests | P50 ms | P99 ms | wakes | errors |",
-            "|---|---|---|---|---|---|---|---|",
-            *rows,
-        ]
-        table += [
-            "",
-            row(
-                "wake storm: 100 sleepers at once",
-                "all served",
-                "P50",
-                "max",
-                "answered",
-                "lost/doubled",
-                "peak reserved / budget",
-                "open caps / in use (max)",
-            ),
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for room in (100, 20):
-            s = storm_case(acc, work, room)
-            figures.update({f"storm_room{room}_{k}": round(v, 3) for k, v in s.items()})
-            table.append(
+        if "density" in cases:
+            dens, rows = density_case(acc, work, seconds, rate)
+            figures["density_rate_per_s"] = rate
+            figures.update({f"density_{k}": round(v, 3) for k, v in dens.items()})
+            targets["density_x10_p99_ms"] = f"<= {SLO_MS:.0f}"
+            table += [
+                "",
                 row(
-                    f"room for {room}",
-                    f"{s['all_served_ms']:.0f} ms",
-                    f"{s['p50_ms']:.1f} ms",
-                    f"{s['max_ms']:.0f} ms",
-                    f"{s['answered']:.0f}",
-                    f"{s['lost_or_doubled']:.0f}",
-                    f"{s['peak_reserved_mib']:.0f} / {s['budget_mib']:.0f} MiB",
-                    f"{s['max_open_caps_mib']:.0f} / {s['max_gpu_in_use_mib']:.0f} MiB",
+                    "density case",
+                    "tenants",
+                    "active",
+                    "requests",
+                    "P50 ms",
+                    "P99 ms",
+                    "wakes",
+                    "evictions",
+                    "swapping",
+                    "errors",
+                ),
+                "|---|---|---|---|---|---|---|---|---|---|",
+                *rows,
+            ]
+        if "storm" in cases:
+            table += [
+                "",
+                row(
+                    "wake storm: 100 sleepers at once",
+                    "all served",
+                    "P50",
+                    "max",
+                    "answered",
+                    "lost/doubled",
+                    "peak reserved / budget",
+                    "open caps / in use (max)",
+                ),
+                "|---|---|---|---|---|---|---|---|",
+            ]
+            for room in (100, 20):
+                s = storm_case(acc, work, room)
+                figures.update({f"storm_room{room}_{k}": round(v, 3) for k, v in s.items()})
+                table.append(
+                    row(
+                        f"room for {room}",
+                        f"{s['all_served_ms']:.0f} ms",
+                        f"{s['p50_ms']:.1f} ms",
+                        f"{s['max_ms']:.0f} ms",
+                        f"{s['answered']:.0f}",
+                        f"{s['lost_or_doubled']:.0f}",
+                        f"{s['peak_reserved_mib']:.0f} / {s['budget_mib']:.0f} MiB",
+                        f"{s['max_open_caps_mib']:.0f} / {s['max_gpu_in_use_mib']:.0f} MiB",
+                    )
                 )
-            )
-            targets[f"storm_room{room}_lost_or_doubled"] = "<= 0"
-            targets[f"storm_room{room}_samples_over_cap"] = "<= 0"
+                targets[f"storm_room{room}_lost_or_doubled"] = "<= 0"
+                targets[f"storm_room{room}_samples_over_cap"] = "<= 0"
     finally:
         acc.close()
         shutil.rmtree(work, ignore_errors=True)
     return {
-        "title": f"Idle sleep: wake on the first request, density, wake storm ({acc.name})",
+        "title": "Idle sleep: "
+        + ", ".join(CASE_TITLES[c] for c in ("wake", "density", "storm") if c in cases)
+        + f" ({acc.name})",
         "figures": figures,
         "targets": targets,
         "table": "\n".join(table),
         "notes": (
-            "Wake = HTTP round trip of the first request to a sleeping tenant (room, open, restore, invoke, "
-            "reply); restore = restore_snapshot() of the same blob into the awake tenant; floor = one pinned "
-            "host-to-device copy (CUDA) or memcpy (CPU) of the state. Disk = page cache dropped. Density: "
-            "budget of 8 x 16 MiB caps; Poisson open loop at density_rate_per_s, latency from the "
-            "scheduled time; the active 10% changes every second. Storm: 100 tenants with 1 MiB of GPU "
-            "state each."
+            "Wake = HTTP round trip of the first request to a sleeping tenant (room, open, restore, "
+            "invoke, reply); restore = restore_snapshot() of the same blob into the awake tenant; floor ="
+            " one pinned host-to-device copy (CUDA) or memcpy (CPU) of the state. Disk = page cache "
+            "dropped. Density: budget of 8 x 16 MiB caps; Poisson open loop at density_rate_per_s, "
+            "latency from the scheduled time; the active set is ceil(10% of the tenants) "
+            "(planner.model.active_set) and one of it changes every second; swapping = more than 2 "
+            "evictions per change (churn alone evicts at most the tenant that left); the counts are 10x, "
+            "the planner's swap onset (10x + 1), 12x and 20x, and onset_measured_tenants the fewest seen "
+            "swapping. Storm: 100 tenants with 1 MiB of GPU state each."
         ),
     }

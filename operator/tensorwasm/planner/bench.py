@@ -34,6 +34,10 @@ FIGURE_NAMES: dict[str, tuple[str, ...]] = {
     "memory_bandwidth": ("memory_bandwidth", "membw", "hbm_bandwidth"),
     "tenants": ("tenants", "concurrent_tenants"),
     "qps": ("qps", "offered_qps", "load_rps"),
+    # Idle sleep (bench_sleep.py): the fewest tenants at which the shard was seen swapping, and how
+    # many fit awake in that run's budget (the all-resident case).
+    "swap_onset": ("density_onset_measured_tenants",),
+    "resident_tenants": ("density_resident_tenants",),
 }
 
 

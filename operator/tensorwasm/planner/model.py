@@ -95,13 +95,27 @@ def resident_tenants(w: Workload) -> float:
     """Tenants awake at once: all of them, or ceil(tenants * active_fraction) when idle ones sleep."""
     if w.active_fraction is None:
         return w.tenants.value
-    return float(math.ceil(round(w.tenants.value * w.active_fraction.value, 9)))
+    return float(active_set(w.tenants.value, w.active_fraction.value))
+
+
+def active_set(tenants: float, active_fraction: float) -> int:
+    """Tenants awake at once when `active_fraction` of `tenants` are active: rounded up, since a
+    tenant is awake whole or not at all (8.1 on average means 9 at some moments). bench_sleep.py
+    draws its active sets with this same function, so the measurement and the model count alike."""
+    return math.ceil(round(tenants * active_fraction, 9))
 
 
 def tenants_with_sleep(all_resident: int, active_fraction: float) -> int:
     """How many tenants fit where `all_resident` fit awake, when only `active_fraction` are awake at
     once: the model the runtime's resident budget enforces (bench/bench_sleep.py measures it)."""
     return math.floor(round(all_resident / active_fraction, 9))
+
+
+def swap_onset(all_resident: int, active_fraction: float) -> int:
+    """The fewest tenants whose active set no longer fits awake: from there the shard swaps (puts
+    active tenants to sleep to wake others) instead of only following the active set's churn.
+    One past `tenants_with_sleep`; the figure bench_sleep.py measures at tenant resolution."""
+    return tenants_with_sleep(all_resident, active_fraction) + 1
 
 
 def _who(w: Workload) -> str:
