@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from tensorwasm.api.conditions import human_bytes
 from tensorwasm.runtime.accel.cpu import CpuAccelerator
 from tensorwasm.runtime.engine import CompiledModule, Engine, GuestLimits, TenantInstancePool, WasmState
 from tensorwasm.runtime.snapshots import kube
@@ -86,6 +87,12 @@ def test_capture_then_delete_then_restore_on_start(
     ready = api.patches[-1][2]["status"]
     assert ready["phase"] == "Ready" and ready["shard"] == "tensorwasm-shard-0"
     assert ready["sizeBytes"] >= len(memory) + 3000 and ready["storedBytes"] > 0
+    # kubectl's SIZE and STORED columns read the human forms of the same counts.
+    assert (ready["size"], ready["stored"]) == (
+        human_bytes(ready["sizeBytes"]),
+        human_bytes(ready["storedBytes"]),
+    )
+    assert ready["size"].endswith("Ki")
     assert Path(ready["location"]).is_file() and ready["location"].endswith(ready["checksum"] + ".twsnap")
     assert set(ready["durations"]) >= {"barrier", "encode", "commit", "total"}
 

@@ -115,6 +115,8 @@ SNAPSHOT_STATUS: JSON = {
         "shard": {"type": "string", "description": "Shard that captured it."},
         "sizeBytes": _INT64,
         "storedBytes": _INT64,
+        "size": {"type": "string", "description": "sizeBytes for people (e.g. 512Mi), for kubectl get."},
+        "stored": {"type": "string", "description": "storedBytes for people, for kubectl get."},
         "checksum": {"type": "string", "description": "Content digest of the blob."},
         "location": {"type": "string", "description": "Where the blob is stored."},
         "message": {"type": "string"},
@@ -152,10 +154,10 @@ TENANT_COLUMNS = [
 SNAPSHOT_COLUMNS = [
     {"name": "Tenant", "type": "string", "jsonPath": ".spec.tenant"},
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-    {"name": "Size", "type": "integer", "format": "int64", "jsonPath": ".status.sizeBytes",
-     "description": "Uncompressed bytes captured."},
-    {"name": "Stored", "type": "integer", "format": "int64", "jsonPath": ".status.storedBytes",
-     "description": "Bytes on disk after compression."},
+    {"name": "Size", "type": "string", "jsonPath": ".status.size",
+     "description": "Uncompressed bytes captured (status.sizeBytes in bytes)."},
+    {"name": "Stored", "type": "string", "jsonPath": ".status.stored",
+     "description": "Bytes on disk after compression (status.storedBytes in bytes)."},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]  # fmt: skip
 

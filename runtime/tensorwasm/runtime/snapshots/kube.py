@@ -24,7 +24,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from tensorwasm.api.conditions import Condition, condition_dict, truncate_message
+from tensorwasm.api.conditions import Condition, condition_dict, human_bytes, truncate_message
 from tensorwasm.api.group import API_VERSION, SNAPSHOT
 from tensorwasm.api.group import SNAPSHOT_BLOB_FINALIZER as FINALIZER
 from tensorwasm.api.names import shard_sort_key
@@ -84,11 +84,20 @@ def build_ready_status(result: CaptureResult, shard: str, generation: int) -> di
         "shard": shard,
         "sizeBytes": result.manifest.raw_bytes,
         "storedBytes": result.size_bytes,
+        "size": human_bytes(result.manifest.raw_bytes),
+        "stored": human_bytes(result.size_bytes),
         "checksum": result.digest,
         "location": str(result.path),
         "message": "",
         "durations": {phase: round(seconds, 6) for phase, seconds in result.timings.items()},
-        "conditions": [_condition(True, CAPTURED, f"captured {result.manifest.raw_bytes} bytes", generation)],
+        "conditions": [
+            _condition(
+                True,
+                CAPTURED,
+                f"captured {human_bytes(result.manifest.raw_bytes)} ({result.manifest.raw_bytes} bytes)",
+                generation,
+            )
+        ],
     }
 
 
