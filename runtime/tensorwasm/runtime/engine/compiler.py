@@ -61,11 +61,18 @@ class Engine:
         max_wasm_stack: int = DEFAULT_MAX_WASM_STACK,
         park_after_s: float = 1.0,
         cache_key_file: Path | None = None,
+        wasmtime_api: str | None = None,
     ) -> None:
         if not 0 < epoch_tick_s <= 1:
             raise BadRequest(f"epoch tick must be in (0, 1] seconds, got {epoch_tick_s!r}")
         if not 0 <= park_after_s <= 3600:
             raise BadRequest(f"park_after_s must be in [0, 3600] seconds, got {park_after_s!r}")
+        try:
+            # The direct C path (lowlevel.PRIVATE) or wasmtime-py's public API alone (PUBLIC): None
+            # reads TENSORWASM_RUNTIME_WASMTIME_API, default private.
+            self.ll = lowlevel.select(wasmtime_api)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
         self.epoch_tick_s = epoch_tick_s
         self.max_module_bytes = max_module_bytes
         self.cache_dir = cache_dir
@@ -87,13 +94,18 @@ class Engine:
         self.fingerprint = hashlib.sha256(
             repr((_ARTIFACT_VERSION, version, sorted(settings.items()))).encode()
         ).hexdigest()[:16]
-        if lowlevel.FALLBACKS:
+        if self.ll is lowlevel.PUBLIC:
+            log.warning(
+                "Engine runs on wasmtime-py's public API only (the slow path) reason=%s",
+                lowlevel.PRIVATE_UNAVAILABLE or f"{lowlevel.API_ENV}=public",
+            )
+        elif lowlevel.FALLBACKS:
             log.warning(
                 "Engine runs on public-API fallbacks: wasmtime-py moved names=%s (port engine/lowlevel.py)",
                 ",".join(lowlevel.FALLBACKS),
             )
         self._linker = wasmtime.Linker(self._wt)
-        hostcalls.define_all(self._linker)
+        hostcalls.define_all(self._linker, self.ll)
         self._cache: CompileCache | None = None
         if cache_dir is not None:
             cache_dir.mkdir(parents=True, exist_ok=True)
@@ -102,9 +114,8 @@ class Engine:
             except (CacheKeyError, OSError) as exc:
                 raise BadRequest(f"compile cache: {exc}") from None
             self._cache = CompileCache(cache_dir, mac_key)
-        self._ticker = EpochTicker(
-            lowlevel.pointer_value(self._wt.ptr()), lowlevel.increment_epoch, epoch_tick_s, park_after_s
-        )
+        engine_ptr, increment = self.ll.ticker(self._wt)
+        self._ticker = EpochTicker(engine_ptr, increment, epoch_tick_s, park_after_s)
         self.ticks_for = self._ticker.ticks_for
         self.track = self._ticker.track
         self.guest_runs = self._ticker.guest_runs  # hot path: bound once, no extra frame

@@ -71,6 +71,7 @@ class GuestContext:
         "dropped_logs",
         "fault",
         "last_error",
+        "ll",
         "log_left",
         "log_per_invoke",
         "mem",
@@ -87,8 +88,9 @@ class GuestContext:
         budget: TenantBudget | None = None,
         calls_per_invoke: int = 1 << 62,
         log_per_invoke: int = abi.MAX_LOG_BYTES << 20,
+        ll: Any = lowlevel.PRIVATE,
     ) -> None:
-        self.ctx, self.mem, self.base = ctx, mem, base
+        self.ctx, self.mem, self.base, self.ll = ctx, mem, base, ll
         self.device, self.tenant_id = device, tenant_id
         self.last_error = ""
         self.fault: RuntimeFault | None = None
@@ -112,7 +114,7 @@ class GuestContext:
 
     def view(self, ptr: int, nbytes: int) -> memoryview:
         """A zero-copy view of guest memory [ptr, ptr + nbytes), bounds-checked."""
-        size = lowlevel.memory_data_size(self.ctx, self.mem)
+        size = self.ll.memory_data_size(self.ctx, self.mem)
         if ptr < 0 or nbytes < 0 or ptr + nbytes > size:
             raise GuestTrap(f"guest range ptr={ptr} len={nbytes} is outside linear memory of {size} bytes")
         return memoryview((ctypes.c_char * nbytes).from_address(self.base + ptr)).cast("B")
@@ -252,10 +254,6 @@ _IMPLS: dict[str, Callable[[GuestContext, Any], int | None]] = {
 }
 assert set(_IMPLS) == set(abi.HOST_FUNCTIONS)
 
-_CALLBACK = ctypes.CFUNCTYPE(
-    ctypes.c_size_t, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t
-)
-_KEEP_ALIVE: list[Any] = []  # ctypes callbacks must outlive every linker that references them
 # The int64 view of a call's ValRaw slots (16 bytes each) by slot count, built once: making the
 # array type on every host call cost about a tenth of the call.
 _SLOTS = {
@@ -264,12 +262,14 @@ _SLOTS = {
 }
 
 
-def _trampoline(name: str, impl: Callable[[GuestContext, Any], int | None]) -> Any:
-    def call(_env: int, caller: int, slots: int, nslots: int) -> int:
-        g = _CONTEXTS.get(lowlevel.caller_context(caller))
+def _trampoline(name: str, impl: Callable[[GuestContext, Any], int | None], ll: Any) -> lowlevel.HostCall:
+    trap_new = ll.trap_new
+
+    def call(_env: int, caller: Any, slots: int, nslots: int) -> int:
+        g = _CONTEXTS.get(ll.caller_context(caller))
         if g is None:  # cannot happen for stores we created; trap rather than guess
             msg = b"tensorwasm host call from an unknown store"
-            return int(lowlevel.trap_new(msg, len(msg)))
+            return int(trap_new(msg, len(msg)))
         g.calls_left -= 1
         if g.calls_left < 0:
             # Over the per-invoke cap: stop the guest here (a trap), not just fail the call, so a
@@ -281,7 +281,7 @@ def _trampoline(name: str, impl: Callable[[GuestContext, Any], int | None]) -> A
                 value=limit,
             )
             msg = b"tensorwasm host call budget exhausted"
-            return int(lowlevel.trap_new(msg, len(msg)))
+            return int(trap_new(msg, len(msg)))
         if g.budget is not None:
             g.budget.host_call()  # may wait: charged to this invoke's deadline
         v = _SLOTS[nslots].from_address(slots)
@@ -290,7 +290,7 @@ def _trampoline(name: str, impl: Callable[[GuestContext, Any], int | None]) -> A
         except streaming.StopGuest as stop:  # a cancelled or stalled stream: the guest stops here
             g.fault = stop.fault
             msg = b"tensorwasm run stopped"
-            return int(lowlevel.trap_new(msg, len(msg)))
+            return int(trap_new(msg, len(msg)))
         except RuntimeFault as fault:
             result = g.fail(fault)
         except Exception as exc:  # a host bug must not unwind through wasm frames
@@ -300,29 +300,14 @@ def _trampoline(name: str, impl: Callable[[GuestContext, Any], int | None]) -> A
             v[0] = result
         return 0
 
-    return _CALLBACK(call)
+    return call
 
 
-def define_all(linker: wasmtime.Linker) -> None:
-    """Define every ABI v1 host function on `linker` (once per engine)."""
-    mod = abi.HOST_MODULE.encode()
+def define_all(linker: wasmtime.Linker, ll: Any = lowlevel.PRIVATE) -> None:
+    """Define every ABI v1 host function on `linker` (once per engine), through the API layer `ll`."""
     for name, (params, results) in abi.HOST_FUNCTIONS.items():
         ty = wasmtime.FuncType(
             [getattr(wasmtime.ValType, p)() for p in params],
             [getattr(wasmtime.ValType, r)() for r in results],
         )
-        cb = _trampoline(name, _IMPLS[name])
-        _KEEP_ALIVE.extend((cb, ty))
-        err = lowlevel.linker_define_func_unchecked(
-            lowlevel.pointer_value(linker.ptr()),
-            mod,
-            len(mod),
-            name.encode(),
-            len(name),
-            lowlevel.pointer_value(ty.ptr()),
-            ctypes.cast(cb, ctypes.c_void_p).value,
-            None,
-            None,
-        )
-        if err:
-            raise RuntimeError(f"could not define host function {name}: {lowlevel.take_error(err)}")
+        ll.define_host_func(linker, abi.HOST_MODULE, name, ty, _trampoline(name, _IMPLS[name], ll))

@@ -67,13 +67,14 @@ class WarmInstance:
             tables=limits.tables,
             memories=1,
         )
-        self.ctx = ctx = lowlevel.store_context(store)
+        self.ll = ll = engine.ll  # the direct C path, or wasmtime-py's public API (lowlevel.select)
+        self.ctx = ctx = ll.store_context(store)
         engine.track(self)
         # A start function is guest code like any other: it runs under the tenant's deadline.
         ticks = engine.ticks_for(limits.timeout_s) if start_ticks is None else start_ticks
         if module.has_start:
             engine.guest_runs(ticks, self)
-        lowlevel.set_epoch_deadline(ctx, ticks)
+        ll.set_epoch_deadline(ctx, ticks)
         try:
             instance = module.pre.instantiate(store)
         except wasmtime.Trap as trap:
@@ -85,21 +86,21 @@ class WarmInstance:
         exports = instance.exports(store)
         self._keep = exports  # the Func/Memory/Global objects own the structs we point into
         memory = exports[abi.MEMORY_EXPORT]
-        self.mem = lowlevel.memory_address(memory)
-        self.base = lowlevel.memory_data(ctx, self.mem)
-        self.size: int = lowlevel.memory_data_size(ctx, self.mem)
-        self.funcs = {name: lowlevel.func_address(exports[name]) for name in module.functions}
-        self.alloc = lowlevel.func_address(exports[abi.ALLOC_EXPORT])
-        self.init = lowlevel.func_address(exports[abi.INIT_EXPORT]) if module.has_init else 0
-        self.globals = [
-            (name, vt, lowlevel.global_address(exports[name])) for name, vt in module.mutable_globals
-        ]
+        self.mem = ll.memory_address(memory)
+        self.base = ll.memory_data(ctx, self.mem)
+        self.size: int = ll.memory_data_size(ctx, self.mem)
+        self.funcs = {name: ll.func_address(exports[name]) for name in module.functions}
+        self.alloc = ll.func_address(exports[abi.ALLOC_EXPORT])
+        self.init = ll.func_address(exports[abi.INIT_EXPORT]) if module.has_init else 0
+        self.globals = [(name, vt, ll.global_address(exports[name])) for name, vt in module.mutable_globals]
         # Every table with its size now: reset replaces an instance whose table grew.
         self.tables = [
-            (addr, lowlevel.table_size(ctx, addr))
-            for addr in (lowlevel.table_address(exports[name]) for name in module.tables)
+            (addr, ll.table_size(ctx, addr))
+            for addr in (ll.table_address(exports[name]) for name in module.tables)
         ]
-        self._slots = (lowlevel.ValRaw * 2)()
+        # Hot path: bound once.
+        self._call, self._deadline = ll.func_call_unchecked, ll.set_epoch_deadline
+        self._slots = (ll.ValRaw * 2)()
         self._slots_addr = ctypes.addressof(self._slots)
         self._q = memoryview(self._slots).cast("B").cast("q")  # slot i = index 2*i
         self._trap = ctypes.c_void_p()
@@ -116,6 +117,7 @@ class WarmInstance:
             budget,
             limits.host_calls_per_invoke,
             limits.log_bytes_per_invoke,
+            ll,
         )
         hostcalls.register(self.host)
 
@@ -127,14 +129,14 @@ class WarmInstance:
 
     def call(self, func: int, payload: bytes, ticks: int) -> bytes:
         """Copy `payload` in through tw_alloc, run `func`, copy the output out. Raises RuntimeFault."""
-        ctx, q, slots = self.ctx, self._q, self._slots_addr
+        ctx, q, slots, call = self.ctx, self._q, self._slots_addr, self._call
         self.host.begin()
-        lowlevel.set_epoch_deadline(ctx, ticks)
+        self._deadline(ctx, ticks)
         n = len(payload)
         ptr = 0
         if n:  # empty input: the guest gets (0, 0) and tw_alloc is not called
             q[0] = n
-            err = lowlevel.func_call_unchecked(ctx, self.alloc, slots, 2, self._trap_addr)
+            err = call(ctx, self.alloc, slots, 2, self._trap_addr)
             if err or self._trap.value:
                 raise self._failure(err)
             ptr = q[0] & _U32
@@ -144,7 +146,7 @@ class WarmInstance:
             (_copy if n <= _QUICK else _memmove)(self.base + ptr, payload, n)
         q[0] = ptr
         q[2] = n
-        err = lowlevel.func_call_unchecked(ctx, func, slots, 2, self._trap_addr)
+        err = call(ctx, func, slots, 2, self._trap_addr)
         if err or self._trap.value:
             raise self._failure(err)
         packed = q[0] & 0xFFFF_FFFF_FFFF_FFFF
@@ -164,7 +166,7 @@ class WarmInstance:
 
     def _check(self, ptr: int, n: int, what: str) -> None:
         if ptr + n > self.size:  # memory only grows: re-read the size before refusing
-            self.size = lowlevel.memory_data_size(self.ctx, self.mem)
+            self.size = self.ll.memory_data_size(self.ctx, self.mem)
             if ptr + n > self.size:
                 raise GuestTrap(f"{what} range ptr={ptr} len={n} outside linear memory of {self.size} bytes")
 
@@ -172,13 +174,13 @@ class WarmInstance:
         """Put memory and globals back to the baseline; False if the instance must be replaced."""
         ctx = self.ctx
         for addr, val in self._reset_vals:
-            if lowlevel.global_set(ctx, addr, ctypes.addressof(val)):
+            if self.ll.global_set(ctx, addr, ctypes.addressof(val)):
                 return False
-        self.size = lowlevel.memory_data_size(ctx, self.mem)
+        self.size = self.ll.memory_data_size(ctx, self.mem)
         if self.size != len(self._baseline):
             return False  # memory cannot shrink: a fresh instance is the only honest reset
         for addr, size in self.tables:
-            if lowlevel.table_size(ctx, addr) != size:
+            if self.ll.table_size(ctx, addr) != size:
                 return False  # tables cannot shrink either: a grown one would keep its memory
         if self._zap:
             return lowlevel.discard_pages(self.base, self.size)
@@ -209,8 +211,8 @@ class WarmInstance:
         if not self.init:
             return
         self.host.begin()
-        lowlevel.set_epoch_deadline(self.ctx, ticks)
-        err = lowlevel.func_call_unchecked(self.ctx, self.init, self._slots_addr, 1, self._trap_addr)
+        self.ll.set_epoch_deadline(self.ctx, ticks)
+        err = self.ll.func_call_unchecked(self.ctx, self.init, self._slots_addr, 1, self._trap_addr)
         if err or self._trap.value:
             raise self._failure(err)
         rc = struct.unpack("<i", struct.pack("<q", self._q[0])[:4])[0]
@@ -218,25 +220,25 @@ class WarmInstance:
             raise self.host.fault or GuestTrap(f"tw_init failed with code {rc}")
 
     def capture(self) -> Baseline:
-        self.size = lowlevel.memory_data_size(self.ctx, self.mem)
+        self.size = self.ll.memory_data_size(self.ctx, self.mem)
         memory = _string_at(self.base, self.size)
         values = []
-        raw = lowlevel.Val()
+        raw = self.ll.Val()
         for name, vt, addr in self.globals:
-            lowlevel.global_get(self.ctx, addr, ctypes.addressof(raw))
+            self.ll.global_get(self.ctx, addr, ctypes.addressof(raw))
             values.append((name, vt, getattr(raw.of, vt)))
         return Baseline(memory, values)
 
     def adopt(self, baseline: Baseline, write: bool) -> bool:
         """Make `baseline` what reset restores; with `write`, also load it now. False if too small."""
-        self.size = lowlevel.memory_data_size(self.ctx, self.mem)
+        self.size = self.ll.memory_data_size(self.ctx, self.mem)
         want = len(baseline.memory)
         if want < self.size:
             return False
         vals = []
         for (name, vt, addr), (bname, bvt, value) in zip(self.globals, baseline.globals, strict=True):
             assert (name, vt) == (bname, bvt)
-            val = lowlevel.Val()
+            val = self.ll.Val()
             val.kind = _VALKIND[vt]  # type: ignore[assignment]
             setattr(val.of, vt, value)
             vals.append((addr, val))
@@ -245,14 +247,14 @@ class WarmInstance:
         if write:
             if want > self.size:
                 prev = ctypes.c_uint64()
-                err = lowlevel.memory_grow(
+                err = self.ll.memory_grow(
                     self.ctx, self.mem, (want - self.size) // WASM_PAGE, ctypes.addressof(prev)
                 )
                 if err:
                     raise GuestMemoryExceeded(
-                        f"restoring {want} bytes of linear memory failed: {lowlevel.take_error(err)}"
+                        f"restoring {want} bytes of linear memory failed: {self.ll.take_error(err)}"
                     )
-                self.size = lowlevel.memory_data_size(self.ctx, self.mem)
+                self.size = self.ll.memory_data_size(self.ctx, self.mem)
             return self.reset()
         return True
 
@@ -262,9 +264,9 @@ class WarmInstance:
         trap_addr = self._trap.value
         self._trap.value = None
         if err:
-            return self.host.fault or GuestTrap(f"guest call failed: {lowlevel.take_error(err)}")
+            return self.host.fault or GuestTrap(f"guest call failed: {self.ll.take_error(err)}")
         assert trap_addr
-        message, code = lowlevel.take_trap(trap_addr)
+        message, code = self.ll.take_trap(trap_addr)
         if code == _TRAP_INTERRUPT:
             return DeadlineExceeded("the invoke ran past its deadline and was interrupted")
         if self.host.fault is not None:
@@ -281,7 +283,7 @@ class WarmInstance:
     def _memory_at_cap(self) -> bool:
         # Store limits make memory.grow return -1 silently; a guest that then fails with its memory
         # this close to the cap is reported as out of memory (heuristic, see docs/guest-abi.md).
-        self.size = int(lowlevel.memory_data_size(self.ctx, self.mem))
+        self.size = int(self.ll.memory_data_size(self.ctx, self.mem))
         margin = max(WASM_PAGE, self.memory_limit // 8)
         return self.size > self.memory_limit - margin
 

@@ -22,8 +22,13 @@ Only engine/ imports this module; it must not import the accelerator.
 from __future__ import annotations
 
 import ctypes
+import os
+import threading
+import weakref
+from collections.abc import Callable
 from ctypes import c_size_t, c_uint64, c_void_p
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import wasmtime
@@ -55,18 +60,39 @@ def public_library_path() -> Path:
     return libs[0]
 
 
-_LIB_PATH = _library_path()
-_lib = ctypes.CDLL(_LIB_PATH)  # releases the GIL: for calls that run guest code
-# Holds the GIL: for tiny accessors, so a hot-path call does not hand the GIL to another thread
-# (the epoch ticker, other invokes) and wait to get it back. Never for anything that runs wasm.
-_quick = ctypes.PyDLL(_LIB_PATH)
+# Why the direct C path cannot be used in this process (None: it can). Then every Engine runs on
+# PublicApi, wasmtime-py's public Python API alone.
+PRIVATE_UNAVAILABLE: str | None = None
+_lib: Any = None
+_quick: Any = None
+try:
+    _LIB_PATH = _library_path()
+    _lib = ctypes.CDLL(_LIB_PATH)  # releases the GIL: for calls that run guest code
+    # Holds the GIL: for tiny accessors, so a hot-path call does not hand the GIL to another thread
+    # (the epoch ticker, other invokes) and wait to get it back. Never for anything that runs wasm.
+    _quick = ctypes.PyDLL(_LIB_PATH)
+except (OSError, ImportError) as exc:  # pragma: no cover - an upstream layout change
+    PRIVATE_UNAVAILABLE = f"libwasmtime could not be loaded: {exc}"
 
 
-def _fn(name: str, restype: Any, *argtypes: Any, lib: Any = _lib) -> Any:
-    f = getattr(lib, name)
+def _fn(name: str, restype: Any, *argtypes: Any, lib: Any = None) -> Any:
+    lib = lib or _lib
+    try:
+        f = getattr(lib, name)
+    except AttributeError as exc:  # pragma: no cover - no library, or a C API name gone upstream
+        global PRIVATE_UNAVAILABLE
+        PRIVATE_UNAVAILABLE = PRIVATE_UNAVAILABLE or f"libwasmtime has no {name}: {exc}"
+        return _unavailable(name)
     f.restype = restype
     f.argtypes = list(argtypes)
     return f
+
+
+def _unavailable(name: str) -> Any:
+    def call(*_args: Any) -> Any:
+        raise RuntimeError(f"{name} is not available ({PRIVATE_UNAVAILABLE}); use the public wasmtime API")
+
+    return call
 
 
 # (context, func*, args_and_results*, len, trap**) -> error*
@@ -304,3 +330,223 @@ def global_address(global_: Any) -> int:
 
 def table_address(table: Any) -> int:
     return _struct_address(table, "_table", "wasmtime_table")
+
+
+# --- the two API layers an Engine can run on: the direct C path above, or wasmtime-py's public API ---
+
+# (env, caller, args_and_results*, nargs_and_results) -> trap*: the host-call shape both layers take.
+HostCall = Callable[[int, Any, int, int], int]
+_RAW_CALLBACK = ctypes.CFUNCTYPE(c_size_t, c_void_p, c_void_p, c_void_p, c_size_t)
+_KEEP_ALIVE: list[Any] = []  # ctypes callbacks must outlive every linker that references them
+
+
+def _private_define_host_func(linker: Any, module: str, name: str, ty: Any, call: HostCall) -> None:
+    cb = _RAW_CALLBACK(call)
+    _KEEP_ALIVE.extend((cb, ty))
+    mod, fname = module.encode(), name.encode()
+    err = linker_define_func_unchecked(
+        pointer_value(linker.ptr()), mod, len(mod), fname, len(fname), pointer_value(ty.ptr()),
+        ctypes.cast(cb, c_void_p).value, None, None,
+    )  # fmt: skip
+    if err:
+        raise RuntimeError(f"could not define host function {name}: {take_error(err)}")
+
+
+def _private_ticker(engine: Any) -> tuple[int, Callable[[int], None]]:
+    return pointer_value(engine.ptr()), increment_epoch
+
+
+PRIVATE = SimpleNamespace(
+    name="private",
+    ValRaw=ValRaw,
+    Val=Val,
+    store_context=store_context,
+    func_address=func_address,
+    memory_address=memory_address,
+    global_address=global_address,
+    table_address=table_address,
+    memory_data=memory_data,
+    memory_data_size=memory_data_size,
+    table_size=table_size,
+    memory_grow=memory_grow,
+    global_get=global_get,
+    global_set=global_set,
+    set_epoch_deadline=set_epoch_deadline,
+    func_call_unchecked=func_call_unchecked,
+    take_trap=take_trap,
+    take_error=take_error,
+    trap_new=trap_new,
+    caller_context=caller_context,
+    define_host_func=_private_define_host_func,
+    ticker=_private_ticker,
+)
+
+_KINDS = {"i32": 0, "i64": 1, "f32": 2, "f64": 3}
+_KIND_NAMES = {v: k for k, v in _KINDS.items()}
+
+
+class PublicApi:
+    """The same calls as PRIVATE through wasmtime-py's public Python API only: `Func.__call__`,
+    `Memory.data_ptr/data_len/grow`, `Global.value/set_value`, `Table.size`, `Store.set_epoch_deadline`,
+    `Engine.increment_epoch`, `Linker.define_func` with `access_caller`, `Trap.message/trap_code`.
+
+    The slow path (each call re-reads the function type and boxes every value, see
+    docs/performance.md) that keeps a shard running when an upgrade of wasmtime-py breaks the private
+    layer, and the proof that the engine's logic does not depend on it. The engine's integer
+    "addresses" are handles here: `id()` of the wasmtime-py object, held weakly (the instance keeps
+    the objects alive). The args/results slots and wasmtime_val_t buffers are our own ctypes
+    declarations (PublicValRaw, PublicVal), read and written in Python.
+
+    Limit: wasmtime-py keeps a host function's exception in one module global until the call that
+    trapped re-raises it; a host call that stops its guest (host-call budget, a stopped stream) on one
+    thread while another thread's guest traps can swap their trap messages. The faults themselves
+    stay right (they are kept on each instance's GuestContext); only the trap text can be another's.
+    """
+
+    name = "public"
+    ValRaw = PublicValRaw
+    Val = PublicVal
+
+    def __init__(self) -> None:
+        self._objects: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+        self._pending: dict[int, Any] = {}  # trap and error handles not yet taken
+        self._sigs: dict[int, tuple[Any, tuple[str, ...], tuple[str, ...]]] = {}
+        self._local = threading.local()  # the store context and Caller of this thread's host call
+
+    def _register(self, obj: Any) -> int:
+        self._objects[id(obj)] = obj
+        return id(obj)
+
+    def _hold(self, obj: Any) -> int:
+        self._pending[id(obj)] = obj
+        return id(obj)
+
+    def _store(self, ctx: int) -> Any:
+        # Inside a host call the Caller is the store's view wasmtime-py wants; else the Store.
+        caller = getattr(self._local, "caller", None)
+        if caller is not None and getattr(self._local, "ctx", None) == ctx:
+            return caller
+        return self._objects[ctx]
+
+    store_context = _register
+    func_address = _register
+    memory_address = _register
+    global_address = _register
+    table_address = _register
+
+    def memory_data(self, ctx: int, mem: int) -> int:
+        return pointer_value(self._objects[mem].data_ptr(self._store(ctx)))
+
+    def memory_data_size(self, ctx: int, mem: int) -> int:
+        return int(self._objects[mem].data_len(self._store(ctx)))
+
+    def table_size(self, ctx: int, table: int) -> int:
+        return int(self._objects[table].size(self._store(ctx)))
+
+    def memory_grow(self, ctx: int, mem: int, delta: int, prev_addr: int) -> int:
+        try:
+            prev = self._objects[mem].grow(self._store(ctx), delta)
+        except WasmtimeError as exc:
+            return self._hold(exc)
+        c_uint64.from_address(prev_addr).value = prev
+        return 0
+
+    def global_get(self, ctx: int, glob: int, val_addr: int) -> None:
+        g, store = self._objects[glob], self._store(ctx)
+        kind = str(g.type(store).content)
+        val = PublicVal.from_address(val_addr)
+        val.kind = _KINDS[kind]
+        setattr(val.of, kind, g.value(store))
+
+    def global_set(self, ctx: int, glob: int, val_addr: int) -> int:
+        val = PublicVal.from_address(val_addr)
+        try:
+            self._objects[glob].set_value(self._store(ctx), getattr(val.of, _KIND_NAMES[val.kind]))
+        except WasmtimeError as exc:
+            return self._hold(exc)
+        return 0
+
+    def set_epoch_deadline(self, ctx: int, ticks: int) -> None:
+        self._objects[ctx].set_epoch_deadline(ticks)
+
+    def _signature(self, handle: int, func: Any, store: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        found = self._sigs.get(handle)
+        if found is None or found[0]() is not func:  # a handle (an id) is reused once its object is gone
+            ty = func.type(store)
+            found = (weakref.ref(func), tuple(map(str, ty.params)), tuple(map(str, ty.results)))
+            self._sigs[handle] = found
+        return found[1], found[2]
+
+    def func_call_unchecked(self, ctx: int, func: int, slots: int, nslots: int, trap_addr: int) -> int:
+        store, f = self._objects[ctx], self._objects[func]
+        params, results = self._signature(func, f, store)
+        raw = (PublicValRaw * max(nslots, 1)).from_address(slots)
+        args = [getattr(raw[i], kind) for i, kind in enumerate(params)]
+        local = self._local
+        outer = getattr(local, "ctx", None), getattr(local, "caller", None)
+        local.ctx, local.caller = ctx, None
+        try:
+            out = f(store, *args)
+        except Trap as trap:
+            c_void_p.from_address(trap_addr).value = self._hold(trap)
+            return 0
+        except WasmtimeError as exc:
+            return self._hold(exc)
+        finally:
+            local.ctx, local.caller = outer
+        if results:
+            setattr(raw[0], results[0], out)
+        return 0
+
+    def take_trap(self, handle: int) -> tuple[str, int | None]:
+        trap = self._pending.pop(handle)
+        code = trap.trap_code
+        return trap.message, (code.value if code is not None else None)
+
+    def take_error(self, handle: int) -> str:
+        return str(self._pending.pop(handle))
+
+    def trap_new(self, message: bytes, length: int) -> int:
+        return self._hold(Trap(message[:length].decode("utf-8", "replace")))
+
+    def caller_context(self, _caller: Any) -> int | None:
+        return getattr(self._local, "ctx", None)
+
+    def define_host_func(self, linker: Any, module: str, name: str, ty: Any, call: HostCall) -> None:
+        params, results = tuple(map(str, ty.params)), tuple(map(str, ty.results))
+        nslots = max(len(params), len(results))
+        local = self._local
+
+        def host(caller: Any, *args: Any) -> Any:
+            raw = (PublicValRaw * max(nslots, 1))()
+            for i, (kind, value) in enumerate(zip(params, args, strict=True)):
+                setattr(raw[i], kind, value)
+            outer = getattr(local, "caller", None)
+            local.caller = caller
+            try:
+                trap = call(0, caller, ctypes.addressof(raw), nslots)
+            finally:
+                local.caller = outer
+            if trap:
+                raise self._pending.pop(trap)
+            return getattr(raw[0], results[0]) if results else None
+
+        linker.define_func(module, name, ty, host, access_caller=True)
+
+    def ticker(self, engine: Any) -> tuple[int, Callable[[int], None]]:
+        return 0, lambda _ptr: engine.increment_epoch()
+
+
+PUBLIC = PublicApi()
+API_ENV = "TENSORWASM_RUNTIME_WASMTIME_API"
+
+
+def select(api: str | None = None) -> Any:
+    """The layer an Engine runs on: `api`, else $TENSORWASM_RUNTIME_WASMTIME_API, else private
+    (public when the private layer cannot load). Raises ValueError for anything else."""
+    choice = api or os.environ.get(API_ENV, "") or ("public" if PRIVATE_UNAVAILABLE else "private")
+    if choice not in ("private", "public"):
+        raise ValueError(f"wasmtime API layer must be 'private' or 'public', got {choice!r} ({API_ENV})")
+    if choice == "private" and PRIVATE_UNAVAILABLE:
+        raise ValueError(f"the private wasmtime layer is unavailable: {PRIVATE_UNAVAILABLE}; use 'public'")
+    return PRIVATE if choice == "private" else PUBLIC
