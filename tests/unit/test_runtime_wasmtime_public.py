@@ -27,11 +27,15 @@ from tests.unit.engine_helpers import fixture, inline, pool
 PRIVATE_ENTRY_POINTS = tuple(
     name for name, value in vars(lowlevel.PRIVATE).items() if callable(value) and not isinstance(value, type)
 )
+# Every C function lowlevel declares on libwasmtime (memmove_quick is libc's), and its helpers around them.
+_C_FUNCTIONS = tuple(
+    name
+    for name, value in vars(lowlevel).items()
+    if isinstance(value, ctypes._CFuncPtr) and name != "memmove_quick"
+)
 PRIVATE_MODULE_NAMES = (
-    "func_call_unchecked", "set_epoch_deadline", "increment_epoch", "memory_data", "memory_data_size",
-    "table_size", "memory_grow", "global_get", "global_set", "caller_context",
-    "linker_define_func_unchecked", "trap_new", "store_context", "func_address", "memory_address",
-    "global_address", "table_address", "take_trap", "take_error",
+    *_C_FUNCTIONS, "store_context", "func_address", "memory_address", "global_address", "table_address",
+    "take_trap", "take_error", "public_take_trap", "public_take_error", "public_store_context",
 )  # fmt: skip
 
 LOGGER_IMPORTS = """(import "tensorwasm" "log" (func $log (param i32 i32 i32)))
@@ -133,6 +137,19 @@ def test_the_whole_invoke_path_runs_on_the_public_api_alone_and_answers_the_same
         for step in got
         if isinstance(step, tuple) and isinstance(step[1], bytes)
     ), got
+
+
+def test_the_sabotage_covers_the_c_path() -> None:
+    assert {
+        "func_call_unchecked",
+        "set_epoch_deadline",
+        "increment_epoch",
+        "memory_data",
+        "global_set",
+        "linker_define_func_unchecked",
+        "trap_new",
+        "caller_context",
+    } <= set(PRIVATE_MODULE_NAMES)
 
 
 def test_the_layer_is_chosen_by_flag_then_environment(monkeypatch: pytest.MonkeyPatch) -> None:
