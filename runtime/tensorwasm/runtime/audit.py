@@ -51,8 +51,7 @@ class AuditSettings:
     keep: int = 5  # file target: rotated files kept
 
 
-# Every JSON key, once (the line is built by hand: every value but the request id is from a closed
-# alphabet the runtime checked, so only that one is escaped).
+# Every JSON key, once (the line is built by hand; format_record says which values are escaped).
 _KEYS = ("ts", "type", "action", "requestId", "tenant", "tokenId", "function", "mode", "status",
          "outcome", "durationMs", "bytesIn", "bytesOut", "remote", "job")  # fmt: skip
 
@@ -89,9 +88,12 @@ class AuditLog:
             self.dropped += 1
             self._dropped_metric.inc()
             return
-        if not q:
-            self._wake.set()
         q.append(rec)
+        # Append first, then wake: the writer clears the event before it drains, so a set event seen
+        # here means a drain that will take this record is still to come. (Testing for an empty
+        # queue instead could lose the wake-up to a drain finishing in between, for good.)
+        if not self._wake.is_set():
+            self._wake.set()
 
     def close(self, timeout_s: float | None = 2.0) -> None:
         """Write what is queued, then stop the writer; waits at most `timeout_s` (shutdown: a
@@ -100,6 +102,10 @@ class AuditLog:
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout=timeout_s)
+        if self._thread.is_alive():
+            # Still writing (a stuck stdout): closing its file under it would kill it mid-batch.
+            log.warning("Audit writer still busy at close; records queued=%d", len(self._queue))
+            return
         if self._file is not None:
             self._file.close()
 
@@ -168,24 +174,30 @@ class AuditLog:
 _second: list[Any] = [-1, ""]  # (whole second, its "YYYY-mm-ddTHH:MM:SS"): one strftime a second
 
 
+def _quoted(value: str) -> str:
+    """A JSON string; escaped only when it needs it (the common value is plain)."""
+    if '"' in value or "\\" in value or not value.isprintable():
+        return json.dumps(value)
+    return f'"{value}"'
+
+
 def format_record(r: Record) -> str:
-    """One JSON line (also what tests parse). Every value but the request id comes from a closed
-    alphabet the runtime checked; the request id is escaped only when it needs it."""
+    """One JSON line (also what tests parse). The action, mode, outcome and tenant come from closed
+    alphabets the runtime checked; the request id, token id, remote address and function name can
+    carry what a client or a module chose (an export may be named `f","tenant":"other`), so they are
+    escaped when they need it."""
     ts = r[0]
     sec = int(ts)
     if sec != _second[0]:
         _second[0], _second[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
     rid = r[2]
-    if isinstance(rid, int):
-        rid = f'"{BOOT}-{rid}"'
-    else:
-        rid = json.dumps(rid) if '"' in rid or "\\" in rid or not rid.isprintable() else f'"{rid}"'
+    rid = f'"{BOOT}-{rid}"' if isinstance(rid, int) else _quoted(rid)
     duration = "null" if r[9] is None else f"{r[9] * 1000:.3f}"
     return (
         f'{{"ts":"{_second[1]}.{int((ts - sec) * 1000):03d}Z","type":"audit","action":"{r[1]}",'
-        f'"requestId":{rid},"tenant":"{r[3]}","tokenId":"{r[4]}","function":"{r[5]}","mode":"{r[6]}",'
-        f'"status":{r[7]},"outcome":"{r[8]}","durationMs":{duration},"bytesIn":{r[10]},'
-        f'"bytesOut":{r[11]},"remote":"{r[12]}","job":"{r[13]}"}}\n'
+        f'"requestId":{rid},"tenant":"{r[3]}","tokenId":{_quoted(r[4])},"function":{_quoted(r[5])},'
+        f'"mode":"{r[6]}","status":{r[7]},"outcome":"{r[8]}","durationMs":{duration},"bytesIn":{r[10]},'
+        f'"bytesOut":{r[11]},"remote":{_quoted(r[12])},"job":"{r[13]}"}}\n'
     )
 
 
