@@ -96,6 +96,7 @@ class FakeKube:
     url: str = ""
     oldest: int = 0  # watches from an older resourceVersion get 410 Gone (etcd compacted it)
     drops: int = 0  # bumped by drop_watches(): every open watch stream ends
+    stopping: bool = False  # set by stop(): every watch stream ends
     _runner: web.AppRunner | None = None
 
     # --- test-side API -----------------------------------------------------------------------
@@ -110,6 +111,9 @@ class FakeKube:
         return self
 
     async def stop(self) -> None:
+        # Every watch stream ends now: one between two waits would otherwise sit until its
+        # timeoutSeconds, and the runner's cleanup waits on it (aiohttp's 60 s shutdown timeout).
+        self.stopping = True
         async with self.changed:
             self.changed.notify_all()
         if self._runner is not None:
@@ -129,10 +133,11 @@ class FakeKube:
         self.failures.setdefault((method, path), []).extend(statuses)
 
     async def wait_for(self, predicate: Callable[[], Any], timeout: float = 30.0) -> Any:
-        """Until `predicate()` is truthy after some change; the timeout only guards a broken test."""
-        async with self.changed:
-            result = await asyncio.wait_for(self.changed.wait_for(predicate), timeout)
-        return result
+        """Until `predicate()` is truthy after some change; the timeout only guards a broken test.
+        asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that lands
+        as the condition fires (the waiter then runs on past its test's end)."""
+        async with asyncio.timeout(timeout), self.changed:
+            return await self.changed.wait_for(predicate)
 
     async def put(self, collection: str, obj: JSON) -> JSON:
         """Create or replace as a user would (kubectl apply), through the same code as the API."""
@@ -293,7 +298,8 @@ class FakeKube:
             if event.version <= since and event.collection == collection:
                 name = event.obj["metadata"]["name"]
                 seen[name] = event.type != "DELETED" and matches(event.obj, labels, fields)
-        while self._runner is not None:
+        while not self.stopping:
+            checked = self.version
             fresh = [e for e in self.events if e.version > since and e.collection == collection]
             for event in fresh:
                 since = event.version
@@ -309,11 +315,14 @@ class FakeKube:
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:
                 break
-            async with self.changed:
-                try:
-                    await asyncio.wait_for(self.changed.wait(), remaining)
-                except TimeoutError:
-                    break
+            try:
+                async with asyncio.timeout(remaining), self.changed:
+                    # Wait only if nothing happened while the events were written: a notify that
+                    # came then found no waiter, and its event would sit until the next change.
+                    if not self.stopping and self.drops == drops and self.version == checked:
+                        await self.changed.wait()
+            except TimeoutError:
+                break
             if request.transport is None or request.transport.is_closing() or self.drops != drops:
                 break
         with contextlib.suppress(ConnectionResetError):  # the client went away first
