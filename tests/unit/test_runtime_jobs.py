@@ -185,24 +185,48 @@ def test_job_table_is_bounded_per_tenant_and_neighbours_are_unaffected(shard_ser
     assert again.status == 202
 
 
-def test_delete_cancels_a_queued_job_before_it_runs_and_a_running_one_at_its_deadline(shard_server) -> None:
-    cfg = tenant("spinner", "runaway.wat", timeout_ms=3000, max_concurrency=1)  # outlives the checks below
-    server = shard_server([cfg])
-    running = server.request("POST", "/v1/functions/spin/invoke?mode=async", b"", token=cfg.token).json()
-    _until(lambda: _job(server, cfg, running["id"]).json()["state"] == "running", "the spinner to start")
-    queued = server.request("POST", "/v1/functions/ok/invoke?mode=async", b"", token=cfg.token).json()
-    assert _job(server, cfg, queued["id"]).json()["state"] == "queued"
+def test_delete_stops_a_running_job_at_once_and_spares_its_neighbours(shard_server) -> None:
+    # Ten-minute deadlines: the spinner (a loop that never calls the host) must be stopped by the
+    # cancel itself; waiting for its deadline would fail every wait below.
+    cfg = tenant("spinner", "runaway.wat", timeout_ms=600_000, max_concurrency=1)
+    other = tenant("neighbour", "runaway.wat", timeout_ms=600_000, max_concurrency=2)
+    server = shard_server([cfg, other])
+
+    def post(who: TenantConfig, function: str) -> dict[str, Any]:
+        reply = server.request("POST", f"/v1/functions/{function}/invoke?mode=async", b"", token=who.token)
+        assert reply.status == 202, reply.body
+        view: dict[str, Any] = reply.json()
+        return view
+
+    def state(who: TenantConfig, job: dict[str, Any]) -> str:
+        return str(_job(server, who, job["id"]).json()["state"])
+
+    theirs = post(other, "spin")
+    _until(lambda: state(other, theirs) == "running", "the neighbour's spinner to start")
+    running = post(cfg, "spin")
+    _until(lambda: state(cfg, running) == "running", "the spinner to start")
+    queued = post(cfg, "ok")
+    assert state(cfg, queued) == "queued"
     gone = server.request("DELETE", f"/v1/jobs/{queued['id']}", token=cfg.token)
     assert gone.status == 200 and gone.json()["state"] == "cancelled"
     stop = server.request("DELETE", f"/v1/jobs/{running['id']}", token=cfg.token).json()
     assert stop["state"] == "cancelled" and stop["error"]["kind"] == "cancelled"
-    # The spinner's deadline frees its worker; the cancelled job stays cancelled (its result, if
-    # any, is dropped) and the tenant serves again.
-    _until(lambda: server.invoke(cfg, "ok").status == 200, "the tenant to serve again")
+    # The tenant's one worker runs the next job: the spinner was stopped, not left to its deadline,
+    # which the neighbour's spinner (started first, same deadline) shows by still running.
+    after = post(cfg, "ok")
+    assert _finished(server, cfg, after["id"])["state"] == "succeeded"
+    assert state(other, theirs) == "running"
+    assert server.invoke(other, "ok").status == 200  # the neighbour's second worker serves as before
     for job in (queued, running):
         view = _job(server, cfg, job["id"]).json()
         assert view["state"] == "cancelled" and "output" not in view
     assert _metric(server, 'tensorwasm_jobs{state="cancelled",tenant="spinner"}') == 2
+    assert _metric(server, 'tensorwasm_jobs{state="cancelled",tenant="neighbour"}') == 0
+    assert _outcomes(server, "spinner", "spin") == {"cancelled": 1}
+    # The neighbour's spinner stops the same way when its own owner cancels it.
+    assert server.request("DELETE", f"/v1/jobs/{theirs['id']}", token=other.token).status == 200
+    done = [post(other, "ok") for _ in range(2)]  # both workers free again
+    assert all(_finished(server, other, job["id"])["state"] == "succeeded" for job in done)
 
 
 def test_job_board_forgets_finished_jobs_after_the_ttl_and_tells_when_full() -> None:

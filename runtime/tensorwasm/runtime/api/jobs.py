@@ -195,7 +195,9 @@ class JobBoard:
             job.error = Cancelled("the job was cancelled").to_json()["error"]
             self._ended(job)
             if job.future is not None:
-                job.future.cancel()  # a queued job never starts; a running one is told at its next write
+                # A queued job never starts; a running one is stopped on its worker within one
+                # deadline slice (engine/deadlines.py) or at its next stream_write, if sooner.
+                job.future.cancel()
         else:
             table = self._tables[tenant]
             del table.jobs[job_id]

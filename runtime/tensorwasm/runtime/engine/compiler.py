@@ -18,7 +18,7 @@ from typing import Any
 import wasmtime
 
 from tensorwasm.runtime import metrics
-from tensorwasm.runtime.engine import abi, hostcalls, lowlevel, wasmbin
+from tensorwasm.runtime.engine import abi, deadlines, hostcalls, lowlevel, wasmbin
 from tensorwasm.runtime.engine.cache import CacheKeyError, CompileCache, load_or_create_key
 from tensorwasm.runtime.engine.ticker import EpochTicker
 from tensorwasm.runtime.errors import BadRequest, ModuleRejected
@@ -119,6 +119,11 @@ class Engine:
         self.ticks_for = self._ticker.ticks_for
         self.track = self._ticker.track
         self.guest_runs = self._ticker.guest_runs  # hot path: bound once, no extra frame
+
+    def watch(self, store: wasmtime.Store, instance: Any) -> int:
+        """Give a warm instance's store the deadline callback (deadlines.py: cancellation and
+        deadlines in slices); the most ticks ahead a call may set its store deadline."""
+        return deadlines.watch(store, instance, self._ticker)
 
     @property
     def wasmtime_engine(self) -> wasmtime.Engine:

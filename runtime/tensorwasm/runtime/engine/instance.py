@@ -120,6 +120,9 @@ class WarmInstance:
             ll,
         )
         hostcalls.register(self.host)
+        # From here on (after the start function) the store deadline goes in slices and a
+        # callback on this thread checks the real deadline and the run's cancel flag.
+        self.slice_ticks = engine.watch(store, self)
 
     def close(self) -> None:
         hostcalls.unregister(self.host)
@@ -131,7 +134,7 @@ class WarmInstance:
         """Copy `payload` in through tw_alloc, run `func`, copy the output out. Raises RuntimeFault."""
         ctx, q, slots, call = self.ctx, self._q, self._slots_addr, self._call
         self.host.begin()
-        self._deadline(ctx, ticks)
+        self._deadline(ctx, ticks if ticks <= self.slice_ticks else self.slice_ticks)
         n = len(payload)
         ptr = 0
         if n:  # empty input: the guest gets (0, 0) and tw_alloc is not called
@@ -264,7 +267,8 @@ class WarmInstance:
         trap_addr = self._trap.value
         self._trap.value = None
         if err:
-            return self.host.fault or GuestTrap(f"guest call failed: {self.ll.take_error(err)}")
+            message = self.ll.take_error(err)  # always taken: it is freed only then
+            return self.host.fault or GuestTrap(f"guest call failed: {message}")
         assert trap_addr
         message, code = self.ll.take_trap(trap_addr)
         if code == _TRAP_INTERRUPT:

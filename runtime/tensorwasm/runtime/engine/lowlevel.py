@@ -123,6 +123,14 @@ linker_define_func_unchecked = _fn(
     c_void_p,
 )
 trap_new = _fn("wasmtime_trap_new", c_void_p, ctypes.c_char_p, c_size_t)
+# The epoch deadline callback (engine/deadlines.py), public C API: (store*, callback, data, finalizer).
+store_epoch_deadline_callback = _fn(
+    "wasmtime_store_epoch_deadline_callback", None, c_void_p, c_void_p, c_void_p, c_void_p, lib=_quick
+)
+error_new = _fn("wasmtime_error_new", c_void_p, ctypes.c_char_p, lib=_quick)  # (message) -> error*
+# wasmtime_error_t *(*)(wasmtime_context_t *, void *data, uint64_t *delta, uint8_t *update_kind):
+# NULL with *delta set continues that many ticks from now; an error stops the guest.
+EpochDeadlineCallback = ctypes.CFUNCTYPE(c_size_t, c_void_p, c_void_p, c_void_p, c_void_p)
 # libc memmove without releasing the GIL, for copies small enough that a GIL hand-off costs more.
 memmove_quick = ctypes.PYFUNCTYPE(c_void_p, c_void_p, c_void_p, c_size_t)(
     int(ctypes.cast(ctypes.memmove, c_void_p).value or 0)

@@ -3,7 +3,9 @@
 Owns the thread that advances the engine's epoch every `tick_s`, its parking while no guest code can
 be running (an idle shard costs no wake-ups), the runners it must keep ticking for, and
 `interrupt_all`, which fast-forwards the epoch past every deadline so that no guest outlives a
-shutdown. Must not import wasmtime (it is handed the engine pointer and lowlevel's increment).
+shutdown. Each runner's real deadline is the epoch it publishes in `guest_runs`; a watched store's
+own epoch deadline is at most `slice_ticks` ahead, and its callback (deadlines.py) asks `ticks_left`
+whether to go on. Must not import wasmtime (it is handed the engine pointer and lowlevel's increment).
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from typing import Any
 _CATCH_UP_BATCH = 4096
 _CATCH_UP_PAUSES = 8
 _CATCH_UP_PAUSE_S = 0.0005
+# A watched store's epoch deadline is at most this far ahead: how soon a cancelled guest that never
+# calls the host notices (deadlines.py); each slice a long guest runs costs one callback (~10 us).
+SLICE_S = 0.05
 
 
 class EpochTicker:
@@ -39,6 +44,7 @@ class EpochTicker:
         # Park once every deadline set so far has passed, plus this many ticks: steady light
         # traffic never pays a wake-up, an idle shard stops waking 1,000 times a second.
         self._linger_ticks = math.ceil(park_after_s / tick_s)
+        self.slice_ticks = max(1, math.ceil(round(SLICE_S / tick_s, 6)))
         self._epoch = 0  # ticks so far (the engine's epoch, as this thread last advanced it)
         # Every instance that may run guest code, each with the epoch its last deadline falls at:
         # read only when the ticker is about to park, so the hot path takes no lock.
@@ -74,6 +80,13 @@ class EpochTicker:
         runner.deadline_epoch = self._epoch + ticks + 1
         if self._parked:
             self._unpark.set()
+
+    def ticks_left(self, runner: Any) -> int:
+        """Ticks until `runner`'s deadline (0 or less: passed). Read on the runner's own thread by its
+        store's deadline callback; during interrupt_all the published epoch is already past every
+        deadline, so every guest is told to stop."""
+        left: int = runner.deadline_epoch - self._epoch
+        return left
 
     @property
     def parked(self) -> bool:
