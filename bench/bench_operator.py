@@ -1,16 +1,22 @@
-"""Operator throughput: 500 Tenants applied at once until all are Placed and Ready, on the real control plane.
+"""Operator throughput: N Tenants (500 unless TENSORWASM_BENCH_OPERATOR_TENANTS says otherwise) applied at
+once until all are Placed and Ready, on the real control plane.
 
-Baseline: the time to merely create the same 500 objects (one `kubectl apply` of a List, no operator).
+Baseline: the time to merely create the same N objects (one `kubectl apply` of a List, no operator).
 Then the LocalStack (the operator and 2 real CPU runtime shard processes) runs in a fresh namespace
 and the same List is applied; clocks stop when every Tenant is Placed, then when every Tenant is
 Ready (its shard loaded the module and reported it). Three operator runs interleaved with four plain
 creates on a control plane of the benchmark's own, each step on a quiet cluster; medians reported.
 Also reports the operator's peak RSS (VmHWM), its API writes, CPU per tenant by process and the API
 server's requests per tenant by kind.
+
+`compare_operators` runs the same steps for several operator trees (another checkout's operator on
+PYTHONPATH, the shards and the control plane this tree's) interleaved on one control plane:
+bench/operator_vs_base.py uses it for issue 12's before/after.
 """
 
 from __future__ import annotations
 
+import ast
 import base64
 import hashlib
 import json
@@ -38,7 +44,7 @@ from tensorwasm.dev.procstat import cpu_seconds
 from tensorwasm.dev.stack import LocalStack
 
 REPO = Path(__file__).resolve().parents[1]
-N = 500
+N = int(os.environ.get("TENSORWASM_BENCH_OPERATOR_TENANTS", "500"))
 ECHO = REPO / "tests" / "fixtures" / "echo.wat"
 
 
@@ -54,7 +60,7 @@ def _module() -> tuple[str, str]:
     return json.dumps(cm), hashlib.sha256(wasm).hexdigest()
 
 
-def _manifest(sha: str) -> str:
+def _manifest(sha: str, n: int = N) -> str:
     items = [
         {
             "apiVersion": "tensorwasm.io/v1alpha1",
@@ -66,7 +72,7 @@ def _manifest(sha: str) -> str:
                 "limits": {"gpuMemory": "16Mi", "linearMemory": "1Mi", "maxConcurrency": 1},
             },
         }
-        for i in range(N)
+        for i in range(n)
     ]
     return json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
 
@@ -165,8 +171,8 @@ PLACED, READY = ("Placed", "Ready"), ("Ready",)
 class TenantWatch:
     """Phases of the namespace's Tenants from one `kubectl get --watch`; stamps when all are Placed/Ready."""
 
-    def __init__(self, cmd: list[str], on_all_ready: Callable[[], None]) -> None:
-        self.on_all_ready = on_all_ready
+    def __init__(self, cmd: list[str], on_all_ready: Callable[[], None], n: int = N) -> None:
+        self.on_all_ready, self.n = on_all_ready, n
         self.phases: dict[str, str] = {}
         self.placed_at: float | None = None
         self.ready_at: float | None = None
@@ -184,9 +190,9 @@ class TenantWatch:
             if not name:
                 continue
             self.phases[name] = phase
-            if self.placed_at is None and self.count(PLACED) == N:
+            if self.placed_at is None and self.count(PLACED) == self.n:
                 self.placed_at = time.perf_counter()
-            if self.ready_at is None and self.count(READY) == N:
+            if self.ready_at is None and self.count(READY) == self.n:
                 self.ready_at = time.perf_counter()
                 self.on_all_ready()
                 self.all_ready.set()
@@ -215,7 +221,7 @@ def run() -> dict[str, Any]:
 class OperatorRun:
     applied_s: float
     placed_s: float
-    ready_s: float
+    ready_s: float | None  # None: not all Ready within ready_after_placed_s (compare_operators)
     rss_kib: int
     cpu_s: dict[str, float]
     requests: Counter[str]
@@ -223,9 +229,22 @@ class OperatorRun:
 
 
 def time_operator_run(
-    k: Callable[..., str], state: ClusterState, namespace: str, manifest: str, module_cm: str, workdir: Path
+    k: Callable[..., str],
+    state: ClusterState,
+    namespace: str,
+    manifest: str,
+    module_cm: str,
+    workdir: Path,
+    n: int = N,
+    operator_env: dict[str, str] | None = None,
+    ready_after_placed_s: float | None = None,
 ) -> OperatorRun:
-    """The operator and 2 shards in a fresh namespace; the same List applied; until all are Ready."""
+    """The operator and 2 shards in a fresh namespace; the same List applied; until all are Ready.
+
+    `operator_env` adds to the operator process's environment only (PYTHONPATH: another tree's
+    operator). With `ready_after_placed_s`, a run whose Tenants are all Placed but not all Ready that
+    long after is recorded with ready_s None instead of failing (an old operator with new shards).
+    """
     kubectl = [str(Path(state.bin_dir) / "kubectl"), f"--kubeconfig={state.kubeconfig}"]
     k("create", "namespace", namespace)
     k("apply", "-n", namespace, "-f", "-", stdin=module_cm)
@@ -235,6 +254,7 @@ def time_operator_run(
         operator_env={
             "TENSORWASM_OPERATOR_SHARD_MAX_TENANTS": "400",
             "TENSORWASM_OPERATOR_SHARD_HOST_MEMORY": "512Gi",
+            **(operator_env or {}),
         },
     )  # fmt: skip
     stack.start()
@@ -251,7 +271,7 @@ def time_operator_run(
         stack_pids = {name: p.proc.pid for name, p in stack.processes.items()}
         meter = CpuMeter({**state.pids, **stack_pids}, state.server, state.token)
         cmd = [*kubectl, "get", "tenants", "-n", namespace, "--watch", "-o", WATCH_FORMAT]
-        watch = TenantWatch(cmd, on_all_ready=meter.stop)
+        watch = TenantWatch(cmd, on_all_ready=meter.stop, n=n)
         try:
             meter.start()
             t0 = time.perf_counter()
@@ -260,13 +280,21 @@ def time_operator_run(
             while not watch.all_ready.wait(0.5):
                 stack.check_alive()
                 if time.perf_counter() - t0 > 900:
-                    raise RuntimeError(f"only {watch.count(READY)}/{N} Ready after 900 s")
+                    raise RuntimeError(f"only {watch.count(READY)}/{n} Ready after 900 s")
+                if (
+                    ready_after_placed_s is not None
+                    and watch.placed_at is not None
+                    and time.perf_counter() - watch.placed_at > ready_after_placed_s
+                ):
+                    meter.stop()
+                    break
         finally:
             watch.stop()
-        assert watch.placed_at is not None and watch.ready_at is not None
-        phases = k("get", "tenants", "-n", namespace, "-o", "jsonpath={.items[*].status.phase}").split()
-        if phases.count("Ready") != N:  # the watch's view, checked once against a list
-            raise RuntimeError(f"watch saw all Ready, a list says {phases.count('Ready')}/{N}")
+        assert watch.placed_at is not None
+        if watch.ready_at is not None:
+            phases = k("get", "tenants", "-n", namespace, "-o", "jsonpath={.items[*].status.phase}").split()
+            if phases.count("Ready") != n:  # the watch's view, checked once against a list
+                raise RuntimeError(f"watch saw all Ready, a list says {phases.count('Ready')}/{n}")
         status = Path(f"/proc/{proc.pid}/status").read_text()
         rss_kib = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
         # Delete while the operator runs, so its finalizer is released and the namespace can go.
@@ -280,12 +308,14 @@ def time_operator_run(
     k("delete", "namespace", namespace, "--wait=false")
     settle(k, state)
     return OperatorRun(
-        applied_s, watch.placed_at - t0, watch.ready_at - t0, rss_kib, meter.spent, meter.requests,
+        applied_s, watch.placed_at - t0, None if watch.ready_at is None else watch.ready_at - t0, rss_kib,
+        meter.spent, meter.requests,
         writes_line[-1].split("Stopped ", 1)[-1] if writes_line else "n/a",
     )  # fmt: skip
 
 
-def measure(state: ClusterState, state_dir: Path) -> dict[str, Any]:
+def prepare(state: ClusterState) -> Callable[..., str]:
+    """kubectl on the bench cluster, with this tree's CRDs applied and the API server quiet."""
     kubectl = [str(Path(state.bin_dir) / "kubectl"), f"--kubeconfig={state.kubeconfig}"]
 
     def k(*args: str, stdin: str | None = None) -> str:
@@ -299,6 +329,11 @@ def measure(state: ClusterState, state_dir: Path) -> dict[str, Any]:
     # A namespace still being deleted (an earlier run's 500 Tenants, Services, Secrets) keeps the
     # controller-manager and the API server busy: start from a quiet cluster.
     settle(k, state)
+    return k
+
+
+def measure(state: ClusterState, state_dir: Path) -> dict[str, Any]:
+    k = prepare(state)
     stamp = str(int(time.time()))
     module_cm, sha = _module()
     manifest = _manifest(sha)
@@ -315,11 +350,13 @@ def measure(state: ClusterState, state_dir: Path) -> dict[str, Any]:
         runs.append(time_operator_run(k, state, f"bench-operator-{stamp}-{i}", manifest, module_cm, workdir))
         creates.append(time_plain_create(k, state, f"bench-create-{stamp}-{i + 1}", manifest, plane_meter))
     create_s = statistics.median(took for took, _, _ in creates)
-    run = sorted(runs, key=lambda r: r.ready_s)[len(runs) // 2]  # the median run, for its details
-    ready_s = run.ready_s
+    ready = [r.ready_s for r in runs]
+    assert all(r is not None for r in ready)  # without ready_after_placed_s every run ends all Ready
+    run = sorted(runs, key=lambda r: r.ready_s or 0.0)[len(runs) // 2]  # the median run, for its details
+    ready_s = run.ready_s or 0.0
     placed_s = statistics.median(r.placed_s for r in runs)
     pair_ratios = [
-        r.ready_s / statistics.mean([creates[i][0], creates[i + 1][0]]) for i, r in enumerate(runs)
+        (r.ready_s or 0.0) / statistics.mean([creates[i][0], creates[i + 1][0]]) for i, r in enumerate(runs)
     ]
     _, baseline_cpu, baseline_requests = min(creates, key=lambda c: c[0])
     cpu_ms = {name: round(1000 * spent / N, 1) for name, spent in run.cpu_s.items() if spent > 0.05}
@@ -336,11 +373,11 @@ def measure(state: ClusterState, state_dir: Path) -> dict[str, Any]:
     rss_kib, writes = max(r.rss_kib for r in runs), run.writes
     applied_s = run.applied_s
     return {
-        "title": "Operator: 500 Tenants applied at once until all Placed and Ready (2 CPU shards)",
+        "title": f"Operator: {N} Tenants applied at once until all Placed and Ready (2 CPU shards)",
         "figures": {
-            "create_500_s": round(create_s, 2),
-            "create_500_s_min": round(min(took for took, _, _ in creates), 2),
-            "create_500_s_max": round(max(took for took, _, _ in creates), 2),
+            f"create_{N}_s": round(create_s, 2),
+            f"create_{N}_s_min": round(min(took for took, _, _ in creates), 2),
+            f"create_{N}_s_max": round(max(took for took, _, _ in creates), 2),
             "apply_with_operator_s": round(applied_s, 2),
             "all_placed_s": round(placed_s, 2),
             "placed_over_create": round(placed_s / create_s, 2),
@@ -366,19 +403,83 @@ def measure(state: ClusterState, state_dir: Path) -> dict[str, Any]:
         "notes": (
             "Local control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok) on "
             "the same machine, started empty for this benchmark and removed after it; "
-            "one `kubectl apply` of a 500-item List. all_placed_s runs from the start of that apply until "
+            f"one `kubectl apply` of a {N}-item List. all_placed_s runs from the start of that apply until "
             "every Tenant has status.phase Placed (seen by one `kubectl get --watch`, not polled); "
             "all_ready_s until every Tenant is Ready, served by one of 2 real CPU runtime shard processes "
             f"(LocalStack). {OPERATOR_RUNS} operator runs, each in a fresh namespace with a fresh stack, "
             f"interleaved with {OPERATOR_RUNS + 1} plain creates (after one uncounted warm-up), each "
             "namespace deleted and the API server quiet again before the next step; all_ready_s is the "
             "median run, "
-            "create_500_s the median create, and ready_over_create_per_run_* compare each run with the "
+            f"create_{N}_s the median create, and ready_over_create_per_run_* compare each run with the "
             "mean of the creates either side of it. Operator writes (median run): "
             + writes
             + ". Phase Events are Warnings only; kopf itself writes nothing (event handlers only)."
         ),
     }
+
+
+WRITE_VERBS = ("POST", "PUT", "PATCH", "APPLY", "DELETE", "DELETECOLLECTION")
+
+
+def _operator_writes(writes: str) -> int | None:
+    """Total of the operator's own write counter ("writes={'create secrets': 500, ...}")."""
+    try:
+        counted = ast.literal_eval(writes.removeprefix("writes="))
+    except (ValueError, SyntaxError):
+        return None
+    return sum(int(v) for v in counted.values()) if isinstance(counted, dict) else None
+
+
+def compare_operators(
+    trees: dict[str, dict[str, str]], n: int, rounds: int, ready_after_placed_s: float = 120.0
+) -> dict[str, Any]:
+    """Operator runs of several trees (label -> extra operator environment, e.g. PYTHONPATH) on one
+    control plane of this tree, `rounds` rounds alternating the order (A B, B A, ...), one plain create
+    of the same List per round as the floor. The shards, the harness and the CRDs are this tree's."""
+    state_dir = Path(
+        os.environ.get("TENSORWASM_BENCH_CLUSTER_DIR", default_state_dir().parent / "bench-cluster")
+    )
+    plane = LocalControlPlane(state_dir, log=lambda m: print(m, file=sys.stderr))
+    plane.down()
+    state = plane.up(nodes=3, gpus_per_node=1, timeout_s=180)
+    try:
+        k = prepare(state)
+        stamp = str(int(time.time()))
+        module_cm, sha = _module()
+        manifest = _manifest(sha, n)
+        meter = CpuMeter(dict(state.pids), state.server, state.token)
+        time_plain_create(k, state, f"bench-create-{stamp}-warmup", manifest, meter)
+        workdir = state_dir.parent / "bench-operator-last"
+        rows: list[dict[str, Any]] = []
+        labels = list(trees)
+        for i in range(rounds):
+            took, _, _ = time_plain_create(k, state, f"bench-create-{stamp}-{i}", manifest, meter)
+            rows.append({"round": i, "tree": "plain create", "placed_s": round(took, 2)})
+            for label in labels if i % 2 == 0 else labels[::-1]:
+                print(f"round {i}: {label} operator, {n} tenants", file=sys.stderr, flush=True)
+                ns = f"bench-operator-{stamp}-{i}-{re.sub(r'[^a-z0-9]', '', label.lower())}"
+                r = time_operator_run(
+                    k, state, ns, manifest, module_cm, workdir, n, trees[label], ready_after_placed_s
+                )
+                writes = sum(c for kind, c in r.requests.items() if kind.split(" ")[0] in WRITE_VERBS)
+                rows.append({
+                    "round": i,
+                    "tree": label,
+                    "placed_s": round(r.placed_s, 2),
+                    "ready_s": None if r.ready_s is None else round(r.ready_s, 2),
+                    "operator_cpu_s": round(r.cpu_s.get("operator", 0.0), 2),
+                    "apiserver_cpu_s": round(r.cpu_s.get("kube-apiserver", 0.0), 2),
+                    "operator_writes": _operator_writes(r.writes),
+                    "api_writes_per_tenant": round(writes / n, 2),
+                    "api_requests_per_tenant": round(sum(r.requests.values()) / n, 2),
+                    "rss_mib": round(r.rss_kib / 1024, 1),
+                    "writes": r.writes,
+                    "requests": {kind: c for kind, c in r.requests.most_common() if c >= n / 10},
+                })  # fmt: skip
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        return {"rows": rows, "n": n, "rounds": rounds}
+    finally:
+        plane.down()
 
 
 if __name__ == "__main__":
