@@ -173,6 +173,8 @@ class PlacementHints:
 
 
 IDLE_AFTER_PATTERN = r"^(never|[1-9][0-9]{0,6}(ms|s|m|h))$"
+PREWARM_HISTORY = "history"  # spec.idle.prewarm: wake ahead of the tenant's daily arrival pattern
+PREWARM_PATTERN = r"^(off|history)$"
 _IDLE_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -193,6 +195,14 @@ class IdlePolicy:
         "Absent means the shard's default (chart value shard.idle.after). A sleeping tenant holds no "
         "instances and no GPU memory; its first request wakes it from the snapshot.",
         max_length=16, pattern=IDLE_AFTER_PATTERN,
+    )  # fmt: skip
+    prewarm: str | None = string(
+        "prewarm", "Wake this tenant ahead of predicted use. 'history': its shard wakes it shortly before "
+        "a 5-minute slot of the day in which it received requests on at least half of the last 7 days "
+        "(at least 2 days seen), only into free GPU room (never by putting another tenant to sleep) and "
+        "for at most the shard's prewarm budget of tenants at once; unused, it sleeps again after "
+        "idle.after. 'off' or absent: only a request wakes it.",
+        max_length=16, pattern=PREWARM_PATTERN,
     )  # fmt: skip
 
 

@@ -418,8 +418,9 @@ SLEEP_SNAPSHOTS_SWEPT = Counter(
 )
 TENANT_PREWARMS = Counter(
     "tensorwasm_tenant_prewarms_total",
-    "Sleeping tenants woken ahead of predicted use (spec.idle.prewarm), by outcome: hit (a request "
-    "came while it was prewarmed) or miss (it went back to sleep, or was evicted, unused).",
+    "Sleeping tenants woken ahead of predicted use (spec.idle.prewarm), by outcome: woken (a prewarm "
+    "wake), hit (a request came while it was prewarmed) or miss (it slept again, or was evicted, "
+    "unused).",
     ["outcome"],
     registry=REGISTRY,
 )

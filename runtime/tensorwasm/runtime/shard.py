@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -45,8 +46,18 @@ _IDLE_SCAN_MIN_S, _IDLE_SCAN_MAX_S = 0.05, 10.0
 
 
 # Runs on a freshly opened tenant before it serves (e.g. a snapshot restore); returns a note for the
-# status message. Failures inside it are the hook's to report: the tenant serves either way.
+# status message. Failures inside it are the hook's to report: the tenant serves either way, unless
+# the hook raises PrepareRefused (then it does not serve, and its status says why).
 Prepare = Callable[[TenantConfig, "TenantInstancePool", "TenantDevice | None"], Awaitable[str]]
+
+
+class PrepareRefused(Exception):
+    """A prepare hook's verdict that the tenant must not serve yet (e.g. a move target that could not
+    restore the move's Snapshot: serving fresh state would lose every write since it)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason, self.message = reason, message
 
 
 @dataclass(frozen=True)
@@ -129,7 +140,10 @@ class Shard:
     by_auth: dict[str, ServedTenant] = field(default_factory=dict)  # "Bearer <token>" -> tenant
     waiting_auth: dict[str, str] = field(default_factory=dict)  # "Bearer <token>" -> unserved tenant
     held_auth: dict[str, str] = field(default_factory=dict)  # "Bearer <token>" -> tenant held (moving)
-    holds: dict[str, str] = field(default_factory=dict)  # tenant -> its "Bearer <token>" while held
+    # tenant -> every "Bearer <token>" of its Secret while held (rotation and read tokens too)
+    holds: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Called with a tenant's name when it is held (the HTTP app refuses its queued async jobs).
+    on_hold: list[Callable[[str], None]] = field(default_factory=list)
     statuses: dict[str, TenantStatus] = field(default_factory=dict)  # every assigned tenant
     assigned: dict[str, TenantConfig] = field(default_factory=dict)  # last config seen per tenant
     stats: dict[str, dict[str, metrics.InvokeStats]] = field(default_factory=dict)  # tenant -> function
@@ -148,8 +162,13 @@ class Shard:
     # `live_uids` (the Kubernetes source's) lists every Tenant uid of the namespace: a tenant living
     # on another shard or moving here keeps its blob. None: the assigned set is the whole world.
     sweep_interval_s: float = 600.0
+    # Prewarm (spec.idle.prewarm: history; tenancy/prewarm.py): at most this many tenants awake on a
+    # prediction and not yet used at once; `wall_clock` dates their arrivals (tests set it).
+    prewarm_tenants: int = 4
+    wall_clock: Callable[[], float] = field(default=time.time)
     live_uids: Callable[[], Awaitable[Collection[str]]] | None = None
     _swept_at: float = float("-inf")
+    _prewarming: asyncio.Lock = field(default_factory=asyncio.Lock)
     _sleep_parts: SleepParts | None = None
     _idle_task: asyncio.Task[None] | None = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -254,9 +273,14 @@ class Shard:
             tenant = self.served.get(name)
             if tenant is None:
                 return False
-            self.holds[name] = f"Bearer {tenant.config.token}"
+            self.holds[name] = _headers(tenant.config)
             self._rebuild_auth()
             log.info("Held Tenant name=%s (moving)", name)
+            for hook in self.on_hold:
+                try:
+                    hook(name)
+                except Exception as exc:  # a hook's bug must not undo the hold
+                    log.error("Failed a hold hook of Tenant name=%s", name, exc_info=exc)
         return True
 
     def release(self, name: str) -> None:
@@ -289,7 +313,7 @@ class Shard:
 
             self._sleep_parts = SleepParts(
                 self.sleep_store, SleepRecords(self.sleep_store), self.residency, self.accelerator,
-                self._open, self._close_parts, notify,
+                self._open, self._close_parts, notify, self.wall_clock,
             )  # fmt: skip
         return self._sleep_parts
 
@@ -328,12 +352,43 @@ class Shard:
                         await asyncio.to_thread(sleeper.try_sleep, "idle")
                     except Exception as exc:  # one tenant's trouble must not stop the scan
                         log.warning("Failed idle sleep of Tenant name=%s: %s", tenant.name, exc, exc_info=exc)
+            try:
+                await self.prewarm()
+            except Exception as exc:  # a guess gone wrong must not stop the scan
+                log.warning("Failed prewarming Tenants: %s", exc, exc_info=exc)
             if self.synced and now - self._swept_at >= self.sweep_interval_s:
                 self._swept_at = now
                 try:
                     await self.sweep_sleep_blobs()
                 except Exception as exc:  # the API server away (live uids): sweep nothing, try later
                     log.warning("Skipped sweeping sleep snapshots: %s", exc)
+
+    async def prewarm(self) -> list[str]:
+        """Wake sleepers predicted to be called soon (spec.idle.prewarm: history), into free GPU room
+        only (never putting another tenant to sleep), at most `prewarm_tenants` prewarmed and unused
+        at once; the names woken."""
+        async with self._prewarming:  # one pass at a time: each counts the budget the last one left
+            return await self._prewarm()
+
+    async def _prewarm(self) -> list[str]:
+        from tensorwasm.api.tenant import PREWARM_HISTORY
+        from tensorwasm.runtime.tenancy.prewarm import Candidate, choose
+
+        sleepers = {t.name: t.sleeper for t in self.served.values()
+                    if t.sleeper is not None and t.config.idle_prewarm == PREWARM_HISTORY}  # fmt: skip
+        room = self.prewarm_tenants - sum(1 for s in sleepers.values() if s.prewarmed and not s.asleep)
+        candidates = [Candidate(n, s.history, s.prewarm_slot) for n, s in sleepers.items() if s.asleep]
+        woken = []
+        for name, slot in choose(candidates, self.wall_clock(), room) if candidates else []:
+            tenant = self.served.get(name)
+            if tenant is None or tenant.sleeper is None:
+                continue
+            lim = tenant.config.limits
+            cap = lim.gpu_memory_bytes if lim.gpu_memory_bytes is not None else self.default_gpu_memory_bytes
+            need = None if self.accelerator is None else cap or 0
+            if await asyncio.to_thread(tenant.sleeper.prewarm, need, slot):
+                woken.append(name)
+        return woken
 
     async def sweep_sleep_blobs(self, **options: Any) -> Swept | None:
         """Remove sleep snapshots no Tenant owns; tell the tenants whose snapshot the key ring can no
@@ -475,7 +530,12 @@ class Shard:
             await asyncio.to_thread(self._close_parts, name, pool, device)
             await self._fall_back(config, MISSING_FUNCTION, missing, old)
             return
-        note = await self._prepare(config, pool, device)
+        try:
+            note = await self._prepare(config, pool, device)
+        except PrepareRefused as exc:
+            await asyncio.to_thread(self._close_parts, name, pool, device)
+            await self._fall_back(config, exc.reason, exc.message, old)
+            return
         clash = self._token_owner(config)  # another tenant may have taken the token while we loaded
         if clash is not None or not self._still_wanted(config):
             await asyncio.to_thread(self._close_parts, name, pool, device)
@@ -549,6 +609,8 @@ class Shard:
             return ""
         try:
             return await self.prepare(config, pool, device)
+        except PrepareRefused:
+            raise
         except Exception as exc:  # a restore problem must not keep the tenant down
             log.warning("Skipped preparing Tenant name=%s: %s", config.name, exc, exc_info=exc)
             return f"not restored: {exc}"
@@ -667,17 +729,27 @@ class Shard:
 
     def _rebuild_auth(self) -> None:
         # Replaced wholesale, never mutated: a request reading the old dict sees a consistent view.
+        for name in self.holds:
+            if (t := self.served.get(name)) is not None:
+                self.holds[name] = _headers(t.config)  # its Secret may have changed while held
         self.by_auth = {
             f"Bearer {t.config.token}": t for t in self.served.values() if t.name not in self.holds
         }
-        self.held_auth = {header: name for name, header in self.holds.items()}
+        self.held_auth = {header: name for name, headers in self.holds.items() for header in headers}
+        # Every token of an assigned tenant not (yet) served: "not ready, retry", never 401 (which
+        # would count against the client's address as a failed authentication).
         self.waiting_auth = {
-            f"Bearer {c.token}": c.name
+            header: c.name
             for c in self.assigned.values()
             if c.name not in self.served
-            and f"Bearer {c.token}" not in self.by_auth
-            and f"Bearer {c.token}" not in self.held_auth
+            for header in _headers(c)
+            if header not in self.by_auth and header not in self.held_auth
         }
+
+
+def _headers(config: TenantConfig) -> tuple[str, ...]:
+    """The Authorization header of every token of `config` (its Secret's keys), the primary first."""
+    return tuple(f"Bearer {token}" for _, token, _ in config.all_tokens())
 
 
 def _missing(wanted: Iterable[str], exported: Iterable[str]) -> str:

@@ -37,6 +37,7 @@ from pathlib import Path
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
+from tensorwasm.api.tenant import PREWARM_HISTORY
 from tensorwasm.runtime import metrics
 from tensorwasm.runtime.errors import BadRequest, QueueFull, RuntimeFault, TenantNotReady
 from tensorwasm.runtime.snapshots import signing
@@ -45,6 +46,7 @@ from tensorwasm.runtime.snapshots.hot_tier import HOT_TIERS, HotTier, digest_of
 from tensorwasm.runtime.snapshots.restore import restore_snapshot
 from tensorwasm.runtime.snapshots.store import SnapshotStore, read_manifest
 from tensorwasm.runtime.tenancy.idle import Residency
+from tensorwasm.runtime.tenancy.prewarm import ArrivalHistory
 
 if TYPE_CHECKING:
     from tensorwasm.runtime.accel.base import Accelerator, TenantDevice
@@ -136,6 +138,7 @@ class SleepParts:
     open: Callable[[TenantConfig, CompiledModule], Opened]
     close: Callable[[str, TenantInstancePool, TenantDevice | None], None]
     notify: Callable[[str, bool, str, int], None]  # (tenant, asleep, message, generation), any thread
+    wall_clock: Callable[[], float] = time.time  # arrival history for prewarm (tenancy/prewarm.py)
 
 
 class Sleeper:
@@ -165,6 +168,9 @@ class Sleeper:
         self._epoch = 0  # completed wakes
         self._failure: tuple[int, TenantNotReady] | None = None
         self.pinned = False  # the shard sets it: idle.after is never (stays resident, never evicted)
+        self.history = ArrivalHistory(parts.wall_clock)  # recorded when spec.idle.prewarm is history
+        self.prewarmed = False  # awake by a prediction and not yet used: its next request is a hit
+        self.prewarm_slot: tuple[int, int] | None = None  # the slot it was last prewarmed for
         self.last_wake: dict[
             str, float
         ] = {}  # seconds of the last wake: open (room + device + instances), restore
@@ -191,6 +197,8 @@ class Sleeper:
 
     def invoke(self, function: str, payload: Any) -> bytes:
         self._used = time.monotonic()
+        if self.config.idle_prewarm == PREWARM_HISTORY:
+            self.history.record()
         seen = self._epoch
         with self._lock:
             failure = self._failure
@@ -198,6 +206,9 @@ class Sleeper:
                 raise failure[1]  # this request waited for a wake that failed
             if self.pool is None:
                 self._wake()
+            elif self.prewarmed:
+                self.prewarmed = False
+                metrics.TENANT_PREWARMS.labels("hit").inc()
             pool = self.pool
             assert pool is not None
             self._active += 1
@@ -237,6 +248,9 @@ class Sleeper:
             return False
         previous, self.digest = self.digest, result.digest
         self.pool = self.device = None
+        if self.prewarmed:  # woken for a request that did not come
+            self.prewarmed = False
+            metrics.TENANT_PREWARMS.labels("miss").inc()
         parts.close(self.name, pool, device)  # device closed, then its reservation given back
         if previous and previous != result.digest:
             with contextlib.suppress(OSError, RuntimeFault):
@@ -333,6 +347,33 @@ class Sleeper:
             with contextlib.suppress(OSError, RuntimeFault):
                 self.parts.store.delete(self.key, self.digest)
             self.digest = ""
+
+    def prewarm(self, need: int | None, slot: tuple[int, int]) -> bool:
+        """Wake ahead of predicted use, into free room only: reserve `need` GPU bytes (its cap; None
+        without an accelerator) only if they fit now, never putting another tenant to sleep. False
+        when it is awake or busy waking, the room is not free, or the wake failed."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            if self.pool is not None:
+                return False
+            residency = self.parts.residency
+            if need is not None and not residency.try_admit(self.name, need):
+                return False
+            try:
+                self._wake()  # the shard's open re-admits the same bytes: the room is already ours
+            except (RuntimeFault, QueueFull) as exc:
+                log.warning("Failed prewarming Tenant name=%s: %s", self.name, exc)
+                if self.pool is None and residency.holds(self.name):
+                    residency.release(self.name)
+                return False
+            self.prewarmed, self.prewarm_slot = True, slot
+            self._used = time.monotonic()  # unused, it sleeps again after its idle.after: a miss
+            metrics.TENANT_PREWARMS.labels("woken").inc()
+            log.info("Prewarmed Tenant name=%s slot=%d", self.name, slot[1])
+            return True
+        finally:
+            self._lock.release()
 
     def wake_now(self) -> None:
         """Wake outside a request (a Snapshot of a sleeping tenant needs its live state)."""

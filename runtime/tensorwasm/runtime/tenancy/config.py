@@ -84,6 +84,7 @@ class TenantConfig:
     extra_tokens: tuple[tuple[str, str, str], ...] = field(default=(), repr=False)
     rate_limit: RateLimit = field(default_factory=RateLimit)
     idle_after: str | None = None  # spec.idle.after; None: the shard's default (runtime/sleep.py)
+    idle_prewarm: str | None = None  # spec.idle.prewarm: "history" wakes it ahead of predicted use
 
     def all_tokens(self) -> tuple[tuple[str, str, str], ...]:
         """Every (key, token, scope) of this tenant, the primary first."""
@@ -162,6 +163,7 @@ def parse_local_tenant(entry: object, where: str, base_dir: Path) -> TenantConfi
     )
     if len(set(functions)) != len(functions):
         raise InvalidSpec(f"{where}.functions: lists a function twice")
+    idle = parse_model(IdlePolicy, raw.get("idle") or {}, f"{where}.idle")
     return TenantConfig(
         name=name,
         token=token,
@@ -172,7 +174,8 @@ def parse_local_tenant(entry: object, where: str, base_dir: Path) -> TenantConfi
         kernels=tuple(kernels),
         extra_tokens=_local_extra_tokens(raw.get("tokens", []), where, base_dir),
         rate_limit=parse_model(RateLimit, raw.get("rateLimit") or {}, f"{where}.rateLimit"),
-        idle_after=parse_model(IdlePolicy, raw.get("idle") or {}, f"{where}.idle").after,
+        idle_after=idle.after,
+        idle_prewarm=idle.prewarm,
     )
 
 
@@ -212,6 +215,7 @@ def parse_kube_tenant(
         extra_tokens=extra_tokens,
         rate_limit=spec.rate_limit,
         idle_after=spec.idle.after,
+        idle_prewarm=spec.idle.prewarm,
     )
 
 

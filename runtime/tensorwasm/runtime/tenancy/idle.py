@@ -6,7 +6,7 @@ for making room: when a load or a wake would exceed the budget, the least recent
 with nothing in flight are put to sleep first, oldest first, until the newcomer fits. A tenant with
 requests in flight (running or queued) is never chosen, nor one whose idle.after is `never`; when
 nobody can be chosen the newcomer waits for one (bounded by its deadline), then is refused with 429
-+ Retry-After.
++ Retry-After. A prewarm (`try_admit`) takes free room only: it never puts anyone to sleep.
 The invariant every test checks: bytes reserved <= budget at every moment, and a tenant's device is
 opened only after its reservation and closed before the reservation is given back, so the sum of
 the caps of open devices (hence of their allocations) never exceeds the budget.
@@ -96,6 +96,20 @@ class Residency:
                 finally:
                     with self._cond:
                         self._evicting.discard(victim.name)
+
+    def try_admit(self, name: str, need: int) -> bool:
+        """Reserve `need` bytes for `name` only if they fit beside what is reserved now: never puts
+        anyone to sleep (a prewarm is a guess; runtime/sleep.py `Sleeper.prewarm`)."""
+        with self._cond:
+            if name in self._held:
+                return False
+            used = self.used
+            if self.budget is not None and used + need > self.budget:
+                return False
+            self._held[name] = need
+            self.peak = max(self.peak, used + need)
+            self._publish()
+            return True
 
     def _choose(self, newcomer: str, short: int) -> list[Resident]:
         """Least recently used idle residents whose reservations cover `short` bytes (lock held)."""
