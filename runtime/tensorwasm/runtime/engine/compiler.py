@@ -122,7 +122,11 @@ class Engine:
 
     def watch(self, store: wasmtime.Store, instance: Any) -> int:
         """Give a warm instance's store the deadline callback (deadlines.py: cancellation and
-        deadlines in slices); the most ticks ahead a call may set its store deadline."""
+        deadlines in slices); the most ticks ahead a call may set its store deadline. The public
+        layer calls no C function itself, so there a call sets its whole deadline and a cancel
+        waits for the guest's next stream_write or that deadline."""
+        if self.ll is not lowlevel.PRIVATE:
+            return deadlines.UNSLICED
         return deadlines.watch(store, instance, self._ticker)
 
     @property
