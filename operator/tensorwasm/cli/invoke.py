@@ -219,7 +219,7 @@ async def _from_cluster(args: argparse.Namespace, token: str) -> Target:
         if body is None:
             raise ClientError(f"Tenant {ns}/{args.tenant} not found")
         tenant = parse_tenant(body)
-        if tenant.status.get("phase") not in (None, "Ready"):
+        if tenant.status.get("phase") not in (None, "Ready", "Asleep"):  # Asleep wakes on this invoke
             reason = tenant.status.get("message") or tenant.status.get("phase")
             print(
                 f"warning: Tenant {ns}/{tenant.name} is {tenant.status.get('phase')}: {reason}",
@@ -395,11 +395,18 @@ class Client:
         while True:
             try:
                 resp = await self.session.post(url, data=data, headers=self._headers())
-            except aiohttp.ClientConnectionError as exc:
+            except aiohttp.ClientConnectorError as exc:  # never connected: nothing was sent
                 if time.monotonic() + 0.5 > deadline:
                     raise ClientError(f"cannot reach {self.target.how}: {exc}") from None
                 await asyncio.sleep(0.5)
                 continue
+            except aiohttp.ClientConnectionError as exc:
+                # Sent, then cut (a shard crash, a proxy): the function may have run and an async
+                # invoke may have made a job, so repeating it is not ours to decide.
+                raise ClientError(
+                    f"the connection to {self.target.how} broke after the request was sent ({exc}); "
+                    "the invoke may have run, so it was not repeated"
+                ) from None
             retry = _retry_after(resp)
             if retry is None or time.monotonic() + retry > deadline:
                 try:
@@ -437,7 +444,7 @@ class Client:
                     return EXIT_OK
                 elif event == "error":
                     out.flush()
-                    raise ClientError("stream ended with " + describe_error(resp.status, payload.encode()))
+                    raise ClientError("stream ended with " + describe_stream_error(payload))
                 out.flush()
         raise ClientError("the stream ended without a done or error event (connection closed)")
 
@@ -467,6 +474,10 @@ class Client:
             pause = min(pause * 2, 1.0)
             async with self.session.get(self.target.url + job["location"], headers=self._headers()) as got:
                 body = await got.read()
+                retry = _retry_after(got)
+                if retry is not None:  # the shard is busy or the tenant moving: poll again after that
+                    pause = retry
+                    continue
                 if got.status >= 400:
                     raise ClientError(f"job {job['id']}: " + describe_error(got.status, body))
                 job = json.loads(body)
@@ -478,6 +489,15 @@ class Client:
         out.write(base64.b64decode(job.get("output") or ""))
         out.flush()
         return EXIT_OK
+
+
+def describe_stream_error(payload: str) -> str:
+    """An SSE `error` event's envelope as one line (the response itself was a 200)."""
+    try:
+        err = json.loads(payload)["error"]
+        return f"{err['kind']}: {err['message']}"
+    except (ValueError, KeyError, TypeError):
+        return payload[:200]
 
 
 def _retry_after(resp: aiohttp.ClientResponse) -> float | None:
