@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
+from dataclasses import replace
+from typing import Any
 
 from tensorwasm.operator.roll import ROLL_ANNOTATION
+from tensorwasm.planner.admission import ShardCapacity
 from tests.fake_kube import FakeKube, with_fake_kube
-from tests.unit.test_moves import NAMES, PODS, S0, Clock, move, operator, selected
+from tests.unit.test_moves import EVENTS, NAMES, ONE_SHARD, PODS, S0, Clock, move, operator, selected
 from tests.unit.test_reconciler_inprocess import SNAPSHOTS, STATEFULSETS, TENANTS, status, tenant
+from tests.unit.test_reconciler_inprocess import operator as reconciler_running
 
 READY = {"conditions": [{"type": "Ready", "status": "True"}]}
 
@@ -111,5 +116,131 @@ def test_a_new_revision_rolls_the_only_shard_through_a_surge_shard_without_a_gap
         assert new is not None and new["metadata"]["labels"]["controller-revision-hash"] == "r2"
         assert cluster.gaps == [], "a Service selected a pod that was not there"
         assert all(selected(fake, n) == S0 for n in NAMES)
+
+    with_fake_kube(body)
+
+
+def occupancy_peaks(fake: FakeKube) -> Counter[str]:
+    """The most tenants each shard held at any moment, replayed from every Tenant write in order.
+
+    A tenant counts on its status.shard, and on a move's target from the move's start (the target
+    restores it while the source may still hold it): the conservative view of a shard's memory."""
+    bodies: dict[str, dict[str, Any]] = {}
+    peaks: Counter[str] = Counter()
+    for event in fake.events:
+        if event.collection != TENANTS:
+            continue
+        if event.type == "DELETED":
+            bodies.pop(event.obj["metadata"]["name"], None)
+            continue
+        bodies[event.obj["metadata"]["name"]] = event.obj
+        held: Counter[str] = Counter()
+        for body in bodies.values():
+            st = body.get("status") or {}
+            shards = {st.get("shard"), (st.get("move") or {}).get("target")} - {None}
+            held.update(shards)
+        for shard, count in held.items():
+            peaks[shard] = max(peaks[shard], count)
+    return peaks
+
+
+def test_a_roll_of_three_shards_near_capacity_spreads_the_drained_tenants_and_overfills_none() -> None:
+    # Three shards of three tenants each hold eight: 8 of 9 places. Draining a shard onto the
+    # surge shard alone would put up to 3 + 3 + 2 tenants there; the roll must use the replaced
+    # shards (and any other with room) and never place past a shard's capacity.
+    capacity = ShardCapacity(16 << 30, 100, 32 << 30, max_tenants=3)
+    settings = replace(ONE_SHARD, shards=3, shard_capacity=capacity)
+
+    async def body(fake: FakeKube) -> None:
+        cluster = Cluster(fake)
+        player = asyncio.create_task(cluster.run())
+        try:
+            async with reconciler_running(fake, settings, Clock()):
+                for name in NAMES:
+                    await fake.put(TENANTS, tenant(name))
+                await fake.wait_for(lambda: all(status(fake, n).get("phase") == "Placed" for n in NAMES), 60)
+                before = Counter(status(fake, n)["shard"] for n in NAMES)
+                assert sorted(before.values()) == [2, 3, 3], before
+                await fake.put_status(STATEFULSETS, "tensorwasm-shard", {"updateRevision": "r2"})
+                await fake.wait_for(
+                    lambda: (
+                        (s := fake.get(STATEFULSETS, "tensorwasm-shard"))
+                        and ROLL_ANNOTATION in s["metadata"].get("annotations", {})
+                    ),
+                    60,
+                )
+                await fake.wait_for(
+                    lambda: (
+                        (s := fake.get(STATEFULSETS, "tensorwasm-shard"))
+                        and s["spec"]["replicas"] == 3
+                        and ROLL_ANNOTATION not in s["metadata"].get("annotations", {})
+                        and all(not move(fake, n) for n in NAMES)
+                        and not fake.get(PODS, "tensorwasm-shard-3")
+                    ),
+                    120,
+                )
+        finally:
+            player.cancel()
+        for ordinal in range(3):
+            pod_ = fake.get(PODS, f"tensorwasm-shard-{ordinal}")
+            assert pod_ is not None and pod_["metadata"]["labels"]["controller-revision-hash"] == "r2"
+        assert cluster.gaps == [], "a Service selected a pod that was not there"
+        assert all(status(fake, n)["shard"] in {f"tensorwasm-shard-{i}" for i in range(3)} for n in NAMES)
+        peaks = occupancy_peaks(fake)
+        assert peaks["tensorwasm-shard-3"] >= 1, peaks  # the surge shard took part
+        assert max(peaks.values()) <= 3, f"a shard held more tenants than its capacity: {peaks}"
+        assert not [e for e in fake.items(EVENTS) if e["reason"] == "RollWaitingForRoom"]
+
+    with_fake_kube(body)
+
+
+def test_a_roll_whose_drained_tenants_fit_nowhere_waits_says_so_and_goes_on_once_room_frees() -> None:
+    # Four tenants placed on one shard by an operator allowing four; restarted allowing two (the
+    # placements stay: sticky). The surge shard takes two, so two of shard 0's fit nowhere.
+    roomy = replace(ONE_SHARD, shard_capacity=ShardCapacity(16 << 30, 100, 32 << 30, max_tenants=4))
+    tight = replace(roomy, shard_capacity=replace(roomy.shard_capacity, max_tenants=2))
+    names = NAMES[:4]
+
+    async def body(fake: FakeKube) -> None:
+        cluster = Cluster(fake)
+        player = asyncio.create_task(cluster.run())
+        try:
+            async with reconciler_running(fake, roomy, Clock()):
+                for name in names:
+                    await fake.put(TENANTS, tenant(name))
+                await fake.wait_for(lambda: all(status(fake, n).get("shard") == S0 for n in names), 60)
+            async with reconciler_running(fake, tight, Clock()):
+                await fake.put_status(STATEFULSETS, "tensorwasm-shard", {"updateRevision": "r2"})
+                waiting = await fake.wait_for(
+                    lambda: [e for e in fake.items(EVENTS) if e["reason"] == "RollWaitingForRoom"], 60
+                )
+                assert waiting[0]["type"] == "Warning"
+                assert waiting[0]["involvedObject"]["kind"] == "StatefulSet"
+                assert "2 tenant(s) of tensorwasm-shard-0" in waiting[0]["message"]
+                stuck = sorted(n for n in names if status(fake, n)["shard"] == S0 and not move(fake, n))
+                assert len(stuck) == 2, stuck
+                # Waiting, not replacing: shard 0 still runs the old revision and nothing overfills.
+                pod_ = fake.get(PODS, S0)
+                assert pod_ is not None and pod_["metadata"]["labels"]["controller-revision-hash"] == "r1"
+                assert occupancy_peaks(fake)["tensorwasm-shard-1"] <= 2
+                # Room frees (the two stuck tenants are deleted): the roll goes on and finishes.
+                for name in stuck:
+                    await fake.remove(TENANTS, name)
+                await fake.wait_for(
+                    lambda: (
+                        (s := fake.get(STATEFULSETS, "tensorwasm-shard"))
+                        and s["spec"]["replicas"] == 1
+                        and ROLL_ANNOTATION not in s["metadata"].get("annotations", {})
+                        and not fake.get(PODS, "tensorwasm-shard-1")
+                    ),
+                    120,
+                )
+                await fake.wait_for(lambda: all(not move(fake, n) for n in names if fake.get(TENANTS, n)), 60)
+        finally:
+            player.cancel()
+        pod_ = fake.get(PODS, S0)
+        assert pod_ is not None and pod_["metadata"]["labels"]["controller-revision-hash"] == "r2"
+        assert cluster.gaps == [], "a Service selected a pod that was not there"
+        assert occupancy_peaks(fake)["tensorwasm-shard-1"] == 2  # the surge shard: full, never over
 
     with_fake_kube(body)

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import secrets
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -41,7 +41,7 @@ from tensorwasm.operator.desired.shards import (
 )
 from tensorwasm.operator.desired.tenant import build_tenant_service, build_token_secret, tenant_endpoint
 from tensorwasm.operator.moves import MoveStrategy, SnapshotMove
-from tensorwasm.operator.placement import Ledger
+from tensorwasm.operator.placement import Ledger, ranked
 from tensorwasm.operator.roll import ShardRoll
 from tensorwasm.operator.settings import OperatorSettings
 from tensorwasm.operator.snapshots import (
@@ -54,7 +54,7 @@ from tensorwasm.operator.snapshots import (
     snapshot_name,
     tenant_not_found_status,
 )
-from tensorwasm.planner.admission import tenant_demand
+from tensorwasm.planner.admission import TenantDemand, binding_resource, tenant_demand
 
 log = logging.getLogger("tensorwasm.operator")
 
@@ -120,14 +120,19 @@ class Reconciler:
         self._backoff: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._timers: dict[str, asyncio.TimerHandle] = {}  # Periodic snapshots
+        # One pending "reconcile again" per Tenant (a move in flight, a failure's backoff): every
+        # watch event during a move would otherwise start one more periodic chain.
+        self._retries: dict[str, asyncio.TimerHandle] = {}
         self._periodic: dict[str, str] = {}  # tenant -> when this process last created one
         self._deleted: set[str] = set()  # Snapshots deleted by retention, until their DELETED event
         # Tenant -> the resourceVersion a reconcile last converged on: the watch echoes our own
         # writes (finalizer, status) back, and reconciling a version we produced changes nothing.
         self._settled: dict[str, str] = {}
         self.roll = ShardRoll(api, settings.namespace, settings.shard_name, self._placements, self._moving,
-                              self._place_on)  # fmt: skip
+                              self._place_away)  # fmt: skip
         self._roll_lock = asyncio.Lock()
+        self._roll_timer: asyncio.TimerHandle | None = None  # the one scheduled roll tick
+        self._roll_task: asyncio.Task[None] | None = None
         # Tenant -> the status.phase last seen, whoever wrote it (we or the shard): an Event per change.
         self._phases: dict[str, str] = {}
 
@@ -268,24 +273,71 @@ class Reconciler:
             except TRANSIENT as exc:
                 log.warning("Failed a shard roll step, retrying: %s", exc)
                 step = "retry"
+            except Exception:  # a bug must not end the roll's ticks silently in a forgotten task
+                log.exception("Failed a shard roll step (unexpected), retrying")
+                step = "retry"
+        if self._roll_timer is not None:  # this tick ran: a pending one is not needed any more
+            self._roll_timer.cancel()
+            self._roll_timer = None
         if step not in ("none", "done"):
             log.debug("Shard roll step=%s", step)
-            loop = asyncio.get_running_loop()
-            loop.call_later(self.settings.reconcile_retry_s, lambda: loop.create_task(self.roll_tick()))
+            self._roll_timer = asyncio.get_running_loop().call_later(
+                self.settings.reconcile_retry_s, self._roll_again
+            )
+
+    def _roll_again(self) -> None:
+        self._roll_timer = None
+        self._roll_task = asyncio.get_running_loop().create_task(self.roll_tick())
 
     def _placements(self) -> dict[str, str | None]:
         return {n: (b.get("status") or {}).get("shard") for n, b in self.tenants.items()}
 
     def _moving(self) -> dict[str, Mapping[str, Any]]:
-        moves = {n: (b.get("status") or {}).get("move") for n, b in self.tenants.items()}
-        return {n: m for n, m in moves.items() if isinstance(m, Mapping) and m}
+        """status.move of each tenant moving, and a {source, target} for each the ledger has already
+        put on another shard whose reconcile has not written status.move yet."""
+        moves: dict[str, Mapping[str, Any]] = {}
+        for name, body in self.tenants.items():
+            status = body.get("status") or {}
+            move, placed = status.get("move"), self.ledger.shard_of(name)
+            if isinstance(move, Mapping) and move:
+                moves[name] = move
+            elif status.get("shard") and placed is not None:
+                target = shard_pod_name(self.settings.shard_name, placed)
+                if target != status["shard"]:
+                    moves[name] = {"source": status["shard"], "target": target}
+        return moves
 
-    def _place_on(self, name: str, ordinal: int) -> None:
-        demand = self.ledger.demand_of(name)
-        if demand is None or ordinal >= self.ledger.shards or self.ledger.shard_of(name) == ordinal:
-            return
-        self.ledger.assign(name, ordinal, demand)
-        self.spawn(name)
+    def _place_away(self, name: str, source: int, tiers: Sequence[Sequence[int]]) -> int | None:
+        """Move `name` off shard `source` to the first tier's shard (rendezvous order) with room.
+
+        Room counts the ledger's usage plus the tenants still resident on a shard they are moving
+        away from (status.shard there, the ledger already elsewhere): a move's target holds the
+        tenant while its source still does. Returns the shard, or None when none has room."""
+        demand, current = self.ledger.demand_of(name), self.ledger.shard_of(name)
+        if demand is None or current is None:
+            return None
+        if current != source:
+            return current  # already leaving (a move in flight)
+        leaving: dict[int, list[TenantDemand]] = {}
+        for other, shard in self._placements().items():
+            ordinal = shard_ordinal(self.settings.shard_name, shard)
+            placed, resident = self.ledger.shard_of(other), self.ledger.demand_of(other)
+            if ordinal is None or ordinal >= self.ledger.shards or resident is None:
+                continue
+            if placed != ordinal:  # moving away from `ordinal`, still resident there
+                leaving.setdefault(ordinal, []).append(resident)
+        for tier in tiers:
+            for ordinal in ranked(name, self.ledger.shards):
+                if ordinal not in tier or ordinal == source:
+                    continue
+                used = self.ledger.usage(ordinal)
+                for resident in leaving.get(ordinal, ()):
+                    used = used.plus(resident)
+                if binding_resource(self.ledger.capacity, used, demand) is None:
+                    self.ledger.assign(name, ordinal, demand)
+                    self.spawn(name)
+                    return ordinal
+        return None
 
     # -- shard set changes ---------------------------------------------------------------------
     async def resize(self, replicas: int) -> None:
@@ -319,9 +371,10 @@ class Reconciler:
         self.tenants.pop(name, None)
         self._phases.pop(name, None)
         self._settled.pop(name, None)
-        timer = self._timers.pop(name, None)
-        if timer is not None:
-            timer.cancel()
+        for timers in (self._timers, self._retries):
+            timer = timers.pop(name, None)
+            if timer is not None:
+                timer.cancel()
         self.pending.discard(name)
         if self.ledger.release(name) is not None:
             self.wake_pending()
@@ -354,7 +407,7 @@ class Reconciler:
                 delay = min(self._backoff.get(name, self.settings.reconcile_retry_s / 2) * 2, MAX_BACKOFF_S)
                 self._backoff[name] = delay
                 log.warning("Failed to reconcile Tenant %s, retrying in %.0fs: %s", name, delay, exc)
-                asyncio.get_running_loop().call_later(delay, self.spawn, name)
+                self._retry_later(name, delay)
                 return
             self._backoff.pop(name, None)
             final = self.tenants.get(name)
@@ -468,13 +521,29 @@ class Reconciler:
         target = shard_pod_name(shard_name, current)
         step = await self.mover.step(tenant, target, self._runs)
         if step.record is None and step.shard != target:  # rolled back: the ledger follows status.shard
-            self.ledger.assign(name, shard_ordinal(shard_name, step.shard) or 0, demand)
+            back = shard_ordinal(shard_name, step.shard)
+            if back is not None and back < self.ledger.shards:
+                self.ledger.assign(name, back, demand)
+            else:  # not a shard of the set (never written by us): leave the ledger's choice
+                log.warning("Found Tenant %s back on %r, not a shard of the set; keeping shard %s",
+                            name, step.shard, target)  # fmt: skip
         if step.event is not None:
             involved = {**self.tenants.get(name, {}), "apiVersion": API_VERSION, "kind": TENANT.kind}
             await self.api.post_event(involved, "Warning", *step.event, "tensorwasm-operator")
         if step.waiting:  # ask again soon; a Snapshot or a shard's report wakes us sooner
-            asyncio.get_running_loop().call_later(self.settings.reconcile_retry_s, self.spawn, name)
+            self._retry_later(name, self.settings.reconcile_retry_s)
         return Placement(step.shard), step.record, step.service
+
+    def _retry_later(self, name: str, delay: float) -> None:
+        """Reconcile `name` again in `delay` s; replaces the one pending before (one per Tenant)."""
+        timer = self._retries.pop(name, None)
+        if timer is not None:
+            timer.cancel()
+        self._retries[name] = asyncio.get_running_loop().call_later(delay, self._retry_now, name)
+
+    def _retry_now(self, name: str) -> None:
+        self._retries.pop(name, None)
+        self.spawn(name)
 
     def _runs(self, shard: str) -> bool:
         ordinal = shard_ordinal(self.settings.shard_name, shard)
