@@ -169,3 +169,16 @@ def test_both_sources_carry_idle_prewarm_and_refuse_an_unknown_mode(tmp_path: Pa
     assert parse_local_tenant(entry, "tenants[0]", tmp_path).idle_prewarm is None
     with pytest.raises(InvalidSpec, match="prewarm"):
         parse_local_tenant({**entry, "idle": {"prewarm": "always"}}, "tenants[0]", tmp_path)
+
+
+def test_the_prewarm_budget_is_a_shard_setting_with_a_bound(tmp_path: Path) -> None:
+    from tensorwasm.runtime.settings import SettingsError, load_settings
+
+    tenants = tmp_path / "tenants.yaml"
+    tenants.write_text("tenants: []\n")
+    base = ["--tenants-file", str(tenants)]
+    assert load_settings(base, {}).prewarm_tenants == 4
+    assert load_settings([*base, "--prewarm-tenants", "0"], {}).prewarm_tenants == 0  # off
+    assert load_settings(base, {"TENSORWASM_RUNTIME_PREWARM_TENANTS": "9"}).prewarm_tenants == 9
+    with pytest.raises(SettingsError, match="--prewarm-tenants"):
+        load_settings([*base, "--prewarm-tenants", "-1"], {})

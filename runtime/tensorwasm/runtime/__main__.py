@@ -228,6 +228,7 @@ def _sleep_options(settings: RuntimeSettings) -> dict[str, Any]:
         "sleep_store": SnapshotStore(settings.snapshot_dir),
         "idle_after_s": idle_seconds(settings.idle_after),
         "resident_gpu_bytes": settings.resident_gpu_bytes or None,
+        "prewarm_tenants": settings.prewarm_tenants,
     }
 
 

@@ -71,6 +71,7 @@ class RuntimeSettings:
     # Idle sleep (runtime/sleep.py; needs --snapshot-dir): spec.idle.after of a tenant setting none.
     idle_after: str = "never"
     resident_gpu_bytes: int = 0  # awake tenants' caps stay within this (0: no budget)
+    prewarm_tenants: int = 4  # spec.idle.prewarm: at most this many awake on a prediction, unused
 
     @property
     def source(self) -> str:
@@ -126,6 +127,7 @@ _FLAGS: tuple[tuple[str, str, str, str | None], ...] = (
     ),
     ("--idle-after", "idle_after", "idle sleep of a tenant setting no idle.after: 5m, 30s, never", "DUR"),
     ("--resident-gpu-memory", "resident_gpu_bytes", "awake tenants' GPU caps within N bytes (0: none)", "N"),
+    ("--prewarm-tenants", "prewarm_tenants", "at most N tenants woken ahead of predicted use (4)", "N"),
     ("--audit-log", "audit_log", "audit JSON lines: stdout (default), off, or a file PATH", "WHERE"),
     (
         "--default-gpu-memory",
@@ -222,6 +224,8 @@ def settings_from_namespace(ns: argparse.Namespace, environ: Mapping[str, str]) 
         out["idle_after"] = value.strip()
     if "resident_gpu_bytes" in raw:
         out["resident_gpu_bytes"] = int(_number(*raw["resident_gpu_bytes"], 0, 1 << 50, integer=True))
+    if "prewarm_tenants" in raw:
+        out["prewarm_tenants"] = int(_number(*raw["prewarm_tenants"], 0, 10_000, integer=True))
     if "max_module_bytes" in raw:
         out["max_module_bytes"] = int(_number(*raw["max_module_bytes"], 1024, 1 << 32, integer=True))
     for dest, lo, hi in (
