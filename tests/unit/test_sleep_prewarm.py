@@ -167,6 +167,8 @@ def test_both_sources_carry_idle_prewarm_and_refuse_an_unknown_mode(tmp_path: Pa
     on = parse_local_tenant({**entry, "idle": {"after": "5m", "prewarm": "history"}}, "tenants[0]", tmp_path)
     assert on.idle_prewarm == "history" and on.idle_after == "5m"
     assert parse_local_tenant(entry, "tenants[0]", tmp_path).idle_prewarm is None
+    none = parse_local_tenant({**entry, "idle": {"prewarm": "none"}}, "tenants[0]", tmp_path)
+    assert none.idle_prewarm == "none"  # the same as absent: never prewarmed
     with pytest.raises(InvalidSpec, match="prewarm"):
         parse_local_tenant({**entry, "idle": {"prewarm": "always"}}, "tenants[0]", tmp_path)
 

@@ -174,7 +174,7 @@ class PlacementHints:
 
 IDLE_AFTER_PATTERN = r"^(never|[1-9][0-9]{0,6}(ms|s|m|h))$"
 PREWARM_HISTORY = "history"  # spec.idle.prewarm: wake ahead of the tenant's daily arrival pattern
-PREWARM_PATTERN = r"^(off|history)$"
+PREWARM_PATTERN = r"^(none|history)$"  # not "off": YAML 1.1 reads it as false
 _IDLE_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
@@ -201,7 +201,7 @@ class IdlePolicy:
         "a 5-minute slot of the day in which it received requests on at least half of the last 7 days "
         "(at least 2 days seen), only into free GPU room (never by putting another tenant to sleep) and "
         "for at most the shard's prewarm budget of tenants at once; unused, it sleeps again after "
-        "idle.after. 'off' or absent: only a request wakes it.",
+        "idle.after. 'none' or absent: only a request wakes it.",
         max_length=16, pattern=PREWARM_PATTERN,
     )  # fmt: skip
 
