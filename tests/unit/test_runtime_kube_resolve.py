@@ -55,6 +55,37 @@ def test_resolved_and_refused_tenants() -> None:
     assert failed["nokey"].reason == "ConfigMapMissing" and "no key 'module.wasm'" in failed["nokey"].message
 
 
+def test_a_bad_token_or_ptx_refuses_only_its_own_tenant() -> None:
+    """Secret values are bytes anyone with write access to the Secret chooses: one that is not a
+    usable token refuses that tenant (InvalidSpec, the key named), never the pass (issue F15)."""
+    good = tenant_obj("good")
+    bad = {
+        "binary": tenant_obj("binary"),  # read-token.x: not UTF-8
+        "weak": tenant_obj("weak"),  # token.next: 3 characters
+        "spaced": tenant_obj("spaced"),  # token: has inner whitespace
+        "ptx": tenant_obj("ptx", kernels=[{"name": "k", "configMapRef": {"name": "ptx-cm", "key": "k.ptx"}}]),
+    }
+    module = {"module.wasm": b"\0asm"}
+    view = ClusterView(
+        [good, *bad.values()],
+        configmaps={f"{n}-module": module for n in ("good", *bad)} | {"ptx-cm": {"k.ptx": b"\xff\xfe"}},
+        secrets={
+            "good-token": {"token": b"tok-good-1", "read-token": b"reader-good-1"},
+            "binary-token": {"token": b"tok-binary-1", "read-token.x": b"\xff\xfe"},
+            "weak-token": {"token": b"tok-weak-1", "token.next": b"abc"},
+            "spaced-token": {"token": b"tok spaced 1"},
+            "ptx-token": {"token": b"tok-ptx-001"},
+        },
+    )
+    configs, failed = resolve_tenants(view)
+    assert [c.name for c in configs] == ["good"] and set(failed) == set(bad)
+    assert {f.reason for f in failed.values()} == {"InvalidSpec"}
+    assert "key 'read-token.x': the token is not UTF-8" in failed["binary"].message
+    assert "key 'token.next': a token needs at least 8 characters" in failed["weak"].message
+    assert "key 'token': a token needs at least 8 characters and no whitespace" in failed["spaced"].message
+    assert "spec.kernels[0]: the PTX in ConfigMap ns/ptx-cm is not UTF-8" in failed["ptx"].message
+
+
 def test_invalid_spec_is_refused_with_the_field() -> None:
     bad = tenant_obj("bad", limits={"linearMemory": "lots"})
     view = ClusterView([bad], {"bad-module": {"module.wasm": b""}}, {"bad-token": {"token": b"t-12345678"}})
@@ -140,19 +171,19 @@ def test_a_tenant_is_parsed_again_only_when_it_or_what_it_references_changes() -
     view = ClusterView(
         [tenant_obj("k"), tenant_obj("m")],
         {"k-module": {"module.wasm": b"\0asm"}, "m-module": {"module.wasm": b"\0asm"}},
-        {"k-token": {"token": b"t-k-1"}},
+        {"k-token": {"token": b"t-k-0001"}},
         versions={"configmaps/k-module": "5", "configmaps/m-module": "6", "secrets/k-token": "7"},
     )
     memo: ResolveMemo = {}
     configs, failed = resolve_tenants(view, memo)
-    assert [c.token for c in configs] == ["t-k-1"] and failed["m"].reason == "SecretMissing"
+    assert [c.token for c in configs] == ["t-k-0001"] and failed["m"].reason == "SecretMissing"
     again, failed_again = resolve_tenants(view, memo)
     assert again[0] is configs[0] and failed_again["m"] is failed["m"]  # nothing re-parsed
     # The Secret rotates (new version) and m's Secret arrives: both are resolved anew.
-    view.secrets = {"k-token": {"token": b"t-k-2"}, "m-token": {"token": b"t-m-1"}}
+    view.secrets = {"k-token": {"token": b"t-k-0002"}, "m-token": {"token": b"t-m-0001"}}
     view.versions.update({"secrets/k-token": "8", "secrets/m-token": "9"})
     rotated, none_failed = resolve_tenants(view, memo)
-    assert [c.token for c in rotated] == ["t-k-2", "t-m-1"] and none_failed == {}
+    assert [c.token for c in rotated] == ["t-k-0002", "t-m-0001"] and none_failed == {}
     # A tenant no longer listed leaves the memo.
     view.tenants = view.tenants[:1]
     resolve_tenants(view, memo)

@@ -52,7 +52,7 @@ from tensorwasm.api.tenant import parse_tenant
 from tensorwasm.kube.client import KubeApi, KubeError, connect, resource_path
 from tensorwasm.kube.informer import Informer
 from tensorwasm.runtime.settings import RuntimeSettings
-from tensorwasm.runtime.shard import ServedTenant, Shard, TenantStatus
+from tensorwasm.runtime.shard import PrepareRefused, ServedTenant, Shard, TenantStatus
 from tensorwasm.runtime.tenancy.config import TOKEN_KEY, TenantConfig, parse_kube_tenant, token_key_scope
 
 if TYPE_CHECKING:
@@ -83,16 +83,23 @@ _WRITE_RETRY_S = 1.0  # a status write that failed is tried again this soon
 # likely still in flight. Reporting it would cost a write now and another once it arrives.
 _MISSING_GRACE_S = 2.0
 _MAYBE_IN_FLIGHT = (SECRET_MISSING, CONFIGMAP_MISSING)
-# A tenant that moved away answers 503 tenant_moving this long here: kube-proxy re-programs a
-# Service's ClusterIP seconds after it changes (more on a busy node).
-MOVED_GRACE_S = 60.0
+# A tenant that moved away answers 503 tenant_moving here until its move is over (status.move
+# cleared: until then its Service may still select this shard), checked by name every
+# _LEFT_CHECK_S (at most _LEFT_CHECKS_PER_S reads a second), then MOVED_LINGER_S more: kube-proxy
+# re-programs a Service's ClusterIP seconds after it changes (more on a busy node). MOVED_MAX_S
+# bounds it when the move never seems to end (the operator's move timeout is at most 3600 s).
+MOVED_LINGER_S, MOVED_MAX_S = 30.0, 3660.0
+_LEFT_CHECK_S, _LEFT_CHECKS_PER_S = 2.0, 20.0
 # On SIGTERM a shard that is being scaled in hands its tenants off before it stops serving: moves
 # must start within HANDOFF_START_S (else this is a restart, not a scale-in), all end within
 # HANDOFF_MAX_S (the chart's grace period covers it plus the shutdown), and the shard answers
 # "moving" HANDOFF_LINGER_S longer for clients that kube-proxy still routes here.
 HANDOFF_START_S, HANDOFF_MAX_S, HANDOFF_LINGER_S = 5.0, 45.0, 5.0
+_WAKE_RETRY_S = 5.0  # a Snapshot whose sleeping tenant could not wake is tried again this soon
 _MOVE_RESTORE_WAIT_S = 10.0  # a target waits this long for its cache to show the move's Snapshot Ready
 HOLDING, MOVE_PURPOSE = "Holding", "move"
+MOVE_RESTORE_FAILED = "MoveRestoreFailed"  # a move target could not restore the move's Snapshot
+MIN_TOKEN_CHARS = 8  # the tenants file's rule (tenancy/config.py), for every key of a token Secret
 # Top-level status keys a shard report decides (the shard writes them with status.runtime).
 READINESS_KEYS = ("phase", "conditions", "gpuBytesInUse", "gpuInUse")  # gpuInUse: the same bytes, for kubectl
 
@@ -177,6 +184,12 @@ def _resolve_or_refuse(obj: Mapping[str, Any], view: ClusterView) -> Resolution:
         return TenantStatus(False, exc.reason, exc.message, generation)
     except InvalidSpec as exc:
         return TenantStatus(False, exc.reason, str(exc), generation)
+    except Exception as exc:  # whatever one Tenant holds refuses that Tenant, never the whole pass
+        name = (obj.get("metadata") or {}).get("name")
+        log.warning("Failed resolving Tenant name=%s", name, exc_info=exc)
+        return TenantStatus(
+            False, InvalidSpec.reason, f"cannot resolve: {type(exc).__name__}: {exc}", generation
+        )
 
 
 class _Unresolved(Exception):
@@ -194,7 +207,7 @@ def _resolve_one(obj: Mapping[str, Any], view: ClusterView) -> TenantConfig:
         raise _Unresolved(SECRET_MISSING, f"Secret {ns}/{secret_name} not found")
     if "token" not in secret:
         raise _Unresolved(SECRET_MISSING, f"Secret {ns}/{secret_name} has no 'token' key")
-    token = secret["token"].decode().strip()
+    token = _secret_token(secret["token"], ns, secret_name, TOKEN_KEY)
     module_data, origin = None, ""
     ref = (spec.get("module") or {}).get("configMapRef")
     if ref:
@@ -203,10 +216,16 @@ def _resolve_one(obj: Mapping[str, Any], view: ClusterView) -> TenantConfig:
     kernels = []
     for i, kernel in enumerate(spec.get("kernels") or []):
         ptx = _configmap_key(view, ns, (kernel or {}).get("configMapRef") or {}, f"spec.kernels[{i}]")
-        kernels.append((str(kernel.get("name", "")), ptx.decode()))
+        try:
+            text = ptx.decode()
+        except UnicodeDecodeError as exc:
+            raise InvalidSpec(f"spec.kernels[{i}]: the PTX in ConfigMap {ns}/{ref_name(kernel)} is not "
+                              f"UTF-8 text (byte {exc.start})") from None  # fmt: skip
+        kernels.append((str(kernel.get("name", "")), text))
     # The Secret's other token keys: more invoke tokens (rotation) and read-only ones (issue 14).
+    # A key holding only whitespace is not a token (no empty header may match it).
     extra = tuple(
-        (key, value.decode().strip(), scope)
+        (key, _secret_token(value, ns, secret_name, key), scope)
         for key, value in sorted(secret.items())
         if key != TOKEN_KEY and (scope := token_key_scope(key)) is not None and value.strip()
     )
@@ -218,6 +237,26 @@ def _resolve_one(obj: Mapping[str, Any], view: ClusterView) -> TenantConfig:
         kernels=tuple(kernels),
         extra_tokens=extra,
     )
+
+
+def ref_name(kernel: Mapping[str, Any] | None) -> str:
+    return str(((kernel or {}).get("configMapRef") or {}).get("name", ""))
+
+
+def _secret_token(value: bytes, ns: str, secret: str, key: str) -> str:
+    """One token key of a tenant's Secret, held to the tenants file's rule (tenancy/config.py): UTF-8,
+    at least 8 characters, no whitespace (surrounding whitespace, as `echo` leaves, is stripped).
+    A bad key refuses its tenant (InvalidSpec), never the pass: other tenants are unaffected."""
+    where = f"Secret {ns}/{secret} key {key!r}"
+    try:
+        token = value.decode().strip()
+    except UnicodeDecodeError as exc:
+        raise InvalidSpec(f"{where}: the token is not UTF-8 text (byte {exc.start})") from None
+    if not token:
+        return ""  # the primary's emptiness has its own message (parse_kube_tenant)
+    if len(token) < MIN_TOKEN_CHARS or any(c.isspace() for c in token):
+        raise InvalidSpec(f"{where}: a token needs at least {MIN_TOKEN_CHARS} characters and no whitespace")
+    return token
 
 
 def _configmap_key(view: ClusterView, ns: str, ref: Mapping[str, Any], where: str) -> bytes:
@@ -282,12 +321,15 @@ class KubeSource:
         self._live: tuple[float, frozenset[str]] = (0.0, frozenset())
         self._holding: dict[str, str] = {}  # tenant held at its move barrier -> its move Snapshot
         self._left: dict[str, float] = {}  # tenant that moved away -> monotonic time its hold ends
+        self._moving_away: set[str] = set()  # of those, the ones whose move is not seen over yet
+        self._left_check: asyncio.Task[None] | None = None
         # Tenants that left the cache after it saw them marked for deletion: a debounced pass may
         # see only the object before and its absence after, as for a move (the field selector).
         self._deleted: set[str] = set()
         self._draining: set[str] = set()  # held tenants a drain watcher waits for
         self._tenant_selector = ""  # set by run
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._retry: asyncio.TimerHandle | None = None  # a pass asked for by _retry_soon
         self._dirty = asyncio.Event()
         self.api: KubeApi | None = None
 
@@ -343,6 +385,10 @@ class KubeSource:
         finally:
             for task in tasks:
                 task.cancel()
+            if self._left_check is not None:
+                self._left_check.cancel()
+            if self._retry is not None:
+                self._retry.cancel()
             if api is None:
                 await self.api.close()
 
@@ -366,7 +412,8 @@ class KubeSource:
             }
 
         remaining = ours()
-        while remaining and time.monotonic() - start < HANDOFF_MAX_S:
+        deadline = start + HANDOFF_MAX_S
+        while remaining and time.monotonic() < deadline:
             moves = {n: (t.get("status") or {}).get("move") or {} for n, t in remaining.items()}
             handed |= {n for n, m in moves.items() if m.get("source") == self.shard_name}
             handed |= set(self._left) - left_before
@@ -380,6 +427,13 @@ class KubeSource:
                 HANDOFF_MAX_S,
                 ",".join(sorted(remaining)),
             )
+        # Gone from here is not served there: the Services select this pod until each target reports
+        # the tenant loaded (its move over), and meanwhile this shard answers "moving" for it.
+        while handed & self._moving_away and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        if handed & self._moving_away:
+            log.warning("Stopped waiting for moves to end remaining=%s",
+                        ",".join(sorted(handed & self._moving_away)))  # fmt: skip
         if handed:
             log.info(
                 "Handed off Tenants count=%d; answering 'moving' %.0fs more", len(handed), HANDOFF_LINGER_S
@@ -480,6 +534,7 @@ class KubeSource:
             elif name in self._holding or name in self._left:  # rolled back, or moved back here
                 self._holding.pop(name, None)
                 self._left.pop(name, None)
+                self._moving_away.discard(name)
                 shard.release(name)
         self._deleted -= ours.keys()  # created again since
         for name, last in before.items():
@@ -492,15 +547,47 @@ class KubeSource:
             self._deleted.discard(name)
             self._holding.pop(name, None)
             if not deleted and shard.hold(name):
-                self._left[name] = now + MOVED_GRACE_S
-                log.info("Moved away Tenant name=%s; answering 'moving' for %.0fs", name, MOVED_GRACE_S)
+                self._left[name] = now + MOVED_MAX_S
+                self._moving_away.add(name)
+                self._watch_left()
+                log.info("Moved away Tenant name=%s; answering 'moving' until its move is over", name)
             else:
                 shard.release(name)
         for name in [n for n, until in self._left.items() if until <= now]:
             del self._left[name]
+            self._moving_away.discard(name)
             shard.release(name)
         if self._left and self._loop is not None:
             self._loop.call_at(self._loop.time() + max(0.0, min(self._left.values()) - now), self._mark_dirty)
+
+    def _watch_left(self) -> None:
+        """Read the Tenants that moved away by name until each one's move is over: this shard's
+        watch no longer shows them (the status.shard field selector)."""
+        if self._left_check is None or self._left_check.done():
+            self._left_check = asyncio.get_running_loop().create_task(self._check_left(), name="moved-away")
+
+    async def _check_left(self) -> None:
+        assert self.api is not None
+        while self._moving_away:
+            names = sorted(self._moving_away)
+            await asyncio.sleep(max(_LEFT_CHECK_S, len(names) / _LEFT_CHECKS_PER_S))
+            for name in names:
+                if name not in self._moving_away:
+                    continue
+                try:
+                    obj = await self.api.get(resource_path(API_VERSION, PLURAL, self.namespace, name))
+                except (KubeError, aiohttp.ClientError) as exc:  # API server away: keep answering moving
+                    log.info("Found no Tenant to tell whether its move is over name=%s: %s", name, exc)
+                    continue
+                move = ((obj or {}).get("status") or {}).get("move") or {}
+                if obj is not None and move.get("source") == self.shard_name:
+                    continue  # still moving away from here: the Service may still select this shard
+                self._moving_away.discard(name)
+                if name in self._left:
+                    self._left[name] = min(self._left[name], time.monotonic() + MOVED_LINGER_S)
+                    log.info("Moved away Tenant name=%s: its move is over; answering 'moving' %.0fs more",
+                             name, MOVED_LINGER_S)  # fmt: skip
+                    self._mark_dirty()  # the pass schedules the release
 
     def _watch_drain(self, shard: Shard, name: str) -> None:
         """A pass once the held tenant's in-flight invokes are done (its capture may go then)."""
@@ -592,13 +679,30 @@ class KubeSource:
                     self._holding.get(tenant) == meta.get("name") and shard.drained(tenant)
                 ):
                     continue  # only at the barrier: held and drained, so no later write is lost
-                await shard.wake(tenant)  # a sleeping tenant's Snapshot captures its live state
+                try:
+                    await shard.wake(tenant)  # a sleeping tenant's Snapshot captures its live state
+                except Exception as exc:  # no GPU room now, a failed wake: the others go on
+                    log.warning("Deferred capturing Snapshot name=%s: Tenant %s cannot wake: %s",
+                                meta.get("name"), tenant, exc)  # fmt: skip
+                    self._retry_soon(_WAKE_RETRY_S)
+                    continue
                 handle = self._handle(shard.served.get(tenant))
                 if handle is not None:
                     jobs.append((snap, handle))
         live = {str((s.get("metadata") or {}).get("uid")) for s in self._view.snapshots}
         self._acted = {uid: rv for uid, rv in self._acted.items() if uid in live}
         return jobs
+
+    def _retry_soon(self, delay: float) -> None:
+        """One pass `delay` from now, however many things ask for it meanwhile."""
+        if self._retry is not None or self._loop is None:
+            return
+
+        def fire() -> None:
+            self._retry = None
+            self._mark_dirty()
+
+        self._retry = self._loop.call_later(delay, fire)
 
     async def _live_shards(self) -> frozenset[str]:
         """Shards whose pod (`<prefix>-<n>`, not being deleted) exists; always this one.
@@ -631,29 +735,52 @@ class KubeSource:
         from tensorwasm.runtime.snapshots.kube import TenantHandle
 
         move = (obj.get("status") or {}).get("move") or {}
-        if move.get("target") == self.shard_name and move.get("snapshot"):
-            obj = await self._move_restore_choice(obj, str(move["snapshot"]))
-
         handle = TenantHandle(config.name, config.uid, config.module.sha256, config.generation, pool, device)
+        if move.get("target") == self.shard_name and move.get("snapshot"):
+            return await self._move_restore(handle, obj, str(move["snapshot"]))
         result, why = await asyncio.to_thread(self._agent.restore_on_start, handle, obj, self._view.snapshots)
         if result is not None:
             return why
         return "" if why == "no Ready snapshot" else f"not restored: {why}"
 
-    async def _move_restore_choice(self, obj: dict[str, Any], snapshot: str) -> dict[str, Any]:
-        """The Tenant as the restore should see it: restoring exactly the move's Snapshot, once this
-        shard's cache shows it Ready (the operator saw it Ready; our watch may trail by a moment)."""
+    async def _move_restore(self, handle: TenantHandle, obj: dict[str, Any], snapshot: str) -> str:
+        """A move target restores exactly the move's Snapshot, or does not serve: the source gave the
+        tenant up after capturing it, so fresh (or older) state would silently lose every write.
+        Refused, the tenant is reported not loaded (MoveRestoreFailed), the operator's move timeout
+        rolls the move back to the source, and each pass here tries again meanwhile (a signing key
+        that reaches this shard late, a Snapshot our watch has not shown Ready yet)."""
         from tensorwasm.api.snapshot import READY, phase_of
 
+        assert self._agent is not None
+        # The operator saw it Ready; our watch may trail by a moment.
         deadline = time.monotonic() + _MOVE_RESTORE_WAIT_S
+        found = None
         while time.monotonic() < deadline:
             found = self.informers[SNAPSHOTS].get(snapshot) if SNAPSHOTS in self.informers else None
             if found is not None and phase_of(found) == READY:
-                self._view.snapshots = list(self.informers[SNAPSHOTS].items().values())
-                return {**obj, "spec": {**(obj.get("spec") or {}), "restoreFrom": snapshot}}
+                break
             await asyncio.sleep(0.05)
-        log.warning("Found move Snapshot name=%s not Ready; restoring the newest Ready one", snapshot)
-        return obj
+        else:
+            state = (
+                f"is {phase_of(found) or 'not finished'}"
+                if found is not None
+                else "is not in this shard's cache"
+            )
+            raise PrepareRefused(MOVE_RESTORE_FAILED, f"move Snapshot {snapshot} {state} after "
+                                 f"{_MOVE_RESTORE_WAIT_S:.0f}s; not serving older state")  # fmt: skip
+        self._view.snapshots = list(self.informers[SNAPSHOTS].items().values())
+        exact = {**obj, "spec": {**(obj.get("spec") or {}), "restoreFrom": snapshot}}
+        try:
+            result, why = await asyncio.to_thread(
+                self._agent.restore_on_start, handle, exact, self._view.snapshots
+            )
+        except Exception as exc:  # GPU room, I/O: the same verdict as a refused blob
+            result, why = None, f"{type(exc).__name__}: {exc}"
+        if result is None:
+            log.warning("Failed restoring the move Snapshot of Tenant name=%s snapshot=%s: %s",
+                        handle.name, snapshot, why)  # fmt: skip
+            raise PrepareRefused(MOVE_RESTORE_FAILED, f"move Snapshot {snapshot} not restored: {why}")
+        return why
 
     def _handle(self, tenant: ServedTenant | None) -> TenantHandle | None:
         if tenant is None or not tenant.config.uid:
