@@ -418,7 +418,9 @@ class PublicApi:
     def __init__(self) -> None:
         self._objects: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
         self._pending: dict[int, Any] = {}  # trap and error handles not yet taken
-        self._sigs: dict[int, tuple[Any, tuple[str, ...], tuple[str, ...]]] = {}
+        self._sigs: weakref.WeakKeyDictionary[Any, tuple[tuple[str, ...], tuple[str, ...]]] = (
+            weakref.WeakKeyDictionary()
+        )  # a Func's param and result kinds, gone with the Func
         self._local = threading.local()  # the store context and Caller of this thread's host call
 
     def _register(self, obj: Any) -> int:
@@ -477,17 +479,16 @@ class PublicApi:
     def set_epoch_deadline(self, ctx: int, ticks: int) -> None:
         self._objects[ctx].set_epoch_deadline(ticks)
 
-    def _signature(self, handle: int, func: Any, store: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        found = self._sigs.get(handle)
-        if found is None or found[0]() is not func:  # a handle (an id) is reused once its object is gone
+    def _signature(self, func: Any, store: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        found = self._sigs.get(func)
+        if found is None:
             ty = func.type(store)
-            found = (weakref.ref(func), tuple(map(str, ty.params)), tuple(map(str, ty.results)))
-            self._sigs[handle] = found
-        return found[1], found[2]
+            found = self._sigs[func] = (tuple(map(str, ty.params)), tuple(map(str, ty.results)))
+        return found
 
     def func_call_unchecked(self, ctx: int, func: int, slots: int, nslots: int, trap_addr: int) -> int:
         store, f = self._objects[ctx], self._objects[func]
-        params, results = self._signature(func, f, store)
+        params, results = self._signature(f, store)
         raw = (PublicValRaw * max(nslots, 1)).from_address(slots)
         args = [getattr(raw[i], kind) for i, kind in enumerate(params)]
         local = self._local
