@@ -18,7 +18,18 @@ from typing import Any
 from tensorwasm.operator.roll import ROLL_ANNOTATION
 from tensorwasm.planner.admission import ShardCapacity
 from tests.fake_kube import FakeKube, with_fake_kube
-from tests.unit.test_moves import EVENTS, NAMES, ONE_SHARD, PODS, S0, Clock, move, operator, selected
+from tests.unit.test_moves import (
+    EVENTS,
+    NAMES,
+    ONE_SHARD,
+    PODS,
+    S0,
+    Clock,
+    move,
+    operator,
+    placed_then_grown,
+    selected,
+)
 from tests.unit.test_reconciler_inprocess import SNAPSHOTS, STATEFULSETS, TENANTS, status, tenant
 from tests.unit.test_reconciler_inprocess import operator as reconciler_running
 
@@ -242,5 +253,105 @@ def test_a_roll_whose_drained_tenants_fit_nowhere_waits_says_so_and_goes_on_once
         assert pod_ is not None and pod_["metadata"]["labels"]["controller-revision-hash"] == "r2"
         assert cluster.gaps == [], "a Service selected a pod that was not there"
         assert occupancy_peaks(fake)["tensorwasm-shard-1"] == 2  # the surge shard: full, never over
+
+    with_fake_kube(body)
+
+
+class Scheduled:
+    """Every loop.call_later while installed; `pending(match)` counts those not run nor cancelled."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.handles: list[tuple[float, tuple[Any, ...], asyncio.TimerHandle]] = []
+        real = self.loop.call_later
+
+        def call_later(delay: float, callback: Any, *args: Any, **kw: Any) -> asyncio.TimerHandle:
+            handle = real(delay, callback, *args, **kw)
+            self.handles.append((delay, args, handle))
+            return handle
+
+        self.loop.call_later = call_later  # type: ignore[method-assign]
+
+    def pending(self, delay: float, args: tuple[Any, ...] = ()) -> int:
+        now = self.loop.time()
+        return sum(
+            1 for d, a, h in self.handles if d == delay and a == args and not h.cancelled() and h.when() > now
+        )
+
+    def close(self) -> None:
+        del self.loop.call_later  # the class's method again
+
+
+def test_many_statefulset_events_during_a_roll_leave_one_scheduled_roll_tick() -> None:
+    # No tenants and a surge shard that never comes up: the roll waits, and each event ticks it.
+    slow = replace(ONE_SHARD, reconcile_retry_s=60)  # nothing scheduled runs during the test
+
+    async def body(fake: FakeKube) -> None:
+        await pod(fake, S0, "r1")
+        scheduled = Scheduled()
+        try:
+            async with reconciler_running(fake, slow, Clock()) as reconciler:
+                await fake.put_status(STATEFULSETS, "tensorwasm-shard", {"updateRevision": "r2"})
+                await fake.wait_for(
+                    lambda: (s := fake.get(STATEFULSETS, "tensorwasm-shard")) and s["spec"]["replicas"] == 2
+                )
+                for _ in range(20):  # the StatefulSet controller's status writes, a pod's readiness...
+                    async with reconciler._roll_lock:  # a tick the watcher started is over: ours runs
+                        pass
+                    sts = fake.get(STATEFULSETS, "tensorwasm-shard")
+                    assert sts is not None
+                    await reconciler.on_statefulset("MODIFIED", sts)
+                assert scheduled.pending(60) == 1, f"{scheduled.pending(60)} roll ticks scheduled"
+        finally:
+            scheduled.close()
+
+    with_fake_kube(body)
+
+
+def test_many_reconciles_of_a_tenant_whose_move_waits_leave_one_scheduled_retry() -> None:
+    # A move held for its Snapshot asks to be reconciled again every retry period; every watch
+    # event meanwhile (a shard's status write, the Snapshot's) reconciles it too.
+    slow = replace(ONE_SHARD, reconcile_retry_s=60)  # nothing scheduled runs during the test
+
+    async def body(fake: FakeKube) -> None:
+        scheduled = Scheduled()
+        try:
+            async with reconciler_running(fake, slow, Clock()) as reconciler:
+                movers = await placed_then_grown(fake, NAMES[:4])
+                name = movers[0]
+                assert move(fake, name)["phase"] == "Holding"
+                for _ in range(20):
+                    await reconciler.reconcile(name)
+                assert scheduled.pending(60, (name,)) == 1, f"{scheduled.pending(60, (name,))} retries"
+                await fake.remove(TENANTS, name)  # forgotten: its retry goes too
+                await fake.wait_for(lambda: fake.get(TENANTS, name) is None)
+                await reconciler.drain()
+                assert scheduled.pending(60, (name,)) == 0
+        finally:
+            scheduled.close()
+
+    with_fake_kube(body)
+
+
+def test_a_malformed_roll_annotation_is_removed_with_an_error_and_the_roll_goes_on(caplog: Any) -> None:
+    async def body(fake: FakeKube) -> None:
+        await pod(fake, S0, "r1")
+        async with operator(fake, Clock()):
+            sts = fake.get(STATEFULSETS, "tensorwasm-shard")
+            assert sts is not None
+            meta = {**sts["metadata"], "annotations": {ROLL_ANNOTATION: '{"replicas": "one"'}}
+            await fake.put(STATEFULSETS, {**sts, "metadata": meta})
+            await fake.put_status(STATEFULSETS, "tensorwasm-shard", {"updateRevision": "r2"})
+            # Repaired, then a fresh roll records the replica count it finds and surges.
+            await fake.wait_for(
+                lambda: (
+                    (s := fake.get(STATEFULSETS, "tensorwasm-shard"))
+                    and s["metadata"].get("annotations", {}).get(ROLL_ANNOTATION) == '{"replicas": 1}'
+                    and s["spec"]["replicas"] == 2
+                ),
+                60,
+            )
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert any("malformed annotation tensorwasm.io/roll" in m and "not JSON" in m for m in errors), errors
 
     with_fake_kube(body)
