@@ -18,6 +18,7 @@ import pytest
 
 from tensorwasm.runtime import metrics
 from tensorwasm.runtime.shard import ASLEEP, LOADED
+from tensorwasm.runtime.sleep import SleepRecords
 from tensorwasm.runtime.snapshots.store import SnapshotStore
 from tensorwasm.runtime.tenancy.config import TenantConfig
 from tensorwasm.runtime.tenancy.prewarm import LEAD_S, SLOT_S, ArrivalHistory, Candidate, choose, due
@@ -192,3 +193,26 @@ def test_the_prewarm_budget_is_a_shard_setting_with_a_bound(tmp_path: Path) -> N
     assert load_settings(base, {"TENSORWASM_RUNTIME_PREWARM_TENANTS": "9"}).prewarm_tenants == 9
     with pytest.raises(SettingsError, match="--prewarm-tenants"):
         load_settings([*base, "--prewarm-tenants", "-1"], {})
+
+
+def test_an_unused_prewarm_sleeps_back_into_its_blob_without_a_capture(runtime_server, tmp_path) -> None:
+    clock = Clock(NINE)
+    early = prewarmer("early")
+    server = shard_with(runtime_server, tmp_path, clock)
+    server.sync([early])
+    called_at_nine(server, clock, early)
+    sleeper = server.shard.served["early"].sleeper
+    assert sleeper is not None
+    digest, blobs = sleeper.digest, tmp_path / "store" / "tenants" / sleeper.key
+    assert [p.name for p in blobs.glob("*.twsnap")] == [f"{digest}.twsnap"]
+    clock.t = NINE + 2 * DAY + 5
+    server.run(server.shard.prewarm())
+    assert prewarmed(server) == {"early"}
+    misses = prewarms("miss")
+    assert server.run(server.shard.sleep("early"))
+    assert prewarms("miss") == misses + 1 and reason(server, "early") == ASLEEP
+    # The same blob, and no other written: the state it woke from is the state it sleeps in.
+    assert sleeper.digest == digest and [p.name for p in blobs.glob("*.twsnap")] == [f"{digest}.twsnap"]
+    record = SleepRecords(SnapshotStore(tmp_path / "store")).read(sleeper.key)
+    assert record is not None and record.digest == digest
+    assert add(server, early, 0) == 2  # and it wakes from it with both calls counted

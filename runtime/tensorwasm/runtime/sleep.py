@@ -235,6 +235,8 @@ class Sleeper:
     def _sleep(self, reason: str) -> bool:
         pool, device, cfg, parts = self.pool, self.device, self.config, self.parts
         assert pool is not None
+        if self.prewarmed and self.digest:
+            return self._sleep_unused(reason)
         try:
             result = capture_snapshot(
                 parts.store, tenant_uid=self.key, module_sha256=cfg.module.sha256, generation=cfg.generation,
@@ -261,6 +263,31 @@ class Sleeper:
         log.info("Put Tenant to sleep name=%s reason=%s bytes=%d in=%s", self.name, reason,
                  result.manifest.raw_bytes, where)  # fmt: skip
         parts.notify(self.name, True, self._asleep_message(result.manifest.raw_bytes, where), cfg.generation)
+        return True
+
+    def _sleep_unused(self, reason: str) -> bool:
+        """A prewarm nobody called: no invoke ran since its wake (each clears `prewarmed` under the
+        lock before it runs), so its state is still the blob it woke from, byte for byte. It sleeps
+        back into that blob: a new record, no capture, so a wrong guess costs its wake only."""
+        pool, device, cfg, parts = self.pool, self.device, self.config, self.parts
+        assert pool is not None
+        try:
+            parts.store.path_of(self.key, self.digest)  # still there (nothing else removes it)
+            parts.records.write(
+                self.key, SleepRecord(self.digest, cfg.module.sha256, cfg.generation, cfg.name, time.time())
+            )
+        except (RuntimeFault, OSError):
+            self.prewarmed = False  # capture it the usual way
+            return self._sleep(reason)
+        self.pool = self.device = None
+        self.prewarmed = False
+        metrics.TENANT_PREWARMS.labels("miss").inc()
+        parts.close(self.name, pool, device)
+        metrics.TENANT_SLEEPS.labels(reason).inc()
+        metrics.TENANTS_ASLEEP.inc()
+        log.info("Put Tenant back to sleep unused after a prewarm name=%s reason=%s", self.name, reason)
+        parts.notify(self.name, True, "asleep in its snapshot again (prewarmed, not called); wakes on the "
+                     "first request", cfg.generation)  # fmt: skip
         return True
 
     def _asleep_message(self, nbytes: int, where: str) -> str:
