@@ -11,7 +11,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
+from tensorwasm.kube.client import KubeError
+from tensorwasm.operator.health import Readiness
 from tensorwasm.operator.leader import LeaderElector
+from tensorwasm.operator.preflight import StartupError
 from tests.fake_kube import FakeKube, with_fake_kube
 
 NS = "team-a"
@@ -80,3 +85,90 @@ def test_a_leader_that_cannot_renew_gives_up_before_the_lease_expires() -> None:
         await a.api.close()
 
     with_fake_kube(body)
+
+
+def test_a_forbidden_lease_ends_the_campaign_with_one_line_instead_of_a_ready_standby() -> None:
+    async def body(fake: FakeKube) -> None:
+        b = elector(fake, "b")
+        fake.fail("GET", f"{LEASES}/tw", 403)  # RBAC: the Role names another Lease, or none
+        with pytest.raises(StartupError) as refused:
+            await asyncio.wait_for(b.acquire(), 30)
+        line = str(refused.value)
+        assert "\n" not in line and "leader Lease team-a/tw" in line and "rbac.create" in line
+        await b.api.close()
+
+    with_fake_kube(body)
+
+
+def test_a_standby_that_cannot_read_the_lease_for_a_lease_duration_is_not_ready() -> None:
+    async def body(fake: FakeKube) -> None:
+        now = [0.0]
+        a = elector(fake, "a")
+        b = LeaderElector(fake.client("tensorwasm-operator"), NS, "tw", "b", 3, 2, 1, clock=lambda: now[0])
+        readiness = Readiness()
+        readiness.api_reached, readiness.lease_fresh = True, b.fresh
+        read = asyncio.Event()
+
+        def standby() -> None:
+            readiness.role = "standby"
+            read.set()
+
+        await a.acquire()
+        a_holds = asyncio.create_task(a.hold())
+        b_acquires = asyncio.create_task(b.acquire(standby))
+        await asyncio.wait_for(read.wait(), 30)
+        assert readiness.ready
+        key = ("GET", f"{LEASES}/tw")
+        fake.fail(*key, *[503] * 1000)  # b's reads fail from now on
+        read.clear()
+        while len(fake.failures[key]) > 998:  # two reads failed (b retries every second)
+            await asyncio.sleep(0.05)
+        now[0] += 2.9  # within a lease duration of its last read: still a standby that sees the Lease
+        assert readiness.ready
+        now[0] += 0.1  # a lease duration without a read
+        assert not readiness.ready and "lease=unread" in readiness.describe()
+        fake.failures[key].clear()  # reads come back
+        await asyncio.wait_for(read.wait(), 30)
+        assert readiness.ready and not b_acquires.done()  # a still renews: b stands by
+        a_holds.cancel()
+        b_acquires.cancel()
+        await a.api.close()
+        await b.api.close()
+
+    with_fake_kube(body)
+
+
+class SlowApiServer:
+    """The Lease's API server, answering the first renewal `delay_s` after it was sent (the write
+    itself landed at once) and failing every later one; it advances the elector's clock."""
+
+    def __init__(self, now: list[float], delay_s: float) -> None:
+        self.now, self.delay_s, self.renewals = now, delay_s, 0
+
+    async def get(self, path: str) -> None:
+        return None
+
+    async def create(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        return {**body, "metadata": {**body["metadata"], "resourceVersion": "1"}}
+
+    async def merge_patch(self, path: str, patch: dict[str, Any]) -> dict[str, Any]:
+        self.renewals += 1
+        if self.renewals > 1:
+            raise KubeError(503, "ServiceUnavailable", "etcd is slow")
+        self.now[0] += self.delay_s
+        return {"metadata": {"resourceVersion": "2"}}
+
+
+def test_the_renew_deadline_counts_from_when_the_last_good_renewal_was_sent_not_answered() -> None:
+    # Lease 8 s, renew deadline 6 s. A renewal sent at t=0 is answered at t=6; the next fails at
+    # t=6. The standby's clock for that renewal may have started at t=0 (written at once): the
+    # leader must stop now (6 s since it sent), not count 6 s more from the slow answer.
+    async def body() -> None:
+        now = [0.0]
+        api = SlowApiServer(now, 6.0)
+        a = LeaderElector(api, NS, "tw", "a", 8, 6, 1, clock=lambda: now[0])  # type: ignore[arg-type]
+        await a.acquire()
+        await asyncio.wait_for(a.hold(), 30)  # returns: the caller stops writing
+        assert api.renewals == 2 and now[0] == 6.0
+
+    asyncio.run(body())

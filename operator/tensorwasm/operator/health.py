@@ -3,15 +3,16 @@
 Owns the operator's Prometheus metrics (every one defined here) and the readiness state. It runs
 on every replica from the start, before leader election, so a standby answers its probes too.
 /healthz: the event loop answers. /readyz: 200 once the API server was reached and either this
-replica leads and its first listing is done, or it stands by (a rollout must not wait for a
-standby to lead). Must not import kopf or the Reconciler (they report here).
+replica leads and its first listing is done, or it stands by and has read the Lease within a lease
+duration (a rollout must not wait for a standby to lead; a standby that cannot see the Lease could
+never take over). Must not import kopf or the Reconciler (they report here).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from aiohttp import web
@@ -64,13 +65,16 @@ class Readiness:
         self.api_reached = False
         self.role = "starting"  # starting, standby, leader
         self.listed = False  # the leader's Reconciler has listed everything
+        self.lease_fresh: Callable[[], bool] = lambda: True  # the elector's: Lease read lately
 
     @property
     def ready(self) -> bool:
-        return self.api_reached and (self.role == "standby" or (self.role == "leader" and self.listed))
+        standby = self.role == "standby" and self.lease_fresh()
+        return self.api_reached and (standby or (self.role == "leader" and self.listed))
 
     def describe(self) -> str:
-        return f"role={self.role} api={'ok' if self.api_reached else 'unreached'} listed={self.listed}"
+        lease = "" if self.role != "standby" or self.lease_fresh() else " lease=unread"
+        return f"role={self.role} api={'ok' if self.api_reached else 'unreached'} listed={self.listed}{lease}"
 
 
 READINESS = Readiness()

@@ -6,8 +6,13 @@ its holder is empty or the record has not changed for leaseDurationSeconds *as t
 on resourceVersion. The leader renews every `retry_s`; when it could not renew for `renew_deadline_s`
 (< the lease duration) it must stop writing at once: `hold` returns and the caller exits, so the
 standby, which waits the full duration, never overlaps it. A graceful stop empties holderIdentity,
-and a standby takes over on its next try. Why not kopf peering: peers of equal priority all keep
-running (kopf only warns), and its keep-alive is 60 s. Must not import kopf.
+and a standby takes over on its next try. The leader's renew deadline counts from when it SENT
+its last successful renewal (the API server wrote it at that moment or later, so the standby's
+clock for that version starts no earlier), however slow the answer was. A Lease this process may
+not read or write (401/403: RBAC missing or naming another Lease) is not retried: `acquire`
+raises StartupError with one line, and the process exits. A standby that has not read the Lease
+for a lease duration is not `fresh` (/readyz says so). Why not kopf peering: peers of equal
+priority all keep running (kopf only warns), and its keep-alive is 60 s. Must not import kopf.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any
 import aiohttp
 
 from tensorwasm.kube.client import KubeApi, KubeError, resource_path
+from tensorwasm.operator.preflight import StartupError, lease_refused
 
 log = logging.getLogger("tensorwasm.operator")
 
@@ -59,9 +65,17 @@ class LeaderElector:
         self._seen: tuple[str, float] = ("", 0.0)  # (resourceVersion, when this process first saw it)
         self._version = ""  # resourceVersion of our own last write
         self.holder = ""  # the holder last seen (for logs and tests)
+        self._read_at = clock()  # when this process last read the Lease (or started trying)
+
+    def fresh(self) -> bool:
+        """This process read the Lease within the last lease duration (a standby that cannot see
+        the Lease cannot take over: it is not a ready standby)."""
+        return self.clock() - self._read_at < self.duration_s
 
     async def acquire(self, on_standby: Callable[[], None] | None = None) -> None:
+        """Return once this process leads; raise StartupError when the Lease is forbidden to it."""
         logged = False
+        self._read_at = self.clock()
         while True:
             try:
                 if await self._try_acquire():
@@ -75,6 +89,8 @@ class LeaderElector:
                     )
                     logged = True
             except TRANSIENT as exc:
+                if isinstance(exc, KubeError) and exc.status in (401, 403):
+                    raise StartupError(lease_refused(exc, self.namespace, self.name)) from None
                 log.warning("Failed to read or take Lease %s/%s: %s", self.namespace, self.name, exc)
             await asyncio.sleep(self.retry_s)
 
@@ -83,11 +99,12 @@ class LeaderElector:
         last_ok = self.clock()
         while True:
             await asyncio.sleep(self.retry_s)
+            sent = self.clock()  # the write lands at this moment or later: count the deadline from here
             try:
                 # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation.
-                async with asyncio.timeout(max(0.5, self.renew_deadline_s - (self.clock() - last_ok))):
+                async with asyncio.timeout(max(0.5, self.renew_deadline_s - (sent - last_ok))):
                     await self._renew()
-                last_ok = self.clock()
+                last_ok = sent
                 continue
             except KubeError as exc:
                 if exc.status == 409:  # our resourceVersion is stale: someone else wrote the Lease
@@ -142,6 +159,7 @@ class LeaderElector:
 
     async def _try_acquire(self) -> bool:
         lease = await self.api.get(self.path)
+        self._read_at = self.clock()
         if lease is None:
             body = {
                 "apiVersion": LEASES[0],

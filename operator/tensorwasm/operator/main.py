@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 from typing import Any
 
@@ -23,7 +24,7 @@ from tensorwasm.operator import health
 from tensorwasm.operator.desired.shards import build_owner_reference
 from tensorwasm.operator.handlers import build_registry
 from tensorwasm.operator.leader import LeaderElector
-from tensorwasm.operator.preflight import connection
+from tensorwasm.operator.preflight import StartupError, connection
 from tensorwasm.operator.settings import FIELD_MANAGER, OperatorSettings
 
 log = logging.getLogger("tensorwasm.operator")
@@ -41,7 +42,11 @@ def run(
     # kopf's per-event chatter stays at WARNING unless we debug.
     logging.getLogger("kopf").setLevel("DEBUG" if settings.log_level == "DEBUG" else "WARNING")
     logging.getLogger("aiohttp").setLevel("WARNING")
-    asyncio.run(_main(settings, ready_flag, stop_flag))
+    try:
+        asyncio.run(_main(settings, ready_flag, stop_flag))
+    except StartupError as exc:  # the leader Lease is forbidden to us: one line, no retry loop
+        print(f"tensorwasm operator: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 async def _main(
@@ -113,6 +118,7 @@ async def _campaign(elector: LeaderElector) -> bool:
     def standby() -> None:
         health.READINESS.role = "standby"
 
+    health.READINESS.lease_fresh = elector.fresh
     acquire = asyncio.create_task(elector.acquire(standby))
     stopping = asyncio.create_task(stop.wait())
     try:
@@ -128,6 +134,7 @@ async def _campaign(elector: LeaderElector) -> bool:
     if not acquire.done() or acquire.cancelled():
         log.info("Stopped as standby Lease %s/%s", elector.namespace, elector.name)
         return False
+    acquire.result()  # StartupError: the Lease is forbidden to this replica
     return True
 
 

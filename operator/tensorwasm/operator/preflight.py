@@ -94,6 +94,15 @@ def _refused(exc: KubeError, server: str) -> str:
     return f"the API server refused a needed read ({exc}): grant it in the operator's RBAC (rbac.create)"
 
 
+def lease_refused(exc: KubeError, namespace: str, name: str) -> str:
+    """The one line for a leader Lease the operator may not read or write (not worth retrying)."""
+    return (
+        f"the API server refused the leader Lease {namespace}/{name} ({exc}): grant get, create and "
+        f"update on leases.coordination.k8s.io named {name} in the operator's Role (rbac.create), "
+        "or turn leader election off"
+    )
+
+
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return f"no answer within {ATTEMPT_TIMEOUT_S:g} s"
