@@ -98,7 +98,7 @@ def lease_refused(exc: KubeError, namespace: str, name: str) -> str:
     """The one line for a leader Lease the operator may not read or write (not worth retrying)."""
     return (
         f"the API server refused the leader Lease {namespace}/{name} ({exc}): grant get, create and "
-        f"update on leases.coordination.k8s.io named {name} in the operator's Role (rbac.create), "
+        f"patch on leases.coordination.k8s.io named {name} in the operator's Role (rbac.create), "
         "or turn leader election off"
     )
 
