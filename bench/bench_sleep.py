@@ -53,7 +53,8 @@ REPO = Path(__file__).resolve().parents[1]
 COUNTER = (REPO / "tests" / "fixtures" / "counter.wat").read_bytes()
 SLO_MS = 100.0
 CHURN_S = 1.0
-CASE_TITLES = {"wake": "wake on the first request", "density": "density", "storm": "wake storm"}
+CASE_TITLES = {"wake": "wake on the first request", "density": "density", "storm": "wake storm",
+               "prewarm": "prewarm"}  # fmt: skip
 IDLE_AFTER = "500ms"
 
 
@@ -69,7 +70,7 @@ def pct(samples: list[float], q: float) -> float:
 class Server:
     """A real shard with idle sleep on loopback, run on its own event loop thread."""
 
-    def __init__(self, acc: Any, work: Path, budget: int | None) -> None:
+    def __init__(self, acc: Any, work: Path, budget: int | None, **shard_options: Any) -> None:
         from tensorwasm.runtime.api.app import build_app
         from tensorwasm.runtime.api.server import serve
         from tensorwasm.runtime.engine import Engine
@@ -86,7 +87,8 @@ class Server:
 
         async def start() -> tuple[Any, Any, int]:
             loader = ModuleLoader(self.engine, 64 << 20, 10.0)
-            shard = Shard(self.engine, acc, loader, sleep_store=self.store, resident_gpu_bytes=budget)
+            shard = Shard(self.engine, acc, loader, sleep_store=self.store, resident_gpu_bytes=budget,
+                          **shard_options)  # fmt: skip
             runner, port = await serve(build_app(shard), "127.0.0.1", 0)
             return shard, runner, port
 
@@ -313,6 +315,52 @@ def open_loop(server: Server, chooser: Any, rate: float, seconds: float, seed: i
     }
 
 
+def prewarm_case(acc: Any, work: Path, size_mib: int, reps: int) -> dict[str, float]:
+    """At a predicted slot (spec.idle.prewarm: history; the shard's wall clock in the bench's hand):
+    the first request to the tenant prewarmed (a hit) against the same request to it asleep (a wake
+    from the hot tier), and what a miss costs: the prewarm's wake (off any request's path) and its
+    sleep back into the same blob, unused."""
+    nbytes = size_mib * MiB
+    day, nine = 86_400.0, 20 * 86_400.0 + 9 * 3600
+    clock = [nine]
+    server = Server(acc, work / f"prewarm-{size_mib}", None, wall_clock=lambda: clock[0])
+    name = f"p{size_mib}"
+    cfg = replace(tenant(name, round_cap(nbytes) + 4 * MiB), idle_after="1h", idle_prewarm="history")
+    samples: dict[str, list[float]] = {"hit": [], "asleep": [], "prewarm_wake": [], "miss_sleep": []}
+    try:
+        server.sync([cfg])
+        add_state(server, name, nbytes - 8, seed=size_mib)
+        for d in (0, 1):  # called at 09:00 on two days: the third day's 09:00 slot is predicted
+            clock[0] = nine + d * day + 1
+            assert server.call(cfg)[0] == 200
+        clock[0] = nine + 2 * day - 30
+        sleeper = server.shard.served[name].sleeper
+
+        def prewarm() -> float:
+            sleeper.prewarm_slot = None  # each prewarm stands for another day's slot
+            t = time.perf_counter()
+            assert server.run(server.shard.prewarm()) == [name]
+            return time.perf_counter() - t
+
+        for _ in range(reps):
+            assert server.sleep(name), "the tenant did not sleep"
+            samples["prewarm_wake"].append(prewarm())  # a guess: off any request's path
+            t = time.perf_counter()
+            assert server.sleep(name)  # a miss: back to sleep unused
+            samples["miss_sleep"].append(time.perf_counter() - t)
+            prewarm()
+            t = time.perf_counter()
+            assert server.call(cfg)[0] == 200  # a hit
+            samples["hit"].append(time.perf_counter() - t)
+            assert server.sleep(name)
+            t = time.perf_counter()
+            assert server.call(cfg)[0] == 200  # the same request, not prewarmed: it wakes the tenant
+            samples["asleep"].append(time.perf_counter() - t)
+    finally:
+        server.close()
+    return {f"{k}_p50_ms": pct(v, 50) * 1000 for k, v in samples.items()} | {"samples": float(reps)}
+
+
 def density_case(acc: Any, work: Path, seconds: float, rate: float) -> tuple[dict[str, float], list[str]]:
     try:
         from tensorwasm.planner.model import active_set, swap_onset, tenants_with_sleep
@@ -532,10 +580,8 @@ def run() -> dict[str, Any]:
     sizes = [int(s) for s in os.environ.get("TENSORWASM_BENCH_SLEEP_SIZES", "1,16,128,512").split(",")]
     seconds = float(os.environ.get("TENSORWASM_BENCH_SLEEP_SECONDS", "15"))
     rate = float(os.environ.get("TENSORWASM_BENCH_SLEEP_RATE", "200"))
-    scale = float(os.environ.get("TENSORWASM_BENCH_SLEEP_REPS_SCALE", "1"))
-    cases = os.environ.get("TENSORWASM_BENCH_SLEEP_CASES", "wake,density,storm").split(
-        ","
-    )  # fewer samples: a short lease
+    scale = float(os.environ.get("TENSORWASM_BENCH_SLEEP_REPS_SCALE", "1"))  # fewer samples: a short lease
+    cases = os.environ.get("TENSORWASM_BENCH_SLEEP_CASES", "wake,density,storm,prewarm").split(",")
     acc = select_accelerator(os.environ.get("TENSORWASM_BENCH_ACCELERATOR", "auto"))
     HOT_TIERS.configure((max(sizes) * 2 + 64) * MiB)
     work = Path(tempfile.mkdtemp(prefix="tw-bench-sleep-"))
@@ -637,12 +683,44 @@ def run() -> dict[str, Any]:
                 )
                 targets[f"storm_room{room}_lost_or_doubled"] = "<= 0"
                 targets[f"storm_room{room}_samples_over_cap"] = "<= 0"
+        if "prewarm" in cases:
+            table += [
+                "",
+                row(
+                    "prewarm: first request at a predicted slot",
+                    "prewarmed (hit)",
+                    "asleep (hot-tier wake)",
+                    "a miss costs: prewarm wake",
+                    "+ back to sleep unused",
+                    "n",
+                ),
+                "|---|---|---|---|---|---|",
+            ]
+            for size in sizes:
+                reps = max(3, round({1: 20, 16: 20, 128: 8}.get(size, 4) * scale))
+                pw = prewarm_case(acc, work, size, reps)
+                figures.update({f"prewarm_{size}mib_{k}": round(v, 3) for k, v in pw.items()})
+                table.append(
+                    row(
+                        f"{size} MiB",
+                        *(
+                            f"{pw[k]:.2f} ms"
+                            for k in (
+                                "hit_p50_ms",
+                                "asleep_p50_ms",
+                                "prewarm_wake_p50_ms",
+                                "miss_sleep_p50_ms",
+                            )
+                        ),
+                        reps,
+                    )
+                )
     finally:
         acc.close()
         shutil.rmtree(work, ignore_errors=True)
     return {
         "title": "Idle sleep: "
-        + ", ".join(CASE_TITLES[c] for c in ("wake", "density", "storm") if c in cases)
+        + ", ".join(CASE_TITLES[c] for c in ("wake", "density", "storm", "prewarm") if c in cases)
         + f" ({acc.name})",
         "figures": figures,
         "targets": targets,
