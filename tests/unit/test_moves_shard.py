@@ -7,6 +7,7 @@ state a client or the API would show, never on time.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -175,22 +176,28 @@ def test_the_source_answers_moving_until_the_move_is_over_then_lets_go(
     reports it loaded, however long the restore takes (issue F17)."""
     monkeypatch.setattr(source_module, "_LEFT_CHECK_S", 0.01)
     monkeypatch.setattr(source_module, "MOVED_LINGER_S", 0.0)  # no kube-proxy lag to cover here
+    monkeypatch.setattr(source_module, "HANDOFF_LINGER_S", 0.0)
 
     async def body(fake: FakeKube) -> None:
-        async with serving_alpha(fake, tmp_path) as (shard, url):
+        async with running_source(fake, tmp_path, serve_http=True) as (shard, source, base):
+            await fake.put(TENANTS, tenant("alpha"))
+            await fake.wait_for(lambda: runtime_of(fake, "alpha").get("loaded"))
+            url = f"{base}/v1/functions/echo/invoke"
+            # SIGTERM on a shard being scaled in (no StatefulSet here says otherwise): it hands off.
+            handoff = asyncio.create_task(source.hand_off())
+            await asyncio.sleep(0)  # (a yield, not a wait: it sees alpha ours before the move)
             move = {"source": SHARD, "target": TARGET, "phase": "Restoring"}
             await fake.put_status(TENANTS, "alpha", {"shard": TARGET, "move": move})
             await until(lambda: "alpha" not in shard.served)
-            # The source has read the moved Tenant by name (twice) and found its move still going.
-            path = f"{TENANTS}/alpha"
-            fake.fail("GET", path, 500, 500)
-            await until(lambda: not fake.failures[("GET", path)])
-            await until(lambda: not fake.failures[("GET", path)])
-            fake.failures.pop(("GET", path))
+            # The source has read the moved Tenant by name (twice more) and found its move going on.
+            reads = source.left_reads
+            await until(lambda: source.left_reads >= reads + 2)
             assert (await call(url))[1].get("kind") == "tenant_moving" and "alpha" in shard.holds
+            assert not handoff.done()  # the Service may still send its clients here
             await fake.put_status(TENANTS, "alpha", {"move": None})  # the target reported it loaded
             await until(lambda: "alpha" not in shard.holds)
             assert (await call(url))[0] == 401
+            assert await handoff == 1
 
     scenario(body)
 
@@ -222,7 +229,7 @@ def test_a_move_target_that_cannot_restore_the_move_snapshot_never_reports_the_t
             runtime = runtime_of(fake, "alpha")
             assert (runtime["shard"], runtime["loaded"]) == (TARGET, False)
             assert "alpha-move-5 not restored" in runtime["message"] and "'k1'" in runtime["message"]
-            assert not target_reported(parse_tenant(fake.get(TENANTS, "alpha")), TARGET)
+            assert not target_reported(parse_tenant(fake.get(TENANTS, "alpha") or {}), TARGET)
             assert "alpha" not in target.served
             # Clients the Service already routes to the target retry; none gets 401.
             invoke = f"{target_url}/v1/functions/echo/invoke"
@@ -234,7 +241,7 @@ def test_a_move_target_that_cannot_restore_the_move_snapshot_never_reports_the_t
             await fake.put(TENANTS, {"metadata": {"name": "alpha", "labels": {"touched": "yes"}}})
             await fake.wait_for(lambda: runtime_of(fake, "alpha").get("loaded") is True)
             assert "restored from Snapshot alpha-move-5" in runtime_of(fake, "alpha")["message"]
-            assert target_reported(parse_tenant(fake.get(TENANTS, "alpha")), TARGET)
+            assert target_reported(parse_tenant(fake.get(TENANTS, "alpha") or {}), TARGET)
             assert (await call(invoke))[0] == 200 and (await call(url))[1].get("kind") == "tenant_moving"
 
     scenario(body)
@@ -257,5 +264,43 @@ def test_a_move_target_never_substitutes_an_older_snapshot_for_the_moves(
             await fake.wait_for(lambda: runtime_of(fake, "alpha").get("reason") == "MoveRestoreFailed")
             assert "alpha-move-6 is not in this shard's cache" in runtime_of(fake, "alpha")["message"]
             assert "alpha" not in target.served
+
+    scenario(body)
+
+
+def test_a_tenant_that_cannot_wake_defers_only_its_own_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A capture wakes a sleeper first; one that cannot wake (no GPU room) must not stop the pass:
+    the other tenants' Snapshots are captured, its own is tried again later (issue F19)."""
+    from tensorwasm.runtime.errors import Overloaded
+
+    monkeypatch.setattr(source_module, "_WAKE_RETRY_S", 0.05)
+
+    async def body(fake: FakeKube) -> None:
+        await fake.put(
+            SECRETS, {"metadata": {"name": "tw-beta-token"}, "data": {"token": b64(b"tok-beta-123")}}
+        )
+        await fake.put(TENANTS, tenant("beta"))
+        async with serving_alpha(fake, tmp_path) as (shard, _):
+            await fake.wait_for(lambda: runtime_of(fake, "beta").get("loaded"))
+            woken, wake, room = [], shard.wake, {"alpha": False}
+
+            async def no_room_for_alpha(name: str) -> None:
+                woken.append(name)
+                if not room.get(name, True):
+                    raise Overloaded("no GPU room to wake tenant alpha", retry_after_s=1.0)
+                await wake(name)
+
+            shard.wake = no_room_for_alpha  # type: ignore[method-assign]
+            for name in ("alpha-periodic", "beta-periodic"):  # alpha's first: it is met first
+                await fake.put(
+                    SNAPSHOTS, {"metadata": {"name": name}, "spec": {"tenant": name.split("-")[0]}}
+                )
+            await fake.wait_for(lambda: snapshot_phase(fake, "beta-periodic") == "Ready")
+            await until(lambda: woken.count("alpha") >= 2)  # tried again, still without room
+            assert snapshot_phase(fake, "alpha-periodic") == ""
+            room["alpha"] = True  # room again: the retry captures it
+            await fake.wait_for(lambda: snapshot_phase(fake, "alpha-periodic") == "Ready")
 
     scenario(body)

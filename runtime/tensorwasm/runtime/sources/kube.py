@@ -323,6 +323,7 @@ class KubeSource:
         self._left: dict[str, float] = {}  # tenant that moved away -> monotonic time its hold ends
         self._moving_away: set[str] = set()  # of those, the ones whose move is not seen over yet
         self._left_check: asyncio.Task[None] | None = None
+        self.left_reads = 0  # Tenants read by name to tell whether their move is over (tests wait on it)
         # Tenants that left the cache after it saw them marked for deletion: a debounced pass may
         # see only the object before and its absence after, as for a move (the field selector).
         self._deleted: set[str] = set()
@@ -396,12 +397,8 @@ class KubeSource:
         """On SIGTERM, while still serving: wait until the operator moved every tenant of this shard
         away (a scale-in), bounded as HANDOFF_* say; the number of tenants handed off."""
         tenants = self.informers.get(PLURAL)
-        if tenants is None or not tenants.synced.is_set() or not await self._scaled_in():
+        if tenants is None or not tenants.synced.is_set():
             return 0
-        # Only departures from now on count: a tenant that moved away before SIGTERM says nothing
-        # about a scale-in (counting it kept a restarting shard waiting HANDOFF_MAX_S).
-        start, left_before = time.monotonic(), set(self._left)
-        handed: set[str] = set()
 
         def ours() -> dict[str, dict[str, Any]]:
             return {
@@ -411,29 +408,48 @@ class KubeSource:
                 and not (t.get("metadata") or {}).get("deletionTimestamp")
             }
 
-        remaining = ours()
+        # Only departures from now on count: a tenant that moved away before SIGTERM says nothing
+        # about a scale-in (counting it kept a restarting shard waiting HANDOFF_MAX_S).
+        remaining = initial = ours()
+        if not await self._scaled_in():
+            return 0
+        start = time.monotonic()
+        handed: set[str] = set()
+
+        def departed() -> set[str]:
+            """Ours at SIGTERM, gone from here since, and not deleted: moved (also a move that went
+            straight to Restoring between two looks: policies without a capture)."""
+            gone = initial.keys() - remaining.keys() - self._deleted
+            return {
+                n for n in gone if not ((tenants.get(n) or {}).get("metadata") or {}).get("deletionTimestamp")
+            }
+
         deadline = start + HANDOFF_MAX_S
         while remaining and time.monotonic() < deadline:
             moves = {n: (t.get("status") or {}).get("move") or {} for n, t in remaining.items()}
-            handed |= {n for n, m in moves.items() if m.get("source") == self.shard_name}
-            handed |= set(self._left) - left_before
+            handed |= {n for n, m in moves.items() if m.get("source") == self.shard_name} | departed()
             if not handed and time.monotonic() - start >= HANDOFF_START_S:
                 return 0  # nobody moves our tenants: a restart (upgrade, eviction), not a scale-in
             await asyncio.sleep(0.1)
             remaining = ours()
+        handed |= departed()
         if remaining:
             log.warning(
                 "Stopped handing off Tenants after %.0fs remaining=%s",
                 HANDOFF_MAX_S,
                 ",".join(sorted(remaining)),
             )
+
         # Gone from here is not served there: the Services select this pod until each target reports
-        # the tenant loaded (its move over), and meanwhile this shard answers "moving" for it.
-        while handed & self._moving_away and time.monotonic() < deadline:
+        # the tenant loaded (its move over), and meanwhile this shard answers "moving" for it. (Until
+        # a pass saw it leave, it is still in _ours.)
+        def moving() -> set[str]:
+            return {n for n in handed if n in self._ours or n in self._moving_away}
+
+        while moving() and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-        if handed & self._moving_away:
-            log.warning("Stopped waiting for moves to end remaining=%s",
-                        ",".join(sorted(handed & self._moving_away)))  # fmt: skip
+        if moving():
+            log.warning("Stopped waiting for moves to end remaining=%s", ",".join(sorted(moving())))
         if handed:
             log.info(
                 "Handed off Tenants count=%d; answering 'moving' %.0fs more", len(handed), HANDOFF_LINGER_S
@@ -579,6 +595,7 @@ class KubeSource:
                 except (KubeError, aiohttp.ClientError) as exc:  # API server away: keep answering moving
                     log.info("Found no Tenant to tell whether its move is over name=%s: %s", name, exc)
                     continue
+                self.left_reads += 1
                 move = ((obj or {}).get("status") or {}).get("move") or {}
                 if obj is not None and move.get("source") == self.shard_name:
                     continue  # still moving away from here: the Service may still select this shard
