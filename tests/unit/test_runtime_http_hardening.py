@@ -13,7 +13,7 @@ from typing import Any
 
 from tensorwasm.runtime.api.admission import AdmissionLimits
 from tensorwasm.runtime.api.app import build_admin_app, build_app
-from tensorwasm.runtime.api.guard import ConnectionLimits
+from tensorwasm.runtime.api.guard import ConnectionGuard, ConnectionLimits, _Guarded, reads_handler_state
 from tensorwasm.runtime.api.server import serve
 from tensorwasm.runtime.engine import Engine
 from tensorwasm.runtime.modules import ModuleLoader
@@ -217,3 +217,80 @@ def test_metrics_and_readiness_detail_live_on_the_admin_port_only() -> None:
             writer.close()
 
     run(main)
+
+
+def test_a_request_running_longer_than_the_header_timeout_is_not_cut_off() -> None:
+    async def main() -> None:
+        limits = ConnectionLimits(header_timeout_s=0.3)  # swept every 0.15 s
+        async with shard_server(connections=limits) as (port, _, shard):
+            spin = tenant("spinner", "runaway.wat", ["spin"], timeout_ms=1500)
+            await shard.sync([ALPHA, spin])
+            head = invoke_head(0, spin.token).replace("/echo/", "/spin/")
+            reader, writer = await send(port, head)
+            # In progress for 1.5 s, five header timeouts: answered by its deadline, not closed.
+            status, _, body = await asyncio.wait_for(response(reader), 60)
+            assert status == 504 and kind(body) == "deadline_exceeded"
+            writer.close()
+
+    run(main)
+
+
+def test_small_bodies_taken_with_the_headers_and_chunked_ones_read_alike() -> None:
+    async def main() -> None:
+        async with shard_server() as (port, _, _):
+            reader, writer = await send(port, invoke_head(0))  # empty body, Content-Length: 0
+            assert (await response(reader))[:1] == (200,)
+            writer.write(invoke_head(5).encode() + b"hello")  # same connection, body in the packet
+            assert (await response(reader))[2] == b"hello"
+            chunked = invoke_head(0).replace("Content-Length: 0", "Transfer-Encoding: chunked")
+            writer.write(chunked.encode() + b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+            assert (await response(reader))[2] == b"abcde"
+            writer.close()
+
+    run(main)
+
+
+class _Handler:
+    """The two fields of aiohttp's RequestHandler that the sweep reads."""
+
+    def __init__(self) -> None:
+        self._request_count = 0
+        self._request_in_progress = False
+
+
+class _Transport:
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+def test_the_installed_aiohttp_keeps_the_handler_state_the_sweep_reads() -> None:
+    # Fails loudly on an aiohttp that renamed them (the guard would fall back to a middleware).
+    assert reads_handler_state()
+
+
+def test_the_sweep_closes_only_connections_idle_for_the_whole_timeout() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        for middleware in (False, True):
+            guard = ConnectionGuard(ConnectionLimits(header_timeout_s=10), loop, needs_middleware=middleware)
+            conn = _Guarded(guard, _Handler())
+            conn.transport = _Transport()  # type: ignore[assignment]
+            guard._open[conn.transport] = conn  # type: ignore[index]  # as admit() does
+            assert guard._stale(9.0, 10) == []  # connected at 0, nothing parsed yet
+            assert guard._stale(10.5, 10) == [conn]  # nothing for 10 s: a slow or silent client
+            # A request in progress for 20 s is never idle.
+            if middleware:
+                conn.busy = True
+            else:
+                conn.inner._request_count, conn.inner._request_in_progress = 1, True
+            assert guard._stale(30.0, 10) == []
+            # It ends at 31: the middleware stamps that; the sweep sees it ended by 32.
+            if middleware:
+                conn.busy, conn.since = False, 31.0
+            else:
+                conn.inner._request_in_progress = False
+            assert guard._stale(32.0, 10) == []
+            assert guard._stale(41.9, 10) == ([conn] if middleware else [])  # never early
+            assert guard._stale(42.1, 10) == [conn]
+    finally:
+        loop.close()

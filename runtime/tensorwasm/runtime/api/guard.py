@@ -5,7 +5,9 @@ counted (a global cap and a per-source-address cap, refused at accept time by cl
 sweep once a second closes connections that are between requests for longer than the header
 timeout (a client that opens a connection and sends its headers byte by byte, or nothing, holds an
 fd for seconds, not for ever). The request handlers bound the body read themselves (app.py).
-Per request the hot path sets one flag on the way in and one on the way out; no timers.
+The hot path pays nothing per request: the sweep reads how many requests each connection's aiohttp
+handler has parsed and whether one is in progress (aiohttp private state, read in `_activity` only;
+where an aiohttp lacks it, a middleware marks each request instead, as before).
 Must not import wasmtime or cuda.
 """
 
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +35,32 @@ class ConnectionLimits:
     max_connections_per_source: int = 512
 
 
-class _Guarded(asyncio.Protocol):
-    """Forwards everything to aiohttp's RequestHandler; remembers when it went idle."""
+# aiohttp's RequestHandler counts the requests whose headers it parsed and flags the one it is
+# handling (aiohttp 3.10-3.14 at least); tests/unit/test_runtime_http_hardening.py fails if renamed.
+_HANDLER_STATE = ("_request_count", "_request_in_progress")
 
-    __slots__ = ("busy", "guard", "inner", "peer", "since", "transport")
+
+def _activity(handler: Any) -> tuple[int, bool]:
+    """(requests parsed so far, one being handled now) of an aiohttp RequestHandler."""
+    return handler._request_count, handler._request_in_progress  # type: ignore[no-any-return]
+
+
+def reads_handler_state() -> bool:
+    """Whether the installed aiohttp keeps the state the sweep reads (else the middleware is used)."""
+    slots = getattr(RequestHandler, "__slots__", ())
+    return all(name in slots for name in _HANDLER_STATE)
+
+
+class _Guarded(asyncio.Protocol):
+    """Forwards everything to aiohttp's RequestHandler; remembers when it was last seen active."""
+
+    __slots__ = ("busy", "guard", "inner", "peer", "seen", "since", "transport")
 
     def __init__(self, guard: ConnectionGuard, inner: Any) -> None:
         self.guard, self.inner = guard, inner
-        self.busy = False
-        self.since = 0.0
+        self.busy = False  # middleware mode only
+        self.seen = 0  # requests parsed when the sweep last looked
+        self.since = 0.0  # last seen active (connect, or a request parsed or in progress)
         self.peer = ""
         self.transport: asyncio.BaseTransport | None = None
 
@@ -72,11 +92,15 @@ class _Guarded(asyncio.Protocol):
 
 
 class ConnectionGuard:
-    """One per listener. `protocol_factory` goes to `loop.create_server`; `middleware` on the app."""
+    """One per listener. `protocol_factory` goes to `loop.create_server`; `middleware` on the app
+    when `needs_middleware` (an aiohttp without the handler state the sweep reads)."""
 
-    def __init__(self, limits: ConnectionLimits, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, limits: ConnectionLimits, loop: asyncio.AbstractEventLoop, needs_middleware: bool | None = None
+    ) -> None:
         self.limits = limits
         self.loop = loop
+        self.needs_middleware = not reads_handler_state() if needs_middleware is None else needs_middleware
         self._open: dict[asyncio.BaseTransport, _Guarded] = {}
         self._per_source: dict[str, int] = {}
         self.refused = 0  # connections closed at accept time (caps)
@@ -122,19 +146,31 @@ class ConnectionGuard:
         timeout = self.limits.header_timeout_s
         while True:
             await asyncio.sleep(min(1.0, timeout / 2))
-            cutoff = self.loop.time() - timeout
-            stale = [
-                c
-                for c in self._open.values()
-                # Still writing a response to a slow reader is not idle (its size is capped elsewhere).
-                if not c.busy and c.since < cutoff and not _writing(c.transport)
-            ]
+            stale = self._stale(self.loop.time(), timeout)
             for conn in stale:
                 self.timed_out += 1
                 if conn.transport is not None:
                     conn.transport.close()
             if stale:
                 log.info("Closed idle or slow HTTP connections count=%d", len(stale))
+
+    def _stale(self, now: float, timeout: float) -> list[_Guarded]:
+        """Connections idle (no request parsed or in progress) for longer than `timeout`. A request
+        parsed since the last sweep counts as activity now: a connection is never closed early."""
+        cutoff = now - timeout
+        stale = []
+        for c in self._open.values():
+            if not self.needs_middleware:
+                count, busy = _activity(c.inner)
+                if busy or c.busy or count != c.seen:  # busy now, or active since the last look
+                    c.seen, c.busy, c.since = count, busy, now
+                    continue
+            elif c.busy:  # the middleware stamps `since` when the request ends
+                continue
+            # Still writing a response to a slow reader is not idle (its size is capped elsewhere).
+            if c.since < cutoff and not _writing(c.transport):
+                stale.append(c)
+        return stale
 
     @web.middleware
     async def middleware(

@@ -48,7 +48,8 @@ async def serve(
     sock.setblocking(False)
     bound = int(sock.getsockname()[1])
     guard = ConnectionGuard(limits, loop)
-    app.middlewares.insert(0, guard.middleware)  # the app is frozen by setup() below
+    if guard.needs_middleware:  # an aiohttp whose handler state the sweep cannot read
+        app.middlewares.insert(0, guard.middleware)  # the app is frozen by setup() below
     runner = web.AppRunner(
         app,
         access_log=None,
