@@ -24,7 +24,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from tensorwasm.runtime.errors import Cancelled, GuestLimitExceeded, JobsFull, NotFound, RuntimeFault
+from tensorwasm.runtime.errors import (
+    Cancelled,
+    GuestLimitExceeded,
+    JobsFull,
+    NotFound,
+    RuntimeFault,
+    TenantMoving,
+)
 from tensorwasm.runtime.tenancy.runs import GuestRun
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
@@ -203,6 +210,27 @@ class JobBoard:
             del table.jobs[job_id]
             table.output_bytes -= len(job.output or b"")
         return job
+
+    def refuse_queued(self, tenant: str) -> int:
+        """At `tenant`'s move barrier (Shard.on_hold): fail its jobs that have not started, kind
+        tenant_moving. Each would hold the barrier for its whole run, and its result could not be read
+        on the new shard; running ones finish (the barrier waits for them). The number failed."""
+        table = self._tables.get(tenant)
+        error = TenantMoving(
+            f"tenant {tenant} is moving to another shard: the job was not started; submit it again"
+        )
+        refused = 0
+        for job in list(table.jobs.values()) if table is not None else []:
+            if job.state != QUEUED or job.run.started is not None:
+                continue
+            job.run.cancel(error.message)  # never starts (one starting right now stops at once)
+            job.state = FAILED
+            job.error = error.to_json()["error"]
+            self._ended(job)
+            if job.future is not None:
+                job.future.cancel()
+            refused += 1
+        return refused
 
     def forget_except(self, tenants: set[str]) -> None:
         """Drop the tables of tenants no longer served here (their jobs cannot be read any more)."""
