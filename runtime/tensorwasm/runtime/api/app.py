@@ -152,6 +152,7 @@ class _Api:
     ) -> None:
         self.shard = shard
         self.jobs = JobBoard(jobs)
+        shard.on_hold.append(self.jobs.refuse_queued)  # a move barrier waits for no queued job
         self.stream_limits = streams or StreamLimits()
         self.rates = RequestRates()
         self.audit = audit
