@@ -24,6 +24,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 import ssl
 import statistics
 import subprocess
@@ -217,6 +218,19 @@ def run() -> dict[str, Any]:
         plane.down()
 
 
+def _profile(pid: int, namespace: str) -> subprocess.Popen[bytes] | None:
+    """With TENSORWASM_BENCH_OPERATOR_PYSPY=<dir>, py-spy samples the operator from the apply until
+    all Ready into <dir>/<namespace>.txt (collapsed stacks, CPU only). Off by default: it costs CPU."""
+    out = os.environ.get("TENSORWASM_BENCH_OPERATOR_PYSPY")
+    if not out:
+        return None
+    Path(out).mkdir(parents=True, exist_ok=True)
+    pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    cmd = [pyspy, "record", "--pid", str(pid), "--format", "raw", "--rate", "200", "--nonblocking",
+           "-o", str(Path(out) / f"{namespace}.txt")]  # fmt: skip
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 @dataclass
 class OperatorRun:
     applied_s: float
@@ -272,6 +286,7 @@ def time_operator_run(
         meter = CpuMeter({**state.pids, **stack_pids}, state.server, state.token)
         cmd = [*kubectl, "get", "tenants", "-n", namespace, "--watch", "-o", WATCH_FORMAT]
         watch = TenantWatch(cmd, on_all_ready=meter.stop, n=n)
+        profile = _profile(proc.pid, namespace)
         try:
             meter.start()
             t0 = time.perf_counter()
@@ -290,6 +305,9 @@ def time_operator_run(
                     break
         finally:
             watch.stop()
+            if profile is not None:
+                profile.send_signal(signal.SIGINT)  # py-spy writes its samples on SIGINT
+                profile.wait(timeout=60)
         assert watch.placed_at is not None
         if watch.ready_at is not None:
             phases = k("get", "tenants", "-n", namespace, "-o", "jsonpath={.items[*].status.phase}").split()

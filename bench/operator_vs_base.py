@@ -18,10 +18,13 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
+import re
 import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +46,26 @@ def _median(rows: list[dict[str, Any]], key: str) -> float | None:
     return round(statistics.median(values), 2) if values else None
 
 
+def summarize(folder: Path, n: int, top: int = 25) -> None:
+    """Inclusive samples per function (file:function) of each py-spy file, per tenant, biggest first."""
+    for path in sorted(folder.glob("*.txt")):
+        inclusive: Counter[str] = Counter()
+        total = 0
+        for line in path.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            if not stack or not count.isdigit():
+                continue
+            total += int(count)
+            frames = {re.sub(r" \(([^)]*/)?([^/)]+?)(:\d+)?\)$", r" (\2)", f) for f in stack.split(";")}
+            for frame in frames:
+                inclusive[frame] += int(count)
+        print(f"== {path.name}: {total} samples (200/s), {total / 200 / n * 1000:.1f} ms per tenant")
+        for frame, samples in inclusive.most_common(top):
+            print(
+                f"  {samples / 200 / n * 1000:7.2f} ms/tenant  {100 * samples / max(total, 1):5.1f}%  {frame}"
+            )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -52,7 +75,14 @@ def main() -> int:
     parser.add_argument("--base", default=BASE, help="the base commit")
     parser.add_argument("--base-tree", type=Path, default=Path("/tmp/tensorwasm-operator-base"))
     parser.add_argument("--load-note", default="", help="what else the machine was doing, for the notes")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="py-spy each operator run into DIR and print where its CPU went (no results)",
+    )
     args = parser.parse_args()
+    if args.profile:
+        os.environ["TENSORWASM_BENCH_OPERATOR_PYSPY"] = str(args.profile)
     if not (args.base_tree / "operator" / "tensorwasm").is_dir():
         _git("worktree", "add", "--detach", str(args.base_tree), args.base)
     base_sha = subprocess.run(
@@ -71,6 +101,11 @@ def main() -> int:
     load_after = Path("/proc/loadavg").read_text().split()[:3]
     rows = result["rows"]
     n = args.tenants
+    if args.profile:
+        for r in rows:
+            print(json.dumps({k: v for k, v in r.items() if k != "requests"}))
+        summarize(args.profile, n)
+        return 0
     columns = (
         "placed_s", "ready_s", "operator_cpu_s", "operator_writes", "api_writes_per_tenant",
         "api_requests_per_tenant", "apiserver_cpu_s", "rss_mib",
