@@ -143,7 +143,7 @@ class Shard:
     # tenant -> every "Bearer <token>" of its Secret while held (rotation and read tokens too)
     holds: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # Called with a tenant's name when it is held (the HTTP app refuses its queued async jobs).
-    on_hold: list[Callable[[str], None]] = field(default_factory=list)
+    on_hold: list[Callable[[str], object]] = field(default_factory=list)
     statuses: dict[str, TenantStatus] = field(default_factory=dict)  # every assigned tenant
     assigned: dict[str, TenantConfig] = field(default_factory=dict)  # last config seen per tenant
     stats: dict[str, dict[str, metrics.InvokeStats]] = field(default_factory=dict)  # tenant -> function
