@@ -41,6 +41,12 @@ class Clock:
         return f"2026-11-29T12:{self.seconds // 60:02d}:{self.seconds % 60:02d}Z"
 
 
+def ready_pod(name: str, ready: bool = True) -> dict[str, Any]:
+    """A shard pod as the kubelet reports it (the move starts only once its target is Ready)."""
+    condition = {"type": "Ready", "status": "True" if ready else "False"}
+    return {"metadata": {"name": name}, "status": {"conditions": [condition]}}
+
+
 def operator(fake: FakeKube, clock: Clock, shards: int = 1) -> AbstractAsyncContextManager[Reconciler]:
     return reconciler_running(fake, replace(ONE_SHARD, shards=shards), clock)
 
@@ -59,6 +65,7 @@ async def placed_then_grown(fake: FakeKube, names: list[str] = NAMES, **spec: An
     for name in names:
         await fake.put(TENANTS, tenant(name, **spec))
     await fake.wait_for(lambda: all(status(fake, n).get("shard") == S0 for n in names))
+    await fake.put(PODS, ready_pod(S1))
     sts = fake.get(STATEFULSETS, "tensorwasm-shard")
     assert sts is not None
     await fake.put(STATEFULSETS, {**sts, "spec": {**sts["spec"], "replicas": 2}})

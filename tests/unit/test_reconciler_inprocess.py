@@ -185,7 +185,11 @@ def test_scaling_in_moves_tenants_at_once_and_scaling_out_moves_them_through_a_s
             assert fake.items(SNAPSHOTS) == []
 
             # 1 -> 2: shard-0 still runs, so each tenant the new shard takes (up to a fair share) is
-            # captured there first (policy OnMove) and re-pointed once its Snapshot is Ready.
+            # captured there first (policy OnMove) and re-pointed once its Snapshot is Ready. The
+            # moves start once the new shard's pod is Ready (tests/unit/test_moves_ready.py).
+            ready = {"conditions": [{"type": "Ready", "status": "True"}]}
+            await fake.put(f"/api/v1/namespaces/{NS}/pods", {"metadata": {"name": "tensorwasm-shard-1"},
+                                                           "status": ready})  # fmt: skip
             await fake.put(STATEFULSETS, {**sts, "spec": {**sts["spec"], "replicas": 2}})  # type: ignore[dict-item]
             await fake.wait_for(lambda: fake.items(SNAPSHOTS))
             await reconciler.drain()

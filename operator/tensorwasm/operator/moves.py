@@ -7,6 +7,9 @@ move), and its two strategies:
 - `SnapshotMove` (the operator's): the barrier protocol below.
 
 The protocol, from source S to target T (docs/operator.md, "Moves"):
+0. Nothing happens until T's pod is Ready (the ledger has already placed the tenant on T): S
+   serves the tenant as before, and the hold below starts only when T can take the tenant, so
+   clients are not told "moving" while T's pod starts. A source leaving the shard set does not wait.
 1. `Holding` (snapshot policy OnMove only): status.move = {source S, target T, snapshot, phase,
    startedAt} and a Snapshot `<tenant>-move-<short>` (purpose move). S, seeing status.move on a
    Tenant it serves, stops admitting it (503 + Retry-After, kind tenant_moving), waits for its
@@ -30,6 +33,7 @@ Must not import kopf; I/O only through the KubeApi it is given, never sleeps.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -39,6 +43,7 @@ from tensorwasm.api.snapshot import FAILED, READY, phase_of
 from tensorwasm.api.stamps import parse_rfc3339
 from tensorwasm.api.tenant import Tenant
 from tensorwasm.kube.client import KubeApi, resource_path
+from tensorwasm.operator.roll import pod_ready
 from tensorwasm.operator.snapshots import MOVE, build_snapshot, short_id, snapshot_name
 
 log = logging.getLogger("tensorwasm.operator")
@@ -47,6 +52,7 @@ ON_MOVE = "OnMove"
 HOLDING, RESTORING = "Holding", "Restoring"
 ROLLED_BACK, NOT_CAPTURED = "MoveRolledBack", "MovedWithoutCapture"
 GONE_SOURCE_WAIT_S = 10.0  # a leaving source without a pod gets this long to capture
+READY_CACHE_S = 0.5  # a target pod's readiness is read at most this often (tenants waiting share it)
 
 JSON = dict[str, Any]
 
@@ -55,16 +61,18 @@ JSON = dict[str, Any]
 class MoveStep:
     """Where the tenant is now: `shard` (status.shard), `service` (the pod its Service selects),
     `record` (status.move; None: no move in flight), `event` ((reason, message) of a Warning to
-    post once), `waiting` (ask again soon)."""
+    post once), `pending` (placed elsewhere, but the move waits for its target pod to be Ready:
+    not a rollback), `waiting` (ask again soon)."""
 
     shard: str
     service: str
     record: Mapping[str, Any] | None = None
     event: tuple[str, str] | None = None
+    pending: bool = False
 
     @property
     def waiting(self) -> bool:
-        return self.record is not None
+        return self.record is not None or self.pending
 
 
 def settled(shard: str) -> MoveStep:
@@ -112,13 +120,29 @@ class SnapshotMove:
     ) -> None:
         self.api, self.snapshots, self.clock, self.timeout_s = api, snapshots, clock, timeout_s
         self._created: set[str] = set()  # created by this process, maybe not yet in the cache
+        # Shard pod -> (monotonic time read, Ready then): at most one GET per pod per READY_CACHE_S
+        # however many tenants wait for it.
+        self._ready: dict[str, tuple[float, bool]] = {}
+        self._pending: dict[str, str] = {}  # tenant -> the target it waits for (logged once)
+
+    def waiting_for_targets(self) -> dict[str, str]:
+        """Tenant -> the shard pod its move waits for (placed there; nothing held until it is Ready)."""
+        return dict(self._pending)
 
     async def step(self, tenant: Tenant, target: str, runs: Callable[[str], bool]) -> MoveStep:
         move = move_record(tenant)
         if move is None:
             source = tenant.shard
             if source is None or source == target:
+                self._pending.pop(tenant.name, None)
                 return settled(target)
+            if runs(source) and not await self._target_ready(tenant, target):
+                if self._pending.get(tenant.name) != target:
+                    self._pending[tenant.name] = target
+                    log.info("Waiting for shard %s Ready before moving Tenant %s from=%s",
+                             target, tenant.name, source)  # fmt: skip
+                return MoveStep(source, source, pending=True)
+            self._pending.pop(tenant.name, None)
             return await self._begin(tenant, source, target)
         source, to, phase = str(move["source"]), str(move["target"]), str(move["phase"])
         leaving = not runs(source)  # scaled in: its pod hands its tenants off while it terminates
@@ -149,6 +173,16 @@ class SnapshotMove:
             why = f"shard {to} did not report the tenant loaded in {waited:.0f}s"
             return await self._give_up(tenant, move, to, why, leaving)
         return MoveStep(to, source, move)
+
+    async def _target_ready(self, tenant: Tenant, shard: str) -> bool:
+        """The shard's pod is Ready (its readiness probe passed, not terminating)."""
+        now = time.monotonic()
+        seen = self._ready.get(shard)
+        if seen is not None and now - seen[0] < READY_CACHE_S:
+            return seen[1]
+        ready = pod_ready(await self.api.get(resource_path("v1", "pods", tenant.namespace, shard)))
+        self._ready[shard] = (now, ready)
+        return ready
 
     async def _alive(self, tenant: Tenant, shard: str) -> bool:
         """The shard's pod exists (terminating included: a scaled-in shard hands off until it exits)."""

@@ -520,7 +520,8 @@ class Reconciler:
         self.pending.discard(name)
         target = shard_pod_name(shard_name, current)
         step = await self.mover.step(tenant, target, self._runs)
-        if step.record is None and step.shard != target:  # rolled back: the ledger follows status.shard
+        # Rolled back (not a move waiting for its target pod): the ledger follows status.shard.
+        if step.record is None and not step.pending and step.shard != target:
             back = shard_ordinal(shard_name, step.shard)
             if back is not None and back < self.ledger.shards:
                 self.ledger.assign(name, back, demand)
