@@ -16,11 +16,14 @@ exactly once. Every --resync seconds a pass
 runs anyway (it refreshes gpuBytesInUse).
 Moves (docs/operator.md "Moves"): a Tenant of ours whose status.move names this shard as the source
 in phase Holding is held (`Shard.hold`: 503 tenant_moving with Retry-After, nothing new admitted);
-once its in-flight invokes are done its move Snapshot is captured, never before. A Tenant that leaves
-this shard without being deleted stays held for `MOVED_GRACE_S` after it is unloaded: clients still
-routed here (kube-proxy lags the Service, keep-alive connections) are told to retry, and the 503
+its not-started async jobs fail (tenant_moving), and once its in-flight invokes are done its move
+Snapshot is captured, never before. A Tenant that leaves this shard without being deleted stays held
+after it is unloaded until its move is over (read by name: the watch no longer shows it) and
+`MOVED_LINGER_S` more: clients still routed here (the Service selects this shard until the target
+reports the tenant loaded; kube-proxy lags; keep-alive connections) are told to retry, and the 503
 closes their connection so the retry reaches the new shard. A starting Tenant whose status.move
-names this shard as the target restores exactly that move's Snapshot.
+names this shard as the target restores exactly that move's Snapshot, or is reported not loaded
+(MoveRestoreFailed) so that the move rolls back: never fresh or older state.
 With --snapshot-dir it also drives the snapshot agent (snapshots/kube.py): a Tenant that starts
 here restores its chosen Snapshot before it serves (through `Shard.prepare`), every Snapshot of a
 tenant served here is captured, and a deleted Snapshot has its blob removed by the one live shard
