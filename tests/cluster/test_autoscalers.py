@@ -164,12 +164,17 @@ def test_hpa_path_scales_on_the_custom_metrics_api(env: Env, tmp_path: Path) -> 
         env.kubectl("scale", "statefulset", env.shard, "-n", env.namespace, "--replicas=1")
 
 
-def test_keda_scales_through_its_scaledobject(env: Env, tmp_path: Path) -> None:
+def require_keda() -> None:
+    """Skip, saying how to build it, when KEDA is not built and may not be built by this run."""
     if autoscalers.keda_built() is None and os.environ.get("TENSORWASM_BUILD_KEDA") != "1":
         pytest.skip(
             "KEDA is not built: `bash hack/controlplane/build.sh keda` (47 min cold on 2 busy cores, then "
             "cached), or TENSORWASM_BUILD_KEDA=1 to build it here"
         )
+
+
+def test_keda_scales_through_its_scaledobject(env: Env, tmp_path: Path) -> None:
+    require_keda()
     state = env.plane.state()
     assert state is not None
     dev = autoscalers.DevAutoscalers(env.plane, state, log=print)
