@@ -29,6 +29,7 @@ from tensorwasm.dev.chart import DevRelease, build_image
 from tensorwasm.dev.scaling import ScalingRun
 from tests.conftest import REPO, real_node_release, wait_for
 
+from .test_autoscalers import require_keda
 from .test_helm import one, render
 
 pytestmark = [pytest.mark.node, pytest.mark.timeout(1800)]  # a first image build included
@@ -162,12 +163,17 @@ class SpinLoad:
         return dict(self.statuses)
 
 
-def test_the_hpa_scales_on_queue_depth_and_moved_tenants_keep_every_write(
-    release: DevRelease, kube: Any, tmp_path: Path
+@pytest.mark.parametrize("provider", ["hpa", "keda"])
+def test_the_autoscaler_scales_on_queue_depth_and_moved_tenants_keep_every_write(
+    release: DevRelease, kube: Any, tmp_path: Path, provider: str
 ) -> None:
-    """Load fills a tenant's queue -> Prometheus -> custom metrics API -> the chart's HPA scales the
-    operator's StatefulSet 1 -> 2 -> the moved counters keep their totals -> load stops -> after the
-    stabilization window the HPA scales in and they move back. Every counting request is counted."""
+    """Load fills a tenant's queue -> Prometheus -> the autoscaler scales the operator's StatefulSet
+    1 -> 2 -> the moved counters keep their totals -> load stops -> after the stabilization window it
+    scales in and they move back. Every counting request is counted. Both of the chart's paths:
+    `hpa` (its HPA on the custom metrics API) and `keda` (its ScaledObject: KEDA's operator makes
+    the HPA, on KEDA's external metrics API, polling Prometheus every 5 s)."""
+    if provider == "keda":
+        require_keda()
     state = release.plane.state()
     assert state is not None
     image = build_image()
@@ -182,15 +188,22 @@ def test_the_hpa_scales_on_queue_depth_and_moved_tenants_keep_every_write(
         assert release.access(tenant).invoke("add", b"")[0] == 200
     values = tmp_path / "behavior.yaml"
     values.write_text(json.dumps({"autoscaling": {"behavior": FAST_BEHAVIOR}}))
-    hpa = one(render(kube, "autoscaling.enabled=true", "autoscaling.targetAverageValue=1",
-                     "autoscaling.maxReplicas=2", namespace=NAMESPACE, extra=("--values", str(values))),
-              "HorizontalPodAutoscaler")  # fmt: skip
-    name = hpa["metadata"]["name"]
     run = ScalingRun(release.kubectl, NAMESPACE)
+    kind, name = "HorizontalPodAutoscaler", ""
     try:
         url = prom.up()
-        dev.custom_metrics_up(url, image.ref)
-        release.apply(hpa)
+        sets = ["autoscaling.enabled=true", "autoscaling.targetAverageValue=1", "autoscaling.maxReplicas=2"]
+        if provider == "keda":
+            dev.keda_up()
+            kind = "ScaledObject"
+            sets += ["autoscaling.provider=keda", f"autoscaling.keda.serverAddress={url}",
+                     "autoscaling.keda.pollingInterval=5"]  # fmt: skip
+        else:
+            dev.custom_metrics_up(url, image.ref)
+        scaler = one(render(kube, *sets, namespace=NAMESPACE, extra=("--values", str(values))), kind)
+        # The HPA that scales: the chart's own, or the one KEDA's operator makes for the ScaledObject.
+        name = scaler["metadata"]["name"] if provider == "hpa" else f"keda-hpa-{scaler['metadata']['name']}"
+        release.apply(scaler)
         wait_for(lambda: autoscalers.hpa_state(release.kubectl, NAMESPACE, name)[1] is not None, 240,
                  "the HPA to report the queue depth", interval=1)  # fmt: skip
         assert run.replicas() == 1
@@ -212,10 +225,14 @@ def test_the_hpa_scales_on_queue_depth_and_moved_tenants_keep_every_write(
         back = run.settle(1, stopped, before, 2)
     finally:
         totals = run.stop()
-        release.kubectl("delete", "hpa", name, "-n", NAMESPACE, "--ignore-not-found", check=False)
-        dev.custom_metrics_down()
+        if provider == "keda":  # KEDA itself stays up, as test_autoscalers leaves it (built, shared)
+            release.kubectl("delete", "scaledobject", "--all", "-n", NAMESPACE, "--ignore-not-found",
+                            check=False)  # fmt: skip
+        else:
+            release.kubectl("delete", "hpa", name, "-n", NAMESPACE, "--ignore-not-found", check=False)
+            dev.custom_metrics_down()
         prom.down()
-    print(f"HPA: decision {decided:.1f}s after the load step; scale-out {out}; scale-in {back}; "
+    print(f"{provider}: decision {decided:.1f}s after the load step; scale-out {out}; scale-in {back}; "
           f"counters {dict(totals)}; spin load {statuses}")  # fmt: skip
     assert run.errors() == []
     assert set(totals) <= {"200", "503:tenant_moving", "503:tenant_not_ready", "429:queue_full"}, totals
