@@ -76,6 +76,35 @@ def test_each_phase_change_posts_one_event_with_reason_and_message_even_when_a_s
     with_fake_kube(body)
 
 
+def test_sleeping_and_waking_post_no_event_but_a_warning_after_them_still_does() -> None:
+    # Idle sleep flips a tenant Ready <-> Asleep all day: an Event each time would be a write per
+    # flip per tenant (the shard's status write and the sleep/wake metrics already say it).
+    async def body(fake: FakeKube) -> None:
+        async with operator(fake):
+            await fake.put(TENANTS, tenant("a"))
+            await fake.wait_for(lambda: status(fake, "a").get("phase") == "Placed")
+            await shard_reports(fake, "a", True, "ModuleLoaded", "")
+            await fake.wait_for(lambda: len(events(fake, "a")) == 2)
+            assert status(fake, "a")["phase"] == "Ready"
+            for _ in range(3):
+                await shard_reports(fake, "a", True, "Asleep", "asleep in a snapshot")
+                await fake.wait_for(lambda: status(fake, "a").get("phase") == "Asleep")
+                await shard_reports(fake, "a", True, "ModuleLoaded", "")
+                await fake.wait_for(lambda: status(fake, "a").get("phase") == "Ready")
+            await shard_reports(fake, "a", True, "Asleep", "asleep in a snapshot")
+            await shard_reports(fake, "a", False, "WakeFailed", "snapshot signed with an unknown key")
+            # Events are posted in watch order: once the Warning is there, every flip before it was seen.
+            await fake.wait_for(lambda: len(events(fake, "a")) >= 3)
+            assert [e[:2] for e in events(fake, "a")] == [
+                ("Normal", "AwaitingShard"),
+                ("Normal", "Serving"),
+                ("Warning", "WakeFailed"),
+            ]
+            assert "Asleep -> Degraded" in events(fake, "a")[2][2]
+
+    with_fake_kube(body)
+
+
 def test_a_restarted_operator_posts_no_event_for_phases_it_finds() -> None:
     async def body(fake: FakeKube) -> None:
         async with operator(fake):

@@ -64,6 +64,8 @@ SNAPSHOTS = (API_VERSION, SNAPSHOT.plural)
 TRANSIENT = (KubeError, aiohttp.ClientError, asyncio.TimeoutError, ConnectionError)
 MAX_BACKOFF_S = 60.0
 WARNING_PHASES = ("Pending", "Degraded", "Failed")
+# Idle sleep flips a tenant between these all day: no Event for that (the sleep/wake metrics count it).
+QUIET_FLIPS = frozenset({"Ready", "Asleep"})
 SELECTOR = ",".join(f"{k}={v}" for k, v in MANAGED_SELECTOR.items())
 
 
@@ -290,7 +292,9 @@ class Reconciler:
         self._roll_task = asyncio.get_running_loop().create_task(self.roll_tick())
 
     def _placements(self) -> dict[str, str | None]:
-        return {n: (b.get("status") or {}).get("shard") for n, b in self.tenants.items()}
+        """status.shard of each tenant the ledger holds (one being deleted or invalid is released)."""
+        held = self.ledger.tenants()
+        return {n: (b.get("status") or {}).get("shard") for n, b in self.tenants.items() if n in held}
 
     def _moving(self) -> dict[str, Mapping[str, Any]]:
         """status.move of each tenant moving, and a {source, target} for each the ledger has already
@@ -586,7 +590,7 @@ class Reconciler:
         name, phase = body["metadata"]["name"], phase_of(body)
         old = self._phases.get(name)
         self._phases[name] = phase
-        if not phase or phase == old or is_deleting(body):
+        if not phase or phase == old or is_deleting(body) or {old, phase} == QUIET_FLIPS:
             return
         status = body.get("status") or {}
         conditions = status.get("conditions") or []
