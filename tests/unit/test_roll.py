@@ -166,7 +166,7 @@ def test_a_roll_of_three_shards_near_capacity_spreads_the_drained_tenants_and_ov
         cluster = Cluster(fake)
         player = asyncio.create_task(cluster.run())
         try:
-            async with reconciler_running(fake, settings, Clock()):
+            async with reconciler_running(fake, settings, Clock()) as reconciler:
                 for name in NAMES:
                     await fake.put(TENANTS, tenant(name))
                 await fake.wait_for(lambda: all(status(fake, n).get("phase") == "Placed" for n in NAMES), 60)
@@ -190,6 +190,12 @@ def test_a_roll_of_three_shards_near_capacity_spreads_the_drained_tenants_and_ov
                     ),
                     120,
                 )
+                moved = [
+                    s
+                    for s in fake.items(SNAPSHOTS)
+                    if s["metadata"]["labels"]["tensorwasm.io/purpose"] == "move"
+                ]
+                assert moved and not reconciler.mover._created  # type: ignore[attr-defined]  # bounded
         finally:
             player.cancel()
         for ordinal in range(3):

@@ -119,7 +119,9 @@ class SnapshotMove:
         timeout_s: float,
     ) -> None:
         self.api, self.snapshots, self.clock, self.timeout_s = api, snapshots, clock, timeout_s
-        self._created: set[str] = set()  # created by this process, maybe not yet in the cache
+        # Created by this process and not yet seen in the cache (bounded: a name leaves once the
+        # cache has it or its move gives up).
+        self._created: set[str] = set()
         # Shard pod -> (monotonic time read, Ready then): at most one GET per pod per READY_CACHE_S
         # however many tenants wait for it.
         self._ready: dict[str, tuple[float, bool]] = {}
@@ -211,6 +213,8 @@ class SnapshotMove:
     ) -> MoveStep:
         name = str(move.get("snapshot") or "")
         snapshot = self.snapshots.get(name)
+        if snapshot is not None:
+            self._created.discard(name)  # the cache has it now
         phase = phase_of(snapshot) if snapshot is not None else ""
         if phase == READY:
             log.info("Moving Tenant %s to=%s: Snapshot %s Ready, restoring there", tenant.name, target, name)
@@ -232,6 +236,7 @@ class SnapshotMove:
         """Roll back to the source; a source leaving the shard set has nothing to roll back to, so
         the tenant goes on to `to`, which restores its newest Ready Snapshot."""
         source, name = str(move["source"]), str(move.get("snapshot") or "")
+        self._created.discard(name)
         snapshot = self.snapshots.get(name)
         if name and (snapshot is None or phase_of(snapshot) not in (READY, FAILED)):
             # Unfinished: a source serving again must never capture it later (writes after it would
