@@ -16,6 +16,13 @@ puts it, the value and callback types declared here from wasmtime's C header, th
 from the public `Store.ptr()` through `wasmtime_store_context`, an object's struct found by its type
 rather than its attribute name, and trap and error messages read through the C API. The test proves
 each fallback gives what the private path gives, so an upgrade that moves a name keeps running.
+
+Those fallbacks still call libwasmtime directly. `PUBLIC` (PublicApi) is the same interface as
+`PRIVATE` through wasmtime-py's public Python API alone, 4-11x slower per invoke
+(bench_wasmtime_api); an Engine runs on one or the other (`select`: its `wasmtime_api=` argument,
+else TENSORWASM_RUNTIME_WASMTIME_API, else PRIVATE, or PUBLIC when the library cannot be loaded).
+tests/unit/test_runtime_wasmtime_public.py runs the whole invoke path on PUBLIC with every C
+function declared here sabotaged and compares every answer with PRIVATE's.
 Only engine/ imports this module; it must not import the accelerator.
 """
 
