@@ -15,6 +15,7 @@ from dataclasses import replace
 from typing import Any
 
 from tensorwasm.api.group import API_VERSION, FINALIZER, LABEL_TENANT
+from tensorwasm.operator.moves import MoveStep
 from tensorwasm.operator.placement import ranked
 from tensorwasm.operator.reconciler import Reconciler
 from tensorwasm.operator.settings import OperatorSettings
@@ -208,5 +209,27 @@ def test_scaling_in_moves_tenants_at_once_and_scaling_out_moves_them_through_a_s
             await fake.wait_for(lambda: all(status(fake, n).get("move") is None for n in movers))
             stayed = [n for n in names if n not in movers]
             assert all(status(fake, n)["shard"] == "tensorwasm-shard-0" for n in stayed)
+
+    with_fake_kube(body)
+
+
+def test_a_move_rolled_back_to_a_shard_name_outside_the_set_does_not_put_the_tenant_on_shard_0() -> None:
+    class BackToNowhere:
+        """A strategy whose rollback names a pod that is no shard of the set (a hand-edited status)."""
+
+        async def step(self, tenant: Any, target: str, runs: Any) -> MoveStep:
+            return MoveStep("someone-elses-pod", "someone-elses-pod")
+
+    name = next(n for n in (f"t{i}" for i in range(50)) if ranked(n, 2)[0] == 1)
+
+    async def body(fake: FakeKube) -> None:
+        api = fake.client("tensorwasm-operator")
+        reconciler = Reconciler(SETTINGS, api, mover=BackToNowhere())
+        await reconciler.start()
+        await fake.put(TENANTS, tenant(name))
+        await reconciler.on_tenant("ADDED", fake.get(TENANTS, name))  # type: ignore[arg-type]
+        await reconciler.drain()
+        assert reconciler.ledger.shard_of(name) == 1  # the ledger's own choice stands
+        await api.close()
 
     with_fake_kube(body)
