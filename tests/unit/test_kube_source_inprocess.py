@@ -7,6 +7,7 @@ user could observe (the Tenant's status, the shard's served set), never on time.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 from collections.abc import Awaitable, Callable
@@ -138,5 +139,24 @@ def test_the_watch_survives_an_api_error_and_a_dropped_stream() -> None:
             )
             await fake.put(TENANTS, tenant("delta"))
             await fake.wait_for(lambda: runtime_of(fake, "delta").get("loaded"))
+
+    scenario(body)
+
+
+def test_a_source_cancelled_as_a_change_arrives_stops() -> None:
+    """The shard's SIGTERM (its source task cancelled) in the same loop turn as a watch event: the
+    source must stop. On Python 3.11 asyncio.wait_for returned the event there and swallowed the
+    cancellation, and the loop ran on for ever (a test teardown that awaited it hung)."""
+
+    async def body(fake: FakeKube) -> None:
+        await fake.put(TENANTS, tenant("alpha"))
+        async with running_source(fake) as (_, source, _):
+            task = next(t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "KubeSource.run")
+            await fake.wait_for(lambda: runtime_of(fake, "alpha").get("loaded"))
+            await until(lambda: source._dirty._waiters)  # idle between passes, waiting for a change
+            source._dirty.set()  # what a watch event does (on_change -> _mark_dirty)
+            task.cancel()  # and SIGTERM, in the same loop turn
+            await asyncio.wait([task], timeout=30)
+            assert task.cancelled(), "the source ran on after its cancellation"
 
     scenario(body)
