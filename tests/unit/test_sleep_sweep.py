@@ -7,6 +7,7 @@ that lost or mixed up its state shows in the number it answers) over a real snap
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -210,3 +211,28 @@ def test_a_sleeper_signed_with_a_retired_key_is_reported_before_its_wake(tmp_pat
     finally:
         stop(running)
         signing.configure(SigningPolicy())
+
+
+def test_two_shards_sweeping_one_shared_store_at_once_both_succeed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tensorwasm.runtime import sleep
+
+    alpha = counter("alpha", after="1h")
+    store = tmp_path / "store"
+    put_to_sleep(store, (alpha, 5))
+    running = shard(store)
+    server = next(running)
+    listed = sleep._keys_on_disk
+
+    def listed_then_taken(*args: object) -> dict[str, list[Path]]:
+        found = listed(*args)  # type: ignore[arg-type]
+        shutil.rmtree(store / "tenants" / "uid-alpha.sleep")  # the other shard got there first
+        return found
+
+    try:
+        monkeypatch.setattr(sleep, "_keys_on_disk", listed_then_taken)
+        swept = server.run(server.shard.sweep_sleep_blobs(grace_s=0))
+        assert swept is not None and swept.removed == ("uid-alpha.sleep",) and sleep_files(store) == set()
+    finally:
+        stop(running)

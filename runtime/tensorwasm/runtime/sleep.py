@@ -493,12 +493,15 @@ def _remove_key(
     if files:
         _fsync_dir(records.directory)
     for directory in (p for p in paths if p.is_dir()):
-        for blob in directory.iterdir():
-            digest = digest_of(blob)
-            if tier is not None and digest is not None:
-                tier.drop(digest)
-            blob.unlink(missing_ok=True)
-        directory.rmdir()
+        # The store is shared by the shards (a ReadWriteMany claim): another shard's sweep may
+        # remove the same orphan at the same time; whatever it removed first is gone either way.
+        with contextlib.suppress(FileNotFoundError):
+            for blob in directory.iterdir():
+                digest = digest_of(blob)
+                if tier is not None and digest is not None:
+                    tier.drop(digest)
+                blob.unlink(missing_ok=True)
+            directory.rmdir()
         _fsync_dir(directory.parent)
 
 
