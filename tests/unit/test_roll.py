@@ -149,7 +149,7 @@ def occupancy_peaks(fake: FakeKube) -> Counter[str]:
         for body in bodies.values():
             st = body.get("status") or {}
             shards = {st.get("shard"), (st.get("move") or {}).get("target")} - {None}
-            held.update(shards)
+            held.update(str(shard) for shard in shards)
         for shard, count in held.items():
             peaks[shard] = max(peaks[shard], count)
     return peaks
@@ -276,7 +276,7 @@ class Scheduled:
             self.handles.append((delay, args, handle))
             return handle
 
-        self.loop.call_later = call_later  # type: ignore[method-assign]
+        self.loop.call_later = call_later  # type: ignore[method-assign,assignment]
 
     def pending(self, delay: float, args: tuple[Any, ...] = ()) -> int:
         now = self.loop.time()
