@@ -22,6 +22,7 @@ from tensorwasm.runtime.sleep import SleepRecords
 from tensorwasm.runtime.snapshots.store import SnapshotStore
 from tensorwasm.runtime.tenancy.config import TenantConfig
 from tensorwasm.runtime.tenancy.prewarm import LEAD_S, SLOT_S, ArrivalHistory, Candidate, choose, due
+from tests.conftest import wait_for
 from tests.runtime_fixtures import RuntimeServer, runtime_server  # noqa: F401
 from tests.unit.test_runtime_sleep import CAP, add, counter, open_devices, reason
 
@@ -216,3 +217,16 @@ def test_an_unused_prewarm_sleeps_back_into_its_blob_without_a_capture(runtime_s
     record = SleepRecords(SnapshotStore(tmp_path / "store")).read(sleeper.key)
     assert record is not None and record.digest == digest
     assert add(server, early, 0) == 2  # and it wakes from it with both calls counted
+
+
+def test_the_shards_idle_scan_prewarms_on_its_own(runtime_server, tmp_path) -> None:
+    clock = Clock(NINE)
+    early = prewarmer("early")
+    quick = counter("quick", after="200ms")  # its idle.after makes the scan look every 50 ms
+    server = shard_with(runtime_server, tmp_path, clock)
+    server.sync([early, quick])
+    called_at_nine(server, clock, early)
+    assert reason(server, "early") == ASLEEP
+    clock.t = NINE + 2 * DAY - 30  # nobody calls prewarm(): the scan does
+    wait_for(lambda: prewarmed(server) == {"early"}, 60, "the idle scan to prewarm early")
+    assert add(server, early, 0) == 2
