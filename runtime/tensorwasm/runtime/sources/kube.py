@@ -222,7 +222,7 @@ def _resolve_one(obj: Mapping[str, Any], view: ClusterView) -> TenantConfig:
         try:
             text = ptx.decode()
         except UnicodeDecodeError as exc:
-            raise InvalidSpec(f"spec.kernels[{i}]: the PTX in ConfigMap {ns}/{ref_name(kernel)} is not "
+            raise InvalidSpec(f"spec.kernels[{i}]: the PTX in ConfigMap {ns}/{_ref_name(kernel)} is not "
                               f"UTF-8 text (byte {exc.start})") from None  # fmt: skip
         kernels.append((str(kernel.get("name", "")), text))
     # The Secret's other token keys: more invoke tokens (rotation) and read-only ones (issue 14).
@@ -242,7 +242,7 @@ def _resolve_one(obj: Mapping[str, Any], view: ClusterView) -> TenantConfig:
     )
 
 
-def ref_name(kernel: Mapping[str, Any] | None) -> str:
+def _ref_name(kernel: Mapping[str, Any] | None) -> str:
     return str(((kernel or {}).get("configMapRef") or {}).get("name", ""))
 
 
@@ -595,7 +595,7 @@ class KubeSource:
                     continue
                 try:
                     obj = await self.api.get(resource_path(API_VERSION, PLURAL, self.namespace, name))
-                except (KubeError, aiohttp.ClientError) as exc:  # API server away: keep answering moving
+                except Exception as exc:  # API server away (or slow): keep answering moving, ask again
                     log.info("Found no Tenant to tell whether its move is over name=%s: %s", name, exc)
                     continue
                 self.left_reads += 1
