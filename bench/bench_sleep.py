@@ -477,6 +477,7 @@ def density_case(acc: Any, work: Path, seconds: float, rate: float) -> tuple[dic
                 res["errors"] or 0,
             )
         )
+    figures["active_fraction"] = fraction
     figures["planner_predicted_tenants"] = last_fit
     figures["planner_predicted_onset_tenants"] = onset
     if swapping_at:

@@ -6,6 +6,8 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
 from tensorwasm.planner.bench import read_bench_results
 from tensorwasm.planner.figures import modeled
 from tensorwasm.planner.model import (
@@ -71,3 +73,19 @@ def test_the_gpu_run_brackets_the_predicted_swap_onset() -> None:
     below, above = figures["density_x10_tenants"], figures["density_x12_tenants"]
     assert figures["density_x12_wakes"] > 4 * figures["density_x10_wakes"]  # 178 vs 22: swapping at 96
     assert below < swap_onset(resident, 0.1) <= above
+
+
+def test_plan_with_bench_results_checks_the_model_against_the_recorded_onset(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from tensorwasm.cli.main import main
+
+    results = REPO / "bench" / "results"
+    sleepy = ["plan", "--tenants", "500", "--active-fraction", "10%", "--bench-results", str(results)]
+    assert main(sleepy) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("Model check (idle sleep)"))
+    measured = read_bench_results(results).lookup("swap_onset")
+    assert measured is not None and f"predicted {swap_onset(8, 0.1)} tenants" in line
+    assert f"measured {measured.value:g}" in line and measured.origin in line
+    assert main(["plan", "--tenants", "500", "--bench-results", str(results)]) == 0  # none sleeps: no check
+    assert "Model check" not in capsys.readouterr().out

@@ -186,9 +186,35 @@ def _plan(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2, default=_json_default))
     else:
         print(render_plan(result, curves))
+        onset = _swap_onset_check(workload, evidence)
+        if onset:
+            print(onset)
         if args.plot:
             print(f"\nWrote {args.plot}")
     return EXIT_OK if result.recommended or (result.sharded and not only) else EXIT_NO_FIT
+
+
+def _swap_onset_check(workload: Any, evidence: Any) -> str:
+    """With --active-fraction and a recorded swap onset in --bench-results: the model checked against
+    that run (bench_sleep.py): its prediction for the run's budget and active share beside what it
+    measured."""
+    from tensorwasm.planner.model import swap_onset
+
+    if workload.active_fraction is None:
+        return ""
+    measured = evidence.lookup("swap_onset")
+    if measured is None:
+        return ""
+    resident = evidence.in_same_file(measured.origin, "resident_tenants")
+    fraction = evidence.in_same_file(measured.origin, "active_fraction")
+    if resident is None or fraction is None:
+        return ""
+    predicted = swap_onset(int(resident), fraction)
+    off = abs(predicted - measured.value) / measured.value
+    return (
+        f"Model check (idle sleep): {resident:g} awake, {fraction:.0%} active: swap onset predicted"
+        f" {predicted} tenants, measured {measured.value:g} ({measured.origin}, {off:.0%} off)"
+    )
 
 
 def _plot_grid() -> tuple[float, ...]:

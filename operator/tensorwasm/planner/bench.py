@@ -38,6 +38,7 @@ FIGURE_NAMES: dict[str, tuple[str, ...]] = {
     # many fit awake in that run's budget (the all-resident case).
     "swap_onset": ("density_onset_measured_tenants",),
     "resident_tenants": ("density_resident_tenants",),
+    "active_fraction": ("density_active_fraction",),
 }
 
 
