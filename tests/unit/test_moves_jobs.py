@@ -5,6 +5,7 @@ every wait is on state a client can read."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from tests.conftest import wait_for
@@ -18,7 +19,7 @@ def jobs(server: RuntimeServer, token: str) -> dict[str, dict[str, Any]]:
 
 
 def test_a_held_tenant_fails_its_queued_jobs_and_its_barrier_waits_only_for_the_running_one(
-    runtime_server,  # noqa: F811
+    runtime_server: Callable[..., RuntimeServer],  # noqa: F811
 ) -> None:
     cfg = tenant("spinner", "runaway.wat", timeout_ms=1500, max_concurrency=1, queue_length=4)
     server = runtime_server([cfg])
