@@ -16,18 +16,14 @@ from tests.unit.test_moves import (
     PODS,
     S0,
     S1,
-    SNAPSHOTS,
-    STATEFULSETS,
-    TENANTS,
     Clock,
     events,
     move,
     operator,
     ready_pod,
     selected,
-    status,
-    tenant,
 )
+from tests.unit.test_reconciler_inprocess import SNAPSHOTS, STATEFULSETS, TENANTS, status, tenant
 
 
 def test_scale_out_holds_nothing_until_the_new_shard_pod_is_ready_then_moves_the_same_tenants() -> None:
