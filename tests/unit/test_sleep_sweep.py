@@ -236,3 +236,26 @@ def test_two_shards_sweeping_one_shared_store_at_once_both_succeed(
         assert swept is not None and swept.removed == ("uid-alpha.sleep",) and sleep_files(store) == set()
     finally:
         stop(running)
+
+
+def test_a_shard_letting_a_sleeper_go_leaves_the_record_another_shard_wrote(tmp_path: Path) -> None:
+    """One store for every shard: the tenant moved on and already sleeps on its new shard, under a
+    record naming that shard's blob; the old shard, letting it go, removes only its own blob."""
+    alpha = counter("alpha", after="1h")
+    store = tmp_path / "store"
+    running = shard(store, alpha)
+    server = next(running)
+    try:
+        add(server, alpha, 5)
+        assert server.run(server.shard.sleep("alpha"))
+        sleeper = server.shard.served["alpha"].sleeper
+        assert sleeper is not None
+        ours = sleeper.digest
+        records = SleepRecords(SnapshotStore(store))
+        theirs = replace(records.read(sleeper.key), digest="f" * 32)  # type: ignore[type-var]
+        records.write(sleeper.key, theirs)  # the new shard's sleep (its blob under its own digest)
+        server.sync([])  # alpha leaves this shard
+        assert records.read(sleeper.key) == theirs
+        assert not (store / "tenants" / sleeper.key / f"{ours}.twsnap").exists()
+    finally:
+        stop(running)

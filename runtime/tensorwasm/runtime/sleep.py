@@ -370,7 +370,11 @@ class Sleeper:
 
     def _forget(self) -> None:
         if self.digest:
-            self.parts.records.remove(self.key)
+            # The store is shared by the shards: the tenant may already sleep on the shard it moved
+            # to, under a record naming another blob. Only a record naming ours goes with it.
+            record = self.parts.records.read(self.key)
+            if record is None or record.digest == self.digest:
+                self.parts.records.remove(self.key)
             with contextlib.suppress(OSError, RuntimeFault):
                 self.parts.store.delete(self.key, self.digest)
             self.digest = ""
