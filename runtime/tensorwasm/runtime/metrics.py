@@ -378,6 +378,13 @@ TENANT_SLEEPS = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+TENANT_SLEEP_FAILURES = Counter(
+    "tensorwasm_tenant_sleep_failures_total",
+    "Sleep captures that failed (disk full, store error), by reason (idle or evicted): the tenant "
+    "stays awake and is not tried again for a backoff (5 s doubling to 5 min while it keeps failing).",
+    ["reason"],
+    registry=REGISTRY,
+)
 TENANT_WAKES = Counter(
     "tensorwasm_tenant_wakes_total",
     "Sleeping tenants woken by a request, by source: hot (pinned hot tier), file, module (no usable "
