@@ -184,8 +184,10 @@ def test_the_autoscaler_scales_on_queue_depth_and_moved_tenants_keep_every_write
     release.apply(counter_module(), *(counter_tenant(n) for n in TENANTS), *spin_objects())
     for tenant in [*TENANTS, "spin"]:
         release.wait_tenant_ready(tenant)
-    for tenant in TENANTS:  # each ClusterIP programmed before the clock starts
-        assert release.access(tenant).invoke("add", b"")[0] == 200
+    for tenant in TENANTS:  # each ClusterIP programmed, and an earlier variant's moves done, first
+        access = release.access(tenant)
+        wait_for(lambda a=access: a.invoke("add", b"")[0] == 200, 120, f"{tenant} to answer 200",
+                 interval=1)  # fmt: skip
     values = tmp_path / "behavior.yaml"
     values.write_text(json.dumps({"autoscaling": {"behavior": FAST_BEHAVIOR}}))
     run = ScalingRun(release.kubectl, NAMESPACE)
