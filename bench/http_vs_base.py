@@ -306,7 +306,9 @@ def main() -> int:
             if key in work[label]:
                 figures[f"{role}_{key}"] = work[label][key]
         figures[f"{role}_server_cpu_us"] = med[label]
+        figures[f"{role}_server_cpu_us_min"] = min(cpu[label])  # neighbours only ever add
     figures["hello_server_cpu_us"] = med["hello"]
+    figures["hello_server_cpu_us_min"] = min(cpu["hello"])
     for role in ("before", "after"):
         if "base_instructions_loop" in figures:
             figures[f"{role}_over_base_instructions_loop"] = round(
