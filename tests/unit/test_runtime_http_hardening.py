@@ -11,6 +11,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import pytest
+
+from tensorwasm.runtime.api import guard as guard_module
 from tensorwasm.runtime.api.admission import AdmissionLimits
 from tensorwasm.runtime.api.app import build_admin_app, build_app
 from tensorwasm.runtime.api.guard import ConnectionGuard, ConnectionLimits, _Guarded, reads_handler_state
@@ -230,6 +233,24 @@ def test_a_request_running_longer_than_the_header_timeout_is_not_cut_off() -> No
             # In progress for 1.5 s, five header timeouts: answered by its deadline, not closed.
             status, _, body = await asyncio.wait_for(response(reader), 60)
             assert status == 504 and kind(body) == "deadline_exceeded"
+            writer.close()
+
+    run(main)
+
+
+def test_the_middleware_fallback_keeps_both_timeouts(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An aiohttp without the handler state the sweep reads: each request is marked by a middleware.
+    monkeypatch.setattr(guard_module, "reads_handler_state", lambda: False)
+
+    async def main() -> None:
+        limits = ConnectionLimits(header_timeout_s=0.3)
+        async with shard_server(connections=limits) as (port, _, shard):
+            spin = tenant("spinner", "runaway.wat", ["spin"], timeout_ms=1500)
+            await shard.sync([ALPHA, spin])
+            reader, writer = await send(port, invoke_head(0, spin.token).replace("/echo/", "/spin/"))
+            status, _, body = await asyncio.wait_for(response(reader), 60)
+            assert status == 504 and kind(body) == "deadline_exceeded"  # in progress: not cut off
+            assert await asyncio.wait_for(reader.read(), 30) == b""  # then idle: closed
             writer.close()
 
     run(main)
