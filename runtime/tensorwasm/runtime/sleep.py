@@ -15,7 +15,14 @@ sleeper of one shard shares).
   check of a normal restore applies), remove the record. A refused restore fails the waking
   request and every request that waited for that wake with a clear `tenant_not_ready`
   (reason WakeFailed), drops the blob, and restarts the tenant from its module (fresh state), so
-  the next request is served.
+  the next request is served. A restore that fails on I/O (EIO, ESTALE reading the blob) closes the
+  device and gives its reservation back at once, keeps the blob and record, and fails the waiting
+  requests with a retryable `tenant_not_ready` (WakeFailed, Retry-After): the next request tries again.
+- A capture that fails (disk full, store error) leaves the tenant awake and refuses further sleeps of
+  it for SLEEP_RETRY_S (doubling to SLEEP_RETRY_MAX_S while it keeps failing): neither the idle scan
+  nor an eviction copies its whole state again and again (tensorwasm_tenant_sleep_failures_total).
+- A closed sleeper (the shard unloaded the tenant) never wakes again: a request or a Snapshot that
+  found it just before the unload gets `tenant_not_ready` instead of opening a device nobody closes.
 - Sweep (`sweep_orphans`, the shard's periodic pass): the records and blobs of sleep keys no Tenant
   owns any more (deleted while asleep and unserved, or while its shard was down) are removed,
   record first, bounded per pass; the sleep snapshots left are counted by signing key, and those
@@ -66,6 +73,12 @@ SWEEP_LIMIT = 64
 # ... and none younger than this (its newest file's mtime): a tenant assigned after the sweep took
 # its list of live keys may already be sleeping into a fresh key.
 SWEEP_GRACE_S = 300.0
+# A failed sleep capture: no new attempt for this long, doubled per consecutive failure up to the max.
+SLEEP_RETRY_S = 5.0
+SLEEP_RETRY_MAX_S = 300.0
+# A wake that failed on I/O (the blob is kept): the Retry-After of the requests it failed.
+WAKE_RETRY_AFTER_S = 1.0
+UNLOADED = "Unloaded"
 
 
 def sleep_key(config: TenantConfig) -> str:
@@ -167,6 +180,9 @@ class Sleeper:
         self._used = time.monotonic()
         self._epoch = 0  # completed wakes
         self._failure: tuple[int, TenantNotReady] | None = None
+        self.closed = False  # set under the lock by close(): nothing opens a device for it again
+        self._sleep_failures = 0  # consecutive failed captures
+        self._sleep_retry_at = 0.0  # monotonic: no capture attempt before this after a failure
         self.pinned = False  # the shard sets it: idle.after is never (stays resident, never evicted)
         self.history = ArrivalHistory(parts.wall_clock)  # recorded when spec.idle.prewarm is history
         self.prewarmed = False  # awake by a prediction and not yet used: its next request is a hit
@@ -204,6 +220,8 @@ class Sleeper:
             failure = self._failure
             if failure is not None and failure[0] > seen:
                 raise failure[1]  # this request waited for a wake that failed
+            if self.closed:
+                raise self._unloaded()
             if self.pool is None:
                 self._wake()
             elif self.prewarmed:
@@ -222,15 +240,20 @@ class Sleeper:
     # --- sleep ---
 
     def try_sleep(self, reason: str) -> bool:
-        """Sleep now if nothing is running or queued; False otherwise (or if the capture failed)."""
+        """Sleep now if nothing is running or queued; False otherwise (or if the capture failed, or
+        failed less than its backoff ago: `sleep_backing_off`)."""
         if not self._lock.acquire(blocking=False):
             return False
         try:
-            if self.pool is None or self.busy():
+            if self.pool is None or self.busy() or self.sleep_backing_off():
                 return False
             return self._sleep(reason)
         finally:
             self._lock.release()
+
+    def sleep_backing_off(self) -> bool:
+        """True while a failed capture's backoff runs: try_sleep refuses without trying."""
+        return self._sleep_failures > 0 and time.monotonic() < self._sleep_retry_at
 
     def _sleep(self, reason: str) -> bool:
         pool, device, cfg, parts = self.pool, self.device, self.config, self.parts
@@ -246,8 +269,14 @@ class Sleeper:
                 self.key, SleepRecord(result.digest, cfg.module.sha256, cfg.generation, cfg.name, time.time())
             )
         except (RuntimeFault, OSError) as exc:
-            log.warning("Failed putting Tenant to sleep name=%s reason=%s: %s", self.name, reason, exc)
+            self._sleep_failures += 1
+            backoff = min(SLEEP_RETRY_S * 2 ** (self._sleep_failures - 1), SLEEP_RETRY_MAX_S)
+            self._sleep_retry_at = time.monotonic() + backoff
+            metrics.TENANT_SLEEP_FAILURES.labels(reason).inc()
+            log.warning("Failed putting Tenant to sleep name=%s reason=%s failures=%d retry_s=%.0f: %s",
+                        self.name, reason, self._sleep_failures, backoff, exc)  # fmt: skip
             return False
+        self._sleep_failures = 0
         previous, self.digest = self.digest, result.digest
         self.pool = self.device = None
         if self.prewarmed:  # woken for a request that did not come
@@ -295,7 +324,13 @@ class Sleeper:
 
     # --- wake (lock held) ---
 
+    def _unloaded(self) -> TenantNotReady:
+        return TenantNotReady(f"tenant {self.name} is no longer served by this shard", tenant=self.name,
+                              reason=UNLOADED, retry_after_s=WAKE_RETRY_AFTER_S)  # fmt: skip
+
     def _wake(self) -> None:
+        if self.closed:  # unloaded after the caller found it: open nothing for it
+            raise self._unloaded()
         started = perf_counter()
         parts, cfg = self.parts, self.config
         pool, device = parts.open(cfg, self.module)  # reserves GPU room first (may evict); raises 429
@@ -311,6 +346,8 @@ class Sleeper:
                 source = restored.source
             except RuntimeFault as exc:
                 self._wake_failed(pool, device, exc)
+            except BaseException as exc:
+                self._wake_interrupted(pool, device, exc)
         self.pool, self.device = pool, device
         parts.records.remove(self.key)
         self._epoch += 1
@@ -325,6 +362,27 @@ class Sleeper:
         )
         log.info("Woke Tenant name=%s source=%s ms=%.2f", self.name, source, took * 1000)
         parts.notify(self.name, False, note, cfg.generation)
+
+    def _wake_interrupted(
+        self, pool: TenantInstancePool, device: TenantDevice | None, exc: BaseException
+    ) -> None:
+        """The restore failed on something other than a refused blob (an I/O error reading it): the
+        device and its reservation go back now, the blob and its record stay (the state is not
+        known to be bad), and the waiting requests fail retryably; the next request wakes again."""
+        self.parts.close(self.name, pool, device)
+        metrics.TENANT_WAKES.labels("failed").inc()
+        log.error(
+            "Failed waking Tenant name=%s digest=%s (kept for a retry): %r", self.name, self.digest, exc
+        )
+        if not isinstance(exc, Exception):
+            raise exc
+        fault = TenantNotReady(
+            f"tenant {self.name} could not be woken: reading its snapshot failed ({exc}); its state is "
+            "kept, retry", tenant=self.name, reason=WAKE_FAILED, retry_after_s=WAKE_RETRY_AFTER_S,
+        )  # fmt: skip
+        self._epoch += 1
+        self._failure = (self._epoch, fault)
+        raise fault from exc
 
     def _wake_failed(self, pool: TenantInstancePool, device: TenantDevice | None, exc: RuntimeFault) -> None:
         """A refused restore: fail this wake's requests, restart from the module (fresh state)."""
@@ -360,6 +418,7 @@ class Sleeper:
         """The shard unloads the tenant (its queue drained): close what is open; with `forget`, drop
         the sleep blob too (a shard shutting down keeps it: the tenant sleeps on after a restart)."""
         with self._lock:
+            self.closed = True
             pool, device, self.pool, self.device = self.pool, self.device, None, None
             if pool is not None:
                 self.parts.close(self.name, pool, device)
@@ -386,7 +445,7 @@ class Sleeper:
         if not self._lock.acquire(blocking=False):
             return False
         try:
-            if self.pool is not None:
+            if self.pool is not None or self.closed:
                 return False
             residency = self.parts.residency
             if need is not None and not residency.try_admit(self.name, need):
@@ -409,6 +468,8 @@ class Sleeper:
     def wake_now(self) -> None:
         """Wake outside a request (a Snapshot of a sleeping tenant needs its live state)."""
         with self._lock:
+            if self.closed:
+                raise self._unloaded()
             if self.pool is None:
                 self._wake()
 

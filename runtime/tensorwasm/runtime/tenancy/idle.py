@@ -7,6 +7,9 @@ with nothing in flight are put to sleep first, oldest first, until the newcomer 
 requests in flight (running or queued) is never chosen, nor one whose idle.after is `never`; when
 nobody can be chosen the newcomer waits for one (bounded by its deadline), then is refused with 429
 + Retry-After. A prewarm (`try_admit`) takes free room only: it never puts anyone to sleep.
+A victim that stayed idle but did not sleep (its capture failed: disk full, store error) is not
+chosen again for FAILED_VICTIM_SKIP_S: the newcomer looks for others, else waits as for busy ones,
+instead of capturing the same victim back to back until its deadline.
 The invariant every test checks: bytes reserved <= budget at every moment, and a tenant's device is
 opened only after its reservation and closed before the reservation is given back, so the sum of
 the caps of open devices (hence of their allocations) never exceeds the budget.
@@ -26,6 +29,8 @@ from tensorwasm.runtime.errors import GpuMemoryExhausted, Overloaded
 
 # How often a newcomer that found every resident busy looks again (a busy one may finish any time).
 _RECHECK_S = 0.02
+# A victim whose sleep failed is skipped this long (its own backoff refuses captures meanwhile too).
+FAILED_VICTIM_SKIP_S = 5.0
 
 
 class Resident(Protocol):
@@ -50,6 +55,7 @@ class Residency:
         self._held: dict[str, int] = {}
         self._members: dict[str, Resident] = {}
         self._evicting: set[str] = set()
+        self._failed: dict[str, float] = {}  # victim -> clock() until which it is not chosen again
         self._cond = threading.Condition()
         self.peak = 0  # the most ever reserved at once (benchmarks and the wake-storm test read it)
         self._publish()
@@ -91,11 +97,16 @@ class Residency:
                     self._cond.wait(min(left, _RECHECK_S))
                     continue
             for victim in victims:
+                slept = False
                 try:
-                    victim.try_sleep("evicted")
+                    slept = victim.try_sleep("evicted")
                 finally:
                     with self._cond:
                         self._evicting.discard(victim.name)
+                        if not slept and not victim.busy() and victim.name in self._members:
+                            # Idle and still resident: its capture failed (or backs off). Busy ones
+                            # are skipped by _choose anyway, and may well be free again soon.
+                            self._failed[victim.name] = self._clock() + FAILED_VICTIM_SKIP_S
 
     def try_admit(self, name: str, need: int) -> bool:
         """Reserve `need` bytes for `name` only if they fit beside what is reserved now: never puts
@@ -113,11 +124,17 @@ class Residency:
 
     def _choose(self, newcomer: str, short: int) -> list[Resident]:
         """Least recently used idle residents whose reservations cover `short` bytes (lock held)."""
+        now = self._clock()
+        self._failed = {n: until for n, until in self._failed.items() if until > now and n in self._members}
         candidates = sorted(
             (
                 m
                 for n, m in self._members.items()
-                if n != newcomer and n not in self._evicting and not m.pinned and not m.busy()
+                if n != newcomer
+                and n not in self._evicting
+                and n not in self._failed
+                and not m.pinned
+                and not m.busy()
             ),
             key=lambda m: m.last_used(),
         )
