@@ -355,10 +355,15 @@ def test_kubectl_shows_a_sleeping_tenant_and_a_request_wakes_it(
     apply(kube, namespace, module_configmap())
     apply(kube, namespace, secret("sleepy-token", "sleepy-token-001"))
     sleepy = tenant_obj("sleepy", ECHO_SHA)
-    sleepy["spec"]["idle"] = {"after": "2s"}
+    # The API server refuses a spec.idle.after under its 10s floor (the CRD's CEL rule) ...
+    sleepy["spec"]["idle"] = {"after": "500ms"}
+    refused = kube.run_kubectl("apply", "-n", namespace, "-f", "-", input_text=json.dumps(sleepy))
+    assert refused.returncode != 0 and "at least 10s" in refused.stderr, refused.stderr
+    # ... while the shard's default (the operator's --idle-after) may be shorter.
+    del sleepy["spec"]["idle"]
     apply(kube, namespace, sleepy)
     place(kube, namespace, "sleepy", "shard-0")
-    s = shard("--snapshot-dir", str(tmp_path / "snapshots"))
+    s = shard("--snapshot-dir", str(tmp_path / "snapshots"), "--idle-after", "2s")
 
     def phase() -> str:
         phase_only = ("-o", "custom-columns=PHASE:.status.phase", "--no-headers")

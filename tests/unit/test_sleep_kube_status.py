@@ -13,8 +13,13 @@ from tests.unit.test_kube_source_inprocess import TENANTS, running_source, runti
 
 def test_a_sleeping_tenant_is_reported_asleep_and_ready_again_after_a_request(tmp_path: Path) -> None:
     async def body(fake: FakeKube) -> None:
-        await fake.put(TENANTS, tenant("alpha", idle={"after": "200ms"}))
-        async with running_source(fake, sleep_store=SnapshotStore(tmp_path)) as (shard, _, _):
+        # spec.idle.after is at least 10s (a tenant's choice); the shard's default may be shorter.
+        await fake.put(TENANTS, tenant("alpha"))
+        async with running_source(fake, sleep_store=SnapshotStore(tmp_path), idle_after_s=0.2) as (
+            shard,
+            _,
+            _,
+        ):
             await fake.wait_for(lambda: runtime_of(fake, "alpha").get("reason") == "Asleep")
             status = fake.get(TENANTS, "alpha")["status"]  # type: ignore[index]
             assert status["phase"] == "Asleep" and status["gpuBytesInUse"] == 0

@@ -173,6 +173,11 @@ class PlacementHints:
 
 
 IDLE_AFTER_PATTERN = r"^(never|[1-9][0-9]{0,6}(ms|s|m|h))$"
+# spec.idle.after's floor: shorter, a tenant would be captured after nearly every request and restored
+# on the next (its whole state written to the shared snapshot volume each time). The same floor as a
+# pattern for the CRD's CEL rule (CEL has no unit-aware parse that stays within range for 9999999h).
+IDLE_AFTER_MIN_S = 10
+IDLE_AFTER_FLOOR_PATTERN = r"^(never|[1-9][0-9]{4,6}ms|[1-9][0-9]{1,6}s|[1-9][0-9]{0,6}(m|h))$"
 PREWARM_HISTORY = "history"  # spec.idle.prewarm: wake ahead of the tenant's daily arrival pattern
 PREWARM_PATTERN = r"^(none|history)$"  # not "off": YAML 1.1 reads it as false
 _IDLE_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -186,15 +191,28 @@ def idle_seconds(after: str) -> float | None:
     return int(after[: -len(unit)]) * _IDLE_UNITS[unit]
 
 
+def _idle_after_floor(value: object) -> bool:
+    seconds = idle_seconds(value) if isinstance(value, str) else None
+    return seconds is None or seconds >= IDLE_AFTER_MIN_S
+
+
+IDLE_AFTER_RULE = Rule(
+    f"self.matches('{IDLE_AFTER_FLOOR_PATTERN}')",
+    f"must be 'never' or at least {IDLE_AFTER_MIN_S}s: a shorter idle.after would capture the tenant's "
+    "whole state after nearly every request",
+    _idle_after_floor,
+)
+
+
 @dataclass(frozen=True, kw_only=True)
 class IdlePolicy:
     """When an idle tenant sleeps in a snapshot (docs/operator.md "Idle tenants sleep")."""
 
     after: str | None = string(
-        "after", "Sleep after this long without a request: a duration (500ms, 30s, 5m, 2h) or 'never'. "
-        "Absent means the shard's default (chart value shard.idle.after). A sleeping tenant holds no "
-        "instances and no GPU memory; its first request wakes it from the snapshot.",
-        max_length=16, pattern=IDLE_AFTER_PATTERN,
+        "after", "Sleep after this long without a request: a duration (10s, 30s, 5m, 2h) or 'never'. "
+        "At least 10s. Absent means the shard's default (chart value shard.idle.after). A sleeping tenant "
+        "holds no instances and no GPU memory; its first request wakes it from the snapshot.",
+        max_length=16, pattern=IDLE_AFTER_PATTERN, rules=(IDLE_AFTER_RULE,),
     )  # fmt: skip
     prewarm: str | None = string(
         "prewarm", "Wake this tenant ahead of predicted use. 'history': its shard wakes it shortly before "
