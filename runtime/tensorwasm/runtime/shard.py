@@ -150,6 +150,9 @@ class Shard:
     synced: bool = False  # the source delivered its first full list
     health_poke: asyncio.Event = field(default_factory=asyncio.Event)  # an invoke saw AcceleratorFailed
     prepare: Prepare | None = None  # set by a source that restores snapshots
+    # A source's: True for a tenant moving here with a Snapshot, which `prepare` restores; a sleep
+    # record never stands in for it (_install_asleep).
+    moving_in: Callable[[TenantConfig], bool] | None = None
     on_load_done: Callable[[], None] | None = None  # a source's hook: some tenant's load finished
     default_gpu_memory_bytes: int | None = None  # the GPU cap of a tenant that sets none (None: uncapped)
     # Idle sleep (runtime/sleep.py): a store enables it; tenants without spec.idle.after use
@@ -346,6 +349,8 @@ class Shard:
             for tenant in list(self.served.values()):
                 sleeper, after = tenant.sleeper, self.idle_after(tenant.config)
                 if sleeper is None or after is None or sleeper.asleep or sleeper.busy():
+                    continue
+                if tenant.name in self.holds:  # at a move barrier: the move's Snapshot captures it
                     continue
                 if now - sleeper.last_used() >= after and self.served.get(tenant.name) is tenant:
                     try:
@@ -560,6 +565,16 @@ class Shard:
         key = sleep_key(config)
         record = parts.records.read(key)
         if record is None:
+            return False
+        if self.moving_in is not None and self.moving_in(config):
+            # The move's Snapshot was captured at the source's barrier, and nothing was written after
+            # it: it is the newest state. A record is older (left by a crash) or the source's own,
+            # written while it held the tenant (its blob is the source's to keep or delete: a rolled
+            # back move may wake from it there). Only the record goes, so no later start here
+            # serves that state.
+            parts.records.remove(key)
+            log.info("Ignored the sleep record of Tenant name=%s: it is moving here with a Snapshot "
+                     "slept_at=%.0f", config.name, record.slept_at)  # fmt: skip
             return False
         if record.module_sha256 != config.module.sha256 or _missing(config.functions, module.functions):
             if old is not None:

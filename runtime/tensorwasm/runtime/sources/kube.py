@@ -348,6 +348,7 @@ class KubeSource:
             store = SnapshotStore(self.snapshot_dir)
             self._agent = SnapshotAgent(self.api, store, self.shard_name, shard.accelerator)
             shard.prepare = self._restore
+        shard.moving_in = self._moving_here  # a move's Snapshot, never a sleep record, restores it
         self._loop = asyncio.get_running_loop()
         shard.on_load_done = self._mark_dirty  # a load that finishes after its pass gets its own report
 
@@ -762,6 +763,12 @@ class KubeSource:
         if result is not None:
             return why
         return "" if why == "no Ready snapshot" else f"not restored: {why}"
+
+    def _moving_here(self, config: TenantConfig) -> bool:
+        """Shard.moving_in: status.move names this shard as the target, with a Snapshot to restore."""
+        obj = next((t for t in self._view.tenants if t["metadata"]["name"] == config.name), None)
+        move = ((obj or {}).get("status") or {}).get("move") or {}
+        return move.get("target") == self.shard_name and bool(move.get("snapshot"))
 
     async def _move_restore(self, handle: TenantHandle, obj: dict[str, Any], snapshot: str) -> str:
         """A move target restores exactly the move's Snapshot, or does not serve: the source gave the
