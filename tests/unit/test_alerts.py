@@ -44,6 +44,7 @@ NOT_ON_DASHBOARD = {
     "tensorwasm_snapshot_hot_tier_evictions_total": "tuning of shard.snapshots.hotTier",
     "tensorwasm_snapshot_hot_tier_bytes": "tuning of shard.snapshots.hotTier",
     "tensorwasm_resident_gpu_bytes": "tuning of the shard's resident GPU budget for idle sleep",
+    "tensorwasm_tenant_sleep_failures_total": "rare; each is a warning log line naming the tenant and error",
 }
 
 
