@@ -336,7 +336,8 @@ def main() -> int:
         "hardware": bench_run.hardware(),
         "versions": bench_run.versions(),
         "notes": (
-            f"`python bench/http_vs_base.py --before {args.before} --rounds {args.rounds}`: shards of the "
+            f"`python bench/http_vs_base.py --before {args.before} --after {args.after} "
+            f"--rounds {args.rounds}`: shards of the "
             f"landed base, of the head before the fix and after it ({', '.join(labels)}), each from its own "
             f"git worktree, audit log off. Work per invoke: {args.invokes} sequential keep-alive invokes of "
             "echo, counted as CPU instructions under callgrind (user space: the kernel's socket work is "
