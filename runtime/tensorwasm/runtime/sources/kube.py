@@ -56,7 +56,13 @@ from tensorwasm.kube.client import KubeApi, KubeError, connect, resource_path
 from tensorwasm.kube.informer import Informer
 from tensorwasm.runtime.settings import RuntimeSettings
 from tensorwasm.runtime.shard import PrepareRefused, ServedTenant, Shard, TenantStatus
-from tensorwasm.runtime.tenancy.config import TOKEN_KEY, TenantConfig, parse_kube_tenant, token_key_scope
+from tensorwasm.runtime.tenancy.config import (
+    TOKEN_KEY,
+    TenantConfig,
+    check_token_strength,
+    parse_kube_tenant,
+    token_key_scope,
+)
 
 if TYPE_CHECKING:
     from tensorwasm.runtime.accel.base import TenantDevice
@@ -102,7 +108,6 @@ _WAKE_RETRY_S = 5.0  # a Snapshot whose sleeping tenant could not wake is tried 
 _MOVE_RESTORE_WAIT_S = 10.0  # a target waits this long for its cache to show the move's Snapshot Ready
 HOLDING, MOVE_PURPOSE = "Holding", "move"
 MOVE_RESTORE_FAILED = "MoveRestoreFailed"  # a move target could not restore the move's Snapshot
-MIN_TOKEN_CHARS = 8  # the tenants file's rule (tenancy/config.py), for every key of a token Secret
 # Top-level status keys a shard report decides (the shard writes them with status.runtime).
 READINESS_KEYS = ("phase", "conditions", "gpuBytesInUse", "gpuInUse")  # gpuInUse: the same bytes, for kubectl
 
@@ -257,8 +262,7 @@ def _secret_token(value: bytes, ns: str, secret: str, key: str) -> str:
         raise InvalidSpec(f"{where}: the token is not UTF-8 text (byte {exc.start})") from None
     if not token:
         return ""  # the primary's emptiness has its own message (parse_kube_tenant)
-    if len(token) < MIN_TOKEN_CHARS or any(c.isspace() for c in token):
-        raise InvalidSpec(f"{where}: a token needs at least {MIN_TOKEN_CHARS} characters and no whitespace")
+    check_token_strength(token, where)
     return token
 
 

@@ -250,9 +250,17 @@ def _local_token(raw: Mapping[str, Any], where: str, base_dir: Path) -> str:
             token = path.read_text().strip()
         except OSError as exc:
             raise InvalidSpec(f"{where}.tokenFile: cannot read {path}: {exc.strerror}") from exc
-    if len(token) < 8 or any(c.isspace() for c in token):
-        raise InvalidSpec(f"{where}: a token needs at least 8 characters and no whitespace")
+    check_token_strength(token, where)
     return token
+
+
+MIN_TOKEN_CHARS = 8
+
+
+def check_token_strength(token: str, where: str) -> None:
+    """Every bearer token, from the tenants file or a Secret key: at least 8 characters, no whitespace."""
+    if len(token) < MIN_TOKEN_CHARS or any(c.isspace() for c in token):
+        raise InvalidSpec(f"{where}: a token needs at least {MIN_TOKEN_CHARS} characters and no whitespace")
 
 
 def _matching(raw: object, where: str, pattern: str) -> str:
