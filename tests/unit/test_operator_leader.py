@@ -9,6 +9,9 @@ The same protocol between two real operator processes: tests/cluster/test_operat
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +21,7 @@ from tensorwasm.operator.health import Readiness
 from tensorwasm.operator.leader import LeaderElector
 from tensorwasm.operator.preflight import StartupError
 from tests.fake_kube import FakeKube, with_fake_kube
+from tests.unit.test_operator_preflight import kubeconfig
 
 NS = "team-a"
 LEASES = f"/apis/coordination.k8s.io/v1/namespaces/{NS}/leases"
@@ -172,3 +176,28 @@ def test_the_renew_deadline_counts_from_when_the_last_good_renewal_was_sent_not_
         assert api.renewals == 2 and now[0] == 6.0
 
     asyncio.run(body())
+
+
+def test_the_operator_process_exits_1_with_one_line_when_its_lease_is_forbidden(tmp_path: Path) -> None:
+    # The process, not only the elector: no standby left running (and Ready) with nobody leading.
+    async def body(fake: FakeKube) -> None:
+        fake.fail("GET", f"{LEASES}/tw", 403)
+        code = (
+            "from tensorwasm.operator.main import run\n"
+            "from tensorwasm.operator.settings import OperatorSettings\n"
+            f"run(OperatorSettings(namespace={NS!r}, leader_election_lease='tw', identity='a'))\n"
+        )
+        clean = {k: v for k, v in os.environ.items() if not k.startswith(("TENSORWASM_", "KUBERNETES_"))}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", code,
+            env={**clean, "KUBECONFIG": str(kubeconfig(tmp_path, fake.url))},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await asyncio.wait_for(proc.communicate(), 120)  # a guard for a broken test only
+        assert proc.returncode == 1, err.decode()
+        lines = err.decode().strip().splitlines()
+        assert len(lines) == 1, err.decode()
+        assert lines[0].startswith("tensorwasm operator: the API server refused the leader Lease team-a/tw")
+        assert fake.failures[("GET", f"{LEASES}/tw")] == []  # it asked once and did not retry
+
+    with_fake_kube(body)
