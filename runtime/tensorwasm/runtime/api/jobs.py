@@ -148,9 +148,12 @@ class JobBoard:
         self.limits = limits or JobLimits()
         self._tables: dict[str, _Table] = {}
         self._clock = clock
+        self._next_sweep = 0.0  # board clock: when any tenant's admit next purges every table
 
     def admit(self, tenant: str) -> None:
         """Raise JobsFull if `tenant` holds as many jobs (or output bytes) as it may."""
+        if self._clock() >= self._next_sweep:  # at most once a second: every tenant's expired jobs
+            self.purge_all()
         table = self._purged(tenant)
         lim = self.limits
         if table is None or (
@@ -239,12 +242,21 @@ class JobBoard:
                 job.run.cancel("the tenant left this shard")
             del self._tables[name]
 
+    def purge_all(self) -> None:
+        """Forget the expired jobs of every tenant (not only of the one calling)."""
+        self._next_sweep = self._clock() + 1.0
+        for tenant in list(self._tables):
+            self._purged(tenant)
+
     def __len__(self) -> int:
         """Tenants with a table."""
         return len(self._tables)
 
     def report(self) -> Iterator[tuple[str, str, int]]:
-        """(tenant, state, count) for every state of every tenant with a table (metrics)."""
+        """(tenant, state, count) for every state of every tenant with a table (metrics). Purges
+        every tenant's expired jobs first: the scrape is the periodic tick that frees a finished
+        job's output even when its tenant never calls again."""
+        self.purge_all()
         for tenant, table in self._tables.items():
             counts = dict.fromkeys(JOB_STATES, 0)
             for job in table.jobs.values():
@@ -260,8 +272,14 @@ class JobBoard:
         table = self._tables.get(job.tenant)
         if table is None or table.jobs.get(job.id) is not job:
             return
-        error = None if fut.cancelled() else fut.exception()
-        if error is None and not fut.cancelled():
+        if fut.cancelled():  # not by cancel()/refuse_queued() (they set the state first): say so
+            job.sink.chunks = []
+            job.state = CANCELLED
+            job.error = Cancelled("the job was cancelled before it finished").to_json()["error"]
+            self._ended(job)
+            return
+        error = fut.exception()
+        if error is None:
             result: bytes = fut.result()
             output = b"".join((*job.sink.chunks, result)) if job.sink.chunks else result
             room = self.limits.output_bytes_per_tenant - table.output_bytes
