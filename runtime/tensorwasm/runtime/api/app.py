@@ -15,6 +15,7 @@ answer labelled application/json (the bytes are the guest's either way). Must no
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import itertools
 import json
@@ -31,7 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tensorwasm.runtime import metrics
 from tensorwasm.runtime.api.admission import AdmissionLimits, AuthFailures, BodyBudget
 from tensorwasm.runtime.api.guard import ConnectionLimits
-from tensorwasm.runtime.api.jobs import JobBoard, JobLimits, JobOutput
+from tensorwasm.runtime.api.jobs import SUCCEEDED, Job, JobBoard, JobLimits, JobOutput
 from tensorwasm.runtime.api.streams import SSE_CONTENT_TYPE, StreamBuffer, StreamLimits, sse_chunk, sse_json
 from tensorwasm.runtime.audit import AuditLog
 from tensorwasm.runtime.errors import (
@@ -69,6 +70,11 @@ MOVING_RETRY_AFTER_S = NOT_READY_RETRY_AFTER_S = 1.0
 _UNKNOWN_FUNCTION = "<unknown>"  # metric label for names a tenant does not export (bounded cardinality)
 MODES = ("sync", "async", "stream")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")  # a caller's X-Request-Id, kept as given
+# GET /v1/jobs/{job}: an output at least this big is base64-encoded on a worker thread, never on the
+# event loop (16 MiB took ~0.5 s there: every tenant of the shard stalled), and at most
+# BIG_JOB_READS such encodings run at once shard-wide (each holds ~1.33x its output while it is sent).
+INLINE_OUTPUT_BYTES = 64 << 10
+BIG_JOB_READS = 2
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -166,6 +172,8 @@ class _Api:
             admission.auth_failures_per_s, admission.auth_failure_burst, admission.tracked_sources
         )
         self.body_timeout_s = connections.body_timeout_s
+        self._big_reads = asyncio.Semaphore(BIG_JOB_READS)
+        self._pruned_for: dict[str, ServedTenant] | None = None  # shard.by_auth when last pruned
 
     # --- invoke (hot path) ---
 
@@ -215,6 +223,7 @@ class _Api:
         # A refused body is never read: the connection closes.
         rate = tenant.config.rate_limit
         if rate.requests_per_second is not None:
+            self._forget_departed()
             wait = self.rates.take(tenant.name, rate)
             if wait:
                 metrics.RATE_LIMITED.labels(tenant=tenant.name).inc()
@@ -248,6 +257,7 @@ class _Api:
                 "the shard has too many request bytes in flight", retry_after_s=1.0
             ), key, mode)  # fmt: skip
         submitted = False
+        deferred = False  # an async job gives its body's charge back when it ends
         start = perf_counter()
         nbytes = 0
         try:
@@ -270,10 +280,12 @@ class _Api:
             start = perf_counter()
             nbytes = len(body)
             submitted = True  # from here the queue owns the slot (submit gives it back if closed)
+            if mode == "async":
+                job_response = self._start_job(request, tenant, function, key, body, charge)
+                deferred = True
+                return job_response
             if mode != "sync":
-                return await (self._start_job if mode == "async" else self._stream)(
-                    request, tenant, function, key, body
-                )
+                return await self._stream(request, tenant, function, key, body)
             fut = queue.submit(tenant.invoke, function, body, reserved=True)
             del body  # the job holds it until the guest has copied it in
             output = await fut
@@ -298,7 +310,8 @@ class _Api:
             # Every exit (refusal, error, client gone mid-body) gives back what admission took.
             if not submitted:
                 queue.unreserve()
-            self.body_budget.give(charge)
+            if not deferred:
+                self.body_budget.give(charge)
         took = perf_counter() - start
         tenant.record(function, "ok", took)
         if self.audit is not None:
@@ -308,25 +321,39 @@ class _Api:
         json_in = request.headers.get("Content-Type", "").startswith("application/json")
         return web.Response(body=output, headers=_JSON_HEADERS if json_in else _OCTET_HEADERS)
 
-    async def _start_job(
-        self, request: web.Request, tenant: ServedTenant, function: str, key: str, body: bytes
+    def _start_job(
+        self,
+        request: web.Request,
+        tenant: ServedTenant,
+        function: str,
+        key: str,
+        body: bytes,
+        charge: int,
     ) -> web.StreamResponse:
-        """?mode=async: the invoke goes to the tenant's queue as a job; 202 with its id at once."""
+        """?mode=async: the invoke goes to the tenant's queue as a job; 202 with its id at once.
+        The body's share of the in-flight body budget is given back when the job ends (the body
+        stays in memory, queued, until then), not at the 202."""
         sink = JobOutput(tenant.config.limits.max_output_bytes)
         run = GuestRun(sink)
         fut = tenant.queue.submit(run.call, (tenant.invoke, function), body, reserved=True)
-        if len(self.jobs) > len(self.shard.served):  # tenants that left: their jobs go with them
-            self.jobs.forget_except(set(self.shard.served))
+        self._forget_departed()
         job = self.jobs.create(tenant.name, function, run, sink, len(body), fut)
         started = perf_counter()
 
         def done(f: asyncio.Future[Any]) -> None:
+            # Runs after the board's _finish (registered later): the job's state is the verdict,
+            # which may differ from the future's (an output over the tenant's jobOutputBytes).
             took = perf_counter() - started
             if f.cancelled():
                 outcome, status, out = "cancelled", 409, 0
             elif (exc := f.exception()) is not None:
                 outcome = exc.kind if isinstance(exc, RuntimeFault) else RuntimeFault.kind
                 status = exc.status if isinstance(exc, RuntimeFault) else 500
+                out = 0
+            elif job.state != SUCCEEDED:
+                error = job.error or {}
+                outcome = str(error.get("kind", RuntimeFault.kind))
+                status = GuestLimitExceeded.status if outcome == GuestLimitExceeded.kind else 500
                 out = 0
             else:
                 outcome, status, out = "ok", 200, len(job.output or b"")
@@ -347,6 +374,8 @@ class _Api:
             )
 
         fut.add_done_callback(done)
+        # The caller gives the charge back if this raised before here; from here the job does.
+        fut.add_done_callback(lambda _f: self.body_budget.give(charge))
         self._audit(
             request,
             "invoke",
@@ -452,6 +481,16 @@ class _Api:
                 request, "invoke", tenant.name, key, function, "stream", status, outcome, took, nbytes, sent
             )
         return resp
+
+    def _forget_departed(self) -> None:
+        """Drop the job tables and rate buckets of tenants no longer served. The shard replaces
+        by_auth whenever its served set changes, so one identity test says whether to look."""
+        by_auth = self.shard.by_auth
+        if by_auth is not self._pruned_for:
+            served = set(self.shard.served)
+            self.jobs.forget_except(served)
+            self.rates.forget_except(served)
+            self._pruned_for = by_auth
 
     def _refused(
         self,
@@ -609,7 +648,25 @@ class _Api:
             job = self.jobs.get(found[0].name, request.match_info["job"])
         except RuntimeFault as exc:
             return fault_response(exc)
-        return web.json_response(job.view())
+        output = job.output
+        if output is None or len(output) < INLINE_OUTPUT_BYTES:
+            return web.json_response(job.view())
+        return await self._big_job_view(request, job, output)
+
+    async def _big_job_view(self, request: web.Request, job: Job, output: bytes) -> web.StreamResponse:
+        """The same JSON as job.view(), its base64 output encoded on a worker thread (bounded
+        shard-wide) and written as it lies: no JSON encoding of the big string on the loop."""
+        head = json.dumps(job.view(with_output=False))[:-1].encode()  # without its closing brace
+        async with self._big_reads:
+            encoded = await asyncio.to_thread(_encode_output, output)
+            resp = web.StreamResponse(headers=_JSON_HEADERS)
+            resp.content_length = len(head) + len(_OUTPUT_KEY) + len(encoded) + len(_OUTPUT_END)
+            await resp.prepare(request)
+            for piece in (head, _OUTPUT_KEY, encoded, _OUTPUT_END):
+                await resp.write(piece)
+            del encoded
+            await resp.write_eof()
+        return resp
 
     async def cancel_job(self, request: web.Request) -> web.StreamResponse:
         """DELETE: cancel a queued or running job (it stays, cancelled, until it expires), or
@@ -648,6 +705,14 @@ class _Api:
         # Collected on the loop thread: the tenant-load collector reads loop-owned counters.
         body = generate_latest(metrics.REGISTRY)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+_OUTPUT_KEY, _OUTPUT_END = b', "output": "', b'"}'
+
+
+def _encode_output(output: bytes) -> bytes:
+    """A job's output as base64 (called on a worker thread for big outputs)."""
+    return base64.b64encode(output)
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:
