@@ -662,9 +662,12 @@ class _Api:
             resp = web.StreamResponse(headers=_JSON_HEADERS)
             resp.content_length = len(head) + len(_OUTPUT_KEY) + len(encoded) + len(_OUTPUT_END)
             await resp.prepare(request)
-            for piece in (head, _OUTPUT_KEY, encoded, _OUTPUT_END):
-                await resp.write(piece)
-            del encoded
+            await resp.write(head + _OUTPUT_KEY)
+            view = memoryview(encoded)
+            for at in range(0, len(view), _WRITE_BYTES):  # each piece drains: the loop copies little
+                await resp.write(view[at : at + _WRITE_BYTES])
+            del view, encoded
+            await resp.write(_OUTPUT_END)
             await resp.write_eof()
         return resp
 
@@ -708,6 +711,7 @@ class _Api:
 
 
 _OUTPUT_KEY, _OUTPUT_END = b', "output": "', b'"}'
+_WRITE_BYTES = 1 << 20  # a big job view goes to the socket in pieces of this size
 
 
 def _encode_output(output: bytes) -> bytes:
