@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import socket
 import threading
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -27,7 +29,7 @@ from tensorwasm.runtime.audit import AuditLog, AuditSettings
 from tensorwasm.runtime.tenancy.runs import GuestRun
 from tests.conftest import wait_for
 from tests.runtime_fixtures import tenant
-from tests.unit.test_runtime_jobs import _finished, shard_server  # noqa: F401 (the fixture)
+from tests.unit.test_runtime_jobs import _events, _finished, shard_server  # noqa: F401 (the fixture)
 
 DEADLINE_S = 60.0
 
@@ -210,3 +212,102 @@ def test_the_streamed_view_is_the_same_json_as_the_inline_one(size: int) -> None
         assert json.loads(streamed) == job.view()
     finally:
         loop.close()
+
+
+# --- N1: the return value counts against maxOutputBytes with the streamed chunks ---
+
+
+def test_a_jobs_return_value_counts_against_its_output_limit() -> None:
+    board = JobBoard()
+    loop = asyncio.new_event_loop()
+    try:
+        sink = JobOutput(5)
+        fut: asyncio.Future[Any] = loop.create_future()
+        job = board.create("alpha", "chunks", GuestRun(sink), sink, 0, fut)
+        sink.write(b"abc")  # within the limit on its own
+        fut.set_result(b"xyz")  # and so is this; together they are not
+        _settle(loop)
+        assert job.state == "failed" and job.error is not None
+        assert job.error["kind"] == "guest_limit_exceeded" and job.error["limit"] == "maxOutputBytes"
+        assert job.output is None
+    finally:
+        loop.close()
+
+
+def test_a_streams_return_value_counts_against_its_output_limit(shard_server) -> None:  # noqa: F811
+    # chunks streams its input three times (12 bytes) then returns "end" (3 more): 15 > 14.
+    cfg = tenant("streamer", "streamer.wat", max_output_bytes=14)
+    server = shard_server([cfg])
+    r = server.request("POST", "/v1/functions/chunks/invoke?mode=stream", b"abcd", token=cfg.token)
+    events = _events(r.body)
+    assert events[:3] == [("text", "abcd")] * 3, events
+    assert events[3][0] == "error", events
+    error = json.loads(events[3][1])["error"]
+    assert error["kind"] == "guest_limit_exceeded" and error["limit"] == "maxOutputBytes"
+    # At the limit exactly it is one stream: 12 + 3 = 15.
+    server.sync([replace(cfg, limits=replace(cfg.limits, max_output_bytes=15))])
+    ok = _events(
+        server.request("POST", "/v1/functions/chunks/invoke?mode=stream", b"abcd", token=cfg.token).body
+    )
+    assert [e for e, _ in ok] == ["text"] * 4 + ["done"], ok
+
+
+# --- N9: jobs admitted while their bodies arrive are counted again before they are created ---
+
+
+def test_uploads_admitted_together_cannot_pass_the_job_bound(shard_server) -> None:  # noqa: F811
+    cfg = tenant("alpha")
+    server = shard_server([cfg], jobs=JobLimits(per_tenant=1))
+    queue = server.shard.served["alpha"].queue
+    body = b"0123456789"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=DEADLINE_S) as slow:
+        slow.sendall(
+            b"POST /v1/functions/echo/invoke?mode=async HTTP/1.1\r\nHost: x\r\n"
+            + f"Authorization: Bearer {cfg.token}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body[:5]
+        )
+        # Admitted (its queue slot reserved), its body still arriving.
+        wait_for(lambda: queue.outstanding == 1, DEADLINE_S, "the slow upload's admission", interval=0.02)
+        fast = server.request("POST", "/v1/functions/echo/invoke?mode=async", b"x", token=cfg.token)
+        assert fast.status == 202, fast.body
+        slow.sendall(body[5:])
+        reply = b""
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            more = slow.recv(65536)
+            if not more:
+                break
+            reply += more
+    assert reply.startswith(b"HTTP/1.1 429"), reply
+    assert b"jobs_full" in reply
+    assert len(server.request("GET", "/v1/jobs", token=cfg.token).json()["jobs"]) == 1
+
+
+# --- N10, N12: refusals by token scope and owner are audited with the request's mode ---
+
+
+def test_scope_and_owner_refusals_are_audited_with_their_mode(shard_server, tmp_path: Path) -> None:  # noqa: F811
+    reader = "read-token-0123456789"
+    alpha = replace(tenant("alpha"), extra_tokens=(("read-token", reader, "read"),))
+    beta = tenant("beta")
+    audit = AuditLog(AuditSettings(target=str(tmp_path / "audit.log"), flush_s=0.01)).start()
+    try:
+        server = shard_server([alpha, beta], audit=audit)
+        denied = server.request("POST", "/v1/functions/echo/invoke?mode=async", b"x", token=reader)
+        assert denied.status == 403
+        probe = server.request(
+            "POST", "/v1/tenants/beta/functions/echo/invoke?mode=stream", b"x", token=alpha.token
+        )
+        assert probe.status == 403
+
+        def records() -> list[dict[str, Any]] | None:
+            lines = (tmp_path / "audit.log").read_text().splitlines()
+            return [json.loads(line) for line in lines] if len(lines) >= 2 else None
+
+        recs = wait_for(records, DEADLINE_S, "two audit records", interval=0.02)
+    finally:
+        audit.close()
+    seen = {(r["tenant"], r["tokenId"], r["mode"], r["status"], r["outcome"]) for r in recs}
+    assert seen == {
+        ("alpha", "read-token", "async", 403, "forbidden"),
+        ("alpha", "token", "stream", 403, "forbidden"),
+    }, recs

@@ -197,9 +197,13 @@ class _Api:
             tenant, key = found
         if tenant.name != request.match_info["tenant"]:
             # Same answer whether or not the other tenant exists: tokens do not probe the shard.
-            return fault_response(
-                Forbidden(f"this token does not belong to tenant {request.match_info['tenant']}")
-            )
+            # Audited under the token's own tenant: probing another tenant's route is worth a record.
+            forbidden = Forbidden(f"this token does not belong to tenant {request.match_info['tenant']}")
+            self._audit(
+                request, "invoke", tenant.name, key, _UNKNOWN_FUNCTION, _mode_of(request), 403,
+                forbidden.kind, None, 0,
+            )  # fmt: skip
+            return fault_response(forbidden)
         return await self._invoke(request, tenant, request.match_info["function"], key)
 
     async def _invoke(
@@ -279,6 +283,8 @@ class _Api:
                 return self._refused(request, tenant, function, exc, key, mode)
             start = perf_counter()
             nbytes = len(body)
+            if mode == "async":  # again: jobs admitted meanwhile, while this body was arriving
+                self.jobs.admit(tenant.name)
             submitted = True  # from here the queue owns the slot (submit gives it back if closed)
             if mode == "async":
                 job_response = self._start_job(request, tenant, function, key, body, charge)
@@ -413,6 +419,7 @@ class _Api:
         resp: web.StreamResponse | None = None
         chunks = sent = 0
         outcome, status = "ok", 200
+        over: GuestLimitExceeded | None = None
         try:
             while True:
                 waiter = asyncio.ensure_future(buf.ready())
@@ -421,8 +428,18 @@ class _Api:
                 finally:
                     waiter.cancel()
                 pieces = buf.take()
-                if fut.done() and not fut.cancelled() and fut.exception() is None and fut.result():
-                    pieces.append(fut.result())  # the return value is the stream's last chunk
+                if fut.done() and not fut.cancelled() and fut.exception() is None and (last := fut.result()):
+                    # The return value is the stream's last chunk, and counts against the same
+                    # maxOutputBytes as the streamed ones (the worker is done with buf: total is final).
+                    if buf.total + len(last) > buf.max_total:
+                        over = GuestLimitExceeded(
+                            f"the stream and its return value passed the tenant's {buf.max_total}-byte "
+                            "output limit",
+                            limit="maxOutputBytes",
+                            value=buf.max_total,
+                        )
+                    else:
+                        pieces.append(last)
                 for piece in pieces:
                     if resp is None:
                         resp = await _start_sse(request)
@@ -440,6 +457,8 @@ class _Api:
                             request.transport.abort()
                         raise stalled from None
                     chunks, sent = chunks + 1, sent + len(piece)
+                if over is not None:  # what was streamed went out; then the error event
+                    raise over
                 if fut.done():
                     break
             fut.result()  # raises the guest's fault
@@ -538,8 +557,9 @@ class _Api:
                 scope=scope,
             )
             self._audit(
-                request, "invoke", tenant.name, key, _UNKNOWN_FUNCTION, "sync", 403, forbidden.kind, None, 0
-            )
+                request, "invoke", tenant.name, key, _UNKNOWN_FUNCTION, _mode_of(request), 403,
+                forbidden.kind, None, 0,
+            )  # fmt: skip
             return _closing(fault_response(forbidden))
         return tenant, key
 
@@ -717,6 +737,15 @@ _WRITE_BYTES = 1 << 20  # a big job view goes to the socket in pieces of this si
 def _encode_output(output: bytes) -> bytes:
     """A job's output as base64 (called on a worker thread for big outputs)."""
     return base64.b64encode(output)
+
+
+def _mode_of(request: web.Request) -> str:
+    """The request's ?mode= for an audit record of a refusal before it was checked ("sync" when
+    absent or not one of MODES: audit fields come from a closed alphabet)."""
+    if not request.query_string:
+        return "sync"
+    mode = request.query.get("mode", "sync")
+    return mode if mode in MODES else "sync"
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:

@@ -283,7 +283,14 @@ class JobBoard:
             result: bytes = fut.result()
             output = b"".join((*job.sink.chunks, result)) if job.sink.chunks else result
             room = self.limits.output_bytes_per_tenant - table.output_bytes
-            if len(output) > room:
+            if len(output) > job.sink.limit:  # the return value counts with the streamed chunks
+                error = GuestLimitExceeded(
+                    f"the job's streamed chunks and return value ({len(output)} bytes) passed its "
+                    f"{job.sink.limit}-byte output limit",
+                    limit="maxOutputBytes",
+                    value=job.sink.limit,
+                )
+            elif len(output) > room:
                 error = GuestLimitExceeded(
                     f"the job's {len(output)}-byte output does not fit the tenant's "
                     f"{self.limits.output_bytes_per_tenant}-byte job output budget ({room} bytes left)",
