@@ -127,3 +127,16 @@ def test_runtime_report_is_parsed() -> None:
     tenant = parse_tenant(b)
     assert tenant.shard == "s-1"
     assert tenant.runtime is not None and tenant.runtime.loaded and tenant.runtime.gpu_bytes_in_use == 10
+
+
+def test_a_tenants_spec_is_parsed_again_only_when_it_changed() -> None:
+    first = parse_tenant(body())
+    again = parse_tenant({**body(), "status": {"phase": "Ready"}})  # a status write: same spec
+    assert again.spec is first.spec and again.status == {"phase": "Ready"}
+    changed = parse_tenant(body(functions=["echo", "other"]))  # same uid, new spec: a new verdict
+    assert changed.spec is not None and changed.spec.functions == ("echo", "other")
+    bad = parse_tenant(body(limits={"gpuMemory": "-5"}))
+    assert bad.spec is None and bad.spec_error and "gpuMemory" in bad.spec_error
+    assert parse_tenant(body()).spec == first.spec  # back to the first spec: parsed again, equal
+    other_uid = parse_tenant({**body(), "metadata": {**body()["metadata"], "uid": "u2"}})  # type: ignore[dict-item]
+    assert other_uid.spec == first.spec and other_uid.spec is not first.spec

@@ -11,6 +11,7 @@ A new bounded limit is one line in `Limits`. Pure; imports only tensorwasm.api.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -340,16 +341,42 @@ def parse_runtime(status: Mapping[str, Any]) -> RuntimeReport | None:
     )
 
 
+# The operator parses a Tenant on every event and the shards on every pass, but a spec changes far
+# less often than its status: keep each uid's last verdict with the spec's JSON text it was for
+# (dumping is ~10x cheaper than validating). The specs are frozen dataclasses, safe to share.
+_SPEC_CACHE_MAX = 20_000
+_spec_cache: dict[str, tuple[str, TenantSpec | None, str | None]] = {}
+
+
+def _parse_api_spec(uid: str, raw: Any) -> tuple[TenantSpec | None, str | None]:
+    try:
+        text = json.dumps(raw, sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError):  # not JSON data (a test's object): parse it without the cache
+        text = ""
+    hit = _spec_cache.get(uid) if uid and text else None
+    if hit is not None and hit[0] == text:
+        return hit[1], hit[2]
+    spec: TenantSpec | None
+    error: str | None
+    try:
+        spec, error = parse_spec(raw, from_api_server=True), None
+    except InvalidSpec as exc:
+        spec, error = None, str(exc)
+    if uid and text:
+        if len(_spec_cache) >= _SPEC_CACHE_MAX and uid not in _spec_cache:
+            try:  # the oldest entry (dicts keep insertion order); another thread may be at it too
+                del _spec_cache[next(iter(_spec_cache))]
+            except (KeyError, RuntimeError, StopIteration):
+                pass
+        _spec_cache[uid] = (text, spec, error)
+    return spec, error
+
+
 def parse_tenant(body: Mapping[str, Any]) -> Tenant:
     """One parse per event: a bad spec becomes `spec_error`, never an exception."""
     meta = body.get("metadata") or {}
     status = body.get("status") or {}
-    spec: TenantSpec | None
-    error: str | None
-    try:
-        spec, error = parse_spec(body.get("spec") or {}, from_api_server=True), None
-    except InvalidSpec as exc:
-        spec, error = None, str(exc)
+    spec, error = _parse_api_spec(str(meta.get("uid", "")), body.get("spec") or {})
     return Tenant(
         namespace=str(meta.get("namespace", "")),
         name=str(meta.get("name", "")),
