@@ -198,11 +198,13 @@ class KubeApi:
                     yield json.loads(line)
 
     # -- writes --------------------------------------------------------------------------------
-    async def create(self, path: str, obj: Mapping[str, Any]) -> JSON | None:
-        """Create as our field manager; None when it already exists (409)."""
+    async def create(self, path: str, obj: Mapping[str, Any], want_body: bool = True) -> JSON | None:
+        """Create as our field manager; None when it already exists (409). `want_body=False`: the
+        created object is not decoded ({} instead), for writes nobody reads back (Events)."""
         self._count("create", path, collection=True)
         try:
-            return await self._call("POST", path, obj, params={"fieldManager": self.field_manager})
+            params = {"fieldManager": self.field_manager}
+            return await self._call("POST", path, obj, params=params, want_body=want_body)
         except KubeError as exc:
             if exc.status == 409:
                 return None
@@ -258,7 +260,7 @@ class KubeApi:
             "reportingComponent": component,
         }
         try:
-            await self.create(resource_path("v1", "events", namespace), event)
+            await self.create(resource_path("v1", "events", namespace), event, want_body=False)
         except (KubeError, aiohttp.ClientError) as exc:
             log.warning("Failed to post Event reason=%s for %s: %s", reason, meta.get("name"), exc)
 
