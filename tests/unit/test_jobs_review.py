@@ -311,3 +311,26 @@ def test_scope_and_owner_refusals_are_audited_with_their_mode(shard_server, tmp_
         ("alpha", "read-token", "async", 403, "forbidden"),
         ("alpha", "token", "stream", 403, "forbidden"),
     }, recs
+
+
+# --- F6: the raw output route ---
+
+
+def test_the_output_route_answers_the_raw_bytes_and_404_while_there_are_none(shard_server) -> None:  # noqa: F811
+    cfg = tenant("alpha", max_body_bytes=4 << 20)
+    spinner = tenant("spinner", "runaway.wat", timeout_ms=600_000)
+    beta = tenant("beta")
+    server = shard_server([cfg, spinner, beta])
+    big = bytes(range(256)) * (3 << 12)  # 3 MiB: several write pieces
+    job = server.request("POST", "/v1/functions/echo/invoke?mode=async", big, token=cfg.token).json()
+    _finished(server, cfg, job["id"])
+    raw = server.request("GET", f"/v1/jobs/{job['id']}/output", token=cfg.token)
+    assert raw.status == 200 and raw.headers["content-type"] == "application/octet-stream"
+    assert raw.body == big
+    # Another tenant's token: 404 like an unknown id.
+    assert server.request("GET", f"/v1/jobs/{job['id']}/output", token=beta.token).status == 404
+    # A running job has no output yet: 404 with its state.
+    running = server.request("POST", "/v1/functions/spin/invoke?mode=async", b"", token=spinner.token).json()
+    none = server.request("GET", f"/v1/jobs/{running['id']}/output", token=spinner.token)
+    assert none.status == 404 and none.json()["error"]["state"] in ("queued", "running"), none.body
+    server.request("DELETE", f"/v1/jobs/{running['id']}", token=spinner.token)
