@@ -95,8 +95,11 @@ class RuntimeServer:
         headers: dict[str, str] | None = None,
         timeout: float = 30,
     ) -> Reply:
-        """One HTTP request on a per-thread keep-alive connection."""
+        """One HTTP request on a per-thread keep-alive connection. A kept connection the shard has
+        closed meanwhile (idle past its keep-alive timeout, the header timeout: 10 s) fails before
+        any answer; the request goes again once on a new connection, as HTTP clients do."""
         conn = getattr(self._conns, "conn", None)
+        kept = conn is not None
         if conn is None:
             conn = self._conns.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         hdrs = dict(headers or {})
@@ -106,6 +109,12 @@ class RuntimeServer:
             conn.request(method, path, body=body, headers=hdrs)
             resp = conn.getresponse()
             data = resp.read()
+        except (BrokenPipeError, ConnectionResetError):  # http.client.RemoteDisconnected is one too
+            conn.close()
+            self._conns.conn = None
+            if not kept:
+                raise
+            return self.request(method, path, body, token, headers, timeout)
         except (http.client.HTTPException, OSError):
             conn.close()
             self._conns.conn = None
