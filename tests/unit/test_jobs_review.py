@@ -48,7 +48,7 @@ def test_a_big_job_output_is_encoded_off_the_event_loop(shard_server, monkeypatc
     threads: list[int] = []
     real = app_module._encode_output
 
-    def recording(output: bytes) -> bytes:
+    def recording(output: bytes) -> list[bytes]:
         threads.append(threading.get_ident())
         return real(output)
 
@@ -197,7 +197,7 @@ def test_rate_buckets_and_job_tables_of_departed_tenants_are_dropped() -> None:
         loop.close()
 
 
-@pytest.mark.parametrize("size", [INLINE_OUTPUT_BYTES - 1, INLINE_OUTPUT_BYTES])
+@pytest.mark.parametrize("size", [INLINE_OUTPUT_BYTES - 1, INLINE_OUTPUT_BYTES, 3 * (32 << 10) * 5 + 1])
 def test_the_streamed_view_is_the_same_json_as_the_inline_one(size: int) -> None:
     board = JobBoard()
     loop = asyncio.new_event_loop()
@@ -207,7 +207,7 @@ def test_the_streamed_view_is_the_same_json_as_the_inline_one(size: int) -> None
         fut.set_result(b"\xff" * size)
         _settle(loop)
         head = json.dumps(job.view(with_output=False))[:-1].encode()
-        streamed = head + app_module._OUTPUT_KEY + app_module._encode_output(job.output or b"")
+        streamed = head + app_module._OUTPUT_KEY + b"".join(app_module._encode_output(job.output or b""))
         streamed += app_module._OUTPUT_END
         assert json.loads(streamed) == job.view()
     finally:
