@@ -9,6 +9,7 @@ import threading
 
 import pytest
 
+from tests.conftest import wait_for
 from tests.runtime_fixtures import RuntimeServer, runtime_server, tenant  # noqa: F401  (fixture)
 
 ALPHA = tenant("alpha", "echo.wat", ["echo"], max_body_bytes=1024)
@@ -131,10 +132,8 @@ def test_full_queue_is_429_with_retry_after(runtime_server) -> None:  # noqa: F8
     ]
     for t in threads:
         t.start()
-    deadline_wait = 100
-    while server.shard.served["busy"].queue.outstanding < 2 and deadline_wait:
-        threading.Event().wait(0.01)
-        deadline_wait -= 1
+    # Both spins taken (one running, one queued) before the third comes: the queue is full.
+    wait_for(lambda: server.shard.served["busy"].queue.outstanding == 2, 60, "both spins admitted")
     reply = server.invoke(spin, "ok")
     assert reply.status == 429
     err = error_of(reply)
@@ -145,8 +144,10 @@ def test_full_queue_is_429_with_retry_after(runtime_server) -> None:  # noqa: F8
     metrics = server.request("GET", "/metrics").body.decode()
     assert 'tensorwasm_queue_depth{tenant="busy"} 1.0' in metrics
     assert 'tensorwasm_invocations_in_flight{tenant="busy"} 1.0' in metrics
+    # Each spin ends at its deadline, one after the other; on a loaded box a 1.5 s deadline has
+    # taken 4.5 s (the epoch ticker's sleeps run long), so the join waits as long as it takes.
     for t in threads:
-        t.join(10)
+        t.join(120)
     assert sorted(results) == [504, 504]
     assert 'outcome="queue_full",tenant="busy"' in server.request("GET", "/metrics").body.decode()
 
