@@ -45,18 +45,21 @@ class Ticker:
 def main() -> None:
     mib = int(sys.argv[1]) if len(sys.argv) > 1 else 16
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 7
-    cfg = tenant("alpha", max_body_bytes=mib << 20, max_output_bytes=mib << 20)
+    cfg = tenant(
+        "alpha", max_body_bytes=mib << 20, max_output_bytes=mib << 20, linear_memory_bytes=(3 * mib + 4) << 20
+    )
     gen = start_runtime_server([cfg])
     server = next(gen)
     try:
         body = os.urandom(mib << 20)
         job = server.request("POST", "/v1/functions/echo/invoke?mode=async", body, token=cfg.token).json()
 
-        def done() -> bool:
+        def done() -> dict[str, Any] | None:
             jobs = server.request("GET", "/v1/jobs", token=cfg.token).json()["jobs"]
-            return bool(jobs) and jobs[0]["state"] == "succeeded"
+            return jobs[0] if jobs and jobs[0]["state"] not in ("queued", "running") else None
 
-        wait_for(done, 120, "the job", interval=0.05)
+        ended = wait_for(done, 120, "the job", interval=0.05)
+        assert ended["state"] == "succeeded", ended  # e.g. over the guest's linearMemory
         ticker = Ticker()
         asyncio.run_coroutine_threadsafe(ticker.run(), server.loop)
         inline = app_module.INLINE_OUTPUT_BYTES
