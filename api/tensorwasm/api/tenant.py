@@ -11,6 +11,7 @@ A new bounded limit is one line in `Limits`. Pure; imports only tensorwasm.api.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -364,10 +365,9 @@ def _parse_api_spec(uid: str, raw: Any) -> tuple[TenantSpec | None, str | None]:
         spec, error = None, str(exc)
     if uid and text:
         if len(_spec_cache) >= _SPEC_CACHE_MAX and uid not in _spec_cache:
-            try:  # the oldest entry (dicts keep insertion order); another thread may be at it too
+            # The oldest entry (dicts keep insertion order); another thread may be at it too.
+            with contextlib.suppress(KeyError, RuntimeError, StopIteration):
                 del _spec_cache[next(iter(_spec_cache))]
-            except (KeyError, RuntimeError, StopIteration):
-                pass
         _spec_cache[uid] = (text, spec, error)
     return spec, error
 
