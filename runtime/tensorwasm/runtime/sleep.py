@@ -51,7 +51,7 @@ from tensorwasm.runtime.snapshots import signing
 from tensorwasm.runtime.snapshots.capture import capture_snapshot
 from tensorwasm.runtime.snapshots.hot_tier import HOT_TIERS, HotTier, digest_of
 from tensorwasm.runtime.snapshots.restore import restore_snapshot
-from tensorwasm.runtime.snapshots.store import SnapshotStore, read_manifest
+from tensorwasm.runtime.snapshots.store import SnapshotStore, fsync_dir, read_manifest
 from tensorwasm.runtime.tenancy.idle import Residency
 from tensorwasm.runtime.tenancy.prewarm import ArrivalHistory
 
@@ -121,11 +121,7 @@ class SleepRecords:
             f.flush()
             os.fsync(f.fileno())
         os.replace(temp, path)
-        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(self.directory)
 
     def read(self, key: str) -> SleepRecord | None:
         try:
@@ -556,7 +552,7 @@ def _remove_key(
     for path in files:  # the record first: from here on nothing points at the blobs
         path.unlink(missing_ok=True)
     if files:
-        _fsync_dir(records.directory)
+        fsync_dir(records.directory)
     for directory in (p for p in paths if p.is_dir()):
         # The store is shared by the shards (a ReadWriteMany claim): another shard's sweep may
         # remove the same orphan at the same time; whatever it removed first is gone either way.
@@ -567,15 +563,7 @@ def _remove_key(
                     tier.drop(digest)
                 blob.unlink(missing_ok=True)
             directory.rmdir()
-        _fsync_dir(directory.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(directory.parent)
 
 
 _warned_stranded: set[tuple[str, str]] = set()

@@ -661,14 +661,20 @@ class _Api:
         jobs = self.jobs.list(found[0].name)
         return web.json_response({"jobs": [job.view(with_output=False) for job in jobs]})
 
-    async def get_job(self, request: web.Request) -> web.StreamResponse:
+    def _readable_job(self, request: web.Request) -> Job | web.StreamResponse:
+        """The job the URL names, for a token that may read it; else the refusal to send."""
         found = self._reader(request)
         if isinstance(found, web.StreamResponse):
             return found
         try:
-            job = self.jobs.get(found[0].name, request.match_info["job"])
+            return self.jobs.get(found[0].name, request.match_info["job"])
         except RuntimeFault as exc:
             return fault_response(exc)
+
+    async def get_job(self, request: web.Request) -> web.StreamResponse:
+        job = self._readable_job(request)
+        if isinstance(job, web.StreamResponse):
+            return job
         output = job.output
         if output is None or len(output) < INLINE_OUTPUT_BYTES:
             return web.json_response(job.view())
@@ -676,13 +682,9 @@ class _Api:
 
     async def get_job_output(self, request: web.Request) -> web.StreamResponse:
         """A succeeded job's output as the raw bytes (no base64, no JSON); 404 while it has none."""
-        found = self._reader(request)
-        if isinstance(found, web.StreamResponse):
-            return found
-        try:
-            job = self.jobs.get(found[0].name, request.match_info["job"])
-        except RuntimeFault as exc:
-            return fault_response(exc)
+        job = self._readable_job(request)
+        if isinstance(job, web.StreamResponse):
+            return job
         output = job.output
         if output is None:
             state = job.current_state()

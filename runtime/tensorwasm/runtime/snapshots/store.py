@@ -69,7 +69,7 @@ class PendingBlob:
         os.fsync(self.fd)
         final = self.directory / f"{digest}{SUFFIX}"
         os.replace(self.temp_path, final)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         self.committed = final
         return final
 
@@ -89,7 +89,8 @@ class PendingBlob:
         self.close()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries durable (a rename or unlink in it survives a crash)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -141,7 +142,7 @@ class SnapshotStore:
         directory = self.tenant_dir(tenant_uid)
         if not directory.is_dir():
             directory.mkdir(parents=True, exist_ok=True)
-            _fsync_dir(directory.parent)
+            fsync_dir(directory.parent)
         return PendingBlob(directory)
 
     def put_bytes(self, tenant_uid: str, blob: bytes, digest: str) -> Path:
@@ -198,7 +199,7 @@ class SnapshotStore:
         except NotFound:
             return False
         path.unlink(missing_ok=True)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return True
 
     def gc(self, keep: frozenset[str] = frozenset()) -> builtins.list[Path]:
@@ -223,7 +224,7 @@ class SnapshotStore:
                     old.path.unlink(missing_ok=True)
                     removed.append(old.path)
             if removed:
-                _fsync_dir(directory)
+                fsync_dir(directory)
         return removed
 
 
