@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # Builds the dev cluster's binaries once into a cache outside the repo, keyed by version (and by a
-# hash of the Go sources that choose them), in two lanes that share the cores:
-#   lane 1: tensorwasm-kube, ONE multi-call executable (cmd/tensorwasm-kube) for etcd, kube-apiserver,
-#           kube-controller-manager, kube-scheduler, kubectl, kubelet and kube-proxy, symlinked by name:
-#           their shared packages compile once and one link replaces seven;
-#   lane 2: what has its own dependency versions: containerd (+ ctr, the runc shim), kwok, helm, and
-#           the static pause binary with its OCI image (the real node's sandbox image).
+# hash of the Go sources and build flags that choose them). ONE `go build` in ONE Go module
+# (hack/controlplane/go.mod: Kubernetes, etcd, containerd, kwok and helm at one version set), so every
+# package they share (client-go, api, grpc, protobuf, otel...) compiles once:
+#   tensorwasm-kube: one multi-call executable (cmd/tensorwasm-kube) for etcd, kube-apiserver,
+#           kube-controller-manager, kube-scheduler, kubectl, kubelet, kube-proxy, kwok, containerd
+#           and ctr, symlinked by name (one link instead of ten);
+#   helm and containerd-shim-runc-v2: main packages of their own modules (nothing to import; the
+#           shim re-executes itself by path), built by the same `go build` through go.mod's tool
+#           directives: they share every compiled package and only link on their own.
+# Beside it, a small second lane: the static pause binary with its OCI image (the real node's sandbox
+# image) and kwok's stage files.
 # Prints the bin directory on the last line of stdout (Makefile and tests read it). Progress, with an
 # estimate of the time left, goes to stderr.
 #
@@ -29,7 +34,10 @@ REGISTRY_VERSION=v3.0.0  # distribution's OCI registry: `make chart-publish` pus
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
-sources_hash="$(cat "$here/go.mod" "$here/go.sum" "$here/cmd/tensorwasm-kube/main.go" | sha256sum | cut -c1-10)"
+# containerd's zfs and devmapper snapshotters are left out (the node's config disables them; btrfs
+# needs cgo, which is off): fewer packages to compile.
+BUILD_TAGS=no_zfs,no_devmapper
+sources_hash="$( (cat "$here/go.mod" "$here/go.sum" "$here/cmd/tensorwasm-kube/main.go"; echo "$BUILD_TAGS") | sha256sum | cut -c1-10)"
 # The pause image has its own key: an edit of the archive writer rebuilds it, not the binaries.
 pause_hash="$(cat "$repo/hack/node/pause/main.go" "$repo/hack/image/ociarchive.py" | sha256sum | cut -c1-10)"
 cache_root="${TENSORWASM_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/tensorwasm}"
@@ -47,11 +55,14 @@ mkdir -p "$bin" "$images"
 exec 9>"$bin/../.lock"
 flock -n 9 || { echo "[controlplane] waiting for another build.sh on $bin" >&2; flock 9; }
 
-KUBE_COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy)
+KUBE_COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy kwok containerd ctr)
+# Main packages of other modules, built beside tensorwasm-kube by the same go build (go.mod `tool`).
+OWN_BINARIES=(helm.sh/helm/v3/cmd/helm github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2)
 export GOTOOLCHAIN=local CGO_ENABLED=0
 # Cold-build seconds on an idle 2-core machine (projected from CPU time, docs/dev-cluster.md), shown
-# before the package count gives a better estimate; a warm build is much faster.
-declare -A COLD_S=([tensorwasm-kube]=1200 [containerd]=240 [kwok]=300 [helm]=240 [pause]=30 [keda]=2800 [registry]=600)
+# before the package count gives a better estimate; a warm build is much faster. tensorwasm-kube is
+# the one go build of everything: 3,578 packages, 1,657 CPU-s cold (docs/dev-cluster.md).
+declare -A COLD_S=([tensorwasm-kube]=830 [pause]=30 [keda]=2800 [registry]=600)
 
 start=$(date +%s)
 step() { printf '[controlplane %4ss] %s\n' "$(( $(date +%s) - start ))" "$*" >&2; }
@@ -74,30 +85,49 @@ watch_progress() {  # watch_progress NAME TOTAL LOGFILE PID
     kill -0 "$pid" 2>/dev/null || break
     done=$(grep -vc '^go: \|^#' "$log" 2>/dev/null || true)
     if (( done >= total && total > 0 )); then
-      step "$name: linking (one link of every component; a few minutes on a busy 2-core machine)"
+      step "$name: linking (tensorwasm-kube, helm and the shim; a few minutes on a busy 2-core machine)"
     elif (( done > 0 )); then
       left=$(( ($(date +%s) - t0) * (total - done) / done ))
-      step "$name: $done/$total packages compiled, about $(fmt_min "$left") left (then one link)"
+      step "$name: $done/$total packages compiled, about $(fmt_min "$left") left (then the links)"
+    fi
+  done
+}
+
+# The versions above are the key; go.mod is what builds. Refuse a key that would lie.
+check_versions() {
+  local mod ver mod_ver
+  for mod_ver in "k8s.io/kubernetes $KUBE_VERSION" "go.etcd.io/etcd/server/v3 $ETCD_VERSION" \
+      "github.com/containerd/containerd/v2 $CONTAINERD_VERSION" "sigs.k8s.io/kwok $KWOK_VERSION" \
+      "helm.sh/helm/v3 $HELM_VERSION"; do
+    read -r mod ver <<<"$mod_ver"
+    if ! grep -Eq "^[[:space:]]+${mod//./\\.} ${ver//./\\.}( |$)" "$here/go.mod"; then
+      echo "build.sh: hack/controlplane/go.mod does not require $mod $ver (build.sh's version, part of the cache key)" >&2
+      return 1
     fi
   done
 }
 
 build_kube() {
-  local out="$bin/tensorwasm-kube" log="$bin/../tensorwasm-kube.build.log" total pid
-  if [[ ! -x $out ]]; then
-    total=$(cd "$here" && go list -trimpath -deps -f '{{if .Stale}}x{{end}}' ./cmd/tensorwasm-kube 2>/dev/null | grep -c x || true)
-    step "tensorwasm-kube: building (${total} packages to compile; cold on 2 cores about $(fmt_min "${COLD_S[tensorwasm-kube]}"))"
-    (cd "$here" && go build -v -trimpath -ldflags "$kube_ldflags" -o "$out.partial" ./cmd/tensorwasm-kube) 2>"$log" &
+  local log="$bin/../tensorwasm-kube.build.log" total pid tool built=1
+  for tool in tensorwasm-kube "${OWN_BINARIES[@]##*/}"; do [[ -x $bin/$tool ]] || built=0; done
+  if (( ! built )); then
+    check_versions || return 1
+    total=$(cd "$here" && go list -trimpath -tags "$BUILD_TAGS" -deps -f '{{if .Stale}}x{{end}}' ./cmd/tensorwasm-kube "${OWN_BINARIES[@]}" 2>/dev/null | grep -c x || true)
+    step "tensorwasm-kube, helm, containerd-shim-runc-v2: one go build (${total} packages to compile; cold on 2 cores about $(fmt_min "${COLD_S[tensorwasm-kube]}"))"
+    mkdir -p "$bin/.partial"
+    (cd "$here" && go build -v -trimpath -tags "$BUILD_TAGS" -ldflags "$kube_ldflags" -o "$bin/.partial/" ./cmd/tensorwasm-kube "${OWN_BINARIES[@]}") 2>"$log" &
     pid=$!
     watch_progress tensorwasm-kube "$total" "$log" "$pid" &
     local watcher=$!
     local rc=0; wait "$pid" || rc=$?
     kill "$watcher" 2>/dev/null || true  # it holds our stdout: a caller reading it waits for EOF
     if (( rc != 0 )); then grep -v '^[a-z0-9./_-]*$' "$log" >&2 || true; step "tensorwasm-kube: FAILED (log $log)"; return 1; fi
-    mv "$out.partial" "$out"
-    step "tensorwasm-kube: done"
+    # tensorwasm-kube last: it is the stamp of a finished build.
+    for tool in "${OWN_BINARIES[@]##*/}" tensorwasm-kube; do mv "$bin/.partial/$tool" "$bin/$tool"; done
+    rmdir "$bin/.partial"
+    step "tensorwasm-kube, helm, containerd-shim-runc-v2: done"
   else
-    step "tensorwasm-kube: cached"
+    step "tensorwasm-kube, helm, containerd-shim-runc-v2: cached"
   fi
   for name in "${KUBE_COMPONENTS[@]}"; do ln -sfn tensorwasm-kube "$bin/$name"; done
 }
@@ -141,11 +171,6 @@ kwok_stages() {  # kwok's stage definitions (node heartbeat, pods going Running)
 
 lane2() {
   build_pause_image
-  install containerd "github.com/containerd/containerd/v2/cmd/containerd@$CONTAINERD_VERSION" \
-    "github.com/containerd/containerd/v2/cmd/ctr@$CONTAINERD_VERSION" \
-    "github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2@$CONTAINERD_VERSION"
-  install kwok "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
-  install helm "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
   kwok_stages
 }
 

@@ -1,8 +1,11 @@
-// Command tensorwasm-kube is every Kubernetes binary the dev cluster runs, in one executable
-// (the old hyperkube shape): etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl,
-// kubelet and kube-proxy. It dispatches on the name it was started as (build.sh makes one symlink per
-// component), so the packages they share compile once and only one link runs: the cold build is
-// dominated by those two costs on a small machine. Each branch is what that component's own main does.
+// Command tensorwasm-kube is every Go binary the dev cluster runs but two, in one executable (the
+// old hyperkube shape): etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl,
+// kubelet, kube-proxy, kwok, containerd and ctr. It dispatches on the name it was started as
+// (build.sh makes one symlink per component), so the packages they share compile once and one link
+// serves ten names: the cold build is dominated by those two costs on a small machine. Each branch is
+// what that component's own main does. helm and containerd-shim-runc-v2 are main packages of their
+// modules (nothing to import; containerd starts the shim, which re-executes itself, by path): go.mod
+// names them as tools and build.sh builds them in the same `go build`, so they compile nothing twice.
 package main
 
 import (
@@ -13,7 +16,10 @@ import (
 	"sort"
 	_ "time/tzdata" // CronJob time zones (kube-apiserver, kube-controller-manager)
 
+	"github.com/containerd/containerd/v2/cmd/containerd/command"
+	ctr "github.com/containerd/containerd/v2/cmd/ctr/app"
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 	"go.etcd.io/etcd/server/v3/etcdmain"
 	_ "k8s.io/client-go/plugin/pkg/client/auth" // kubectl's auth plugins
 	"k8s.io/component-base/cli"
@@ -28,6 +34,12 @@ import (
 	proxy "k8s.io/kubernetes/cmd/kube-proxy/app"
 	scheduler "k8s.io/kubernetes/cmd/kube-scheduler/app"
 	kubelet "k8s.io/kubernetes/cmd/kubelet/app"
+	kwokconfig "sigs.k8s.io/kwok/pkg/config"
+	kwok "sigs.k8s.io/kwok/pkg/kwok/cmd"
+	kwoklog "sigs.k8s.io/kwok/pkg/log"
+	kwoksignals "sigs.k8s.io/kwok/pkg/utils/signals"
+
+	_ "github.com/containerd/containerd/v2/cmd/containerd/builtins" // containerd's plugins
 )
 
 var cobraCommands = map[string]func() *cobra.Command{
@@ -43,6 +55,18 @@ func main() {
 	switch name {
 	case "etcd":
 		etcdmain.Main(os.Args)
+	case "containerd":
+		if err := command.App().Run(context.Background(), os.Args); err != nil {
+			fmt.Fprintln(os.Stderr, "containerd:", err)
+			os.Exit(1)
+		}
+	case "ctr":
+		if err := ctr.New().Run(context.Background(), os.Args); err != nil {
+			fmt.Fprintln(os.Stderr, "ctr:", err)
+			os.Exit(1)
+		}
+	case "kwok":
+		kwokMain()
 	case "kubectl":
 		_, _ = logs.GlogSetter(kubectl.GetLogVerbosity(os.Args))
 		if err := cli.RunNoErrOutput(kubectl.NewDefaultKubectlCommand()); err != nil {
@@ -58,8 +82,33 @@ func main() {
 	}
 }
 
+// kwokMain is sigs.k8s.io/kwok/cmd/kwok's main.
+func kwokMain() {
+	// Kubernetes' verflag registers a non-bool --version on the global pflag set at init, and cobra
+	// merges that set into every root command: kwok's own bool --version would then fail every run
+	// ("version" flag declared as non-bool). kwok registers nothing there: give it an empty one.
+	pflag.CommandLine = pflag.NewFlagSet(os.Args[0], pflag.ExitOnError)
+	flagset := pflag.NewFlagSet("global", pflag.ContinueOnError)
+	flagset.ParseErrorsAllowlist.UnknownFlags = true
+	flagset.Usage = func() {}
+	ctx := kwoksignals.SetupSignalContext()
+	ctx, logger := kwoklog.InitFlags(ctx, flagset)
+	ctx, err := kwokconfig.InitFlags(ctx, flagset)
+	if err != nil {
+		_, _ = os.Stderr.Write([]byte(flagset.FlagUsages()))
+		logger.Error("Init config flags", "err", err)
+		os.Exit(1)
+	}
+	command := kwok.NewCommand(ctx)
+	command.PersistentFlags().AddFlagSet(flagset)
+	if err := command.ExecuteContext(ctx); err != nil {
+		logger.Error("Execute exit", "err", err)
+		os.Exit(1)
+	}
+}
+
 func componentNames() []string {
-	names := []string{"etcd", "kubectl"}
+	names := []string{"containerd", "ctr", "etcd", "kubectl", "kwok"}
 	for name := range cobraCommands {
 		names = append(names, name)
 	}
