@@ -42,7 +42,12 @@ def test_scale_out_holds_nothing_until_the_new_shard_pod_is_ready_then_moves_the
             assert isinstance(reconciler.mover, SnapshotMove)
             mover = reconciler.mover
             await until(lambda: mover.waiting_for_targets() == dict.fromkeys(placed, S1))
-            # ... so none of them is held: the source serves them as before.
+            # ... and say so in their status (kubectl, the scaling e2e's settle check) ...
+            await fake.wait_for(
+                lambda: all(status(fake, n).get("pendingMove") == {"target": S1} for n in placed)
+            )
+            assert not any(status(fake, n).get("pendingMove") for n in NAMES if n not in placed)
+            # ... and none of them is held: the source serves them as before.
             for name in NAMES:
                 assert move(fake, name) == {}, (name, move(fake, name))
                 assert status(fake, name)["shard"] == S0 and selected(fake, name) == S0
@@ -53,6 +58,7 @@ def test_scale_out_holds_nothing_until_the_new_shard_pod_is_ready_then_moves_the
             await fake.put_status(PODS, S1, ready_pod(S1)["status"])
             await fake.wait_for(lambda: all(move(fake, n).get("phase") == "Holding" for n in placed))
             assert mover.waiting_for_targets() == {}
+            assert not any(status(fake, n).get("pendingMove") for n in NAMES)  # cleared as moves began
             assert all(move(fake, n)["target"] == S1 for n in placed)
             assert not any(move(fake, n) for n in NAMES if n not in placed)
             assert events(fake, "MoveRolledBack") == []

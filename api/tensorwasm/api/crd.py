@@ -89,6 +89,12 @@ TENANT_STATUS: JSON = {
                 "startedAt": _STAMP,
             },
         },
+        "pendingMove": {
+            "type": "object",
+            "description": "Placed on another shard whose pod is not Ready yet: the move begins once it "
+            "is; the current shard serves meanwhile (absent when none).",
+            "properties": {"target": {"type": "string", "description": "Shard pod the tenant will move to."}},
+        },
         "conditions": _CONDITIONS,
         "runtime": {
             "type": "object",

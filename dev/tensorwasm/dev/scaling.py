@@ -210,6 +210,7 @@ class ScalingRun:
             home = all(
                 s.get("shard") in wanted
                 and not s.get("move")
+                and not s.get("pendingMove")  # placed elsewhere, waiting for that pod to be Ready
                 and (s.get("runtime") or {}).get("shard") == s.get("shard")
                 and (s.get("runtime") or {}).get("loaded")
                 and selectors.get(tenant_service_name(n)) == s.get("shard")

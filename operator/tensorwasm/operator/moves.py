@@ -7,9 +7,10 @@ move), and its two strategies:
 - `SnapshotMove` (the operator's): the barrier protocol below.
 
 The protocol, from source S to target T (docs/operator.md, "Moves"):
-0. Nothing happens until T's pod is Ready (the ledger has already placed the tenant on T): S
-   serves the tenant as before, and the hold below starts only when T can take the tenant, so
-   clients are not told "moving" while T's pod starts. A source leaving the shard set does not wait.
+0. Nothing happens until T's pod is Ready (the ledger has already placed the tenant on T; the
+   reconciler says so in status.pendingMove): S serves the tenant as before, and the hold below
+   starts only when T can take the tenant, so clients are not told "moving" while T's pod starts.
+   A source leaving the shard set does not wait.
 1. `Holding` (snapshot policy OnMove only): status.move = {source S, target T, snapshot, phase,
    startedAt} and a Snapshot `<tenant>-move-<short>` (purpose move). S, seeing status.move on a
    Tenant it serves, stops admitting it (503 + Retry-After, kind tenant_moving), waits for its

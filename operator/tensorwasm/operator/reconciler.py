@@ -438,12 +438,13 @@ class Reconciler:
 
         token_secret: str | None = None
         move: Mapping[str, Any] | None = None
+        pending_target: str | None = None
         if tenant.spec is None:
             self.ledger.release(tenant.name)
             self.pending.discard(tenant.name)
             placement = Placement(None)
         else:
-            placement, move, service_shard = await self._place(tenant)
+            placement, move, service_shard, pending_target = await self._place(tenant)
             token_secret = await self._ensure_secret(tenant)
             if service_shard is not None:
                 await self._ensure_service(tenant, service_shard)
@@ -453,6 +454,8 @@ class Reconciler:
             tenant, placement, tenant_endpoint(tenant, self.settings), token_secret, self.clock()
         )
         desired["move"] = move
+        # Said in status so kubectl users (and the scaling e2e) see a move that is yet to begin.
+        desired["pendingMove"] = {"target": pending_target} if pending_target else None
         desired["lastSnapshot"] = last_snapshot(tenant.name, self.snapshots.values())
         patch = status_patch(tenant.status, desired)
         if patch:
@@ -499,8 +502,11 @@ class Reconciler:
             timer.cancel()
         self._timers[tenant.name] = asyncio.get_running_loop().call_later(wait + 1, self.spawn, tenant.name)
 
-    async def _place(self, tenant: Tenant) -> tuple[Placement, Mapping[str, Any] | None, str | None]:
-        """(placement, status.move, the shard pod the tenant's Service selects now)."""
+    async def _place(
+        self, tenant: Tenant
+    ) -> tuple[Placement, Mapping[str, Any] | None, str | None, str | None]:
+        """(placement, status.move, the shard pod the tenant's Service selects now, the shard pod a
+        move waits for to be Ready)."""
         assert tenant.spec is not None  # the caller placed only valid specs
         name, demand = tenant.name, tenant_demand(tenant.spec)
         shard_name = self.settings.shard_name
@@ -516,7 +522,7 @@ class Reconciler:
             if decision.shard is None:
                 self.pending.add(name)
                 reason = NO_SHARDS if decision.resource == "shards" else INSUFFICIENT_CAPACITY
-                return Placement(None, reason, decision.message), None, None
+                return Placement(None, reason, decision.message), None, None, None
             current = decision.shard
         elif self.ledger.demand_of(name) != demand:
             # Sticky even when a grown demand overfills the shard: moving is the snapshot issue's call.
@@ -537,7 +543,7 @@ class Reconciler:
             await self.api.post_event(involved, "Warning", *step.event, "tensorwasm-operator")
         if step.waiting:  # ask again soon; a Snapshot or a shard's report wakes us sooner
             self._retry_later(name, self.settings.reconcile_retry_s)
-        return Placement(step.shard), step.record, step.service
+        return Placement(step.shard), step.record, step.service, target if step.pending else None
 
     def _retry_later(self, name: str, delay: float) -> None:
         """Reconcile `name` again in `delay` s; replaces the one pending before (one per Tenant)."""
