@@ -88,3 +88,55 @@ def test_an_idle_ticker_parks_and_a_runaway_guest_is_still_stopped() -> None:
 def test_park_after_is_checked() -> None:
     with pytest.raises(BadRequest, match="park_after_s"):
         Engine(park_after_s=-1)
+
+
+class _Runner:
+    deadline_epoch = 0
+
+
+def test_the_epoch_follows_the_clock_and_a_lagging_ticker_costs_no_guest_its_time() -> None:
+    # A starved ticker thread wakes late; counting one tick per sleep then ran deadlines 3x late
+    # at load 20 on 2 cores. The ticker is made 40 ticks behind the clock here (its origin moved
+    # back): a guest starting now is given those 40 ticks on top of its own (its store deadline
+    # and its published deadline both), and the next wake-up adds all 40 at once.
+    from tensorwasm.runtime.engine.ticker import EpochTicker
+
+    increments: list[int] = []
+    tick = 0.05
+    ticker = EpochTicker(0, increments.append, tick, park_after_s=3600)
+    try:
+        runner = _Runner()
+        ticker.track(runner)
+        ticker._origin -= 40 * tick
+        epoch = ticker._epoch
+        started = time.monotonic()
+        store_ticks = ticker.guest_runs(10_000, runner)
+        assert 40 <= store_ticks - 10_000 <= 41 + (ticker._epoch - epoch)
+        assert runner.deadline_epoch == epoch + store_ticks + 1
+        wait_for(lambda: ticker._epoch >= epoch + 40, 30, "the ticker to catch up with the clock")
+        # Caught up, and all the guest's own ticks but those the clock has since run are still ahead.
+        spent = (time.monotonic() - started) / tick
+        assert ticker.ticks_left(runner) >= 10_000 - spent - 2
+        assert len(increments) == ticker._epoch  # one engine increment per tick, none skipped
+    finally:
+        ticker.close()
+
+
+def test_a_parked_ticker_resumes_from_its_epoch_not_from_the_time_it_slept() -> None:
+    from tensorwasm.runtime.engine.ticker import EpochTicker
+
+    ticker = EpochTicker(0, lambda _ptr: None, 0.001, park_after_s=0.01)
+    try:
+        wait_for(lambda: ticker.parked, 30, "the idle ticker to park")
+        time.sleep(0.2)  # parked for 200 ticks of clock: no guest's time
+        runner = _Runner()
+        ticker.track(runner)
+        epoch = ticker._epoch
+        started = time.monotonic()
+        assert ticker.guest_runs(1000, runner) == 1000  # parked: nothing behind to make up
+        wait_for(lambda: not ticker.parked and ticker._epoch > epoch, 30, "the ticker to resume")
+        # Since waking it has counted no more ticks than the clock ran (the 200 parked ones are not
+        # made up at once, which would have eaten a fifth of this guest's time).
+        assert ticker._epoch - epoch <= (time.monotonic() - started) / 0.001 + 2
+    finally:
+        ticker.close()

@@ -73,7 +73,7 @@ class WarmInstance:
         # A start function is guest code like any other: it runs under the tenant's deadline.
         ticks = engine.ticks_for(limits.timeout_s) if start_ticks is None else start_ticks
         if module.has_start:
-            engine.guest_runs(ticks, self)
+            ticks = engine.guest_runs(ticks, self)
         ll.set_epoch_deadline(ctx, ticks)
         try:
             instance = module.pre.instantiate(store)

@@ -77,7 +77,7 @@ class TenantInstancePool:
         try:
             ticks = self._load_ticks()
             if module.has_init:  # no tw_init, no guest code: the ticker may stay parked
-                engine.guest_runs(ticks, first)
+                ticks = engine.guest_runs(ticks, first)
             first.run_init(ticks)
         except RuntimeFault as fault:
             first.close()
@@ -132,7 +132,7 @@ class TenantInstancePool:
             raise TenantNotReady("the tenant's instance pool is closed")
         if type(payload) is not bytes:
             payload = bytes(payload)
-        self.engine.guest_runs(ticks, inst)
+        ticks = self.engine.guest_runs(ticks, inst)
         set_deadline(wait)  # host work for this guest (CPU kernels) checks the same deadline
         try:
             out = inst.call(inst.funcs[function], payload, ticks)

@@ -46,6 +46,11 @@ class EpochTicker:
         self._linger_ticks = math.ceil(park_after_s / tick_s)
         self.slice_ticks = max(1, math.ceil(round(SLICE_S / tick_s, 6)))
         self._epoch = 0  # ticks so far (the engine's epoch, as this thread last advanced it)
+        # The epoch follows the clock, not the count of sleeps: on a starved CPU each sleep of one
+        # tick lasts several (deadlines ran 3x late at load 20 on 2 cores), so each wake-up adds
+        # every whole tick since `_origin` (re-based when the ticker unparks: parked time is no
+        # guest's time).
+        self._origin = time.monotonic()
         # Every instance that may run guest code, each with the epoch its last deadline falls at:
         # read only when the ticker is about to park, so the hot path takes no lock.
         self._runners: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -59,8 +64,9 @@ class EpochTicker:
 
     def ticks_for(self, timeout_s: float) -> int:
         """Epoch ticks for a deadline, never early: rounded up, +1 because the tick running when the
-        deadline is set may be nearly over. Ticks are at least `tick_s` apart, so a guest is
-        stopped no sooner than `timeout_s` and at most about two ticks later."""
+        deadline is set may be nearly over. The epoch counts whole ticks of the clock (never ahead of
+        it) and guest_runs adds what the ticker is behind, so a guest is stopped no sooner than
+        `timeout_s` and about two ticks later, plus what the ticker thread waits for a CPU."""
         return max(1, math.ceil(round(timeout_s / self.tick_s, 6))) + 1
 
     def track(self, runner: Any) -> None:
@@ -69,17 +75,27 @@ class EpochTicker:
         with self._runners_lock:
             self._runners.add(runner)
 
-    def guest_runs(self, ticks: int, runner: Any) -> None:
-        """Hot path: `runner` (tracked) is about to run guest code with a deadline `ticks` from now.
+    def guest_runs(self, ticks: int, runner: Any) -> int:
+        """Hot path: `runner` (tracked) is about to run guest code with a deadline `ticks` from now;
+        returns the ticks to set as its store's epoch deadline (more than `ticks` when the ticker is
+        behind the clock: the catch-up must not eat this guest's time).
 
         Call before setting the deadline. The runner publishes its deadline, then reads the ticker's
         flag; the ticker publishes the flag, then reads every deadline before it parks: either this
         sees it parked and wakes it, or it sees the deadline and keeps ticking. No lock: a runner is
         used by one thread at a time.
         """
-        runner.deadline_epoch = self._epoch + ticks + 1
+        epoch = self._epoch
         if self._parked:
+            runner.deadline_epoch = epoch + ticks + 1
             self._unpark.set()
+            return ticks
+        now = int((time.monotonic() - self._origin) / self.tick_s)
+        behind = now - epoch if now > epoch else 0
+        runner.deadline_epoch = epoch + behind + ticks + 1
+        if self._parked:  # parked meanwhile: wake it (it re-bases on the epoch it stopped at)
+            self._unpark.set()
+        return ticks + behind
 
     def ticks_left(self, runner: Any) -> int:
         """Ticks until `runner`'s deadline (0 or less: passed). Read on the runner's own thread by its
@@ -142,8 +158,13 @@ class EpochTicker:
                 sleep(tick)
                 continue
             sleep(tick)
-            increment(ptr)
-            epoch += 1
+            due = int((time.monotonic() - self._origin) / tick)
+            n = due - epoch if due > epoch else 0
+            if n > _CATCH_UP_BATCH:  # a long stall (a stopped process): the rest on the next turns
+                n = _CATCH_UP_BATCH
+            for _ in range(n):
+                increment(ptr)
+            epoch += n
             self._epoch = epoch
             if epoch < check_at:
                 continue
@@ -155,4 +176,5 @@ class EpochTicker:
             if epoch > self._busy_until() + linger and not self._closed and not self._fast_forward:
                 self._unpark.wait()
             self._unpark.clear()
+            self._origin = time.monotonic() - epoch * tick  # the clock resumes where the epoch stopped
             self._parked = False
