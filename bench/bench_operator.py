@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -33,7 +34,7 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,9 +204,10 @@ class TenantWatch:
         self.proc.wait()
 
 
-def run() -> dict[str, Any]:
-    # A control plane of its own, started empty and removed afterwards: an API server and etcd that
-    # served earlier runs (or the test suite) carry their history, and runs stop being comparable.
+@contextlib.contextmanager
+def fresh_control_plane() -> Iterator[tuple[ClusterState, Path]]:
+    """A control plane of its own, started empty and removed afterwards: an API server and etcd that
+    served earlier runs (or the test suite) carry their history, and runs stop being comparable."""
     state_dir = Path(
         os.environ.get("TENSORWASM_BENCH_CLUSTER_DIR", default_state_dir().parent / "bench-cluster")
     )
@@ -213,9 +215,14 @@ def run() -> dict[str, Any]:
     plane.down()
     state = plane.up(nodes=3, gpus_per_node=1, timeout_s=180)
     try:
-        return measure(state, state_dir)
+        yield state, state_dir
     finally:
         plane.down()
+
+
+def run() -> dict[str, Any]:
+    with fresh_control_plane() as (state, state_dir):
+        return measure(state, state_dir)
 
 
 def _profile(pid: int, namespace: str) -> subprocess.Popen[bytes] | None:
@@ -454,13 +461,7 @@ def compare_operators(
     """Operator runs of several trees (label -> extra operator environment, e.g. PYTHONPATH) on one
     control plane of this tree, `rounds` rounds alternating the order (A B, B A, ...), one plain create
     of the same List per round as the floor. The shards, the harness and the CRDs are this tree's."""
-    state_dir = Path(
-        os.environ.get("TENSORWASM_BENCH_CLUSTER_DIR", default_state_dir().parent / "bench-cluster")
-    )
-    plane = LocalControlPlane(state_dir, log=lambda m: print(m, file=sys.stderr))
-    plane.down()
-    state = plane.up(nodes=3, gpus_per_node=1, timeout_s=180)
-    try:
+    with fresh_control_plane() as (state, state_dir):
         k = prepare(state)
         stamp = str(int(time.time()))
         module_cm, sha = _module()
@@ -496,8 +497,6 @@ def compare_operators(
                 })  # fmt: skip
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         return {"rows": rows, "n": n, "rounds": rounds}
-    finally:
-        plane.down()
 
 
 if __name__ == "__main__":
