@@ -31,6 +31,20 @@ def inline(engine: Engine, body: str, imports: str = "") -> CompiledModule:
     return compile_bytes(engine, f"(module {imports} {PRELUDE} {body})".encode())
 
 
+def one_of_each_export(engine: Engine) -> tuple[Any, Any]:
+    """(store, exports) of an instance exporting a mutable global `g`, a table `t` and a function
+    `f`: the wasmtime objects whose private structs engine/lowlevel.py reads."""
+    import wasmtime
+
+    module = inline(
+        engine,
+        '(global (export "g") (mut i32) (i32.const 7)) (table (export "t") 3 funcref)'
+        '(func (export "f") (param i32 i32) (result i64) (i64.const 0))',
+    )
+    store = wasmtime.Store(engine.wasmtime_engine)
+    return store, module.pre.instantiate(store).exports(store)
+
+
 def in_thread(fn: Callable[[], object], done: list[str], tag: str) -> threading.Thread:
     """Start `fn` in a thread; append `tag` (and the error kind, if any) to `done` when it ends."""
 

@@ -14,7 +14,7 @@ import wasmtime
 from wasmtime import _ffi as ffi
 
 from tensorwasm.runtime.engine import Engine, lowlevel
-from tests.unit.engine_helpers import inline
+from tests.unit.engine_helpers import inline, one_of_each_export
 
 
 def test_every_private_name_is_listed_once() -> None:
@@ -91,13 +91,7 @@ def test_the_fallback_value_types_have_the_c_layout() -> None:
 
 
 def test_the_fallback_accessors_find_what_the_private_ones_find(engine: Engine) -> None:
-    module = inline(
-        engine,
-        '(global (export "g") (mut i32) (i32.const 7)) (table (export "t") 3 funcref)'
-        '(func (export "f") (param i32 i32) (result i64) (i64.const 0))',
-    )
-    store = wasmtime.Store(engine.wasmtime_engine)
-    ex = module.pre.instantiate(store).exports(store)
+    store, ex = one_of_each_export(engine)
     assert lowlevel.public_store_context(store) == lowlevel.store_context(store)
     for obj, attr, struct in (
         (ex["f"], "_func", "wasmtime_func"),

@@ -21,7 +21,7 @@ from wasmtime import _ffi as ffi
 
 from tensorwasm.runtime.engine import Engine, WasmState, lowlevel
 from tensorwasm.runtime.errors import BadRequest, RuntimeFault
-from tests.unit.engine_helpers import fixture, inline, pool
+from tests.unit.engine_helpers import fixture, inline, one_of_each_export, pool
 
 # Every entry point of the private layer: the namespace an Engine runs on and the module's own names.
 PRIVATE_ENTRY_POINTS = tuple(
@@ -211,13 +211,7 @@ def test_private_structs_keep_their_layout(name: str, size: int, fields: tuple[s
 
 
 def test_private_objects_hold_those_structs(engine: Engine) -> None:
-    module = inline(
-        engine,
-        '(global (export "g") (mut i32) (i32.const 7)) (table (export "t") 3 funcref)'
-        '(func (export "f") (param i32 i32) (result i64) (i64.const 0))',
-    )
-    store = wasmtime.Store(engine.wasmtime_engine)
-    ex = module.pre.instantiate(store).exports(store)
+    _store, ex = one_of_each_export(engine)  # the store outlives the objects read below
     for obj, attr, struct_name in (
         (ex["f"], "_func", "wasmtime_func_t"),
         (ex["memory"], "_memory", "wasmtime_memory_t"),
