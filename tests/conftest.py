@@ -139,8 +139,30 @@ def real_node_release(namespace: str) -> DevRelease:
     return dev
 
 
+# On a failed session the cluster's component logs (their last bytes) are kept here for a
+# post-mortem: the cluster itself is torn down, and CI shows only the output's tail.
+FAILED_LOGS_DIR = Path(os.environ.get("TMPDIR", "/tmp")) / "tensorwasm-failed-cluster-logs"
+KEPT_LOG_BYTES = 4 << 20
+
+
+def keep_cluster_logs(cluster_dir: Path) -> Path:
+    """Copy the last KEPT_LOG_BYTES of every component log under `cluster_dir` to FAILED_LOGS_DIR
+    (replacing an earlier session's) and return that folder."""
+    dest = FAILED_LOGS_DIR
+    if dest.exists():
+        for old in dest.rglob("*.log"):
+            old.unlink()
+    for log in sorted(cluster_dir.rglob("*.log")):
+        target = dest / log.relative_to(cluster_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("rb") as src:
+            src.seek(max(0, log.stat().st_size - KEPT_LOG_BYTES))
+            target.write_bytes(src.read())
+    return dest
+
+
 @pytest.fixture(scope="session")
-def kube() -> Iterator[Kube]:
+def kube(request: pytest.FixtureRequest) -> Iterator[Kube]:
     plane = LocalControlPlane(session_cluster_dir(), log=lambda msg: print(msg, flush=True))
     reused = plane.state() is not None and plane.status().ready
     # With the real node (containerd, kubelet, kube-proxy) unless TENSORWASM_TEST_REAL_NODE=0.
@@ -149,6 +171,8 @@ def kube() -> Iterator[Kube]:
     handle = Kube(Path(state.kubeconfig), state.server, state.token, Path(state.bin_dir))
     apply_crds(handle)
     yield handle
+    if request.session.testsfailed:
+        print(f"\nCluster logs of this failed session: {keep_cluster_logs(session_cluster_dir())}")
     if not reused and os.environ.get("TENSORWASM_KEEP_CLUSTER") != "1":
         plane.down()
 

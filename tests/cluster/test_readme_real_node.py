@@ -87,12 +87,22 @@ def test_readme_using_it_runs_as_written_until_the_curl_answers(kube: Kube) -> N
         ip = service_ip(kube, "tw-alpha")
         rest = [line.replace(host, ip) for line in lines[curls[0] :]]
 
+        last_failure = [""]
+
         def answered() -> str | None:
             out = run("\n".join([*token, rest[0]]))
+            if out.returncode != 0:
+                last_failure[0] = f"exit {out.returncode}: {out.stderr[-500:]}"
             return out.stdout if out.returncode == 0 else None
 
         # kube-proxy programs a new ClusterIP a moment after the Service exists.
-        assert wait_for(answered, 120, "the README's first curl answered") == "hello"
+        got = wait_for(answered, 120, "the README's first curl answered", raise_on_timeout=False)
+        if got is None:
+            seen = kube.kubectl("get", "pods,endpointslices,services", "-n", NAMESPACE, "-o", "wide")
+            events = kube.kubectl("get", "events", "-n", NAMESPACE, "--sort-by=.lastTimestamp")
+            why = f"the README's first curl never answered in 120 s ({last_failure[0]})"
+            pytest.fail(f"{why}\n{seen}\n{events[-3000:]}")
+        assert got == "hello"
         done = run("\n".join([*token, *rest]))
         assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
         assert "Recommended SKU:" in done.stdout  # tensorwasm plan, the last line

@@ -21,6 +21,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
+
 from tensorwasm.dev.stack import LocalStack
 from tests.conftest import Kube, wait_for
 from tests.e2e.conftest import apply_module, get
@@ -191,7 +193,11 @@ def test_moves_2_3_2_under_load_lose_no_request_and_no_write(
             moved = {n for n, t in tenants.items() if t["status"].get("shard") != before[n]}
             return tenants if moved and settled(stack, tenants, {SHARD_0, SHARD_1, SHARD_2}) else None
 
-        grown_to = wait_for(grown, 120, "moves onto the third shard settled")
+        grown_to = wait_for(grown, 120, "moves onto the third shard settled", raise_on_timeout=False)
+        if grown_to is None:  # what the operator waits for: the new shard's pod, its scheduling
+            pods = kube.kubectl("get", "pods", "-n", namespace, "-o", "wide")
+            events = kube.kubectl("get", "events", "-n", namespace, "--sort-by=.lastTimestamp")
+            pytest.fail(f"moves onto the third shard did not settle in 120 s\n{pods}\n{events[-3000:]}")
         moved = {n for n, t in grown_to.items() if t["status"]["shard"] != before[n]}
         assert 0 < len(moved) <= 0.5 * TENANTS, moved
         assert all(grown_to[n]["status"]["shard"] == SHARD_2 for n in moved), "moves go only to the new shard"
