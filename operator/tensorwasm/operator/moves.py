@@ -44,7 +44,7 @@ from tensorwasm.api.snapshot import FAILED, READY, phase_of
 from tensorwasm.api.stamps import parse_rfc3339
 from tensorwasm.api.tenant import Tenant
 from tensorwasm.kube.client import KubeApi, resource_path
-from tensorwasm.operator.roll import pod_ready
+from tensorwasm.operator.pods import pod_ready
 from tensorwasm.operator.snapshots import MOVE, build_snapshot, short_id, snapshot_name
 
 log = logging.getLogger("tensorwasm.operator")

@@ -33,6 +33,7 @@ from typing import Any
 
 from tensorwasm.api.names import shard_ordinal, shard_pod_name
 from tensorwasm.kube.client import KubeApi, resource_path
+from tensorwasm.operator.pods import pod_ready
 
 log = logging.getLogger("tensorwasm.operator")
 
@@ -56,13 +57,6 @@ def roll_state(annotations: Mapping[str, Any]) -> int | None:
     if type(replicas) is not int or replicas < 0:  # bool is an int subclass: not a count
         raise ValueError(f'expected {{"replicas": <integer >= 0>}}, got {str(raw)[:100]!r}')
     return replicas
-
-
-def pod_ready(pod: Mapping[str, Any] | None) -> bool:
-    if pod is None or (pod.get("metadata") or {}).get("deletionTimestamp"):
-        return False
-    conditions = (pod.get("status") or {}).get("conditions") or []
-    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
 
 
 def outdated(pods: Mapping[str, Mapping[str, Any]], revision: str, prefix: str, replicas: int) -> list[int]:
