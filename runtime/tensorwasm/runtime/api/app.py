@@ -160,6 +160,7 @@ class _Api:
         self.shard = shard
         self.jobs = JobBoard(jobs)
         shard.on_hold.append(self.jobs.refuse_queued)  # a move barrier waits for no queued job
+        self.jobs.on_tick = self._forget_departed  # the board's tick: tenants that left lose their tables
         self.stream_limits = streams or StreamLimits()
         self.rates = RequestRates()
         self.audit = audit

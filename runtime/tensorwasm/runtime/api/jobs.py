@@ -9,6 +9,10 @@ finished one expires), at most `output_bytes_per_tenant` of finished outputs hel
 output would pass it fails with guest_limit_exceeded, limit jobOutputBytes), and a finished job is
 forgotten `ttl_s` after it finished. A job id is looked up only in its own tenant's table: another
 tenant's id is 404, the same answer as an id that never existed.
+Expiry does not wait for the tenant to call again: while the board holds any table, a tick on the
+event loop (at most one a second, none while the board is empty) forgets every tenant's expired
+jobs, taking only the due ones off a heap of expiries, drops emptied tables and runs `on_tick` (the
+HTTP app's: forget the tables of tenants that left the shard).
 Must not import wasmtime or cuda.
 """
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import heapq
 import secrets
 import threading
 import time
@@ -37,6 +42,13 @@ from tensorwasm.runtime.tenancy.runs import GuestRun
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 JOB_STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 _ACTIVE = (QUEUED, RUNNING)
+# The board's tick: this often while it holds any table (expiry, departed tenants), never when empty.
+TICK_S = 1.0
+# The heap of expiries keeps an entry for a job forgotten early (DELETE, a departed tenant) until
+# its time comes; past max(this, twice the live entries) it is rebuilt from the tables.
+_HEAP_COMPACT_MIN = 1024
+# call_later(delay_s, callback): the running loop's by default; tests pass their own.
+Schedule = Callable[[float, Callable[[], None]], object]
 
 
 @dataclass(frozen=True)
@@ -144,16 +156,24 @@ class _Table:
 class JobBoard:
     """Every tenant's jobs (event-loop thread only)."""
 
-    def __init__(self, limits: JobLimits | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        limits: JobLimits | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        schedule: Schedule | None = None,
+    ) -> None:
         self.limits = limits or JobLimits()
         self._tables: dict[str, _Table] = {}
         self._clock = clock
-        self._next_sweep = 0.0  # board clock: when any tenant's admit next purges every table
+        self._expiries: list[tuple[float, str, str]] = []  # heap of (expires, tenant, job id)
+        self._compact_at = _HEAP_COMPACT_MIN
+        self._schedule = schedule
+        self._armed = False  # a tick is scheduled
+        self.on_tick: Callable[[], None] | None = None  # run by every tick (the app: departed tenants)
 
     def admit(self, tenant: str) -> None:
         """Raise JobsFull if `tenant` holds as many jobs (or output bytes) as it may."""
-        if self._clock() >= self._next_sweep:  # at most once a second: every tenant's expired jobs
-            self.purge_all()
+        self.purge_all()  # every tenant's expired jobs: a look at the heap's top when none is due
         table = self._purged(tenant)
         lim = self.limits
         if table is None or (
@@ -183,6 +203,7 @@ class JobBoard:
         job.future = future
         self._tables.setdefault(tenant, _Table()).jobs[job.id] = job
         future.add_done_callback(lambda fut: self._finish(job, fut))
+        self._arm()
         return job
 
     def get(self, tenant: str, job_id: str) -> Job:
@@ -243,10 +264,30 @@ class JobBoard:
             del self._tables[name]
 
     def purge_all(self) -> None:
-        """Forget the expired jobs of every tenant (not only of the one calling)."""
-        self._next_sweep = self._clock() + 1.0
-        for tenant in list(self._tables):
-            self._purged(tenant)
+        """Forget the expired jobs of every tenant (not only of the one calling): only the due
+        entries of the heap of expiries are touched."""
+        now = self._clock()
+        heap, tables = self._expiries, self._tables
+        while heap and heap[0][0] <= now:
+            _, tenant, job_id = heapq.heappop(heap)
+            table = tables.get(tenant)
+            job = table.jobs.get(job_id) if table is not None else None
+            if table is not None and job is not None and job.expires is not None and job.expires <= now:
+                del table.jobs[job_id]
+                table.output_bytes -= len(job.output or b"")
+
+    def tick(self) -> None:
+        """The periodic pass (also what the scheduled timer runs): purge every tenant's expired
+        jobs, drop emptied tables, run `on_tick`; scheduled again while any table is left."""
+        self._armed = False
+        try:
+            self.purge_all()
+            for name in [n for n, t in self._tables.items() if not t.jobs]:
+                del self._tables[name]
+            if self.on_tick is not None:
+                self.on_tick()
+        finally:
+            self._arm()
 
     def __len__(self) -> int:
         """Tenants with a table."""
@@ -254,8 +295,7 @@ class JobBoard:
 
     def report(self) -> Iterator[tuple[str, str, int]]:
         """(tenant, state, count) for every state of every tenant with a table (metrics). Purges
-        every tenant's expired jobs first: the scrape is the periodic tick that frees a finished
-        job's output even when its tenant never calls again."""
+        every tenant's expired jobs first, so an expired job is never counted."""
         self.purge_all()
         for tenant, table in self._tables.items():
             counts = dict.fromkeys(JOB_STATES, 0)
@@ -313,6 +353,27 @@ class JobBoard:
     def _ended(self, job: Job) -> None:
         job.finished = self._clock()
         job.expires = job.finished + self.limits.ttl_s
+        heapq.heappush(self._expiries, (job.expires, job.tenant, job.id))
+        if len(self._expiries) > self._compact_at:
+            self._expiries = [(j.expires, name, j.id) for name, t in self._tables.items()
+                              for j in t.jobs.values() if j.expires is not None]  # fmt: skip
+            heapq.heapify(self._expiries)
+            self._compact_at = max(_HEAP_COMPACT_MIN, 2 * len(self._expiries))
+
+    def _arm(self) -> None:
+        """Schedule the next tick, unless one is already scheduled or there is nothing to look after
+        (or no running loop: a board used outside one is purged by its callers only)."""
+        if self._armed or not self._tables:
+            return
+        schedule = self._schedule
+        if schedule is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            schedule = lambda delay, tick: loop.call_later(delay, tick)  # noqa: E731
+        self._armed = True
+        schedule(TICK_S, self.tick)
 
     def _purged(self, tenant: str) -> _Table | None:
         table = self._tables.get(tenant)
