@@ -13,6 +13,14 @@ kubelet rotates it), or a file path (for a sidecar that tails it), rotated by si
 deleted). Records carry who (tenant, the token's Secret key, never the token), what (function,
 mode, job id), outcome (HTTP status, ok or the error kind), duration, bytes in and out, the request
 id and the client address; never payloads or tokens.
+
+Refusals (a request turned away before it ran: rate_limited, queue_full, payload_too_large, ...)
+go through `refusal`, aggregated per (tenant, kind) by `RefusalWindows`: at most one line per
+`refusal_window_s`, carrying `"suppressed": N` for the refusals of that tenant and kind that got no
+line of their own. A tenant can make refusals at line rate, and one line each would rotate the
+size-bounded log within seconds and wash out every other tenant's records; the count keeps the
+total exact (each line stands for 1 + suppressed refusals). Admitted requests, jobs, cancels and
+403s keep one line each.
 Must not import wasmtime, cuda or aiohttp.
 """
 
@@ -25,6 +33,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -37,6 +46,8 @@ log = logging.getLogger(__name__)
 # HTTP status, outcome, seconds or None, bytes in, bytes out, client address, job id or "").
 # A request id is the caller's X-Request-Id, or a number this shard spells "<BOOT>-<n>".
 Record = tuple[float, str, str | int, str, str, str, str, int, str, float | None, int, int, str, str]
+# A refusal's line with the count of the refusals of its tenant and kind it stands for besides itself.
+Summary = tuple[Record, int]
 BOOT = os.urandom(4).hex()  # unique per shard process
 
 
@@ -49,19 +60,105 @@ class AuditSettings:
     flush_s: float = 0.05  # the writer batches this long: writes per second <= 1 / flush_s
     rotate_bytes: int = 100 << 20  # file target: rotate at this size
     keep: int = 5  # file target: rotated files kept
+    refusal_window_s: float = 1.0  # refusals: at most one line per (tenant, kind) per window
+    refusal_keys: int = 4096  # (tenant, kind) windows tracked at once; past it the oldest is closed
 
 
 # Every JSON key, once (the line is built by hand; format_record says which values are escaped).
 _KEYS = ("ts", "type", "action", "requestId", "tenant", "tokenId", "function", "mode", "status",
          "outcome", "durationMs", "bytesIn", "bytesOut", "remote", "job")  # fmt: skip
+# ... and "suppressed" on a refusal's line that stands for more refusals than itself (RefusalWindows).
+
+
+class _Window:
+    __slots__ = ("counted", "end", "last")
+
+    def __init__(self, end: float) -> None:
+        self.end = end
+        self.counted = 0  # refusals within it that got no line
+        self.last: Record | None = None  # the last of them
+
+
+class RefusalWindows:
+    """Per (tenant, refusal kind): the first refusal opens a window of `window_s` and gets its line;
+    the next ones within it are counted, not written. When the window ends with some counted, one
+    line (the last counted refusal's record) carries their number and opens the next window, so a
+    flood makes one line per window; a refusal after a window closed unflushed carries the count
+    itself. At most `max_keys` windows are open: a new key past it closes the oldest first (its
+    count written). Thread-safe: refusals come from the event loop, `due` from the writer thread."""
+
+    def __init__(self, window_s: float, max_keys: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.window_s = window_s
+        self.max_keys = max(1, max_keys)
+        self._clock = clock
+        # Insertion order is window-end order: every window lasts window_s and is inserted when it opens.
+        self._open: dict[tuple[str, str], _Window] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def note(self, rec: Record) -> list[Summary]:
+        """The lines to write for this refusal now: [] when it is counted in an open window."""
+        key = (rec[3], rec[8])
+        now = self._clock()
+        out: list[Summary] = []
+        with self._lock:
+            window = self._open.get(key)
+            if window is not None and now < window.end:
+                window.counted += 1
+                window.last = rec
+                return out
+            if window is not None:
+                del self._open[key]
+            elif len(self._open) >= self.max_keys:
+                out.extend(self._close(next(iter(self._open))))
+            self._open[key] = _Window(now + self.window_s)
+            out.append((rec, window.counted if window is not None else 0))
+        return out
+
+    def due(self, everything: bool = False) -> list[Summary]:
+        """Close the windows that ended (all of them with `everything`: the log is closing): a line
+        for each that counted refusals, which opens the next window of its key."""
+        now = self._clock()
+        out: list[Summary] = []
+        with self._lock:
+            while self._open:
+                key, window = next(iter(self._open.items()))
+                if not everything and window.end > now:
+                    break
+                closed = self._close(key)
+                out.extend(closed)
+                if closed and not everything:
+                    self._open[key] = _Window(now + self.window_s)
+        return out
+
+    def wait_s(self) -> float | None:
+        """Seconds until the earliest window ends (None: none open)."""
+        with self._lock:
+            if not self._open:
+                return None
+            return max(0.0, next(iter(self._open.values())).end - self._clock())
+
+    def _close(self, key: tuple[str, str]) -> list[Summary]:
+        window = self._open.pop(key)
+        if window.counted and window.last is not None:
+            return [(window.last, window.counted - 1)]
+        return []
 
 
 class AuditLog:
     """Bounded, asynchronous JSON-lines audit log; `record` is the only hot-path call."""
 
-    def __init__(self, settings: AuditSettings, stream: IO[str] | None = None) -> None:
+    def __init__(
+        self,
+        settings: AuditSettings,
+        stream: IO[str] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.settings = settings
-        self._queue: collections.deque[Record] = collections.deque()
+        self._queue: collections.deque[Record | Summary] = collections.deque()
+        self.refusals = RefusalWindows(settings.refusal_window_s, settings.refusal_keys, clock)
         self._capacity = settings.capacity
         self._wake = threading.Event()
         self._stop = False
@@ -81,7 +178,12 @@ class AuditLog:
         self._thread.start()
         return self
 
-    def record(self, rec: Record) -> None:
+    def refusal(self, rec: Record) -> None:
+        """Queue a refused request's record, aggregated per (tenant, kind) (`RefusalWindows`)."""
+        for line in self.refusals.note(rec):
+            self.record(line[0] if line[1] == 0 else line)
+
+    def record(self, rec: Record | Summary) -> None:
         """Queue one record (event loop); dropped and counted when the writer is this far behind."""
         q = self._queue
         if len(q) >= self._capacity:
@@ -113,7 +215,9 @@ class AuditLog:
 
     def _run(self) -> None:
         while True:
-            self._wake.wait()
+            # Up at a refusal window's end too: its count must not wait for the next record.
+            wait = self.refusals.wait_s()
+            self._wake.wait(None if wait is None else max(wait, self.settings.flush_s))
             if not self._stop:
                 time.sleep(self.settings.flush_s)  # let a batch gather: one write for many records
             self._wake.clear()
@@ -124,7 +228,9 @@ class AuditLog:
     def _drain(self) -> None:
         q, lines = self._queue, []
         while q:
-            lines.append(format_record(q.popleft()))
+            lines.append(_format(q.popleft()))
+        # After the queue: a window's count follows the line that opened it.
+        lines.extend(format_record(rec, n) for rec, n in self.refusals.due(everything=self._stop))
         if not lines:
             return
         text = "".join(lines)
@@ -181,7 +287,13 @@ def _quoted(value: str) -> str:
     return f'"{value}"'
 
 
-def format_record(r: Record) -> str:
+def _format(item: Record | Summary) -> str:
+    if len(item) == 2:
+        return format_record(item[0], item[1])
+    return format_record(item)
+
+
+def format_record(r: Record, suppressed: int = 0) -> str:
     """One JSON line (also what tests parse). The action, mode, outcome and tenant come from closed
     alphabets the runtime checked; the request id, token id, remote address and function name can
     carry what a client or a module chose (an export may be named `f","tenant":"other`), so they are
@@ -197,7 +309,8 @@ def format_record(r: Record) -> str:
         f'{{"ts":"{_second[1]}.{int((ts - sec) * 1000):03d}Z","type":"audit","action":"{r[1]}",'
         f'"requestId":{rid},"tenant":"{r[3]}","tokenId":{_quoted(r[4])},"function":{_quoted(r[5])},'
         f'"mode":"{r[6]}","status":{r[7]},"outcome":"{r[8]}","durationMs":{duration},"bytesIn":{r[10]},'
-        f'"bytesOut":{r[11]},"remote":{_quoted(r[12])},"job":"{r[13]}"}}\n'
+        f'"bytesOut":{r[11]},"remote":{_quoted(r[12])},"job":"{r[13]}"'
+        + (f',"suppressed":{suppressed}}}\n' if suppressed else "}\n")
     )
 
 

@@ -522,9 +522,12 @@ class _Api:
         key: str = TOKEN_KEY,
         mode: str = "sync",
     ) -> web.Response:
-        """Refused before running: counted, and the connection closed if the body was not read."""
+        """Refused before running: counted, and the connection closed if the body was not read.
+        Audited per (tenant, kind) at most once a second with a count (audit.RefusalWindows): a
+        flood of refusals must not rotate the other tenants' records out of the log."""
         tenant.record(function, exc.kind, None)
-        self._audit(request, "invoke", tenant.name, key, function, mode, exc.status, exc.kind, None, 0)
+        self._audit(request, "invoke", tenant.name, key, function, mode, exc.status, exc.kind, None, 0,
+                    refused=True)  # fmt: skip
         return _closing(fault_response(exc))
 
     def _other_token(
@@ -586,13 +589,14 @@ class _Api:
         bytes_in: int,
         bytes_out: int = 0,
         job: str = "",
+        refused: bool = False,
     ) -> None:
         if self.audit is None:
             return
         rid: str | int | None = request.headers.get("X-Request-Id")
         if rid is None or not _REQUEST_ID.match(rid):  # type: ignore[arg-type]
             rid = next(self._request_ids)
-        self.audit.record((
+        (self.audit.refusal if refused else self.audit.record)((
             time.time(), action, rid, tenant, key, function, mode, status, outcome, seconds, bytes_in,
             bytes_out, request.remote or "", job,
         ))  # fmt: skip
