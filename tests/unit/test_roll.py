@@ -44,10 +44,11 @@ async def pod(fake: FakeKube, name: str, revision: str) -> None:
 class Cluster:
     """The StatefulSet controller and the shards, as far as the operator can see them."""
 
-    def __init__(self, fake: FakeKube) -> None:
-        self.fake = fake
+    def __init__(self, fake: FakeKube, names: list[str] = NAMES) -> None:
+        self.fake, self.names = fake, names
         self.gaps: list[str] = []
         self.deleted: list[str] = []
+        self.blocked: set[str] = set()  # tenants whose source never captures (a long job holds it)
 
     async def run(self) -> None:
         fake = self.fake
@@ -59,14 +60,15 @@ class Cluster:
             for ordinal in range(replicas):
                 if f"tensorwasm-shard-{ordinal}" not in pods:
                     await pod(fake, f"tensorwasm-shard-{ordinal}", revision)
-            serving = {selected(fake, n) for n in NAMES}
+            serving = {selected(fake, n) for n in self.names}
             for name in pods:  # a scaled-in pod terminates once it has handed its tenants off
                 if int(name.rsplit("-", 1)[1]) >= replicas and name not in serving:
                     self.deleted.append(name)
                     await fake.remove(PODS, name)
-            for name in NAMES:
+            for name in self.names:
                 record = move(fake, name)
-                if record.get("phase") == "Holding" and fake.get(SNAPSHOTS, record["snapshot"]):
+                holding = record.get("phase") == "Holding" and name not in self.blocked
+                if holding and fake.get(SNAPSHOTS, record["snapshot"]):
                     await fake.put_status(SNAPSHOTS, record["snapshot"], {"phase": "Ready"})
                 elif record.get("phase") == "Restoring":
                     await fake.put_status(

@@ -19,10 +19,15 @@ The protocol, from source S to target T (docs/operator.md, "Moves"):
    tenant's Service still selects S, which keeps answering "moving" for the tenant it gave up.
    T loads the tenant, restores that Snapshot, and reports status.runtime {shard: T, loaded}.
 3. Done: the Service selects T and status.move is cleared.
-A move not done `timeout_s` after it started, or whose Snapshot Failed, rolls back: status.shard
-and the Service stay (or go back) on S, status.move is cleared, an unfinished move Snapshot is
-deleted, S serves again (restoring the newest Ready Snapshot if it had already let the tenant go),
-and a Warning Event (reason MoveRolledBack) says why.
+A move not done by its deadline (`move_deadline`: `timeout_s`, the capture and restore, plus the
+tenant's timeoutMs, the longest its barrier waits for a running invoke or job; at most
+`MOVE_DEADLINE_MAX_S`), or whose Snapshot Failed, rolls back: status.shard and the Service stay (or
+go back) on S, status.move is cleared, an unfinished move Snapshot is deleted, S serves again
+(restoring the newest Ready Snapshot if it had already let the tenant go), and a Warning Event
+(reason MoveRolledBack) says why. A tenant whose move rolled back is not held again at once: a new
+move of it (the roll placing it again, say) waits out a back-off (`backoff_s`: the move's deadline,
+doubled for each rollback in a row, at most `MOVE_BACKOFF_MAX_S`) with the source serving it, says
+so once in a Warning Event (reason MoveDeferred) and meanwhile counts as waiting (status.pendingMove).
 A source that left the shard set (scaled in) runs the same protocol while its pod terminates: the
 shard keeps serving until its tenants are handed off (sources/kube.py). With no pod left it gets
 `GONE_SOURCE_WAIT_S` (10 s) to capture instead of the full timeout. Such a move that fails or times
@@ -53,6 +58,11 @@ ON_MOVE = "OnMove"
 HOLDING, RESTORING = "Holding", "Restoring"
 ROLLED_BACK, NOT_CAPTURED = "MoveRolledBack", "MovedWithoutCapture"
 GONE_SOURCE_WAIT_S = 10.0  # a leaving source without a pod gets this long to capture
+DEFERRED = "MoveDeferred"  # the Event's reason when a move waits out the back-off of a rollback
+# A source answers "moving" for a tenant that left it until its move is over, at most 3660 s
+# (the runtime's MOVED_MAX_S): no move may last longer.
+MOVE_DEADLINE_MAX_S = 3600.0
+MOVE_BACKOFF_MAX_S = 3600.0  # the longest a rolled-back tenant waits before its next move
 READY_CACHE_S = 0.5  # a target pod's readiness is read at most this often (tenants waiting share it)
 
 JSON = dict[str, Any]
@@ -78,6 +88,33 @@ class MoveStep:
 
 def settled(shard: str) -> MoveStep:
     return MoveStep(shard, shard)
+
+
+def move_deadline(tenant: Tenant, timeout_s: float) -> float:
+    """Seconds a move of `tenant` may take from its start: `timeout_s` (MOVE_SNAPSHOT_TIMEOUT: the
+    capture and the restore) plus the tenant's timeoutMs (the barrier waits for its running invokes
+    and async jobs, each bounded by it), at most MOVE_DEADLINE_MAX_S."""
+    timeout_ms = tenant.spec.limits.timeout_ms if tenant.spec is not None else 0
+    return min(MOVE_DEADLINE_MAX_S, timeout_s + timeout_ms / 1000)
+
+
+def backoff_s(deadline: float, rollbacks: int) -> float:
+    """How long a tenant whose move rolled back `rollbacks` times in a row waits before the next:
+    the move's own deadline (it was held that long; it serves at least as long before it is held
+    again), doubled for each further rollback, at most MOVE_BACKOFF_MAX_S."""
+    doublings: int = min(max(rollbacks - 1, 0), 16)
+    return min(MOVE_BACKOFF_MAX_S, deadline * (1 << doublings))
+
+
+@dataclass
+class Backoff:
+    """A tenant's last rollback: when the next move may start (`until`, clock seconds), the
+    rollbacks in a row, why the last one happened, and whether the deferral was said (an Event)."""
+
+    until: float
+    rollbacks: int
+    why: str
+    said: bool = False
 
 
 class MoveStrategy(Protocol):
@@ -127,10 +164,18 @@ class SnapshotMove:
         # however many tenants wait for it.
         self._ready: dict[str, tuple[float, bool]] = {}
         self._pending: dict[str, str] = {}  # tenant -> the target it waits for (logged once)
+        # Tenant -> its last rollback (bounded: an entry goes with a finished move, or
+        # MOVE_BACKOFF_MAX_S after its back-off ended).
+        self._backoff: dict[str, Backoff] = {}
 
     def waiting_for_targets(self) -> dict[str, str]:
         """Tenant -> the shard pod its move waits for (placed there; nothing held until it is Ready)."""
         return dict(self._pending)
+
+    def backing_off(self) -> dict[str, float]:
+        """Tenant -> seconds (by the clock) before a new move of it may start, after a rollback."""
+        now = self._now()
+        return {n: b.until - now for n, b in self._backoff.items() if b.until > now}
 
     async def step(self, tenant: Tenant, target: str, runs: Callable[[str], bool]) -> MoveStep:
         move = move_record(tenant)
@@ -139,6 +184,9 @@ class SnapshotMove:
             if source is None or source == target:
                 self._pending.pop(tenant.name, None)
                 return settled(target)
+            deferred = self._deferred(tenant, source, target) if runs(source) else None
+            if deferred is not None:
+                return deferred
             if runs(source) and not await self._target_ready(tenant, target):
                 if self._pending.get(tenant.name) != target:
                     self._pending[tenant.name] = target
@@ -161,9 +209,9 @@ class SnapshotMove:
                 )
         if phase == HOLDING and to != target:
             move, to = {**move, "target": target}, target
-        waited = self._waited(move)
+        waited, deadline = self._waited(move), move_deadline(tenant, self.timeout_s)
         if phase == HOLDING:
-            limit = self.timeout_s
+            limit = deadline
             if leaving and not await self._alive(tenant, source):
                 # No pod object: most likely nobody captures (a crash, a hand-off past its bound);
                 # a process may still run where pods are not real processes (a local stack).
@@ -171,11 +219,30 @@ class SnapshotMove:
             return await self._holding(tenant, move, source, to, waited, leaving, limit)
         if target_reported(tenant, to):
             log.info("Moved Tenant %s from=%s to=%s after %.0fs", tenant.name, source, to, waited)
+            self._backoff.pop(tenant.name, None)
             return settled(to)
-        if waited >= self.timeout_s:
+        if waited >= deadline:
             why = f"shard {to} did not report the tenant loaded in {waited:.0f}s"
             return await self._give_up(tenant, move, to, why, leaving)
         return MoveStep(to, source, move)
+
+    def _deferred(self, tenant: Tenant, source: str, target: str) -> MoveStep | None:
+        """A move of a tenant whose last move rolled back waits out its back-off: the source serves it
+        (nothing held), the ledger keeps it on `target`, and a Warning Event says why, once."""
+        now = self._now()
+        last = self._backoffs(now).get(tenant.name)
+        if last is None or now >= last.until:
+            return None
+        event = None
+        if not last.said:
+            last.said = True
+            message = (
+                f"move from {source} to {target} waits {last.until - now:.0f}s more: its last move "
+                f"rolled back ({last.why}); {source} serves it meanwhile"
+            )
+            log.warning("Deferred moving Tenant %s: %s", tenant.name, message)
+            event = (DEFERRED, message)
+        return MoveStep(source, source, event=event, pending=True)
 
     async def _target_ready(self, tenant: Tenant, shard: str) -> bool:
         """The shard's pod is Ready (its readiness probe passed, not terminating)."""
@@ -247,13 +314,31 @@ class SnapshotMove:
             message = f"move from {source} (leaving) to {to} without its capture: {why}"
             log.warning("Moved Tenant %s without a capture: %s", tenant.name, message)
             return MoveStep(to, to, None, (NOT_CAPTURED, message))
-        message = f"move from {source} to {move.get('target')} rolled back: {why}; {source} serves it again"
+        now = self._now()
+        last = self._backoffs(now).get(tenant.name)
+        rollbacks = (last.rollbacks if last is not None else 0) + 1
+        wait = backoff_s(move_deadline(tenant, self.timeout_s), rollbacks)
+        self._backoff[tenant.name] = Backoff(now + wait, rollbacks, why)
+        message = (
+            f"move from {source} to {move.get('target')} rolled back: {why}; {source} serves it again"
+            f" and no new move starts for {wait:.0f}s"
+        )
         log.warning("Rolled back moving Tenant %s: %s", tenant.name, message)
         return MoveStep(source, source, None, (ROLLED_BACK, message))
 
     def _waited(self, move: Mapping[str, Any]) -> float:
         now = self.clock()
         return (parse_rfc3339(now) - parse_rfc3339(str(move.get("startedAt") or now))).total_seconds()
+
+    def _backoffs(self, now: float) -> dict[str, Backoff]:
+        """The rollbacks that still count; one long past (MOVE_BACKOFF_MAX_S after its back-off)
+        is forgotten: a tenant's next rollback counts from one again."""
+        for name in [n for n, b in self._backoff.items() if now >= b.until + MOVE_BACKOFF_MAX_S]:
+            del self._backoff[name]
+        return self._backoff
+
+    def _now(self) -> float:
+        return parse_rfc3339(self.clock()).timestamp()
 
     async def _create(self, tenant: Tenant, name: str) -> None:
         path = resource_path(API_VERSION, SNAPSHOT.plural, tenant.namespace)

@@ -17,11 +17,13 @@ its pods and takes the next step, one shard at a time:
    new revision; wait until it is Ready, then the next outdated shard;
 4. none left: scale back to R (the surge shard hands its tenants back as any scaled-in shard does)
    and remove the annotation.
-Bounded: one roll at a time, one shard at a time; each move is bounded by MOVE_SNAPSHOT_TIMEOUT
-(and rolls back), and a pod that does not become Ready leaves the roll waiting, visibly, in the
-annotation and the log. An annotation that does not parse is logged as an error and removed, and
-the roll starts over from the replica count the StatefulSet has then. Must not import kopf; I/O
-only through the KubeApi it is given.
+Bounded: one roll at a time, one shard at a time; each move is bounded by its deadline
+(MOVE_SNAPSHOT_TIMEOUT plus the tenant's timeoutMs, moves.py) and rolls back; a tenant placed
+again after a rollback is not held again before its back-off is over (moves.py: the drain waits,
+with a MoveDeferred Event on the Tenant), and a pod that does not become Ready leaves the roll
+waiting, visibly, in the annotation and the log. An annotation that does not parse is logged as an
+error and removed, and the roll starts over from the replica count the StatefulSet has then. Must
+not import kopf; I/O only through the KubeApi it is given.
 """
 
 from __future__ import annotations
