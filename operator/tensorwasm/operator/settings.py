@@ -47,6 +47,9 @@ class OperatorSettings:
     shard_mps_pipe_dir: str = ""  # "" = no MPS; else the host's MPS pipe directory (absolute)
     shard_hot_tier_bytes: int = 256 << 20  # each shard's snapshot hot tier (pinned host memory on GPUs)
     shard_idle_after: str = "never"  # the shards' idle.after for tenants setting none (docs/operator.md)
+    # The shards' --prewarm-tenants: at most this many tenants awake on a prediction and unused (the
+    # runtime's default, 4; a test compares).
+    shard_prewarm_tenants: int = 4
     owner_deployment: str = ""  # the operator's Deployment: owns the shard set, so uninstall removes it
     shard_snapshot_claim: str = ""  # PVC every shard mounts for snapshots; "" = an emptyDir per pod
     # Shards' snapshot signing (docs/snapshot-format.md): the mode, and the Secret of HMAC keys
@@ -282,6 +285,7 @@ def _parse(env: Mapping[str, str]) -> OperatorSettings:
         owner_deployment=_get(env, "OWNER_DEPLOYMENT") or "",
         shard_hot_tier_bytes=_bytes(env, "SHARD_HOT_TIER_BYTES", defaults.shard_hot_tier_bytes),
         shard_idle_after=_idle_after(env, defaults.shard_idle_after),
+        shard_prewarm_tenants=_int(env, "SHARD_PREWARM_TENANTS", defaults.shard_prewarm_tenants, 0, 10_000),
         shard_resources=_resources(env, defaults.shard_resources),
         standalone=_bool(env, "STANDALONE", defaults.standalone),
         peering_name=_get(env, "PEERING_NAME") or defaults.peering_name,

@@ -89,6 +89,7 @@ def build_shard_args(settings: OperatorSettings) -> list[str]:
         f"--cache-dir={CACHE_DIR}",
         f"--snapshot-hot-tier-bytes={settings.shard_hot_tier_bytes}",
         f"--idle-after={settings.shard_idle_after}",
+        f"--prewarm-tenants={settings.shard_prewarm_tenants}",
         # Placement counts sleepers at the active fraction; the shard then keeps the caps of its awake
         # tenants within the slice (less the 1.5x fragmentation headroom) by putting idle ones to sleep.
         *_resident_args(settings),
