@@ -23,6 +23,15 @@ sleeper of one shard shares).
   nor an eviction copies its whole state again and again (tensorwasm_tenant_sleep_failures_total).
 - A closed sleeper (the shard unloaded the tenant) never wakes again: a request or a Snapshot that
   found it just before the unload gets `tenant_not_ready` instead of opening a device nobody closes.
+- The record is signed when the shard signs snapshots (HMAC-SHA256 with the active key of the same
+  ring, over the sleep key and every field, the blob's digest included), and a wake from a record
+  read from disk checks it first (`check_record`): a record edited to name another blob (an older
+  sleep blob of the same tenant, kept as a copy) is refused, as is an unsigned record naming a
+  signed blob (a stripped signature) or any unsigned one under `require`. A refused record fails
+  the waking requests (`tenant_not_ready`, WakeFailed, `sleep_record` naming why) and the tenant
+  restarts from its module; the record and the blobs stay on the volume (nothing is deleted on a
+  verdict an attacker can provoke), until the tenant sleeps again or is deleted. Without keys
+  (signing off, or no active key) records are written unsigned, as before, and accepted.
 - Sweep (`sweep_orphans`, the shard's periodic pass): the records and blobs of sleep keys no Tenant
   owns any more (deleted while asleep and unserved, or while its shard was down) are removed,
   record first, bounded per pass; the sleep snapshots left are counted by signing key, and those
@@ -33,6 +42,8 @@ Must not import wasmtime, cuda or aiohttp (the shard hands in how to open and cl
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -47,7 +58,7 @@ from typing import TYPE_CHECKING, Any
 from tensorwasm.api.tenant import PREWARM_HISTORY
 from tensorwasm.runtime import metrics
 from tensorwasm.runtime.errors import BadRequest, QueueFull, RuntimeFault, TenantNotReady
-from tensorwasm.runtime.snapshots import signing
+from tensorwasm.runtime.snapshots import codec, signing
 from tensorwasm.runtime.snapshots.capture import capture_snapshot
 from tensorwasm.runtime.snapshots.hot_tier import HOT_TIERS, HotTier, digest_of
 from tensorwasm.runtime.snapshots.restore import restore_snapshot
@@ -99,10 +110,76 @@ class SleepRecord:
     generation: int
     tenant: str
     slept_at: float
+    key_id: str = ""  # signed records: the ring's key id, and the MAC (hex) over `record_message`
+    mac: str = ""
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        """What the MAC covers (with the sleep key): everything but the signature."""
+        return {"digest": self.digest, "module_sha256": self.module_sha256, "generation": self.generation,
+                "tenant": self.tenant, "slept_at": self.slept_at}  # fmt: skip
+
+
+_RECORD_DOMAIN = b"tensorwasm-sleep-record\n"  # a record's MAC can never pass for a blob's
+
+
+def record_message(key: str, record: SleepRecord) -> bytes:
+    return (
+        _RECORD_DOMAIN
+        + json.dumps({"key": key, **record.fields}, sort_keys=True, separators=(",", ":")).encode()
+    )
+
+
+class RecordRefused(Exception):
+    """A sleep record failed `check_record`: the message says why, `reason` is a CamelCase word."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def check_record(key: str, record: SleepRecord, path: Path, policy: signing.SigningPolicy) -> None:
+    """Judge a record read from disk against the ring, as signing.SigningPolicy.check judges a blob
+    (mode off: nothing is verified). A signed record must carry a MAC of a listed key over the sleep
+    key and every field, so it names exactly the blob it was written for; an unsigned one is refused
+    under `require`, and under `verify-if-present` when the blob it names is signed (the shard that
+    signed that blob signed its record: the signature was stripped). Raises RecordRefused."""
+    if policy.mode == "off":
+        return
+    if not record.mac:
+        if policy.mode == "require":
+            raise RecordRefused("the sleep record is unsigned and this shard requires signed snapshots",
+                                signing.UNSIGNED)  # fmt: skip
+        parsed = read_manifest(path)
+        if parsed.signature is not None:
+            raise RecordRefused(
+                "the sleep record is unsigned but names a snapshot signed with key "
+                f"{parsed.signature.key_id!r}: its signature was removed", signing.UNSIGNED,
+            )  # fmt: skip
+        return
+    try:
+        ring = policy.current_ring()
+    except signing.KeyRingError as exc:
+        raise RecordRefused(f"cannot verify the sleep record: {exc}", signing.UNKNOWN_KEY) from exc
+    secret = ring.keys.get(record.key_id)
+    if secret is None:
+        listed = ", ".join(sorted(ring.keys)) or "none"
+        raise RecordRefused(f"the sleep record is signed with key id {record.key_id!r}, which is not in "
+                            f"this shard's key ring (keys: {listed})", signing.UNKNOWN_KEY)  # fmt: skip
+    try:
+        mac = bytes.fromhex(record.mac)
+    except ValueError:
+        mac = b""
+    if not codec.mac_matches(codec.Signature(record.key_id, mac, record_message(key, record)), secret):
+        raise RecordRefused(
+            f"the sleep record's signature does not match key {record.key_id!r}: it was changed after "
+            f"it was written (it names blob {record.digest})", signing.BAD_SIGNATURE,
+        )  # fmt: skip
 
 
 class SleepRecords:
-    """`<store root>/sleeping/<key>.json`, written atomically (temp, fsync, rename, fsync dir)."""
+    """`<store root>/sleeping/<key>.json`, written atomically (temp, fsync, rename, fsync dir);
+    signed with the active key of the process's signing policy when it has one."""
 
     def __init__(self, store: SnapshotStore) -> None:
         self.store = store
@@ -116,17 +193,29 @@ class SleepRecords:
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self._path(key)
         temp = path.with_suffix(f".tmp-{os.getpid()}-{threading.get_ident()}")
+        body: dict[str, Any] = record.fields
+        signer = signing.current().signer()  # None: signing off or no active key (unsigned, as before)
+        if signer is not None:
+            key_id, secret = signer
+            mac = hmac.new(secret, record_message(key, record), hashlib.sha256).hexdigest()
+            body |= {"key_id": key_id, "mac": mac}
         with open(temp, "w") as f:
-            json.dump(record.__dict__, f)
+            json.dump(body, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temp, path)
         fsync_dir(self.directory)
 
     def read(self, key: str) -> SleepRecord | None:
+        """The record as written (its signature is judged at wake: `check_record`); None when
+        there is none or it is not a record at all."""
         try:
             raw = json.loads(self._path(key).read_text())
-            return SleepRecord(**raw)
+            known = {k: raw[k] for k in SleepRecord.__dataclass_fields__ if k in raw}
+            record = SleepRecord(**known)
+            if not isinstance(record.key_id, str) or not isinstance(record.mac, str):
+                return None
+            return record
         except (OSError, ValueError, TypeError, BadRequest):
             return None
 
@@ -171,6 +260,9 @@ class Sleeper:
         self.device = device
         self.pending = pending  # admitted requests of this tenant (queued + running), loop-side count
         self.digest = record.digest if record is not None else ""  # the sleep blob, while asleep
+        # The record `digest` came from (a restarted shard, a reload): judged at the wake. A digest
+        # this process wrote itself is not read back, so it needs no check.
+        self._record = record
         self._lock = threading.Lock()
         self._active = 0
         self._used = time.monotonic()
@@ -273,7 +365,7 @@ class Sleeper:
                         self.name, reason, self._sleep_failures, backoff, exc)  # fmt: skip
             return False
         self._sleep_failures = 0
-        previous, self.digest = self.digest, result.digest
+        previous, self.digest, self._record = self.digest, result.digest, None
         self.pool = self.device = None
         if self.prewarmed:  # woken for a request that did not come
             self.prewarmed = False
@@ -335,16 +427,20 @@ class Sleeper:
         if self.digest:
             try:
                 path = parts.store.path_of(self.key, self.digest)
+                if self._record is not None:
+                    check_record(self.key, self._record, path, signing.current())
                 restored = restore_snapshot(
                     path, tenant_uid=self.key, module_sha256=cfg.module.sha256, pool=pool, device=device,
                     accelerator=parts.accelerator, memory_limit=cfg.limits.linear_memory_bytes,
                 )  # fmt: skip
                 source = restored.source
+            except RecordRefused as exc:
+                self._record_refused(pool, device, exc)
             except RuntimeFault as exc:
                 self._wake_failed(pool, device, exc)
             except BaseException as exc:
                 self._wake_interrupted(pool, device, exc)
-        self.pool, self.device = pool, device
+        self.pool, self.device, self._record = pool, device, None
         parts.records.remove(self.key)
         self._epoch += 1
         took = perf_counter() - started
@@ -379,6 +475,30 @@ class Sleeper:
         self._epoch += 1
         self._failure = (self._epoch, fault)
         raise fault from exc
+
+    def _record_refused(
+        self, pool: TenantInstancePool, device: TenantDevice | None, exc: RecordRefused
+    ) -> None:
+        """A sleep record that does not vouch for its blob: fail this wake's requests and serve from
+        the module (what was just opened: nothing was restored into it). The record and the blobs
+        stay where they are (whoever can write the volume must not be able to make us delete them)."""
+        parts, cfg = self.parts, self.config
+        fault = TenantNotReady(
+            f"tenant {self.name} was not woken from its sleep snapshot: {exc}; it restarts from its "
+            "module and its state at sleep is not restored (the record and snapshot are kept)",
+            tenant=self.name, reason=WAKE_FAILED, sleep_record=exc.reason,
+        )  # fmt: skip
+        log.error("Refused the sleep record of Tenant name=%s key=%s digest=%s reason=%s (record and blob "
+                  "kept): %s", self.name, self.key, self.digest, exc.reason, exc)  # fmt: skip
+        metrics.TENANT_WAKES.labels("failed").inc()
+        self.digest, self._record = "", None
+        self._epoch += 1
+        self._failure = (self._epoch, fault)
+        self.pool, self.device = pool, device
+        metrics.TENANTS_ASLEEP.dec()
+        parts.residency.attach(self.name, self)
+        parts.notify(self.name, False, f"restarted from its module: {fault.message}", cfg.generation)
+        raise fault
 
     def _wake_failed(self, pool: TenantInstancePool, device: TenantDevice | None, exc: RuntimeFault) -> None:
         """A refused restore: fail this wake's requests, restart from the module (fresh state)."""
