@@ -100,7 +100,7 @@ def test_the_line_says_how_many_it_stands_for() -> None:
 
 
 def test_the_shard_aggregates_its_refusals_and_audits_admitted_requests_each(
-    shard_server,  # noqa: F811
+    shard_server: Any,  # noqa: F811
     tmp_path: Path,
 ) -> None:
     cfg = replace(tenant("alpha"), rate_limit=RateLimit(requests_per_second=1, burst=1))

@@ -53,7 +53,7 @@ def _asleep_in(server: RuntimeServer, name: str) -> tuple[str, str]:
 
 
 def test_a_record_edited_to_name_an_older_blob_is_refused_and_nothing_is_deleted(
-    policy, tmp_path: Path
+    policy: Any, tmp_path: Path
 ) -> None:
     policy(SIGNED)
     alpha = counter("alpha", after="1h")
@@ -97,7 +97,9 @@ def test_a_record_edited_to_name_an_older_blob_is_refused_and_nothing_is_deleted
         _stop(running)
 
 
-def test_a_signed_record_wakes_across_a_restart_and_a_stripped_one_is_refused(policy, tmp_path: Path) -> None:
+def test_a_signed_record_wakes_across_a_restart_and_a_stripped_one_is_refused(
+    policy: Any, tmp_path: Path
+) -> None:
     policy(SIGNED)
     alpha, beta = counter("alpha", after="1h"), counter("beta", after="1h")
     store = tmp_path / "store"
@@ -123,7 +125,7 @@ def test_a_signed_record_wakes_across_a_restart_and_a_stripped_one_is_refused(po
         _stop(running)
 
 
-def test_without_keys_records_stay_unsigned_and_wake(policy, tmp_path: Path) -> None:
+def test_without_keys_records_stay_unsigned_and_wake(policy: Any, tmp_path: Path) -> None:
     policy(SigningPolicy("verify-if-present"))  # the default mode, no key ring
     alpha = counter("alpha", after="1h")
     store = tmp_path / "store"
