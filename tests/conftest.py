@@ -139,16 +139,16 @@ def real_node_release(namespace: str) -> DevRelease:
     return dev
 
 
-# On a failed session the cluster's component logs (their last bytes) are kept here for a
-# post-mortem: the cluster itself is torn down, and CI shows only the output's tail.
-FAILED_LOGS_DIR = Path(os.environ.get("TMPDIR", "/tmp")) / "tensorwasm-failed-cluster-logs"
+# On a failed session the cluster's component logs (their last bytes) are kept beside the cluster's
+# directory, one folder per cluster (sessions with their own TENSORWASM_TEST_CLUSTER_DIR keep theirs
+# apart): the cluster itself is torn down, and CI shows only the output's tail.
 KEPT_LOG_BYTES = 4 << 20
 
 
 def keep_cluster_logs(cluster_dir: Path) -> Path:
-    """Copy the last KEPT_LOG_BYTES of every component log under `cluster_dir` to FAILED_LOGS_DIR
-    (replacing an earlier session's) and return that folder."""
-    dest = FAILED_LOGS_DIR
+    """Copy the last KEPT_LOG_BYTES of every component log under `cluster_dir` to
+    `<cluster_dir>.failed-logs/` (replacing that cluster's earlier ones) and return that folder."""
+    dest = cluster_dir.with_name(f"{cluster_dir.name}.failed-logs")
     if dest.exists():
         for old in dest.rglob("*.log"):
             old.unlink()
