@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 import threading
 import time
 from collections import Counter
@@ -34,24 +35,26 @@ from .test_helm import one, render
 
 pytestmark = [pytest.mark.node, pytest.mark.timeout(1800)]  # a first image build included
 
-NAMESPACE = "tw-scaling-e2e"
+NAMESPACE_PREFIX = "tw-scaling-e2e"
 COUNTER = REPO / "examples" / "modules" / "counter.wasm"
 TENANTS = [f"c{i}" for i in range(6)]
 
 
 @pytest.fixture(scope="module")
 def release(kube: Any) -> Iterator[DevRelease]:
-    dev = real_node_release(NAMESPACE)
+    """One release for the module's tests, in a namespace of this run's own: two runs on one cluster
+    (a CI run beside a developer's) do not install into, scale or uninstall each other's release."""
+    dev = real_node_release(f"{NAMESPACE_PREFIX}-{secrets.token_hex(4)}")
     dev.install("crds.enabled=false", "shard.replicas=1")
     yield dev
     dev.uninstall()
 
 
-def counter_tenant(name: str) -> dict[str, Any]:
+def counter_tenant(name: str, namespace: str) -> dict[str, Any]:
     return {
         "apiVersion": API_VERSION,
         "kind": "Tenant",
-        "metadata": {"name": name, "namespace": NAMESPACE},
+        "metadata": {"name": name, "namespace": namespace},
         "spec": {
             "module": {
                 "configMapRef": {"name": "counter-module", "key": "module.wasm"},
@@ -63,25 +66,25 @@ def counter_tenant(name: str) -> dict[str, Any]:
     }
 
 
-def counter_module() -> dict[str, Any]:
+def counter_module(namespace: str) -> dict[str, Any]:
     import base64
 
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": {"name": "counter-module", "namespace": NAMESPACE},
+        "metadata": {"name": "counter-module", "namespace": namespace},
         "binaryData": {"module.wasm": base64.b64encode(COUNTER.read_bytes()).decode()},
     }
 
 
 def test_scale_out_and_in_under_load_keeps_every_request_and_every_write(release: DevRelease) -> None:
-    release.apply(counter_module(), *(counter_tenant(n) for n in TENANTS))
+    release.apply(counter_module(release.namespace), *(counter_tenant(n, release.namespace) for n in TENANTS))
     for name in TENANTS:
         release.wait_tenant_ready(name)
     access = {n: (a.url, a.token) for n in TENANTS for a in [release.access(n)]}
     for name in access:  # each ClusterIP programmed before the clock starts
         assert release.access(name).invoke("add", b"")[0] == 200
-    run = ScalingRun(release.kubectl, NAMESPACE)
+    run = ScalingRun(release.kubectl, release.namespace)
     run.start(access, max_seconds=600)
     try:
         out = run.scale(2)
@@ -111,17 +114,17 @@ FAST_BEHAVIOR = {
 }  # fmt: skip
 
 
-def spin_objects() -> list[dict[str, Any]]:
+def spin_objects(namespace: str) -> list[dict[str, Any]]:
     import base64
 
     import wasmtime
 
     wasm = bytes(wasmtime.wat2wasm(SPIN.read_text()))
     module = {"apiVersion": "v1", "kind": "ConfigMap",
-              "metadata": {"name": "spin-module", "namespace": NAMESPACE},
+              "metadata": {"name": "spin-module", "namespace": namespace},
               "binaryData": {"module.wasm": base64.b64encode(wasm).decode()}}  # fmt: skip
     tenant = {
-        "apiVersion": API_VERSION, "kind": "Tenant", "metadata": {"name": "spin", "namespace": NAMESPACE},
+        "apiVersion": API_VERSION, "kind": "Tenant", "metadata": {"name": "spin", "namespace": namespace},
         "spec": {"module": {"configMapRef": {"name": "spin-module", "key": "module.wasm"},
                             "sha256": hashlib.sha256(wasm).hexdigest()},
                  "functions": ["spin"], "snapshot": {"policy": "Manual"},
@@ -177,11 +180,10 @@ def test_the_autoscaler_scales_on_queue_depth_and_moved_tenants_keep_every_write
     state = release.plane.state()
     assert state is not None
     image = build_image()
-    prom = dev_prometheus.DevPrometheus(
-        release.plane, state, f"{NAMESPACE}-monitoring", [NAMESPACE], image.ref
-    )
+    ns = release.namespace
+    prom = dev_prometheus.DevPrometheus(release.plane, state, f"{ns}-monitoring", [ns], image.ref)
     dev = autoscalers.DevAutoscalers(release.plane, state, log=print)
-    release.apply(counter_module(), *(counter_tenant(n) for n in TENANTS), *spin_objects())
+    release.apply(counter_module(ns), *(counter_tenant(n, ns) for n in TENANTS), *spin_objects(ns))
     for tenant in [*TENANTS, "spin"]:
         release.wait_tenant_ready(tenant)
     for tenant in TENANTS:  # each ClusterIP programmed, and an earlier variant's moves done, first
@@ -190,7 +192,7 @@ def test_the_autoscaler_scales_on_queue_depth_and_moved_tenants_keep_every_write
                  interval=1)  # fmt: skip
     values = tmp_path / "behavior.yaml"
     values.write_text(json.dumps({"autoscaling": {"behavior": FAST_BEHAVIOR}}))
-    run = ScalingRun(release.kubectl, NAMESPACE)
+    run = ScalingRun(release.kubectl, release.namespace)
     kind, name = "HorizontalPodAutoscaler", ""
     try:
         url = prom.up()
@@ -202,11 +204,11 @@ def test_the_autoscaler_scales_on_queue_depth_and_moved_tenants_keep_every_write
                      "autoscaling.keda.pollingInterval=5"]  # fmt: skip
         else:
             dev.custom_metrics_up(url, image.ref)
-        scaler = one(render(kube, *sets, namespace=NAMESPACE, extra=("--values", str(values))), kind)
+        scaler = one(render(kube, *sets, namespace=ns, extra=("--values", str(values))), kind)
         # The HPA that scales: the chart's own, or the one KEDA's operator makes for the ScaledObject.
         name = scaler["metadata"]["name"] if provider == "hpa" else f"keda-hpa-{scaler['metadata']['name']}"
         release.apply(scaler)
-        wait_for(lambda: autoscalers.hpa_state(release.kubectl, NAMESPACE, name)[1] is not None, 240,
+        wait_for(lambda: autoscalers.hpa_state(release.kubectl, ns, name)[1] is not None, 240,
                  "the HPA to report the queue depth", interval=1)  # fmt: skip
         assert run.replicas() == 1
         run.start({n: (a.url, a.token) for n in TENANTS for a in [release.access(n)]}, max_seconds=900)
@@ -228,10 +230,10 @@ def test_the_autoscaler_scales_on_queue_depth_and_moved_tenants_keep_every_write
     finally:
         totals = run.stop()
         if provider == "keda":  # KEDA itself stays up, as test_autoscalers leaves it (built, shared)
-            release.kubectl("delete", "scaledobject", "--all", "-n", NAMESPACE, "--ignore-not-found",
+            release.kubectl("delete", "scaledobject", "--all", "-n", ns, "--ignore-not-found",
                             check=False)  # fmt: skip
         else:
-            release.kubectl("delete", "hpa", name, "-n", NAMESPACE, "--ignore-not-found", check=False)
+            release.kubectl("delete", "hpa", name, "-n", ns, "--ignore-not-found", check=False)
             dev.custom_metrics_down()
         prom.down()
     print(f"{provider}: decision {decided:.1f}s after the load step; scale-out {out}; scale-in {back}; "
