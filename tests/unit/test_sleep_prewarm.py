@@ -51,7 +51,7 @@ def test_a_slot_used_on_most_of_the_last_days_is_predicted_and_others_are_not() 
     sparse.record(NINE - 3 * DAY + 3600)  # first seen three days before, at 10:00
     sparse.record(NINE)
     assert sparse.probability(NINE + DAY) == 0.25  # 1 of the 4 days seen: below the threshold
-    assert due(Candidate("s", sparse, None), NINE + DAY) is None
+    assert due(Candidate("s", sparse), NINE + DAY) is None
 
 
 def test_a_tenant_is_due_one_lead_before_its_slot_and_once_per_slot() -> None:
@@ -59,10 +59,25 @@ def test_a_tenant_is_due_one_lead_before_its_slot_and_once_per_slot() -> None:
     for day in range(2):
         history.record(NINE + day * DAY)
     before = NINE + 2 * DAY - LEAD_S / 2  # 08:59:30: the 09:00 slot starts within the lead
-    found = due(Candidate("a", history, None), before)
+    found = due(Candidate("a", history), before)
     assert found is not None and found[0] == 1.0
-    assert due(Candidate("a", history, None), NINE + 2 * DAY - 2 * LEAD_S) is None  # too early
-    assert due(Candidate("a", history, found[1]), NINE + 2 * DAY + 10) is None  # already for this slot
+    assert due(Candidate("a", history), NINE + 2 * DAY - 2 * LEAD_S) is None  # too early
+    assert due(Candidate("a", history, (found[1],)), NINE + 2 * DAY + 10) is None  # already for this slot
+
+
+def test_two_adjacent_predicted_slots_do_not_take_turns() -> None:
+    # Review R2 G4: slots S and S+1 both predicted; in S's last LEAD_S each unused prewarm (slept
+    # again after idle.after) made the other slot due again: S, S+1, S, S+1, ... one wake per idle.after.
+    history = ArrivalHistory()
+    for day in range(3):
+        history.record(NINE + day * DAY + 10)
+        history.record(NINE + day * DAY + SLOT_S + 10)
+    now = NINE + 3 * DAY + SLOT_S - 50  # in the 09:00 slot, 50 s before the 09:05 one
+    done: list[tuple[int, int]] = []
+    for i in range(6):  # each round: prewarmed, not called, asleep again 10 s later
+        picked = choose([Candidate("t", history, tuple(done))], now + 10 * i, 4)
+        done += [slot for _, slot in picked]
+    assert [slot for _, slot in done] == [108, 109]  # one wake per slot, then none
 
 
 def test_choose_keeps_to_the_budget_most_likely_first() -> None:
@@ -71,7 +86,7 @@ def test_choose_keeps_to_the_budget_most_likely_first() -> None:
         sure.record(NINE + day * DAY)
         likely.record(NINE + day * DAY if day != 1 else NINE + day * DAY - 7200)
     now = NINE + 4 * DAY
-    candidates = [Candidate("likely", likely, None), Candidate("sure", sure, None)]
+    candidates = [Candidate("likely", likely), Candidate("sure", sure)]
     assert [n for n, _ in choose(candidates, now, 1)] == ["sure"]
     assert [n for n, _ in choose(candidates, now, 5)] == ["sure", "likely"]
     assert choose(candidates, now, 0) == []
@@ -230,3 +245,25 @@ def test_the_shards_idle_scan_prewarms_on_its_own(runtime_server, tmp_path) -> N
     clock.t = NINE + 2 * DAY - 30  # nobody calls prewarm(): the scan does
     wait_for(lambda: prewarmed(server) == {"early"}, 60, "the idle scan to prewarm early")
     assert add(server, early, 0) == 2
+
+
+def test_a_sleeper_remembers_its_prewarmed_slots_across_adjacent_predictions(
+    runtime_server, tmp_path
+) -> None:
+    clock = Clock(NINE)
+    early = prewarmer("early")
+    server = shard_with(runtime_server, tmp_path, clock)
+    server.sync([early])
+    for day in range(2):  # called at 09:00 and at 09:05 on two days: both slots predicted
+        for at in (1, SLOT_S + 1):
+            clock.t = NINE + day * DAY + at
+            add(server, early)
+    assert server.run(server.shard.sleep("early"))
+    woken = prewarms("woken")
+    clock.t = NINE + 2 * DAY + SLOT_S - 50  # 09:04:10 on the third day
+    for _ in range(4):  # prewarmed, never called, asleep again after its idle.after
+        server.run(server.shard.prewarm())
+        server.run(server.shard.sleep("early"))
+        clock.t += 10
+    assert prewarms("woken") == woken + 2  # the 09:00 slot and the 09:05 slot, once each
+    assert add(server, early, 0) == 4  # and its state is intact

@@ -382,7 +382,9 @@ class Shard:
         sleepers = {t.name: t.sleeper for t in self.served.values()
                     if t.sleeper is not None and t.config.idle_prewarm == PREWARM_HISTORY}  # fmt: skip
         room = self.prewarm_tenants - sum(1 for s in sleepers.values() if s.prewarmed and not s.asleep)
-        candidates = [Candidate(n, s.history, s.prewarm_slot) for n, s in sleepers.items() if s.asleep]
+        candidates = [
+            Candidate(n, s.history, tuple(s.prewarm_slots)) for n, s in sleepers.items() if s.asleep
+        ]
         woken = []
         for name, slot in choose(candidates, self.wall_clock(), room) if candidates else []:
             tenant = self.served.get(name)

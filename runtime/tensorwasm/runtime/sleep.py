@@ -49,6 +49,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,7 +65,7 @@ from tensorwasm.runtime.snapshots.hot_tier import HOT_TIERS, HotTier, digest_of
 from tensorwasm.runtime.snapshots.restore import restore_snapshot
 from tensorwasm.runtime.snapshots.store import SnapshotStore, fsync_dir, read_manifest
 from tensorwasm.runtime.tenancy.idle import Residency
-from tensorwasm.runtime.tenancy.prewarm import ArrivalHistory
+from tensorwasm.runtime.tenancy.prewarm import PREWARMED_SLOTS_KEPT, ArrivalHistory
 
 if TYPE_CHECKING:
     from tensorwasm.runtime.accel.base import Accelerator, TenantDevice
@@ -274,12 +275,24 @@ class Sleeper:
         self.pinned = False  # the shard sets it: idle.after is never (stays resident, never evicted)
         self.history = ArrivalHistory(parts.wall_clock)  # recorded when spec.idle.prewarm is history
         self.prewarmed = False  # awake by a prediction and not yet used: its next request is a hit
-        self.prewarm_slot: tuple[int, int] | None = None  # the slot it was last prewarmed for
+        # The slots it was prewarmed for, the newest last (bounded): never prewarmed twice for one.
+        self.prewarm_slots: deque[tuple[int, int]] = deque(maxlen=PREWARMED_SLOTS_KEPT)
         self.last_wake: dict[
             str, float
         ] = {}  # seconds of the last wake: open (room + device + instances), restore
         if pool is not None:
             parts.residency.attach(self.name, self)
+
+    @property
+    def prewarm_slot(self) -> tuple[int, int] | None:
+        """The slot it was last prewarmed for; set to None to forget them all (a new day, in benchmarks)."""
+        return self.prewarm_slots[-1] if self.prewarm_slots else None
+
+    @prewarm_slot.setter
+    def prewarm_slot(self, slot: tuple[int, int] | None) -> None:
+        self.prewarm_slots.clear()
+        if slot is not None:
+            self.prewarm_slots.append(slot)
 
     # --- what the residency ledger asks ---
 
@@ -573,7 +586,8 @@ class Sleeper:
                 if self.pool is None and residency.holds(self.name):
                     residency.release(self.name)
                 return False
-            self.prewarmed, self.prewarm_slot = True, slot
+            self.prewarmed = True
+            self.prewarm_slots.append(slot)
             self._used = time.monotonic()  # unused, it sleeps again after its idle.after: a miss
             metrics.TENANT_PREWARMS.labels("woken").inc()
             log.info("Prewarmed Tenant name=%s slot=%d", self.name, slot[1])

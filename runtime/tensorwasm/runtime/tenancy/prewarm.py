@@ -6,7 +6,9 @@ Owns `ArrivalHistory` (per tenant: which 5-minute slots of each of the last 7 da
 previous days (at most 7, at least MIN_DAYS) with a request in the same slot of the day; a tenant
 is due when that share reaches THRESHOLD for the slot now or the one starting within LEAD_S, so
 it is awake before its slot begins. Each tenant is prewarmed at most once per slot: a wrong guess
-sleeps again after its idle.after and is not woken again for the same slot.
+sleeps again after its idle.after and is not woken again for the same slot. The caller remembers
+the last PREWARMED_SLOTS_KEPT slots it prewarmed (not only the last one): two adjacent predicted
+slots would otherwise take turns, a wake every idle.after for the whole window.
 The room rule is the shard's (runtime/sleep.py `Sleeper.prewarm`: free room only, never an
 eviction). Pure and clock-injected; must not import wasmtime, cuda, aiohttp or the snapshot code.
 """
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
 SLOT_S = 300
@@ -24,6 +26,9 @@ DAYS = 7
 MIN_DAYS = 2  # one day of history is a coincidence, not a pattern
 THRESHOLD = 0.5  # requests in this slot on at least half of the days seen
 LEAD_S = 60.0  # wake this long before a predicted slot begins (a wake from disk takes up to ~0.4 s)
+# Slots a tenant was prewarmed for that its sleeper remembers: `due` looks at the slot now and the
+# next one, so the last few cover every slot it could pick again.
+PREWARMED_SLOTS_KEPT = 4
 
 
 def slot_of(t: float) -> tuple[int, int]:
@@ -72,7 +77,7 @@ class Candidate:
 
     name: str
     history: ArrivalHistory
-    last_slot: tuple[int, int] | None  # the slot it was last prewarmed in
+    prewarmed: Collection[tuple[int, int]] = ()  # the slots it was already prewarmed for (recent ones)
 
 
 def due(candidate: Candidate, now: float) -> tuple[float, tuple[int, int]] | None:
@@ -80,7 +85,7 @@ def due(candidate: Candidate, now: float) -> tuple[float, tuple[int, int]] | Non
     for at in (now, now + LEAD_S):
         p = candidate.history.probability(at)
         slot = slot_of(at)
-        if p >= THRESHOLD and candidate.last_slot != slot:
+        if p >= THRESHOLD and slot not in candidate.prewarmed:
             return p, slot
     return None
 
