@@ -32,12 +32,24 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tensorwasm.runtime import metrics
 from tensorwasm.runtime.api.admission import AdmissionLimits, AuthFailures, BodyBudget
 from tensorwasm.runtime.api.guard import ConnectionLimits
-from tensorwasm.runtime.api.jobs import SUCCEEDED, Job, JobBoard, JobLimits, JobOutput
+from tensorwasm.runtime.api.jobs import (
+    CANCELLED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    Job,
+    JobBoard,
+    JobBody,
+    JobLimits,
+    JobOutput,
+    run_job,
+)
 from tensorwasm.runtime.api.streams import SSE_CONTENT_TYPE, StreamBuffer, StreamLimits, sse_chunk, sse_json
 from tensorwasm.runtime.audit import AuditLog
 from tensorwasm.runtime.errors import (
     AcceleratorFailed,
     BadRequest,
+    Cancelled,
     Forbidden,
     GuestLimitExceeded,
     NotFound,
@@ -71,8 +83,9 @@ _UNKNOWN_FUNCTION = "<unknown>"  # metric label for names a tenant does not expo
 MODES = ("sync", "async", "stream")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")  # a caller's X-Request-Id, kept as given
 # GET /v1/jobs/{job}: an output at least this big is base64-encoded on a worker thread, never on the
-# event loop (16 MiB took ~0.5 s there: every tenant of the shard stalled), and at most
-# BIG_JOB_READS such encodings run at once shard-wide (each holds ~1.33x its output while it is sent).
+# event loop (16 MiB took ~0.5 s there: every tenant of the shard stalled), a slice at a time, and at
+# most BIG_JOB_READS slices are encoded at once shard-wide (the CPU part only: a client that reads
+# slowly, or not at all, holds no slot while its bytes wait to be sent).
 INLINE_OUTPUT_BYTES = 64 << 10
 BIG_JOB_READS = 2
 
@@ -285,13 +298,20 @@ class _Api:
                 return self._refused(request, tenant, function, exc, key, mode)
             start = perf_counter()
             nbytes = len(body)
+            if nbytes < charge:  # chunked: the worst case only covered the upload; the rest goes back now
+                self.body_budget.give(charge - nbytes)
+                charge = nbytes
             if mode == "async":  # again: jobs admitted meanwhile, while this body was arriving
                 self.jobs.admit(tenant.name)
+                if tenant.name in self.shard.holds:  # a move barrier began while it arrived
+                    return self._refused(request, tenant, function, TenantMoving(
+                        f"tenant {tenant.name} is moving to another shard", tenant=tenant.name,
+                        retry_after_s=MOVING_RETRY_AFTER_S,
+                    ), key, mode)  # fmt: skip
             submitted = True  # from here the queue owns the slot (submit gives it back if closed)
             if mode == "async":
-                job_response = self._start_job(request, tenant, function, key, body, charge)
-                deferred = True
-                return job_response
+                deferred = True  # from here _start_job (or the job's body) gives the charge back
+                return self._start_job(request, tenant, function, key, body, charge)
             if mode != "sync":
                 return await self._stream(request, tenant, function, key, body)
             fut = queue.submit(tenant.invoke, function, body, reserved=True)
@@ -339,32 +359,29 @@ class _Api:
         charge: int,
     ) -> web.StreamResponse:
         """?mode=async: the invoke goes to the tenant's queue as a job; 202 with its id at once.
-        The body's share of the in-flight body budget is given back when the job ends (the body
-        stays in memory, queued, until then), not at the 202."""
+        The body's share (`charge`) of the in-flight body budget is given back when the body
+        leaves memory (jobs.JobBody: a cancel while queued drops it; else its run's end), not at
+        the 202."""
         sink = JobOutput(tenant.config.limits.max_output_bytes)
         run = GuestRun(sink)
-        fut = tenant.queue.submit(run.call, (tenant.invoke, function), body, reserved=True)
+        held = JobBody(body, lambda: self.body_budget.give(charge), asyncio.get_running_loop())
+        try:
+            fut = tenant.queue.submit(run_job, (run, tenant.invoke, function), held, reserved=True)
+        except BaseException:
+            self.body_budget.give(charge)  # never queued: nothing else will
+            raise
+        fut.add_done_callback(lambda _f: held.drop())  # cancelled while queued: the body goes now
         self._forget_departed()
         job = self.jobs.create(tenant.name, function, run, sink, len(body), fut)
         started = perf_counter()
 
         def done(f: asyncio.Future[Any]) -> None:
             # Runs after the board's _finish (registered later): the job's state is the verdict,
-            # which may differ from the future's (an output over the tenant's jobOutputBytes).
+            # which may differ from the future's (an output over the tenant's jobOutputBytes, a
+            # job failed tenant_moving at a move barrier: its future was cancelled).
             took = perf_counter() - started
-            if f.cancelled():
-                outcome, status, out = "cancelled", 409, 0
-            elif (exc := f.exception()) is not None:
-                outcome = exc.kind if isinstance(exc, RuntimeFault) else RuntimeFault.kind
-                status = exc.status if isinstance(exc, RuntimeFault) else 500
-                out = 0
-            elif job.state != SUCCEEDED:
-                error = job.error or {}
-                outcome = str(error.get("kind", RuntimeFault.kind))
-                status = GuestLimitExceeded.status if outcome == GuestLimitExceeded.kind else 500
-                out = 0
-            else:
-                outcome, status, out = "ok", 200, len(job.output or b"")
+            outcome, out = _job_outcome(job, f)
+            status = 200 if outcome == "ok" else _STATUS_OF_KIND.get(outcome, RuntimeFault.status)
             tenant.record(function, outcome, took)
             self._audit(
                 request,
@@ -382,8 +399,6 @@ class _Api:
             )
 
         fut.add_done_callback(done)
-        # The caller gives the charge back if this raised before here; from here the job does.
-        fut.add_done_callback(lambda _f: self.body_budget.give(charge))
         self._audit(
             request,
             "invoke",
@@ -698,30 +713,62 @@ class _Api:
             ))  # fmt: skip
         resp = web.StreamResponse(headers=_OCTET_HEADERS)
         resp.content_length = len(output)
-        await resp.prepare(request)
-        view = memoryview(output)
-        for at in range(0, len(view), _WRITE_BYTES):  # each piece drains: the loop copies little
-            await resp.write(view[at : at + _WRITE_BYTES])
-        await resp.write_eof()
+        with self.jobs.reading(job):  # forgotten meanwhile: still charged to the tenant until sent
+            await resp.prepare(request)
+            view = memoryview(output)
+            # The last bytes go as a copy: what the transport may still buffer once the handler
+            # has returned (below its high-water mark) must not be a view keeping the output alive.
+            tail = max(0, len(view) - _COPIED_TAIL)
+            for at in range(0, tail, _WRITE_BYTES):  # each piece drains: the loop copies little
+                if not await self._send(request, resp, job, view[at : min(at + _WRITE_BYTES, tail)]):
+                    return resp
+            if not await self._send(request, resp, job, bytes(view[tail:])):
+                return resp
+            await resp.write_eof()
         return resp
 
     async def _big_job_view(self, request: web.Request, job: Job, output: bytes) -> web.StreamResponse:
-        """The same JSON as job.view(), its base64 output encoded on a worker thread (bounded
-        shard-wide) and written as it lies: no JSON encoding of the big string on the loop."""
+        """The same JSON as job.view(), its base64 output encoded on a worker thread a slice at a
+        time (at most BIG_JOB_READS slices at once shard-wide) and written as it lies: no JSON
+        encoding of the big string on the loop, and no more than one slice's encoding held per read."""
         head = json.dumps(job.view(with_output=False))[:-1].encode()  # without its closing brace
-        async with self._big_reads:
-            pieces = await asyncio.to_thread(_encode_output, output)
-            resp = web.StreamResponse(headers=_JSON_HEADERS)
-            encoded = sum(len(piece) for piece in pieces)
-            resp.content_length = len(head) + len(_OUTPUT_KEY) + encoded + len(_OUTPUT_END)
+        resp = web.StreamResponse(headers=_JSON_HEADERS)
+        encoded = 4 * -(-len(output) // 3)  # base64 of the whole: slices are multiples of 3 bytes
+        resp.content_length = len(head) + len(_OUTPUT_KEY) + encoded + len(_OUTPUT_END)
+        with self.jobs.reading(job):  # forgotten meanwhile: still charged to the tenant until sent
             await resp.prepare(request)
-            await resp.write(head + _OUTPUT_KEY)
-            for piece in pieces:  # each write drains: the loop copies little at a time
-                await resp.write(piece)
-            del pieces
-            await resp.write(_OUTPUT_END)
+            if not await self._send(request, resp, job, head + _OUTPUT_KEY):
+                return resp
+            view = memoryview(output)
+            for at in range(0, len(view), _ENCODE_SLICE):
+                async with self._big_reads:  # the CPU part only, never a write to a slow client
+                    pieces = await asyncio.to_thread(_encode_output, view[at : at + _ENCODE_SLICE])
+                for piece in pieces:  # each write drains: the loop copies little at a time
+                    if not await self._send(request, resp, job, piece):
+                        return resp
+                del pieces
+            if not await self._send(request, resp, job, _OUTPUT_END):
+                return resp
             await resp.write_eof()
         return resp
+
+    async def _send(
+        self, request: web.Request, resp: web.StreamResponse, job: Job, data: bytes | memoryview
+    ) -> bool:
+        """One piece of a job read; False when the client went away, or took none of it for
+        read_stall_s: its connection is then aborted (the handler returns; nothing more is sent)."""
+        stall_s = self.jobs.limits.read_stall_s
+        try:
+            async with asyncio.timeout(stall_s):
+                await resp.write(data)
+        except ConnectionError:
+            return False
+        except TimeoutError:
+            log.info("Closed a stalled job read tenant=%s job=%s stall_s=%g", job.tenant, job.id, stall_s)
+            if request.transport is not None:
+                request.transport.abort()
+            return False
+        return True
 
     async def cancel_job(self, request: web.Request) -> web.StreamResponse:
         """DELETE: cancel a queued or running job (it stays, cancelled, until it expires), or
@@ -767,9 +814,37 @@ _WRITE_BYTES = 1 << 20  # a big job view goes to the socket in pieces of this si
 
 
 _ENCODE_PIECE = 3 * (32 << 10)  # 96 KiB of output -> 128 KiB of base64 (a multiple of 3: no padding)
+_ENCODE_SLICE = 16 * _ENCODE_PIECE  # encoded per thread hop: 1.5 MiB -> 2 MiB held per big read
+# The raw output route sends its last bytes as a copy: more than the transport's high-water mark
+# (64 KiB, asyncio's and uvloop's), so no view of the output is left in its buffer.
+_COPIED_TAIL = 256 << 10
+# Every fault's HTTP status by kind: a job's audit record says what its state says.
+_STATUS_OF_KIND: dict[str, int] = {}
+_faults: list[type[RuntimeFault]] = [RuntimeFault]
+while _faults:
+    _fault = _faults.pop()
+    _STATUS_OF_KIND.setdefault(_fault.kind, _fault.status)
+    _faults.extend(_fault.__subclasses__())
 
 
-def _encode_output(output: bytes) -> list[bytes]:
+def _job_outcome(job: Job, fut: asyncio.Future[Any]) -> tuple[str, int]:
+    """(outcome kind or "ok", output bytes) of an ended job for its audit record: the job's state
+    once the board has settled it; the future's verdict only if the board let the job go (its
+    tenant left the shard)."""
+    if job.state == SUCCEEDED:
+        return "ok", len(job.output or b"")
+    if job.state == CANCELLED:
+        return Cancelled.kind, 0
+    if job.state not in (QUEUED, RUNNING):
+        return str((job.error or {}).get("kind", RuntimeFault.kind)), 0
+    if fut.cancelled():
+        return Cancelled.kind, 0
+    if (exc := fut.exception()) is not None:
+        return (exc.kind if isinstance(exc, RuntimeFault) else RuntimeFault.kind), 0
+    return "ok", len(fut.result())
+
+
+def _encode_output(output: bytes | memoryview) -> list[bytes]:
     """A job's output as base64, in pieces that concatenate to the whole (called on a worker
     thread). In pieces because b64encode holds the GIL for its whole call: one 16 MiB call kept the
     event loop thread off the GIL for ~0.1 s; a piece takes about a millisecond, and the

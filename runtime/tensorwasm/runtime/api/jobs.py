@@ -13,6 +13,11 @@ Expiry does not wait for the tenant to call again: while the board holds any tab
 event loop (at most one a second, none while the board is empty) forgets every tenant's expired
 jobs, taking only the due ones off a heap of expiries, drops emptied tables and runs `on_tick` (the
 HTTP app's: forget the tables of tenants that left the shard).
+Memory held for a tenant stays within its own bounds while clients read or cancel: an output being
+read when its job is forgotten (DELETE, expiry) stays charged to the tenant's output budget until
+the last read of it ends (`reading`), and a queued job's body is dropped from the worker queue at
+cancel (`JobBody`), its share of the shard's in-flight body budget given back only then, or when
+the worker's run of it ends.
 Must not import wasmtime or cuda.
 """
 
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import heapq
 import secrets
 import threading
@@ -58,6 +64,9 @@ class JobLimits:
     per_tenant: int = 256  # jobs held per tenant, any state
     ttl_s: float = 600.0  # a finished (or cancelled) job is kept this long, then forgotten
     output_bytes_per_tenant: int = 64 << 20  # outputs of finished jobs held per tenant
+    # A read of a job (GET /v1/jobs/{id}[/output]) whose client takes no piece of it (at most
+    # 1 MiB) for this long is closed: a reader that stops reading holds no output for ever.
+    read_stall_s: float = 30.0
 
 
 class JobOutput:
@@ -94,6 +103,8 @@ class Job:
         "future",
         "id",
         "output",
+        "pinned",
+        "readers",
         "run",
         "sink",
         "state",
@@ -114,6 +125,8 @@ class Job:
         self.output: bytes | None = None
         self.error: dict[str, Any] | None = None
         self.future: asyncio.Future[Any] | None = None
+        self.readers = 0  # reads of its output in flight (JobBoard.reading)
+        self.pinned: _Table | None = None  # forgotten while read: its output is still charged here
 
     def current_state(self) -> str:
         if self.state == QUEUED and self.run.started is not None:
@@ -143,6 +156,58 @@ class Job:
         if self.error is not None:
             out["error"] = self.error
         return out
+
+
+class JobBody:
+    """An async job's request body on its way to a worker, and its share of the shard's in-flight
+    body budget: `release` (given at construction, run on the event loop) is called exactly once,
+    when the body leaves memory. A cancel (`drop`, from the job future's done callback) while the
+    job is still queued drops the body at once (the queue keeps only this empty holder until a
+    worker pops it); once a worker has taken it (`run_job`), when that run ends."""
+
+    __slots__ = ("_body", "_lock", "_loop", "_release", "_taken")
+
+    def __init__(self, body: bytes, release: Callable[[], None], loop: asyncio.AbstractEventLoop) -> None:
+        self._body: bytes | None = body
+        self._release = release
+        self._loop = loop
+        self._lock = threading.Lock()  # a worker's take races a cancel's drop
+        self._taken = False  # by a worker, or dropped: either way the body is no longer ours
+
+    def drop(self) -> None:
+        """Event loop: the job ended or was cancelled; a body no worker took leaves memory now."""
+        with self._lock:
+            if self._taken:
+                return  # the worker that took it releases it when its run ends
+            self._taken, self._body = True, None
+        self._release()
+
+    def take(self) -> bytes | None:
+        """Worker thread: the body (None if it was dropped); the caller must `done()` after."""
+        with self._lock:
+            if self._taken:
+                return None
+            body, self._body, self._taken = self._body, None, True
+        return body
+
+    def done(self) -> None:
+        """Worker thread: the run of a taken body ended; its charge goes back on the loop."""
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the process is going away
+            self._loop.call_soon_threadsafe(self._release)
+
+
+def run_job(target: tuple[GuestRun, Callable[[str, bytes], bytes], str], held: JobBody) -> bytes:
+    """A worker's run of an async job (TenantQueue's fn(a, b)): `run.call(invoke, function)` on
+    the body taken off `held`; a body dropped at cancel never runs."""
+    run, invoke, function = target
+    body = held.take()
+    if body is None:
+        raise Cancelled(run.cancel_reason or "the job was cancelled before it started")
+    try:
+        return run.call((invoke, function), body)
+    finally:
+        del body  # gone from this frame before the charge goes back
+        held.done()
 
 
 class _Table:
@@ -230,9 +295,7 @@ class JobBoard:
                 # deadline slice (engine/deadlines.py) or at its next stream_write, if sooner.
                 job.future.cancel()
         else:
-            table = self._tables[tenant]
-            del table.jobs[job_id]
-            table.output_bytes -= len(job.output or b"")
+            self._forget(self._tables[tenant], job)
         return job
 
     def refuse_queued(self, tenant: str) -> int:
@@ -256,6 +319,22 @@ class JobBoard:
             refused += 1
         return refused
 
+    @contextlib.contextmanager
+    def reading(self, job: Job) -> Iterator[None]:
+        """A read of `job`'s output in flight (the HTTP handlers, for as long as they may send
+        it): if the job is forgotten meanwhile (DELETE, expiry), its output stays charged to the
+        tenant's job output budget until the last such read ends, so readers that read slowly
+        cannot hold outputs past the budget that admitted them."""
+        job.readers += 1
+        try:
+            yield
+        finally:
+            job.readers -= 1
+            table = job.pinned
+            if not job.readers and table is not None:
+                job.pinned = None
+                table.output_bytes -= len(job.output or b"")
+
     def forget_except(self, tenants: set[str]) -> None:
         """Drop the tables of tenants no longer served here (their jobs cannot be read any more)."""
         for name in [n for n in self._tables if n not in tenants]:
@@ -273,8 +352,7 @@ class JobBoard:
             table = tables.get(tenant)
             job = table.jobs.get(job_id) if table is not None else None
             if table is not None and job is not None and job.expires is not None and job.expires <= now:
-                del table.jobs[job_id]
-                table.output_bytes -= len(job.output or b"")
+                self._forget(table, job)
 
     def tick(self) -> None:
         """The periodic pass (also what the scheduled timer runs): purge every tenant's expired
@@ -282,8 +360,8 @@ class JobBoard:
         self._armed = False
         try:
             self.purge_all()
-            for name in [n for n, t in self._tables.items() if not t.jobs]:
-                del self._tables[name]
+            for name in [n for n, t in self._tables.items() if not t.jobs and not t.output_bytes]:
+                del self._tables[name]  # (a table with bytes and no job: outputs still being read)
             if self.on_tick is not None:
                 self.on_tick()
         finally:
@@ -381,9 +459,15 @@ class JobBoard:
             return None
         now = self._clock()
         for job in [j for j in table.jobs.values() if j.expires is not None and j.expires <= now]:
-            del table.jobs[job.id]
-            table.output_bytes -= len(job.output or b"")
+            self._forget(table, job)
         return table
+
+    def _forget(self, table: _Table, job: Job) -> None:
+        del table.jobs[job.id]
+        if job.readers:
+            job.pinned = table  # still being sent: charged until the last read ends (reading())
+        else:
+            table.output_bytes -= len(job.output or b"")
 
 
 def _wall(ts: float) -> str:
