@@ -55,35 +55,59 @@ def test_resolved_and_refused_tenants() -> None:
     assert failed["nokey"].reason == "ConfigMapMissing" and "no key 'module.wasm'" in failed["nokey"].message
 
 
-def test_a_bad_token_or_ptx_refuses_only_its_own_tenant() -> None:
-    """Secret values are bytes anyone with write access to the Secret chooses: one that is not a
-    usable token refuses that tenant (InvalidSpec, the key named), never the pass (issue F15)."""
+def test_a_bad_primary_token_or_ptx_refuses_only_its_own_tenant_and_a_bad_extra_key_is_ignored() -> None:
+    """Secret values are bytes anyone with write access to the Secret chooses: a primary `token` that
+    is not a usable token refuses that tenant (InvalidSpec, the key named), never the pass (issue
+    F15). A bad *extra* key (rotation or read token) is ignored and named in the tenant's notes, and
+    the tenant serves with its other tokens (review R2 G7): one bad key added to a serving tenant's
+    Secret must not take it down."""
     good = tenant_obj("good")
     bad = {
+        "spaced": tenant_obj("spaced"),  # token: has inner whitespace
+        "huge": tenant_obj("huge"),  # token: over 4096 characters (no HTTP header could carry it)
+        "ptx": tenant_obj("ptx", kernels=[{"name": "k", "configMapRef": {"name": "ptx-cm", "key": "k.ptx"}}]),
+    }
+    ignoring = {
         "binary": tenant_obj("binary"),  # read-token.x: not UTF-8
         "weak": tenant_obj("weak"),  # token.next: 3 characters
-        "spaced": tenant_obj("spaced"),  # token: has inner whitespace
-        "ptx": tenant_obj("ptx", kernels=[{"name": "k", "configMapRef": {"name": "ptx-cm", "key": "k.ptx"}}]),
+        "long": tenant_obj("long"),  # read-token.ci: 4097 characters
     }
     module = {"module.wasm": b"\0asm"}
     view = ClusterView(
-        [good, *bad.values()],
-        configmaps={f"{n}-module": module for n in ("good", *bad)} | {"ptx-cm": {"k.ptx": b"\xff\xfe"}},
+        [good, *bad.values(), *ignoring.values()],
+        configmaps={f"{n}-module": module for n in ("good", *bad, *ignoring)}
+        | {"ptx-cm": {"k.ptx": b"\xff\xfe"}},
         secrets={
             "good-token": {"token": b"tok-good-1", "read-token": b"reader-good-1"},
-            "binary-token": {"token": b"tok-binary-1", "read-token.x": b"\xff\xfe"},
+            "binary-token": {
+                "token": b"tok-binary-1",
+                "read-token.x": b"\xff\xfe",
+                "token.ok": b"tok-binary-2",
+            },
             "weak-token": {"token": b"tok-weak-1", "token.next": b"abc"},
+            "long-token": {"token": b"tok-long-1", "read-token.ci": b"r" * 4097},
             "spaced-token": {"token": b"tok spaced 1"},
+            "huge-token": {"token": b"t" * 4097},
             "ptx-token": {"token": b"tok-ptx-001"},
         },
     )
     configs, failed = resolve_tenants(view)
-    assert [c.name for c in configs] == ["good"] and set(failed) == set(bad)
+    by_name = {c.name: c for c in configs}
+    assert set(by_name) == {"good", *ignoring} and set(failed) == set(bad)
     assert {f.reason for f in failed.values()} == {"InvalidSpec"}
-    assert "key 'read-token.x': the token is not UTF-8" in failed["binary"].message
-    assert "key 'token.next': a token needs at least 8 characters" in failed["weak"].message
     assert "key 'token': a token needs at least 8 characters and no whitespace" in failed["spaced"].message
+    assert "key 'token': a token has at most 4096 characters, this one 4097" in failed["huge"].message
     assert "spec.kernels[0]: the PTX in ConfigMap ns/ptx-cm is not UTF-8" in failed["ptx"].message
+    assert by_name["good"].notes == ()
+    (binary,) = by_name["binary"].notes
+    assert binary.startswith("ignored Secret ns/binary-token key 'read-token.x': the token is not UTF-8")
+    assert [key for key, _, _ in by_name["binary"].extra_tokens] == ["token.ok"]  # the good one is kept
+    (weak,) = by_name["weak"].notes
+    assert "key 'token.next': a token needs at least 8 characters" in weak and "abc" not in weak
+    assert by_name["weak"].extra_tokens == () and by_name["weak"].token == "tok-weak-1"
+    (long,) = by_name["long"].notes
+    assert "key 'read-token.ci': a token has at most 4096 characters, this one 4097" in long
+    assert "rrrr" not in long  # the key is named, never its value
 
 
 def test_invalid_spec_is_refused_with_the_field() -> None:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 
 from tensorwasm.runtime import metrics
 from tensorwasm.runtime.shard import ASLEEP, LOADED
-from tensorwasm.runtime.sleep import SWEEP_GRACE_S, SleepRecords
+from tensorwasm.runtime.sleep import CLAIMS_DIR, SWEEP_GRACE_S, SleepRecords
 from tensorwasm.runtime.snapshots import signing
 from tensorwasm.runtime.snapshots.signing import KeyRing, SigningPolicy
 from tensorwasm.runtime.snapshots.store import SnapshotStore
@@ -36,8 +37,8 @@ def swept_total() -> float:
     return metrics.REGISTRY.get_sample_value("tensorwasm_sleep_snapshots_swept_total") or 0.0
 
 
-def shard(store: Path, *configs: TenantConfig) -> Iterator[RuntimeServer]:
-    return start_runtime_server(list(configs), sleep_store=SnapshotStore(store))
+def shard(store: Path, *configs: TenantConfig, namespace: str = "") -> Iterator[RuntimeServer]:
+    return start_runtime_server(list(configs), sleep_store=SnapshotStore(store), namespace=namespace)
 
 
 def stop(running: Iterator[RuntimeServer]) -> None:
@@ -45,9 +46,9 @@ def stop(running: Iterator[RuntimeServer]) -> None:
         pass
 
 
-def put_to_sleep(store: Path, *states: tuple[TenantConfig, int]) -> None:
+def put_to_sleep(store: Path, *states: tuple[TenantConfig, int], namespace: str = "") -> None:
     """Serve each tenant, give it a total, put it to sleep, stop the shard."""
-    running = shard(store, *(cfg for cfg, _ in states))
+    running = shard(store, *(cfg for cfg, _ in states), namespace=namespace)
     server = next(running)
     for cfg, total in states:
         assert add(server, cfg, total) == total
@@ -257,5 +258,132 @@ def test_a_shard_letting_a_sleeper_go_leaves_the_record_another_shard_wrote(tmp_
         server.sync([])  # alpha leaves this shard
         assert records.read(sleeper.key) == theirs
         assert not (store / "tenants" / sleeper.key / f"{ours}.twsnap").exists()
+    finally:
+        stop(running)
+
+
+def live(*uids: str) -> Callable[[], Awaitable[frozenset[str]]]:
+    """A namespace's Tenant uids, as the Kubernetes source lists them."""
+
+    async def listed() -> frozenset[str]:
+        return frozenset(uids)
+
+    return listed
+
+
+def test_a_store_shared_by_two_namespaces_keeps_the_other_releases_sleepers(tmp_path: Path) -> None:
+    """Review R2 G14: two releases (namespaces ns-a, ns-b) whose snapshot claims point at one export.
+    Each shard lists only its own namespace's Tenants; before, ns-a's sweep took every ns-b key for
+    an orphan (no ns-a Tenant has its uid) and deleted ns-b's sleeping tenants."""
+    alpha, gone = (
+        replace(counter("alpha", after="1h"), namespace="ns-a"),
+        replace(counter("gone", after="1h"), namespace="ns-a"),
+    )
+    beta = replace(counter("beta", after="1h"), namespace="ns-b")
+    store = tmp_path / "store"
+    put_to_sleep(store, (alpha, 5), (gone, 3), namespace="ns-a")
+    put_to_sleep(store, (beta, 7), namespace="ns-b")
+    records = SleepRecords(SnapshotStore(store))
+    assert set(records.claimed("ns-a")) == {"uid-alpha.sleep", "uid-gone.sleep"}
+    assert set(records.claimed("ns-b")) == {"uid-beta.sleep"}
+    running = shard(store, alpha, namespace="ns-a")  # gone was deleted; beta lives in ns-b
+    server = next(running)
+    try:
+        server.shard.live_uids = live("uid-alpha")
+        swept = server.run(server.shard.sweep_sleep_blobs(grace_s=0))
+        assert swept is not None and swept.removed == ("uid-gone.sleep",) and swept.unowned == 1
+        assert sleep_files(store) == {"uid-alpha.sleep", "uid-beta.sleep"}
+        assert set(records.claimed("ns-a")) == {"uid-alpha.sleep"}  # the deleted key's claim went last
+        assert add(server, alpha, 1) == 6
+    finally:
+        stop(running)
+    running = shard(store, beta, namespace="ns-b")
+    server = next(running)
+    try:
+        server.shard.live_uids = live("uid-beta")
+        swept = server.run(server.shard.sweep_sleep_blobs(grace_s=0))
+        assert swept is not None and swept.removed == () and swept.unowned == 1  # alpha: ns-a's
+        assert add(server, beta, 1) == 8  # ns-b's sleeper woke in its own state
+    finally:
+        stop(running)
+
+
+def test_keys_written_before_claims_are_adopted_when_live_and_never_swept_otherwise(tmp_path: Path) -> None:
+    """A store from before keys were filed by namespace: a key of a live Tenant of this namespace is
+    filed on the next sweep (then judged as usual); any other unfiled key might be another
+    release's, so it is left alone and counted, never deleted."""
+    alpha, gone = counter("alpha", after="1h"), counter("gone", after="1h")
+    store = tmp_path / "store"
+    put_to_sleep(store, (alpha, 5), (gone, 3))
+    shutil.rmtree(store / CLAIMS_DIR)  # as an older version left it
+    running = shard(store)
+    server = next(running)
+    try:
+        server.shard.live_uids = live("uid-alpha")
+        swept = server.run(server.shard.sweep_sleep_blobs(grace_s=0))
+        assert swept is not None and swept.removed == () and swept.unowned == 1
+        assert sleep_files(store) == {"uid-alpha.sleep", "uid-gone.sleep"}
+        assert set(SleepRecords(SnapshotStore(store)).claimed("")) == {"uid-alpha.sleep"}
+        server.shard.live_uids = live()  # alpha deleted too: its key is filed now, so it goes
+        swept = server.run(server.shard.sweep_sleep_blobs(grace_s=0))
+        assert swept is not None and swept.removed == ("uid-alpha.sleep",)
+        assert sleep_files(store) == {"uid-gone.sleep"}
+    finally:
+        stop(running)
+
+
+def test_a_blob_nothing_names_in_a_kept_key_goes_after_the_stray_grace(tmp_path: Path) -> None:
+    """Review R2 G11: a stale record in the store is ignored (removed) when its tenant moves here with
+    a Snapshot; its blob stayed for the tenant's whole life (the sweep kept every file of a live key).
+    Now a blob of a kept key that no record names, no sleeper here holds and that is not the key's
+    newest goes once older than the stray grace time."""
+    alpha = counter("alpha", after="1h")
+    store = tmp_path / "store"
+    put_to_sleep(store, (alpha, 9))  # the stale record and its blob (a crash's leftover)
+    blobs = store / "tenants" / "uid-alpha.sleep"
+    (stale,) = blobs.glob("*.twsnap")
+    moving = start_runtime_server([alpha], sleep_store=SnapshotStore(store), moving_in=lambda c: True)
+    server = next(moving)
+    try:
+        assert reason(server, "alpha") == LOADED  # from the move's Snapshot: the record was ignored
+        assert add(server, alpha, 1) == 1
+        assert server.run(server.shard.sleep("alpha"))  # its own blob now, named by its record
+        sleeper = server.shard.served["alpha"].sleeper
+        assert sleeper is not None and stale.exists() and len(list(blobs.glob("*.twsnap"))) == 2
+        hour_ago = time.time() - 3600
+        os.utime(stale, (hour_ago, hour_ago))
+        young = server.run(server.shard.sweep_sleep_blobs())  # an hour: within the stray grace (2 h)
+        assert young is not None and young.strays == () and stale.exists()
+        swept = server.run(server.shard.sweep_sleep_blobs(stray_grace_s=600))
+        assert swept is not None and swept.strays == (f"uid-alpha.sleep/{stale.stem}",)
+        assert [p.name for p in blobs.glob("*.twsnap")] == [f"{sleeper.digest}.twsnap"]
+        assert add(server, alpha, 1) == 2  # it wakes from the blob its record names
+    finally:
+        stop(moving)
+
+
+def test_the_newest_blob_and_a_held_one_are_never_strays(tmp_path: Path) -> None:
+    """An awake sleeper holds the blob it woke from (its record is gone): on another shard it is the
+    key's newest blob, on this one a held digest. Neither is removed, however old."""
+    alpha = counter("alpha", after="1h")
+    store = tmp_path / "store"
+    running = shard(store, alpha)
+    server = next(running)
+    try:
+        add(server, alpha, 4)
+        assert server.run(server.shard.sleep("alpha"))
+        sleeper = server.shard.served["alpha"].sleeper
+        assert sleeper is not None
+        held = store / "tenants" / sleeper.key / f"{sleeper.digest}.twsnap"
+        older = held.with_name("0" * 32 + ".twsnap")  # a stray, older than the held blob
+        shutil.copyfile(held, older)
+        os.utime(older, (time.time() - 7200, time.time() - 7200))
+        newer = held.with_name("f" * 32 + ".twsnap")  # a newer unnamed one (another shard's wake)
+        shutil.copyfile(held, newer)
+        assert add(server, alpha, 1) == 5  # awake: the record is gone, the blob held
+        assert SleepRecords(SnapshotStore(store)).read(sleeper.key) is None
+        swept = server.run(server.shard.sweep_sleep_blobs(stray_grace_s=0))
+        assert swept is not None and swept.strays == (f"uid-alpha.sleep/{'0' * 32}",)
+        assert held.exists() and newer.exists()
     finally:
         stop(running)

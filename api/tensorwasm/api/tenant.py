@@ -273,8 +273,38 @@ def parse_spec(spec: object, *, from_api_server: bool = False) -> TenantSpec:
     """The one Tenant spec validator; raises InvalidSpec naming the offending field.
 
     `from_api_server`: the object passed the installed CRD's schema, so fields a newer CRD added
-    are ignored rather than refused (see fields.parse_model)."""
+    are ignored rather than refused (see fields.parse_model), and values an older CRD allowed that
+    the API server still keeps are raised to today's floor (`stored_spec_notes` says which)."""
+    if from_api_server and _idle_after_under_floor(spec) is not None:
+        assert isinstance(spec, Mapping)  # _idle_after_under_floor found spec.idle.after in it
+        spec = {**spec, "idle": {**spec["idle"], "after": f"{IDLE_AFTER_MIN_S}s"}}
     return parse_model(TenantSpec, spec, "spec", ignore_unknown=from_api_server)
+
+
+def _idle_after_under_floor(spec: object) -> str | None:
+    """spec.idle.after when it is a well-formed duration under the floor, else None.
+
+    Tenants created before the floor (the field's own example was "500ms") are still stored with
+    such values: the CRD's rule ratchets (the API server lets an unchanged field through on update,
+    a new or changed one is refused), so an object read from the API server may carry one. It keeps
+    serving, sleeping after max(after, floor): never refused, its state never dropped for it."""
+    idle = spec.get("idle") if isinstance(spec, Mapping) else None
+    after = idle.get("after") if isinstance(idle, Mapping) else None
+    if isinstance(after, str) and matches(IDLE_AFTER_PATTERN, after) and not _idle_after_floor(after):
+        return after
+    return None
+
+
+def stored_spec_notes(spec: object) -> tuple[str, ...]:
+    """What `parse_spec(spec, from_api_server=True)` raised to a floor, for the tenant's status."""
+    after = _idle_after_under_floor(spec)
+    if after is None:
+        return ()
+    return (
+        f"spec.idle.after {after!r} is under the {IDLE_AFTER_MIN_S}s floor (a value stored before the floor "
+        f"existed): the tenant sleeps after {IDLE_AFTER_MIN_S}s instead; set it to {IDLE_AFTER_MIN_S}s or "
+        "more (a new or changed value under the floor is refused)",
+    )
 
 
 def tenant_name_problem(name: str) -> str | None:

@@ -13,6 +13,7 @@ Must not import aiohttp, wasmtime or cuda (engine/ and accel/ own those).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
@@ -170,6 +171,9 @@ class Shard:
     prewarm_tenants: int = 4
     wall_clock: Callable[[], float] = field(default=time.time)
     live_uids: Callable[[], Awaitable[Collection[str]]] | None = None
+    # The namespace whose Tenants this shard serves (the Kubernetes source sets it; "" for a tenants
+    # file): the sweep only judges sleep keys filed under it (a store may be shared by releases).
+    namespace: str = ""
     _swept_at: float = float("-inf")
     _prewarming: asyncio.Lock = field(default_factory=asyncio.Lock)
     _sleep_parts: SleepParts | None = None
@@ -204,8 +208,11 @@ class Shard:
                 del self.statuses[name]
                 self.stats.pop(name, None)
             for name, status in failed.items():
-                # A deleted Secret must revoke access: a refused tenant stops serving.
-                await self._unload(name)
+                # A deleted Secret must revoke access: a refused tenant stops serving. Its Tenant
+                # still exists, so its state is kept (put to sleep when it can be, the sleep blob and
+                # record left in place): fixing the spec or Secret brings it back as it was. Only the
+                # Tenant's deletion drops it (the orphan sweep) (review R2 G7).
+                await self._unload(name, forget=False, keep_state=True)
                 self.statuses[name] = status
                 log.warning(
                     "Refused Tenant name=%s reason=%s message=%s", name, status.reason, status.message
@@ -326,6 +333,7 @@ class Shard:
             return
         if not asleep:
             message = f"serving {len(tenant.functions)} function(s); {message}"
+        message = _with_notes(message, tenant.config)
         self.statuses[name] = TenantStatus(True, ASLEEP if asleep else LOADED, message, generation)
         if self.on_load_done is not None:
             self.on_load_done()  # the source reports it (Kubernetes: status.runtime, phase Asleep)
@@ -398,8 +406,9 @@ class Shard:
         return woken
 
     async def sweep_sleep_blobs(self, **options: Any) -> Swept | None:
-        """Remove sleep snapshots no Tenant owns; tell the tenants whose snapshot the key ring can no
-        longer verify. `options`: sweep_orphans' limit, grace_s, now (tests)."""
+        """Remove sleep snapshots no Tenant of this shard's namespace owns (only keys filed under it),
+        and blobs of its tenants' keys that nothing names; tell the tenants whose snapshot the key ring
+        can no longer verify. `options`: sweep_orphans' limit, grace_s, stray_grace_s, now (tests)."""
         from tensorwasm.runtime.sleep import sleep_key, sleep_key_of, sweep_orphans
 
         parts = self._parts()
@@ -409,7 +418,12 @@ class Shard:
         keep = {sleep_key(c) for c in self.assigned.values()} | {sleep_key_of(u) for u in live if u}
         keep |= {t.sleeper.key for t in self.served.values() if t.sleeper is not None}
         keep |= {sleep_key_of("local-" + n) for n in self.statuses}  # refused by the source, not gone
-        swept = await asyncio.to_thread(sweep_orphans, parts, keep, **options)
+        held = {
+            (t.sleeper.key, t.sleeper.digest) for t in self.served.values() if t.sleeper and t.sleeper.digest
+        }
+        swept = await asyncio.to_thread(
+            sweep_orphans, parts, keep, namespace=self.namespace, held=held, **options
+        )
         for tenant in self.served.values():
             key_id = swept.stranded.get(tenant.sleeper.key) if tenant.sleeper is not None else None
             if key_id is not None and tenant.asleep:
@@ -568,6 +582,8 @@ class Shard:
         record = parts.records.read(key)
         if record is None:
             return False
+        with contextlib.suppress(OSError, RuntimeFault):  # a record from before keys were filed
+            parts.records.claim(key, config.namespace)
         if self.moving_in is not None and self.moving_in(config):
             # The move's Snapshot was captured at the source's barrier, and nothing was written after
             # it: it is the newest state. A record is older (left by a crash) or the source's own,
@@ -656,12 +672,11 @@ class Shard:
         self.served[config.name] = tenant
         self._rebuild_auth()
         if tenant.asleep:
-            status = TenantStatus(
-                True, ASLEEP, "asleep in a snapshot; wakes on the first request", config.generation
-            )
+            message = _with_notes("asleep in a snapshot; wakes on the first request", config)
+            status = TenantStatus(True, ASLEEP, message, config.generation)
         else:
             message = f"serving {len(exported)} function(s)" + (f"; {note}" if note else "")
-            status = TenantStatus(True, LOADED, message, config.generation)
+            status = TenantStatus(True, LOADED, _with_notes(message, config), config.generation)
         self.statuses[config.name] = status
         log.info(
             "Loaded Tenant name=%s generation=%d sha256=%s",
@@ -706,8 +721,10 @@ class Shard:
                 self.residency.release(config.name)
             raise
 
-    async def _unload(self, name: str, forget: bool = True) -> None:
-        """Stop serving `name`; with `forget`, a sleeper's blob goes too (it left or changed module)."""
+    async def _unload(self, name: str, forget: bool = True, keep_state: bool = False) -> None:
+        """Stop serving `name`; with `forget`, a sleeper's blob goes too (it left or changed module);
+        with `keep_state`, an awake sleeper is first put to sleep (its live state captured), so that
+        serving it again later wakes it as it was."""
         tenant = self.served.pop(name, None)
         if tenant is None:
             return
@@ -715,6 +732,14 @@ class Shard:
         tenant.queue.close()
         await tenant.queue.drain()
         if tenant.sleeper is not None:
+            if keep_state and not tenant.sleeper.asleep:
+                kept = await asyncio.to_thread(tenant.sleeper.try_sleep, "refused")
+                if not kept:
+                    log.warning(
+                        "Failed keeping the state of a refused Tenant name=%s: it could not be put to "
+                        "sleep (see the sleep failure above); it restarts fresh",
+                        name,
+                    )
             await asyncio.to_thread(tenant.sleeper.close, forget)
         else:
             await asyncio.to_thread(self._close_parts, name, tenant.pool, tenant.device)
@@ -762,6 +787,11 @@ class Shard:
             for header in _headers(c)
             if header not in self.by_auth and header not in self.held_auth
         }
+
+
+def _with_notes(message: str, config: TenantConfig) -> str:
+    """A serving tenant's status message with what its source let through with a warning."""
+    return "; ".join((message, *config.notes))
 
 
 def _headers(config: TenantConfig) -> tuple[str, ...]:

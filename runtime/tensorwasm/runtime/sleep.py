@@ -79,12 +79,22 @@ Opened = tuple["TenantInstancePool", "TenantDevice | None"]
 
 
 KEY_SUFFIX = ".sleep"
+# `<store root>/sleep-owners/<namespace>/<sleep key>`: an empty file filing a sleep key under the
+# namespace of its Tenant (LOCAL_NAMESPACE for a tenants-file shard). A store may be shared by
+# releases in several namespaces (one RWX export behind each release's claim): a shard's sweep only
+# ever deletes keys filed under its own namespace, whose Tenants it can list.
+CLAIMS_DIR = "sleep-owners"
+LOCAL_NAMESPACE = "_local"  # not a DNS label: no namespace can be called that
 # The orphan sweep (sweep_orphans): at most this many sleep keys removed per pass, so a pass stays
 # short however many Tenants went away; the rest wait for the next pass (counted in `Swept.left`).
 SWEEP_LIMIT = 64
 # ... and none younger than this (its newest file's mtime): a tenant assigned after the sweep took
 # its list of live keys may already be sleeping into a fresh key.
 SWEEP_GRACE_S = 300.0
+# A blob of a kept key that nothing names goes after this long (`_remove_strays`): longer than any
+# move (the operator's move timeout is at most 3600 s), whose source may wake from its blob after a
+# rollback although the target removed the record naming it.
+SWEEP_STRAY_GRACE_S = 7200.0
 # A failed sleep capture: no new attempt for this long, doubled per consecutive failure up to the max.
 SLEEP_RETRY_S = 5.0
 SLEEP_RETRY_MAX_S = 300.0
@@ -224,6 +234,32 @@ class SleepRecords:
         with contextlib.suppress(OSError, BadRequest):
             self._path(key).unlink()
 
+    # --- claims: which namespace a sleep key belongs to (the sweep deletes only its own) ---
+
+    def _claims(self, namespace: str) -> Path:
+        return self.store.root / CLAIMS_DIR / (namespace or LOCAL_NAMESPACE)
+
+    def claim(self, key: str, namespace: str) -> None:
+        """File `key` under `namespace` (idempotent): its shards' sweep may then judge it. Written
+        before the key's first blob, kept while the tenant lives (a wake removes its record, not this)."""
+        self.store.tenant_dir(key)  # the same validation as the blob's directory
+        directory = self._claims(namespace)
+        path = directory / key
+        if path.exists():
+            return
+        if not directory.is_dir():
+            directory.mkdir(parents=True, exist_ok=True)
+            fsync_dir(directory.parent)
+        path.touch()
+        fsync_dir(directory)
+
+    def claimed(self, namespace: str) -> dict[str, Path]:
+        """The sleep keys filed under `namespace`, with their claim files."""
+        directory = self._claims(namespace)
+        if not directory.is_dir():
+            return {}
+        return {p.name: p for p in directory.iterdir() if p.name.endswith(KEY_SUFFIX)}
+
 
 @dataclass
 class SleepParts:
@@ -362,6 +398,7 @@ class Sleeper:
         if self.prewarmed and self.digest:
             return self._sleep_unused(reason)
         try:
+            parts.records.claim(self.key, cfg.namespace)  # before its first blob: the sweep's proof
             result = capture_snapshot(
                 parts.store, tenant_uid=self.key, module_sha256=cfg.module.sha256, generation=cfg.generation,
                 pool=pool, device=device, accelerator=parts.accelerator, tenant=cfg.name,
@@ -614,43 +651,132 @@ class Swept:
     removed: tuple[str, ...] = ()  # sleep keys whose record and blobs were removed
     left: int = 0  # orphans past the limit or still within the grace time: a later pass takes them
     stranded: dict[str, str] = field(default_factory=dict)  # kept key -> key id no longer in the ring
+    strays: tuple[str, ...] = ()  # "<key>/<digest>": blobs of kept keys nothing names any more
+    unowned: int = 0  # keys not filed under this namespace: another release's, or older; never touched
 
 
 def sweep_orphans(
     parts: SleepParts,
     keep: Collection[str],
     *,
+    namespace: str = "",
+    held: Collection[tuple[str, str]] = (),
     limit: int = SWEEP_LIMIT,
     grace_s: float = SWEEP_GRACE_S,
+    stray_grace_s: float = SWEEP_STRAY_GRACE_S,
     now: float | None = None,
 ) -> Swept:
-    """Remove the sleep records and blobs of keys not in `keep` (the shard's tenants and every live
-    Tenant uid), at most `limit` keys, none touched within `grace_s`; then count the sleep
-    snapshots left by signing key and name those whose key the ring no longer lists.
+    """Remove the sleep records and blobs of keys filed under `namespace` and not in `keep` (the
+    shard's tenants and every live Tenant uid of the namespace), at most `limit` keys, none touched
+    within `grace_s`; drop the stray blobs of kept keys (`_strays`); then count the sleep snapshots
+    left by signing key and name those whose key the ring no longer lists.
+
+    Only keys filed under `namespace` (SleepRecords.claim) are ever judged: a store shared with
+    another release (another namespace, whose Tenants this shard cannot list) keeps that release's
+    sleepers. A kept key found unfiled (written before keys were filed) is filed now: it is a live
+    Tenant of this namespace. Other unfiled keys are left alone and counted (`Swept.unowned`).
 
     Crash-safe: a key's record goes first (unlinked, directory fsynced), so from then on nothing
-    points at its blobs; they go next, each unlink atomic, then their directory. A crash at any
-    point leaves either a record with its complete blob (untouched) or blobs nobody points at, which
-    the next pass removes. Blobs of a kept key (the same name re-created has another uid, hence
-    another key) are never touched."""
+    points at its blobs; they go next, each unlink atomic, then their directory, then its claim. A
+    crash at any point leaves either a record with its complete blob (untouched) or blobs nobody
+    points at, still filed, which the next pass removes. Blobs of a kept key (the same name
+    re-created has another uid, hence another key) go only as strays."""
     store, records = parts.store, parts.records
     now = time.time() if now is None else now
     found = _keys_on_disk(store, records)
-    orphans = sorted(k for k in found if k not in keep)
-    due = [k for k in orphans if now - _newest_mtime(found[k]) >= grace_s]
+    claims = records.claimed(namespace)
+    adopt = sorted(k for k in found if k in keep and k not in claims)
+    for key in adopt:
+        with contextlib.suppress(OSError, RuntimeFault):  # a read-only volume: the next pass files it
+            records.claim(key, namespace)
+    if adopt:
+        claims = records.claimed(namespace)
+    orphans = sorted(k for k in claims if k not in keep)
+    due = [k for k in orphans if now - _newest_mtime([*found.get(k, []), claims[k]]) >= grace_s]
     removed: list[str] = []
     tier = HOT_TIERS.for_accelerator(parts.accelerator)
     for key in due[: max(0, limit)]:
+        paths = found.get(key, [])
         try:
-            _remove_key(store, records, key, found[key], tier)
+            _remove_key(store, records, key, paths, tier)
+            claims[key].unlink(missing_ok=True)  # last: until here the key is still ours to finish
+            fsync_dir(claims[key].parent)
         except OSError as exc:  # a read-only or failing volume: say so, try again next pass
             log.warning("Failed removing the sleep snapshot of a deleted Tenant key=%s: %s", key, exc)
             continue
-        removed.append(key)
-        metrics.SLEEP_SNAPSHOTS_SWEPT.inc()
-        log.info("Removed the sleep snapshot of a Tenant that no longer exists key=%s", key)
+        if paths:  # a claim alone (its tenant never slept) is no snapshot
+            removed.append(key)
+            metrics.SLEEP_SNAPSHOTS_SWEPT.inc()
+            log.info("Removed the sleep snapshot of a Tenant that no longer exists key=%s", key)
+    strays = _remove_strays(
+        store, records, sorted(k for k in claims if k in keep), set(held), now, stray_grace_s, limit, tier
+    )
+    unowned = sum(1 for k in found if k not in keep and k not in claims)
+    _note_unowned(namespace, unowned)
     stranded = _count_by_signing_key(store, records)
-    return Swept(tuple(removed), len(orphans) - len(removed), stranded)
+    left = sum(1 for k in orphans if k not in removed and found.get(k))
+    return Swept(tuple(removed), left, stranded, tuple(strays), unowned)
+
+
+_unowned_seen: dict[str, int] = {}
+
+
+def _note_unowned(namespace: str, count: int) -> None:
+    """Log (when it changes) how many sleep keys this namespace's sweep leaves alone."""
+    if _unowned_seen.get(namespace, 0) != count:
+        _unowned_seen[namespace] = count
+        if count:
+            log.info(
+                "Left sleep snapshots this namespace's shards cannot prove are theirs count=%d "
+                "namespace=%s (another release's in a shared store, or written before sleep keys were "
+                "filed by namespace: docs/operator.md)",
+                count,
+                namespace or LOCAL_NAMESPACE,
+            )
+
+
+def _remove_strays(
+    store: SnapshotStore,
+    records: SleepRecords,
+    keys: list[str],
+    held: set[tuple[str, str]],
+    now: float,
+    grace_s: float,
+    limit: int,
+    tier: HotTier | None,
+) -> list[str]:
+    """Within kept keys, remove blobs that no sleep record names, no sleeper of this shard holds,
+    that are not the key's newest blob and older than `grace_s`: left by a crash, or by a record a
+    move's target ignored (shard.py `_install_asleep`). The newest is kept for a sleeper on another
+    shard (awake, it may sleep back into the blob it woke from); the grace outlasts any move
+    (SWEEP_STRAY_GRACE_S), so a source that may still wake from its blob after a rollback keeps it."""
+    removed: list[str] = []
+    for key in keys:
+        directory = store.root / "tenants" / key
+        try:
+            blobs = [
+                (p, d, p.stat().st_mtime) for p in directory.iterdir() if (d := digest_of(p)) is not None
+            ]
+        except OSError:  # no blobs (never slept, or swept by another shard meanwhile)
+            continue
+        if len(blobs) < 2:
+            continue
+        record = records.read(key)
+        newest = max(blobs, key=lambda b: b[2])[0]
+        for path, digest, mtime in blobs:
+            if len(removed) >= limit:
+                return removed
+            if path == newest or (record is not None and record.digest == digest) or (key, digest) in held:
+                continue
+            if now - mtime < grace_s:
+                continue
+            if tier is not None:
+                tier.drop(digest)
+            path.unlink(missing_ok=True)
+            fsync_dir(directory)
+            removed.append(f"{key}/{digest}")
+            log.info("Removed a sleep blob nothing names key=%s digest=%s", key, digest)
+    return removed
 
 
 def _keys_on_disk(store: SnapshotStore, records: SleepRecords) -> dict[str, list[Path]]:

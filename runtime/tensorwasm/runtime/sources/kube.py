@@ -230,13 +230,7 @@ def _resolve_one(obj: Mapping[str, Any], view: ClusterView) -> TenantConfig:
             raise InvalidSpec(f"spec.kernels[{i}]: the PTX in ConfigMap {ns}/{_ref_name(kernel)} is not "
                               f"UTF-8 text (byte {exc.start})") from None  # fmt: skip
         kernels.append((str(kernel.get("name", "")), text))
-    # The Secret's other token keys: more invoke tokens (rotation) and read-only ones (issue 14).
-    # A key holding only whitespace is not a token (no empty header may match it).
-    extra = tuple(
-        (key, _secret_token(value, ns, secret_name, key), scope)
-        for key, value in sorted(secret.items())
-        if key != TOKEN_KEY and (scope := token_key_scope(key)) is not None and value.strip()
-    )
+    extra, ignored = _extra_tokens(secret, ns, secret_name)
     return parse_kube_tenant(
         obj,
         token=token,
@@ -244,7 +238,32 @@ def _resolve_one(obj: Mapping[str, Any], view: ClusterView) -> TenantConfig:
         module_origin=origin,
         kernels=tuple(kernels),
         extra_tokens=extra,
+        notes=ignored,
     )
+
+
+def _extra_tokens(
+    secret: Mapping[str, bytes], ns: str, secret_name: str
+) -> tuple[tuple[tuple[str, str, str], ...], tuple[str, ...]]:
+    """The Secret's other token keys: more invoke tokens (rotation) and read-only ones (issue 14),
+    as (key, token, scope); and a note for each key ignored because it holds no usable token.
+
+    Only the primary `token` is fail-closed: a bad *extra* key (weak, too long, not UTF-8) is left
+    out and named in the tenant's status, and the tenant keeps serving with its other tokens. An
+    operator adding one bad rotation key must not take the tenant down (review R2 G7). A key holding
+    only whitespace is not a token (no empty header may match it)."""
+    extra: list[tuple[str, str, str]] = []
+    ignored: list[str] = []
+    for key, value in sorted(secret.items()):
+        if key == TOKEN_KEY or (scope := token_key_scope(key)) is None or not value.strip():
+            continue
+        try:
+            extra.append((key, _secret_token(value, ns, secret_name, key), scope))
+        except InvalidSpec as exc:  # the message names the key, never its value
+            ignored.append(f"ignored {exc}")
+            log.warning("Ignored a token key of Tenant Secret namespace=%s secret=%s key=%s: %s",
+                        ns, secret_name, key, exc)  # fmt: skip
+    return tuple(extra), tuple(ignored)
 
 
 def _ref_name(kernel: Mapping[str, Any] | None) -> str:
@@ -253,8 +272,9 @@ def _ref_name(kernel: Mapping[str, Any] | None) -> str:
 
 def _secret_token(value: bytes, ns: str, secret: str, key: str) -> str:
     """One token key of a tenant's Secret, held to the tenants file's rule (tenancy/config.py): UTF-8,
-    at least 8 characters, no whitespace (surrounding whitespace, as `echo` leaves, is stripped).
-    A bad key refuses its tenant (InvalidSpec), never the pass: other tenants are unaffected."""
+    8 to 4096 characters, no whitespace (surrounding whitespace, as `echo` leaves, is stripped).
+    Raises InvalidSpec naming the key: a bad primary refuses its tenant, never the pass (other
+    tenants are unaffected); a bad extra key is ignored (`_extra_tokens`)."""
     where = f"Secret {ns}/{secret} key {key!r}"
     try:
         token = value.decode().strip()
@@ -364,6 +384,7 @@ class KubeSource:
             return frozenset(str((t.get("metadata") or {}).get("uid") or "") for t in items)
 
         shard.live_uids = live_uids
+        shard.namespace = self.namespace  # the sweep judges only sleep keys filed under it
         self.informers = self._informers()
         tasks = [asyncio.create_task(i.run(), name=f"watch-{i.kind}") for i in self.informers.values()]
         try:

@@ -28,6 +28,7 @@ from tensorwasm.api.tenant import (
     RateLimit,
     is_http_url,
     parse_spec,
+    stored_spec_notes,
 )
 
 
@@ -85,6 +86,9 @@ class TenantConfig:
     rate_limit: RateLimit = field(default_factory=RateLimit)
     idle_after: str | None = None  # spec.idle.after; None: the shard's default (runtime/sleep.py)
     idle_prewarm: str | None = None  # spec.idle.prewarm: "history" wakes it ahead of predicted use
+    # What the source let through with a warning (a Secret key it ignored, a stored idle.after under
+    # the floor it raised): appended to the tenant's status message while it serves.
+    notes: tuple[str, ...] = ()
 
     def all_tokens(self) -> tuple[tuple[str, str, str], ...]:
         """Every (key, token, scope) of this tenant, the primary first."""
@@ -187,9 +191,11 @@ def parse_kube_tenant(
     module_origin: str = "",
     kernels: tuple[tuple[str, str], ...] = (),
     extra_tokens: tuple[tuple[str, str, str], ...] = (),
+    notes: tuple[str, ...] = (),
 ) -> TenantConfig:
     """Parse a Tenant whose token, module bytes (configMapRef) and PTX the source has resolved;
-    `extra_tokens` are the Secret's other token keys, (key, token, scope)."""
+    `extra_tokens` are the Secret's other token keys, (key, token, scope); `notes`, what the source
+    ignored (for the status message)."""
     meta = _mapping(obj.get("metadata"), "metadata")
     spec = parse_spec(obj.get("spec"), from_api_server=True)
     if spec.module.config_map is not None:
@@ -216,6 +222,7 @@ def parse_kube_tenant(
         rate_limit=spec.rate_limit,
         idle_after=spec.idle.after,
         idle_prewarm=spec.idle.prewarm,
+        notes=(*notes, *stored_spec_notes(obj.get("spec"))),
     )
 
 
@@ -254,13 +261,17 @@ def _local_token(raw: Mapping[str, Any], where: str, base_dir: Path) -> str:
     return token
 
 
-MIN_TOKEN_CHARS = 8
+# A token's length: at least MIN (guessable below), at most MAX (a longer one could never authenticate:
+# the HTTP server refuses request headers over 8190 bytes, yet it would sit in every auth table).
+MIN_TOKEN_CHARS, MAX_TOKEN_CHARS = 8, 4096
 
 
 def check_token_strength(token: str, where: str) -> None:
-    """Every bearer token, from the tenants file or a Secret key: at least 8 characters, no whitespace."""
+    """Every bearer token, from the tenants file or a Secret key: 8 to 4096 characters, no whitespace."""
     if len(token) < MIN_TOKEN_CHARS or any(c.isspace() for c in token):
         raise InvalidSpec(f"{where}: a token needs at least {MIN_TOKEN_CHARS} characters and no whitespace")
+    if len(token) > MAX_TOKEN_CHARS:
+        raise InvalidSpec(f"{where}: a token has at most {MAX_TOKEN_CHARS} characters, this one {len(token)}")
 
 
 def _matching(raw: object, where: str, pattern: str) -> str:
