@@ -88,6 +88,10 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")  # a caller's X-Request
 # slowly, or not at all, holds no slot while its bytes wait to be sent).
 INLINE_OUTPUT_BYTES = 64 << 10
 BIG_JOB_READS = 2
+# A tenant's big job views being sent at once (each holds one encoded slice, 2 MiB at most, until
+# the client takes it); the next is 429 overloaded with Retry-After (the raw /output route holds no
+# encoding and is not counted).
+BIG_VIEWS_PER_TENANT = 4
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -188,6 +192,7 @@ class _Api:
         )
         self.body_timeout_s = connections.body_timeout_s
         self._big_reads = asyncio.Semaphore(BIG_JOB_READS)
+        self._big_views: dict[str, int] = {}  # tenant -> big job views being sent (no entry at 0)
         self._pruned_for: dict[str, ServedTenant] | None = None  # shard.by_auth when last pruned
 
     # --- invoke (hot path) ---
@@ -730,7 +735,26 @@ class _Api:
     async def _big_job_view(self, request: web.Request, job: Job, output: bytes) -> web.StreamResponse:
         """The same JSON as job.view(), its base64 output encoded on a worker thread a slice at a
         time (at most BIG_JOB_READS slices at once shard-wide) and written as it lies: no JSON
-        encoding of the big string on the loop, and no more than one slice's encoding held per read."""
+        encoding of the big string on the loop; one slice's encoding held per read, and at most
+        BIG_VIEWS_PER_TENANT of a tenant's reads at once (else 429), so clients that do not read
+        hold a bounded amount of memory and only their own tenant's slots."""
+        sending = self._big_views.get(job.tenant, 0)
+        if sending >= BIG_VIEWS_PER_TENANT:
+            return fault_response(Overloaded(
+                f"tenant {job.tenant} has {sending} big job views being sent (at most "
+                f"{BIG_VIEWS_PER_TENANT}); GET /v1/jobs/{job.id}/output answers the raw bytes",
+                retry_after_s=1.0,
+            ))  # fmt: skip
+        self._big_views[job.tenant] = sending + 1
+        try:
+            return await self._send_big_view(request, job, output)
+        finally:
+            if (left := self._big_views[job.tenant] - 1) > 0:
+                self._big_views[job.tenant] = left
+            else:
+                del self._big_views[job.tenant]
+
+    async def _send_big_view(self, request: web.Request, job: Job, output: bytes) -> web.StreamResponse:
         head = json.dumps(job.view(with_output=False))[:-1].encode()  # without its closing brace
         resp = web.StreamResponse(headers=_JSON_HEADERS)
         encoded = 4 * -(-len(output) // 3)  # base64 of the whole: slices are multiples of 3 bytes
