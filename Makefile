@@ -17,12 +17,19 @@ help: ## Show this help
 	  /^##@/ { printf "\n\033[1m%s\033[0m\n", substr($$0, 5) }' $(MAKEFILE_LIST)
 
 .PHONY: demo
-demo: install controlplane ## Local cluster with a real node: build the image, helm install, run the whole flow on real pods
+demo: setup ## Local cluster with a real node: build the image, helm install, run the whole flow on real pods
 	$(PY) -m tensorwasm.dev.demo
 
 .PHONY: test
-test: install controlplane ## Run every test (unit + real control plane; GPU tests skip without a GPU)
+test: setup ## Run every test (unit + real control plane; GPU tests skip without a GPU)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The first run's slow steps at once: pip, apt and the Go module download wait on the network while
+# the compiler keeps both cores busy, and the image (as root: Debian base, apt, wheels) builds beside
+# them. Each is cached, so a later run passes through in seconds. docs/dev-cluster.md, "The build".
+.PHONY: setup
+setup: ## What demo and test need, the steps side by side: venv, node packages, binaries, image (root)
+	@$(MAKE) --no-print-directory -j4 install deps controlplane $(if $(filter 0,$(shell id -u)),image)
 
 ##@ Development
 
@@ -40,7 +47,7 @@ deps: ## Install the Debian packages the real node needs (runc, CNI plugins, ipt
 	@bash hack/node/deps.sh
 
 .PHONY: controlplane
-controlplane: deps ## Build (once, cached by version outside the repo) the cluster's binaries, with progress
+controlplane: ## Build (once, cached by version outside the repo) the cluster's binaries, with progress
 	@bash hack/controlplane/build.sh >/dev/null
 
 .PHONY: test-unit
@@ -109,17 +116,17 @@ fmt: install ## Format the code with ruff
 	$(VENV)/bin/ruff check --fix api operator runtime dev tests bench
 
 .PHONY: bench
-bench: install controlplane ## Run the benchmarks; results in bench/results, table in docs/performance.md
+bench: install deps controlplane ## Run the benchmarks; results in bench/results, table in docs/performance.md
 	$(PY) bench/run.py
 
 .PHONY: gpu-node-plan
-gpu-node-plan: install controlplane image ## Pack the GPU node (issue 19) into .gpunode/ and print the device calls that run it on the GPU machine
+gpu-node-plan: install deps controlplane image ## Pack the GPU node (issue 19) into .gpunode/ and print the device calls that run it on the GPU machine
 	bash hack/gpunode/pack.sh
 
 ##@ Local cluster
 
 .PHONY: cluster-up
-cluster-up: install controlplane ## Start the local control plane and its real node (prints the KUBECONFIG export)
+cluster-up: install deps controlplane ## Start the local control plane and its real node (prints the KUBECONFIG export)
 	$(VENV)/bin/tensorwasm dev cluster up
 
 .PHONY: cluster-down
