@@ -56,6 +56,9 @@ class Records:
     def remove(self, key: str) -> None:
         self.saved.pop(key, None)
 
+    def claim(self, key: str, namespace: str) -> None:  # filing the key under its namespace (the sweep's)
+        pass
+
 
 class Store:
     def __init__(self) -> None:
@@ -108,7 +111,7 @@ class Shard:
 
 def config(name: str) -> Any:
     return SimpleNamespace(
-        name=name, uid=f"uid-{name}", generation=1, idle_prewarm=None,
+        name=name, uid=f"uid-{name}", namespace="", generation=1, idle_prewarm=None,
         module=SimpleNamespace(sha256="0" * 64), limits=SimpleNamespace(linear_memory_bytes=1 << 20),
     )  # fmt: skip
 
