@@ -53,6 +53,9 @@ class RuntimeSettings:
     max_module_bytes: int = 64 << 20
     fetch_timeout_s: float = 30.0
     resync_s: float = 30.0
+    # A tenant placed before its Secret/ConfigMap reached this shard (separate watches) is left
+    # unreported this long: most likely still in flight (one status write instead of two).
+    missing_grace_s: float = 2.0
     health_interval_s: float = 1.0
     epoch_tick_ms: float = 1.0
     # The interpreter's GIL switch interval: how long a thread waiting for the GIL (the event loop)
@@ -102,6 +105,12 @@ _FLAGS: tuple[tuple[str, str, str, str | None], ...] = (
     ("--max-module-bytes", "max_module_bytes", "largest module accepted, bytes (default: 64Mi)", "N"),
     ("--fetch-timeout", "fetch_timeout_s", "module URL fetch timeout, seconds (default: 30)", "S"),
     ("--resync", "resync_s", "a reconcile pass at least every S s; caches re-list every max(S, 300) s", "S"),
+    (
+        "--missing-grace",
+        "missing_grace_s",
+        "a tenant's missing Secret/ConfigMap reported after S s (default: 2)",
+        "S",
+    ),
     ("--health-interval", "health_interval_s", "accelerator health check period, s (default: 1)", "S"),
     ("--epoch-tick-ms", "epoch_tick_ms", "deadline ticker resolution, ms (default: 1)", "MS"),
     ("--gil-switch-ms", "gil_switch_ms", "GIL switch interval, ms (default: 5, Python's)", "MS"),
@@ -231,6 +240,7 @@ def settings_from_namespace(ns: argparse.Namespace, environ: Mapping[str, str]) 
     for dest, lo, hi in (
         ("fetch_timeout_s", 0.1, 3600),
         ("resync_s", 0.1, 86400),
+        ("missing_grace_s", 0, 600),
         ("health_interval_s", 0.05, 3600),
         ("epoch_tick_ms", 0.1, 1000),
         ("gil_switch_ms", 0.05, 100),

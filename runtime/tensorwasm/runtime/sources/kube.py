@@ -88,9 +88,9 @@ _LIVE_TTL_S = 5.0
 _DEBOUNCE_S = 0.05
 _WRITE_RETRY_S = 1.0  # a status write that failed is tried again this soon
 # The operator creates a tenant's Secret before it places the tenant, but the two reach this shard on
-# separate watches: a Secret or ConfigMap missing in the first moments after placement is most
-# likely still in flight. Reporting it would cost a write now and another once it arrives.
-_MISSING_GRACE_S = 2.0
+# separate watches: a Secret or ConfigMap missing in the first moments after placement
+# (settings.missing_grace_s) is most likely still in flight. Reporting it would cost a write now and
+# another once it arrives.
 _MAYBE_IN_FLIGHT = (SECRET_MISSING, CONFIGMAP_MISSING)
 # A tenant that moved away answers 503 tenant_moving here until its move is over (status.move
 # cleared: until then its Service may still select this shard), checked by name every
@@ -335,6 +335,7 @@ class KubeSource:
         self.shard_name = settings.shard_name
         self.kubeconfig = settings.kubeconfig
         self.resync_s = settings.resync_s
+        self.missing_grace_s = settings.missing_grace_s
         self.snapshot_dir = settings.snapshot_dir
         self.informers: dict[str, Informer] = {}
         self._agent: SnapshotAgent | None = None
@@ -549,12 +550,12 @@ class KubeSource:
             status = shard.status(name)
             if status is None:
                 continue
-            if status.reason in _MAYBE_IN_FLIGHT and now - self._ours[name] < _MISSING_GRACE_S:
+            if status.reason in _MAYBE_IN_FLIGHT and now - self._ours[name] < self.missing_grace_s:
                 deferred = True
                 continue
             reports[name] = (obj, build_runtime_status(self.shard_name, status))
         if deferred and self._loop is not None:
-            self._loop.call_later(_MISSING_GRACE_S, self._mark_dirty)
+            self._loop.call_later(self.missing_grace_s, self._mark_dirty)
         # One line per pass at DEBUG: what tests (and a curious operator) wait on instead of time.
         log.debug(
             "Passed over Tenants ours=%d reports=%d deferred=%s", len(view.tenants), len(reports), deferred
