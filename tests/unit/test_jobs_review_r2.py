@@ -14,10 +14,9 @@ import http.client
 import json
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from tensorwasm.runtime.api.admission import AdmissionLimits
@@ -28,11 +27,12 @@ from tensorwasm.runtime.errors import Cancelled
 from tensorwasm.runtime.tenancy.runs import GuestRun
 from tests.conftest import wait_for
 from tests.runtime_fixtures import RuntimeServer, tenant
-from tests.unit.test_runtime_jobs import _finished, shard_server  # noqa: F401 (the fixture)
+from tests.unit.test_runtime_jobs import shard_server  # noqa: F401 (the fixture)
 
 DEADLINE_S = 60.0
 SPIN = "/v1/functions/spin/invoke?mode=async"
 ECHO = "/v1/functions/echo/invoke?mode=async"
+ShardServer = Callable[..., RuntimeServer]
 
 
 @contextmanager
@@ -45,7 +45,9 @@ def _never_reading(server: RuntimeServer, path: str, token: str) -> Iterator[soc
         s.settimeout(DEADLINE_S)
         s.connect(("127.0.0.1", server.port))
         s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
-        assert s.recv(12, socket.MSG_PEEK).startswith(b"HTTP/1.1 200")  # peeked: still unread
+        assert s.recv(12, socket.MSG_PEEK | socket.MSG_WAITALL).startswith(
+            b"HTTP/1.1 200"
+        )  # peeked: still unread
         yield s
     finally:
         s.close()
@@ -63,15 +65,25 @@ def _read_all(s: socket.socket) -> int:
 
 
 def _done_job(server: RuntimeServer, token: str, body: bytes) -> dict[str, Any]:
+    """Submit an echo job and wait for its end, looking at the job list (no output in it: a big
+    job view is a read that a short read_stall_s would close on a busy box)."""
     job = server.request("POST", ECHO, body, token=token)
     assert job.status == 202, job.body
-    return _finished(server, SimpleNamespace(token=token), job.json()["id"])  # type: ignore[arg-type]
+    job_id = job.json()["id"]
+
+    def ended() -> dict[str, Any] | None:
+        for view in server.request("GET", "/v1/jobs", token=token).json()["jobs"]:
+            if view["id"] == job_id and view["state"] not in ("queued", "running"):
+                return view  # type: ignore[no-any-return]
+        return None
+
+    return wait_for(ended, DEADLINE_S, f"job {job_id} to end", interval=0.02)  # type: ignore[no-any-return]
 
 
 # --- G8: a chunked async body is charged what arrived, not the tenant's maxBodyBytes ---
 
 
-def test_a_chunked_async_job_is_charged_what_arrived_not_its_max_body(shard_server) -> None:  # noqa: F811
+def test_a_chunked_async_job_is_charged_what_arrived_not_its_max_body(shard_server: ShardServer) -> None:  # noqa: F811
     spinner = tenant("spinner", "runaway.wat", timeout_ms=600_000, max_concurrency=2, max_body_bytes=900)
     other = tenant("other", max_body_bytes=1 << 20)
     server = shard_server([spinner, other], admission=AdmissionLimits(inflight_body_bytes=1000))
@@ -95,7 +107,9 @@ def test_a_chunked_async_job_is_charged_what_arrived_not_its_max_body(shard_serv
 # --- G1: big job reads and clients that do not read ---
 
 
-def test_never_reading_clients_of_big_job_views_hold_up_no_other_tenants_view(shard_server) -> None:  # noqa: F811
+def test_never_reading_clients_of_big_job_views_hold_up_no_other_tenants_view(
+    shard_server: ShardServer,  # noqa: F811
+) -> None:
     alpha = tenant("alpha", max_body_bytes=16 << 20, max_output_bytes=16 << 20)
     beta = tenant("beta", max_body_bytes=1 << 20)
     server = shard_server([alpha, beta], jobs=JobLimits(read_stall_s=600))  # nobody is closed here
@@ -114,7 +128,9 @@ def test_never_reading_clients_of_big_job_views_hold_up_no_other_tenants_view(sh
         assert "retry-after" in more.headers
 
 
-def test_a_client_that_stops_reading_a_job_is_closed_and_its_output_given_back(shard_server) -> None:  # noqa: F811
+def test_a_client_that_stops_reading_a_job_is_closed_and_its_output_given_back(
+    shard_server: ShardServer,  # noqa: F811
+) -> None:
     alpha = tenant("alpha", max_body_bytes=16 << 20, max_output_bytes=16 << 20)
     server = shard_server([alpha], jobs=JobLimits(output_bytes_per_tenant=10 << 20, read_stall_s=0.2))
     big = _done_job(server, alpha.token, b"z" * (8 << 20))
@@ -131,7 +147,7 @@ def test_a_client_that_stops_reading_a_job_is_closed_and_its_output_given_back(s
         assert _read_all(reader) < whole  # closed: the client never gets the rest
 
 
-def test_an_output_forgotten_while_it_is_read_stays_charged_until_sent(shard_server) -> None:  # noqa: F811
+def test_an_output_forgotten_while_it_is_read_stays_charged_until_sent(shard_server: ShardServer) -> None:  # noqa: F811
     alpha = tenant("alpha", max_body_bytes=16 << 20, max_output_bytes=16 << 20)
     server = shard_server([alpha], jobs=JobLimits(output_bytes_per_tenant=10 << 20, read_stall_s=600))
     big = _done_job(server, alpha.token, b"z" * (8 << 20))
@@ -164,7 +180,7 @@ def _queued_body_bytes(queue: Any) -> int:
     return total
 
 
-def test_a_cancelled_queued_jobs_body_leaves_the_worker_queue(shard_server) -> None:  # noqa: F811
+def test_a_cancelled_queued_jobs_body_leaves_the_worker_queue(shard_server: ShardServer) -> None:  # noqa: F811
     cfg = tenant("spinner", "runaway.wat", timeout_ms=600_000, max_concurrency=1, queue_length=16)
     server = shard_server([cfg], admission=AdmissionLimits(inflight_body_bytes=1000))
     queue = server.shard.served["spinner"].queue
@@ -227,7 +243,9 @@ async def _hold(server: RuntimeServer, name: str) -> bool:
     return server.shard.hold(name)
 
 
-def test_an_async_upload_completing_at_a_move_barrier_is_refused_tenant_moving(shard_server) -> None:  # noqa: F811
+def test_an_async_upload_completing_at_a_move_barrier_is_refused_tenant_moving(
+    shard_server: ShardServer,  # noqa: F811
+) -> None:
     cfg = tenant("spinner", "runaway.wat", timeout_ms=600_000, max_concurrency=1, queue_length=4)
     server = shard_server([cfg])
     queue = server.shard.served["spinner"].queue
@@ -252,7 +270,10 @@ def test_an_async_upload_completing_at_a_move_barrier_is_refused_tenant_moving(s
     assert server.request("GET", "/v1/jobs", token=cfg.token).json()["jobs"] == []
 
 
-def test_a_job_refused_at_the_move_barrier_is_audited_as_the_job_says(shard_server, tmp_path: Path) -> None:  # noqa: F811
+def test_a_job_refused_at_the_move_barrier_is_audited_as_the_job_says(
+    shard_server: ShardServer,  # noqa: F811
+    tmp_path: Path,
+) -> None:
     cfg = tenant("spinner", "runaway.wat", timeout_ms=600_000, max_concurrency=1, queue_length=4)
     audit = AuditLog(AuditSettings(target=str(tmp_path / "audit.log"), flush_s=0.01)).start()
     try:
