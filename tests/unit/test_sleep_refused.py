@@ -138,3 +138,36 @@ def test_a_weak_extra_key_added_to_a_sleeping_tenant_keeps_it_asleep_in_its_stat
     status = server.shard.status("alpha")
     assert status is not None and status.reason == ASLEEP and "key 'read-token.ci'" in status.message
     assert call(server, PRIMARY, 1) == (200, (6).to_bytes(8, "little"))
+
+
+def test_a_tenant_unplaced_without_being_deleted_keeps_its_sleep_snapshot(tmp_path: Path) -> None:
+    """The operator unplaces a Tenant whose spec became invalid (status.shard cleared): its shard sees
+    it leave. Only a deleted Tenant's state goes (at once, or by the orphan sweep); one that left
+    otherwise may come back, and comes back asleep in its snapshot (real KubeSource, fake API)."""
+    import asyncio
+
+    from tests.fake_kube import FakeKube, until
+    from tests.unit.test_kube_source_inprocess import TENANTS, running_source, runtime_of, scenario, tenant
+
+    store = tmp_path / "store"
+
+    async def body(fake: FakeKube) -> None:
+        await fake.put(TENANTS, tenant("alpha"))
+        async with running_source(fake, sleep_store=SnapshotStore(store), idle_after_s=0.2) as (shard, _, _):
+            await fake.wait_for(lambda: runtime_of(fake, "alpha").get("reason") == "Asleep")
+            files = store_files(store)
+            assert any(p.suffix == ".twsnap" for p in files)
+            await fake.put_status(TENANTS, "alpha", {"shard": ""})  # unplaced, not deleted
+            await until(lambda: "alpha" not in shard.served)
+            assert store_files(store) == files  # record and blob kept
+            await fake.put_status(TENANTS, "alpha", {"shard": "tensorwasm-shard-0"})  # valid again
+            await until(lambda: "alpha" in shard.served)
+            assert shard.served["alpha"].asleep  # back in its snapshot, not fresh
+            assert await asyncio.to_thread(shard.served["alpha"].invoke, "echo", b"hi") == b"hi"
+            await fake.remove(TENANTS, "alpha")  # deleted: its state goes
+            await until(lambda: "alpha" not in shard.served)
+            swept = await shard.sweep_sleep_blobs(grace_s=0)
+            assert swept is not None and len(swept.removed) == 1
+            assert not [p for p in store_files(store) if p.suffix in (".twsnap", ".json")]
+
+    scenario(body)

@@ -190,8 +190,15 @@ class Shard:
         configs: Sequence[TenantConfig],
         failed: Mapping[str, TenantStatus] | None = None,
         wait: bool | float = True,
+        deleted: Collection[str] | None = None,
     ) -> None:
         """Make the served set equal to `configs`; `failed` are assigned tenants a source could not parse.
+
+        `deleted` (a source that can tell): of the tenants leaving, those whose Tenant was deleted;
+        only their sleep snapshots go with them. One that leaves without being deleted (moved, or
+        unplaced because its spec became invalid) is unloaded deleting nothing: it may come back in
+        its state, and the orphan sweep removes what its deletion later leaves. None: every tenant
+        leaving is gone (the tenants file).
 
         Each tenant that needs loading gets its own task (one at a time per tenant), so one slow or
         stuck load never holds up another tenant or the next sync. With `wait` True, return once
@@ -204,7 +211,7 @@ class Shard:
             wanted = {c.name: c for c in configs}
             self.assigned = dict(wanted)
             for name in [n for n in self.statuses if n not in wanted and n not in failed]:
-                await self._unload(name)
+                await self._unload(name, forget=deleted is None or name in deleted)
                 del self.statuses[name]
                 self.stats.pop(name, None)
             for name, status in failed.items():

@@ -538,11 +538,11 @@ class KubeSource:
     async def reconcile(self, shard: Shard) -> None:
         before = {t["metadata"]["name"]: t for t in self._view.tenants}
         view = self._view = self._build_view()
-        self._move_barrier(shard, before, view)
+        deleted = self._move_barrier(shard, before, view)
         configs, failed = resolve_tenants(view, self._resolved)
         # Wait for this pass's loads (one status write per tenant), but never for long: a slow or
         # stuck load is reported Loading, and its end triggers a pass of its own (on_load_done).
-        await shard.sync(configs, failed, wait=LOAD_WAIT_S)
+        await shard.sync(configs, failed, wait=LOAD_WAIT_S, deleted=deleted)
         reports = {}
         now, deferred = time.monotonic(), False
         for obj in view.tenants:
@@ -565,11 +565,15 @@ class KubeSource:
         if self._agent is not None:
             await self._reconcile_snapshots(shard)
 
-    def _move_barrier(self, shard: Shard, before: Mapping[str, Mapping[str, Any]], view: ClusterView) -> None:
-        """Hold tenants at their move barrier, keep answering for those that left, release the rest.
+    def _move_barrier(
+        self, shard: Shard, before: Mapping[str, Mapping[str, Any]], view: ClusterView
+    ) -> set[str]:
+        """Hold tenants at their move barrier, keep answering for those that left, release the rest;
+        the tenants that left because their Tenant was deleted (only their sleep state goes with them).
 
         Runs before `Shard.sync`, so a tenant that leaves is still served when it is held."""
         now = time.monotonic()
+        gone: set[str] = set()
         ours = {t["metadata"]["name"]: t for t in view.tenants}
         for name, obj in ours.items():
             move = (obj.get("status") or {}).get("move") or {}
@@ -592,6 +596,8 @@ class KubeSource:
             )
             self._deleted.discard(name)
             self._holding.pop(name, None)
+            if deleted:
+                gone.add(name)
             if not deleted and shard.hold(name):
                 self._left[name] = now + MOVED_MAX_S
                 self._moving_away.add(name)
@@ -605,6 +611,7 @@ class KubeSource:
             shard.release(name)
         if self._left and self._loop is not None:
             self._loop.call_at(self._loop.time() + max(0.0, min(self._left.values()) - now), self._mark_dirty)
+        return gone
 
     def _watch_left(self) -> None:
         """Read the Tenants that moved away by name until each one's move is over: this shard's
