@@ -1,4 +1,4 @@
-"""Idle sleep: wake latency over HTTP, density with 10% of tenants active, a wake storm; one run each.
+"""Idle sleep: wake latency over HTTP, density and the swap onset with tenants 10% active, a wake storm.
 
 A real shard in this process (engine, the best accelerator here, the aiohttp API on loopback, a
 snapshot store in a temp dir) serving tests/fixtures/counter.wat tenants (their total lives in a GPU
@@ -10,21 +10,22 @@ buffer, so a lost or doubled request shows in the answer).
   restore_snapshot() of the same blob into the awake tenant (hot, and file with the page cache
   dropped), the pinned-copy floor (CUDA: one pinned host-to-device copy of the state; CPU: one memcpy)
   and the round trip of an awake invoke.
-- density: the all-resident case holds N0 = budget / cap tenants, all active; the sleep case places
-  10x (and 12x, 20x) as many with the same budget, 10% of them active at any moment (the active set
-  changes: one active tenant is replaced by a sleeping one every CHURN_S). Open-loop Poisson arrivals
-  at the same total rate, latency from each request's scheduled time; P50/P99 against the 100 ms SLO;
-  the planner's prediction (tensorwasm.planner.model.tenants_with_sleep) beside the measurement.
-  The active set is the planner's `active_set` (ceil(10% of the tenants)); the predicted swap onset
-  (`swap_onset`, 10x + 1) runs too, and `onset_measured_tenants` is the fewest tenants seen swapping
-  (evicting more than twice per active-set change: churn alone evicts at most the tenant that left).
-  Sleepers have idle.after 500ms: one that left the active set sleeps in the background.
+- density: the all-resident case holds N0 = budget / cap tenants, all active; the sleep cases place
+  3x, the planner's swap onset, 6x and 10x - 1 as many with the same budget, each tenant awake 10% of
+  the time by its own seeded on/off process (bench/sleep_activity.py: bursts of requests, quiet gaps,
+  idle.after 500ms counted), independent of the others and of the planner. Open loop, latency from
+  each request's scheduled time; P50/P99 against the 100 ms SLO; wakes and evictions from the shard's
+  counters, beside the same trace replayed on the ledger alone. Then the onset scan: tenant counts
+  from N0 + 1 up, each fed to the runtime's real `Residency` on a virtual clock, and
+  `onset_measured_tenants`, the fewest count from which more than 1% of wakes found the room full,
+  beside the planner's `swap_onset` and the error.
 - storm: 100 sleeping tenants (1 MiB of state each) called at once, with room for all and with room
   for 20: time until all are answered, the most GPU bytes reserved at once vs the budget, requests
   answered and the counters (none lost, none doubled).
 Env: TENSORWASM_BENCH_SLEEP_SIZES (MiB list), TENSORWASM_BENCH_ACCELERATOR, TENSORWASM_BENCH_SLEEP_SECONDS,
-TENSORWASM_BENCH_SLEEP_RATE (density's arrivals per second, 200), TENSORWASM_BENCH_SLEEP_CASES (which of
-wake,density,storm to run; all by default).
+TENSORWASM_BENCH_SLEEP_RATE (density's requests a second within a burst, 10), TENSORWASM_BENCH_SLEEP_CASES
+(which of wake,density,storm,prewarm to run; all by default), TENSORWASM_BENCH_SLEEP_ONSET_SECONDS (virtual
+seconds per trace of the onset scan, 1800), TENSORWASM_BENCH_SLEEP_ONSET_SEEDS (traces per count, 2).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import random
 import shutil
 import statistics
 import struct
+import sys
 import tempfile
 import threading
 import time
@@ -48,14 +50,17 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import sleep_activity  # bench/ is a folder of scripts, not a package
+
 MiB = 1 << 20
 REPO = Path(__file__).resolve().parents[1]
 COUNTER = (REPO / "tests" / "fixtures" / "counter.wat").read_bytes()
 SLO_MS = 100.0
-CHURN_S = 1.0
+SWAP_SHARE = 0.01  # "swapping": more than 1% of wakes find the room full (planner.model.SWAP_TOLERANCE)
 CASE_TITLES = {"wake": "wake on the first request", "density": "density", "storm": "wake storm",
                "prewarm": "prewarm"}  # fmt: skip
-IDLE_AFTER = "500ms"
+IDLE_AFTER, IDLE_AFTER_S = "500ms", 0.5
 
 
 def row(*cells: Any) -> str:
@@ -280,20 +285,25 @@ def wake_case(acc: Any, work: Path, size_mib: int, reps: int) -> dict[str, float
         server.close()
 
 
-def open_loop(server: Server, chooser: Any, rate: float, seconds: float, seed: int) -> dict[str, Any]:
-    """Poisson arrivals at `rate`/s for `seconds`; `chooser(t)` names the tenant config of an arrival."""
+def _poisson(rate: float, seconds: float, seed: int) -> list[float]:
     rng = random.Random(seed)
-    arrivals, t = [], 0.0
+    arrivals, t = [], rng.expovariate(rate)
     while t < seconds:
-        t += rng.expovariate(rate)
         arrivals.append(t)
+        t += rng.expovariate(rate)
+    return arrivals
+
+
+def open_loop(server: Server, schedule: list[tuple[float, Any]]) -> dict[str, Any]:
+    """Each (seconds from the start, tenant config) of `schedule` sent at its time, open loop: latency
+    counts from the scheduled time, so a stalled server is not hidden by a stalled client."""
     lat: list[float] = []
     errors: dict[int, int] = {}
     lock = threading.Lock()
     start = time.perf_counter() + 0.2
 
-    def one(at: float) -> None:
-        cfg = chooser(at)
+    def one(item: tuple[float, Any]) -> None:
+        at, cfg = item
         delay = start + at - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
@@ -306,9 +316,9 @@ def open_loop(server: Server, chooser: Any, rate: float, seconds: float, seed: i
                 errors[status] = errors.get(status, 0) + 1
 
     with ThreadPoolExecutor(64) as pool:
-        list(pool.map(one, arrivals))
+        list(pool.map(one, schedule))
     return {
-        "n": len(arrivals),
+        "n": len(schedule),
         "p50_ms": pct(lat, 50) * 1000,
         "p99_ms": pct(lat, 99) * 1000,
         "errors": errors,
@@ -362,127 +372,109 @@ def prewarm_case(acc: Any, work: Path, size_mib: int, reps: int) -> dict[str, fl
 
 
 def density_case(acc: Any, work: Path, seconds: float, rate: float) -> tuple[dict[str, float], list[str]]:
+    """All resident (n0 tenants, all active) against n tenants awake 10% of the time each, drawn
+    independently (sleep_activity.py), on a real shard over HTTP; then the swap onset measured on
+    the runtime's own ledger with the same process (virtual time, many counts) beside the planner's."""
     try:
-        from tensorwasm.planner.model import active_set, swap_onset, tenants_with_sleep
-    except ImportError:  # the GPU machine's image has no PyYAML (the planner's SKU catalog): same formulas
-
-        def active_set(tenants: float, active_fraction: float) -> int:
-            return math.ceil(round(tenants * active_fraction, 9))
-
-        def tenants_with_sleep(all_resident: int, active_fraction: float) -> int:
-            return int(all_resident / active_fraction + 1e-9)
-
-        def swap_onset(all_resident: int, active_fraction: float) -> int:
-            return tenants_with_sleep(all_resident, active_fraction) + 1
+        from tensorwasm.planner.model import swap_onset
+    except ImportError:  # the GPU machine's image has no PyYAML (the planner's SKU catalog)
+        swap_onset = None  # type: ignore[assignment]
 
     cap, n0, fraction = 16 * MiB, 8, 0.10
     budget = n0 * cap
-    figures: dict[str, float] = {}
+    activity = sleep_activity.Activity(fraction, IDLE_AFTER_S, rate_per_s=rate)
+    figures: dict[str, float] = {"active_fraction": fraction, "burst_rate_per_s": rate,
+                                 "burst_requests": activity.burst_requests,
+                                 "quiet_gap_mean_s": round(activity.gap_mean_s(), 3),
+                                 "load_1min_before": os.getloadavg()[0]}  # fmt: skip
     rows = []
-    # All resident: n0 tenants, every one active.
+    # All resident: n0 tenants, every one active, the same total rate as 10x n0 sleepers would send.
     server = Server(acc, work / "density-0", budget)
     try:
         configs = [tenant(f"r{i:03d}", cap) for i in range(n0)]
         server.sync(configs)
-        base = open_loop(server, lambda at: configs[int(at * 1000) % n0], rate, seconds, 1)
+        arrivals = _poisson(10 * n0 * activity.requests_per_s(), seconds, 1)
+        base = open_loop(server, [(at, configs[k % n0]) for k, at in enumerate(arrivals)])
     finally:
         server.close()
     figures.update(
         {"resident_tenants": n0, "resident_p50_ms": base["p50_ms"], "resident_p99_ms": base["p99_ms"]}
     )
-    rows.append(
-        row(
-            "all resident",
-            n0,
-            n0,
-            base["n"],
-            f"{base['p50_ms']:.2f}",
-            f"{base['p99_ms']:.2f}",
-            0,
-            0,
-            "no",
-            base["errors"] or 0,
-        )
-    )
-    last_fit, onset = tenants_with_sleep(n0, fraction), swap_onset(n0, fraction)
-    # 10x, 12x, 20x, and the predicted swap onset: the last count whose active set fits awake (10x)
-    # and the next one, so the onset is measured at tenant resolution, not between 10x and 12x.
-    cases = [("x10", last_fit), ("onset", onset), ("x12", n0 * 12), ("x20", n0 * 20)]
-    swapping_at: list[int] = []
-    for label, n in cases:
+    rows.append(row("all resident", n0, base["n"], f"{base['p50_ms']:.2f}", f"{base['p99_ms']:.2f}",
+                    0, 0, "", "", base["errors"] or 0))  # fmt: skip
+    predicted = swap_onset(n0, fraction) if swap_onset else None
+    mean_onset = math.floor(round(n0 / fraction, 9)) + 1  # the mean model's: ceil(n * f) > n0
+    counts = sorted({n0 * 3, predicted or n0 * 4, n0 * 6, mean_onset - 1})
+    for n in counts:
+        label = f"n{n}"
         server = Server(acc, work / f"density-{label}", budget)
-        active_n = active_set(n, fraction)  # the planner's count of tenants awake at once
         try:
-            # Tenants that left the active set sleep in the background after IDLE_AFTER, so most
-            # wakes find room without putting a neighbour to sleep on their own path.
             configs = [replace(tenant(f"s{i:03d}", cap), idle_after=IDLE_AFTER) for i in range(n)]
             server.sync(configs)  # loading past the budget already puts the least recently used to sleep
             for cfg in configs:
                 server.sleep(cfg.name)
-            rng = random.Random(n)
-            active = rng.sample(range(n), active_n)
-            changes: list[tuple[float, list[int]]] = [(0.0, list(active))]
-            t = CHURN_S
-            while t < seconds + 1:
-                out_i = rng.randrange(len(active))
-                active[out_i] = rng.choice([i for i in range(n) if i not in active])
-                changes.append((t, list(active)))
-                t += CHURN_S
-
-            def chooser(
-                at: float, changes: list[tuple[float, list[int]]] = changes, cfgs: list[Any] = configs
-            ) -> Any:
-                current = next(a for when, a in reversed(changes) if when <= at)
-                return cfgs[current[int(at * 1000) % len(current)]]
-
+            requests = sleep_activity.trace(n, activity, seconds, seed=n)
             wakes0, evicted0 = _wakes(), _evictions()
-            res = open_loop(server, chooser, rate, seconds, n)
+            res = open_loop(server, [(r.at, configs[r.tenant]) for r in requests])
             wakes, evicted = _wakes() - wakes0, _evictions() - evicted0
             peak = server.shard.residency.peak
         finally:
             server.close()
-        # Swapping: active tenants put to sleep to wake other active ones, many per active-set
-        # change. Following the churn alone evicts at most the one tenant that left, per change.
-        # Evictions, not wakes: a stalled client on a busy box lets active tenants idle out and
-        # wake again, which is no shortage of room.
-        churn = sum(1 for when, _ in changes[1:] if when <= seconds)
-        swapping = evicted > 2 * churn + max(0, active_n - n0)
-        if swapping:
-            swapping_at.append(n)
-        meets = res["p99_ms"] <= SLO_MS and not res["errors"]
+        # The same trace on the ledger alone in virtual time: what the onset scan below counts.
+        virtual = sleep_activity.replay(requests, n, activity, seconds, cap, budget)
+        share = evicted / wakes if wakes else 0.0
         figures.update(
             {
                 f"{label}_tenants": n,
-                f"{label}_active": active_n,
                 f"{label}_p50_ms": res["p50_ms"],
                 f"{label}_p99_ms": res["p99_ms"],
+                f"{label}_requests": res["n"],
                 f"{label}_wakes": wakes,
                 f"{label}_evictions": evicted,
-                f"{label}_swapping": float(swapping),
-                f"{label}_meets_slo": float(meets),
+                f"{label}_evicting_wake_share": round(share, 4),
+                f"{label}_virtual_evicting_wake_share": round(virtual.evicting_wake_share, 4),
+                f"{label}_meets_slo": float(res["p99_ms"] <= SLO_MS and not res["errors"]),
                 f"{label}_peak_reserved_mib": peak / MiB,
             }
         )
-        rows.append(
-            row(
-                "10% active, sleepers",
-                n,
-                active_n,
-                res["n"],
-                f"{res['p50_ms']:.2f}",
-                f"{res['p99_ms']:.2f}",
-                f"{wakes:.0f}",
-                f"{evicted:.0f}",
-                "yes" if swapping else "no",
-                res["errors"] or 0,
-            )
-        )
-    figures["active_fraction"] = fraction
-    figures["planner_predicted_tenants"] = last_fit
-    figures["planner_predicted_onset_tenants"] = onset
-    if swapping_at:
-        figures["onset_measured_tenants"] = min(swapping_at)
+        rows.append(row(f"{n} tenants, 10% awake each", n, res["n"], f"{res['p50_ms']:.2f}",
+                        f"{res['p99_ms']:.2f}", f"{wakes:.0f}", f"{evicted:.0f}", f"{share:.0%}",
+                        f"{virtual.evicting_wake_share:.0%}", res["errors"] or 0))  # fmt: skip
+    figures.update(onset_scan(activity, n0, cap, predicted, mean_onset))
+    figures["load_1min_after"] = os.getloadavg()[0]
     return figures, rows
+
+
+def onset_scan(activity: Any, n0: int, cap: int, predicted: int | None, mean_onset: int) -> dict[str, float]:
+    """Tenant counts from n0 to 1.5x the mean model's onset, each an independent seeded trace fed to
+    the runtime's Residency on a virtual clock (sleep_activity.replay): the fewest count from which
+    more than 1% of wakes found the room full (`onset_measured_tenants`), with the planner's
+    prediction and its error; also where the time over budget and the rewakes pass 1%."""
+    virtual_s = float(os.environ.get("TENSORWASM_BENCH_SLEEP_ONSET_SECONDS", "1800"))
+    seeds = tuple(range(1, int(os.environ.get("TENSORWASM_BENCH_SLEEP_ONSET_SEEDS", "2")) + 1))
+    top = round(1.5 * mean_onset)
+    counts = sorted({*range(n0 + 1, min(top, 8 * n0) + 1), *range(8 * n0 + 5, top + 1, 5), mean_onset})
+    found = sleep_activity.scan(counts, activity, virtual_s, seeds, cap, n0)
+    out: dict[str, float] = {"onset_virtual_seconds": virtual_s, "onset_seeds": float(len(seeds)),
+                             "onset_counts_scanned": float(len(counts))}  # fmt: skip
+    for n in counts:
+        if n % 8 == 0 or n in (predicted, mean_onset):
+            out[f"scan_{n}_evicting_wake_share"] = round(found[n]["evicting_wake_share"], 4)
+    out["scan_awake_share"] = round(statistics.mean(v["awake_share"] for v in found.values()), 4)
+    for key, name in (("evicting_wake_share", "onset_measured_tenants"),
+                      ("over_budget_share", "onset_over_budget_tenants"),
+                      ("rewake_share", "onset_rewake_tenants")):  # fmt: skip
+        at = sleep_activity.onset(found, key, SWAP_SHARE)
+        if at is not None:
+            out[name] = at
+    out["mean_model_onset_tenants"] = mean_onset
+    if predicted is not None:
+        out["planner_predicted_onset_tenants"] = predicted
+        measured = out.get("onset_measured_tenants")
+        if measured:
+            out["planner_onset_off"] = round(abs(predicted - measured) / measured, 4)
+            out["mean_model_onset_off"] = round(abs(mean_onset - measured) / measured, 4)
+    return out
 
 
 def _evictions() -> float:
@@ -580,7 +572,7 @@ def run() -> dict[str, Any]:
 
     sizes = [int(s) for s in os.environ.get("TENSORWASM_BENCH_SLEEP_SIZES", "1,16,128,512").split(",")]
     seconds = float(os.environ.get("TENSORWASM_BENCH_SLEEP_SECONDS", "15"))
-    rate = float(os.environ.get("TENSORWASM_BENCH_SLEEP_RATE", "200"))
+    rate = float(os.environ.get("TENSORWASM_BENCH_SLEEP_RATE", str(sleep_activity.RATE_PER_S)))
     scale = float(os.environ.get("TENSORWASM_BENCH_SLEEP_REPS_SCALE", "1"))  # fewer samples: a short lease
     cases = os.environ.get("TENSORWASM_BENCH_SLEEP_CASES", "wake,density,storm,prewarm").split(",")
     acc = select_accelerator(os.environ.get("TENSORWASM_BENCH_ACCELERATOR", "auto"))
@@ -632,21 +624,20 @@ def run() -> dict[str, Any]:
             targets["512mib_wake_hot_p99_ms"] = "<= 100"
         if "density" in cases:
             dens, rows = density_case(acc, work, seconds, rate)
-            figures["density_rate_per_s"] = rate
-            figures.update({f"density_{k}": round(v, 3) for k, v in dens.items()})
-            targets["density_x10_p99_ms"] = f"<= {SLO_MS:.0f}"
+            figures.update({f"density_{k}": round(v, 4) for k, v in dens.items()})
+            targets["density_planner_onset_off"] = "<= 0.15"
             table += [
                 "",
                 row(
                     "density case",
                     "tenants",
-                    "active",
                     "requests",
                     "P50 ms",
                     "P99 ms",
                     "wakes",
                     "evictions",
-                    "swapping",
+                    "wakes that evicted",
+                    "same trace, ledger replay",
                     "errors",
                 ),
                 "|---|---|---|---|---|---|---|---|---|---|",
@@ -730,11 +721,18 @@ def run() -> dict[str, Any]:
             "Wake = HTTP round trip of the first request to a sleeping tenant (room, open, restore, "
             "invoke, reply); restore = restore_snapshot() of the same blob into the awake tenant; floor ="
             " one pinned host-to-device copy (CUDA) or memcpy (CPU) of the state. Disk = page cache "
-            "dropped. Density: budget of 8 x 16 MiB caps; Poisson open loop at density_rate_per_s, "
-            "latency from the scheduled time; the active set is ceil(10% of the tenants) "
-            "(planner.model.active_set) and one of it changes every second; swapping = more than 2 "
-            "evictions per change (churn alone evicts at most the tenant that left); the counts are 10x, "
-            "the planner's swap onset (10x + 1), 12x and 20x, and onset_measured_tenants the fewest seen "
-            "swapping. Storm: 100 tenants with 1 MiB of GPU state each."
+            "dropped. Density: budget of 8 x 16 MiB caps, idle.after 500ms; each tenant sends bursts "
+            "(geometric, mean density_burst_requests, at density_burst_rate_per_s) separated by "
+            "exponential quiet gaps (mean density_quiet_gap_mean_s) so that it is awake 10% of the time "
+            "counting its idle tail, every tenant independent and seeded (bench/sleep_activity.py; no "
+            "planner formula draws them); open loop, latency from the scheduled time; all resident = 8 "
+            "tenants at the rate 80 such tenants send. Wakes that evicted = evictions / wakes on the real "
+            "shard, beside the same trace replayed on the runtime's Residency alone in virtual time. "
+            "Onset scan: every count from 9 to 64, then every 5th to 1.5x the mean model's onset, "
+            "density_onset_seeds traces of density_onset_virtual_seconds each on the real Residency; "
+            "onset_measured_tenants = the fewest count from which more than 1% of wakes found the room "
+            "full (over_budget: more than 1% of the time over 8 awake; rewake: more than 1% of requests "
+            "woke a tenant evicted earlier in its burst); planner_onset_off = |predicted - measured| / "
+            "measured. Storm: 100 tenants with 1 MiB of GPU state each."
         ),
     }

@@ -195,10 +195,10 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _swap_onset_check(workload: Any, evidence: Any) -> str:
-    """With --active-fraction and a recorded swap onset in --bench-results: the model checked against
-    that run (bench_sleep.py): its prediction for the run's budget and active share beside what it
-    measured."""
-    from tensorwasm.planner.model import swap_onset
+    """With --active-fraction and a recorded swap onset in --bench-results: the model's onset for that
+    run's room and active share beside the onset the run measured (bench_sleep.py's onset scan:
+    tenants awake independently, drawn by bench/sleep_activity.py, fed to the runtime's ledger)."""
+    from tensorwasm.planner.model import SWAP_TOLERANCE, swap_onset
 
     if workload.active_fraction is None:
         return ""
@@ -212,8 +212,10 @@ def _swap_onset_check(workload: Any, evidence: Any) -> str:
     predicted = swap_onset(int(resident), fraction)
     off = abs(predicted - measured.value) / measured.value
     return (
-        f"Model check (idle sleep): {resident:g} awake, {fraction:.0%} active: swap onset predicted"
-        f" {predicted} tenants, measured {measured.value:g} ({measured.origin}, {off:.0%} off)"
+        f"Model check (idle sleep): room for {resident:g} awake, each tenant awake {fraction:.0%} of the"
+        f" time independently; swap onset (more than {SWAP_TOLERANCE:.0%} of wakes find the room full)"
+        f" predicted {predicted} tenants, measured {measured.value:g} ({measured.origin}: seeded"
+        f" independent tenants replayed on the runtime's residency ledger, bench_sleep.py), {off:.0%} off"
     )
 
 

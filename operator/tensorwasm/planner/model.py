@@ -6,8 +6,9 @@ ceilings, the binding bottleneck, the recommendation and the re-plan triggers. P
 
   memory     2 * (resident * instances * working_set + snapshots_in_flight * snapshot_payload + runtime)
   gpuMemory  1.5 * resident * (context_overhead + gpu_working_set)
-             resident = ceil(tenants * active_fraction): idle tenants sleep in snapshots (no instances,
-             no GPU memory), so only the active fraction counts; 1 when nothing sleeps
+             resident = awake_at_once(tenants, active_fraction): idle tenants sleep in snapshots (no
+             instances, no GPU memory), so only the awake ones count: the room that a waking tenant
+             finds full at most 1% of the time (a binomial tail, not the mean); all when nothing sleeps
              context_overhead = mps_client_overhead with MPS, else instances * cuda_context
   cpu        ceil(qps * cpu_per_request / target_utilisation)
   diskIops   2 * snapshot_ops + audit_writes + background_iops
@@ -15,6 +16,7 @@ ceilings, the binding bottleneck, the recommendation and the re-plan triggers. P
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 from typing import Any
@@ -92,34 +94,92 @@ def default_workload(tenants: float, qps: float) -> Workload:
 
 
 def resident_tenants(w: Workload) -> float:
-    """Tenants awake at once: all of them, or ceil(tenants * active_fraction) when idle ones sleep."""
+    """Tenants the host must hold awake: all of them, or `awake_at_once` when idle ones sleep."""
     if w.active_fraction is None:
         return w.tenants.value
-    return float(active_set(w.tenants.value, w.active_fraction.value))
+    return float(awake_at_once(w.tenants.value, w.active_fraction.value))
 
 
-def active_set(tenants: float, active_fraction: float) -> int:
-    """Tenants awake at once when `active_fraction` of `tenants` are active: rounded up, since a
-    tenant is awake whole or not at all (8.1 on average means 9 at some moments). bench_sleep.py
-    draws its active sets with this same function, so the measurement and the model count alike."""
-    return math.ceil(round(tenants * active_fraction, 9))
+# A wake that finds the resident budget full puts an awake tenant to sleep on its own path (a capture
+# before the restore); one that comes back within its burst pays another wake. The model sizes the
+# room so that at most this share of wakes finds it full.
+SWAP_TOLERANCE = 0.01
+
+
+def awake_at_once(tenants: float, active_fraction: float, tolerance: float = SWAP_TOLERANCE) -> int:
+    """Room, in tenants, for `tenants` each awake `active_fraction` of the time independently of the
+    others: the smallest k for which a waking tenant finds k others awake at most `tolerance` of the
+    time, P(Binomial(tenants - 1, active_fraction) >= k) <= tolerance. Not the mean ceil(n * f): at
+    8 of room and 10% active the mean fills it at 80 tenants, where bench_sleep.py's independent
+    tenants (sleep_activity.py, the runtime's own ledger) saw 80% of wakes evict; the tail says 32."""
+    n = math.ceil(round(tenants, 9))
+    if n <= 1 or active_fraction >= 1:
+        return max(n, 0)
+    return _awake_at_once(n, float(active_fraction), float(tolerance))
+
+
+@functools.lru_cache(maxsize=4096)
+def _awake_at_once(n: int, p: float, tolerance: float) -> int:
+    low, high = 1, n  # P(Bin(n - 1, p) >= n) = 0: n always suffices
+    while low < high:
+        mid = (low + high) // 2
+        if _at_least(n - 1, p, mid) <= tolerance:
+            high = mid
+        else:
+            low = mid + 1
+    return low
+
+
+def _at_least(n: int, p: float, k: int) -> float:
+    """P(Binomial(n, p) >= k), summed from the pmf at k outward (the terms fall off within a few
+    standard deviations, so this costs O(sqrt(n)) however large n is)."""
+    if k <= 0 or p >= 1:
+        return 1.0
+    if k > n or p <= 0:
+        return 0.0
+    if k > n * p:
+        return _sum_pmf(n, p, k, +1)
+    return 1.0 - _sum_pmf(n, p, k - 1, -1)
+
+
+def _sum_pmf(n: int, p: float, start: int, step: int) -> float:
+    log_pmf = (math.lgamma(n + 1) - math.lgamma(start + 1) - math.lgamma(n - start + 1)
+               + start * math.log(p) + (n - start) * math.log1p(-p))  # fmt: skip
+    term, total, i = math.exp(log_pmf), 0.0, start
+    odds = p / (1 - p)
+    while 0 <= i <= n:
+        total += term
+        if term <= total * 1e-16:
+            break
+        term *= (n - i) / (i + 1) * odds if step > 0 else i / (n - i + 1) / odds
+        i += step
+    return min(1.0, total)
 
 
 def tenants_with_sleep(all_resident: int, active_fraction: float) -> int:
-    """How many tenants fit where `all_resident` fit awake, when only `active_fraction` are awake at
-    once: the model the runtime's resident budget enforces (bench/bench_sleep.py measures it)."""
-    return math.floor(round(all_resident / active_fraction, 9))
+    """The most tenants whose `awake_at_once` fits the room where `all_resident` fit awake: the
+    model the runtime's resident budget is sized by (bench/bench_sleep.py measures it)."""
+    if active_fraction >= 1:
+        return all_resident
+    low, high = min(all_resident, 1), max(all_resident, math.floor(round(all_resident / active_fraction, 9)))
+    while low < high:  # awake_at_once never falls as tenants grow; the mean n * f bounds it from above
+        mid = (low + high + 1) // 2
+        if awake_at_once(mid, active_fraction) <= all_resident:
+            low = mid
+        else:
+            high = mid - 1
+    return low
 
 
 def swap_onset(all_resident: int, active_fraction: float) -> int:
-    """The fewest tenants whose active set no longer fits awake: from there the shard swaps (puts
-    active tenants to sleep to wake others) instead of only following the active set's churn.
-    One past `tenants_with_sleep`; the figure bench_sleep.py measures at tenant resolution."""
+    """The fewest tenants at which more than SWAP_TOLERANCE of wakes find the room full and put an
+    awake tenant to sleep first: one past `tenants_with_sleep`. bench_sleep.py measures it with
+    independent tenants on the runtime's ledger (`onset_measured_tenants`)."""
     return tenants_with_sleep(all_resident, active_fraction) + 1
 
 
 def _who(w: Workload) -> str:
-    return "tenants" if w.active_fraction is None else "ceil(tenants * active_fraction)"
+    return "tenants" if w.active_fraction is None else "awake_at_once(tenants, active_fraction)"
 
 
 def _mps(workload: Workload, sku: Sku) -> bool:
