@@ -387,3 +387,26 @@ def test_the_newest_blob_and_a_held_one_are_never_strays(tmp_path: Path) -> None
         assert held.exists() and newer.exists()
     finally:
         stop(running)
+
+
+def test_a_key_ages_by_its_files_not_by_its_claim(tmp_path: Path) -> None:
+    """The claim is written once, before the first capture: a key with files ages by their mtimes (a
+    snapshot left an hour ago is due although its claim is fresh); a claim alone by its own."""
+    alpha = counter("alpha", after="1h")
+    store = tmp_path / "store"
+    put_to_sleep(store, (alpha, 5))
+    hour_ago = time.time() - 3600
+    for path in [*(store / "sleeping").rglob("*"), *(store / "tenants").rglob("*")]:
+        os.utime(path, (hour_ago, hour_ago))
+    lone = store / CLAIMS_DIR / "_local" / "uid-never-slept.sleep"
+    lone.touch()  # claimed just before a first capture that has not written anything yet
+    running = shard(store)
+    server = next(running)
+    try:
+        swept = server.run(server.shard.sweep_sleep_blobs())
+        assert swept is not None and swept.removed == ("uid-alpha.sleep",) and sleep_files(store) == set()
+        assert lone.exists()  # within the grace time: the capture may be under way
+        later = server.run(server.shard.sweep_sleep_blobs(now=time.time() + SWEEP_GRACE_S + 60))
+        assert later is not None and later.removed == () and not lone.exists()
+    finally:
+        stop(running)

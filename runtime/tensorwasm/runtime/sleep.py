@@ -692,7 +692,8 @@ def sweep_orphans(
     if adopt:
         claims = records.claimed(namespace)
     orphans = sorted(k for k in claims if k not in keep)
-    due = [k for k in orphans if now - _newest_mtime([*found.get(k, []), claims[k]]) >= grace_s]
+    # A claim alone (written just before a first capture) ages by its own mtime; a key with files by theirs.
+    due = [k for k in orphans if now - _newest_mtime(found.get(k) or [claims[k]]) >= grace_s]
     removed: list[str] = []
     tier = HOT_TIERS.for_accelerator(parts.accelerator)
     for key in due[: max(0, limit)]:
