@@ -53,6 +53,7 @@ def test_local_limits_and_token_file(tmp_path: Path) -> None:
     [
         ({"name": "Alpha_1"}, r"tenants\[0\]\.name: 'Alpha_1' must be a DNS label"),
         ({"token": "short"}, r"tenants\[0\]: a token needs at least 8 characters"),
+        ({"token": "t" * 4097}, r"tenants\[0\]: a token has at most 4096 characters, this one 4097"),
         ({"tokenFile": "x"}, r"tenants\[0\]: set exactly one of token or tokenFile"),
         ({"module": {"sha256": SHA}}, r"tenants\[0\]\.module: set exactly one of path or url"),
         (
