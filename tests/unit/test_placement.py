@@ -114,3 +114,45 @@ def test_move_record_shape() -> None:
     ledger = Ledger(BIG, 1)
     fill(ledger, ["a"])
     assert ledger.resize(0) == [Move("a", 0, None)]
+
+
+TWO = ShardCapacity(gpu_memory_bytes=1 << 30, sm_percent=100, host_memory_bytes=64 << 30, max_tenants=2)
+
+
+def test_a_tenant_placed_away_from_the_shard_serving_it_counts_on_both_until_it_has_moved() -> None:
+    ledger = Ledger(TWO, 2)
+    ledger.assign("a", 0, SMALL)
+    ledger.assign("b", 0, SMALL)
+    ledger.assign("a", 1, SMALL)  # placed on shard 1 (its move waits); shard 0 still serves it
+    assert (ledger.shard_of("a"), ledger.serving("a"), ledger.counts()) == (1, 0, [2, 1])
+    # Shard 0 is full while it serves a: a new tenant preferring it goes to shard 1.
+    assert ledger.place("c", SMALL, preferred=0) == Decision(1)
+    assert ledger.place("d", SMALL).shard is None  # nowhere: shard 1 holds a and c
+    ledger.serve("a", 1)  # the move is done
+    assert (ledger.serving("a"), ledger.counts()) == (1, [1, 2])
+    assert ledger.place("d", SMALL) == Decision(0)
+
+
+def test_going_back_or_leaving_counts_the_tenant_once_or_not_at_all() -> None:
+    ledger = Ledger(TWO, 2)
+    ledger.assign("a", 0, SMALL)
+    ledger.assign("a", 1, SMALL)
+    ledger.assign("a", 0, SMALL)  # back on the shard serving it (a rollback)
+    assert (ledger.serving("a"), ledger.counts()) == (0, [1, 0])
+    ledger.assign("a", 1, SMALL)
+    ledger.serve("a", 7)  # a shard outside the set (scaled in) holds nothing of the ledger's
+    assert (ledger.serving("a"), ledger.counts()) == (1, [0, 1])
+    ledger.assign("b", 0, SMALL)
+    ledger.assign("b", 1, SMALL)
+    assert ledger.release("b") == 1 and ledger.counts() == [0, 1]
+
+
+def test_grow_keeps_the_moved_tenants_counted_on_their_source_and_shrink_drops_a_removed_source() -> None:
+    ledger = Ledger(BIG, 2)
+    fill(ledger, NAMES[:50])
+    before = ledger.counts()
+    moves = ledger.resize(3)
+    assert moves and ledger.counts()[:2] == before and ledger.counts()[2] == len(moves)
+    assert all(ledger.serving(m.tenant) == m.source for m in moves)
+    ledger.resize(2)  # back to 2 before any move finished: shard 2's tenants are placed again
+    assert sum(ledger.counts()) == 50 and all(ledger.serving(m.tenant) == m.source for m in moves)

@@ -15,7 +15,7 @@ from dataclasses import replace
 from typing import Any
 
 from tensorwasm.api.group import API_VERSION, FINALIZER, LABEL_TENANT
-from tensorwasm.operator.moves import MoveStep
+from tensorwasm.operator.moves import DirectMove, MoveStep
 from tensorwasm.operator.placement import ranked
 from tensorwasm.operator.reconciler import Reconciler
 from tensorwasm.operator.settings import OperatorSettings
@@ -214,7 +214,7 @@ def test_scaling_in_moves_tenants_at_once_and_scaling_out_moves_them_through_a_s
 
 
 def test_a_move_rolled_back_to_a_shard_name_outside_the_set_does_not_put_the_tenant_on_shard_0() -> None:
-    class BackToNowhere:
+    class BackToNowhere(DirectMove):
         """A strategy whose rollback names a pod that is no shard of the set (a hand-edited status)."""
 
         async def step(self, tenant: Any, target: str, runs: Any) -> MoveStep:

@@ -10,7 +10,11 @@ The protocol, from source S to target T (docs/operator.md, "Moves"):
 0. Nothing happens until T's pod is Ready (the ledger has already placed the tenant on T; the
    reconciler says so in status.pendingMove): S serves the tenant as before, and the hold below
    starts only when T can take the tenant, so clients are not told "moving" while T's pod starts.
-   A source leaving the shard set does not wait.
+   A source leaving the shard set does not wait. The wait is bounded by the move's deadline (below):
+   a pod that is still not Ready then (no GPU node free, its image not pulling) gives the tenant
+   back to S in the ledger with a Warning Event (reason TargetNeverReady, naming the pod and what
+   it says of itself), and the move is tried again after the back-off below (status.pendingMove
+   names T meanwhile): the reconciler places the tenant on T again if T still has room for it.
 1. `Holding` (snapshot policy OnMove only): status.move = {source S, target T, snapshot, phase,
    startedAt} and a Snapshot `<tenant>-move-<short>` (purpose move). S, seeing status.move on a
    Tenant it serves, stops admitting it (503 + Retry-After, kind tenant_moving), waits for its
@@ -59,6 +63,8 @@ HOLDING, RESTORING = "Holding", "Restoring"
 ROLLED_BACK, NOT_CAPTURED = "MoveRolledBack", "MovedWithoutCapture"
 GONE_SOURCE_WAIT_S = 10.0  # a leaving source without a pod gets this long to capture
 DEFERRED = "MoveDeferred"  # the Event's reason when a move waits out the back-off of a rollback
+NEVER_READY = "TargetNeverReady"  # the Event's reason when a move gave up waiting for its target pod
+POD_SAYS_MAX = 300  # characters of a pod's own words (a scheduler's message) quoted in an Event
 # A source answers "moving" for a tenant that left it until its move is over, at most 3660 s
 # (the runtime's MOVED_MAX_S): no move may last longer.
 MOVE_DEADLINE_MAX_S = 3600.0
@@ -72,18 +78,21 @@ JSON = dict[str, Any]
 class MoveStep:
     """Where the tenant is now: `shard` (status.shard), `service` (the pod its Service selects),
     `record` (status.move; None: no move in flight), `event` ((reason, message) of a Warning to
-    post once), `pending` (placed elsewhere, but the move waits for its target pod to be Ready:
-    not a rollback), `waiting` (ask again soon)."""
+    post once), `pending` (placed elsewhere, but the move waits for its target pod to be Ready, or
+    for a back-off: not a rollback), `retry` (the ledger takes the tenant back to `shard`, its
+    target pod never got Ready; a move there is tried again after the back-off: `retry_due`),
+    `waiting` (ask again soon)."""
 
     shard: str
     service: str
     record: Mapping[str, Any] | None = None
     event: tuple[str, str] | None = None
     pending: bool = False
+    retry: str | None = None
 
     @property
     def waiting(self) -> bool:
-        return self.record is not None or self.pending
+        return self.record is not None or self.pending or self.retry is not None
 
 
 def settled(shard: str) -> MoveStep:
@@ -106,15 +115,41 @@ def backoff_s(deadline: float, rollbacks: int) -> float:
     return min(MOVE_BACKOFF_MAX_S, deadline * (1 << doublings))
 
 
+def pod_says(name: str, pod: Mapping[str, Any] | None) -> str:
+    """What a shard pod that is not Ready says of itself, for an Event: its phase and the first
+    reason it gives (a container waiting on its image, an unschedulable pod, a failing probe);
+    bounded (POD_SAYS_MAX): the words are the cluster's, not ours."""
+    if pod is None:
+        return f"pod {name}: no such pod"
+    status = pod.get("status") or {}
+    phase = str(status.get("phase") or "phase unknown")
+    if (pod.get("metadata") or {}).get("deletionTimestamp"):
+        phase += ", terminating"
+    reasons: list[str] = []
+    for container in status.get("containerStatuses") or []:
+        waiting = ((container or {}).get("state") or {}).get("waiting") or {}
+        if waiting.get("reason"):
+            reasons.append(f"{waiting['reason']}: {waiting.get('message') or ''}".rstrip(": "))
+    for condition in status.get("conditions") or []:
+        if (condition or {}).get("status") != "True" and condition.get("reason"):
+            reasons.append(f"{condition['reason']}: {condition.get('message') or ''}".rstrip(": "))
+    said = f"{phase}, {reasons[0]}" if reasons else phase
+    if len(said) > POD_SAYS_MAX:
+        said = said[: POD_SAYS_MAX - 3] + "..."
+    return f"pod {name}: {said}"
+
+
 @dataclass
 class Backoff:
     """A tenant's last rollback: when the next move may start (`until`, clock seconds), the
-    rollbacks in a row, why the last one happened, and whether the deferral was said (an Event)."""
+    rollbacks in a row, why the last one happened, whether the deferral was said (an Event), and
+    `retry`: the target to place it on again once `until` passes (its pod never got Ready)."""
 
     until: float
     rollbacks: int
     why: str
     said: bool = False
+    retry: str | None = None
 
 
 class MoveStrategy(Protocol):
@@ -124,12 +159,20 @@ class MoveStrategy(Protocol):
         `runs(shard)`: that shard pod is part of the current shard set."""
         ...
 
+    def retry_due(self, tenant: str) -> str | None:
+        """The shard pod to place `tenant` on again: its move gave up waiting for that pod to be
+        Ready and the back-off since is over. Said once (the caller places it, or gives up)."""
+        ...
+
 
 class DirectMove:
     """Re-point at once; the target shard cold-starts the tenant."""
 
     async def step(self, tenant: Tenant, target: str, runs: Callable[[str], bool]) -> MoveStep:
         return settled(target)
+
+    def retry_due(self, tenant: str) -> str | None:
+        return None
 
 
 def move_record(tenant: Tenant) -> Mapping[str, Any] | None:
@@ -160,17 +203,18 @@ class SnapshotMove:
         # Created by this process and not yet seen in the cache (bounded: a name leaves once the
         # cache has it or its move gives up).
         self._created: set[str] = set()
-        # Shard pod -> (monotonic time read, Ready then): at most one GET per pod per READY_CACHE_S
-        # however many tenants wait for it.
-        self._ready: dict[str, tuple[float, bool]] = {}
-        self._pending: dict[str, str] = {}  # tenant -> the target it waits for (logged once)
+        # Shard pod -> (monotonic time read, Ready then, what it says of itself): at most one GET
+        # per pod per READY_CACHE_S however many tenants wait for it.
+        self._ready: dict[str, tuple[float, bool, str]] = {}
+        # Tenant -> (the target it waits for, since when: clock seconds); logged once per target.
+        self._pending: dict[str, tuple[str, float]] = {}
         # Tenant -> its last rollback (bounded: an entry goes with a finished move, or
         # MOVE_BACKOFF_MAX_S after its back-off ended).
         self._backoff: dict[str, Backoff] = {}
 
     def waiting_for_targets(self) -> dict[str, str]:
         """Tenant -> the shard pod its move waits for (placed there; nothing held until it is Ready)."""
-        return dict(self._pending)
+        return {name: target for name, (target, _) in self._pending.items()}
 
     def backing_off(self) -> dict[str, float]:
         """Tenant -> seconds (by the clock) before a new move of it may start, after a rollback."""
@@ -183,16 +227,15 @@ class SnapshotMove:
             source = tenant.shard
             if source is None or source == target:
                 self._pending.pop(tenant.name, None)
-                return settled(target)
+                return self._retrying(tenant.name, target, runs)
+            last = self._backoff.get(tenant.name)
+            if last is not None and last.retry not in (None, target):
+                last.retry = None  # placed elsewhere since it gave up waiting: that placement stands
             deferred = self._deferred(tenant, source, target) if runs(source) else None
             if deferred is not None:
                 return deferred
             if runs(source) and not await self._target_ready(tenant, target):
-                if self._pending.get(tenant.name) != target:
-                    self._pending[tenant.name] = target
-                    log.info("Waiting for shard %s Ready before moving Tenant %s from=%s",
-                             target, tenant.name, source)  # fmt: skip
-                return MoveStep(source, source, pending=True)
+                return self._wait_for_target(tenant, source, target)
             self._pending.pop(tenant.name, None)
             return await self._begin(tenant, source, target)
         source, to, phase = str(move["source"]), str(move["target"]), str(move["phase"])
@@ -226,6 +269,56 @@ class SnapshotMove:
             return await self._give_up(tenant, move, to, why, leaving)
         return MoveStep(to, source, move)
 
+    def retry_due(self, tenant: str) -> str | None:
+        last = self._backoff.get(tenant)
+        if last is None or last.retry is None or self._now() < last.until:
+            return None
+        target, last.retry = last.retry, None
+        return target
+
+    def _retrying(self, name: str, shard: str, runs: Callable[[str], bool]) -> MoveStep:
+        """Settled on `shard`, unless a move from it gave up waiting for its target pod: then it
+        waits out the back-off with `shard` serving (status.pendingMove names the target)."""
+        last = self._backoff.get(name)
+        if last is None or last.retry is None:
+            return settled(shard)
+        if not runs(last.retry) or last.retry == shard:  # the target left the set: nothing to retry
+            last.retry = None
+            return settled(shard)
+        return MoveStep(shard, shard, retry=last.retry)
+
+    def _wait_for_target(self, tenant: Tenant, source: str, target: str) -> MoveStep:
+        """The source serves while `target`'s pod is not Ready, at most the move's deadline; then
+        the tenant goes back to the source (in the ledger) with a Warning, and the move is tried
+        again after the back-off."""
+        now = self._now()
+        since = self._pending.get(tenant.name)
+        if since is None or since[0] != target:
+            since = self._pending[tenant.name] = (target, now)
+            log.info("Waiting for shard %s Ready before moving Tenant %s from=%s",
+                     target, tenant.name, source)  # fmt: skip
+        waited, deadline = now - since[1], move_deadline(tenant, self.timeout_s)
+        if waited < deadline:
+            return MoveStep(source, source, pending=True)
+        del self._pending[tenant.name]
+        says = self._ready.get(target, (0.0, False, f"pod {target}"))[2]
+        why = f"shard {target} not Ready after {waited:.0f}s ({says})"
+        wait = self._back_off(tenant, why, now, retry=target)
+        message = (
+            f"move from {source} to {target} gave up waiting: {why}; {source} serves it and is its"
+            f" placement again; the move is tried again in {wait:.0f}s"
+        )
+        log.warning("Gave up moving Tenant %s: %s", tenant.name, message)
+        return MoveStep(source, source, event=(NEVER_READY, message), retry=target)
+
+    def _back_off(self, tenant: Tenant, why: str, now: float, retry: str | None = None) -> float:
+        """Start the tenant's back-off after a failed move (one more in a row); its length in s."""
+        last = self._backoffs(now).get(tenant.name)
+        rollbacks = (last.rollbacks if last is not None else 0) + 1
+        wait = backoff_s(move_deadline(tenant, self.timeout_s), rollbacks)
+        self._backoff[tenant.name] = Backoff(now + wait, rollbacks, why, retry=retry)
+        return wait
+
     def _deferred(self, tenant: Tenant, source: str, target: str) -> MoveStep | None:
         """A move of a tenant whose last move rolled back waits out its back-off: the source serves it
         (nothing held), the ledger keeps it on `target`, and a Warning Event says why, once."""
@@ -250,8 +343,9 @@ class SnapshotMove:
         seen = self._ready.get(shard)
         if seen is not None and now - seen[0] < READY_CACHE_S:
             return seen[1]
-        ready = pod_ready(await self.api.get(resource_path("v1", "pods", tenant.namespace, shard)))
-        self._ready[shard] = (now, ready)
+        pod = await self.api.get(resource_path("v1", "pods", tenant.namespace, shard))
+        ready = pod_ready(pod)
+        self._ready[shard] = (now, ready, "" if ready else pod_says(shard, pod))
         return ready
 
     async def _alive(self, tenant: Tenant, shard: str) -> bool:
@@ -314,11 +408,7 @@ class SnapshotMove:
             message = f"move from {source} (leaving) to {to} without its capture: {why}"
             log.warning("Moved Tenant %s without a capture: %s", tenant.name, message)
             return MoveStep(to, to, None, (NOT_CAPTURED, message))
-        now = self._now()
-        last = self._backoffs(now).get(tenant.name)
-        rollbacks = (last.rollbacks if last is not None else 0) + 1
-        wait = backoff_s(move_deadline(tenant, self.timeout_s), rollbacks)
-        self._backoff[tenant.name] = Backoff(now + wait, rollbacks, why)
+        wait = self._back_off(tenant, why, self._now())
         message = (
             f"move from {source} to {move.get('target')} rolled back: {why}; {source} serves it again"
             f" and no new move starts for {wait:.0f}s"

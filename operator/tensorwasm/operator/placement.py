@@ -5,7 +5,10 @@ Owns the in-memory ledger of placements (tenant -> shard ordinal + demand) and t
   for its demand (planner admission) and is not loaded past LOAD_FACTOR x the mean (even spread);
 - a placed tenant stays where it is (sticky) until its shard goes away;
 - growing the shard set moves only tenants whose best shard is a new one, at most a fair share each;
-- shrinking moves only the removed shards' tenants.
+- shrinking moves only the removed shards' tenants;
+- a tenant placed on one shard while another still serves it (its move waits for the target pod,
+  or is in flight) counts on both: the source must keep its room until the tenant has left (or
+  comes back), so new tenants never overfill it meanwhile.
 Must not import kopf, kube/ or anything doing I/O; fit tests come from tensorwasm.planner.admission.
 """
 
@@ -67,6 +70,9 @@ class Ledger:
         self.capacity = capacity
         self.shards = shards
         self._placed: dict[str, tuple[int, TenantDemand]] = {}
+        # Tenant -> the shard still serving it while it is placed on another (absent: the one placed).
+        self._served: dict[str, int] = {}
+        # Per shard: the tenants placed on it plus those it still serves while placed elsewhere.
         self._usage: list[ShardUsage] = [ShardUsage() for _ in range(shards)]
 
     # -- reads ---------------------------------------------------------------------------------
@@ -78,7 +84,13 @@ class Ledger:
         entry = self._placed.get(tenant)
         return None if entry is None else entry[1]
 
+    def serving(self, tenant: str) -> int | None:
+        """The shard serving `tenant` now: the one `serve` last named, else the one it is placed on."""
+        entry = self._placed.get(tenant)
+        return None if entry is None else self._served.get(tenant, entry[0])
+
     def usage(self, shard: int) -> ShardUsage:
+        """What `shard` holds: its placed tenants and those it still serves while placed elsewhere."""
         return self._usage[shard]
 
     def counts(self) -> list[int]:
@@ -89,12 +101,32 @@ class Ledger:
 
     # -- writes --------------------------------------------------------------------------------
     def assign(self, tenant: str, shard: int, demand: TenantDemand) -> None:
-        """Record `tenant` on `shard` (adoption of an existing status.shard does not check room)."""
+        """Record `tenant` on `shard` (adoption of an existing status.shard does not check room).
+
+        Placing is not moving: the shard serving an already placed tenant keeps counting it (see
+        `serve`) until the tenant's move says it has left, or it comes back."""
         if not 0 <= shard < self.shards:
             raise ValueError(f"shard {shard} is outside 0..{self.shards - 1}")
+        serving = self.serving(tenant)
         self.release(tenant)
         self._placed[tenant] = (shard, demand)
         self._usage[shard] = self._usage[shard].plus(demand)
+        self.serve(tenant, serving)
+
+    def serve(self, tenant: str, shard: int | None) -> None:
+        """Record which shard serves the placed `tenant` now (status.shard, or the source its
+        Service still selects while the target restores): while that is not the shard it is placed
+        on, both count it. None, or a shard outside the set (one scaled in): only the placed one."""
+        entry = self._placed.get(tenant)
+        if entry is None:
+            return
+        placed, demand = entry
+        old = self._served.pop(tenant, None)
+        if old is not None:
+            self._usage[old] = self._usage[old].minus(demand)
+        if shard is not None and 0 <= shard < self.shards and shard != placed:
+            self._served[tenant] = shard
+            self._usage[shard] = self._usage[shard].plus(demand)
 
     def release(self, tenant: str) -> int | None:
         entry = self._placed.pop(tenant, None)
@@ -102,6 +134,9 @@ class Ledger:
             return None
         shard, demand = entry
         self._usage[shard] = self._usage[shard].minus(demand)
+        served = self._served.pop(tenant, None)
+        if served is not None:
+            self._usage[served] = self._usage[served].minus(demand)
         return shard
 
     def place(self, tenant: str, demand: TenantDemand, preferred: int | None = None) -> Decision:
@@ -148,20 +183,22 @@ class Ledger:
         if shards < 0:
             raise ValueError(f"shards must be >= 0, got {shards}")
         old = self.shards
-        placed = dict(self._placed)
+        placed, served = dict(self._placed), dict(self._served)
         self.shards = shards
-        self._placed = {}
+        self._placed, self._served = {}, {}
         self._usage = [ShardUsage() for _ in range(shards)]
         homeless: list[tuple[str, int, TenantDemand]] = []
         for name in sorted(placed):
             shard, demand = placed[name]
             if shard < shards:
                 self.assign(name, shard, demand)
+                self.serve(name, served.get(name))  # still served where it was (a shard still in the set)
             else:
                 homeless.append((name, shard, demand))
         moves: list[Move] = []
         for name, source, demand in homeless:
             decision = self.place(name, demand)
+            self.serve(name, served.get(name))
             moves.append(Move(name, source, decision.shard))
         if shards > old:
             moves.extend(self._rebalance_onto(range(old, shards)))

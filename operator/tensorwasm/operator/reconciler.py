@@ -314,30 +314,19 @@ class Reconciler:
     def _place_away(self, name: str, source: int, tiers: Sequence[Sequence[int]]) -> int | None:
         """Move `name` off shard `source` to the first tier's shard (rendezvous order) with room.
 
-        Room counts the ledger's usage plus the tenants still resident on a shard they are moving
-        away from (status.shard there, the ledger already elsewhere): a move's target holds the
-        tenant while its source still does. Returns the shard, or None when none has room."""
+        Room is the ledger's usage, which counts the tenants still served by a shard they are
+        moving away from (or waiting to) on that shard too: a move's target holds the tenant while
+        its source still does. Returns the shard, or None when none has room."""
         demand, current = self.ledger.demand_of(name), self.ledger.shard_of(name)
         if demand is None or current is None:
             return None
         if current != source:
             return current  # already leaving (a move in flight)
-        leaving: dict[int, list[TenantDemand]] = {}
-        for other, shard in self._placements().items():
-            ordinal = shard_ordinal(self.settings.shard_name, shard)
-            placed, resident = self.ledger.shard_of(other), self.ledger.demand_of(other)
-            if ordinal is None or ordinal >= self.ledger.shards or resident is None:
-                continue
-            if placed != ordinal:  # moving away from `ordinal`, still resident there
-                leaving.setdefault(ordinal, []).append(resident)
         for tier in tiers:
             for ordinal in ranked(name, self.ledger.shards):
                 if ordinal not in tier or ordinal == source:
                     continue
-                used = self.ledger.usage(ordinal)
-                for resident in leaving.get(ordinal, ()):
-                    used = used.plus(resident)
-                if binding_resource(self.ledger.capacity, used, demand) is None:
+                if binding_resource(self.ledger.capacity, self.ledger.usage(ordinal), demand) is None:
                     self.ledger.assign(name, ordinal, demand)
                     self.spawn(name)
                     return ordinal
@@ -528,9 +517,11 @@ class Reconciler:
             # Sticky even when a grown demand overfills the shard: moving is the snapshot issue's call.
             self.ledger.assign(name, current, demand)
         self.pending.discard(name)
+        current = self._place_again(name, current, demand)
         target = shard_pod_name(shard_name, current)
         step = await self.mover.step(tenant, target, self._runs)
-        # Rolled back (not a move waiting for its target pod): the ledger follows status.shard.
+        # Rolled back, or its target pod never got Ready (not a move still waiting for it): the
+        # ledger follows status.shard.
         if step.record is None and not step.pending and step.shard != target:
             back = shard_ordinal(shard_name, step.shard)
             if back is not None and back < self.ledger.shards:
@@ -538,12 +529,34 @@ class Reconciler:
             else:  # not a shard of the set (never written by us): leave the ledger's choice
                 log.warning("Found Tenant %s back on %r, not a shard of the set; keeping shard %s",
                             name, step.shard, target)  # fmt: skip
+        # The shard its Service selects still serves it (waiting, Holding, Restoring): the ledger
+        # counts it there too, so new tenants cannot take the room it still uses.
+        self.ledger.serve(name, shard_ordinal(shard_name, step.service))
         if step.event is not None:
             involved = {**self.tenants.get(name, {}), "apiVersion": API_VERSION, "kind": TENANT.kind}
             await self.api.post_event(involved, "Warning", *step.event, "tensorwasm-operator")
         if step.waiting:  # ask again soon; a Snapshot or a shard's report wakes us sooner
             self._retry_later(name, self.settings.reconcile_retry_s)
-        return Placement(step.shard), step.record, step.service, target if step.pending else None
+        pending = step.retry or (target if step.pending else None)
+        return Placement(step.shard), step.record, step.service, pending
+
+    def _place_again(self, name: str, current: int, demand: TenantDemand) -> int:
+        """Place `name` on the shard its move gave up waiting for, once the back-off is over and
+        that shard still has room for it (else it stays on `current`); the shard it is placed on."""
+        if self.ledger.serving(name) != current:
+            return current  # placed away from its shard since (the roll, a resize): that stands
+        retry = self.mover.retry_due(name)
+        ordinal = shard_ordinal(self.settings.shard_name, retry) if retry else None
+        if ordinal is None or ordinal >= self.ledger.shards or ordinal == current:
+            return current
+        lacking = binding_resource(self.ledger.capacity, self.ledger.usage(ordinal), demand)
+        if lacking is not None:
+            log.info("Kept Tenant %s on shard %d: shard %d it waited for has no room now (%s)",
+                     name, current, ordinal, lacking)  # fmt: skip
+            return current
+        self.ledger.assign(name, ordinal, demand)
+        log.info("Placed Tenant %s on shard %d again after its back-off", name, ordinal)
+        return ordinal
 
     def _retry_later(self, name: str, delay: float) -> None:
         """Reconcile `name` again in `delay` s; replaces the one pending before (one per Tenant)."""
