@@ -154,9 +154,16 @@ class LocalStack:
         custom = client.CustomObjectsApi(api)
         deadline = time.monotonic() + timeout_s
         while True:
-            created: Any = custom.create_namespaced_custom_object(
-                group, version, self.namespace, "tenants", probe, dry_run="All"
-            )
+            try:
+                created: Any = custom.create_namespaced_custom_object(
+                    group, version, self.namespace, "tenants", probe, dry_run="All"
+                )
+            except ApiException as exc:
+                # A just-created CRD or policy is not in every admission and handler chain at once:
+                # the API server answers 503 "Kind=Tenant not found" (or 404) for a moment.
+                if exc.status not in (404, 503) or time.monotonic() > deadline:
+                    raise
+                created = {}
             if FINALIZER in (created.get("metadata", {}).get("finalizers") or []):
                 self.finalizer_policy_active = True
                 return True
