@@ -173,3 +173,23 @@ def test_after_the_back_off_the_move_is_tried_again_and_completes_once_the_pod_g
             assert events(fake, "MoveRolledBack") == [] and events(fake, "MoveDeferred") == []
 
     with_fake_kube(body)
+
+
+def test_a_tenant_deleted_while_its_move_waits_or_backs_off_is_forgotten_by_the_mover() -> None:
+    async def body(fake: FakeKube) -> None:
+        clock = Clock()
+        async with operator(fake, clock) as reconciler:
+            mover = reconciler.mover
+            assert isinstance(mover, SnapshotMove)
+            placed = await grown_with_an_unready_pod(fake, reconciler, NAMES)
+            assert len(placed) >= 1 and set(mover.waiting_for_targets()) == set(placed)
+            await fake.remove(TENANTS, placed[0])  # deleted while waiting for the target pod
+            await until(lambda: placed[0] not in mover.waiting_for_targets())
+            if len(placed) > 1:  # and one deleted while it backs off after the deadline
+                clock.seconds = DEADLINE
+                await fake.wait_for(lambda: len(events(fake, "TargetNeverReady")) == len(placed) - 1)
+                await until(lambda: placed[1] in mover.backing_off())
+                await fake.remove(TENANTS, placed[1])
+                await until(lambda: placed[1] not in mover.backing_off())
+
+    with_fake_kube(body)

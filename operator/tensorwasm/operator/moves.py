@@ -164,6 +164,10 @@ class MoveStrategy(Protocol):
         Ready and the back-off since is over. Said once (the caller places it, or gives up)."""
         ...
 
+    def forget(self, tenant: str) -> None:
+        """The Tenant is gone: drop what the strategy remembers of it."""
+        ...
+
 
 class DirectMove:
     """Re-point at once; the target shard cold-starts the tenant."""
@@ -173,6 +177,9 @@ class DirectMove:
 
     def retry_due(self, tenant: str) -> str | None:
         return None
+
+    def forget(self, tenant: str) -> None:
+        pass
 
 
 def move_record(tenant: Tenant) -> Mapping[str, Any] | None:
@@ -215,6 +222,10 @@ class SnapshotMove:
     def waiting_for_targets(self) -> dict[str, str]:
         """Tenant -> the shard pod its move waits for (placed there; nothing held until it is Ready)."""
         return {name: target for name, (target, _) in self._pending.items()}
+
+    def forget(self, tenant: str) -> None:
+        self._pending.pop(tenant, None)
+        self._backoff.pop(tenant, None)
 
     def backing_off(self) -> dict[str, float]:
         """Tenant -> seconds (by the clock) before a new move of it may start, after a rollback."""

@@ -369,6 +369,7 @@ class Reconciler:
             if timer is not None:
                 timer.cancel()
         self.pending.discard(name)
+        self.mover.forget(name)
         if self.ledger.release(name) is not None:
             self.wake_pending()
 
