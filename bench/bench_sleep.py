@@ -11,12 +11,13 @@ buffer, so a lost or doubled request shows in the answer).
   dropped), the pinned-copy floor (CUDA: one pinned host-to-device copy of the state; CPU: one memcpy)
   and the round trip of an awake invoke.
 - density: the all-resident case holds N0 = budget / cap tenants, all active; the sleep cases place
-  3x, the planner's swap onset, 6x and 10x - 1 as many with the same budget, each tenant awake 10% of
-  the time by its own seeded on/off process (bench/sleep_activity.py: bursts of requests, quiet gaps,
-  idle.after 500ms counted), independent of the others and of the planner. Open loop, latency from
-  each request's scheduled time; P50/P99 against the 100 ms SLO; wakes and evictions from the shard's
-  counters, beside the same trace replayed on the ledger alone. Then the onset scan: tenant counts
-  from N0 + 1 up, each fed to the runtime's real `Residency` on a virtual clock, and
+  3x, the planner's swap onset, 5x, 6x ... 9x and 10x - 1 as many with the same budget, each tenant
+  awake 10% of the time by its own seeded on/off process (bench/sleep_activity.py: bursts of
+  requests, quiet gaps, idle.after 500ms counted), independent of the others and of the planner.
+  Open loop, latency from each request's scheduled time; P50/P99 against the 100 ms SLO and the
+  fewest count from which it stays over (`slo_crossed_tenants`); wakes, evictions and every wake's
+  time from the shard, beside the same trace replayed on the ledger alone. Then the onset scan:
+  tenant counts from N0 + 1 up, each fed to the runtime's real `Residency` on a virtual clock, and
   `onset_measured_tenants`, the fewest count from which more than 1% of wakes found the room full,
   beside the planner's `swap_onset` and the error.
 - storm: 100 sleeping tenants (1 MiB of state each) called at once, with room for all and with room
@@ -31,6 +32,7 @@ seconds per trace of the onset scan, 1800), TENSORWASM_BENCH_SLEEP_ONSET_SEEDS (
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import http.client
 import math
@@ -43,6 +45,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -401,10 +404,13 @@ def density_case(acc: Any, work: Path, seconds: float, rate: float) -> tuple[dic
         {"resident_tenants": n0, "resident_p50_ms": base["p50_ms"], "resident_p99_ms": base["p99_ms"]}
     )
     rows.append(row("all resident", n0, base["n"], f"{base['p50_ms']:.2f}", f"{base['p99_ms']:.2f}",
-                    0, 0, "", "", base["errors"] or 0))  # fmt: skip
+                    0, 0, "", "", "", base["errors"] or 0))  # fmt: skip
     predicted = swap_onset(n0, fraction) if swap_onset else None
     mean_onset = math.floor(round(n0 / fraction, 9)) + 1  # the mean model's: ceil(n * f) > n0
-    counts = sorted({n0 * 3, predicted or n0 * 4, n0 * 6, mean_onset - 1})
+    # Around and past the planner's onset up to the mean model's fit (10x - 1): where the shard's P99
+    # crosses the SLO is read off these (`slo_crossed_tenants`).
+    counts = sorted({n0 * 3, predicted or n0 * 4, *range(n0 * 5, mean_onset, n0), mean_onset - 1})
+    p99_over: dict[int, dict[str, float]] = {}
     for n in counts:
         label = f"n{n}"
         server = Server(acc, work / f"density-{label}", budget)
@@ -415,7 +421,8 @@ def density_case(acc: Any, work: Path, seconds: float, rate: float) -> tuple[dic
                 server.sleep(cfg.name)
             requests = sleep_activity.trace(n, activity, seconds, seed=n)
             wakes0, evicted0 = _wakes(), _evictions()
-            res = open_loop(server, [(r.at, configs[r.tenant]) for r in requests])
+            with _wake_times() as wake_s:
+                res = open_loop(server, [(r.at, configs[r.tenant]) for r in requests])
             wakes, evicted = _wakes() - wakes0, _evictions() - evicted0
             peak = server.shard.residency.peak
         finally:
@@ -432,6 +439,9 @@ def density_case(acc: Any, work: Path, seconds: float, rate: float) -> tuple[dic
                 f"{label}_wakes": wakes,
                 f"{label}_evictions": evicted,
                 f"{label}_evicting_wake_share": round(share, 4),
+                f"{label}_wake_share": round(wakes / res["n"], 4) if res["n"] else 0.0,
+                f"{label}_wake_p50_ms": pct(wake_s, 50) * 1000,
+                f"{label}_wake_p99_ms": pct(wake_s, 99) * 1000,
                 f"{label}_virtual_evicting_wake_share": round(virtual.evicting_wake_share, 4),
                 f"{label}_meets_slo": float(res["p99_ms"] <= SLO_MS and not res["errors"]),
                 f"{label}_peak_reserved_mib": peak / MiB,
@@ -439,7 +449,13 @@ def density_case(acc: Any, work: Path, seconds: float, rate: float) -> tuple[dic
         )
         rows.append(row(f"{n} tenants, 10% awake each", n, res["n"], f"{res['p50_ms']:.2f}",
                         f"{res['p99_ms']:.2f}", f"{wakes:.0f}", f"{evicted:.0f}", f"{share:.0%}",
-                        f"{virtual.evicting_wake_share:.0%}", res["errors"] or 0))  # fmt: skip
+                        f"{virtual.evicting_wake_share:.0%}",
+                        f"{pct(wake_s, 50) * 1000:.1f} / {pct(wake_s, 99) * 1000:.1f}",
+                        res["errors"] or 0))  # fmt: skip
+        p99_over[n] = {"p99_over_slo": float(res["p99_ms"] > SLO_MS or bool(res["errors"]))}
+    crossed = sleep_activity.onset(p99_over, "p99_over_slo", 0.5)
+    if crossed is not None:  # the fewest count from which every larger one ran over the SLO
+        figures["slo_crossed_tenants"] = crossed
     figures.update(onset_scan(activity, n0, cap, predicted, mean_onset))
     figures["load_1min_after"] = os.getloadavg()[0]
     return figures, rows
@@ -475,6 +491,26 @@ def onset_scan(activity: Any, n0: int, cap: int, predicted: int | None, mean_ons
             out["planner_onset_off"] = round(abs(predicted - measured) / measured, 4)
             out["mean_model_onset_off"] = round(abs(mean_onset - measured) / measured, 4)
     return out
+
+
+@contextlib.contextmanager
+def _wake_times() -> Iterator[list[float]]:
+    """Every wake's seconds on the shard (room, which may mean capturing a victim, open, restore), as
+    the shard observes them into tensorwasm_tenant_wake_seconds, meanwhile."""
+    from tensorwasm.runtime import metrics
+
+    histogram, samples = metrics.TENANT_WAKE_SECONDS, []
+    observe = histogram.observe
+
+    def collect(value: float, *args: Any, **kwargs: Any) -> None:
+        samples.append(value)
+        observe(value, *args, **kwargs)
+
+    histogram.observe = collect  # type: ignore[method-assign]
+    try:
+        yield samples
+    finally:
+        del histogram.observe  # the class's method again
 
 
 def _evictions() -> float:
@@ -638,9 +674,10 @@ def run() -> dict[str, Any]:
                     "evictions",
                     "wakes that evicted",
                     "same trace, ledger replay",
+                    "wake on the shard P50 / P99 ms",
                     "errors",
                 ),
-                "|---|---|---|---|---|---|---|---|---|---|",
+                "|---|---|---|---|---|---|---|---|---|---|---|",
                 *rows,
             ]
         if "storm" in cases:
@@ -727,7 +764,10 @@ def run() -> dict[str, Any]:
             "counting its idle tail, every tenant independent and seeded (bench/sleep_activity.py; no "
             "planner formula draws them); open loop, latency from the scheduled time; all resident = 8 "
             "tenants at the rate 80 such tenants send. Wakes that evicted = evictions / wakes on the real "
-            "shard, beside the same trace replayed on the runtime's Residency alone in virtual time. "
+            "shard, beside the same trace replayed on the runtime's Residency alone in virtual time; "
+            "slo_crossed_tenants = the fewest count from which every larger one ran its P99 over the SLO; "
+            "wake on the shard = tensorwasm_tenant_wake_seconds' samples (room, a victim's capture "
+            "included, open, restore), wake_share = wakes / requests. "
             "Onset scan: every count from 9 to 64, then every 5th to 1.5x the mean model's onset, "
             "density_onset_seeds traces of density_onset_virtual_seconds each on the real Residency; "
             "onset_measured_tenants = the fewest count from which more than 1% of wakes found the room "
