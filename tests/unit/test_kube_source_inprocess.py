@@ -15,11 +15,8 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tensorwasm.api.group import API_VERSION
 from tensorwasm.runtime.settings import RuntimeSettings
-from tensorwasm.runtime.sources import kube as source_module
 from tests.fake_kube import FakeKube, RunningShard, running_shard, until, with_fake_kube
 
 NS, SHARD = "team-a", "tensorwasm-shard-0"
@@ -41,10 +38,12 @@ def b64(data: bytes) -> str:
 
 
 def running_source(
-    fake: FakeKube, snapshot_dir: Path | None = None, **options: Any
+    fake: FakeKube, snapshot_dir: Path | None = None, missing_grace_s: float = 2.0, **options: Any
 ) -> AbstractAsyncContextManager[RunningShard]:
     """Shard SHARD of namespace NS against `fake` (tests.fake_kube.running_shard)."""
-    settings = RuntimeSettings(namespace=NS, shard_name=SHARD, snapshot_dir=snapshot_dir)
+    settings = RuntimeSettings(
+        namespace=NS, shard_name=SHARD, snapshot_dir=snapshot_dir, missing_grace_s=missing_grace_s
+    )
     return running_shard(fake, settings, **options)
 
 
@@ -105,12 +104,11 @@ def test_a_tenant_moved_away_is_unloaded_and_an_invalid_one_is_refused() -> None
     scenario(body)
 
 
-def test_a_missing_secret_is_reported_once_it_stays_missing(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(source_module, "_MISSING_GRACE_S", 0.0)  # no grace: the report is due at once
-
+def test_a_missing_secret_is_reported_once_it_stays_missing() -> None:
     async def body(fake: FakeKube) -> None:
         await fake.put(TENANTS, tenant("beta"))
-        async with running_source(fake) as (shard, _, _):
+        # --missing-grace 0: the report is due at once
+        async with running_source(fake, missing_grace_s=0.0) as (shard, _, _):
             assert await fake.wait_for(lambda: runtime_of(fake, "beta").get("reason")) == "SecretMissing"
             await fake.put(
                 SECRETS, {"metadata": {"name": "tw-beta-token"}, "data": {"token": b64(b"tok-beta-123")}}
