@@ -373,8 +373,8 @@ SNAPSHOT_HOT_TIER_BYTES = Gauge(
 _WAKE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 TENANT_SLEEPS = Counter(
     "tensorwasm_tenant_sleeps_total",
-    "Tenants put to sleep in a snapshot, by reason: idle (spec.idle.after passed) or evicted "
-    "(room for a wake).",
+    "Tenants put to sleep in a snapshot, by reason: idle (spec.idle.after passed), evicted "
+    "(room for a wake) or refused (its spec or Secret was refused: its state kept).",
     ["reason"],
     registry=REGISTRY,
 )
