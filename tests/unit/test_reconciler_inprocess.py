@@ -158,6 +158,27 @@ def test_an_invalid_spec_fails_without_placement() -> None:
     with_fake_kube(body)
 
 
+def test_a_placed_tenant_whose_spec_becomes_invalid_keeps_its_shard_until_the_spec_is_fixed() -> None:
+    async def body(fake: FakeKube) -> None:
+        async with operator(fake) as reconciler:
+            await fake.put(TENANTS, tenant("a"))
+            await fake.wait_for(lambda: status(fake, "a").get("phase") == "Placed")
+            shard = status(fake, "a")["shard"]
+            held = reconciler.ledger.shard_of("a")
+            # Its shard refuses the spec too and keeps the tenant's state asleep: unplacing it would
+            # look like a move there, and the state would be gone.
+            await fake.put(TENANTS, tenant("a", limits={"timeoutMs": 700_000}))
+            await fake.wait_for(lambda: status(fake, "a").get("phase") == "Failed")
+            assert condition(fake, "a", "Ready")["reason"] == "InvalidSpec"
+            assert status(fake, "a")["shard"] == shard and reconciler.ledger.shard_of("a") == held
+            assert fake.get(SERVICES, "tw-a") is not None
+            await fake.put(TENANTS, tenant("a", limits={"timeoutMs": 1000}))  # fixed: the same shard
+            await fake.wait_for(lambda: status(fake, "a").get("phase") == "Placed")
+            assert status(fake, "a")["shard"] == shard
+
+    with_fake_kube(body)
+
+
 def test_api_errors_are_retried_with_backoff_until_the_status_lands() -> None:
     async def body(fake: FakeKube) -> None:
         fake.fail("PATCH", f"{TENANTS}/a/status", 500, 500, 503)

@@ -292,7 +292,8 @@ class Reconciler:
         self._roll_task = asyncio.get_running_loop().create_task(self.roll_tick())
 
     def _placements(self) -> dict[str, str | None]:
-        """status.shard of each tenant the ledger holds (one being deleted or invalid is released)."""
+        """status.shard of each tenant the ledger holds (one being deleted is released; one whose
+        spec became invalid keeps its shard)."""
         held = self.ledger.tenants()
         return {n: (b.get("status") or {}).get("shard") for n, b in self.tenants.items() if n in held}
 
@@ -430,9 +431,16 @@ class Reconciler:
         move: Mapping[str, Any] | None = None
         pending_target: str | None = None
         if tenant.spec is None:
-            self.ledger.release(tenant.name)
+            # A placed tenant whose spec became invalid keeps its shard (and its room there): that
+            # shard refuses the spec too and puts the tenant to sleep, keeping its state for the
+            # fixed spec. Unplacing it would look like a move to the shard, which keeps nothing.
             self.pending.discard(tenant.name)
-            placement = Placement(None)
+            kept = self.ledger.shard_of(tenant.name)
+            if kept is not None and tenant.shard == shard_pod_name(self.settings.shard_name, kept):
+                placement = Placement(tenant.shard)
+            else:
+                self.ledger.release(tenant.name)
+                placement = Placement(None)
         else:
             placement, move, service_shard, pending_target = await self._place(tenant)
             token_secret = await self._ensure_secret(tenant)
