@@ -473,14 +473,15 @@ def onset_scan(activity: Any, n0: int, cap: int, predicted: int | None, mean_ons
     found = sleep_activity.scan(counts, activity, virtual_s, seeds, cap, n0)
     out: dict[str, float] = {"onset_virtual_seconds": virtual_s, "onset_seeds": float(len(seeds)),
                              "onset_counts_scanned": float(len(counts))}  # fmt: skip
+    onsets = {key: sleep_activity.onset(found, key, SWAP_SHARE) for key in found[counts[0]]}
     for n in counts:
-        if n % 8 == 0 or n in (predicted, mean_onset):
+        if n % 8 == 0 or n in (predicted, mean_onset, onsets["evicting_wake_share"]):
             out[f"scan_{n}_evicting_wake_share"] = round(found[n]["evicting_wake_share"], 4)
     out["scan_awake_share"] = round(statistics.mean(v["awake_share"] for v in found.values()), 4)
     for key, name in (("evicting_wake_share", "onset_measured_tenants"),
                       ("over_budget_share", "onset_over_budget_tenants"),
                       ("rewake_share", "onset_rewake_tenants")):  # fmt: skip
-        at = sleep_activity.onset(found, key, SWAP_SHARE)
+        at = onsets[key]
         if at is not None:
             out[name] = at
     out["mean_model_onset_tenants"] = mean_onset
