@@ -24,6 +24,9 @@ ACCELERATORS = ("auto", "cuda", "cpu")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SNAPSHOT_SIGNING_MODES = ("require", "verify-if-present", "off")  # snapshots/signing.py judges by them
 AUTO_ADMIN_PORT, DEFAULT_ADMIN_PORT = -1, 9090
+# --handoff-max: from the hand-off's own 45 s (HANDOFF_MIN_S) to the longest move the operator
+# allows (MOVE_DEADLINE_MAX_S, 3600 s) plus a minute; the operator's SHARD_HANDOFF_MAX checks the same.
+HANDOFF_MAX_RANGE = (45, 3660)
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 
 
@@ -56,6 +59,10 @@ class RuntimeSettings:
     # A tenant placed before its Secret/ConfigMap reached this shard (separate watches) is left
     # unreported this long: most likely still in flight (one status write instead of two).
     missing_grace_s: float = 2.0
+    # A scale-in's hand-off waits for its held tenants' running work (each within its timeoutMs, at
+    # most 600 s) and their captures, at most this long (sources/kube.py); the operator sets the
+    # pod's grace period from the same value. 660: the largest timeoutMs plus a minute.
+    handoff_max_s: float = 660.0
     health_interval_s: float = 1.0
     epoch_tick_ms: float = 1.0
     # The interpreter's GIL switch interval: how long a thread waiting for the GIL (the event loop)
@@ -109,6 +116,12 @@ _FLAGS: tuple[tuple[str, str, str, str | None], ...] = (
         "--missing-grace",
         "missing_grace_s",
         "a tenant's missing Secret/ConfigMap reported after S s (default: 2)",
+        "S",
+    ),
+    (
+        "--handoff-max",
+        "handoff_max_s",
+        "a scale-in's hand-off of tenants lasts at most S s (default: 660)",
         "S",
     ),
     ("--health-interval", "health_interval_s", "accelerator health check period, s (default: 1)", "S"),
@@ -241,6 +254,7 @@ def settings_from_namespace(ns: argparse.Namespace, environ: Mapping[str, str]) 
         ("fetch_timeout_s", 0.1, 3600),
         ("resync_s", 0.1, 86400),
         ("missing_grace_s", 0, 600),
+        ("handoff_max_s", HANDOFF_MAX_RANGE[0], HANDOFF_MAX_RANGE[1]),
         ("health_interval_s", 0.05, 3600),
         ("epoch_tick_ms", 0.1, 1000),
         ("gil_switch_ms", 0.05, 100),

@@ -101,9 +101,11 @@ MOVED_LINGER_S, MOVED_MAX_S = 30.0, 3660.0
 _LEFT_CHECK_S, _LEFT_CHECKS_PER_S = 2.0, 20.0
 # On SIGTERM a shard that is being scaled in hands its tenants off before it stops serving: moves
 # must start within HANDOFF_START_S (else this is a restart, not a scale-in), all end within
-# HANDOFF_MAX_S (the chart's grace period covers it plus the shutdown), and the shard answers
-# "moving" HANDOFF_LINGER_S longer for clients that kube-proxy still routes here.
-HANDOFF_START_S, HANDOFF_MAX_S, HANDOFF_LINGER_S = 5.0, 45.0, 5.0
+# HANDOFF_MIN_S, or later where a tenant held at its barrier (or busy) needs its timeoutMs to drain
+# plus HANDOFF_CAPTURE_S for its capture and the target's restore, never past --handoff-max (the
+# pod's grace period is that plus the shutdown: the operator sets both from one value); then the
+# shard answers "moving" HANDOFF_LINGER_S longer for clients that kube-proxy still routes here.
+HANDOFF_START_S, HANDOFF_MIN_S, HANDOFF_CAPTURE_S, HANDOFF_LINGER_S = 5.0, 45.0, 45.0, 5.0
 _WAKE_RETRY_S = 5.0  # a Snapshot whose sleeping tenant could not wake is tried again this soon
 _MOVE_RESTORE_WAIT_S = 10.0  # a target waits this long for its cache to show the move's Snapshot Ready
 HOLDING, MOVE_PURPOSE = "Holding", "move"
@@ -327,6 +329,47 @@ def build_runtime_status(shard_name: str, status: TenantStatus) -> dict[str, Any
     }
 
 
+@dataclass
+class HandoffBound:
+    """When a scale-in's hand-off stops, from what it saw of its tenants: HANDOFF_MIN_S after SIGTERM;
+    later for a tenant busy or held at its move barrier: its drain (each invoke and async job ends
+    within its timeoutMs) plus HANDOFF_CAPTURE_S for its capture and the target's restore; never
+    past `cap_s` (--handoff-max, which the pod's grace period covers). Pure."""
+
+    start: float
+    cap_s: float
+    until: dict[str, float] = field(default_factory=dict)  # tenant -> when its drain and move should end
+    _busy: set[str] = field(default_factory=set)
+    _held: set[str] = field(default_factory=set)
+
+    def see(self, name: str, timeout_s: float, held: bool, busy: bool, now: float) -> None:
+        """One look at a tenant of this shard. Its first look busy covers the work running then; its
+        first look held covers all it will ever run here (a held tenant admits nothing new)."""
+        if held and name not in self._held:
+            self._held.add(name)
+            self._extend(name, now + (timeout_s if busy else 0.0) + HANDOFF_CAPTURE_S)
+        elif busy and not held and name not in self._busy:
+            self._busy.add(name)
+            self._extend(name, now + timeout_s + HANDOFF_CAPTURE_S)
+
+    def _extend(self, name: str, until: float) -> None:
+        self.until[name] = max(self.until.get(name, until), until)
+
+    @property
+    def deadline(self) -> float:
+        return min(self.start + self.cap_s, max([self.start + HANDOFF_MIN_S, *self.until.values()]))
+
+    def why(self) -> str:
+        """The bound in words, for the log line of a hand-off that ran out of time."""
+        needs = max(self.until.values(), default=0.0)
+        if self.deadline < needs:
+            return f"the cap (--handoff-max {self.cap_s:.0f}s; Tenants needed {needs - self.start:.0f}s)"
+        if needs > self.start + HANDOFF_MIN_S:
+            name = max(self.until, key=lambda n: self.until[n])
+            return f"Tenant {name}'s timeoutMs plus {HANDOFF_CAPTURE_S:.0f}s for its capture"
+        return f"the hand-off's {HANDOFF_MIN_S:.0f}s"
+
+
 class KubeSource:
     """Keeps the shard equal to the Tenants placed on it, from informer caches of the namespace."""
 
@@ -337,6 +380,10 @@ class KubeSource:
         self.resync_s = settings.resync_s
         self.missing_grace_s = settings.missing_grace_s
         self.snapshot_dir = settings.snapshot_dir
+        self.handoff_max_s = settings.handoff_max_s
+        self.clock: Callable[[], float] = time.monotonic  # the hand-off's (tests move it)
+        self.handoff_looks = 0  # the hand-off's looks at its tenants (tests wait on it, not on time)
+        self._shard: Shard | None = None  # set by run: the hand-off asks it who is held or busy
         self.informers: dict[str, Informer] = {}
         self._agent: SnapshotAgent | None = None
         self._view = ClusterView([])
@@ -373,6 +420,7 @@ class KubeSource:
             store = SnapshotStore(self.snapshot_dir)
             self._agent = SnapshotAgent(self.api, store, self.shard_name, shard.accelerator)
             shard.prepare = self._restore
+        self._shard = shard
         shard.moving_in = self._moving_here  # a move's Snapshot, never a sleep record, restores it
         self._loop = asyncio.get_running_loop()
         shard.on_load_done = self._mark_dirty  # a load that finishes after its pass gets its own report
@@ -425,7 +473,7 @@ class KubeSource:
 
     async def hand_off(self) -> int:
         """On SIGTERM, while still serving: wait until the operator moved every tenant of this shard
-        away (a scale-in), bounded as HANDOFF_* say; the number of tenants handed off."""
+        away (a scale-in), bounded as HANDOFF_* and `HandoffBound` say; the number of tenants handed off."""
         tenants = self.informers.get(PLURAL)
         if tenants is None or not tenants.synced.is_set():
             return 0
@@ -439,11 +487,12 @@ class KubeSource:
             }
 
         # Only departures from now on count: a tenant that moved away before SIGTERM says nothing
-        # about a scale-in (counting it kept a restarting shard waiting HANDOFF_MAX_S).
+        # about a scale-in (counting it kept a restarting shard waiting HANDOFF_MIN_S).
         remaining = initial = ours()
         if not await self._scaled_in():
             return 0
-        start = time.monotonic()
+        start = self.clock()
+        bound = HandoffBound(start, self.handoff_max_s)
         handed: set[str] = set()
 
         def departed() -> set[str]:
@@ -454,19 +503,33 @@ class KubeSource:
                 n for n in gone if not ((tenants.get(n) or {}).get("metadata") or {}).get("deletionTimestamp")
             }
 
-        deadline = start + HANDOFF_MAX_S
-        while remaining and time.monotonic() < deadline:
+        def look() -> bool:
+            """Note who is held or busy now (the bound may grow); whether the hand-off has time left."""
+            self.handoff_looks += 1
+            now, shard = self.clock(), self._shard
+            for name in initial if shard is not None else ():
+                served = shard.served.get(name)
+                if served is not None:
+                    timeout_s = served.config.limits.timeout_ms / 1000
+                    bound.see(name, timeout_s, name in shard.holds, not shard.drained(name), now)
+            return now < bound.deadline
+
+        while remaining and look():
             moves = {n: (t.get("status") or {}).get("move") or {} for n, t in remaining.items()}
             handed |= {n for n, m in moves.items() if m.get("source") == self.shard_name} | departed()
-            if not handed and time.monotonic() - start >= HANDOFF_START_S:
+            if not handed and self.clock() - start >= HANDOFF_START_S:
                 return 0  # nobody moves our tenants: a restart (upgrade, eviction), not a scale-in
             await asyncio.sleep(0.1)
             remaining = ours()
         handed |= departed()
         if remaining:
+            # The shard stops next: their running invokes and jobs are interrupted, and a move not
+            # captured yet goes on without its capture (the operator's MovedWithoutCapture Event).
             log.warning(
-                "Stopped handing off Tenants after %.0fs remaining=%s",
-                HANDOFF_MAX_S,
+                "Stopped handing off Tenants after %.0fs, %s remaining=%s; the shard stops, interrupting "
+                "their running work, and their moves go on without a capture",
+                self.clock() - start,
+                bound.why(),
                 ",".join(sorted(remaining)),
             )
 
@@ -476,13 +539,21 @@ class KubeSource:
         def moving() -> set[str]:
             return {n for n in handed if n in self._ours or n in self._moving_away}
 
-        while moving() and time.monotonic() < deadline:
+        while moving() and look():
             await asyncio.sleep(0.1)
-        if moving():
-            log.warning("Stopped waiting for moves to end remaining=%s", ",".join(sorted(moving())))
+        if unfinished := moving() - remaining.keys():  # (those still here were named above)
+            log.warning(
+                "Stopped waiting for moves to end after %.0fs, %s remaining=%s",
+                self.clock() - start,
+                bound.why(),
+                ",".join(sorted(unfinished)),
+            )
         if handed:
             log.info(
-                "Handed off Tenants count=%d; answering 'moving' %.0fs more", len(handed), HANDOFF_LINGER_S
+                "Handed off Tenants count=%d after %.0fs; answering 'moving' %.0fs more",
+                len(handed),
+                self.clock() - start,
+                HANDOFF_LINGER_S,
             )
             await asyncio.sleep(HANDOFF_LINGER_S)
         return len(handed)
