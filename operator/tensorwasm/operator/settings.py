@@ -50,6 +50,10 @@ class OperatorSettings:
     # The shards' --prewarm-tenants: at most this many tenants awake on a prediction and unused (the
     # runtime's default, 4; a test compares).
     shard_prewarm_tenants: int = 4
+    # The shards' --handoff-max: a scale-in's hand-off waits at most this long for held tenants'
+    # running work (each within its timeoutMs, at most 600 s) and their captures; the shard pods'
+    # terminationGracePeriodSeconds is this plus the shutdown after it (desired/shards.py).
+    shard_handoff_max_s: int = 660
     owner_deployment: str = ""  # the operator's Deployment: owns the shard set, so uninstall removes it
     shard_snapshot_claim: str = ""  # PVC every shard mounts for snapshots; "" = an emptyDir per pod
     # Shards' snapshot signing (docs/snapshot-format.md): the mode, and the Secret of HMAC keys
@@ -286,6 +290,8 @@ def _parse(env: Mapping[str, str]) -> OperatorSettings:
         shard_hot_tier_bytes=_bytes(env, "SHARD_HOT_TIER_BYTES", defaults.shard_hot_tier_bytes),
         shard_idle_after=_idle_after(env, defaults.shard_idle_after),
         shard_prewarm_tenants=_int(env, "SHARD_PREWARM_TENANTS", defaults.shard_prewarm_tenants, 0, 10_000),
+        # The runtime's --handoff-max range (HANDOFF_MAX_RANGE there; a test compares).
+        shard_handoff_max_s=_int(env, "SHARD_HANDOFF_MAX", defaults.shard_handoff_max_s, 45, 3660),
         shard_resources=_resources(env, defaults.shard_resources),
         standalone=_bool(env, "STANDALONE", defaults.standalone),
         peering_name=_get(env, "PEERING_NAME") or defaults.peering_name,

@@ -77,6 +77,18 @@ RESTRICTED_CONTAINER_SECURITY: dict[str, Any] = {
 }
 
 
+# After the hand-off, at most --handoff-max, a shard pod answers "moving" 5 s more (HANDOFF_LINGER_S)
+# and its shutdown ends within 25 s (SHUTDOWN_HARD_S, runtime/__main__.py): a test compares.
+SHARD_STOP_MARGIN_S = 30
+
+
+def shard_grace_period_s(settings: OperatorSettings) -> int:
+    """The shard pods' terminationGracePeriodSeconds: the longest hand-off plus the stop after it,
+    from the same setting as the shards' --handoff-max, so the two cannot disagree. Only an upper
+    bound: a shard whose moves are over stops then."""
+    return settings.shard_handoff_max_s + SHARD_STOP_MARGIN_S
+
+
 def build_shard_args(settings: OperatorSettings) -> list[str]:
     """`tensorwasm runtime` flags of a shard pod (a unit test parses them with the runtime's parser)."""
     return [
@@ -90,6 +102,7 @@ def build_shard_args(settings: OperatorSettings) -> list[str]:
         f"--snapshot-hot-tier-bytes={settings.shard_hot_tier_bytes}",
         f"--idle-after={settings.shard_idle_after}",
         f"--prewarm-tenants={settings.shard_prewarm_tenants}",
+        f"--handoff-max={settings.shard_handoff_max_s}",
         # Placement counts sleepers at the active fraction; the shard then keeps the caps of its awake
         # tenants within the slice (less the 1.5x fragmentation headroom) by putting idle ones to sleep.
         *_resident_args(settings),
@@ -192,8 +205,8 @@ def build_shard_statefulset(
         "containers": [container],
         "securityContext": dict(RESTRICTED_POD_SECURITY),
         "volumes": build_shard_volumes(settings),
-        # SIGTERM: a scaled-in shard hands its tenants off (<= 45 s, sources/kube.py), then drains.
-        "terminationGracePeriodSeconds": 75,
+        # SIGTERM: a scaled-in shard hands its tenants off (at most --handoff-max), then stops.
+        "terminationGracePeriodSeconds": shard_grace_period_s(settings),
     }
     if settings.shard_mps_pipe_dir:
         add_mps_client(pod_spec, settings)
