@@ -174,6 +174,7 @@ def test_helm_lint_strict_is_clean(kube: Any, sets: list[str]) -> None:
         ("shard.snapshots.signing.mode=always", "at '/shard/snapshots/signing/mode': value must be one of"),
         ("shard.snapshots.signing.mode=require", "at '/shard/snapshots/signing/existingSecret': minLength"),
         ("shard.idle.prewarmTenants=-1", "at '/shard/idle/prewarmTenants': minimum: got -1, want 0"),
+        ("shard.handoffMaxSeconds=30", "at '/shard/handoffMaxSeconds': minimum: got 30, want 45"),
     ],
 )
 def test_schema_refuses_bad_values_with_a_readable_message(kube: Any, value: str, message: str) -> None:
@@ -277,6 +278,7 @@ def test_operator_env_is_what_the_operator_settings_parser_reads(kube: Any) -> N
         "shard.tolerations[0].operator=Exists", "shard.tolerations[0].effect=NoSchedule",
         "image.tag=1.2.3", "shard.image.repository=registry.local/tw", "operator.logLevel=DEBUG",
         "shard.audit.log=file", "shard.audit.existingClaim=tw-audit", "shard.idle.prewarmTenants=9",
+        "shard.handoffMaxSeconds=900",
         namespace="prod",
     )  # fmt: skip
     env = operator_env(docs)
@@ -301,6 +303,7 @@ def test_operator_env_is_what_the_operator_settings_parser_reads(kube: Any) -> N
     assert settings.log_level == "DEBUG"
     assert (settings.shard_audit_log, settings.shard_audit_claim) == ("file", "tw-audit")
     assert settings.shard_prewarm_tenants == 9
+    assert settings.shard_handoff_max_s == 900
     deployment = one(docs, "Deployment")
     # Two replicas elect a leader on a Lease the operator's Role may renew; without election, one.
     assert deployment["spec"]["replicas"] == 2 and deployment["spec"]["strategy"]["type"] == "RollingUpdate"
