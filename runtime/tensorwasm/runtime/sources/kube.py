@@ -40,7 +40,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -506,12 +506,8 @@ class KubeSource:
         def look() -> bool:
             """Note who is held or busy now (the bound may grow); whether the hand-off has time left."""
             self.handoff_looks += 1
-            now, shard = self.clock(), self._shard
-            for name in initial if shard is not None else ():
-                served = shard.served.get(name)
-                if served is not None:
-                    timeout_s = served.config.limits.timeout_ms / 1000
-                    bound.see(name, timeout_s, name in shard.holds, not shard.drained(name), now)
+            now = self.clock()
+            self._show_bound(bound, initial.keys(), now)
             return now < bound.deadline
 
         while remaining and look():
@@ -557,6 +553,17 @@ class KubeSource:
             )
             await asyncio.sleep(HANDOFF_LINGER_S)
         return len(handed)
+
+    def _show_bound(self, bound: HandoffBound, names: Iterable[str], now: float) -> None:
+        """Tell the hand-off's bound which of `names` are busy or held now, with their timeouts."""
+        shard = self._shard
+        if shard is None:
+            return
+        for name in names:
+            served = shard.served.get(name)
+            if served is not None:
+                timeout_s = served.config.limits.timeout_ms / 1000
+                bound.see(name, timeout_s, name in shard.holds, not shard.drained(name), now)
 
     async def _scaled_in(self) -> bool:
         """This shard's ordinal is beyond its StatefulSet's replicas; True when that cannot be read
