@@ -523,7 +523,7 @@ class KubeSource:
             # captured yet goes on without its capture (the operator's MovedWithoutCapture Event).
             log.warning(
                 "Stopped handing off Tenants after %.0fs, %s remaining=%s; the shard stops, interrupting "
-                "their running work, and their moves go on without a capture",
+                "their running work, and a move not captured yet goes on without its capture",
                 self.clock() - start,
                 bound.why(),
                 ",".join(sorted(remaining)),
