@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import pytest
 
 from tensorwasm.api.fields import InvalidSpec
@@ -70,10 +68,12 @@ def test_first_exceeded_resource_in_documented_order() -> None:
 
 def test_usage_plus_accumulates() -> None:
     demand = TenantDemand(MI, 10, 2 * MI)
-    # The tenants follow the shards' default idle.after (sleeps None): their share is tracked apart too.
+    # The tenants follow the shards' default idle.after (sleeps None): their share is tracked apart too,
+    # with the sums of squares that give sleepers their room (tests/unit/test_admission_sleepers.py).
     assert ShardUsage().plus(demand).plus(demand) == ShardUsage(
-        2 * MI, 20, 4 * MI, 2, gpu_default=2 * MI, host_default=4 * MI
-    )
+        2 * MI, 20, 4 * MI, 2, gpu_default=2 * MI, host_default=4 * MI,
+        gpu_default_sq=2 * MI * MI, host_default_sq=2 * (2 * MI) ** 2,
+    )  # fmt: skip
 
 
 def test_message_names_resource_and_figures() -> None:
@@ -102,25 +102,3 @@ def test_bad_capacity_and_resource_name() -> None:
         ShardCapacity(GI, 100, GI, -1)
     with pytest.raises(ValueError, match="resource"):
         insufficient_capacity_message(SHARD, ShardUsage(), TenantDemand(0, 0, 0), "cpu")
-
-
-def test_sleepers_count_at_the_active_fraction_and_pinned_tenants_whole() -> None:
-    # 3 GiB slice: 2 GiB of caps awake at once. With a tenth awake, twenty 1 GiB sleepers fit...
-    tenth = ShardCapacity(3 * GI, 100, 64 * GI, 1000, active_fraction=0.1)
-    sleeper = TenantDemand(GI, 0, 0, sleeps=True)
-    used = ShardUsage()
-    for _ in range(20):
-        assert binding_resource(tenth, used, sleeper) is None
-        used = used.plus(sleeper)
-    assert binding_resource(tenth, used, sleeper) == "gpuMemory"  # ceil(0.1 * 21 GiB) * 1.5 > 3 GiB
-    # ...but a pinned one counts whole, and the shards' default decides for a tenant that sets none.
-    pinned = TenantDemand(GI, 0, 0, sleeps=False)
-    assert binding_resource(tenth, ShardUsage().plus(pinned), pinned) is None
-    assert binding_resource(tenth, ShardUsage().plus(pinned).plus(pinned), pinned) == "gpuMemory"
-    default = TenantDemand(GI, 0, 0)
-    three = ShardUsage().plus(default).plus(default)
-    assert binding_resource(tenth, three, default) == "gpuMemory"
-    assert binding_resource(replace(tenth, idle_by_default=True), three, default) is None
-    # A cap that cannot fit the slice alone never fits, however few are awake.
-    assert binding_resource(tenth, ShardUsage(), TenantDemand(3 * GI, 0, 0, sleeps=True)) == "gpuMemory"
-    assert used.minus(sleeper).plus(sleeper) == used

@@ -17,20 +17,24 @@ Rules (seeds' capacity model, applied to one shard's slice):
   multiplier, snapshot buffer and runtime budget are applied when the planner derives it.
 - tenants: ``used + 1 <= max_tenants``.
 - Idle sleep (docs/operator.md "Idle tenants sleep"): a tenant that may sleep holds GPU and host
-  memory only while awake, so with ``active_fraction`` f < 1 its share counts ``ceil(f * share)``
-  (the expected awake part of the sleepers); tenants pinned awake (idle.after never) count whole.
-  Whatever the active set turns out to be, the shard's resident budget (its runtime flag
-  --resident-gpu-memory, the slice / 1.5) keeps awake caps within the slice by putting the least
-  recently used idle tenants to sleep. A single cap must still fit the slice on its own.
+  memory only while awake. With ``active_fraction`` f < 1 the sleepers (and the tenants following
+  the shards' default, when it sleeps) count as the room a waking one finds full at most 1% of the
+  time, not their mean f * sum: k = awake_at_once(n, f) caps of the cap-weighted mean cap, where
+  n = (sum c)^2 / sum c^2 is their effective count (``sleepers_awake_bytes``). With equal caps that
+  is exactly k caps of n tenants (f = 0.1: 32 tenants in a room of 8 caps, not 80). Tenants pinned
+  awake (idle.after never) count whole. Whatever the active set turns out to be, the shard's
+  resident budget (its runtime flag --resident-gpu-memory, the slice / 1.5) keeps awake caps within
+  the slice by putting the least recently used idle tenants to sleep; a tail that is too low only
+  costs wakes that evict. A single cap must still fit the slice on its own.
 Resources are checked in that order (``RESOURCE_ORDER``); the first one exceeded is reported.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 from tensorwasm.api.tenant import TenantSpec, parse_spec
+from tensorwasm.planner.awake import SWAP_TOLERANCE, awake_at_once
 from tensorwasm.planner.units import format_bytes
 
 # Fragmentation headroom of the GPU-memory formula: CUDA allocators fragment under tenant churn.
@@ -89,48 +93,92 @@ class TenantDemand:
         _require_non_negative("hostMemory", self.host_memory_bytes)
 
 
+def sleepers_awake_bytes(total: int, squares: int, active_fraction: float) -> int:
+    """Room, in bytes, for sleepers holding caps c_i (``total`` = sum c_i, ``squares`` = sum c_i^2),
+    each awake ``active_fraction`` f of the time independently of the others.
+
+    k = awake_at_once(n, f) tenants of the cap-weighted mean cap sum c^2 / sum c, where the
+    effective count n = (sum c)^2 / sum c^2 gives the same mean and variance of awake bytes as the
+    real caps. Equal caps: n is their count and this is k caps, the planner's room. Caps that differ
+    lean towards the largest: one cap that dominates makes n near 1 and counts everything, and
+    caps of 0 (accounting only) take no room, as on the shard. Not the k largest caps, the strict
+    bound: it needs every shard's caps sorted (admission stays O(1) per decision) and holds the k
+    largest awake together, far rarer than 1 wake in 100. Exact sums over mixed caps (docs/
+    capacity-planning.md, "Admission with sleepers") keep the share of wakes that find the room full
+    near SWAP_TOLERANCE where the plain average cap let it reach 22%.
+    """
+    if total <= 0 or squares <= 0 or active_fraction >= 1:
+        return max(total, 0)
+    awake = awake_at_once(total * total / squares, active_fraction, SWAP_TOLERANCE)
+    return min(total, -(-awake * squares // total))  # k * sum c^2 / sum c, rounded up to a byte
+
+
 @dataclass(frozen=True)
 class ShardUsage:
-    """Sum of the demands already placed on a shard."""
+    """Sum of the demands already placed on a shard: O(1) to update (plus, minus) and to test."""
 
     gpu_memory_bytes: int = 0
     sm_percent: int = 0
     host_memory_bytes: int = 0
     tenants: int = 0
     # The parts of gpu_memory_bytes / host_memory_bytes held by tenants that may sleep: always
-    # (sleeps True) and by the shards' default (sleeps None).
+    # (sleeps True) and by the shards' default (sleeps None), with the sums of their squares, which
+    # give the sleepers' effective count and cap-weighted mean cap (sleepers_awake_bytes).
     gpu_sleeping: int = 0
     host_sleeping: int = 0
     gpu_default: int = 0
     host_default: int = 0
+    gpu_sleeping_sq: int = 0
+    host_sleeping_sq: int = 0
+    gpu_default_sq: int = 0
+    host_default_sq: int = 0
 
     def plus(self, demand: TenantDemand, sign: int = 1) -> ShardUsage:
-        gpu, host = sign * demand.gpu_memory_bytes, sign * demand.host_memory_bytes
-        out = ShardUsage(
-            gpu_memory_bytes=self.gpu_memory_bytes + gpu,
+        gpu, host = demand.gpu_memory_bytes, demand.host_memory_bytes
+        out = replace(
+            self,
+            gpu_memory_bytes=self.gpu_memory_bytes + sign * gpu,
             sm_percent=self.sm_percent + sign * demand.sm_percent,
-            host_memory_bytes=self.host_memory_bytes + host,
+            host_memory_bytes=self.host_memory_bytes + sign * host,
             tenants=self.tenants + sign,
-            gpu_sleeping=self.gpu_sleeping, host_sleeping=self.host_sleeping,
-            gpu_default=self.gpu_default, host_default=self.host_default,
-        )  # fmt: skip
+        )
         if demand.sleeps is True:
-            out = replace(out, gpu_sleeping=out.gpu_sleeping + gpu, host_sleeping=out.host_sleeping + host)
+            out = replace(
+                out,
+                gpu_sleeping=out.gpu_sleeping + sign * gpu, host_sleeping=out.host_sleeping + sign * host,
+                gpu_sleeping_sq=out.gpu_sleeping_sq + sign * gpu * gpu,
+                host_sleeping_sq=out.host_sleeping_sq + sign * host * host,
+            )  # fmt: skip
         elif demand.sleeps is None:
-            out = replace(out, gpu_default=out.gpu_default + gpu, host_default=out.host_default + host)
+            out = replace(
+                out,
+                gpu_default=out.gpu_default + sign * gpu, host_default=out.host_default + sign * host,
+                gpu_default_sq=out.gpu_default_sq + sign * gpu * gpu,
+                host_default_sq=out.host_default_sq + sign * host * host,
+            )  # fmt: skip
         return out
 
     def minus(self, demand: TenantDemand) -> ShardUsage:
         return self.plus(demand, -1)
 
+    def asleep(self, capacity: ShardCapacity) -> tuple[int, int, int, int]:
+        """(GPU, GPU squares, host, host squares) of the tenants that may sleep on this shard."""
+        by_default = capacity.idle_by_default
+        return (
+            self.gpu_sleeping + (self.gpu_default if by_default else 0),
+            self.gpu_sleeping_sq + (self.gpu_default_sq if by_default else 0),
+            self.host_sleeping + (self.host_default if by_default else 0),
+            self.host_sleeping_sq + (self.host_default_sq if by_default else 0),
+        )
+
     def expected(self, capacity: ShardCapacity) -> tuple[int, int]:
-        """(GPU, host) bytes expected awake: pinned tenants whole, sleepers at the active fraction."""
-        gpu_asleep = self.gpu_sleeping + (self.gpu_default if capacity.idle_by_default else 0)
-        host_asleep = self.host_sleeping + (self.host_default if capacity.idle_by_default else 0)
+        """(GPU, host) bytes to hold awake: pinned tenants whole, sleepers at the 1% tail of their
+        active fraction (sleepers_awake_bytes)."""
+        gpu_asleep, gpu_sq, host_asleep, host_sq = self.asleep(capacity)
         f = capacity.active_fraction
         return (
-            self.gpu_memory_bytes - gpu_asleep + math.ceil(f * gpu_asleep),
-            self.host_memory_bytes - host_asleep + math.ceil(f * host_asleep),
+            self.gpu_memory_bytes - gpu_asleep + sleepers_awake_bytes(gpu_asleep, gpu_sq, f),
+            self.host_memory_bytes - host_asleep + sleepers_awake_bytes(host_asleep, host_sq, f),
         )
 
 
@@ -205,14 +253,30 @@ def insufficient_capacity_message(
     if resource == "gpuMemory":
         detail = (
             f"needs {_fmt(resource, needed)} (1.5x fragmentation headroom on "
-            f"{_fmt(resource, used.gpu_memory_bytes)} placed + {_fmt(resource, demand.gpu_memory_bytes)} cap)"
+            f"{_fmt(resource, used.gpu_memory_bytes)} placed + {_fmt(resource, demand.gpu_memory_bytes)} cap"
         )
     elif resource == "tenants":
         detail = f"would be tenant {needed}"
     else:
         detail = f"needs {_fmt(resource, needed)} ({_fmt(resource, used_value(used, resource))} placed + "
-        detail += f"{_fmt(resource, demand_value(demand, resource))} requested)"
+        detail += f"{_fmt(resource, demand_value(demand, resource))} requested"
+    if resource in ("gpuMemory", "hostMemory"):
+        detail += _sleepers_note(capacity, used.plus(demand), resource) + ")"
     return f"insufficient {resource}: {detail}, shard has {_fmt(resource, available)}"
+
+
+def _sleepers_note(capacity: ShardCapacity, after: ShardUsage, resource: str) -> str:
+    """How the sleepers among the placed tenants were counted, or nothing when they count whole."""
+    gpu, gpu_sq, host, host_sq = after.asleep(capacity)
+    total, squares = (gpu, gpu_sq) if resource == "gpuMemory" else (host, host_sq)
+    awake = sleepers_awake_bytes(total, squares, capacity.active_fraction)
+    if awake >= total:
+        return ""
+    return (
+        f", of which the sleepers' {_fmt(resource, total)} count as {_fmt(resource, awake)} awake at once: "
+        f"the room a waking one finds full at most {SWAP_TOLERANCE:.0%} of the time at "
+        f"{capacity.active_fraction:.0%} active"
+    )
 
 
 def used_value(used: ShardUsage, resource: str) -> int:
