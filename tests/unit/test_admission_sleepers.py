@@ -20,7 +20,7 @@ from tensorwasm.planner.admission import (
     insufficient_capacity_message,
     sleepers_awake_bytes,
 )
-from tensorwasm.planner.awake import SWAP_TOLERANCE
+from tensorwasm.planner.awake import SWAP_TOLERANCE, awake_at_once
 
 MI = 1 << 20
 GI = 1 << 30
@@ -167,8 +167,6 @@ def test_one_cap_that_dominates_counts_every_sleeper_whole() -> None:
 
 @pytest.mark.parametrize("tenants", [1, 2, 9, 32, 33, 500])
 def test_equal_caps_hold_the_planners_room(tenants: int) -> None:
-    from tensorwasm.planner.model import awake_at_once
-
     cap = 3 * MI + 1
     assert sleepers_awake_bytes(tenants * cap, tenants * cap * cap, F) == awake_at_once(tenants, F) * cap
 
