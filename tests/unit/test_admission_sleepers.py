@@ -135,9 +135,9 @@ def test_minus_mirrors_plus() -> None:
     assert used == ShardUsage()
 
 
-def test_accounting_only_sleepers_take_no_room() -> None:
-    # 100 sleepers without a GPU cap reserve nothing on the shard: a count of sleepers that included
-    # them would average the 1 GiB caps down and admit a 33rd.
+def test_accounting_only_sleepers_do_not_thin_out_the_capped_ones() -> None:
+    # 100 sleepers without a GPU cap count 0 in admission: a count of sleepers that included them
+    # would average the 1 GiB caps down and admit a 33rd.
     free = TenantDemand(0, 0, MI, sleeps=True)
     used, _, _ = _fill(ROOM_8, [free] * 100 + [SLEEPER] * 80)
     assert used.tenants == 100 + 32
