@@ -16,7 +16,7 @@ from dataclasses import replace
 from functools import partial
 from typing import Any
 
-from tensorwasm.operator.moves import SnapshotMove
+from tensorwasm.operator.moves import SnapshotMove, pod_says
 from tensorwasm.operator.reconciler import Reconciler
 from tests.fake_kube import FakeKube, until, with_fake_kube
 from tests.unit.test_moves import (
@@ -193,3 +193,23 @@ def test_a_tenant_deleted_while_its_move_waits_or_backs_off_is_forgotten_by_the_
                 await until(lambda: placed[1] not in mover.backing_off())
 
     with_fake_kube(body)
+
+
+def test_what_a_pod_says_tolerates_null_and_odd_entries_in_its_status() -> None:
+    """Review R3 K9: the pod's status is the cluster's words; a null condition or container (a
+    buggy admission webhook, a hand-made pod) must not fail the tenant's reconcile."""
+    odd = {
+        "metadata": None,
+        "status": {
+            "phase": "Pending",
+            "containerStatuses": [None, "x", {"state": None}, {"state": {"waiting": None}}],
+            "conditions": [None, 7, {"status": "False", "reason": "Unschedulable", "message": UNSCHEDULABLE}],
+        },
+    }
+    assert pod_says(S1, odd) == f"pod {S1}: Pending, Unschedulable: {UNSCHEDULABLE}"
+    assert pod_says(S1, {"status": {"conditions": [None]}}) == f"pod {S1}: phase unknown"
+    assert pod_says(S1, {"status": None}) == f"pod {S1}: phase unknown"
+    assert (
+        pod_says(S1, {"status": {"conditions": "garbage", "containerStatuses": {}}})
+        == f"pod {S1}: phase unknown"
+    )

@@ -121,22 +121,31 @@ def pod_says(name: str, pod: Mapping[str, Any] | None) -> str:
     bounded (POD_SAYS_MAX): the words are the cluster's, not ours."""
     if pod is None:
         return f"pod {name}: no such pod"
-    status = pod.get("status") or {}
+    status = pod.get("status")
+    status = status if isinstance(status, Mapping) else {}
     phase = str(status.get("phase") or "phase unknown")
-    if (pod.get("metadata") or {}).get("deletionTimestamp"):
+    metadata = pod.get("metadata")
+    if isinstance(metadata, Mapping) and metadata.get("deletionTimestamp"):
         phase += ", terminating"
     reasons: list[str] = []
-    for container in status.get("containerStatuses") or []:
-        waiting = ((container or {}).get("state") or {}).get("waiting") or {}
-        if waiting.get("reason"):
+    # The cluster's words, not ours: any entry may be null or not an object.
+    for container in _entries(status.get("containerStatuses")):
+        state = container.get("state")
+        waiting = (state if isinstance(state, Mapping) else {}).get("waiting")
+        if isinstance(waiting, Mapping) and waiting.get("reason"):
             reasons.append(f"{waiting['reason']}: {waiting.get('message') or ''}".rstrip(": "))
-    for condition in status.get("conditions") or []:
-        if (condition or {}).get("status") != "True" and condition.get("reason"):
+    for condition in _entries(status.get("conditions")):
+        if condition.get("status") != "True" and condition.get("reason"):
             reasons.append(f"{condition['reason']}: {condition.get('message') or ''}".rstrip(": "))
     said = f"{phase}, {reasons[0]}" if reasons else phase
     if len(said) > POD_SAYS_MAX:
         said = said[: POD_SAYS_MAX - 3] + "..."
     return f"pod {name}: {said}"
+
+
+def _entries(value: Any) -> list[Mapping[str, Any]]:
+    """The objects of a list the cluster wrote; anything else (null, a string) is skipped."""
+    return [v for v in value if isinstance(v, Mapping)] if isinstance(value, list) else []
 
 
 @dataclass
