@@ -46,10 +46,12 @@ def ensure_host_tools() -> None:
         raise BuildError(f"missing host tools and no apt-get to install them: Debian packages {missing}")
     print(f"image: installing host packages {' '.join(missing)}", file=sys.stderr)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing]
+    # `make setup` runs hack/node/deps.sh's apt-get beside this one: wait for the lock, as it does.
+    apt_get = ["apt-get", "-o", "DPkg::Lock::Timeout=600"]
+    install = [*apt_get, "install", "-y", "-q", "--no-install-recommends", *missing]
     result = subprocess.run(install, env=env, capture_output=True, text=True, check=False)
     if result.returncode != 0:  # stale package lists on a fresh machine: update once, then again
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, check=False)
+        subprocess.run([*apt_get, "update", "-q"], env=env, capture_output=True, check=False)
         result = subprocess.run(install, env=env, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         problems = diagnose(result.stdout + result.stderr) or [result.stderr.strip()[-500:]]

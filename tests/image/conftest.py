@@ -37,10 +37,13 @@ class BuiltImage:
     manifest: dict[str, Any]
 
 
+APT_GET = ["apt-get", "-o", "DPkg::Lock::Timeout=600"]  # waits for another apt run's lock
+
+
 def _runc() -> str:
     if shutil.which("runc") is None and shutil.which("apt-get") is not None:
         subprocess.run(
-            ["apt-get", "install", "-y", "-q", "--no-install-recommends", "runc"],
+            [*APT_GET, "install", "-y", "-q", "--no-install-recommends", "runc"],
             env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
             capture_output=True,
             check=False,
