@@ -97,7 +97,7 @@ def test_a_record_edited_to_name_an_older_blob_is_refused_and_nothing_is_deleted
         _stop(running)
 
 
-def test_a_signed_record_wakes_across_a_restart_and_a_stripped_one_is_refused(
+def test_a_signed_record_wakes_across_a_restart_and_a_stripped_one_naming_an_older_blob_is_refused(
     policy: Any, tmp_path: Path
 ) -> None:
     policy(SIGNED)
@@ -108,19 +108,81 @@ def test_a_signed_record_wakes_across_a_restart_and_a_stripped_one_is_refused(
         add(server, alpha, 4)
         add(server, beta, 6)
         _asleep_in(server, "alpha")
-        beta_key, _ = _asleep_in(server, "beta")
+        beta_key, old = _asleep_in(server, "beta")
+        blob_dir = store / "tenants" / beta_key
+        kept = tmp_path / "kept-copy.twsnap"
+        shutil.copy(blob_dir / f"{old}.twsnap", kept)
+        assert add(server, beta, 1) == 7
+        _asleep_in(server, "beta")
     finally:
         _stop(running)
+    shutil.copy(
+        kept, blob_dir / f"{old}.twsnap"
+    )  # the older blob back, the record stripped and pointed at it
     path = store / "sleeping" / f"{beta_key}.json"
     raw = json.loads(path.read_text())
-    path.write_text(json.dumps({k: v for k, v in raw.items() if k not in ("key_id", "mac")}))
+    path.write_text(
+        json.dumps({k: v for k, v in raw.items() if k not in ("key_id", "mac")} | {"digest": old})
+    )
     running, server = _serve(store, alpha, beta)
     try:
         assert add(server, alpha, 1) == 5  # the good record: woken with its state
         reply = server.invoke(beta, "add", struct.pack("<q", 1))
         assert reply.status == 503 and reply.json()["error"]["sleep_record"] == "Unsigned"
-        assert "signature was removed" in reply.json()["error"]["message"]
-        assert add(server, beta, 1) == 1
+        assert "not the newest sleep snapshot" in reply.json()["error"]["message"]
+        assert add(server, beta, 1) == 1  # not the rolled-back 6
+    finally:
+        _stop(running)
+
+
+def _old_format(path: Path) -> None:
+    """Rewrite a record as the build before record signing wrote it: its 5 fields, no key_id/mac."""
+    raw = json.loads(path.read_text())
+    path.write_text(
+        json.dumps({k: raw[k] for k in ("digest", "module_sha256", "generation", "tenant", "slept_at")})
+    )
+
+
+@pytest.mark.parametrize("mode", ["verify-if-present", "require"])
+def test_a_record_written_before_record_signing_wakes_with_its_state_and_is_signed(
+    policy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """Review R3 K1: the upgrade. An old-format record naming the newest signed sleep blob of its
+    tenant is adopted (signed at the wake), under both key-ring modes; the state is kept."""
+    policy(SigningPolicy(mode, ring=SIGNED.ring))
+    alpha = counter("alpha", after="1h")
+    store = tmp_path / "store"
+    running, server = _serve(store, alpha)
+    try:
+        assert add(server, alpha, 41) == 41
+        key, digest = _asleep_in(server, "alpha")
+    finally:
+        _stop(running)
+    path = store / "sleeping" / f"{key}.json"
+    _old_format(path)
+    running, server = _serve(store, alpha)
+    try:
+        from tensorwasm.runtime import sleep as sleep_module
+
+        real = sleep_module.restore_snapshot
+        failures: list[str] = []
+
+        def fails_once(*args: Any, **kwargs: Any) -> Any:
+            if not failures:
+                failures.append("EIO")
+                raise OSError(5, "Input/output error")  # the wake is retried: the record stays
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(sleep_module, "restore_snapshot", fails_once)
+        reply = server.invoke(alpha, "add", struct.pack("<q", 1))
+        assert reply.status == 503 and "kept, retry" in reply.json()["error"]["message"], reply.body
+        raw = json.loads(path.read_text())
+        assert raw["key_id"] == "k1" and raw["digest"] == digest  # adopted: signed in place
+        stored = SleepRecords(SnapshotStore(store)).read(key)
+        assert stored is not None
+        check_record(key, stored, store / "tenants" / key / f"{digest}.twsnap", signing.current())
+        assert add(server, alpha, 1) == 42  # the state at 41 kept across the upgrade
+        assert not path.exists()
     finally:
         _stop(running)
 

@@ -27,7 +27,9 @@ sleeper of one shard shares).
   ring, over the sleep key and every field, the blob's digest included), and a wake from a record
   read from disk checks it first (`check_record`): a record edited to name another blob (an older
   sleep blob of the same tenant, kept as a copy) is refused, as is an unsigned record naming a
-  signed blob (a stripped signature) or any unsigned one under `require`. A refused record fails
+  signed blob (a stripped signature) or an unsigned blob under `require`; except a record written
+  before records were signed (the upgrade) whose signed blob verifies and is the newest blob of its
+  key: adopted, and signed at its wake. A refused record fails
   the waking requests (`tenant_not_ready`, WakeFailed, `sleep_record` naming why) and the tenant
   restarts from its module; the record and the blobs stay on the volume (nothing is deleted on a
   verdict an attacker can provoke), until the tenant sleeps again or is deleted. Without keys
@@ -149,25 +151,42 @@ class RecordRefused(Exception):
         self.reason = reason
 
 
-def check_record(key: str, record: SleepRecord, path: Path, policy: signing.SigningPolicy) -> None:
+def check_record(
+    key: str,
+    record: SleepRecord,
+    path: Path,
+    policy: signing.SigningPolicy,
+    store: SnapshotStore | None = None,
+) -> bool:
     """Judge a record read from disk against the ring, as signing.SigningPolicy.check judges a blob
     (mode off: nothing is verified). A signed record must carry a MAC of a listed key over the sleep
-    key and every field, so it names exactly the blob it was written for; an unsigned one is refused
-    under `require`, and under `verify-if-present` when the blob it names is signed (the shard that
-    signed that blob signed its record: the signature was stripped). Raises RecordRefused."""
+    key and every field, so it names exactly the blob it was written for. An unsigned record naming
+    an unsigned blob is accepted under `verify-if-present` and refused under `require`. An unsigned
+    record naming a signed blob is refused (its signature was stripped, or it was pointed at an older
+    blob) unless it is a legacy record (`_legacy_record`: written before records were signed, review
+    R3 K1): then True is returned and the caller re-signs it. Raises RecordRefused."""
     if policy.mode == "off":
-        return
+        return False
     if not record.mac:
-        if policy.mode == "require":
-            raise RecordRefused("the sleep record is unsigned and this shard requires signed snapshots",
-                                signing.UNSIGNED)  # fmt: skip
+        if store is None:
+            if policy.mode == "require":
+                raise RecordRefused("the sleep record is unsigned and this shard requires signed snapshots",
+                                    signing.UNSIGNED)  # fmt: skip
+            parsed = read_manifest(path)
+            if parsed.signature is not None:
+                raise RecordRefused(
+                    "the sleep record is unsigned but names a snapshot signed with key "
+                    f"{parsed.signature.key_id!r}: its signature was removed", signing.UNSIGNED,
+                )  # fmt: skip
+            return False
         parsed = read_manifest(path)
-        if parsed.signature is not None:
-            raise RecordRefused(
-                "the sleep record is unsigned but names a snapshot signed with key "
-                f"{parsed.signature.key_id!r}: its signature was removed", signing.UNSIGNED,
-            )  # fmt: skip
-        return
+        if parsed.signature is None:
+            if policy.mode == "require":
+                raise RecordRefused("the sleep record is unsigned and names an unsigned snapshot, and this "
+                                    "shard requires signed snapshots", signing.UNSIGNED)  # fmt: skip
+            return False
+        _legacy_record(key, record, parsed, policy, store)
+        return True
     try:
         ring = policy.current_ring()
     except signing.KeyRingError as exc:
@@ -185,6 +204,36 @@ def check_record(key: str, record: SleepRecord, path: Path, policy: signing.Sign
         raise RecordRefused(
             f"the sleep record's signature does not match key {record.key_id!r}: it was changed after "
             f"it was written (it names blob {record.digest})", signing.BAD_SIGNATURE,
+        )  # fmt: skip
+
+
+def _legacy_record(
+    key: str, record: SleepRecord, parsed: codec.Parsed, policy: signing.SigningPolicy, store: SnapshotStore
+) -> None:
+    """An unsigned record naming a signed blob: accepted (under both key-ring modes) only when it can
+    be a record of a build that did not sign records yet, i.e. when it could not roll the tenant back:
+    the blob's signature verifies under this shard's ring, and the blob is strictly the newest
+    (generation, created_at: signed manifest fields) of every blob stored under this sleep key, so
+    pointing an unsigned record at an older blob (review N7) stays refused. Raises RecordRefused."""
+    key_id = parsed.signature.key_id if parsed.signature is not None else ""
+    try:
+        policy.check(parsed)
+    except RuntimeFault as exc:
+        raise RecordRefused(
+            f"the sleep record is unsigned and the snapshot it names does not verify: {exc.message}",
+            str(exc.details.get("reason") or signing.BAD_SIGNATURE),
+        ) from exc
+    named = (parsed.manifest.generation, parsed.manifest.created_at)
+    newer = [
+        s.digest
+        for s in store.list(key)
+        if s.digest != parsed.digest and (s.manifest.generation, s.manifest.created_at) >= named
+    ]
+    if newer or parsed.manifest.tenant_uid != key:
+        raise RecordRefused(
+            f"the sleep record is unsigned but names a snapshot signed with key {key_id!r} that is not the "
+            f"newest sleep snapshot of this tenant (newer: {', '.join(sorted(newer)) or 'none'}): its "
+            "signature was removed or it was pointed at an older snapshot", signing.UNSIGNED,
         )  # fmt: skip
 
 
@@ -477,8 +526,10 @@ class Sleeper:
         if self.digest:
             try:
                 path = parts.store.path_of(self.key, self.digest)
-                if self._record is not None:
-                    check_record(self.key, self._record, path, signing.current())
+                if self._record is not None and check_record(
+                    self.key, self._record, path, signing.current(), parts.store
+                ):
+                    self._adopt_record(self._record)
                 restored = restore_snapshot(
                     path, tenant_uid=self.key, module_sha256=cfg.module.sha256, pool=pool, device=device,
                     accelerator=parts.accelerator, memory_limit=cfg.limits.linear_memory_bytes,
@@ -504,6 +555,15 @@ class Sleeper:
         )
         log.info("Woke Tenant name=%s source=%s ms=%.2f", self.name, source, took * 1000)
         parts.notify(self.name, False, note, cfg.generation)
+
+    def _adopt_record(self, record: SleepRecord) -> None:
+        """A legacy unsigned record `check_record` accepted: signed now (same fields), so a wake that
+        fails on I/O and is retried, or a restart before the wake, finds a signed record."""
+        with contextlib.suppress(OSError, RuntimeFault):
+            self.parts.records.write(self.key, record)
+        log.warning("Adopted a sleep record written before records were signed name=%s key=%s digest=%s: "
+                    "it names the newest signed sleep snapshot of the tenant (signed now if a key is active)",
+                    self.name, self.key, record.digest)  # fmt: skip
 
     def _wake_interrupted(
         self, pool: TenantInstancePool, device: TenantDevice | None, exc: BaseException
