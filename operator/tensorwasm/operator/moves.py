@@ -177,6 +177,11 @@ class MoveStrategy(Protocol):
         """The Tenant is gone: drop what the strategy remembers of it."""
         ...
 
+    async def abandon(self, tenant: Tenant, why: str, runs: Callable[[str], bool]) -> MoveStep | None:
+        """Stop the tenant's move (its spec became invalid: no target would load it): roll back to
+        the source as a move past its deadline does; None when no move is in flight."""
+        ...
+
 
 class DirectMove:
     """Re-point at once; the target shard cold-starts the tenant."""
@@ -189,6 +194,9 @@ class DirectMove:
 
     def forget(self, tenant: str) -> None:
         pass
+
+    async def abandon(self, tenant: Tenant, why: str, runs: Callable[[str], bool]) -> MoveStep | None:
+        return None
 
 
 def move_record(tenant: Tenant) -> Mapping[str, Any] | None:
@@ -235,6 +243,13 @@ class SnapshotMove:
     def forget(self, tenant: str) -> None:
         self._pending.pop(tenant, None)
         self._backoff.pop(tenant, None)
+
+    async def abandon(self, tenant: Tenant, why: str, runs: Callable[[str], bool]) -> MoveStep | None:
+        self._pending.pop(tenant.name, None)  # a move waiting for its target pod: nothing held yet
+        move = move_record(tenant)
+        if move is None:
+            return None
+        return await self._give_up(tenant, move, str(move["target"]), why, not runs(str(move["source"])))
 
     def backing_off(self) -> dict[str, float]:
         """Tenant -> seconds (by the clock) before a new move of it may start, after a rollback."""

@@ -67,6 +67,13 @@ WARNING_PHASES = ("Pending", "Degraded", "Failed")
 # Idle sleep flips a tenant between these all day: no Event for that (the sleep/wake metrics count it).
 QUIET_FLIPS = frozenset({"Ready", "Asleep"})
 SELECTOR = ",".join(f"{k}={v}" for k, v in MANAGED_SELECTOR.items())
+# What a placed tenant whose spec is invalid reserves when the ledger has no earlier demand of it
+# (a restarted operator): nothing. Its last valid spec was only in the old process's memory, and
+# the invalid spec's own numbers are what was refused (a hostile gpuMemory must not reserve a shard).
+# Its shard holds it asleep (refused: no instance, no GPU memory); the fixed spec's demand is
+# assigned at its next reconcile, on the same shard even when that overfills it (sticky, as a grown
+# demand), so the cost is only that new tenants may take its room meanwhile.
+INVALID_DEMAND = TenantDemand(gpu_memory_bytes=0, sm_percent=0, host_memory_bytes=0)
 
 
 def is_subset(desired: Any, live: Any) -> bool:
@@ -137,6 +144,7 @@ class Reconciler:
         self._roll_task: asyncio.Task[None] | None = None
         # Tenant -> the status.phase last seen, whoever wrote it (we or the shard): an Event per change.
         self._phases: dict[str, str] = {}
+        self._invalid: set[str] = set()  # Tenants whose spec does not parse, as last reconciled
 
     # -- start-up ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -156,9 +164,13 @@ class Reconciler:
             self.tenants[body["metadata"]["name"]] = body
             self._phases[body["metadata"]["name"]] = phase_of(body)  # a restart posts no Events
             tenant = parse_tenant(body)
+            if tenant.spec is None:
+                self._invalid.add(tenant.name)
             ordinal = shard_ordinal(self.settings.shard_name, tenant.shard)
-            if tenant.spec is not None and not tenant.deleting and ordinal is not None and ordinal < replicas:
-                self.ledger.assign(tenant.name, ordinal, tenant_demand(tenant.spec))
+            if not tenant.deleting and ordinal is not None and ordinal < replicas:
+                # An invalid spec keeps its shard across a restart too (see _reconcile).
+                demand = tenant_demand(tenant.spec) if tenant.spec is not None else INVALID_DEMAND
+                self.ledger.assign(tenant.name, ordinal, demand)
         log.info(
             "Started namespace=%s shards=%d tenants=%d placed=%d",
             ns,
@@ -292,10 +304,16 @@ class Reconciler:
         self._roll_task = asyncio.get_running_loop().create_task(self.roll_tick())
 
     def _placements(self) -> dict[str, str | None]:
-        """status.shard of each tenant the ledger holds (one being deleted is released; one whose
-        spec became invalid keeps its shard)."""
+        """status.shard of each tenant the ledger holds and the roll may move (one being deleted is
+        released). One whose spec is invalid is left out: no shard would load it, so it cannot move
+        (_keep_invalid puts it back each time, and the drain would wait for ever); it stays placed
+        on its shard through the pod's replacement (same name), asleep with its state in the store."""
         held = self.ledger.tenants()
-        return {n: (b.get("status") or {}).get("shard") for n, b in self.tenants.items() if n in held}
+        return {
+            n: (b.get("status") or {}).get("shard")
+            for n, b in self.tenants.items()
+            if n in held and n not in self._invalid
+        }
 
     def _moving(self) -> dict[str, Mapping[str, Any]]:
         """status.move of each tenant moving, and a {source, target} for each the ledger has already
@@ -363,6 +381,7 @@ class Reconciler:
 
     def forget(self, name: str) -> None:
         self.tenants.pop(name, None)
+        self._invalid.discard(name)
         self._phases.pop(name, None)
         self._settled.pop(name, None)
         for timers in (self._timers, self._retries):
@@ -431,17 +450,10 @@ class Reconciler:
         move: Mapping[str, Any] | None = None
         pending_target: str | None = None
         if tenant.spec is None:
-            # A placed tenant whose spec became invalid keeps its shard (and its room there): that
-            # shard refuses the spec too and puts the tenant to sleep, keeping its state for the
-            # fixed spec. Unplacing it would look like a move to the shard, which keeps nothing.
-            self.pending.discard(tenant.name)
-            kept = self.ledger.shard_of(tenant.name)
-            if kept is not None and tenant.shard == shard_pod_name(self.settings.shard_name, kept):
-                placement = Placement(tenant.shard)
-            else:
-                self.ledger.release(tenant.name)
-                placement = Placement(None)
+            self._invalid.add(tenant.name)
+            placement = await self._keep_invalid(tenant)
         else:
+            self._invalid.discard(tenant.name)
             placement, move, service_shard, pending_target = await self._place(tenant)
             token_secret = await self._ensure_secret(tenant)
             if service_shard is not None:
@@ -462,6 +474,35 @@ class Reconciler:
                 self.tenants[tenant.name] = updated
                 await self._phase_changed(updated)
         return str(desired["phase"])
+
+    async def _keep_invalid(self, tenant: Tenant) -> Placement:
+        """A placed tenant whose spec became invalid keeps its shard (and its room there): that
+        shard refuses the spec too and puts the tenant to sleep, keeping its state for the fixed
+        spec. Unplacing it would look like a move to the shard, which keeps nothing. A move in
+        flight rolls back (no target would load the spec): status.move is cleared, the source
+        serves it again, then refuses it and sleeps it keeping state; a move still waiting for
+        its target pod is dropped. Either way the ledger follows status.shard, the source."""
+        name = tenant.name
+        self.pending.discard(name)
+        step = await self.mover.abandon(tenant, "its spec became invalid", self._runs)
+        shard = step.shard if step is not None else tenant.shard
+        ordinal = shard_ordinal(self.settings.shard_name, shard)
+        if ordinal is None or ordinal >= self.ledger.shards:
+            if self.ledger.release(name) is not None:
+                self.wake_pending()
+            return Placement(None)
+        demand = self.ledger.demand_of(name) or INVALID_DEMAND
+        if self.ledger.shard_of(name) != ordinal or self.ledger.serving(name) != ordinal:
+            self.ledger.assign(name, ordinal, demand)
+            self.ledger.serve(name, ordinal)
+            self.wake_pending()  # the room it held on a move's target is free again
+        if step is not None and step.event is not None:
+            await self._post_tenant_event(name, step.event)
+        return Placement(shard)
+
+    async def _post_tenant_event(self, name: str, event: tuple[str, str]) -> None:
+        involved = {**self.tenants.get(name, {}), "apiVersion": API_VERSION, "kind": TENANT.kind}
+        await self.api.post_event(involved, "Warning", *event, "tensorwasm-operator")
 
     async def _set_finalizers(self, path: str, body: JSON, finalizers: list[str]) -> JSON:
         # resourceVersion makes this a compare-and-swap: a concurrent edit gives 409 and a retry.
@@ -542,8 +583,7 @@ class Reconciler:
         # counts it there too, so new tenants cannot take the room it still uses.
         self.ledger.serve(name, shard_ordinal(shard_name, step.service))
         if step.event is not None:
-            involved = {**self.tenants.get(name, {}), "apiVersion": API_VERSION, "kind": TENANT.kind}
-            await self.api.post_event(involved, "Warning", *step.event, "tensorwasm-operator")
+            await self._post_tenant_event(name, step.event)
         if step.waiting:  # ask again soon; a Snapshot or a shard's report wakes us sooner
             self._retry_later(name, self.settings.reconcile_retry_s)
         pending = step.retry or (target if step.pending else None)
