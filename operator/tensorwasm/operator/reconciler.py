@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -41,7 +42,7 @@ from tensorwasm.operator.desired.shards import (
 )
 from tensorwasm.operator.desired.tenant import build_tenant_service, build_token_secret, tenant_endpoint
 from tensorwasm.operator.moves import MoveStrategy, SnapshotMove
-from tensorwasm.operator.placement import Ledger, ranked
+from tensorwasm.operator.placement import Ledger, Move, ranked
 from tensorwasm.operator.roll import ShardRoll
 from tensorwasm.operator.settings import OperatorSettings
 from tensorwasm.operator.snapshots import (
@@ -54,7 +55,14 @@ from tensorwasm.operator.snapshots import (
     snapshot_name,
     tenant_not_found_status,
 )
-from tensorwasm.planner.admission import TenantDemand, binding_resource, tenant_demand
+from tensorwasm.planner.admission import (
+    ShardCapacity,
+    ShardUsage,
+    TenantDemand,
+    binding_resource,
+    gpu_bytes_needed,
+    tenant_demand,
+)
 
 log = logging.getLogger("tensorwasm.operator")
 
@@ -74,6 +82,27 @@ SELECTOR = ",".join(f"{k}={v}" for k, v in MANAGED_SELECTOR.items())
 # assigned at its next reconcile, on the same shard even when that overfills it (sticky, as a grown
 # demand), so the cost is only that new tenants may take its room meanwhile.
 INVALID_DEMAND = TenantDemand(gpu_memory_bytes=0, sm_percent=0, host_memory_bytes=0)
+OVER_MODEL = "OverAdmissionModel"  # the Event's reason when a roll or scale-in carries tenants past it
+
+
+def fits_as_admitted(capacity: ShardCapacity, used: ShardUsage, demand: TenantDemand) -> bool:
+    """The demand fits next to `used` by the admission before 52c3b4f: sleepers counted at their
+    mean awake share, ceil(f x caps), not the binomial tail. Shards filled then (80 sleepers where the
+    tail allows 32) hold what it admitted; a roll or scale-in that moves a shard's tenants onto an
+    empty one one-for-one always fits by it, so it never waits for room for ever. Every other
+    resource (SM share, tenants) as binding_resource counts it."""
+    after = used.plus(demand)
+    gpu_asleep, _, host_asleep, _ = after.asleep(capacity)
+    f = capacity.active_fraction
+    gpu = after.gpu_memory_bytes - gpu_asleep + math.ceil(f * gpu_asleep)
+    host = after.host_memory_bytes - host_asleep + math.ceil(f * host_asleep)
+    return (
+        (demand.gpu_memory_bytes == 0
+         or gpu_bytes_needed(max(gpu, demand.gpu_memory_bytes)) <= capacity.gpu_memory_bytes)
+        and (demand.sm_percent == 0 or after.sm_percent <= capacity.sm_percent)
+        and max(host, demand.host_memory_bytes) <= capacity.host_memory_bytes
+        and after.tenants <= capacity.max_tenants
+    )  # fmt: skip
 
 
 def is_subset(desired: Any, live: Any) -> bool:
@@ -145,6 +174,7 @@ class Reconciler:
         # Tenant -> the status.phase last seen, whoever wrote it (we or the shard): an Event per change.
         self._phases: dict[str, str] = {}
         self._invalid: set[str] = set()  # Tenants whose spec does not parse, as last reconciled
+        self._over_model: dict[int, int] = {}  # shard -> tenants placed past the model, not yet said
 
     # -- start-up ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -290,6 +320,7 @@ class Reconciler:
             except Exception:  # a bug must not end the roll's ticks silently in a forgotten task
                 log.exception("Failed a shard roll step (unexpected), retrying")
                 step = "retry"
+            await self._say_over_model("shard roll")
         if self._roll_timer is not None:  # this tick ran: a pending one is not needed any more
             self._roll_timer.cancel()
             self._roll_timer = None
@@ -341,20 +372,56 @@ class Reconciler:
             return None
         if current != source:
             return current  # already leaving (a move in flight)
+        capacity = self.ledger.capacity
         for tier in tiers:
             for ordinal in ranked(name, self.ledger.shards):
                 if ordinal not in tier or ordinal == source:
                     continue
-                if binding_resource(self.ledger.capacity, self.ledger.usage(ordinal), demand) is None:
+                if binding_resource(capacity, self.ledger.usage(ordinal), demand) is None:
                     self.ledger.assign(name, ordinal, demand)
+                    self.spawn(name)
+                    return ordinal
+        # None has room by the current model: a roll moves what was already admitted, so the shards
+        # filled under the mean model (before 52c3b4f) may hand their tenants on by it (an empty
+        # surge or replaced shard takes a whole shard's), said in a Warning Event; new placements
+        # still follow the current model.
+        for tier in tiers:
+            for ordinal in ranked(name, self.ledger.shards):
+                if ordinal not in tier or ordinal == source:
+                    continue
+                if fits_as_admitted(capacity, self.ledger.usage(ordinal), demand):
+                    self.ledger.assign(name, ordinal, demand)
+                    self._over_model[ordinal] = self._over_model.get(ordinal, 0) + 1
                     self.spawn(name)
                     return ordinal
         return None
 
+    async def _say_over_model(self, why: str) -> None:
+        """One Warning Event on the shard StatefulSet per shard that took tenants past the current
+        admission model since the last call (a roll's drain, a scale-in)."""
+        over, self._over_model = self._over_model, {}
+        if not over:
+            return
+        s = self.settings
+        sts = await self.api.get(resource_path("apps/v1", "statefulsets", s.namespace, s.shard_name))
+        involved = {**(sts or {"metadata": {"name": s.shard_name, "namespace": s.namespace}}),
+                    "apiVersion": "apps/v1", "kind": "StatefulSet"}  # fmt: skip
+        for ordinal, count in sorted(over.items()):
+            message = (
+                f"{why}: shard {shard_pod_name(s.shard_name, ordinal)} took {count} tenant(s) past the "
+                "current admission model (sleepers by the binomial tail), within the mean model they "
+                "were admitted by; new tenants go there only once it is back within the current model"
+            )
+            log.warning("Placed past the admission model StatefulSet %s/%s: %s", s.namespace, s.shard_name,
+                        message)  # fmt: skip
+            await self.api.post_event(involved, "Warning", OVER_MODEL, message, "tensorwasm-operator")
+
     # -- shard set changes ---------------------------------------------------------------------
     async def resize(self, replicas: int) -> None:
         old = self.ledger.shards
+        demands = {n: self.ledger.demand_of(n) for n, s in self.ledger.tenants().items() if s >= replicas}
         moves = self.ledger.resize(replicas)
+        moves = [self._place_homeless(m, demands.get(m.tenant)) for m in moves]
         moved = [m for m in moves if m.target is not None]
         log.info(
             "Resized shards from=%d to=%d moved=%d unplaced=%d",
@@ -368,6 +435,20 @@ class Reconciler:
                 self.pending.add(move.tenant)
             self.spawn(move.tenant)
         self.wake_pending()
+        await self._say_over_model("scale-in")
+
+    def _place_homeless(self, move: Move, demand: TenantDemand | None) -> Move:
+        """A tenant of a shard scaled in that no shard has room for by the current model (the
+        roll's surge shard handing back a pre-52c3b4f shard's tenants): placed by the mean model it
+        was admitted by (fits_as_admitted), rather than unplaced with its state."""
+        if move.target is not None or demand is None:
+            return move
+        for ordinal in ranked(move.tenant, self.ledger.shards):
+            if fits_as_admitted(self.ledger.capacity, self.ledger.usage(ordinal), demand):
+                self.ledger.assign(move.tenant, ordinal, demand)
+                self._over_model[ordinal] = self._over_model.get(ordinal, 0) + 1
+                return Move(move.tenant, move.source, ordinal)
+        return move
 
     # -- reconcile -----------------------------------------------------------------------------
     def spawn(self, name: str) -> None:
