@@ -177,7 +177,9 @@ def test_a_job_failed_on_its_output_budget_is_audited_as_failed(shard_server, tm
 
 def test_rate_buckets_and_job_tables_of_departed_tenants_are_dropped() -> None:
     alpha, beta = SimpleNamespace(name="alpha"), SimpleNamespace(name="beta")
-    shard = SimpleNamespace(on_hold=[], served={"alpha": alpha, "beta": beta}, by_auth={})
+    shard = SimpleNamespace(
+        on_hold=[], served={"alpha": alpha, "beta": beta}, by_auth={}, assigned={}, holds={}
+    )
     api = _Api(shard, AdmissionLimits(), ConnectionLimits())  # type: ignore[arg-type]
     spec = RateLimit(requests_per_second=10)
     loop = asyncio.new_event_loop()

@@ -524,13 +524,17 @@ class _Api:
         return resp
 
     def _forget_departed(self) -> None:
-        """Drop the job tables and rate buckets of tenants no longer served. The shard replaces
-        by_auth whenever its served set changes, so one identity test says whether to look."""
+        """Drop the job tables and rate buckets of tenants that left this shard: neither served,
+        nor assigned (a module change unloads the old version and serves nothing while the new one
+        opens: its jobs stay, review R3 K4), nor held for a move. The shard replaces by_auth
+        whenever its served or assigned set changes (every sync), so one identity test says whether
+        to look."""
         by_auth = self.shard.by_auth
         if by_auth is not self._pruned_for:
-            served = set(self.shard.served)
-            self.jobs.forget_except(served)
-            self.rates.forget_except(served)
+            shard = self.shard
+            here = set(shard.served) | set(shard.assigned) | set(shard.holds)
+            self.jobs.forget_except(here)
+            self.rates.forget_except(here)
             self._pruned_for = by_auth
 
     def _refused(
