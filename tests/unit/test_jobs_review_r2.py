@@ -80,6 +80,20 @@ def _done_job(server: RuntimeServer, token: str, body: bytes) -> dict[str, Any]:
     return wait_for(ended, DEADLINE_S, f"job {job_id} to end", interval=0.02)  # type: ignore[no-any-return]
 
 
+def _fits(server: RuntimeServer, token: str, size: int) -> dict[str, Any] | None:
+    """One poll: does a job with a `size`-byte output fit the tenant's output budget now? A probe
+    job that failed is deleted at once, so polling leaves no job behind and can never fill the
+    tenant's job table (`jobs_full`) however long the wait (review R3 K10)."""
+    view = _done_job(server, token, b"w" * size)
+    if view["state"] == "succeeded":
+        return view
+    assert view["error"]["limit"] == "jobOutputBytes", view  # the only refusal expected meanwhile
+    gone = server.request("DELETE", f"/v1/jobs/{view['id']}", token=token)
+    assert gone.status == 200, gone.body
+    assert all(j["id"] != view["id"] for j in server.request("GET", "/v1/jobs", token=token).json()["jobs"])
+    return None
+
+
 # --- G8: a chunked async body is charged what arrived, not the tenant's maxBodyBytes ---
 
 
@@ -138,11 +152,12 @@ def test_a_client_that_stops_reading_a_job_is_closed_and_its_output_given_back(
         assert server.request("DELETE", f"/v1/jobs/{big['id']}", token=alpha.token).status == 200
 
         # 8 MiB charged while the read holds it; once the stalled read is closed, 3 MiB more fit.
-        def fits() -> dict[str, Any] | None:
-            view = _done_job(server, alpha.token, b"w" * (3 << 20))
-            return view if view["state"] == "succeeded" else None
-
-        wait_for(fits, DEADLINE_S, "the stalled read to be closed and its output given back", interval=0.05)
+        wait_for(
+            lambda: _fits(server, alpha.token, 3 << 20),
+            DEADLINE_S,
+            "the stalled read to be closed and its output given back",
+            interval=0.05,
+        )
         whole = int(reader.recv(4096, socket.MSG_PEEK).split(b"Content-Length: ")[1].split(b"\r\n")[0])
         assert _read_all(reader) < whole  # closed: the client never gets the rest
 
@@ -158,11 +173,12 @@ def test_an_output_forgotten_while_it_is_read_stays_charged_until_sent(shard_ser
         assert over["state"] == "failed" and over["error"]["limit"] == "jobOutputBytes", over
 
     # The client went away (its socket closed unread): the read ends and the bytes go back.
-    def fits() -> dict[str, Any] | None:
-        view = _done_job(server, alpha.token, b"w" * (3 << 20))
-        return view if view["state"] == "succeeded" else None
-
-    wait_for(fits, DEADLINE_S, "the read to end and its output to be given back", interval=0.05)
+    wait_for(
+        lambda: _fits(server, alpha.token, 3 << 20),
+        DEADLINE_S,
+        "the read to end and its output to be given back",
+        interval=0.05,
+    )
 
 
 # --- G2: a cancelled queued job's body leaves the worker queue, then its charge goes back ---
