@@ -87,3 +87,27 @@ def test_check_versions_refuses_a_key_that_would_lie(tmp_path: Path) -> None:
     # And a version that only shares a prefix (v0.8.0 vs v0.8.01) is no match.
     proc = run_check(tmp_path, GO_MOD.replace("sigs.k8s.io/kwok v0.8.0", "sigs.k8s.io/kwok v0.8.01"))
     assert proc.returncode != 0
+
+
+def build_kube_go_commands() -> list[str]:
+    function = re.search(r"^build_kube\(\) \{.*?^\}$", BUILD, re.M | re.S)
+    assert function
+    return re.findall(r"&& (go (?:build|list) [^\n]*)", function.group(0))
+
+
+def test_the_compiler_flags_are_part_of_the_cache_key() -> None:
+    # Binaries built with other flags must not pass for these: the flags are hashed into the key.
+    key_line = re.search(r"^sources_hash=.*$", BUILD, re.M)
+    assert key_line
+    assert "${GCFLAGS[*]}" in key_line.group(0)
+
+
+def test_every_go_command_of_the_build_compiles_with_the_same_flags() -> None:
+    # The standard library compiled beside the module download is reused by the go build only if
+    # its flags are the build's (else it is compiled twice), and go list's Stale count (the progress
+    # estimate) only counts what that go build compiles if it is asked with the same flags.
+    commands = build_kube_go_commands()
+    assert len(commands) == 3, commands  # go build std, go list, go build
+    for command in commands:
+        assert "-trimpath" in command and '"${GCFLAGS[@]}"' in command, command
+    assert any(command.startswith("go build") and command.endswith(" std) &") for command in commands)
