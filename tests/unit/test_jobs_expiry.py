@@ -94,7 +94,9 @@ def test_only_due_jobs_go_and_forgotten_ones_do_not_grow_the_heap() -> None:
 def test_the_event_loops_timer_drops_expired_jobs_and_departed_tenants() -> None:
     # The default scheduler is the running loop's: no request, no scrape, yet both go.
     alpha, beta = SimpleNamespace(name="alpha"), SimpleNamespace(name="beta")
-    shard = SimpleNamespace(on_hold=[], served={"alpha": alpha, "beta": beta}, by_auth={})
+    shard = SimpleNamespace(
+        on_hold=[], served={"alpha": alpha, "beta": beta}, by_auth={}, assigned={}, holds={}
+    )
     api = _Api(shard, AdmissionLimits(), ConnectionLimits(), JobLimits(ttl_s=0.01))  # type: ignore[arg-type]
 
     async def scenario() -> None:
