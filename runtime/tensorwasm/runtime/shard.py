@@ -182,6 +182,12 @@ class Shard:
     # tenant -> (the config being loaded, its task): at most one load per tenant at a time
     _loads: dict[str, tuple[TenantConfig, asyncio.Task[None]]] = field(default_factory=dict)
     _unwatched: set[asyncio.Task[None]] = field(default_factory=set)  # loads no sync call waits for
+    # Refused tenants being unloaded with their state kept (review R3 K8): tenant -> (what was served,
+    # the task capturing and closing it), outside the sync lock; `_capturing` lets one capture run at
+    # a time; `_forget_after`: tenants that left (deleted) meanwhile, whose blob goes once captured.
+    _refusing: dict[str, tuple[ServedTenant, asyncio.Task[None]]] = field(default_factory=dict)
+    _capturing: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _forget_after: set[str] = field(default_factory=set)
 
     # --- what the sources call ---
 
@@ -214,12 +220,18 @@ class Shard:
                 await self._unload(name, forget=deleted is None or name in deleted)
                 del self.statuses[name]
                 self.stats.pop(name, None)
+            refused: list[asyncio.Task[None]] = []
             for name, status in failed.items():
-                # A deleted Secret must revoke access: a refused tenant stops serving. Its Tenant
-                # still exists, so its state is kept (put to sleep when it can be, the sleep blob and
-                # record left in place): fixing the spec or Secret brings it back as it was. Only the
-                # Tenant's deletion drops it (the orphan sweep) (review R2 G7).
-                await self._unload(name, forget=False, keep_state=True)
+                # A deleted Secret must revoke access: a refused tenant stops serving at once. Its
+                # Tenant still exists, so its state is kept (put to sleep when it can be, the sleep
+                # blob and record left in place): fixing the spec or Secret brings it back as it
+                # was. Only the Tenant's deletion drops it (review R2 G7). The capture runs in its
+                # own task, one at a time, outside this lock (review R3 K8): a burst of refusals
+                # holds up no other tenant's load nor the next sync.
+                tenant = self.served.pop(name, None)
+                if tenant is not None:
+                    self._rebuild_auth()  # no new request reaches it from here on
+                    refused.append(self._refuse(name, tenant))
                 self.statuses[name] = status
                 log.warning(
                     "Refused Tenant name=%s reason=%s message=%s", name, status.reason, status.message
@@ -227,7 +239,7 @@ class Shard:
             # A tenant served with this very config needs nothing (the common case in a burst of
             # placements elsewhere): no task for it.
             changed = [c for c in wanted.values() if (t := self.served.get(c.name)) is None or t.config != c]
-            tasks = [task for c in changed if (task := self._start_load(c)) is not None]
+            tasks = [task for c in changed if (task := self._start_load(c)) is not None] + refused
             self._rebuild_auth()
             self.synced = True
             if self.sleep_store is not None and self._idle_task is None:
@@ -239,9 +251,30 @@ class Shard:
             self._unwatched.update(tasks)
 
     async def settled(self) -> None:
-        """Wait until no tenant is loading (tests, benchmarks)."""
-        while self._loads:
-            await asyncio.wait([task for _, task in self._loads.values()])
+        """Wait until no tenant is loading nor being unloaded after a refusal (tests, benchmarks)."""
+        while self._loads or self._refusing:
+            await asyncio.wait([task for _, task in (*self._loads.values(), *self._refusing.values())])
+
+    def _refuse(self, name: str, tenant: ServedTenant) -> asyncio.Task[None]:
+        """Unload a refused tenant (already out of `served` and by_auth) keeping its state, in a task."""
+        task = asyncio.get_running_loop().create_task(self._keep_state(name, tenant))
+        self._refusing[name] = (tenant, task)
+        return task
+
+    async def _keep_state(self, name: str, tenant: ServedTenant) -> None:
+        try:
+            await self._stop(name, tenant, forget=False, keep_state=True)
+            if name in self._forget_after and tenant.sleeper is not None:
+                await asyncio.to_thread(tenant.sleeper.forget)  # deleted while it was being captured
+        except Exception as exc:
+            log.error("Failed unloading refused Tenant name=%s", name, exc_info=exc)
+        finally:
+            task = asyncio.current_task()
+            entry = self._refusing.get(name)
+            if entry is not None and entry[1] is task:
+                del self._refusing[name]
+                self._forget_after.discard(name)
+            self._unwatched.discard(task)  # type: ignore[arg-type]
 
     def _start_load(self, config: TenantConfig) -> asyncio.Task[None] | None:
         """Start loading `config` (after any load of that tenant still running); None if it is
@@ -263,6 +296,9 @@ class Shard:
         try:
             if previous is not None:
                 await asyncio.wait([previous])
+            refusing = self._refusing.get(name)
+            if refusing is not None:  # back before its refusal's capture ended: load from that state
+                await asyncio.wait([refusing[1]])
             if self.assigned.get(name) == config:  # not superseded or removed meanwhile
                 await self._apply(config)
         except Exception as exc:
@@ -509,7 +545,7 @@ class Shard:
             self._idle_task = None
         async with self._lock:
             self.assigned = {}  # loads still running discard what they open
-            await self.settled()
+            await self.settled()  # refused tenants' captures end too: their state is kept
             for name in list(self.served):
                 await self._unload(name, forget=False)  # sleepers sleep on: their records stay
             self.statuses.clear()
@@ -734,13 +770,20 @@ class Shard:
         serving it again later wakes it as it was."""
         tenant = self.served.pop(name, None)
         if tenant is None:
+            if forget and name in self._refusing:
+                self._forget_after.add(name)  # its refusal's task drops the blob once captured
             return
         self._rebuild_auth()  # no new request reaches it from here on
+        await self._stop(name, tenant, forget, keep_state)
+
+    async def _stop(self, name: str, tenant: ServedTenant, forget: bool, keep_state: bool) -> None:
+        """The rest of `_unload`, for a tenant already out of `served`; captures one at a time."""
         tenant.queue.close()
         await tenant.queue.drain()
         if tenant.sleeper is not None:
-            if keep_state and not tenant.sleeper.asleep:
-                kept = await asyncio.to_thread(tenant.sleeper.try_sleep, "refused")
+            if keep_state and not tenant.sleeper.asleep and name not in self._forget_after:
+                async with self._capturing:
+                    kept = await asyncio.to_thread(tenant.sleeper.try_sleep, "refused")
                 if not kept:
                     log.warning(
                         "Failed keeping the state of a refused Tenant name=%s: it could not be put to "

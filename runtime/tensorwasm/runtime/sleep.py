@@ -653,6 +653,11 @@ class Sleeper:
             if forget:
                 self._forget()
 
+    def forget(self) -> None:
+        """Drop the sleep blob and its record after `close` (the tenant was deleted meanwhile)."""
+        with self._lock:
+            self._forget()
+
     def _forget(self) -> None:
         if self.digest:
             # The store is shared by the shards: the tenant may already sleep on the shard it moved
