@@ -59,3 +59,32 @@ def test_a_held_capture_of_a_refused_tenant_holds_up_no_sync_and_keeps_its_state
     server.run(server.shard.settled())
     assert reason(server, "alpha") == ASLEEP  # loaded from the record the capture wrote
     assert add(server, alpha, 1) == 6  # its state kept
+
+
+def test_a_tenant_deleted_while_its_refusal_is_captured_loses_its_snapshot_once_written(
+    runtime_server: Callable[..., RuntimeServer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alpha = counter("alpha", after="1h")
+    store = tmp_path / "store"
+    server = runtime_server([alpha], sleep_store=SnapshotStore(store))
+    assert add(server, alpha, 5) == 5
+    capturing, release = threading.Event(), threading.Event()
+    real = Sleeper.try_sleep
+
+    def held(self: Sleeper, reason_: str) -> Any:
+        if reason_ == "refused":
+            capturing.set()
+            assert release.wait(60), "the test never released the capture"
+        return real(self, reason_)
+
+    monkeypatch.setattr(Sleeper, "try_sleep", held)
+    try:
+        server.run(server.shard.sync([], {"alpha": INVALID}, wait=False))
+        wait_for(capturing.is_set)
+        server.run(server.shard.sync([], deleted={"alpha"}), timeout=30)  # deleted: not held up either
+    finally:
+        release.set()
+    server.run(server.shard.settled())
+    assert [p.name for p in (store / "tenants").iterdir()] == ["uid-alpha.sleep"]  # it was captured,
+    assert not list((store / "sleeping").glob("*.json"))  # then the record went with it
+    assert not [p for p in (store / "tenants").rglob("*") if p.is_file()]  # and the blob
