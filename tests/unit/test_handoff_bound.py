@@ -180,3 +180,49 @@ def test_a_job_that_would_outlast_the_cap_stops_the_hand_off_at_the_cap_and_the_
                 done.set()
 
     scenario(body)
+
+
+def test_the_hand_off_bound_counts_from_sigterm_not_from_after_a_slow_replicas_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review R3 K5: the pod's grace period counts from SIGTERM; a replicas GET that took 30 s must
+    not push the hand-off's end 30 s past the cap (the margin after it would be spent)."""
+    monkeypatch.setattr(source_module, "HANDOFF_LINGER_S", 0.0)
+    settings = RuntimeSettings(namespace=NS, shard_name=SHARD, snapshot_dir=tmp_path, handoff_max_s=100.0)
+    done, clock = threading.Event(), Clock()
+
+    async def body(fake: FakeKube) -> None:
+        await fake.put(TENANTS, tenant("alpha", limits={"timeoutMs": int(LONG_JOB_S * 1000)}))
+        async with running_shard(fake, settings) as (shard, source, _):
+            scaled_in = source._scaled_in
+
+            async def slow_scaled_in() -> bool:
+                clock.now += 30.0  # an API server answering at its client timeout
+                return await scaled_in()
+
+            monkeypatch.setattr(source, "_scaled_in", slow_scaled_in)
+            try:
+                handoff = await handing_off_alpha_with_a_long_job(fake, shard, source, clock, done)
+                assert await still_handing_off(source, handoff, clock, 99.0)
+                assert not await still_handing_off(source, handoff, clock, 100.0)  # not at 130
+                assert await handoff == 1
+            finally:
+                done.set()
+
+    scenario(body)
+
+
+def test_a_replicas_read_that_hangs_is_bounded_and_counts_as_a_scale_in(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The GET is bounded by HANDOFF_START_S (the client's own timeout is 30 s); unknown means
+    "wait for moves", as an unreadable StatefulSet does."""
+    monkeypatch.setattr(source_module, "HANDOFF_START_S", 0.01)
+
+    class Hanging:
+        async def get(self, path: str) -> None:
+            await asyncio.sleep(3600)
+
+    source = KubeSource.__new__(KubeSource)
+    source.shard_name, source.namespace, source.api = SHARD, NS, Hanging()  # type: ignore[assignment]
+    assert asyncio.run(asyncio.wait_for(source._scaled_in(), 30)) is True

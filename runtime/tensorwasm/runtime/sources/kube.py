@@ -489,9 +489,13 @@ class KubeSource:
         # Only departures from now on count: a tenant that moved away before SIGTERM says nothing
         # about a scale-in (counting it kept a restarting shard waiting HANDOFF_MIN_S).
         remaining = initial = ours()
+        # The bound counts from SIGTERM (this call follows it within a loop turn), not from after
+        # the replicas GET: the pod's grace period counts from SIGTERM, and a slow API server
+        # could otherwise spend the margin after the hand-off (desired/shards.py's arithmetic).
+        start = self.clock()
         if not await self._scaled_in():
             return 0
-        start = self.clock()
+        asked = self.clock()  # the start wait counts from the answer: a slow GET is no restart
         bound = HandoffBound(start, self.handoff_max_s)
         handed: set[str] = set()
 
@@ -513,7 +517,7 @@ class KubeSource:
         while remaining and look():
             moves = {n: (t.get("status") or {}).get("move") or {} for n, t in remaining.items()}
             handed |= {n for n, m in moves.items() if m.get("source") == self.shard_name} | departed()
-            if not handed and self.clock() - start >= HANDOFF_START_S:
+            if not handed and self.clock() - asked >= HANDOFF_START_S:
                 return 0  # nobody moves our tenants: a restart (upgrade, eviction), not a scale-in
             await asyncio.sleep(0.1)
             remaining = ours()
@@ -572,9 +576,15 @@ class KubeSource:
         if not prefix or not ordinal.isdigit() or self.api is None:
             return True
         try:
-            sts = await self.api.get(resource_path("apps/v1", "statefulsets", self.namespace, prefix))
-        except (KubeError, aiohttp.ClientError) as exc:
-            log.info("Found no StatefulSet replicas to tell a scale-in (%s); waiting for moves instead", exc)
+            # Bounded by the start wait: the hand-off's clock runs meanwhile (the client's own
+            # timeout, 30 s, would spend the hand-off's time on one GET).
+            sts = await asyncio.wait_for(
+                self.api.get(resource_path("apps/v1", "statefulsets", self.namespace, prefix)),
+                HANDOFF_START_S,
+            )
+        except (TimeoutError, KubeError, aiohttp.ClientError) as exc:
+            log.info("Found no StatefulSet replicas to tell a scale-in (%s); waiting for moves instead",
+                     str(exc) or type(exc).__name__)  # fmt: skip
             return True
         if sts is None:
             return True
