@@ -10,7 +10,10 @@ its pods and takes the next step, one shard at a time:
    barrier, capture, restore, re-point: no request lost) to a Ready shard of the new revision
    (the surge shard or one already replaced) that has room for it, else to another Ready shard
    with room (it moves again when that one's turn comes); room is checked on the placement
-   ledger, counting tenants still resident on a shard they are moving away from. When no shard
+   ledger, counting tenants still resident on a shard they are moving away from, by the current
+   admission model, else by the mean model shards were filled by before it (the reconciler's
+   `fits_as_admitted`, with an OverAdmissionModel Event: a roll moves what was admitted, one
+   shard's tenants always fit an empty one by it, so the upgrade's roll cannot wedge). When no shard
    has room and no move is in flight that will free some, the roll waits and says so (a Warning
    log line and an Event on the StatefulSet, reason RollWaitingForRoom);
 3. once no tenant is on k or moving from it, delete pod k; the StatefulSet recreates it on the
