@@ -202,7 +202,8 @@ def test_scaling_in_moves_tenants_at_once_and_scaling_out_moves_them_through_a_s
 
             # 2 -> 1: shard-1 is gone, so its tenants move at once (nothing to capture from).
             sts = fake.get(STATEFULSETS, "tensorwasm-shard")
-            await fake.put(STATEFULSETS, {**sts, "spec": {**sts["spec"], "replicas": 1}})  # type: ignore[dict-item]
+            assert sts is not None
+            await fake.put(STATEFULSETS, {**sts, "spec": {**sts["spec"], "replicas": 1}})
             await fake.wait_for(lambda: all(status(fake, n)["shard"] == "tensorwasm-shard-0" for n in names))
             assert fake.items(SNAPSHOTS) == []
 
@@ -212,7 +213,7 @@ def test_scaling_in_moves_tenants_at_once_and_scaling_out_moves_them_through_a_s
             ready = {"conditions": [{"type": "Ready", "status": "True"}]}
             await fake.put(f"/api/v1/namespaces/{NS}/pods", {"metadata": {"name": "tensorwasm-shard-1"},
                                                            "status": ready})  # fmt: skip
-            await fake.put(STATEFULSETS, {**sts, "spec": {**sts["spec"], "replicas": 2}})  # type: ignore[dict-item]
+            await fake.put(STATEFULSETS, {**sts, "spec": {**sts["spec"], "replicas": 2}})
             await fake.wait_for(lambda: fake.items(SNAPSHOTS))
             await reconciler.drain()
             movers = [snap["spec"]["tenant"] for snap in fake.items(SNAPSHOTS)]
