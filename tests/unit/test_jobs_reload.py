@@ -44,6 +44,7 @@ def test_a_module_change_keeps_the_tenants_finished_jobs(
             "job",
         )
         new = tmp_path / "echo2.wat"  # the same exports, another digest: a module change
+        assert alpha.module.path is not None
         shutil.copy(Path(alpha.module.path), new)
         new.write_text(new.read_text() + "\n;; v2\n")
         alpha2 = replace(alpha, module=ModuleSource(sha256=sha256_of(new), path=new))

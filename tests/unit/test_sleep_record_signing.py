@@ -10,7 +10,7 @@ import shutil
 import struct
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -145,7 +145,10 @@ def _old_format(path: Path) -> None:
 
 @pytest.mark.parametrize("mode", ["verify-if-present", "require"])
 def test_a_record_written_before_record_signing_wakes_with_its_state_and_is_signed(
-    policy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+    policy: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    mode: Literal["require", "verify-if-present"],
 ) -> None:
     """Review R3 K1: the upgrade. An old-format record naming the newest signed sleep blob of its
     tenant is adopted (signed at the wake), under both key-ring modes; the state is kept."""
@@ -162,9 +165,8 @@ def test_a_record_written_before_record_signing_wakes_with_its_state_and_is_sign
     _old_format(path)
     running, server = _serve(store, alpha)
     try:
-        from tensorwasm.runtime import sleep as sleep_module
+        from tensorwasm.runtime.snapshots.restore import restore_snapshot as real
 
-        real = sleep_module.restore_snapshot
         failures: list[str] = []
 
         def fails_once(*args: Any, **kwargs: Any) -> Any:
@@ -173,7 +175,7 @@ def test_a_record_written_before_record_signing_wakes_with_its_state_and_is_sign
                 raise OSError(5, "Input/output error")  # the wake is retried: the record stays
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(sleep_module, "restore_snapshot", fails_once)
+        monkeypatch.setattr("tensorwasm.runtime.sleep.restore_snapshot", fails_once)
         reply = server.invoke(alpha, "add", struct.pack("<q", 1))
         assert reply.status == 503 and "kept, retry" in reply.json()["error"]["message"], reply.body
         raw = json.loads(path.read_text())

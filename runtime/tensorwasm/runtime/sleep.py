@@ -205,6 +205,7 @@ def check_record(
             f"the sleep record's signature does not match key {record.key_id!r}: it was changed after "
             f"it was written (it names blob {record.digest})", signing.BAD_SIGNATURE,
         )  # fmt: skip
+    return False
 
 
 def _legacy_record(
