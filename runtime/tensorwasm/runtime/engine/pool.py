@@ -75,7 +75,9 @@ class TenantInstancePool:
         except RuntimeFault as fault:
             raise ModuleRejected(f"module failed to start: {fault.kind}: {fault.message}") from fault
         try:
-            ticks = self._load_ticks()
+            # The deadline bounds guest code only: a module without tw_init is not refused because
+            # the host took long to instantiate it on a busy machine (no guest code ran).
+            ticks = self._load_ticks() if module.has_init else self._ticks
             if module.has_init:  # no tw_init, no guest code: the ticker may stay parked
                 ticks = engine.guest_runs(ticks, first)
             first.run_init(ticks)
