@@ -133,6 +133,18 @@ def test_a_new_revision_rolls_the_only_shard_through_a_surge_shard_without_a_gap
     with_fake_kube(body)
 
 
+def roll_over(fake: FakeKube, replicas: int) -> bool:
+    """The roll has ended: the StatefulSet back at `replicas`, its roll annotation gone, and the
+    surge shard's pod (ordinal `replicas`) removed."""
+    sts = fake.get(STATEFULSETS, "tensorwasm-shard")
+    return bool(
+        sts
+        and sts["spec"]["replicas"] == replicas
+        and ROLL_ANNOTATION not in sts["metadata"].get("annotations", {})
+        and not fake.get(PODS, f"tensorwasm-shard-{replicas}")
+    )
+
+
 def occupancy_peaks(fake: FakeKube) -> Counter[str]:
     """The most tenants each shard held at any moment, replayed from every Tenant write in order.
 
@@ -183,13 +195,7 @@ def test_a_roll_of_three_shards_near_capacity_spreads_the_drained_tenants_and_ov
                     60,
                 )
                 await fake.wait_for(
-                    lambda: (
-                        (s := fake.get(STATEFULSETS, "tensorwasm-shard"))
-                        and s["spec"]["replicas"] == 3
-                        and ROLL_ANNOTATION not in s["metadata"].get("annotations", {})
-                        and all(not move(fake, n) for n in NAMES)
-                        and not fake.get(PODS, "tensorwasm-shard-3")
-                    ),
+                    lambda: roll_over(fake, 3) and all(not move(fake, n) for n in NAMES),
                     120,
                 )
                 moved = [
@@ -246,12 +252,7 @@ def test_a_roll_whose_drained_tenants_fit_nowhere_waits_says_so_and_goes_on_once
                 for name in stuck:
                     await fake.remove(TENANTS, name)
                 await fake.wait_for(
-                    lambda: (
-                        (s := fake.get(STATEFULSETS, "tensorwasm-shard"))
-                        and s["spec"]["replicas"] == 1
-                        and ROLL_ANNOTATION not in s["metadata"].get("annotations", {})
-                        and not fake.get(PODS, "tensorwasm-shard-1")
-                    ),
+                    lambda: roll_over(fake, 1),
                     120,
                 )
                 await fake.wait_for(lambda: all(not move(fake, n) for n in names if fake.get(TENANTS, n)), 60)

@@ -14,13 +14,12 @@ import asyncio
 from dataclasses import replace
 
 from tensorwasm.operator.reconciler import OVER_MODEL
-from tensorwasm.operator.roll import ROLL_ANNOTATION
 from tensorwasm.planner.admission import ShardCapacity
 from tests.fake_kube import FakeKube, with_fake_kube
 from tests.unit.test_moves import EVENTS, NAMES, ONE_SHARD, PODS, S0, Clock, move
 from tests.unit.test_reconciler_inprocess import STATEFULSETS, TENANTS, status, tenant
 from tests.unit.test_reconciler_inprocess import operator as reconciler_running
-from tests.unit.test_roll import Cluster, occupancy_peaks
+from tests.unit.test_roll import Cluster, occupancy_peaks, roll_over
 
 GIB = 1 << 30
 SLEEPER = {"limits": {"gpuMemory": "1Gi"}, "idle": {"after": "60s"}}
@@ -50,10 +49,7 @@ def test_a_roll_of_a_shard_filled_under_the_mean_model_finishes_and_new_tenants_
                 await fake.wait_for(lambda: fake.get(PODS, "tensorwasm-shard-1"), 60)  # the surge
                 await fake.wait_for(
                     lambda: (
-                        (s := fake.get(STATEFULSETS, "tensorwasm-shard"))
-                        and s["spec"]["replicas"] == 1
-                        and ROLL_ANNOTATION not in s["metadata"].get("annotations", {})
-                        and not fake.get(PODS, "tensorwasm-shard-1")
+                        roll_over(fake, 1)
                         and all(not move(fake, n) and status(fake, n).get("shard") == S0 for n in names)
                     ),
                     120,
